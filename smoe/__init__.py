@@ -1,0 +1,24 @@
+"""smoe: define, account for, train, compare and serve sparse Mixture-of-Experts language models."""
+
+from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionConfig",
+    "LayoutConfig",
+    "MLAConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "RopeScaling",
+    "build_model",
+]
+
+
+def __getattr__(name: str):
+    # Torch-dependent entry points load lazily, so config-only commands (inspect, presets) start fast.
+    if name == "build_model":
+        from smoe.models import build_model
+
+        return build_model
+    raise AttributeError(f"module 'smoe' has no attribute {name!r}")

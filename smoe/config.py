@@ -1,0 +1,429 @@
+"""Model configuration: small frozen dataclasses grouped by concern, JSON round-trip, validate().
+
+No torch import here: configs are read by the CLI, accounting and interop without building a model.
+
+    ModelConfig
+      attention: AttentionConfig (GQA/MHA) | MLAConfig (DeepSeek-V2/V3 multi-head latent attention)
+      moe:       MoEConfig | None (None: a dense model)
+      layout:    LayoutConfig (which layers are MoE, Arctic's dense residual, DeepSeek-V3 MTP modules)
+
+Every ``validate()`` raises ``ValueError`` naming the field and the rule it broke. ``ModelConfig.validate()``
+checks the whole tree, so a config that validates builds a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Union
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+Balance = Literal["aux", "seq_aux", "aux_free", "none"]
+Routing = Literal["token_choice", "expert_choice"]
+GroupScore = Literal["max", "top2_sum"]
+Activation = Literal["silu", "gelu"]
+Norm = Literal["rmsnorm", "layernorm"]
+QKNorm = Literal["none", "head", "full"]
+RopeType = Literal["default", "linear", "yarn"]
+
+
+def _fail(path: str, rule: str) -> None:
+    raise ValueError(f"{path}: {rule}")
+
+
+def _positive(path: str, value: float | int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
+        _fail(path, f"must be a positive number, got {value!r}")
+
+
+def _non_negative(path: str, value: float | int) -> None:
+    if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
+        _fail(path, f"must be >= 0, got {value!r}")
+
+
+def _one_of(path: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        _fail(path, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_types(obj: Any, prefix: str) -> None:
+    """Reject values whose Python type contradicts the annotation (e.g. a string where an int belongs)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            continue
+        if not _matches(value, hints[f.name]):
+            _fail(f"{prefix}{f.name}", f"must be of type {_type_name(hints[f.name])}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(h) for h in typing.get_args(hint))
+    if origin is Literal:
+        return " | ".join(map(repr, typing.get_args(hint)))
+    if origin is tuple:
+        return f"tuple[{_type_name(typing.get_args(hint)[0])}, ...]"
+    return getattr(hint, "__name__", str(hint))
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context extension of rotary embeddings. ``yarn`` follows Peng et al. 2023 as DeepSeek-V2/V3 use it."""
+
+    type: RopeType = "yarn"
+    factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def validate(self, prefix: str = "rope_scaling.") -> None:
+        _check_types(self, prefix)
+        _one_of(prefix + "type", self.type, typing.get_args(RopeType))
+        _positive(prefix + "factor", self.factor)
+        _positive(prefix + "original_max_seq_len", self.original_max_seq_len)
+        if self.beta_fast <= self.beta_slow:
+            _fail(prefix + "beta_fast", f"must exceed beta_slow ({self.beta_slow}), got {self.beta_fast}")
+        _non_negative(prefix + "mscale", self.mscale)
+        _non_negative(prefix + "mscale_all_dim", self.mscale_all_dim)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Grouped-query attention (MHA when n_kv_heads == n_heads)."""
+
+    kind: Literal["gqa"] = "gqa"
+    n_heads: int = 8
+    n_kv_heads: int = 8
+    head_dim: int | None = None  # None: dim // n_heads
+    rotary_dim: int | None = None  # None: the whole head is rotated (MiniMax-M2 rotates a part)
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    qkv_bias: bool = False
+    qk_norm: QKNorm = "none"  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE, MiniMax-M2)
+    clip_qkv: float | None = None  # DBRX clamps q, k, v to [-clip, clip]
+
+    def resolved_head_dim(self, dim: int) -> int:
+        return self.head_dim if self.head_dim is not None else dim // self.n_heads
+
+    def validate(self, dim: int, prefix: str = "attention.") -> None:
+        _check_types(self, prefix)
+        _positive(prefix + "n_heads", self.n_heads)
+        _positive(prefix + "n_kv_heads", self.n_kv_heads)
+        if self.n_heads % self.n_kv_heads:
+            _fail(prefix + "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        if self.head_dim is None and dim % self.n_heads:
+            _fail(prefix + "n_heads", f"must divide dim ({dim}) when head_dim is not set, got {self.n_heads}")
+        _positive(prefix + "head_dim", self.head_dim, allow_none=True)
+        head_dim = self.resolved_head_dim(dim)
+        if head_dim % 2:
+            _fail(prefix + "head_dim", f"must be even for rotary embeddings, got {head_dim}")
+        if self.rotary_dim is not None:
+            if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
+                _fail(prefix + "rotary_dim", f"must be even and in (0, head_dim={head_dim}], got {self.rotary_dim}")
+        _positive(prefix + "rope_theta", self.rope_theta)
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(prefix + "rope_scaling.")
+        _positive(prefix + "sliding_window", self.sliding_window, allow_none=True)
+        _one_of(prefix + "qk_norm", self.qk_norm, typing.get_args(QKNorm))
+        _positive(prefix + "clip_qkv", self.clip_qkv, allow_none=True)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2 §2.1): keys and values through a low-rank latent."""
+
+    kind: Literal["mla"] = "mla"
+    n_heads: int = 8
+    q_lora_rank: int | None = None  # None: queries are projected directly (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_interleave: bool = True  # DeepSeek checkpoints store rotary pairs interleaved
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def validate(self, dim: int, prefix: str = "attention.") -> None:
+        _check_types(self, prefix)
+        _positive(prefix + "n_heads", self.n_heads)
+        _positive(prefix + "q_lora_rank", self.q_lora_rank, allow_none=True)
+        _positive(prefix + "kv_lora_rank", self.kv_lora_rank)
+        _positive(prefix + "qk_nope_head_dim", self.qk_nope_head_dim)
+        _positive(prefix + "qk_rope_head_dim", self.qk_rope_head_dim)
+        if self.qk_rope_head_dim % 2:
+            _fail(prefix + "qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
+        _positive(prefix + "v_head_dim", self.v_head_dim)
+        _positive(prefix + "rope_theta", self.rope_theta)
+        if self.rope_scaling is not None:
+            self.rope_scaling.validate(prefix + "rope_scaling.")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A sparse MoE FFN. Field names are a public contract: scripts outside the package set them."""
+
+    n_routed_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 256  # hidden size of one routed expert
+    n_shared_experts: int = 0
+    shared_expert_dim: int | None = None  # hidden size of one shared expert; None: expert_dim
+    shared_expert_gate: bool = False  # Qwen-MoE: shared output scaled by sigmoid(x . w)
+    score_func: ScoreFunc = "softmax"
+    norm_topk_prob: bool = True  # renormalise the selected scores to sum to one
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing: experts split into n_group groups ...
+    topk_group: int = 1  # ... and only the best topk_group groups are eligible
+    group_score: GroupScore = "top2_sum"  # how a group is scored: DeepSeek-V3 sums its top 2, V2 takes the max
+    capacity_factor: float | None = None  # None: dropless
+    balance: Balance = "aux"
+    aux_loss_coef: float = 0.01  # Switch/GShard expert-level loss, used when balance == "aux"
+    # DeepSeek-V3 sequence-wise loss: the balance when balance == "seq_aux", and V3's complementary loss beside the
+    # bias when balance == "aux_free" (0 turns it off there).
+    seq_aux_loss_coef: float = 1e-4
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    bias_update_rate: float = 1e-3  # aux-free bias step (gamma), used when balance == "aux_free"
+    routing: Routing = "token_choice"  # expert_choice sees future tokens: for training studies, not decoding
+    router_bias: bool = False  # an additive bias on router logits (GPT-OSS style), distinct from the aux-free bias
+
+    @property
+    def resolved_shared_expert_dim(self) -> int:
+        return self.shared_expert_dim if self.shared_expert_dim is not None else self.expert_dim
+
+    @property
+    def has_expert_bias(self) -> bool:
+        """The selection-only bias of aux-loss-free balancing (DeepSeek-V3 ``e_score_correction_bias``)."""
+        return self.balance == "aux_free"
+
+    def validate(self, prefix: str = "moe.") -> None:
+        _check_types(self, prefix)
+        _positive(prefix + "n_routed_experts", self.n_routed_experts)
+        _positive(prefix + "top_k", self.top_k)
+        if self.top_k > self.n_routed_experts:
+            _fail(prefix + "top_k", f"must not exceed n_routed_experts ({self.n_routed_experts}), got {self.top_k}")
+        _positive(prefix + "expert_dim", self.expert_dim)
+        _non_negative(prefix + "n_shared_experts", self.n_shared_experts)
+        _positive(prefix + "shared_expert_dim", self.shared_expert_dim, allow_none=True)
+        if self.shared_expert_gate and self.n_shared_experts == 0:
+            _fail(prefix + "shared_expert_gate", "needs n_shared_experts >= 1")
+        _one_of(prefix + "score_func", self.score_func, typing.get_args(ScoreFunc))
+        _positive(prefix + "routed_scaling_factor", self.routed_scaling_factor)
+        _positive(prefix + "n_group", self.n_group)
+        _positive(prefix + "topk_group", self.topk_group)
+        if self.n_routed_experts % self.n_group:
+            _fail(prefix + "n_group", f"must divide n_routed_experts ({self.n_routed_experts}), got {self.n_group}")
+        if self.topk_group > self.n_group:
+            _fail(prefix + "topk_group", f"must not exceed n_group ({self.n_group}), got {self.topk_group}")
+        per_group = self.n_routed_experts // self.n_group
+        if self.n_group > 1:
+            if self.group_score == "top2_sum" and per_group < 2:
+                _fail(prefix + "group_score", f"'top2_sum' needs >= 2 experts per group, got {per_group}")
+            if self.topk_group * per_group < self.top_k:
+                _fail(
+                    prefix + "topk_group",
+                    f"the {self.topk_group} selected groups hold {self.topk_group * per_group} experts, "
+                    f"fewer than top_k ({self.top_k})",
+                )
+            if self.routing == "expert_choice":
+                _fail(prefix + "n_group", "group-limited routing applies to token_choice routing only")
+        _one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
+        _positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
+        _one_of(prefix + "balance", self.balance, typing.get_args(Balance))
+        _non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
+        _non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)
+        _non_negative(prefix + "z_loss_coef", self.z_loss_coef)
+        _non_negative(prefix + "bias_update_rate", self.bias_update_rate)
+        _one_of(prefix + "routing", self.routing, typing.get_args(Routing))
+        if self.routing == "expert_choice" and self.balance != "none":
+            _fail(prefix + "balance", "must be 'none' with expert_choice routing, which is balanced by construction")
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """Which layers are MoE, and the extras some families add around them."""
+
+    first_k_dense: int = 0  # the first k layers use a dense FFN (DeepSeek)
+    moe_layer_freq: int = 1  # after those, layer i is MoE when i % moe_layer_freq == 0
+    moe_layers: tuple[int, ...] | None = None  # an explicit list overrides the two fields above (Qwen sparse steps)
+    dense_residual: bool = False  # a dense FFN in parallel with every MoE FFN (Snowflake Arctic)
+    n_mtp_modules: int = 0  # DeepSeek-V3 multi-token prediction depth
+    mtp_loss_coef: float = 0.3  # lambda of the MTP loss (DeepSeek-V3 §2.2 uses 0.3, then 0.1)
+
+    def is_moe(self, layer: int) -> bool:
+        if self.moe_layers is not None:
+            return layer in self.moe_layers
+        return layer >= self.first_k_dense and layer % self.moe_layer_freq == 0
+
+    def validate(self, n_layers: int, prefix: str = "layout.") -> None:
+        _check_types(self, prefix)
+        _non_negative(prefix + "first_k_dense", self.first_k_dense)
+        if self.first_k_dense > n_layers:
+            _fail(prefix + "first_k_dense", f"must not exceed n_layers ({n_layers}), got {self.first_k_dense}")
+        _positive(prefix + "moe_layer_freq", self.moe_layer_freq)
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not 0 <= i < n_layers]
+            if bad:
+                _fail(prefix + "moe_layers", f"indices must lie in [0, {n_layers}), got {bad}")
+            if len(set(self.moe_layers)) != len(self.moe_layers):
+                _fail(prefix + "moe_layers", "must not repeat a layer")
+        _non_negative(prefix + "n_mtp_modules", self.n_mtp_modules)
+        _non_negative(prefix + "mtp_loss_coef", self.mtp_loss_coef)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    ffn_dim: int = 1024  # hidden size of dense FFNs (dense layers, Arctic's residual)
+    activation: Activation = "silu"  # of the gated FFNs: silu -> SwiGLU, gelu -> GeGLU (Grok-1)
+    norm: Norm = "rmsnorm"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 2048
+    attention: AttentionConfig | MLAConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    name: str = "custom"
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        if self.moe is None:
+            return []
+        return [i for i in range(self.n_layers) if self.layout.is_moe(i)]
+
+    def validate(self) -> "ModelConfig":
+        """Check the whole tree; returns self so ``cfg = ModelConfig(...).validate()`` reads naturally."""
+        _check_types(self, "")
+        _positive("vocab_size", self.vocab_size)
+        _positive("dim", self.dim)
+        _positive("n_layers", self.n_layers)
+        _positive("ffn_dim", self.ffn_dim)
+        _one_of("activation", self.activation, typing.get_args(Activation))
+        _one_of("norm", self.norm, typing.get_args(Norm))
+        _positive("norm_eps", self.norm_eps)
+        _positive("init_std", self.init_std)
+        _positive("max_seq_len", self.max_seq_len)
+        if not isinstance(self.attention, (AttentionConfig, MLAConfig)):
+            _fail("attention", "must be an AttentionConfig or an MLAConfig")
+        self.attention.validate(self.dim)
+        if self.moe is not None:
+            self.moe.validate()
+        self.layout.validate(self.n_layers)
+        if self.layout.dense_residual and self.moe is None:
+            _fail("layout.dense_residual", "needs an MoE config")
+        return self
+
+    # --- JSON round trip -----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "")
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+_NESTED = {"attention": None, "moe": MoEConfig, "layout": LayoutConfig, "rope_scaling": RopeScaling}
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        _fail(prefix.rstrip(".") or "config", f"must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        _fail(prefix + unknown[0], f"unknown field of {cls.__name__}; known fields: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "attention" and isinstance(value, dict):
+            kind = value.get("kind", "gqa")
+            sub = {"gqa": AttentionConfig, "mla": MLAConfig}.get(kind)
+            if sub is None:
+                _fail(prefix + "attention.kind", f"must be 'gqa' or 'mla', got {kind!r}")
+            value = _from_dict(sub, value, prefix + "attention.")
+        elif name in _NESTED and _NESTED[name] is not None and isinstance(value, dict):
+            value = _from_dict(_NESTED[name], value, prefix + name + ".")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def override(config: ModelConfig, assignments: dict[str, Any]) -> ModelConfig:
+    """Return ``config`` with dotted-path fields replaced, e.g. ``{"moe.top_k": 4}``; the result is validated.
+
+    Unknown paths raise ValueError naming the path and the known fields at that level.
+    """
+    for path, value in assignments.items():
+        config = _set_path(config, path.split("."), value, path)
+    return config.validate()
+
+
+def _set_path(obj: Any, parts: list[str], value: Any, path: str) -> Any:
+    if not dataclasses.is_dataclass(obj):
+        _fail(path, f"{'.'.join(parts)} does not name a config field")
+    known = {f.name for f in fields(obj)}
+    head = parts[0]
+    if head not in known:
+        _fail(path, f"unknown field {head!r} of {type(obj).__name__}; known fields: {', '.join(sorted(known))}")
+    if len(parts) == 1:
+        if isinstance(value, list):
+            value = tuple(value)
+        return replace(obj, **{head: value})
+    child = getattr(obj, head)
+    if child is None:
+        _fail(path, f"{head} is not set in this config, so {path} cannot be changed")
+    return replace(obj, **{head: _set_path(child, parts[1:], value, path)})

@@ -1,0 +1,43 @@
+"""Sort-based grouped GEMM: one ``torch._grouped_mm`` per projection over all experts, no padding.
+
+Rows arrive sorted by expert, so expert e's rows are the contiguous slice ending at offs[e]; the weights are
+transposed views, so the stored (out, in) layout is untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smoe.kernels import register
+from smoe.nn.mlp import gated_act
+
+
+def _available(device: torch.device) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cpu"
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient dense: _grouped_mm's backward rejects the
+    zero-stride gradients that reductions such as ``sum()`` produce."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+@register("grouped_mm", available=_available)
+def grouped_mm_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    w_gate_up_E2FD, w_down_EDF = w_gate_up_E2FD.to(x_RD.dtype), w_down_EDF.to(x_RD.dtype)
+    h_R2F = _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))
+    gate_RF, up_RF = h_R2F.chunk(2, dim=-1)
+    a_RF = gated_act(gate_RF, up_RF, activation).contiguous()
+    return _ContiguousGrad.apply(torch._grouped_mm(a_RF, w_down_EDF.transpose(-2, -1), offs=offs_E))

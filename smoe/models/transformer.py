@@ -1,0 +1,177 @@
+"""The MoE transformer: embedding, blocks chosen per layer from the config, final norm, head, optional MTP.
+
+Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a dense MLP, an MoE layer, or (Arctic)
+an MoE layer plus a dense MLP in parallel. Attention is GQA or MLA per the config. Model code is single-device
+math: parallelism and compilation are applied from outside.
+
+Legend: B batch, T sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe.config import MLAConfig, ModelConfig
+from smoe.moe import MoELayer, RouterStats, update_expert_bias
+from smoe.nn import MLA, MLP, Attention, RotaryEmbedding, init_weights, make_norm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss + mtp_loss_coef * mtp_loss, when labels are given
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None  # mean cross-entropy over the MTP depths
+    aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, weighted
+    router_stats: dict[int, RouterStats] = field(default_factory=dict)  # by layer index (MTP: n_layers + depth)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, moe: bool):
+        super().__init__()
+        dim, eps = config.dim, config.norm_eps
+        self.attn_norm = make_norm(config.norm, dim, eps)
+        attn = config.attention
+        self.attn = MLA(dim, attn, eps) if isinstance(attn, MLAConfig) else Attention(dim, attn, eps)
+        self.ffn_norm = make_norm(config.norm, dim, eps)
+        self.is_moe = moe
+        if moe:
+            self.ffn = MoELayer(dim, config.moe, config.activation, config.init_std)
+        else:
+            self.ffn = MLP(dim, config.ffn_dim, config.activation)
+        self.residual_norm = self.residual_ffn = None
+        if moe and config.layout.dense_residual:
+            self.residual_norm = make_norm(config.norm, dim, eps)
+            self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
+
+    def forward(self, x_BTD, cos, sin) -> tuple[torch.Tensor, RouterStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        stats = None
+        if self.is_moe:
+            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+        else:
+            ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
+        if self.residual_ffn is not None:
+            ffn_BTD = ffn_BTD + self.residual_ffn(self.residual_norm(x_BTD))
+        return x_BTD + ffn_BTD, stats
+
+
+class MTPModule(nn.Module):
+    """DeepSeek-V3 §2.2 multi-token prediction: combine the previous depth's hidden state at position t with the
+    embedding of token t+d, run one block, and predict token t+d+1 through the shared head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        dim, eps = config.dim, config.norm_eps
+        self.hidden_norm = make_norm(config.norm, dim, eps)
+        self.embed_norm = make_norm(config.norm, dim, eps)
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
+        self.norm = make_norm(config.norm, dim, eps)
+
+    def forward(self, h_BTD, emb_BTD, cos, sin):
+        x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
+        return self.block(x, cos, sin)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, config.layout.is_moe(i) and config.moe is not None)
+                                    for i in range(config.n_layers))
+        self.norm = make_norm(config.norm, config.dim, config.norm_eps)
+        self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config) for _ in range(config.layout.n_mtp_modules))
+        attn = config.attention
+        if isinstance(attn, MLAConfig):
+            rot_dim = attn.qk_rope_head_dim
+        else:
+            rot_dim = attn.rotary_dim or attn.resolved_head_dim(config.dim)
+        self.rope = RotaryEmbedding(rot_dim, attn.rope_theta, attn.rope_scaling)
+        init_weights(self, config.init_std)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        return [b.ffn for b in blocks if b.is_moe]
+
+    def set_expert_backend(self, name: str) -> None:
+        """Select the expert kernel (smoe.kernels) for every MoE layer; weights are unaffected."""
+        for layer in self.moe_layers:
+            layer.backend = name
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads: dict[int, torch.Tensor]) -> None:
+        """Aux-free balancing step, called after the optimizer step with each MoE layer's load summed over
+        the step (``RouterStats.load`` by layer index, as in ``ModelOutput.router_stats``)."""
+        for idx, layer in self._moe_by_index().items():
+            if layer.router.expert_bias is not None and idx in loads:
+                bias = layer.router.expert_bias
+                bias.copy_(update_expert_bias(bias, loads[idx], layer.config.bias_update_rate))
+
+    def _moe_by_index(self) -> dict[int, MoELayer]:
+        blocks = {i: b for i, b in enumerate(self.layers)}
+        blocks.update({self.config.n_layers + d: m.block for d, m in enumerate(self.mtp)})
+        return {i: b.ffn for i, b in blocks.items() if b.is_moe}
+
+    def _logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return F.linear(h_BTD, self.embed.weight if self.head is None else self.head.weight)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
+        IGNORE_INDEX (-100) positions do not count."""
+        B, T = input_ids.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
+        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        h = self.embed(input_ids)
+        stats: dict[int, RouterStats] = {}
+        for i, block in enumerate(self.layers):
+            h, s = block(h, cos, sin)
+            if s is not None:
+                stats[i] = s
+        logits = self._logits(self.norm(h))
+        out = ModelOutput(logits=logits, router_stats=stats)
+        if labels is not None:
+            out.lm_loss = _cross_entropy(logits, labels)
+            if len(self.mtp):
+                out.mtp_loss = self._mtp_loss(h, labels, cos, sin, stats)
+        if stats:
+            out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
+        if out.lm_loss is not None:
+            out.loss = out.lm_loss + out.aux_loss
+            if out.mtp_loss is not None:
+                out.loss = out.loss + self.config.layout.mtp_loss_coef * out.mtp_loss
+        return out
+
+    def _mtp_loss(self, h_BTD, labels_BT, cos, sin, stats) -> torch.Tensor:
+        # Depth d sees positions t < T - d: the input token t+d is labels[t+d-1], the target is labels[t+d].
+        losses = []
+        T = labels_BT.shape[1]
+        for d, module in enumerate(self.mtp, start=1):
+            if T - d <= 0:
+                break
+            next_ids = labels_BT[:, d - 1 : T - 1].clamp_min(0)
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(next_ids), cos[: T - d], sin[: T - d])
+            if s is not None:
+                stats[self.config.n_layers + d - 1] = s
+            losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))
+        return torch.stack(losses).mean() if losses else h_BTD.new_zeros(())
+
+
+def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BTV.flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def build_model(config: ModelConfig) -> Transformer:
+    """Validate ``config`` and build the model on the current default device and dtype."""
+    return Transformer(config)

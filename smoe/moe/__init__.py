@@ -1,0 +1,23 @@
+"""Sparse MoE: routers, dispatch, stacked experts, balance terms and the layer that composes them."""
+
+from smoe.moe.balance import (
+    load_balance_loss,
+    router_entropy,
+    router_z_loss,
+    sequence_balance_loss,
+    update_expert_bias,
+)
+from smoe.moe.layer import MoELayer, RouterStats
+from smoe.moe.router import Router, Routing
+
+__all__ = [
+    "MoELayer",
+    "Router",
+    "RouterStats",
+    "Routing",
+    "load_balance_loss",
+    "router_entropy",
+    "router_z_loss",
+    "sequence_balance_loss",
+    "update_expert_bias",
+]

@@ -1,0 +1,98 @@
+"""The MoE FFN layer: route, dispatch to routed experts, combine, add the shared experts.
+
+Legend: B batch, T tokens per sequence, N = B*T tokens, D model dim, E routed experts, K top_k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from smoe.config import MoEConfig
+from smoe.moe import balance
+from smoe.moe.dispatch import combine, permute, token_choice_capacity
+from smoe.moe.experts import RoutedExperts
+from smoe.moe.router import Router, Routing
+from smoe.nn.init import init_weights
+from smoe.nn.mlp import MLP
+
+
+@dataclass(frozen=True)
+class RouterStats:
+    """What one MoE layer reports per forward: values, never globals. All but ``aux_loss`` are detached."""
+
+    load: torch.Tensor  # (E,) int64 assignments routed to each expert (before capacity drops)
+    dropped: torch.Tensor  # () int64 assignments dropped over capacity
+    aux_loss: torch.Tensor  # () weighted sum of this layer's balance and z terms, with gradient
+    load_balance: torch.Tensor  # () Switch aux value E * sum f_i P_i (1.0 = uniform), whatever the strategy
+    z_loss: torch.Tensor  # () router z-loss value
+    entropy: torch.Tensor  # () mean router entropy in nats
+
+
+class MoELayer(nn.Module):
+    """``forward(x)`` takes (B, T, D) or (T, D) and returns ``(y, stats)`` with y shaped like x.
+
+    ``backend`` names the expert kernel (see smoe.kernels); it is not part of the checkpoint.
+    """
+
+    def __init__(
+        self, dim: int, config: MoEConfig, activation: str = "silu", init_std: float = 0.02, backend: str = "auto"
+    ):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backend = backend
+        self.router = Router(dim, config)
+        self.experts = RoutedExperts(config.n_routed_experts, dim, config.expert_dim, activation)
+        n_shared = config.n_shared_experts
+        # Shared experts are always active, so n of them are exactly one MLP n times as wide.
+        self.shared = MLP(dim, n_shared * config.resolved_shared_expert_dim, activation) if n_shared else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
+        init_weights(self, init_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        cfg = self.config
+        routing = self.router(x_ND)
+        capacity = None
+        if cfg.capacity_factor is not None and cfg.routing == "token_choice":
+            capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
+        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity)
+        x_RD = x_ND[routing.token_ids_A[dispatch.order_R]]
+        y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
+        y_ND = combine(y_RD, routing, dispatch, B * T)
+        if self.shared is not None:
+            shared_ND = self.shared(x_ND)
+            if self.shared_gate is not None:
+                shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
+            y_ND = y_ND + shared_ND
+        stats = self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
+        return y_ND.view(x.shape), stats
+
+    def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:
+        cfg = self.config
+        aux = routing.logits_TE.new_zeros(())
+        if cfg.balance == "aux" and cfg.aux_loss_coef > 0:
+            aux = aux + cfg.aux_loss_coef * balance.load_balance_loss(routing.probs_TE, routing.expert_ids_A)
+        seq_aux = cfg.balance == "seq_aux" or (cfg.balance == "aux_free" and cfg.seq_aux_loss_coef > 0)
+        if seq_aux and cfg.seq_aux_loss_coef > 0:
+            probs_BTE = routing.probs_TE.view(B, T, -1)
+            ids_BTK = routing.expert_ids_A.view(B, T, cfg.top_k)
+            aux = aux + cfg.seq_aux_loss_coef * balance.sequence_balance_loss(probs_BTE, ids_BTK)
+        z = balance.router_z_loss(routing.logits_TE) if cfg.z_loss_coef > 0 else None
+        if z is not None:
+            aux = aux + cfg.z_loss_coef * z
+        with torch.no_grad():
+            probs = routing.probs_TE.detach()
+            return RouterStats(
+                load=load_E.detach(),
+                dropped=dropped.detach(),
+                aux_loss=aux,
+                load_balance=balance.load_balance_loss(probs, routing.expert_ids_A),
+                z_loss=z.detach() if z is not None else balance.router_z_loss(routing.logits_TE.detach()),
+                entropy=balance.router_entropy(probs),
+            )

@@ -1,0 +1,102 @@
+"""Routers: scores -> Routing (which expert each token-expert assignment goes to, with what weight).
+
+Legend: T tokens, E routed experts, K top_k, A assignments (T*K for token choice, E*C for expert choice).
+
+Token choice (every token picks K experts):
+  softmax:  p = softmax(logits); top-K on p (+ bias); weights = p[top-K], renormalised if norm_topk_prob.
+  sigmoid:  s = sigmoid(logits); top-K on s + b (b is the aux-free bias, used for selection only);
+            weights = s[top-K] / sum (DeepSeek-V3 §2.1.2), times routed_scaling_factor.
+  group-limited (DeepSeek-V2/V3): experts split into n_group groups; only the topk_group groups with the best
+            group score (max, or the sum of the top 2) are eligible.
+Expert choice (Zhou et al. 2022): every expert picks its C best tokens. It looks at all tokens of the batch,
+including later positions of the same sequence, so it is for training studies, not autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from smoe.config import MoEConfig
+
+
+@dataclass(frozen=True)
+class Routing:
+    token_ids_A: torch.Tensor  # int64; token-major (A = T*K, row t*K + j is token t's j-th choice) for token choice
+    expert_ids_A: torch.Tensor  # int64
+    weights_A: torch.Tensor  # combine weights, fp32
+    probs_TE: torch.Tensor  # per-token distribution over experts (normalised scores), fp32, for balance terms
+    logits_TE: torch.Tensor  # raw router logits, fp32, for the z-loss
+    token_major: bool  # True when A == T*K in token order (token choice): combine reshapes instead of scattering
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, config: MoEConfig):
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, dim))
+        self.logit_bias = nn.Parameter(torch.zeros(E)) if config.router_bias else None
+        if config.has_expert_bias:
+            # Selection-only bias of aux-loss-free balancing. A buffer, not a parameter: the optimizer must not
+            # touch it; smoe.moe.balance.update_expert_bias moves it after each optimizer step.
+            self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        # Routing decisions are made in fp32 whatever the activation dtype: bf16 ties flip top-K choices.
+        logits_TE = x_TD.float() @ self.weight.float().t()
+        if self.logit_bias is not None:
+            logits_TE = logits_TE + self.logit_bias.float()
+        if self.config.routing == "expert_choice":
+            return expert_choice(logits_TE, self.config)
+        return token_choice(logits_TE, self.config, self.expert_bias)
+
+
+def token_choice(logits_TE: torch.Tensor, cfg: MoEConfig, expert_bias_E: torch.Tensor | None) -> Routing:
+    T, E = logits_TE.shape
+    K = cfg.top_k
+    scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
+    choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+    if cfg.n_group > 1:
+        choice_TE = _limit_to_groups(choice_TE, cfg)
+    expert_ids_TK = choice_TE.topk(K, dim=-1).indices
+    weights_TK = scores_TE.gather(1, expert_ids_TK)
+    if cfg.norm_topk_prob:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    weights_TK = weights_TK * cfg.routed_scaling_factor
+    probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
+    token_ids = torch.arange(T, device=logits_TE.device).repeat_interleave(K)
+    return Routing(token_ids, expert_ids_TK.reshape(-1), weights_TK.reshape(-1), probs_TE, logits_TE, True)
+
+
+def _limit_to_groups(choice_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    T, E = choice_TE.shape
+    grouped_TGX = choice_TE.view(T, cfg.n_group, E // cfg.n_group)
+    if cfg.group_score == "max":
+        group_scores_TG = grouped_TGX.amax(-1)
+    else:
+        group_scores_TG = grouped_TGX.topk(2, dim=-1).values.sum(-1)
+    best_TG = group_scores_TG.topk(cfg.topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+    keep_TE = keep_TG.repeat_interleave(E // cfg.n_group, dim=1)
+    return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def expert_choice_capacity(n_tokens: int, cfg: MoEConfig) -> int:
+    """Tokens each expert takes: capacity_factor (default 1) x the token-choice average T*K/E, at most T."""
+    factor = cfg.capacity_factor if cfg.capacity_factor is not None else 1.0
+    return max(1, min(n_tokens, math.ceil(factor * n_tokens * cfg.top_k / cfg.n_routed_experts)))
+
+
+def expert_choice(logits_TE: torch.Tensor, cfg: MoEConfig) -> Routing:
+    T, E = logits_TE.shape
+    probs_TE = logits_TE.softmax(-1)
+    C = expert_choice_capacity(T, cfg)
+    weights_EC, token_ids_EC = probs_TE.t().topk(C, dim=-1)
+    expert_ids = torch.arange(E, device=logits_TE.device).repeat_interleave(C)
+    return Routing(token_ids_EC.reshape(-1), expert_ids, weights_EC.reshape(-1), probs_TE, logits_TE, False)
