@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig
+from smoe.models import IGNORE_INDEX, build_model
+
+V = 64
+
+
+def _config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=V, dim=32, n_layers=2, ffn_dim=64, max_seq_len=32,
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2),
+        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=16),
+    )
+    return ModelConfig(**{**base, **changes})
+
+
+def _mla_config(**changes) -> ModelConfig:
+    return _config(
+        attention=MLAConfig(n_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                            v_head_dim=8),
+        moe=MoEConfig(n_routed_experts=8, top_k=2, expert_dim=16, score_func="sigmoid", balance="aux_free",
+                      n_group=2, topk_group=1, n_shared_experts=1),
+        **changes,
+    )
+
+
+def _ids(B=2, T=12, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("make", [_config, _mla_config], ids=["gqa", "mla"])
+def test_forward_backward_and_loss_composition(make):
+    torch.manual_seed(0)
+    model = build_model(make())
+    ids = _ids()
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    assert out.logits.shape == (2, 11, V)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters()), "every parameter gets a gradient"
+    assert sorted(out.router_stats) == [0, 1]
+
+
+def test_ignore_index_positions_do_not_count():
+    torch.manual_seed(0)
+    model = build_model(_config())
+    ids = _ids()
+    labels = ids.clone()
+    labels[:, 6:] = IGNORE_INDEX
+    full = model(ids[:, :6], labels=ids[:, :6]).lm_loss
+    masked = model(ids, labels=labels).lm_loss
+    torch.testing.assert_close(full, masked)  # causal: the first six positions see the same inputs
+
+
+@pytest.mark.parametrize("make", [_config, _mla_config], ids=["gqa", "mla"])
+def test_logits_are_causal(make):
+    torch.manual_seed(0)
+    model = build_model(make()).eval()
+    ids = _ids(B=1)
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % V
+    torch.testing.assert_close(model(ids).logits[:, :8], model(changed).logits[:, :8])
+
+
+def test_sliding_window_limits_what_a_position_sees():
+    torch.manual_seed(0)
+    model = build_model(_config(n_layers=1, attention=AttentionConfig(n_heads=4, n_kv_heads=2, sliding_window=3)))
+    ids = _ids(B=1)
+    changed = ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % V
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, 3:], b[:, 3:])  # position 3 no longer sees position 0
+    assert not torch.allclose(a[:, :3], b[:, :3])
+
+
+def test_tied_embeddings_share_the_matrix():
+    model = build_model(_config(tie_embeddings=True))
+    assert model.head is None and not any(n.startswith("head") for n, _ in model.named_parameters())
+    model(_ids(T=4)).logits.sum().backward()
+    assert (model.embed.weight.grad.abs().sum(-1) > 0).all()  # every row is used as an output projection
+
+
+def test_dense_model_has_no_router_stats_and_zero_aux():
+    model = build_model(_config(moe=None))
+    out = model(_ids(), labels=_ids())
+    assert out.router_stats == {} and out.aux_loss.item() == 0
+
+
+def test_mtp_adds_weighted_loss_and_reports_its_router():
+    torch.manual_seed(0)
+    config = _mla_config(layout=LayoutConfig(first_k_dense=1, n_mtp_modules=2, mtp_loss_coef=0.3))
+    model = build_model(config)
+    ids = _ids(T=16)
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss + 0.3 * out.mtp_loss)
+    assert sorted(out.router_stats) == [1, 2, 3]  # MoE layer 1, then MTP depths at n_layers + d - 1
+    out.loss.backward()
+    assert model.mtp[1].proj.weight.grad.abs().sum() > 0
+
+
+def test_expert_backend_switch_changes_nothing_but_speed():
+    torch.manual_seed(0)
+    model = build_model(_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = _ids()
+    model.set_expert_backend("reference")
+    ref = model(ids).logits
+    model.set_expert_backend("auto")
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_update_expert_biases_moves_only_aux_free_biases():
+    torch.manual_seed(0)
+    model = build_model(_mla_config(layout=LayoutConfig(first_k_dense=1)))
+    out = model(_ids())
+    model.update_expert_biases({i: s.load for i, s in out.router_stats.items()})
+    bias = model.layers[1].ffn.router.expert_bias
+    load = out.router_stats[1].load.float()
+    torch.testing.assert_close(bias, 1e-3 * torch.sign(load.mean() - load))
+    assert "layers.1.ffn.router.expert_bias" in model.state_dict()
+
+
+def test_sequence_over_max_seq_len_is_a_clear_error():
+    model = build_model(_config(max_seq_len=8))
+    with pytest.raises(ValueError, match=r"sequence length 12 exceeds max_seq_len \(8\)"):
+        model(_ids())
