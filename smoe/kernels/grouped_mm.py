@@ -1,7 +1,8 @@
 """Sort-based grouped GEMM: one ``torch._grouped_mm`` per projection over all experts, no padding.
 
 Rows arrive sorted by expert, so expert e's rows are the contiguous slice ending at offs[e]; the weights are
-transposed views, so the stored (out, in) layout is untouched.
+transposed views, so the stored (out, in) layout is untouched. ``torch._grouped_mm`` needs 16-byte aligned row
+strides; shapes whose model or expert dim breaks that fall back to the reference loop.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels import register
+from smoe.kernels.reference import reference_experts
 from smoe.nn.mlp import gated_act
 
 
@@ -35,6 +37,9 @@ class _ContiguousGrad(torch.autograd.Function):
 
 @register("grouped_mm", available=_available)
 def grouped_mm_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
+    itemsize = x_RD.element_size()
+    if any(n * itemsize % 16 for n in w_down_EDF.shape[1:]):
+        return reference_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation)
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     w_gate_up_E2FD, w_down_EDF = w_gate_up_E2FD.to(x_RD.dtype), w_down_EDF.to(x_RD.dtype)
     h_R2F = _ContiguousGrad.apply(torch._grouped_mm(x_RD, w_gate_up_E2FD.transpose(-2, -1), offs=offs_E))

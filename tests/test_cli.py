@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from smoe.cli import main
+
+
+def test_inspect_json_has_the_contract_keys(capsys):
+    assert main(["inspect", "deepseek-v3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"total_params", "active_params", "active_params_excl_embedding"} <= report.keys()
+    assert round(report["total_params"] / 1e9, 1) == 671.0
+
+
+def test_inspect_text_shows_deepseek_v3_total(capsys):
+    assert main(["inspect", "deepseek-v3"]) == 0
+    assert "671.0B" in capsys.readouterr().out
+
+
+def test_presets_lists_every_preset(capsys):
+    from smoe import presets
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in presets.names())
+
+
+def test_unknown_preset_is_one_line_exit_2_with_close_names(capsys):
+    assert main(["inspect", "mixtral-8x7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "mixtral-8x7b" in err
+
+
+def test_inspect_needs_exactly_one_source(capsys):
+    assert main(["inspect"]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_malformed_hf_config_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert main(["inspect", "--hf-config", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_inspect_reads_an_hf_config_file(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    cfg.save_pretrained(tmp_path)
+    assert main(["inspect", "--hf-config", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] > 0
+
+
+def test_smoke_runs_a_tiny_preset(capsys):
+    assert main(["smoke", "--presets", "mixtral-tiny", "--seq-len", "16"]) == 0
+    assert "mixtral-tiny" in capsys.readouterr().out
+
+
+def test_module_entry_point_exit_code():
+    result = subprocess.run([sys.executable, "-m", "smoe", "inspect", "no-such-model"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
