@@ -113,8 +113,9 @@ class RopeScaling:
         _one_of(prefix + "type", self.type, typing.get_args(RopeType))
         _positive(prefix + "factor", self.factor)
         _positive(prefix + "original_max_seq_len", self.original_max_seq_len)
-        if self.beta_fast <= self.beta_slow:
-            _fail(prefix + "beta_fast", f"must exceed beta_slow ({self.beta_slow}), got {self.beta_fast}")
+        _positive(prefix + "beta_slow", self.beta_slow)
+        if self.beta_fast < self.beta_slow:  # equal is legal: Kimi K2 ships beta_fast = beta_slow = 1
+            _fail(prefix + "beta_fast", f"must be >= beta_slow ({self.beta_slow}), got {self.beta_fast}")
         _non_negative(prefix + "mscale", self.mscale)
         _non_negative(prefix + "mscale_all_dim", self.mscale_all_dim)
 

@@ -1,0 +1,217 @@
+"""Exact parameter, FLOP and memory accounting from a ModelConfig (no torch import, no model built).
+
+Conventions (those of shared/REFERENCES.md, which reproduce the published totals):
+- total: every parameter of the main model, all experts included: embedding, head (unless tied), attention, norms,
+  dense FFNs, routed and shared experts, routers and their biases (the aux-free expert bias counts). Multi-token
+  prediction modules are reported separately (``mtp_params``) and are not in the total, as DeepSeek-V3's 671B.
+- active: what one token touches: everything but the routed experts, plus top_k of them per MoE layer.
+  ``active_params`` counts the input embedding and the head; ``active_params_excl_embedding`` drops the input
+  embedding (with tied embeddings the matrix is still used as the head, so it stays).
+- forward FLOPs per token: 2 x the matmul parameters a token touches (head included, embedding lookup and norms
+  excluded) plus causal attention: 2 x heads x (qk_dim + v_dim) x average visible context, where the average
+  context at sequence length S is (S + 1) / 2, capped by a sliding window. Training = 3 x forward.
+- KV cache per token: GQA stores k and v (2 x kv_heads x head_dim); MLA stores the latent and the rotary key
+  (kv_lora_rank + qk_rope_head_dim), per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from smoe.config import AttentionConfig, MLAConfig, ModelConfig
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class Accounting:
+    name: str
+    total_params: int
+    active_params: int
+    active_params_excl_embedding: int
+    params_by_component: dict[str, int]
+    active_by_component: dict[str, int]
+    mtp_params: int
+    seq_len: int
+    forward_flops_per_token: float
+    train_flops_per_token: float
+    weight_bytes: dict[str, int]
+    kv_cache_bytes_per_token: dict[str, int]
+    n_moe_layers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def attention_params(config: ModelConfig) -> int:
+    d, attn = config.dim, config.attention
+    if isinstance(attn, MLAConfig):
+        H, qk = attn.n_heads, attn.qk_head_dim
+        q = d * H * qk if attn.q_lora_rank is None else d * attn.q_lora_rank + attn.q_lora_rank + attn.q_lora_rank * H * qk
+        kv = d * (attn.kv_lora_rank + attn.qk_rope_head_dim) + attn.kv_lora_rank
+        kv += attn.kv_lora_rank * H * (attn.qk_nope_head_dim + attn.v_head_dim)
+        return q + kv + H * attn.v_head_dim * d
+    hd = attn.resolved_head_dim(d)
+    q_dim, kv_dim = attn.n_heads * hd, attn.n_kv_heads * hd
+    params = d * q_dim + 2 * d * kv_dim + q_dim * d
+    if attn.qkv_bias:
+        params += q_dim + 2 * kv_dim
+    if attn.qk_norm == "head":
+        params += 2 * hd
+    elif attn.qk_norm == "full":
+        params += q_dim + kv_dim
+    return params
+
+
+def _attention_matmul_params(config: ModelConfig) -> int:
+    """Attention parameters that are matmul weights (no norms or biases), for FLOPs."""
+    d, attn = config.dim, config.attention
+    if isinstance(attn, MLAConfig):
+        H, qk = attn.n_heads, attn.qk_head_dim
+        q = d * H * qk if attn.q_lora_rank is None else d * attn.q_lora_rank + attn.q_lora_rank * H * qk
+        return (q + d * (attn.kv_lora_rank + attn.qk_rope_head_dim)
+                + attn.kv_lora_rank * H * (attn.qk_nope_head_dim + attn.v_head_dim) + H * attn.v_head_dim * d)
+    hd = attn.resolved_head_dim(d)
+    return 2 * d * attn.n_heads * hd + 2 * d * attn.n_kv_heads * hd
+
+
+def _attention_score_flops(config: ModelConfig, seq_len: int) -> float:
+    attn = config.attention
+    if isinstance(attn, MLAConfig):
+        per_ctx = attn.n_heads * (attn.qk_head_dim + attn.v_head_dim)
+        window = None
+    else:
+        hd = attn.resolved_head_dim(config.dim)
+        per_ctx = attn.n_heads * 2 * hd
+        window = attn.sliding_window
+    context = (seq_len + 1) / 2
+    if window is not None and window < seq_len:
+        # positions < window see t+1 keys, later ones see window keys
+        context = (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+    return 2 * per_ctx * context
+
+
+def _block_components(config: ModelConfig, moe_layer: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """(all parameters, active parameters) of one block, by component."""
+    d = config.dim
+    total = {"attention": attention_params(config), "norms": 2 * d}
+    if not moe_layer:
+        total["dense_ffn"] = 3 * d * config.ffn_dim
+        return total, dict(total)
+    moe = config.moe
+    E = moe.n_routed_experts
+    router = E * d + (E if moe.router_bias else 0) + (E if moe.has_expert_bias else 0)
+    total.update(
+        router=router,
+        routed_experts=3 * E * d * moe.expert_dim,
+        shared_experts=3 * d * moe.n_shared_experts * moe.resolved_shared_expert_dim + (d if moe.shared_expert_gate else 0),
+    )
+    if config.layout.dense_residual:
+        total["dense_ffn"] = 3 * d * config.ffn_dim
+        total["norms"] += d
+    active = dict(total)
+    active["routed_experts"] = 3 * moe.top_k * d * moe.expert_dim
+    return total, active
+
+
+def _add(into: dict[str, int], other: dict[str, int], times: int = 1) -> None:
+    for k, v in other.items():
+        into[k] = into.get(k, 0) + v * times
+
+
+def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
+    config.validate()
+    seq_len = seq_len or config.max_seq_len
+    d, V = config.dim, config.vocab_size
+    total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
+    active = dict(total)
+    moe_ids = set(config.moe_layer_ids)
+    for i in range(config.n_layers):
+        block_total, block_active = _block_components(config, i in moe_ids)
+        _add(total, block_total)
+        _add(active, block_active)
+    for key in ("attention", "dense_ffn", "routed_experts", "shared_experts", "router"):
+        total.setdefault(key, 0)
+        active.setdefault(key, 0)
+
+    mtp = 0
+    if config.layout.n_mtp_modules:
+        last_moe = config.moe is not None and config.layout.is_moe(config.n_layers - 1)
+        block_total, _ = _block_components(config, last_moe)
+        mtp = config.layout.n_mtp_modules * (3 * d + 2 * d * d + sum(block_total.values()))
+
+    total_params = sum(total.values())
+    active_params = sum(active.values())
+    excl = active_params - (total["embedding"] if not config.tie_embeddings else 0)
+
+    # FLOPs: matmul weights a token touches, plus attention over its context.
+    attn_mm = _attention_matmul_params(config) * config.n_layers
+    ffn_mm = active["dense_ffn"] + active["routed_experts"] + active["shared_experts"] + active["router"]
+    if config.moe is not None:
+        moe_layers = len(moe_ids)
+        # router biases and the shared gate are not matmuls worth separating; the expert bias is not one at all
+        ffn_mm -= moe_layers * ((config.moe.n_routed_experts if config.moe.router_bias else 0)
+                                + (config.moe.n_routed_experts if config.moe.has_expert_bias else 0))
+    matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
+    forward = 2 * matmul + config.n_layers * _attention_score_flops(config, seq_len)
+
+    attn = config.attention
+    if isinstance(attn, MLAConfig):
+        kv_elems = config.n_layers * (attn.kv_lora_rank + attn.qk_rope_head_dim)
+    else:
+        kv_elems = config.n_layers * 2 * attn.n_kv_heads * attn.resolved_head_dim(d)
+
+    return Accounting(
+        name=config.name,
+        total_params=total_params,
+        active_params=active_params,
+        active_params_excl_embedding=excl,
+        params_by_component=total,
+        active_by_component=active,
+        mtp_params=mtp,
+        seq_len=seq_len,
+        forward_flops_per_token=float(forward),
+        train_flops_per_token=float(3 * forward),
+        weight_bytes={k: total_params * b for k, b in DTYPE_BYTES.items()},
+        kv_cache_bytes_per_token={k: kv_elems * b for k, b in DTYPE_BYTES.items() if k != "fp32"},
+        n_moe_layers=len(moe_ids),
+    )
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'; 671026419200 -> '671.0B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value >= 100 else f"{value:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_accounting(acc: Accounting) -> str:
+    lines = [
+        f"{acc.name}",
+        f"  total parameters      {human(acc.total_params):>10}  ({acc.total_params:,})",
+        f"  active parameters     {human(acc.active_params):>10}  ({acc.active_params:,}, embedding and head counted)",
+        f"  active excl. embedding{human(acc.active_params_excl_embedding):>11}  ({acc.active_params_excl_embedding:,})",
+    ]
+    if acc.mtp_params:
+        lines.append(f"  MTP modules (extra)   {human(acc.mtp_params):>10}  ({acc.mtp_params:,}, not in the total)")
+    lines.append("  by component              total      active")
+    for key, value in acc.params_by_component.items():
+        if value:
+            lines.append(f"    {key:<20}{human(value):>10}  {human(acc.active_by_component[key]):>10}")
+    lines += [
+        f"  MoE layers            {acc.n_moe_layers:>10}",
+        f"  FLOPs/token @ {acc.seq_len:<7} {human(acc.forward_flops_per_token):>9}  forward, "
+        f"{human(acc.train_flops_per_token)} training",
+        "  weights               " + ", ".join(f"{k} {_bytes(v)}" for k, v in acc.weight_bytes.items()),
+        "  KV cache / token      " + ", ".join(f"{k} {_bytes(v)}" for k, v in acc.kv_cache_bytes_per_token.items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Interoperability with Hugging Face: config.json mapping (and, as it lands, weights and export)."""

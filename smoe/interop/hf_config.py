@@ -1,0 +1,295 @@
+"""Hugging Face ``config.json`` -> ModelConfig, one mapping function per family (no torch import).
+
+Keys absent from a config.json take the transformers default of that family, as transformers itself would.
+Hugging Face's Switch-style aux loss (``router_aux_loss_coef``) is top_k times ours (see smoe.moe.balance), so the
+coefficient is scaled to give the same loss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+
+
+class _Reader:
+    """Reads keys from one config dict; a missing required key raises naming the file and the key."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        self.data, self.source = data, source
+
+    def req(self, key: str) -> Any:
+        if self.data.get(key) is None:
+            raise ValueError(f"{self.source}: missing required key {key!r} for model_type "
+                             f"{self.data.get('model_type')!r}")
+        return self.data[key]
+
+    def opt(self, key: str, default: Any = None) -> Any:
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def first(self, keys: tuple[str, ...], default: Any = None) -> Any:
+        """The first present key among aliases (transformers versions save some keys under other names)."""
+        return next((self.data[k] for k in keys if self.data.get(k) is not None), default)
+
+    def sub(self, key: str) -> "_Reader":
+        return _Reader(self.opt(key, {}), f"{self.source} [{key}]")
+
+
+def _rope(r: _Reader, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    params = r.opt("rope_parameters", {}) or {}
+    theta = float(r.opt("rope_theta", params.get("rope_theta", default_theta)))
+    scaling = r.opt("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(type="linear", factor=float(scaling["factor"]))
+    if kind == "yarn":
+        return theta, RopeScaling(
+            type="yarn", factor=float(scaling["factor"]),
+            original_max_seq_len=int(scaling.get("original_max_position_embeddings", 4096)),
+            beta_fast=float(scaling.get("beta_fast", 32.0)), beta_slow=float(scaling.get("beta_slow", 1.0)),
+            mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)),
+        )
+    raise ValueError(f"{r.source}: rope scaling type {kind!r} is not supported (supported: default, linear, yarn)")
+
+
+def _common(r: _Reader, *, eps_default: float) -> dict[str, Any]:
+    return dict(
+        vocab_size=int(r.req("vocab_size")),
+        dim=int(r.req("hidden_size")),
+        n_layers=int(r.req("num_hidden_layers")),
+        norm_eps=float(r.opt("rms_norm_eps", eps_default)),
+        tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
+        init_std=float(r.opt("initializer_range", 0.02)),
+        max_seq_len=int(r.opt("max_position_embeddings", 4096)),
+        activation=_activation(r),
+    )
+
+
+def _activation(r: _Reader) -> str:
+    act = r.opt("hidden_act", "silu")
+    if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
+        raise ValueError(f"{r.source}: hidden_act {act!r} is not supported (silu, gelu)")
+    return "silu" if act in ("silu", "swish") else "gelu"
+
+
+def _mixtral(r: _Reader) -> ModelConfig:
+    theta, scaling = _rope(r, 1e6)
+    k = int(r.opt("num_experts_per_tok", 2))
+    heads = int(r.req("num_attention_heads"))
+    return ModelConfig(
+        **{**_common(r, eps_default=1e-5), "max_seq_len": int(r.opt("max_position_embeddings", 4096 * 32))},
+        ffn_dim=int(r.req("intermediate_size")),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)),
+                                  head_dim=r.opt("head_dim"), rope_theta=theta, rope_scaling=scaling,
+                                  sliding_window=r.opt("sliding_window")),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 8)), top_k=k,
+                      expert_dim=int(r.req("intermediate_size")),
+                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
+        name=r.opt("_name_or_path", "mixtral") or "mixtral",
+    )
+
+
+def _qwen_layout(r: _Reader, n_layers: int) -> LayoutConfig:
+    step = int(r.opt("decoder_sparse_step", 1))
+    dense = set(r.opt("mlp_only_layers", []))
+    if step == 1 and not dense:
+        return LayoutConfig()
+    return LayoutConfig(moe_layers=tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0))
+
+
+def _sliding(r: _Reader) -> int | None:
+    return r.opt("sliding_window") if r.opt("use_sliding_window", False) else None
+
+
+def _qwen2_moe(r: _Reader) -> ModelConfig:
+    theta, scaling = _rope(r)
+    common = _common(r, eps_default=1e-6)
+    k = int(r.opt("num_experts_per_tok", 4))
+    shared = int(r.opt("shared_expert_intermediate_size", 5632))
+    heads = int(r.req("num_attention_heads"))
+    return ModelConfig(
+        **common,
+        ffn_dim=int(r.opt("intermediate_size", 5632)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", heads)),
+                                  rope_theta=theta, rope_scaling=scaling, qkv_bias=bool(r.opt("qkv_bias", True)),
+                                  sliding_window=_sliding(r)),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 60)), top_k=k,
+                      expert_dim=int(r.opt("moe_intermediate_size", 1408)),
+                      n_shared_experts=1 if shared else 0, shared_expert_dim=shared or None,
+                      shared_expert_gate=bool(shared), norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
+                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
+        layout=_qwen_layout(r, common["n_layers"]),
+        name="qwen2_moe",
+    )
+
+
+def _qwen3_moe(r: _Reader) -> ModelConfig:
+    theta, scaling = _rope(r)
+    common = _common(r, eps_default=1e-6)
+    k = int(r.opt("num_experts_per_tok", 8))
+    heads = int(r.req("num_attention_heads"))
+    return ModelConfig(
+        **common,
+        ffn_dim=int(r.opt("intermediate_size", 6144)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 4)),
+                                  head_dim=r.opt("head_dim"), rope_theta=theta, rope_scaling=scaling,
+                                  qkv_bias=bool(r.opt("attention_bias", False)), qk_norm="head",
+                                  sliding_window=_sliding(r)),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 128)), top_k=k,
+                      expert_dim=int(r.opt("moe_intermediate_size", 768)),
+                      norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
+                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
+        layout=_qwen_layout(r, common["n_layers"]),
+        name="qwen3_moe",
+    )
+
+
+def _deepseek(r: _Reader, v3: bool) -> ModelConfig:
+    theta, scaling = _rope(r)
+    common = _common(r, eps_default=1e-6)
+    heads = int(r.req("num_attention_heads"))
+    method = r.opt("topk_method", "noaux_tc" if v3 else "greedy")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ValueError(f"{r.source}: topk_method {method!r} is not supported (greedy, group_limited_greedy, "
+                         "noaux_tc)")
+    score = r.opt("scoring_func", "sigmoid" if v3 else "softmax")
+    n_group = int(r.opt("n_group", 1)) if method != "greedy" else 1
+    topk_group = int(r.opt("topk_group", 1)) if method != "greedy" else 1
+    aux_free = method == "noaux_tc"
+    moe = MoEConfig(
+        n_routed_experts=int(r.first(("n_routed_experts", "num_local_experts", "num_experts"), 256 if v3 else 64)),
+        top_k=int(r.opt("num_experts_per_tok", 8 if v3 else 6)),
+        expert_dim=int(r.opt("moe_intermediate_size", 2048 if v3 else 1407)),
+        n_shared_experts=int(r.opt("n_shared_experts", 1 if v3 else 2)),
+        score_func=score,
+        norm_topk_prob=bool(r.opt("norm_topk_prob", v3)),
+        routed_scaling_factor=float(r.opt("routed_scaling_factor", 2.5 if v3 else 1.0)),
+        n_group=n_group, topk_group=topk_group,
+        group_score="top2_sum" if aux_free else "max",
+        balance="aux_free" if aux_free else ("seq_aux" if r.opt("seq_aux", False) else "aux"),
+        aux_loss_coef=float(r.opt("aux_loss_alpha", 0.001)),
+        seq_aux_loss_coef=float(r.opt("aux_loss_alpha", 1e-4)) if r.opt("seq_aux", aux_free) else 0.0,
+    )
+    q_lora = r.opt("q_lora_rank", 1536) if "q_lora_rank" not in r.data else r.data["q_lora_rank"]
+    attention = MLAConfig(
+        n_heads=heads, q_lora_rank=q_lora, kv_lora_rank=int(r.opt("kv_lora_rank", 512)),
+        qk_nope_head_dim=int(r.opt("qk_nope_head_dim", 128)), qk_rope_head_dim=int(r.opt("qk_rope_head_dim", 64)),
+        v_head_dim=int(r.opt("v_head_dim", 128)), rope_theta=theta, rope_scaling=scaling,
+        rope_interleave=bool(r.opt("rope_interleave", True)),
+    )
+    n_mtp = int(r.first(("num_nextn_predict_layers", "num_mtp_layers"), 0)) if v3 else 0
+    layout = LayoutConfig(first_k_dense=int(r.opt("first_k_dense_replace", 3 if v3 else 0)),
+                          moe_layer_freq=int(r.opt("moe_layer_freq", 1)), n_mtp_modules=n_mtp)
+    return ModelConfig(**common, ffn_dim=int(r.opt("intermediate_size", 18432 if v3 else 11008)),
+                       attention=attention, moe=moe, layout=layout, name=r.data.get("model_type", "deepseek"))
+
+
+def _olmoe(r: _Reader) -> ModelConfig:
+    theta, scaling = _rope(r)
+    k = int(r.opt("num_experts_per_tok", 8))
+    heads = int(r.req("num_attention_heads"))
+    return ModelConfig(
+        **_common(r, eps_default=1e-5),
+        ffn_dim=int(r.opt("intermediate_size", 2048)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", heads)),
+                                  rope_theta=theta, rope_scaling=scaling, qk_norm="full",
+                                  qkv_bias=bool(r.opt("attention_bias", False)), clip_qkv=r.opt("clip_qkv")),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 64)), top_k=k,
+                      expert_dim=int(r.opt("intermediate_size", 2048)),
+                      norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
+                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.01)),
+                      z_loss_coef=float(r.opt("router_z_loss_coef", 0.0))),
+        name="olmoe",
+    )
+
+
+def _dbrx(r: _Reader) -> ModelConfig:
+    attn, ffn = r.sub("attn_config"), r.sub("ffn_config")
+    theta, scaling = _rope(attn if "rope_theta" in attn.data else r)
+    heads = int(r.opt("n_heads", 16))
+    d = int(r.opt("d_model", 2048))
+    k = int(ffn.opt("moe_top_k", 1))
+    normalize = ffn.opt("moe_normalize_expert_weights", 1.0)
+    if normalize not in (None, 1, 1.0):
+        raise ValueError(f"{ffn.source}: moe_normalize_expert_weights={normalize} is not supported (1 or null)")
+    hidden = int(ffn.opt("ffn_hidden_size", 3584))
+    return ModelConfig(
+        vocab_size=int(r.opt("vocab_size", 32000)), dim=d, n_layers=int(r.opt("n_layers", 24)), ffn_dim=hidden,
+        norm="layernorm", norm_eps=1e-5, tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
+        init_std=float(r.opt("initializer_range", 0.02)), max_seq_len=int(r.opt("max_seq_len", 2048)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(attn.opt("kv_n_heads", 1)), rope_theta=theta,
+                                  rope_scaling=scaling, clip_qkv=attn.opt("clip_qkv")),
+        moe=MoEConfig(n_routed_experts=int(ffn.opt("moe_num_experts", 4)), top_k=k, expert_dim=hidden,
+                      norm_topk_prob=normalize is not None, aux_loss_coef=float(ffn.opt("moe_loss_weight", 0.01))),
+        name="dbrx",
+    )
+
+
+def _minimax_m2(r: _Reader) -> ModelConfig:
+    theta, scaling = _rope(r)
+    common = _common(r, eps_default=1e-6)
+    heads = int(r.req("num_attention_heads"))
+    head_dim = int(r.opt("head_dim", common["dim"] // heads))
+    params = r.opt("rope_parameters", {}) or {}
+    partial = params.get("partial_rotary_factor", r.opt("partial_rotary_factor"))
+    rotary_dim = r.opt("rotary_dim") or (int(head_dim * partial) if partial else None)
+    return ModelConfig(
+        **common,
+        ffn_dim=int(r.opt("intermediate_size", 1536)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)), head_dim=head_dim,
+                                  rotary_dim=rotary_dim, rope_theta=theta, rope_scaling=scaling, qk_norm="full"),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 256)),
+                      top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("intermediate_size", 1536)),
+                      score_func="sigmoid", norm_topk_prob=True, balance="aux_free", seq_aux_loss_coef=0.0),
+        name="minimax_m2",
+    )
+
+
+FAMILIES: dict[str, Callable[[_Reader], ModelConfig]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_moe": _qwen3_moe,
+    "deepseek_v2": lambda r: _deepseek(r, v3=False),
+    "deepseek_v3": lambda r: _deepseek(r, v3=True),
+    "kimi_k2": lambda r: _deepseek(r, v3=True),
+    "olmoe": _olmoe,
+    "dbrx": _dbrx,
+    "minimax_m2": _minimax_m2,
+}
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Map a Hugging Face config dict onto a validated ModelConfig; errors name ``source`` and the key."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    try:
+        return FAMILIES[model_type](_Reader(hf, source)).validate()
+    except ValueError as err:
+        if str(err).startswith(source):
+            raise
+        raise ValueError(f"{source}: {err}") from None
+    except (TypeError, KeyError) as err:
+        raise ValueError(f"{source}: malformed {model_type} config ({err})") from None
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    """Read a config.json file, or the config.json inside a model directory."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a readable JSON config ({err})") from None
+    return config_from_hf(data, str(file))

@@ -1,0 +1,59 @@
+"""The head-to-head family: one small size, identical attention, embeddings and depth, every FFN activating the
+same 1024 hidden units per token (the dense FFN's width) so activated parameters match within 1%.
+
+    dense              one 1024-wide SwiGLU FFN
+    switch             16 x 1024 experts, softmax top-1 (Fedus et al. 2021)
+    gshard             16 x 512, softmax top-2 renormalised (Lepikhin et al. 2020)
+    mixtral-style      8 x 512, softmax top-2 renormalised (Mixtral, at this size)
+    deepseekmoe        64 x 128 fine-grained (segmentation m = 4), top-6 + 2 shared (DeepSeekMoE §3)
+    deepseek-v3-style  64 x 128, sigmoid top-7 in 4 of 8 groups + 1 shared, aux-loss-free (DeepSeek-V3 §2.1.2)
+
+Balance: aux 0.01 for the softmax routers (DeepSeekMoE §4.1 uses 0.01 at this scale); V3-style uses the bias with
+its complementary sequence-wise loss at 1e-4. All dropless, so capacity is not a confound.
+"""
+
+from smoe.config import AttentionConfig, ModelConfig, MoEConfig
+
+
+def _base(name: str, moe: MoEConfig | None) -> ModelConfig:
+    return ModelConfig(
+        name=name, vocab_size=8192, dim=256, n_layers=4, ffn_dim=1024, max_seq_len=1024,
+        attention=AttentionConfig(n_heads=4, n_kv_heads=4), moe=moe,
+    )
+
+
+def dense() -> ModelConfig:
+    return _base("dense", None)
+
+
+def switch() -> ModelConfig:
+    return _base("switch", MoEConfig(n_routed_experts=16, top_k=1, expert_dim=1024, norm_topk_prob=False))
+
+
+def gshard() -> ModelConfig:
+    return _base("gshard", MoEConfig(n_routed_experts=16, top_k=2, expert_dim=512))
+
+
+def mixtral_style() -> ModelConfig:
+    return _base("mixtral-style", MoEConfig(n_routed_experts=8, top_k=2, expert_dim=512))
+
+
+def deepseekmoe() -> ModelConfig:
+    return _base("deepseekmoe", MoEConfig(n_routed_experts=64, top_k=6, expert_dim=128, n_shared_experts=2,
+                                          norm_topk_prob=False))
+
+
+def deepseek_v3_style() -> ModelConfig:
+    return _base("deepseek-v3-style", MoEConfig(
+        n_routed_experts=64, top_k=7, expert_dim=128, n_shared_experts=1, score_func="sigmoid", n_group=8,
+        topk_group=4, balance="aux_free", seq_aux_loss_coef=1e-4))
+
+
+PRESETS = {
+    "dense": dense,
+    "switch": switch,
+    "gshard": gshard,
+    "mixtral-style": mixtral_style,
+    "deepseekmoe": deepseekmoe,
+    "deepseek-v3-style": deepseek_v3_style,
+}

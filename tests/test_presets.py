@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from smoe import presets
+from smoe.accounting import account
+from smoe.models import build_model
+
+TINY = [n for n in presets.names() if n.endswith("-tiny")]
+ABLATION = ["dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style"]
+REAL = ["mixtral-8x7b", "mixtral-8x22b", "deepseek-moe-16b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3",
+        "kimi-k2", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "grok-1", "dbrx", "arctic", "minimax-m2", "olmoe-1b-7b"]
+
+
+def test_every_named_preset_exists():
+    assert set(REAL + ABLATION) <= set(presets.names())
+    assert {"mixtral", "deepseek-moe", "deepseek-v2", "deepseek-v3", "qwen2-moe", "qwen3-moe", "grok", "dbrx",
+            "arctic", "minimax", "olmoe"} == {n.removesuffix("-tiny") for n in TINY}
+
+
+@pytest.mark.parametrize("name", presets.names())
+def test_preset_validates_and_is_named(name):
+    config = presets.get(name)
+    assert config.name == name
+
+
+@pytest.mark.parametrize("name", TINY + ABLATION)
+def test_small_preset_trains_on_cpu_and_accounting_matches_the_model(name):
+    torch.manual_seed(0)
+    config = presets.get(name)
+    model = build_model(config)
+    n_model = sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith("expert_bias"))
+    acc = account(config)
+    assert n_model == acc.total_params + acc.mtp_params
+    assert 1e6 < acc.total_params < 60e6
+    ids = torch.randint(0, config.vocab_size, (2, 17))
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_ablation_family_is_matched_within_five_percent():
+    active = {n: account(presets.get(n)).active_params for n in ABLATION}
+    reference = active["dense"]
+    assert all(abs(a / reference - 1) < 0.05 for a in active.values()), active
+
+
+def test_ablation_family_differs_only_in_the_ffn():
+    configs = [presets.get(n) for n in ABLATION]
+    assert len({(c.attention, c.dim, c.n_layers, c.vocab_size) for c in configs}) == 1
+
+
+def test_overrides_apply_dotted_paths():
+    config = presets.get("mixtral-tiny", **{"moe.top_k": 1, "n_layers": 2})
+    assert (config.moe.top_k, config.n_layers) == (1, 2)
+
+
+def test_unknown_preset_lists_close_names():
+    with pytest.raises(ValueError, match=r"unknown preset 'deepseek-v4'; did you mean .*deepseek-v"):
+        presets.get("deepseek-v4")
+
+
+def test_bad_override_names_the_field():
+    with pytest.raises(ValueError, match=r"moe\.top_k: must not exceed n_routed_experts"):
+        presets.get("mixtral-tiny", **{"moe.top_k": 99})
