@@ -21,4 +21,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         fn = kernels.get(backend, x_RD.device)
+        device_type = x_RD.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Backends are custom ops autocast does not know; apply its policy (matmuls in the low dtype) here.
+            x_RD = x_RD.to(torch.get_autocast_dtype(device_type))
         return fn(x_RD, counts_E, self.w_gate_up, self.w_down, self.activation)

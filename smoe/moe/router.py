@@ -48,8 +48,10 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        # Routing decisions are made in fp32 whatever the activation dtype: bf16 ties flip top-K choices.
-        logits_TE = x_TD.float() @ self.weight.float().t()
+        # Routing decisions are made in fp32 whatever the activation dtype or autocast: bf16 rounding flips top-K
+        # choices and saturates the balance statistics.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = x_TD.float() @ self.weight.float().t()
         if self.logit_bias is not None:
             logits_TE = logits_TE + self.logit_bias.float()
         if self.config.routing == "expert_choice":
