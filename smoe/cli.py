@@ -10,6 +10,8 @@ import json
 import sys
 import time
 
+from smoe.errors import TrainingError
+
 
 def _cmd_presets(args: argparse.Namespace) -> None:
     from smoe import presets
@@ -67,6 +69,55 @@ def _cmd_smoke(args: argparse.Namespace) -> None:
         print(f"{name:<18}  {n_params / 1e6:>7.2f}M  {out.loss.item():>7.3f}  {ms:>10.1f}")
 
 
+def parse_assignments(items: list[str]) -> dict:
+    """``--set moe.top_k=4 --set moe.capacity_factor=null`` -> {"moe.top_k": 4, "moe.capacity_factor": None}.
+    Values are JSON when they parse as JSON (numbers, true/false/null, lists), else strings."""
+    result = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. moe.top_k=4")
+        try:
+            result[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            result[key] = raw
+    return result
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from smoe.train import train_model
+
+    options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    result = train_model(
+        args.preset, out=args.out or f"runs/{args.preset}", data=args.data, val_data=args.val_data,
+        overrides=parse_assignments(args.set), tokenizer=args.tokenizer, text_field=args.text_field,
+        resume=args.resume, progress=False if args.quiet else None, log=lambda m: print(m, file=sys.stderr),
+        **options,
+    )
+    final = result.final_eval or {}
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    print(f"trained {result.step} steps ({result.skipped_steps} skipped); {summary}")
+    print(f"checkpoint: {result.checkpoint}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from smoe.train import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                                 max_batches=args.max_batches, text_field=args.text_field)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['checkpoint']}: loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, "
+              f"bits/byte {result['val_bpb']:.4f} over {result['tokens']:,} tokens")
+
+
+# TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
+_TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
+                  "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
+                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +137,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=64)
     p.set_defaults(func=_cmd_smoke)
+
+    p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)")
+    p.add_argument("--preset", required=True, help="preset name (see `smoe presets`)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field by dotted path, e.g. --set moe.top_k=4 (repeatable)")
+    p.add_argument("--data", default="stdlib",
+                   help="PATH[@WEIGHT][,PATH...] of .txt/.jsonl/.parquet files or directories, hf:NAME[:SPLIT], "
+                        "or stdlib (the built-in offline corpus; default)")
+    p.add_argument("--val-data", help="a separate validation spec (default: a held-out share of --data documents)")
+    p.add_argument("--out", help="run directory (default: runs/PRESET)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE on --data)")
+    p.add_argument("--text-field", default="text", help="field/column holding text in .jsonl/.parquet")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (global)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step (divides --batch-size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (warmup then cosine)")
+    p.add_argument("--min-lr-ratio", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-clip", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["bf16", "fp32"])
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--eval-batches", type=int)
+    p.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--keep-last", type=int, help="checkpoints to keep")
+    p.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps before stopping")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--expert-backend", help="expert kernel: auto, reference, grouped_mm")
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, else measured)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits/byte of a checkpoint on text data")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--data", required=True, help="text to evaluate on (same spec as train --data); all of it")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=50)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
@@ -97,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as err:
         print(f"smoe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"smoe {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

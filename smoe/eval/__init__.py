@@ -1,0 +1,1 @@
+"""Evaluation: metrics, and (later) the head-to-head comparison, specialisation analysis and reports."""

@@ -1,0 +1,110 @@
+"""The Python API behind ``smoe train`` and ``smoe eval``: resolve a config, prepare data, call the loop.
+
+    from smoe.train import train_model, evaluate_checkpoint
+    result = train_model("deepseek-v3-tiny", data="stdlib", steps=200, batch_size=16, seq_len=256, out="runs/v3")
+    evaluate_checkpoint("runs/v3", data="held_out.txt")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smoe import presets
+from smoe.config import ModelConfig, override
+from smoe.models import build_model
+from smoe.train import checkpoint as ckpt
+from smoe.train.data import (
+    BatchSampler,
+    load_tokenizer,
+    prepare_data,
+    token_byte_lengths,
+    tokenize_documents,
+    val_batches,
+)
+from smoe.train.loop import TrainConfig, TrainData, TrainResult, _autocast, _device, evaluate, prepare_out_dir, train
+
+
+def resolve_model_config(model: str | ModelConfig, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    config = presets.get(model) if isinstance(model, str) else model
+    return override(config, overrides) if overrides else config.validate()
+
+
+def train_model(
+    model: str | ModelConfig,
+    *,
+    out: str | Path,
+    data: str = "stdlib",
+    val_data: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    tokenizer: str | Path | None = None,
+    text_field: str = "text",
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+    log=None,
+    **train_options: Any,
+) -> TrainResult:
+    """Train a preset name or a ModelConfig; ``train_options`` are TrainConfig fields (steps, batch_size, ...).
+
+    Every check that can fail on user input runs before data preparation and training.
+    """
+    config = resolve_model_config(model, overrides)
+    train_config = TrainConfig(**train_options).validate()
+    if train_config.seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len ({config.max_seq_len})")
+    if tokenizer is not None:
+        vocab = load_tokenizer(tokenizer).get_vocab_size()
+        if vocab > config.vocab_size:  # the tokenizer decides: the embedding must cover its ids
+            config = override(config, {"vocab_size": vocab})
+    out = Path(out)
+    prepare_out_dir(out, config, train_config, fingerprint=None, resume=resume, check_only=True)
+    prepared = prepare_data(data, val_spec=val_data, tokenizer=tokenizer, vocab_size=config.vocab_size,
+                            seed=train_config.seed, cache_dir=cache_dir, text_field=text_field, log=log)
+    sampler = BatchSampler(prepared.train, prepared.sources, train_config.seq_len, train_config.batch_size,
+                           train_config.seed)
+    val = val_batches(prepared.val, train_config.seq_len, train_config.batch_size, train_config.eval_batches)
+    token_bytes = torch.from_numpy(token_byte_lengths(prepared.tokenizer))
+    train_data = TrainData(
+        batch=lambda step: sampler.batch(step)[:2],
+        val=val,
+        val_bytes=int(sum(token_bytes[targets].sum() for _, targets in val)),
+        fingerprint=prepared.fingerprint,
+        tokenizer_json=prepared.tokenizer.to_str(),
+    )
+    return train(config, train_config, train_data, out, resume=resume, progress=progress, log=log)
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    data: str,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_batches: int = 50,
+    text_field: str = "text",
+    precision: str = "bf16",
+    device: str = "auto",
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of a checkpoint (or a run directory's latest) on all of ``data``."""
+    path = ckpt.resolve_checkpoint(path)
+    config = ckpt.load_config(path)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path}: has no tokenizer.json, so text cannot be tokenized for it")
+    seq_len = seq_len or min(config.max_seq_len, 256)
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len}: exceeds the model's max_seq_len ({config.max_seq_len})")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    split = tokenize_documents(data, tokenizer, text_field)
+    batches = val_batches(split, seq_len, batch_size, max_batches)
+    dev = _device(device)
+    model = build_model(config)
+    ckpt.load_model_state(path, model)
+    model.to(dev)
+    lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+    n_bytes = int(sum(lengths[targets].sum() for _, targets in batches))
+    result = evaluate(model, batches, n_bytes, dev, _autocast(dev, precision))
+    n_tokens = sum(int(t.numel()) for _, t in batches)
+    return {**result, "tokens": n_tokens, "checkpoint": str(path)}

@@ -1,0 +1,163 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smoe.errors import TrainingError
+from smoe.train import evaluate_checkpoint, train_model
+from smoe.train import checkpoint as ckpt
+
+TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,
+        "attention.n_kv_heads": 2, "max_seq_len": 64}
+FAST = dict(batch_size=4, seq_len=32, eval_batches=2, precision="fp32", lr=3e-3)
+
+
+@pytest.fixture
+def text(tmp_path):
+    rng = np.random.default_rng(0)
+    words = "once upon a time a little fox found a red ball and played with it in the sun all day".split()
+    docs = [" ".join(rng.choice(words, 80)) for _ in range(60)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("<|endoftext|>".join(docs))
+    return path
+
+
+def _train(out, text, tmp_path, **kw):
+    options = {**FAST, "steps": 30, "eval_every": 10, **kw}
+    return train_model("mixtral-tiny", out=out, data=str(text), overrides=TINY, cache_dir=tmp_path / "cache",
+                       progress=False, **options)
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_loss_and_writes_metrics(text, tmp_path):
+    result = _train(tmp_path / "run", text, tmp_path)
+    rows = _rows(tmp_path / "run")
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5]) - 0.5
+    first = train_rows[0]
+    assert {"loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= first.keys()
+    assert {"load_cv", "max_mean", "dropped_frac", "dead", "entropy"} <= first["router"]["0"].keys()
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert {"val_loss", "val_ppl", "val_bpb"} <= evals[0].keys()
+    assert ckpt.latest_checkpoint(tmp_path / "run").step == 30
+
+
+def test_resume_from_a_checkpoint_is_exact(text, tmp_path):
+    full = tmp_path / "full"
+    _train(full, text, tmp_path, steps=8, save_every=4, keep_last=5)
+    # A second run that "died" after its step-4 checkpoint: copy that state, then resume.
+    part = tmp_path / "part"
+    _train(part, text, tmp_path, steps=8, save_every=4, keep_last=5)
+    for later in ckpt.list_checkpoints(part)[1:]:
+        shutil.rmtree(later.path)
+    _train(part, text, tmp_path, steps=8, save_every=4, keep_last=5, resume=True)
+    assert [r.get("loss") for r in _rows(part) if r["kind"] == "train"] == \
+        [r.get("loss") for r in _rows(full) if r["kind"] == "train"]
+    a = load_file(str(ckpt.latest_checkpoint(full).path / "model.safetensors"))
+    b = load_file(str(ckpt.latest_checkpoint(part).path / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(text, tmp_path):
+    """A real process killed with SIGKILL mid-run and resumed ends bit-identical to an uninterrupted one."""
+    env = {**os.environ, "SMOE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    base = [sys.executable, "-m", "smoe", "train", "--preset", "mixtral-tiny", *sets, "--data", str(text),
+            "--steps", "40", "--batch-size", "4", "--seq-len", "32", "--precision", "fp32", "--save-every", "5",
+            "--eval-every", "20", "--eval-batches", "2", "--quiet"]
+    subprocess.run([*base, "--out", str(tmp_path / "full")], env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*base, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while ckpt.latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = ckpt.latest_checkpoint(killed).step
+    assert stopped_at < 40
+    subprocess.run([*base, "--out", str(killed), "--resume"], env=env, check=True, capture_output=True)
+
+    losses = lambda out: [r.get("loss") for r in _rows(out) if r["kind"] == "train"]  # noqa: E731
+    assert losses(killed) == losses(tmp_path / "full")
+    a = load_file(str(ckpt.latest_checkpoint(tmp_path / "full").path / "model.safetensors"))
+    b = load_file(str(ckpt.latest_checkpoint(killed).path / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_is_skipped_then_stops_keeping_the_checkpoint(text, tmp_path, monkeypatch):
+    from smoe.models import transformer
+
+    real = transformer._cross_entropy
+    calls = {"n": 0}
+
+    def flaky(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] > 4 else loss  # finite for the first 4 training steps
+
+    monkeypatch.setattr(transformer, "_cross_entropy", flaky)
+    with pytest.raises(TrainingError, match=r"step 7: non-finite loss or gradient for 3 consecutive steps.*"
+                                            r"step_00000004"):
+        _train(tmp_path / "run", text, tmp_path, steps=20, save_every=4, eval_every=0, max_bad_steps=3)
+    rows = _rows(tmp_path / "run")
+    assert [r["step"] for r in rows if r.get("skipped")] == [5, 6, 7]
+    assert ckpt.latest_checkpoint(tmp_path / "run").step == 4
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"seq_len": 128}, r"--seq-len 128: exceeds the model's max_seq_len \(64\)"),
+    ({"overrides": {**TINY, "moe.top_kk": 2}}, r"moe\.top_kk: unknown field"),
+    ({"data": "/no/such/file.txt"}, r"/no/such/file\.txt: no such file"),
+    ({"batch_size": 3, "grad_accum": 2}, r"grad_accum: must divide batch_size"),
+])
+def test_bad_input_fails_before_training(text, tmp_path, kw, match):
+    options = {**FAST, "steps": 2, **kw}
+    overrides = options.pop("overrides", TINY)
+    data = options.pop("data", str(text))
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train_model("mixtral-tiny", out=tmp_path / "run", data=data, overrides=overrides,
+                    cache_dir=tmp_path / "cache", progress=False, **options)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_out_dir_of_another_run_is_left_untouched(text, tmp_path):
+    _train(tmp_path / "run", text, tmp_path, steps=2)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="holds a run of a different model config"):
+        train_model("mixtral-tiny", out=tmp_path / "run", data=str(text), overrides={**TINY, "moe.top_k": 1},
+                    cache_dir=tmp_path / "cache", progress=False, **FAST, steps=2)
+    with pytest.raises(ValueError, match="holds a run at step 2; pass --resume"):
+        _train(tmp_path / "run", text, tmp_path, steps=2)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_unwritable_out_dir_is_a_clear_error(text, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not writable"):
+        _train(blocker / "run", text, tmp_path, steps=2)
+
+
+def test_eval_reports_loss_perplexity_and_bpb(text, tmp_path):
+    _train(tmp_path / "run", text, tmp_path, steps=5)
+    result = evaluate_checkpoint(tmp_path / "run", data=str(text), seq_len=32, batch_size=4, max_batches=2,
+                                 precision="fp32")
+    assert result["val_ppl"] == pytest.approx(np.exp(result["val_loss"]))
+    assert 0 < result["val_bpb"] < 10 and result["tokens"] == 2 * 4 * 32
