@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The main job: the seeds-debate head-to-head on the built-in stdlib corpus, sized for ~15 minutes on 2 CPU cores.
+# Rerunning resumes: finished runs are skipped.
 demo: $(STAMP)
-	$(BIN)/smoe presets
-	$(BIN)/smoe inspect deepseek-v3
-	$(BIN)/smoe smoke
+	$(BIN)/smoe compare --suite seeds-debate --data stdlib --seeds 1 --steps 120 --batch-size 8 --seq-len 256 \
+		--eval-every 20 --out runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

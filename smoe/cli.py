@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from smoe.errors import TrainingError
 
@@ -112,6 +113,47 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"bits/byte {result['val_bpb']:.4f} over {result['tokens']:,} tokens")
 
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from smoe.eval.compare import CompareSettings, run_suite
+
+    settings = CompareSettings(
+        data=args.data, val_data=args.val_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        lr=args.lr, seeds=args.seeds, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        precision=args.precision, device=args.device)
+    report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
+                       jobs=args.jobs)
+    print(f"report: {report.resolve()}")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> None:
+    from smoe.eval.analysis import analyze, load_checkpoint_model
+    from smoe.train import checkpoint as ckpt
+    from smoe.train.data import load_tokenizer, tokenize_documents, val_sequences
+
+    model, path = load_checkpoint_model(args.checkpoint)
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path}: has no tokenizer.json, so text cannot be tokenized for it")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    split = tokenize_documents(args.data, tokenizer, args.text_field)
+    seqs, sources = val_sequences(split, args.seq_len, args.sequences)
+    batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
+    earlier = [(c.step, load_checkpoint_model(c.path)[0]) for c in ckpt.list_checkpoints(path.parent.parent)
+               if c.step < ckpt.list_checkpoints(path.parent.parent)[-1].step]
+    result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
+    out = Path(args.out) if args.out else path / "analysis.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"{path}: loss {result['loss']:.4f} on {seqs.shape[0]} sequences of {args.seq_len}")
+    for layer, v in result["layers"].items():
+        c = v["consecutive"]
+        print(f"  layer {layer}: same first expert {c['first']:.3f} (random {c['first_uniform']:.3f}), "
+              f"top-k overlap {c['any']:.3f} (random {c['any_uniform']:.3f}), dead {v['dead']}")
+    for name, rise in result["knockout"].items():
+        print(f"  knock-out {name}: loss {rise:+.4f}")
+    for step, value in result.get("saturation", {}).items():
+        print(f"  saturation at step {step}: {value:.3f}")
+    print(f"written: {out}")
+
+
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
 _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
@@ -182,6 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
+    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity")
+    p.add_argument("--presets", help="or: comma-separated presets to compare (matched within 5%% active params)")
+    p.add_argument("--data", default="stdlib", help="training data spec (as for train)")
+    p.add_argument("--val-data", help="a separate validation spec")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per architecture (3+ separates seed noise)")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
+    p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("analyze", help="expert specialisation analyses of a checkpoint on text")
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--data", required=True, help="text to analyse (several sources give domain affinity)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--sequences", type=int, default=64, help="sequences to route")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--out", help="JSON output file (default: CHECKPOINT/analysis.json)")
+    p.set_defaults(func=_cmd_analyze)
     return parser
 
 

@@ -129,3 +129,32 @@ def test_accounting_is_exact_on_models_transformers_builds(model_type):
 
 def test_every_family_has_a_cross_check():
     assert set(FAMILIES) - {"kimi_k2"} == set(TINY_HF)
+
+
+# --- our config -> config.json --------------------------------------------------------------------------------------
+
+ROUND_TRIP = {"mixtral-tiny": "mixtral", "qwen2-moe-tiny": "qwen2_moe", "qwen3-moe-tiny": "qwen3_moe",
+              "deepseek-v2-tiny": "deepseek_v2", "deepseek-v3-tiny": "deepseek_v3", "olmoe-tiny": "olmoe",
+              "minimax-tiny": "minimax_m2", "dbrx-tiny": "dbrx", "deepseek-v3": "deepseek_v3",
+              "qwen3-30b-a3b": "qwen3_moe", "mixtral-8x7b": "mixtral"}
+
+
+@pytest.mark.parametrize("preset, model_type", ROUND_TRIP.items())
+def test_config_to_hf_round_trips(preset, model_type):
+    from dataclasses import replace
+
+    from smoe import presets
+    from smoe.interop.hf_config import config_to_hf
+
+    config = presets.get(preset)
+    assert replace(config_from_hf(config_to_hf(config, model_type)), name=config.name) == config
+
+
+def test_config_to_hf_names_what_the_family_cannot_express():
+    from smoe import presets
+    from smoe.interop.hf_config import config_to_hf
+
+    with pytest.raises(ValueError, match=r"moe\.n_shared_experts: cannot be expressed as a Hugging Face mixtral"):
+        config_to_hf(presets.get("deepseek-moe-tiny"), "mixtral")
+    with pytest.raises(ValueError, match=r"attention: cannot be expressed as a Hugging Face deepseek_v3"):
+        config_to_hf(presets.get("mixtral-tiny"), "deepseek_v3")

@@ -22,6 +22,7 @@ def router_summary(load_E: torch.Tensor, dropped: float, entropy: float) -> dict
         "dropped_frac": dropped / total if total > 0 else 0.0,
         "dead": int((load == 0).sum().item()),
         "entropy": entropy,
+        "load": [int(x) for x in load_E.tolist()],
     }
 
 

@@ -72,6 +72,12 @@ def _common(r: _Reader, *, eps_default: float) -> dict[str, Any]:
     )
 
 
+def _head_dim(r: _Reader, heads: int) -> int | None:
+    """head_dim as our config holds it: None when it is simply hidden_size / heads."""
+    head_dim = r.opt("head_dim")
+    return None if head_dim is None or head_dim * heads == r.req("hidden_size") else int(head_dim)
+
+
 def _activation(r: _Reader) -> str:
     act = r.opt("hidden_act", "silu")
     if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
@@ -87,7 +93,7 @@ def _mixtral(r: _Reader) -> ModelConfig:
         **{**_common(r, eps_default=1e-5), "max_seq_len": int(r.opt("max_position_embeddings", 4096 * 32))},
         ffn_dim=int(r.req("intermediate_size")),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)),
-                                  head_dim=r.opt("head_dim"), rope_theta=theta, rope_scaling=scaling,
+                                  head_dim=_head_dim(r, heads), rope_theta=theta, rope_scaling=scaling,
                                   sliding_window=r.opt("sliding_window")),
         moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 8)), top_k=k,
                       expert_dim=int(r.req("intermediate_size")),
@@ -139,7 +145,7 @@ def _qwen3_moe(r: _Reader) -> ModelConfig:
         **common,
         ffn_dim=int(r.opt("intermediate_size", 6144)),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 4)),
-                                  head_dim=r.opt("head_dim"), rope_theta=theta, rope_scaling=scaling,
+                                  head_dim=_head_dim(r, heads), rope_theta=theta, rope_scaling=scaling,
                                   qkv_bias=bool(r.opt("attention_bias", False)), qk_norm="head",
                                   sliding_window=_sliding(r)),
         moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 128)), top_k=k,
@@ -163,6 +169,9 @@ def _deepseek(r: _Reader, v3: bool) -> ModelConfig:
     n_group = int(r.opt("n_group", 1)) if method != "greedy" else 1
     topk_group = int(r.opt("topk_group", 1)) if method != "greedy" else 1
     aux_free = method == "noaux_tc"
+    balance = "aux_free" if aux_free else ("seq_aux" if r.opt("seq_aux", False) else "aux")
+    alpha = float(r.opt("aux_loss_alpha", 0.001))
+    coefs = {"aux_loss_coef": alpha} if balance == "aux" else {"seq_aux_loss_coef": alpha}
     moe = MoEConfig(
         n_routed_experts=int(r.first(("n_routed_experts", "num_local_experts", "num_experts"), 256 if v3 else 64)),
         top_k=int(r.opt("num_experts_per_tok", 8 if v3 else 6)),
@@ -173,9 +182,8 @@ def _deepseek(r: _Reader, v3: bool) -> ModelConfig:
         routed_scaling_factor=float(r.opt("routed_scaling_factor", 2.5 if v3 else 1.0)),
         n_group=n_group, topk_group=topk_group,
         group_score="top2_sum" if aux_free else "max",
-        balance="aux_free" if aux_free else ("seq_aux" if r.opt("seq_aux", False) else "aux"),
-        aux_loss_coef=float(r.opt("aux_loss_alpha", 0.001)),
-        seq_aux_loss_coef=float(r.opt("aux_loss_alpha", 1e-4)) if r.opt("seq_aux", aux_free) else 0.0,
+        balance=balance,
+        **coefs,
     )
     q_lora = r.opt("q_lora_rank", 1536) if "q_lora_rank" not in r.data else r.data["q_lora_rank"]
     attention = MLAConfig(
@@ -236,15 +244,15 @@ def _minimax_m2(r: _Reader) -> ModelConfig:
     theta, scaling = _rope(r)
     common = _common(r, eps_default=1e-6)
     heads = int(r.req("num_attention_heads"))
-    head_dim = int(r.opt("head_dim", common["dim"] // heads))
+    head_dim = int(r.opt("head_dim", common["dim"] // heads))  # partial rotary needs the resolved value
     params = r.opt("rope_parameters", {}) or {}
     partial = params.get("partial_rotary_factor", r.opt("partial_rotary_factor"))
     rotary_dim = r.opt("rotary_dim") or (int(head_dim * partial) if partial else None)
     return ModelConfig(
         **common,
         ffn_dim=int(r.opt("intermediate_size", 1536)),
-        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)), head_dim=head_dim,
-                                  rotary_dim=rotary_dim, rope_theta=theta, rope_scaling=scaling, qk_norm="full"),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)),
+                                  head_dim=_head_dim(r, heads), rotary_dim=rotary_dim, rope_theta=theta, rope_scaling=scaling, qk_norm="full"),
         moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 256)),
                       top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("intermediate_size", 1536)),
                       score_func="sigmoid", norm_topk_prob=True, balance="aux_free", seq_aux_loss_coef=0.0),
@@ -293,3 +301,153 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{file}: not a readable JSON config ({err})") from None
     return config_from_hf(data, str(file))
+
+
+# --- ModelConfig -> config.json ----------------------------------------------------------------------------------
+
+
+def _unsupported(model_type: str, path: str, why: str) -> None:
+    raise ValueError(f"{path}: cannot be expressed as a Hugging Face {model_type} config ({why})")
+
+
+def _rope_out(attn) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_theta": attn.rope_theta}
+    s = attn.rope_scaling
+    if s is not None and s.type != "default":
+        scaling: dict[str, Any] = {"rope_type": s.type, "type": s.type, "factor": s.factor}
+        if s.type == "yarn":
+            scaling.update(original_max_position_embeddings=s.original_max_seq_len, beta_fast=s.beta_fast,
+                           beta_slow=s.beta_slow, mscale=s.mscale, mscale_all_dim=s.mscale_all_dim)
+        out["rope_scaling"] = scaling
+    return out
+
+
+def _base_out(c: ModelConfig, model_type: str) -> dict[str, Any]:
+    if c.moe is None:
+        _unsupported(model_type, "moe", "a dense model")
+    if c.activation != "silu":
+        _unsupported(model_type, "activation", f"{c.activation!r}; the family uses silu")
+    if c.norm != "rmsnorm" and model_type != "dbrx":
+        _unsupported(model_type, "norm", "the family uses RMSNorm")
+    if c.layout.dense_residual:
+        _unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
+    m = c.moe
+    if m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias:
+        _unsupported(model_type, "moe", "only dropless token-choice routing without a router logit bias")
+    return {"model_type": model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
+            "num_hidden_layers": c.n_layers, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+            "initializer_range": c.init_std, "max_position_embeddings": c.max_seq_len, "hidden_act": "silu"}
+
+
+def _gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None) -> dict[str, Any]:
+    a = c.attention
+    if not isinstance(a, AttentionConfig):
+        _unsupported(model_type, "attention", "the family uses GQA, not MLA")
+    if a.qk_norm != qk_norm:
+        _unsupported(model_type, "attention.qk_norm", f"the family uses {qk_norm!r}")
+    if bias is not None and a.qkv_bias != bias:
+        _unsupported(model_type, "attention.qkv_bias", f"the family uses {bias}")
+    if a.clip_qkv is not None and model_type not in ("olmoe", "dbrx"):
+        _unsupported(model_type, "attention.clip_qkv", "not in this family")
+    if a.rotary_dim is not None and model_type != "minimax_m2":
+        _unsupported(model_type, "attention.rotary_dim", "partial rotary is not in this family")
+    return {"num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+            "head_dim": a.resolved_head_dim(c.dim), **_rope_out(a)}
+
+
+def _require(model_type: str, ok: bool, path: str, why: str) -> None:
+    if not ok:
+        _unsupported(model_type, path, why)
+
+
+def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The Hugging Face config.json of ``model_type`` describing ``config``; raises naming the field that the
+    family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults)."""
+    c, m, lay = config, config.moe, config.layout
+    if model_type not in FAMILIES or model_type == "kimi_k2":
+        raise ValueError(f"model_type: unsupported {model_type!r}; supported: "
+                         f"{', '.join(t for t in FAMILIES if t != 'kimi_k2')}")
+    out = _base_out(c, model_type)
+    plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
+    softmax_plain = m.score_func == "softmax" and m.n_group == 1 and m.routed_scaling_factor == 1.0
+    no_shared = m.n_shared_experts == 0
+    if model_type in ("mixtral", "qwen3_moe", "olmoe", "minimax_m2", "dbrx"):
+        _require(model_type, no_shared, "moe.n_shared_experts", "no shared experts in this family")
+    if model_type in ("mixtral", "olmoe", "minimax_m2", "dbrx"):
+        _require(model_type, plain_layout, "layout", "every layer is MoE in this family")
+    k = m.top_k
+    if model_type == "mixtral":
+        _require(model_type, softmax_plain and m.norm_topk_prob, "moe.score_func",
+                 "softmax top-k renormalised only")
+        out.update(_gqa_out(c, model_type, "none", False), intermediate_size=m.expert_dim,
+                   num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
+                   router_aux_loss_coef=m.aux_loss_coef / k, sliding_window=c.attention.sliding_window)
+    elif model_type in ("qwen2_moe", "qwen3_moe"):
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        qwen2 = model_type == "qwen2_moe"
+        out.update(_gqa_out(c, model_type, "none" if qwen2 else "head", None), intermediate_size=c.ffn_dim,
+                   moe_intermediate_size=m.expert_dim, num_experts=m.n_routed_experts, num_experts_per_tok=k,
+                   norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=m.aux_loss_coef / k,
+                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(c.n_layers) if i not in c.moe_layer_ids],
+                   use_sliding_window=c.attention.sliding_window is not None,
+                   sliding_window=c.attention.sliding_window)
+        if qwen2:
+            _require(model_type, m.n_shared_experts <= 1 and m.shared_expert_gate == bool(m.n_shared_experts),
+                     "moe.shared_expert_gate", "one gated shared expert (or none)")
+            out.update(qkv_bias=c.attention.qkv_bias,
+                       shared_expert_intermediate_size=m.resolved_shared_expert_dim * m.n_shared_experts)
+        else:
+            out["attention_bias"] = c.attention.qkv_bias
+    elif model_type in ("deepseek_v2", "deepseek_v3"):
+        a = c.attention
+        _require(model_type, isinstance(a, MLAConfig), "attention", "the family uses MLA")
+        _require(model_type, lay.moe_layers is None, "layout.moe_layers", "layout is first_k_dense + frequency")
+        _require(model_type, not m.shared_expert_gate and m.shared_expert_dim in (None, m.expert_dim),
+                 "moe.shared_expert_dim", "shared experts are ungated and as wide as routed ones")
+        v3 = model_type == "deepseek_v3"
+        if v3:
+            _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.group_score == "top2_sum",
+                     "moe", "sigmoid scores, aux-free bias and top-2-sum group scores (noaux_tc)")
+        else:
+            _require(model_type, m.score_func == "softmax" and m.group_score == "max" and lay.n_mtp_modules == 0,
+                     "moe", "softmax scores, max group scores, no MTP")
+        method = "noaux_tc" if v3 else ("group_limited_greedy" if m.n_group > 1 else "greedy")
+        out.update(num_attention_heads=a.n_heads, num_key_value_heads=a.n_heads, q_lora_rank=a.q_lora_rank,
+                   kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+                   qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim, head_dim=a.qk_rope_head_dim,
+                   rope_interleave=a.rope_interleave, **_rope_out(a),
+                   intermediate_size=c.ffn_dim, moe_intermediate_size=m.expert_dim,
+                   n_routed_experts=m.n_routed_experts, n_shared_experts=m.n_shared_experts,
+                   num_experts_per_tok=k, routed_scaling_factor=m.routed_scaling_factor, n_group=m.n_group,
+                   topk_group=m.topk_group, topk_method=method, norm_topk_prob=m.norm_topk_prob,
+                   scoring_func=m.score_func, first_k_dense_replace=lay.first_k_dense,
+                   moe_layer_freq=lay.moe_layer_freq, seq_aux=m.balance in ("seq_aux", "aux_free"),
+                   aux_loss_alpha=m.aux_loss_coef if m.balance == "aux" else m.seq_aux_loss_coef)
+        if v3:
+            out["num_nextn_predict_layers"] = lay.n_mtp_modules
+    elif model_type == "olmoe":
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        out.update(_gqa_out(c, model_type, "full", None), intermediate_size=m.expert_dim,
+                   num_experts=m.n_routed_experts, num_experts_per_tok=k, norm_topk_prob=m.norm_topk_prob,
+                   router_aux_loss_coef=m.aux_loss_coef / k, router_z_loss_coef=m.z_loss_coef,
+                   attention_bias=c.attention.qkv_bias, clip_qkv=c.attention.clip_qkv)
+    elif model_type == "minimax_m2":
+        _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.norm_topk_prob
+                 and m.n_group == 1 and m.routed_scaling_factor == 1.0, "moe",
+                 "sigmoid scores with a selection bias, renormalised, no groups")
+        out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
+                   num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
+                   rotary_dim=c.attention.rotary_dim or c.attention.resolved_head_dim(c.dim))
+    else:  # dbrx
+        a = c.attention
+        _require(model_type, c.norm == "layernorm" and softmax_plain and m.norm_topk_prob, "norm",
+                 "bias-free LayerNorm and softmax top-k renormalised")
+        _gqa_out(c, model_type, "none", False)
+        out = {"model_type": "dbrx", "vocab_size": c.vocab_size, "d_model": c.dim, "n_heads": a.n_heads,
+               "n_layers": c.n_layers, "max_seq_len": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
+               "initializer_range": c.init_std,
+               "attn_config": {"kv_n_heads": a.n_kv_heads, "clip_qkv": a.clip_qkv, "rope_theta": a.rope_theta},
+               "ffn_config": {"ffn_hidden_size": m.expert_dim, "moe_num_experts": m.n_routed_experts,
+                              "moe_top_k": k, "moe_normalize_expert_weights": 1.0,
+                              "moe_loss_weight": m.aux_loss_coef}}
+    return out

@@ -17,7 +17,7 @@ def minimax_m2() -> ModelConfig:
 def minimax_tiny() -> ModelConfig:
     return ModelConfig(
         name="minimax-tiny", vocab_size=8192, dim=256, n_layers=4, ffn_dim=128, max_seq_len=1024,
-        attention=AttentionConfig(n_heads=8, n_kv_heads=2, head_dim=32, rotary_dim=16, rope_theta=5e6,
+        attention=AttentionConfig(n_heads=8, n_kv_heads=2, head_dim=64, rotary_dim=32, rope_theta=5e6,
                                   qk_norm="full"),
         moe=MoEConfig(n_routed_experts=32, top_k=4, expert_dim=128, score_func="sigmoid", norm_topk_prob=True,
                       balance="aux_free", seq_aux_loss_coef=0.0),

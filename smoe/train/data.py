@@ -466,21 +466,22 @@ def tokenize_documents(spec: str, tokenizer, text_field: str = "text") -> Split:
     return _tokenize(tokenizer, docs)
 
 
-def val_batches(split: Split, seq_len: int, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, ...]]:
-    """The validation stream of every source in order, cut into non-overlapping sequences: a fixed eval set."""
-    seqs = []
-    for stream in split.tokens.values():
-        n = (len(stream) - 1) // seq_len
-        for j in range(n):
-            seqs.append(np.asarray(stream[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64))
-            if len(seqs) == batch_size * max_batches:
+def val_sequences(split: Split, seq_len: int, max_sequences: int) -> tuple[torch.Tensor, list[int]]:
+    """Up to ``max_sequences`` non-overlapping sequences of seq_len + 1 tokens from the validation streams, source
+    by source in order, and the source index of each: a fixed evaluation set."""
+    rows, sources = [], []
+    for s, stream in enumerate(split.tokens.values()):
+        for j in range((len(stream) - 1) // seq_len):
+            if len(rows) == max_sequences:
                 break
-        if len(seqs) == batch_size * max_batches:
-            break
-    if not seqs:
+            rows.append(np.asarray(stream[j * seq_len:j * seq_len + seq_len + 1], dtype=np.int64))
+            sources.append(s)
+    if not rows:
         raise ValueError(f"validation data: fewer than {seq_len + 1} tokens; add validation text or lower --seq-len")
-    batches = []
-    for i in range(0, len(seqs), batch_size):
-        t = torch.from_numpy(np.stack(seqs[i:i + batch_size]))
-        batches.append((t[:, :-1], t[:, 1:]))
-    return batches
+    return torch.from_numpy(np.stack(rows)), sources
+
+
+def val_batches(split: Split, seq_len: int, batch_size: int, max_batches: int) -> list[tuple[torch.Tensor, ...]]:
+    """``val_sequences`` cut into (inputs, targets) batches."""
+    seqs, _ = val_sequences(split, seq_len, batch_size * max_batches)
+    return [(t[:, :-1], t[:, 1:]) for t in seqs.split(batch_size)]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -35,7 +36,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs_BT, targets_BT), int64
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 200
-    batch_size: int = 16  # sequences per optimizer step, split into grad_accum micro-batches
+    batch_size: int = 8  # sequences per optimizer step, split into grad_accum micro-batches
     seq_len: int = 256
     grad_accum: int = 1
     lr: float = 2e-3
@@ -112,6 +113,7 @@ class TrainResult:
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"  # written when a run reaches its last step
 
 
 def prepare_out_dir(out_dir: Path, model_config: ModelConfig, train_config: TrainConfig, fingerprint: str | None,
@@ -190,6 +192,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     writer = _tensorboard(out_dir)
     autocast = _autocast(device, train_config.precision)
     last_saved: Path | None = start.path if start is not None else None
+    speeds: list[float] = []
 
     def save(at: int) -> Path:
         return ckpt.save_checkpoint(out_dir, at, model, optimizer, model_config,
@@ -236,6 +239,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             }
             emit(row)
             result.losses.append(stats["loss"])
+            speeds.append(tokens_per_step / dt)
             bar(step, stats["loss"], tokens_per_step / dt)
             final = step == train_config.steps
             if (train_config.eval_every and step % train_config.eval_every == 0) or final:
@@ -246,6 +250,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     if writer is not None:
         writer.close()
     result.step, result.skipped_steps, result.checkpoint = step, skipped, last_saved
+    acc = account(model_config, seq_len=train_config.seq_len)
+    _atomic_write(out_dir / SUMMARY_FILE, json.dumps({
+        "step": step, "steps": train_config.steps, "skipped_steps": skipped, "final_eval": result.final_eval,
+        "tokens_per_s": float(np.median(speeds)) if speeds else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "total_params": acc.total_params, "active_params": acc.active_params,
+        "train_flops_per_token": acc.train_flops_per_token, "checkpoint": str(last_saved),
+    }, indent=2))
     return result
 
 

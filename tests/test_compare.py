@@ -1,0 +1,122 @@
+import base64
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+from smoe.eval import analysis
+from smoe.eval.compare import SUITES, Arch, CompareSettings, check_matched, resolve_suite, run_suite
+from smoe import presets
+from smoe.models import build_model
+
+TINY = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "attention.n_kv_heads": 2,
+        "max_seq_len": 64}
+
+
+def test_every_builtin_suite_is_matched_within_five_percent():
+    for name, archs in SUITES.items():
+        table = check_matched(archs, seq_len=256)
+        assert all(abs(r["active_vs_first"]) <= 0.05 for r in table.values()), name
+
+
+def test_unmatched_architectures_are_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"'deepseek-v3-tiny': .* activated parameters, .* must match within 5%"):
+        run_suite(None, "dense,deepseek-v3-tiny", CompareSettings(steps=1), tmp_path)
+    assert not (tmp_path / "suite.json").exists()
+
+
+def test_unknown_suite_and_preset_are_named():
+    with pytest.raises(ValueError, match="unknown suite 'mixtral'; known: seeds-debate"):
+        resolve_suite("mixtral", None)
+    with pytest.raises(ValueError, match="unknown preset 'dense2'"):
+        check_matched(resolve_suite(None, "dense,dense2")[1], 64)
+
+
+# --- analyses ----------------------------------------------------------------------------------------------------
+
+
+def test_consecutive_rates_on_a_known_trace():
+    trace = torch.tensor([[[0, 1], [0, 2], [3, 2], [3, 1]]])  # first choices 0,0,3,3; overlaps all
+    rates = analysis.consecutive_rates(trace, n_experts=4)
+    assert rates["first"] == pytest.approx(2 / 3) and rates["any"] == 1.0
+    assert rates["first_uniform"] == 0.25 and rates["first_load_weighted"] == pytest.approx(0.5)
+    assert rates["any_uniform"] == pytest.approx(1 - 1 / 6)  # C(2,2)/C(4,2) of pairs share nothing
+
+
+def test_saturation_counts_shared_choices():
+    final = torch.tensor([[[0, 1], [2, 3]]])
+    assert analysis.saturation(final, final) == 1.0
+    assert analysis.saturation(torch.tensor([[[1, 5], [6, 7]]]), final) == pytest.approx(0.25)
+
+
+def test_domain_affinity_is_one_without_preference():
+    trace = torch.tensor([[[0]], [[1]], [[0]], [[1]]])
+    aff = analysis.domain_affinity(trace, [0, 0, 1, 1], n_sources=2, n_experts=2)
+    np.testing.assert_allclose(aff, np.ones((2, 2)))
+
+
+def test_knock_out_changes_routing_only_inside_the_block():
+    torch.manual_seed(0)
+    model = build_model(presets.get("deepseekmoe", **TINY)).eval()
+    batch = [(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))]
+    before, loss = analysis.trace_routing(model, batch)
+    with analysis.knock_out(model, routed={0: [0, 1, 2]}, shared=True):
+        during, knocked = analysis.trace_routing(model, batch)
+        assert not torch.isin(during[0], torch.tensor([0, 1, 2])).any()
+    after, again = analysis.trace_routing(model, batch)
+    assert torch.equal(before[0], after[0]) and again == loss and knocked != loss
+
+
+# --- a whole suite, end to end -----------------------------------------------------------------------------------
+
+
+class _Strict(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.stack = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag not in ("meta", "br"):
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
+
+
+def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    words = "a red fox ran to the big tree and saw one small bird sing".split()
+    (tmp_path / "a.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words, 60)) for _ in range(40)))
+    (tmp_path / "b.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words[::-1], 60)) for _ in range(40)))
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    # a dense FFN of 32 against 8 experts of 16, top-2: the same activated width
+    monkeypatch.setitem(SUITES, "test-suite", [Arch("dense", "dense", {**TINY, "ffn_dim": 32}),
+                                               Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})])
+    settings = CompareSettings(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", steps=4, batch_size=2,
+                               seq_len=16, seeds=2, eval_every=2, eval_batches=2, precision="fp32", checkpoints=2)
+    out = tmp_path / "suite"
+    report = run_suite("test-suite", None, settings, out, log=lambda m: None, jobs=2)
+
+    parser = _Strict()
+    parser.feed(report.read_text())
+    assert not parser.stack
+    assert len(parser.images) >= 5
+    for img in parser.images:
+        assert img["src"].startswith("data:image/png;base64,")
+        assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| dense |" in md and "| moe |" in md and "seed noise" in md
+    assert all((out / "plots" / name).is_file() for name in ("curves.png", "balance.png", "knockout.png"))
+    analyses = json.loads((out / "analysis.json").read_text())
+    assert "domain_affinity" in analyses["moe"]["layers"]["0"] and "saturation" in analyses["moe"]
+
+    # rerunning skips finished runs; a different definition in the same directory is refused
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
+    run_suite("test-suite", None, settings, out, log=lambda m: None)
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
+    with pytest.raises(ValueError, match="holds a suite with a different definition"):
+        run_suite("test-suite", None, CompareSettings(**{**settings.__dict__, "lr": 1e-3}), out)
