@@ -2,7 +2,7 @@
 
 Rows arrive sorted by expert, so expert e's rows are the contiguous slice ending at offs[e]; the weights are
 transposed views, so the stored (out, in) layout is untouched. ``torch._grouped_mm`` needs 16-byte aligned row
-strides; shapes whose model or expert dim breaks that fall back to the reference loop.
+strides (and bf16 on CUDA); other shapes and dtypes fall back to the reference loop.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class _ContiguousGrad(torch.autograd.Function):
 @register("grouped_mm", available=_available)
 def grouped_mm_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     itemsize = x_RD.element_size()
-    if any(n * itemsize % 16 for n in w_down_EDF.shape[1:]):
+    cuda_needs_bf16 = x_RD.is_cuda and x_RD.dtype != torch.bfloat16  # the CUDA kernel is bf16-only
+    if cuda_needs_bf16 or any(n * itemsize % 16 for n in w_down_EDF.shape[1:]):
         return reference_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation)
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
     w_gate_up_E2FD, w_down_EDF = w_gate_up_E2FD.to(x_RD.dtype), w_down_EDF.to(x_RD.dtype)
