@@ -62,3 +62,25 @@ def test_smoke_runs_a_tiny_preset(capsys):
 def test_module_entry_point_exit_code():
     result = subprocess.run([sys.executable, "-m", "smoe", "inspect", "no-such-model"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_train_set_without_value_is_one_line_exit_2(capsys):
+    assert main(["train", "--preset", "mixtral-tiny", "--set", "moe.top_k"]) == 2
+    assert "--set 'moe.top_k': expected FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_train_set_parses_json_values():
+    from smoe.cli import parse_assignments
+
+    assert parse_assignments(["moe.top_k=4", "moe.capacity_factor=null", "moe.score_func=sigmoid"]) == {
+        "moe.top_k": 4, "moe.capacity_factor": None, "moe.score_func": "sigmoid"}
+
+
+def test_compare_needs_a_suite_or_presets(tmp_path, capsys):
+    assert main(["compare", "--out", str(tmp_path)]) == 2
+    assert "--suite NAME or --presets" in capsys.readouterr().err
+
+
+def test_eval_of_a_missing_checkpoint_is_named(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "nothing"), "--data", "stdlib"]) == 2
+    assert "nothing: no such checkpoint" in capsys.readouterr().err

@@ -110,7 +110,8 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| dense |" in md and "| moe |" in md and "seed noise" in md
-    assert all((out / "plots" / name).is_file() for name in ("curves.png", "balance.png", "knockout.png"))
+    for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png"):
+        assert (out / "plots" / name).is_file(), name
     analyses = json.loads((out / "analysis.json").read_text())
     assert "domain_affinity" in analyses["moe"]["layers"]["0"] and "saturation" in analyses["moe"]
 

@@ -181,6 +181,24 @@ def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], basel
     return _png(fig)
 
 
+def fig_affinity(analyses, sources: list[str]) -> bytes:
+    """Domain affinity of every expert in each architecture's last MoE layer (1 = no preference)."""
+    plt = _figure()
+    n = len(analyses)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.9 * n * max(1, len(sources)) / 2), squeeze=False)
+    for ax, (label, a) in zip(axes[:, 0], analyses.items()):
+        last = max(a["layers"], key=int)
+        aff = np.asarray(a["layers"][last]["domain_affinity"])
+        im = ax.imshow(np.log2(np.maximum(aff, 1e-3)), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(sources)))
+        ax.set_yticklabels([Path(s).name or s for s in sources], fontsize=7)
+        ax.set_title(f"{label}, layer {last}", fontsize=9)
+    axes[-1, 0].set_xlabel("expert")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="log2 affinity")
+    return _png(fig)
+
+
 # --- verdict -----------------------------------------------------------------------------------------------------
 
 
@@ -239,6 +257,11 @@ def write_report(out: Path, suite: str, archs, settings, matched: dict[str, dict
         if knock:
             figures.append(("knockout", "Expert knock-out",
                             fig_bars("Loss rise when experts are disabled", "Δ loss (nats)", knock)))
+        with_affinity = {lab: a for lab, a in analyses.items()
+                         if "domain_affinity" in next(iter(a["layers"].values()))}
+        if with_affinity:
+            sources = next(iter(with_affinity.values()))["sources"]
+            figures.append(("affinity", "Domain affinity", fig_affinity(with_affinity, sources)))
         sat = {lab: a["saturation"] for lab, a in analyses.items() if a.get("saturation")}
         if sat:
             figures.append(("saturation", "Router saturation",

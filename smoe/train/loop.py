@@ -153,7 +153,7 @@ def prepare_out_dir(out_dir: Path, model_config: ModelConfig, train_config: Trai
         return latest if resume else None
     ckpt.remove_incomplete(out_dir)
     _atomic_write(run_file, json.dumps({"model_config": model_config.to_dict(),
-                                        "train_config": _config_dict(train_config),
+                                        "train_config": asdict(train_config),
                                         "data_fingerprint": fingerprint}, indent=2))
     return latest if resume else None
 
@@ -364,10 +364,6 @@ def _measured_matmul_flops(precision: str) -> float:
         a @ b
         reps += 1
     return 2 * 512**3 * reps / (time.perf_counter() - start)
-
-
-def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
