@@ -137,8 +137,9 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     split = tokenize_documents(args.data, tokenizer, args.text_field)
     seqs, sources = val_sequences(split, args.seq_len, args.sequences)
     batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
+    # earlier checkpoints of the same run, for router saturation
     earlier = [(c.step, load_checkpoint_model(c.path)[0]) for c in ckpt.list_checkpoints(path.parent.parent)
-               if c.step < ckpt.list_checkpoints(path.parent.parent)[-1].step]
+               if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"
     out.write_text(json.dumps(result, indent=1))

@@ -161,3 +161,14 @@ def test_eval_reports_loss_perplexity_and_bpb(text, tmp_path):
                                  precision="fp32")
     assert result["val_ppl"] == pytest.approx(np.exp(result["val_loss"]))
     assert 0 < result["val_bpb"] < 10 and result["tokens"] == 2 * 4 * 32
+
+
+def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys):
+    from smoe.cli import main
+
+    _train(tmp_path / "run", text, tmp_path, steps=6, save_every=3, keep_last=3)
+    assert main(["analyze", str(tmp_path / "run"), "--data", str(text), "--seq-len", "16", "--sequences", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "same first expert" in out and "knock-out top1_routed" in out and "saturation at step 3" in out
+    result = json.loads((ckpt.latest_checkpoint(tmp_path / "run").path / "analysis.json").read_text())
+    assert set(result["layers"]) == {"0", "1"} and result["saturation"]["3"] <= 1.0
