@@ -131,8 +131,12 @@ def prepare_out_dir(out_dir: Path, model_config: ModelConfig, train_config: Trai
     run_file = out_dir / RUN_FILE
     latest = ckpt.latest_checkpoint(out_dir)
     if run_file.exists():
-        saved = json.loads(run_file.read_text())
-        if ModelConfig.from_dict(saved["model_config"]) != model_config:
+        try:
+            saved = json.loads(run_file.read_text())
+            saved_config = ModelConfig.from_dict(saved["model_config"])
+        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
+            raise ValueError(f"{run_file}: unreadable ({err}); move it away or choose another --out") from None
+        if saved_config != model_config:
             raise ValueError(f"--out {out_dir}: holds a run of a different model config; choose another --out "
                              "(nothing there was changed)")
         if resume:
