@@ -80,7 +80,8 @@ def run_analyses(out: Path, archs, settings, log=print) -> dict[str, dict[str, A
             earlier.append((c.step, other))
         if model.moe_layers:
             log(f"analysing {arch.label}")
-            results[arch.label] = analyze(model, batches, sources, prepared.source_names, tokenizer, earlier)
+            # source indices of val_sequences refer to the validation split, which --val-data may name differently
+            results[arch.label] = analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier)
     return results
 
 
