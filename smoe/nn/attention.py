@@ -52,10 +52,10 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         cfg = self.config
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:  # after the full qk-norm, as OLMoE applies them
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(B, T, self.n_heads, self.head_dim)
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
