@@ -3,13 +3,17 @@
 Conventions (those of shared/REFERENCES.md, which reproduce the published totals):
 - total: every parameter of the main model, all experts included: embedding, head (unless tied), attention, norms,
   dense FFNs, routed and shared experts, routers and their biases (the aux-free expert bias counts). Multi-token
-  prediction modules are reported separately (``mtp_params``) and are not in the total, as DeepSeek-V3's 671B.
+  prediction modules (each: two input norms, the 2d -> d projection, one block like the last layer, an output norm;
+  embedding and head shared) are the ``mtp`` component and ``mtp_params``, outside every total, as DeepSeek-V3's
+  671B leaves them out. So ``total_params`` is the sum of the components other than ``mtp``.
 - active: what one token touches: everything but the routed experts, plus top_k of them per MoE layer.
   ``active_params`` counts the input embedding and the head; ``active_params_excl_embedding`` drops the input
   embedding (with tied embeddings the matrix is still used as the head, so it stays).
-- forward FLOPs per token: 2 x the matmul parameters a token touches (head included, embedding lookup and norms
-  excluded) plus causal attention: 2 x heads x (qk_dim + v_dim) x average visible context, where the average
-  context at sequence length S is (S + 1) / 2, capped by a sliding window. Training = 3 x forward.
+- forward FLOPs per token: 2 x the matmul parameters a token touches (head included, embedding lookup, norms and
+  biases excluded) plus causal attention: 2 x heads x (qk_dim + v_dim) x average visible context, where the average
+  context at sequence length S (default: max_seq_len) is (S + 1) / 2, capped by a sliding window. Training =
+  3 x forward. MTP modules are left out, as in the parameter totals.
+- weight bytes: ``total_params`` at 4 / 2 / 1 bytes (fp32 / bf16 / fp8).
 - KV cache per token: GQA stores k and v (2 x kv_heads x head_dim); MLA stores the latent and the rotary key
   (kv_lora_rank + qk_rope_head_dim), per layer.
 """
@@ -18,13 +22,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from smoe.config import AttentionConfig, MLAConfig, ModelConfig
+from smoe.config import MLAConfig, ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
 class Accounting:
+    """Parameters, FLOPs and memory of one config, by the conventions of the module docstring."""
+
     name: str
     total_params: int
     active_params: int
@@ -44,10 +50,12 @@ class Accounting:
 
 
 def attention_params(config: ModelConfig) -> int:
+    """Parameters of one attention layer: projections, their biases and the q/k (or MLA latent) norms."""
     d, attn = config.dim, config.attention
     if isinstance(attn, MLAConfig):
         H, qk = attn.n_heads, attn.qk_head_dim
-        q = d * H * qk if attn.q_lora_rank is None else d * attn.q_lora_rank + attn.q_lora_rank + attn.q_lora_rank * H * qk
+        r = attn.q_lora_rank
+        q = d * H * qk if r is None else d * r + r + r * H * qk  # wq, or wq_a + q_norm + wq_b
         kv = d * (attn.kv_lora_rank + attn.qk_rope_head_dim) + attn.kv_lora_rank
         kv += attn.kv_lora_rank * H * (attn.qk_nope_head_dim + attn.v_head_dim)
         return q + kv + H * attn.v_head_dim * d
@@ -104,7 +112,8 @@ def _block_components(config: ModelConfig, moe_layer: bool) -> tuple[dict[str, i
     total.update(
         router=router,
         routed_experts=3 * E * d * moe.expert_dim,
-        shared_experts=3 * d * moe.n_shared_experts * moe.resolved_shared_expert_dim + (d if moe.shared_expert_gate else 0),
+        shared_experts=(3 * d * moe.n_shared_experts * moe.resolved_shared_expert_dim
+                        + (d if moe.shared_expert_gate else 0)),
     )
     if config.layout.dense_residual:
         total["dense_ffn"] = 3 * d * config.ffn_dim
@@ -121,7 +130,9 @@ def _add(into: dict[str, int], other: dict[str, int], times: int = 1) -> None:
 
 def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     config.validate()
-    seq_len = seq_len or config.max_seq_len
+    seq_len = config.max_seq_len if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len: must be a positive integer, got {seq_len!r}")
     d, V = config.dim, config.vocab_size
     total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
     active = dict(total)
@@ -134,14 +145,14 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
         total.setdefault(key, 0)
         active.setdefault(key, 0)
 
-    mtp = 0
-    if config.layout.n_mtp_modules:
-        last_moe = config.moe is not None and config.layout.is_moe(config.n_layers - 1)
-        block_total, _ = _block_components(config, last_moe)
-        mtp = config.layout.n_mtp_modules * (3 * d + 2 * d * d + sum(block_total.values()))
-
     total_params = sum(total.values())
     active_params = sum(active.values())
+
+    # Each MTP module: enorm + hnorm + eh_proj (2d -> d) + a block like the last layer + its output norm.
+    last_moe = config.moe is not None and config.layout.is_moe(config.n_layers - 1)
+    mtp_total, mtp_active = (sum(c.values()) + 3 * d + 2 * d * d for c in _block_components(config, last_moe))
+    total["mtp"] = config.layout.n_mtp_modules * mtp_total
+    active["mtp"] = config.layout.n_mtp_modules * mtp_active
     excl = active_params - (total["embedding"] if not config.tie_embeddings else 0)
 
     # FLOPs: matmul weights a token touches, plus attention over its context.
@@ -149,7 +160,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     ffn_mm = active["dense_ffn"] + active["routed_experts"] + active["shared_experts"] + active["router"]
     if config.moe is not None:
         moe_layers = len(moe_ids)
-        # router biases and the shared gate are not matmuls worth separating; the expert bias is not one at all
+        # the router's logit bias and the aux-free selection bias are additions, not matmul weights
         ffn_mm -= moe_layers * ((config.moe.n_routed_experts if config.moe.router_bias else 0)
                                 + (config.moe.n_routed_experts if config.moe.has_expert_bias else 0))
     matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
@@ -168,7 +179,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
         active_params_excl_embedding=excl,
         params_by_component=total,
         active_by_component=active,
-        mtp_params=mtp,
+        mtp_params=total["mtp"],
         seq_len=seq_len,
         forward_flops_per_token=float(forward),
         train_flops_per_token=float(3 * forward),
@@ -195,18 +206,21 @@ def _bytes(n: float) -> str:
 
 
 def format_accounting(acc: Accounting) -> str:
+    """A human-readable report (``smoe inspect``)."""
+    excl = acc.active_params_excl_embedding
     lines = [
         f"{acc.name}",
         f"  total parameters      {human(acc.total_params):>10}  ({acc.total_params:,})",
         f"  active parameters     {human(acc.active_params):>10}  ({acc.active_params:,}, embedding and head counted)",
-        f"  active excl. embedding{human(acc.active_params_excl_embedding):>11}  ({acc.active_params_excl_embedding:,})",
+        f"  active excl. embedding{human(excl):>10}  ({excl:,})",
     ]
     if acc.mtp_params:
         lines.append(f"  MTP modules (extra)   {human(acc.mtp_params):>10}  ({acc.mtp_params:,}, not in the total)")
     lines.append("  by component              total      active")
     for key, value in acc.params_by_component.items():
         if value:
-            lines.append(f"    {key:<20}{human(value):>10}  {human(acc.active_by_component[key]):>10}")
+            note = "  (not in the totals)" if key == "mtp" else ""
+            lines.append(f"    {key:<20}{human(value):>10}  {human(acc.active_by_component[key]):>10}{note}")
     lines += [
         f"  MoE layers            {acc.n_moe_layers:>10}",
         f"  FLOPs/token @ {acc.seq_len:<7} {human(acc.forward_flops_per_token):>9}  forward, "

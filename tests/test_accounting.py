@@ -5,7 +5,7 @@ import pytest
 
 from smoe import presets
 from smoe.accounting import account, format_accounting
-from smoe.config import LayoutConfig, ModelConfig
+from smoe.config import LayoutConfig, ModelConfig, override
 
 
 def _close(got: float, published: float, tol: float = 0.005) -> bool:
@@ -23,6 +23,17 @@ def test_published_total_and_active(name, total, active):
     acc = account(presets.get(name))
     assert _close(acc.total_params, total), acc.total_params
     assert _close(acc.active_params, active), acc.active_params
+
+
+@pytest.mark.parametrize("name, total, tol", [
+    # Published figures rounded to 3 significant digits (1 for Kimi K2's "1 trillion"); Grok-1's extra
+    # sandwich norms, which we leave out, are far below the rounding.
+    ("mixtral-8x22b", 141e9, 0.01), ("deepseek-v2-lite", 15.7e9, 0.01), ("qwen3-30b-a3b", 30.5e9, 0.01),
+    ("grok-1", 314e9, 0.01), ("dbrx", 132e9, 0.01), ("arctic", 480e9, 0.01), ("minimax-m2", 230e9, 0.01),
+    ("olmoe-1b-7b", 6.92e9, 0.01), ("kimi-k2", 1e12, 0.05),
+])
+def test_other_published_totals(name, total, tol):
+    assert _close(account(presets.get(name)).total_params, total, tol)
 
 
 def test_deepseek_v3_exact_and_without_input_embedding():
@@ -67,3 +78,44 @@ def test_moe_layer_frequency_counts_only_moe_layers():
 
 def test_format_shows_total_in_billions():
     assert "671.0B" in format_accounting(account(presets.get("deepseek-v3")))
+
+
+def test_mtp_is_a_component_outside_the_totals():
+    acc = account(presets.get("deepseek-v3-tiny"))
+    assert acc.params_by_component["mtp"] == acc.mtp_params > 0
+    assert sum(v for k, v in acc.params_by_component.items() if k != "mtp") == acc.total_params
+    assert sum(v for k, v in acc.active_by_component.items() if k != "mtp") == acc.active_params
+
+
+def test_forward_flops_are_twice_the_matmul_weights_plus_causal_attention():
+    config = presets.get("dense")  # 4 layers, d 256, 4 heads of 64, SwiGLU 1024, vocab 8192, untied
+    S, d = 512, 256
+    matmul = 4 * (4 * d * d + 3 * d * 1024) + 8192 * d  # attention and FFN per layer, then the head
+    attention = 4 * 2 * (4 * 2 * 64) * (S + 1) / 2  # per layer: scores and values over the average context
+    assert account(config, seq_len=S).forward_flops_per_token == 2 * matmul + attention
+
+
+def test_sliding_window_caps_the_attention_context():
+    config = presets.get("mixtral-tiny")
+    S, W = 1024, 128
+    windowed = override(config, {"attention.sliding_window": W})
+    saved = account(config, seq_len=S).forward_flops_per_token - account(windowed, seq_len=S).forward_flops_per_token
+    per_context = config.n_layers * 2 * 8 * 2 * 32  # layers x 2 x heads x (k + v) head dims
+    assert saved == pytest.approx(per_context * ((S + 1) / 2 - (W * (W + 1) / 2 + (S - W) * W) / S))
+
+
+def test_weight_bytes_follow_the_total():
+    acc = account(presets.get("mixtral-8x7b"))
+    assert acc.weight_bytes == {"fp32": 4 * acc.total_params, "bf16": 2 * acc.total_params, "fp8": acc.total_params}
+
+
+def test_bad_sequence_length_is_named():
+    with pytest.raises(ValueError, match="seq_len: must be a positive integer"):
+        account(presets.get("mixtral-tiny"), seq_len=0)
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    data = json.loads(json.dumps(account(presets.get("deepseek-v3")).to_dict()))
+    assert data["total_params"] == 671_026_419_200 and data["params_by_component"]["mtp"] > 0

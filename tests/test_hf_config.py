@@ -1,42 +1,125 @@
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 
+from smoe import presets
 from smoe.accounting import account
-from smoe.interop.hf_config import FAMILIES, config_from_hf, load_hf_config
+from smoe.interop.hf_config import TRANSFORMERS_FAMILIES, config_from_hf, load_hf_config
 
-# The published configs' relevant keys (huggingface.co/<repo>/blob/main/config.json).
-MIXTRAL_8X7B = {
+# The published configs' keys that matter (https://huggingface.co/<repo>/blob/main/config.json); absent keys take
+# the transformers default, as they would there.
+MIXTRAL_8X7B = {  # mistralai/Mixtral-8x7B-v0.1
     "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
     "num_experts_per_tok": 2, "rope_theta": 1e6, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False, "sliding_window": None,
+    "router_aux_loss_coef": 0.02, "tie_word_embeddings": False, "sliding_window": None, "hidden_act": "silu",
 }
-DEEPSEEK_V3 = {
+MIXTRAL_8X22B = {  # mistralai/Mixtral-8x22B-v0.1
+    **MIXTRAL_8X7B, "vocab_size": 32768, "hidden_size": 6144, "intermediate_size": 16384, "num_hidden_layers": 56,
+    "num_attention_heads": 48, "max_position_embeddings": 65536, "router_aux_loss_coef": 0.001,
+}
+DEEPSEEK_MOE_16B = {  # deepseek-ai/deepseek-moe-16b-base (remote code)
+    "model_type": "deepseek", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+    "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6, "first_k_dense_replace": 1,
+    "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax", "aux_loss_alpha": 0.001,
+    "seq_aux": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+    "attention_bias": False, "tie_word_embeddings": False,
+}
+V2_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 0.707, "mscale_all_dim": 0.707}
+DEEPSEEK_V2 = {  # deepseek-ai/DeepSeek-V2
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288,
+    "moe_intermediate_size": 1536, "num_hidden_layers": 60, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 2, "n_routed_experts": 160, "routed_scaling_factor": 16.0, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "group_limited_greedy", "n_group": 8, "topk_group": 3, "num_experts_per_tok": 6,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "norm_topk_prob": False, "scoring_func": "softmax",
+    "aux_loss_alpha": 0.003, "seq_aux": True, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "rope_scaling": V2_YARN, "attention_bias": False, "tie_word_embeddings": False,
+}
+DEEPSEEK_V2_LITE = {  # deepseek-ai/DeepSeek-V2-Lite: no query compression, no expert groups
+    **DEEPSEEK_V2, "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+    "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64,
+    "routed_scaling_factor": 1.0, "q_lora_rank": None, "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+    "aux_loss_alpha": 0.001,
+}
+DEEPSEEK_V3 = {  # deepseek-ai/DeepSeek-V3
     "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
     "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
     "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
     "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc",
     "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
-    "norm_topk_prob": True, "scoring_func": "sigmoid", "num_nextn_predict_layers": 1, "max_position_embeddings": 163840,
+    "norm_topk_prob": True, "scoring_func": "sigmoid", "aux_loss_alpha": 0.001, "seq_aux": True,
+    "num_nextn_predict_layers": 1, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
     "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
                      "original_max_position_embeddings": 4096, "type": "yarn"},
+    "attention_bias": False, "tie_word_embeddings": False,
 }
-DEEPSEEK_V2 = {
-    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 5120, "intermediate_size": 12288,
-    "moe_intermediate_size": 1536, "num_hidden_layers": 60, "num_attention_heads": 128, "n_shared_experts": 2,
-    "n_routed_experts": 160, "routed_scaling_factor": 16.0, "kv_lora_rank": 512, "q_lora_rank": 1536,
-    "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "group_limited_greedy",
-    "n_group": 8, "topk_group": 3, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "norm_topk_prob": False,
-    "scoring_func": "softmax", "aux_loss_alpha": 0.003, "seq_aux": True,
+KIMI_K2 = {  # moonshotai/Kimi-K2-Instruct (remote code, V3's architecture)
+    **DEEPSEEK_V3, "model_type": "kimi_k2", "vocab_size": 163840, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "n_routed_experts": 384, "routed_scaling_factor": 2.827, "n_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0, "max_position_embeddings": 131072,
+    "rope_theta": 50000.0,
+    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
 }
-QWEN15_MOE = {
+QWEN15_MOE = {  # Qwen/Qwen1.5-MoE-A2.7B
     "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
     "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
     "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
-    "decoder_sparse_step": 1, "norm_topk_prob": False, "tie_word_embeddings": False,
+    "decoder_sparse_step": 1, "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "rope_theta": 1e6,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": 32768,
+    "max_window_layers": 21, "tie_word_embeddings": False,
 }
+QWEN3_30B_A3B = {  # Qwen/Qwen3-30B-A3B
+    "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+    "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "norm_topk_prob": True, "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "router_aux_loss_coef": 0.001, "rope_theta": 1e6, "rope_scaling": None,
+    "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "use_sliding_window": False, "sliding_window": None,
+    "max_window_layers": 48, "attention_bias": False, "tie_word_embeddings": False,
+}
+OLMOE_1B_7B = {  # allenai/OLMoE-1B-7B-0924
+    "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+    "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+    "num_experts_per_tok": 8, "norm_topk_prob": False, "router_aux_loss_coef": 0.01, "clip_qkv": None,
+    "rope_theta": 10000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+DBRX = {  # databricks/dbrx-base
+    "model_type": "dbrx", "vocab_size": 100352, "d_model": 6144, "n_heads": 48, "n_layers": 40, "max_seq_len": 32768,
+    "attn_config": {"clip_qkv": 8, "kv_n_heads": 8, "rope_theta": 500000},
+    "ffn_config": {"ffn_hidden_size": 10752, "moe_jitter_eps": 0.01, "moe_loss_weight": 0.05, "moe_num_experts": 16,
+                   "moe_top_k": 4},
+    "tie_word_embeddings": False,
+}
+MINIMAX_M2 = {  # MiniMaxAI/MiniMax-M2
+    "model_type": "minimax_m2", "vocab_size": 200064, "hidden_size": 3072, "intermediate_size": 1536,
+    "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128, "rotary_dim": 64,
+    "num_local_experts": 256, "num_experts_per_tok": 8, "rope_theta": 5000000, "max_position_embeddings": 196608,
+    "rms_norm_eps": 1e-6, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True,
+    "use_mtp": True, "num_mtp_modules": 3, "tie_word_embeddings": False,
+}
+OFFICIAL = {
+    "mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B, "deepseek-moe-16b": DEEPSEEK_MOE_16B,
+    "deepseek-v2": DEEPSEEK_V2, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "deepseek-v3": DEEPSEEK_V3, "kimi-k2": KIMI_K2,
+    "qwen1.5-moe-a2.7b": QWEN15_MOE, "qwen3-30b-a3b": QWEN3_30B_A3B, "olmoe-1b-7b": OLMOE_1B_7B, "dbrx": DBRX,
+    "minimax-m2": MINIMAX_M2,
+}
+
+
+def _architecture(config):
+    """The config without its name and balance coefficients, which some presets take from the paper instead."""
+    moe = replace(config.moe, aux_loss_coef=0, seq_aux_loss_coef=0, z_loss_coef=0, bias_update_rate=0)
+    return replace(config, name="", moe=moe)
+
+
+@pytest.mark.parametrize("preset", OFFICIAL)
+def test_preset_is_what_its_config_json_maps_to(preset):
+    assert _architecture(config_from_hf(OFFICIAL[preset])) == _architecture(presets.get(preset))
 
 
 @pytest.mark.parametrize("hf, total, active", [
@@ -44,11 +127,19 @@ QWEN15_MOE = {
     (DEEPSEEK_V3, 671_026_419_200, 37.55e9),
     (DEEPSEEK_V2, 235_741_434_880, 21.38e9),
     (QWEN15_MOE, 14_315_784_192, 2_689_173_504),
-], ids=["mixtral-8x7b", "deepseek-v3", "deepseek-v2", "qwen1.5-moe"])
+    (DEEPSEEK_MOE_16B, 16.376e9, 2.829e9),
+], ids=["mixtral-8x7b", "deepseek-v3", "deepseek-v2", "qwen1.5-moe", "deepseek-moe-16b"])
 def test_published_configs_reproduce_published_counts(hf, total, active):
     acc = account(config_from_hf(hf))
     assert abs(acc.total_params / total - 1) < 0.005
     assert abs(acc.active_params / active - 1) < 0.005
+
+
+def test_published_configs_reproduce_counts_without_embedding():
+    v3, qwen = account(config_from_hf(DEEPSEEK_V3)), account(config_from_hf(QWEN15_MOE))
+    assert abs(v3.active_params_excl_embedding / 36.63e9 - 1) < 0.005
+    qwen_non_embedding = qwen.active_params - qwen.params_by_component["embedding"] - qwen.params_by_component["head"]
+    assert abs(qwen_non_embedding / 2.07e9 - 1) < 0.005
 
 
 def test_deepseek_v3_mapping_keeps_routing_and_mtp():
@@ -58,6 +149,18 @@ def test_deepseek_v3_mapping_keeps_routing_and_mtp():
         "sigmoid", "aux_free", "top2_sum", 8, 4)
     assert config.layout.n_mtp_modules == 1 and config.layout.first_k_dense == 3
     assert config.attention.rope_scaling.factor == 40 and config.attention.rope_scaling.mscale_all_dim == 1.0
+
+
+def test_deepseek_v2_group_limited_greedy_scores_groups_by_max():
+    moe = config_from_hf(DEEPSEEK_V2).moe
+    assert (moe.group_score, moe.n_group, moe.topk_group, moe.balance) == ("max", 8, 3, "seq_aux")
+    assert config_from_hf(DEEPSEEK_V2_LITE).attention.q_lora_rank is None
+
+
+def test_switch_loss_coefficient_is_converted_to_our_per_layer_loss():
+    # transformers pools all 32 layers' statistics and counts f_i per token (top_k times ours)
+    assert config_from_hf(MIXTRAL_8X7B).moe.aux_loss_coef == pytest.approx(0.02 * 2 / 32)
+    assert config_from_hf(DEEPSEEK_V2).moe.seq_aux_loss_coef == 0.003  # DeepSeek's alpha is already per layer
 
 
 def test_qwen_sparse_step_becomes_explicit_moe_layers():
@@ -77,13 +180,23 @@ def test_missing_required_key_names_file_and_key():
         config_from_hf(hf, "my/config.json")
 
 
+def test_what_our_config_cannot_hold_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"config\.json: attention_bias=True is not supported"):
+        config_from_hf({**QWEN3_30B_A3B, "attention_bias": True})
+    with pytest.raises(ValueError, match=r"config\.json: use_sliding_window=true with full attention on some"):
+        config_from_hf({**QWEN15_MOE, "use_sliding_window": True})
+
+
 def test_malformed_and_missing_files_are_named(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text("[1, 2")
     with pytest.raises(ValueError, match=str(bad)):
         load_hf_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ValueError, match=r"nope: no such file"):
         load_hf_config(tmp_path / "nope")
+    bad.write_text(json.dumps({**MIXTRAL_8X7B, "num_hidden_layers": "many"}))
+    with pytest.raises(ValueError, match=str(bad)):
+        load_hf_config(bad)
 
 
 def test_directory_and_file_paths_load_the_same(tmp_path):
@@ -127,8 +240,8 @@ def test_accounting_is_exact_on_models_transformers_builds(model_type):
     assert account(config_from_hf(hf_config.to_dict())).total_params == n_hf
 
 
-def test_every_family_has_a_cross_check():
-    assert set(FAMILIES) - {"kimi_k2"} == set(TINY_HF)
+def test_every_transformers_family_has_a_cross_check():
+    assert set(TRANSFORMERS_FAMILIES) == set(TINY_HF)
 
 
 # --- our config -> config.json --------------------------------------------------------------------------------------
@@ -141,9 +254,6 @@ ROUND_TRIP = {"mixtral-tiny": "mixtral", "qwen2-moe-tiny": "qwen2_moe", "qwen3-m
 
 @pytest.mark.parametrize("preset, model_type", ROUND_TRIP.items())
 def test_config_to_hf_round_trips(preset, model_type):
-    from dataclasses import replace
-
-    from smoe import presets
     from smoe.interop.hf_config import config_to_hf
 
     config = presets.get(preset)
@@ -151,7 +261,6 @@ def test_config_to_hf_round_trips(preset, model_type):
 
 
 def test_config_to_hf_names_what_the_family_cannot_express():
-    from smoe import presets
     from smoe.interop.hf_config import config_to_hf
 
     with pytest.raises(ValueError, match=r"moe\.n_shared_experts: cannot be expressed as a Hugging Face mixtral"):

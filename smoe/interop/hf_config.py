@@ -1,13 +1,21 @@
-"""Hugging Face ``config.json`` -> ModelConfig, one mapping function per family (no torch import).
+"""Hugging Face ``config.json`` <-> ModelConfig, one mapping function per family (no torch import).
 
-Keys absent from a config.json take the transformers default of that family, as transformers itself would.
-Hugging Face's Switch-style aux loss (``router_aux_loss_coef``) is top_k times ours (see smoe.moe.balance), so the
-coefficient is scaled to give the same loss.
+Reading: the keys that fix a model's size (``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
+``num_attention_heads``; DBRX's ``d_model``, ``n_layers``, ``n_heads``) are required; any other absent key takes the
+default of that family's transformers config class, as transformers itself would. What our config cannot express
+(a bias on the attention output, sliding windows on some layers only) raises naming the key instead of being dropped.
+
+Balance coefficients: transformers' Switch-style loss (``router_aux_loss_coef``, DBRX ``moe_loss_weight``) pools the
+router statistics of all L MoE layers into one loss and counts f_i per token, so it is top_k times our per-layer
+loss and spread over L layers, while ours is summed over layers (smoe.moe.balance). ``aux_loss_coef =
+router_aux_loss_coef * top_k / L`` gives every router the same gradient. DeepSeek's ``aux_loss_alpha`` is already
+per layer and per assignment, so it maps unchanged.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +45,12 @@ class _Reader:
     def sub(self, key: str) -> "_Reader":
         return _Reader(self.opt(key, {}), f"{self.source} [{key}]")
 
+    def reject(self, *keys: str, why: str) -> None:
+        """Raise if any of ``keys`` is set truthy: a feature our config does not have."""
+        for key in keys:
+            if self.opt(key, False):
+                raise ValueError(f"{self.source}: {key}={self.data[key]!r} is not supported ({why})")
+
 
 def _rope(r: _Reader, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
     params = r.opt("rope_parameters", {}) or {}
@@ -59,16 +73,18 @@ def _rope(r: _Reader, default_theta: float = 10000.0) -> tuple[float, RopeScalin
     raise ValueError(f"{r.source}: rope scaling type {kind!r} is not supported (supported: default, linear, yarn)")
 
 
-def _common(r: _Reader, *, eps_default: float) -> dict[str, Any]:
+def _common(r: _Reader, *, eps: float, max_pos: int) -> dict[str, Any]:
+    """The fields every GQA/MLA family spells the same way; ``eps`` and ``max_pos`` are the family's defaults."""
     return dict(
         vocab_size=int(r.req("vocab_size")),
         dim=int(r.req("hidden_size")),
         n_layers=int(r.req("num_hidden_layers")),
-        norm_eps=float(r.opt("rms_norm_eps", eps_default)),
+        norm_eps=float(r.opt("rms_norm_eps", eps)),
         tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
         init_std=float(r.opt("initializer_range", 0.02)),
-        max_seq_len=int(r.opt("max_position_embeddings", 4096)),
-        activation=_activation(r),
+        max_seq_len=int(r.opt("max_position_embeddings", max_pos)),
+        activation=_activation(r.opt("hidden_act", "silu"), r.source),
+        name=r.data["model_type"],
     )
 
 
@@ -78,28 +94,44 @@ def _head_dim(r: _Reader, heads: int) -> int | None:
     return None if head_dim is None or head_dim * heads == r.req("hidden_size") else int(head_dim)
 
 
-def _activation(r: _Reader) -> str:
-    act = r.opt("hidden_act", "silu")
+def _activation(act: str, source: str) -> str:
     if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
-        raise ValueError(f"{r.source}: hidden_act {act!r} is not supported (silu, gelu)")
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu, gelu)")
     return "silu" if act in ("silu", "swish") else "gelu"
+
+
+def _with_hf_aux(config: ModelConfig, hf_coef: float) -> ModelConfig:
+    """Set aux_loss_coef from transformers' pooled Switch loss coefficient (see the module docstring)."""
+    n_moe = max(len(config.moe_layer_ids), 1)
+    return replace(config, moe=replace(config.moe, aux_loss_coef=hf_coef * config.moe.top_k / n_moe))
+
+
+def _sliding(r: _Reader, *, qwen2: bool = False) -> int | None:
+    if not r.opt("use_sliding_window", False):
+        return None
+    if qwen2:  # Qwen2-MoE slides on every other layer below max_window_layers: a per-layer choice we cannot hold
+        n = int(r.req("num_hidden_layers"))
+        types = r.opt("layer_types") or ["sliding_attention" if (i + 1) % 2 and i < int(r.opt("max_window_layers", 28))
+                                         else "full_attention" for i in range(n)]
+        if any(t != "sliding_attention" for t in types):
+            raise ValueError(f"{r.source}: use_sliding_window=true with full attention on some layers is not "
+                             "supported (one sliding window for every layer only)")
+    return int(r.opt("sliding_window", 4096))
 
 
 def _mixtral(r: _Reader) -> ModelConfig:
     theta, scaling = _rope(r, 1e6)
-    k = int(r.opt("num_experts_per_tok", 2))
     heads = int(r.req("num_attention_heads"))
-    return ModelConfig(
-        **{**_common(r, eps_default=1e-5), "max_seq_len": int(r.opt("max_position_embeddings", 4096 * 32))},
-        ffn_dim=int(r.req("intermediate_size")),
+    config = ModelConfig(
+        **_common(r, eps=1e-5, max_pos=4096 * 32),
+        ffn_dim=int(r.opt("intermediate_size", 14336)),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)),
                                   head_dim=_head_dim(r, heads), rope_theta=theta, rope_scaling=scaling,
                                   sliding_window=r.opt("sliding_window")),
-        moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 8)), top_k=k,
-                      expert_dim=int(r.req("intermediate_size")),
-                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
-        name=r.opt("_name_or_path", "mixtral") or "mixtral",
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 8)),
+                      top_k=int(r.opt("num_experts_per_tok", 2)), expert_dim=int(r.opt("intermediate_size", 14336))),
     )
+    return _with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
 
 
 def _qwen_layout(r: _Reader, n_layers: int) -> LayoutConfig:
@@ -110,141 +142,141 @@ def _qwen_layout(r: _Reader, n_layers: int) -> LayoutConfig:
     return LayoutConfig(moe_layers=tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0))
 
 
-def _sliding(r: _Reader) -> int | None:
-    return r.opt("sliding_window") if r.opt("use_sliding_window", False) else None
-
-
 def _qwen2_moe(r: _Reader) -> ModelConfig:
     theta, scaling = _rope(r)
-    common = _common(r, eps_default=1e-6)
-    k = int(r.opt("num_experts_per_tok", 4))
+    common = _common(r, eps=1e-6, max_pos=32768)
     shared = int(r.opt("shared_expert_intermediate_size", 5632))
-    heads = int(r.req("num_attention_heads"))
-    return ModelConfig(
+    config = ModelConfig(
         **common,
         ffn_dim=int(r.opt("intermediate_size", 5632)),
-        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", heads)),
-                                  rope_theta=theta, rope_scaling=scaling, qkv_bias=bool(r.opt("qkv_bias", True)),
-                                  sliding_window=_sliding(r)),
-        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 60)), top_k=k,
-                      expert_dim=int(r.opt("moe_intermediate_size", 1408)),
+        attention=AttentionConfig(n_heads=int(r.req("num_attention_heads")),
+                                  n_kv_heads=int(r.opt("num_key_value_heads", 16)), rope_theta=theta,
+                                  rope_scaling=scaling, qkv_bias=bool(r.opt("qkv_bias", True)),
+                                  sliding_window=_sliding(r, qwen2=True)),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 60)),
+                      top_k=int(r.opt("num_experts_per_tok", 4)), expert_dim=int(r.opt("moe_intermediate_size", 1408)),
                       n_shared_experts=1 if shared else 0, shared_expert_dim=shared or None,
-                      shared_expert_gate=bool(shared), norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
-                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
+                      shared_expert_gate=bool(shared), norm_topk_prob=bool(r.opt("norm_topk_prob", False))),
         layout=_qwen_layout(r, common["n_layers"]),
-        name="qwen2_moe",
     )
+    return _with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
+
+
+_O_BIAS = "our attention has biases on q, k, v only, not on the output projection"
 
 
 def _qwen3_moe(r: _Reader) -> ModelConfig:
+    r.reject("attention_bias", why=_O_BIAS)
     theta, scaling = _rope(r)
-    common = _common(r, eps_default=1e-6)
-    k = int(r.opt("num_experts_per_tok", 8))
+    common = _common(r, eps=1e-6, max_pos=32768)
     heads = int(r.req("num_attention_heads"))
-    return ModelConfig(
+    config = ModelConfig(
         **common,
         ffn_dim=int(r.opt("intermediate_size", 6144)),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 4)),
                                   head_dim=_head_dim(r, heads), rope_theta=theta, rope_scaling=scaling,
-                                  qkv_bias=bool(r.opt("attention_bias", False)), qk_norm="head",
-                                  sliding_window=_sliding(r)),
-        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 128)), top_k=k,
-                      expert_dim=int(r.opt("moe_intermediate_size", 768)),
-                      norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
-                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.001))),
+                                  qk_norm="head", sliding_window=_sliding(r)),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 128)),
+                      top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("moe_intermediate_size", 768)),
+                      norm_topk_prob=bool(r.opt("norm_topk_prob", False))),
         layout=_qwen_layout(r, common["n_layers"]),
-        name="qwen3_moe",
     )
+    return _with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
 
 
-def _deepseek(r: _Reader, v3: bool) -> ModelConfig:
+def _deepseek(r: _Reader, version: int) -> ModelConfig:
+    """DeepSeekMoE (version 1, remote-code ``deepseek``: MHA), DeepSeek-V2 and V3 (MLA). Defaults are those of
+    transformers' DeepseekV2/V3 configs, and of DeepSeek's own configuration_deepseek.py for version 1."""
+    r.reject("attention_bias", "mlp_bias", why="DeepSeek's biases on the attention and MLP projections")
+    v3 = version == 3
     theta, scaling = _rope(r)
-    common = _common(r, eps_default=1e-6)
+    common = _common(r, eps=1e-6, max_pos=4096 if v3 else 2048)
     heads = int(r.req("num_attention_heads"))
     method = r.opt("topk_method", "noaux_tc" if v3 else "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
         raise ValueError(f"{r.source}: topk_method {method!r} is not supported (greedy, group_limited_greedy, "
                          "noaux_tc)")
-    score = r.opt("scoring_func", "sigmoid" if v3 else "softmax")
-    n_group = int(r.opt("n_group", 1)) if method != "greedy" else 1
-    topk_group = int(r.opt("topk_group", 1)) if method != "greedy" else 1
+    grouped = method != "greedy"
     aux_free = method == "noaux_tc"
-    balance = "aux_free" if aux_free else ("seq_aux" if r.opt("seq_aux", False) else "aux")
+    # DeepSeek's reference code defaults to the sequence-wise loss (seq_aux=True); transformers has no aux loss here.
+    balance = "aux_free" if aux_free else ("seq_aux" if r.opt("seq_aux", True) else "aux")
     alpha = float(r.opt("aux_loss_alpha", 0.001))
-    coefs = {"aux_loss_coef": alpha} if balance == "aux" else {"seq_aux_loss_coef": alpha}
-    moe = MoEConfig(
-        n_routed_experts=int(r.first(("n_routed_experts", "num_local_experts", "num_experts"), 256 if v3 else 64)),
-        top_k=int(r.opt("num_experts_per_tok", 8 if v3 else 6)),
-        expert_dim=int(r.opt("moe_intermediate_size", 2048 if v3 else 1407)),
-        n_shared_experts=int(r.opt("n_shared_experts", 1 if v3 else 2)),
-        score_func=score,
-        norm_topk_prob=bool(r.opt("norm_topk_prob", v3)),
-        routed_scaling_factor=float(r.opt("routed_scaling_factor", 2.5 if v3 else 1.0)),
-        n_group=n_group, topk_group=topk_group,
-        group_score="top2_sum" if aux_free else "max",
-        balance=balance,
-        **coefs,
-    )
-    q_lora = r.opt("q_lora_rank", 1536) if "q_lora_rank" not in r.data else r.data["q_lora_rank"]
-    attention = MLAConfig(
-        n_heads=heads, q_lora_rank=q_lora, kv_lora_rank=int(r.opt("kv_lora_rank", 512)),
-        qk_nope_head_dim=int(r.opt("qk_nope_head_dim", 128)), qk_rope_head_dim=int(r.opt("qk_rope_head_dim", 64)),
-        v_head_dim=int(r.opt("v_head_dim", 128)), rope_theta=theta, rope_scaling=scaling,
-        rope_interleave=bool(r.opt("rope_interleave", True)),
-    )
+    moe = None
+    if version > 1 or r.opt("n_routed_experts") is not None:  # DeepSeek's v1 config is dense without experts
+        moe = MoEConfig(
+            n_routed_experts=int(r.first(("n_routed_experts", "num_local_experts", "num_experts"), 256 if v3 else 64)),
+            top_k=int(r.req("num_experts_per_tok") if version == 1 else r.opt("num_experts_per_tok", 8 if v3 else 6)),
+            expert_dim=int(r.opt("moe_intermediate_size", 2048 if v3 else 1407)),
+            n_shared_experts=int(r.opt("n_shared_experts", {1: 0, 2: 2, 3: 1}[version])),
+            score_func=r.opt("scoring_func", "sigmoid" if v3 else "softmax"),
+            norm_topk_prob=bool(r.opt("norm_topk_prob", v3)),
+            routed_scaling_factor=float(r.opt("routed_scaling_factor", 2.5 if v3 else 1.0)),
+            n_group=int(r.opt("n_group", 1)) if grouped else 1,
+            topk_group=int(r.opt("topk_group", 1)) if grouped else 1,
+            group_score="max" if method == "group_limited_greedy" else "top2_sum",  # V2 takes a group's best score
+            balance=balance,
+            **({"aux_loss_coef": alpha} if balance == "aux" else {"seq_aux_loss_coef": alpha}),
+        )
+    if version == 1:
+        attention = AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", heads)),
+                                    rope_theta=theta, rope_scaling=scaling)
+    else:
+        attention = MLAConfig(
+            n_heads=heads, q_lora_rank=r.data["q_lora_rank"] if "q_lora_rank" in r.data else 1536,
+            kv_lora_rank=int(r.opt("kv_lora_rank", 512)), qk_nope_head_dim=int(r.opt("qk_nope_head_dim", 128)),
+            qk_rope_head_dim=int(r.opt("qk_rope_head_dim", 64)), v_head_dim=int(r.opt("v_head_dim", 128)),
+            rope_theta=theta, rope_scaling=scaling, rope_interleave=bool(r.opt("rope_interleave", True)),
+        )
     n_mtp = int(r.first(("num_nextn_predict_layers", "num_mtp_layers"), 0)) if v3 else 0
     layout = LayoutConfig(first_k_dense=int(r.opt("first_k_dense_replace", 3 if v3 else 0)),
                           moe_layer_freq=int(r.opt("moe_layer_freq", 1)), n_mtp_modules=n_mtp)
     return ModelConfig(**common, ffn_dim=int(r.opt("intermediate_size", 18432 if v3 else 11008)),
-                       attention=attention, moe=moe, layout=layout, name=r.data.get("model_type", "deepseek"))
+                       attention=attention, moe=moe, layout=layout)
 
 
 def _olmoe(r: _Reader) -> ModelConfig:
+    r.reject("attention_bias", why=_O_BIAS)
     theta, scaling = _rope(r)
-    k = int(r.opt("num_experts_per_tok", 8))
     heads = int(r.req("num_attention_heads"))
-    return ModelConfig(
-        **_common(r, eps_default=1e-5),
+    config = ModelConfig(
+        **_common(r, eps=1e-5, max_pos=4096),
         ffn_dim=int(r.opt("intermediate_size", 2048)),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", heads)),
-                                  rope_theta=theta, rope_scaling=scaling, qk_norm="full",
-                                  qkv_bias=bool(r.opt("attention_bias", False)), clip_qkv=r.opt("clip_qkv")),
-        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 64)), top_k=k,
-                      expert_dim=int(r.opt("intermediate_size", 2048)),
+                                  rope_theta=theta, rope_scaling=scaling, qk_norm="full", clip_qkv=r.opt("clip_qkv")),
+        moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 64)),
+                      top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("intermediate_size", 2048)),
                       norm_topk_prob=bool(r.opt("norm_topk_prob", False)),
-                      aux_loss_coef=k * float(r.opt("router_aux_loss_coef", 0.01)),
                       z_loss_coef=float(r.opt("router_z_loss_coef", 0.0))),
-        name="olmoe",
     )
+    return _with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.01)))
 
 
 def _dbrx(r: _Reader) -> ModelConfig:
     attn, ffn = r.sub("attn_config"), r.sub("ffn_config")
     theta, scaling = _rope(attn if "rope_theta" in attn.data else r)
-    heads = int(r.opt("n_heads", 16))
-    d = int(r.opt("d_model", 2048))
-    k = int(ffn.opt("moe_top_k", 1))
     normalize = ffn.opt("moe_normalize_expert_weights", 1.0)
     if normalize not in (None, 1, 1.0):
         raise ValueError(f"{ffn.source}: moe_normalize_expert_weights={normalize} is not supported (1 or null)")
     hidden = int(ffn.opt("ffn_hidden_size", 3584))
-    return ModelConfig(
-        vocab_size=int(r.opt("vocab_size", 32000)), dim=d, n_layers=int(r.opt("n_layers", 24)), ffn_dim=hidden,
+    config = ModelConfig(
+        vocab_size=int(r.req("vocab_size")), dim=int(r.req("d_model")), n_layers=int(r.req("n_layers")),
+        ffn_dim=hidden, activation=_activation((ffn.opt("ffn_act_fn") or {}).get("name", "silu"), ffn.source),
         norm="layernorm", norm_eps=1e-5, tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
         init_std=float(r.opt("initializer_range", 0.02)), max_seq_len=int(r.opt("max_seq_len", 2048)),
-        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(attn.opt("kv_n_heads", 1)), rope_theta=theta,
-                                  rope_scaling=scaling, clip_qkv=attn.opt("clip_qkv")),
-        moe=MoEConfig(n_routed_experts=int(ffn.opt("moe_num_experts", 4)), top_k=k, expert_dim=hidden,
-                      norm_topk_prob=normalize is not None, aux_loss_coef=float(ffn.opt("moe_loss_weight", 0.01))),
+        attention=AttentionConfig(n_heads=int(r.req("n_heads")), n_kv_heads=int(attn.opt("kv_n_heads", 1)),
+                                  rope_theta=theta, rope_scaling=scaling, clip_qkv=attn.opt("clip_qkv")),
+        moe=MoEConfig(n_routed_experts=int(ffn.opt("moe_num_experts", 4)), top_k=int(ffn.opt("moe_top_k", 1)),
+                      expert_dim=hidden, norm_topk_prob=normalize is not None),
         name="dbrx",
     )
+    return _with_hf_aux(config, float(ffn.opt("moe_loss_weight", 0.01)))
 
 
 def _minimax_m2(r: _Reader) -> ModelConfig:
     theta, scaling = _rope(r)
-    common = _common(r, eps_default=1e-6)
+    common = _common(r, eps=1e-6, max_pos=196608)
     heads = int(r.req("num_attention_heads"))
-    head_dim = int(r.opt("head_dim", common["dim"] // heads))  # partial rotary needs the resolved value
+    head_dim = int(r.opt("head_dim", 128))  # partial rotary needs the resolved value
     params = r.opt("rope_parameters", {}) or {}
     partial = params.get("partial_rotary_factor", r.opt("partial_rotary_factor"))
     rotary_dim = r.opt("rotary_dim") or (int(head_dim * partial) if partial else None)
@@ -252,11 +284,13 @@ def _minimax_m2(r: _Reader) -> ModelConfig:
         **common,
         ffn_dim=int(r.opt("intermediate_size", 1536)),
         attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", 8)),
-                                  head_dim=_head_dim(r, heads), rotary_dim=rotary_dim, rope_theta=theta, rope_scaling=scaling, qk_norm="full"),
+                                  head_dim=None if head_dim * heads == common["dim"] else head_dim,
+                                  rotary_dim=None if rotary_dim == head_dim else rotary_dim, rope_theta=theta,
+                                  rope_scaling=scaling, qk_norm="full"),
+        # transformers' MiniMax-M2 selects on sigmoid + e_score_correction_bias and renormalises; no loss beside it
         moe=MoEConfig(n_routed_experts=int(r.first(("num_local_experts", "num_experts"), 256)),
                       top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("intermediate_size", 1536)),
                       score_func="sigmoid", norm_topk_prob=True, balance="aux_free", seq_aux_loss_coef=0.0),
-        name="minimax_m2",
     )
 
 
@@ -264,13 +298,15 @@ FAMILIES: dict[str, Callable[[_Reader], ModelConfig]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
-    "deepseek_v2": lambda r: _deepseek(r, v3=False),
-    "deepseek_v3": lambda r: _deepseek(r, v3=True),
-    "kimi_k2": lambda r: _deepseek(r, v3=True),
+    "deepseek": lambda r: _deepseek(r, version=1),  # DeepSeekMoE 16B (remote code)
+    "deepseek_v2": lambda r: _deepseek(r, version=2),
+    "deepseek_v3": lambda r: _deepseek(r, version=3),
+    "kimi_k2": lambda r: _deepseek(r, version=3),  # remote code with V3's architecture
     "olmoe": _olmoe,
     "dbrx": _dbrx,
     "minimax_m2": _minimax_m2,
 }
+TRANSFORMERS_FAMILIES = tuple(t for t in FAMILIES if t not in ("deepseek", "kimi_k2"))  # built into transformers
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -286,8 +322,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
         if str(err).startswith(source):
             raise
         raise ValueError(f"{source}: {err}") from None
-    except (TypeError, KeyError) as err:
-        raise ValueError(f"{source}: malformed {model_type} config ({err})") from None
+    except (TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"{source}: malformed {model_type} config ({type(err).__name__}: {err})") from None
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:
@@ -295,7 +331,7 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file")
+        raise ValueError(f"{file}: no such file" + (" (a directory without config.json)" if path.is_dir() else ""))
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -364,10 +400,11 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     """The Hugging Face config.json of ``model_type`` describing ``config``; raises naming the field that the
     family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults)."""
     c, m, lay = config, config.moe, config.layout
-    if model_type not in FAMILIES or model_type == "kimi_k2":
-        raise ValueError(f"model_type: unsupported {model_type!r}; supported: "
-                         f"{', '.join(t for t in FAMILIES if t != 'kimi_k2')}")
+    if model_type not in TRANSFORMERS_FAMILIES:
+        raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
     out = _base_out(c, model_type)
+    # transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099999...
+    hf_aux = float(f"{m.aux_loss_coef * max(len(c.moe_layer_ids), 1) / m.top_k:.12g}")
     plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
     softmax_plain = m.score_func == "softmax" and m.n_group == 1 and m.routed_scaling_factor == 1.0
     no_shared = m.n_shared_experts == 0
@@ -375,19 +412,22 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
         _require(model_type, no_shared, "moe.n_shared_experts", "no shared experts in this family")
     if model_type in ("mixtral", "olmoe", "minimax_m2", "dbrx"):
         _require(model_type, plain_layout, "layout", "every layer is MoE in this family")
+    if model_type not in ("deepseek_v3", "minimax_m2"):
+        _require(model_type, m.balance != "aux_free", "moe.balance", "no expert selection bias in this family")
     k = m.top_k
     if model_type == "mixtral":
         _require(model_type, softmax_plain and m.norm_topk_prob, "moe.score_func",
                  "softmax top-k renormalised only")
         out.update(_gqa_out(c, model_type, "none", False), intermediate_size=m.expert_dim,
                    num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
-                   router_aux_loss_coef=m.aux_loss_coef / k, sliding_window=c.attention.sliding_window)
+                   router_aux_loss_coef=hf_aux, sliding_window=c.attention.sliding_window)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
         qwen2 = model_type == "qwen2_moe"
-        out.update(_gqa_out(c, model_type, "none" if qwen2 else "head", None), intermediate_size=c.ffn_dim,
+        out.update(_gqa_out(c, model_type, "none" if qwen2 else "head", None if qwen2 else False),
+                   intermediate_size=c.ffn_dim,
                    moe_intermediate_size=m.expert_dim, num_experts=m.n_routed_experts, num_experts_per_tok=k,
-                   norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=m.aux_loss_coef / k,
+                   norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=hf_aux,
                    decoder_sparse_step=1, mlp_only_layers=[i for i in range(c.n_layers) if i not in c.moe_layer_ids],
                    use_sliding_window=c.attention.sliding_window is not None,
                    sliding_window=c.attention.sliding_window)
@@ -397,7 +437,7 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
             out.update(qkv_bias=c.attention.qkv_bias,
                        shared_expert_intermediate_size=m.resolved_shared_expert_dim * m.n_shared_experts)
         else:
-            out["attention_bias"] = c.attention.qkv_bias
+            out["attention_bias"] = False
     elif model_type in ("deepseek_v2", "deepseek_v3"):
         a = c.attention
         _require(model_type, isinstance(a, MLAConfig), "attention", "the family uses MLA")
@@ -409,8 +449,8 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
             _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.group_score == "top2_sum",
                      "moe", "sigmoid scores, aux-free bias and top-2-sum group scores (noaux_tc)")
         else:
-            _require(model_type, m.score_func == "softmax" and m.group_score == "max" and lay.n_mtp_modules == 0,
-                     "moe", "softmax scores, max group scores, no MTP")
+            _require(model_type, m.score_func == "softmax" and (m.group_score == "max" or m.n_group == 1)
+                     and lay.n_mtp_modules == 0, "moe", "softmax scores, max group scores, no MTP")
         method = "noaux_tc" if v3 else ("group_limited_greedy" if m.n_group > 1 else "greedy")
         out.update(num_attention_heads=a.n_heads, num_key_value_heads=a.n_heads, q_lora_rank=a.q_lora_rank,
                    kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
@@ -427,10 +467,10 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
             out["num_nextn_predict_layers"] = lay.n_mtp_modules
     elif model_type == "olmoe":
         _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
-        out.update(_gqa_out(c, model_type, "full", None), intermediate_size=m.expert_dim,
+        out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
                    num_experts=m.n_routed_experts, num_experts_per_tok=k, norm_topk_prob=m.norm_topk_prob,
-                   router_aux_loss_coef=m.aux_loss_coef / k, router_z_loss_coef=m.z_loss_coef,
-                   attention_bias=c.attention.qkv_bias, clip_qkv=c.attention.clip_qkv)
+                   router_aux_loss_coef=hf_aux, router_z_loss_coef=m.z_loss_coef, attention_bias=False,
+                   clip_qkv=c.attention.clip_qkv)
     elif model_type == "minimax_m2":
         _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.norm_topk_prob
                  and m.n_group == 1 and m.routed_scaling_factor == 1.0, "moe",
@@ -449,5 +489,5 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
                "attn_config": {"kv_n_heads": a.n_kv_heads, "clip_qkv": a.clip_qkv, "rope_theta": a.rope_theta},
                "ffn_config": {"ffn_hidden_size": m.expert_dim, "moe_num_experts": m.n_routed_experts,
                               "moe_top_k": k, "moe_normalize_expert_weights": 1.0,
-                              "moe_loss_weight": m.aux_loss_coef}}
+                              "moe_loss_weight": hf_aux}}
     return out

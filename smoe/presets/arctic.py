@@ -1,7 +1,12 @@
 """Snowflake Arctic: a dense transformer with a 128-expert top-2 MoE in parallel with every dense FFN
-(https://huggingface.co/Snowflake/snowflake-arctic-base/blob/main/config.json, parallel_attn_mlp_res=true).
-The residual MLP is hidden_size wide (modeling_arctic.py: ffn_dim = hidden_size when is_residual_mlp), hence
-ffn_dim = dim; the experts are intermediate_size wide."""
+(https://huggingface.co/Snowflake/snowflake-arctic-base/blob/main/config.json, parallel_attn_mlp_res=true,
+moe_layer_frequency=1). The residual MLP is hidden_size wide (modeling_arctic.py: ffn_dim = hidden_size when
+is_residual_mlp), hence ffn_dim = dim; the experts are intermediate_size wide.
+
+Approximated: Arctic feeds its MoE the block's input (post_attention_layernorm(residual_input), in parallel with
+attention), while our dense_residual block feeds both FFNs the post-attention stream; parameters are identical.
+Arctic trains with token dropping at capacity 1.0 (moe_token_dropping); this preset is dropless like the others
+(set moe.capacity_factor=1.0 to follow it)."""
 
 from smoe.config import AttentionConfig, LayoutConfig, ModelConfig, MoEConfig
 

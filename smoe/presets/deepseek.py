@@ -1,5 +1,11 @@
 """DeepSeek: DeepSeekMoE (arXiv 2401.06066), DeepSeek-V2 (2405.04434), DeepSeek-V3 (2412.19437), and Kimi K2, which
-reuses the V3 architecture. Fine-grained routed experts plus always-on shared experts; V2/V3 use MLA."""
+reuses the V3 architecture. Fine-grained routed experts plus always-on shared experts; V2/V3 use MLA.
+
+DeepSeekMoE 16B and V2 balance as their config.json says (seq_aux: true, aux_loss_alpha): the expert-level loss per
+sequence. V2's device-limited routing (§2.2.2) is the group-limited routing here, a group standing for a device.
+Not expressed: V2's device-level and communication balance losses and its token dropping at a per-device capacity
+(§2.2.3-2.2.4); these presets are dropless.
+"""
 
 from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig, RopeScaling
 
@@ -10,7 +16,7 @@ def deepseek_moe_16b() -> ModelConfig:
         name="deepseek-moe-16b", vocab_size=102400, dim=2048, n_layers=28, ffn_dim=10944, max_seq_len=4096,
         attention=AttentionConfig(n_heads=16, n_kv_heads=16),
         moe=MoEConfig(n_routed_experts=64, top_k=6, expert_dim=1408, n_shared_experts=2, norm_topk_prob=False,
-                      aux_loss_coef=0.001),
+                      balance="seq_aux", seq_aux_loss_coef=0.001),
         layout=LayoutConfig(first_k_dense=1),
     )
 
@@ -27,7 +33,8 @@ def deepseek_v2() -> ModelConfig:
         attention=MLAConfig(n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
                             qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_v2_yarn()),
         moe=MoEConfig(n_routed_experts=160, top_k=6, expert_dim=1536, n_shared_experts=2, norm_topk_prob=False,
-                      routed_scaling_factor=16.0, n_group=8, topk_group=3, group_score="max", aux_loss_coef=0.003),
+                      routed_scaling_factor=16.0, n_group=8, topk_group=3, group_score="max", balance="seq_aux",
+                      seq_aux_loss_coef=0.003),
         layout=LayoutConfig(first_k_dense=1),
     )
 
@@ -39,13 +46,15 @@ def deepseek_v2_lite() -> ModelConfig:
         attention=MLAConfig(n_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
                             qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_v2_yarn()),
         moe=MoEConfig(n_routed_experts=64, top_k=6, expert_dim=1408, n_shared_experts=2, norm_topk_prob=False,
-                      aux_loss_coef=0.001),
+                      balance="seq_aux", seq_aux_loss_coef=0.001),
         layout=LayoutConfig(first_k_dense=1),
     )
 
 
 def deepseek_v3() -> ModelConfig:
-    """https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json; balance per the paper §2.1.2, §4.2."""
+    """https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json; the balance coefficients are the paper's
+    (§2.1.2, §4.2: sequence-wise alpha 1e-4, bias step gamma 1e-3), not config.json's inference-time aux_loss_alpha.
+    The MTP module is counted apart from the 671B (smoe.accounting)."""
     return ModelConfig(
         name="deepseek-v3", vocab_size=129280, dim=7168, n_layers=61, ffn_dim=18432, max_seq_len=163840,
         attention=MLAConfig(n_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -61,7 +70,7 @@ def deepseek_v3() -> ModelConfig:
 
 def kimi_k2() -> ModelConfig:
     """https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json: V3's architecture with 384 experts,
-    64 heads, one dense layer and no expert groups."""
+    64 heads, one dense layer and no expert groups (balance coefficients as V3's paper; K2 trains with MuonClip)."""
     return ModelConfig(
         name="kimi-k2", vocab_size=163840, dim=7168, n_layers=61, ffn_dim=18432, max_seq_len=131072,
         attention=MLAConfig(n_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,

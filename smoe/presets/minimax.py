@@ -1,5 +1,9 @@
 """MiniMax-M2: 256 experts top-8 with sigmoid scores and a selection bias, partial rotary embeddings and qk-norm
-over all heads (https://huggingface.co/MiniMaxAI/MiniMax-M2/blob/main/config.json)."""
+over all heads (https://huggingface.co/MiniMaxAI/MiniMax-M2/blob/main/config.json).
+
+Not expressed: the multi-token-prediction modules of config.json (use_mtp, num_mtp_modules), whose structure
+transformers does not implement; n_mtp_modules stays 0, and the total leaves them out as the published 230B
+appears to."""
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 

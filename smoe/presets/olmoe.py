@@ -1,5 +1,9 @@
 """OLMoE (Muennighoff et al. 2024, arXiv 2409.02060): 64 experts top-8, no shared expert, dropless, qk-norm over
-all heads, load-balancing loss 0.01 and z-loss 0.001 (§2)."""
+all heads, load-balancing loss 0.01 and z-loss 0.001 (§2).
+
+The load-balancing weight is config.json's router_aux_loss_coef (0.01) converted from transformers' pooled loss to
+our per-layer one (x top_k / n_layers, see smoe.interop.hf_config); the z-loss weight is the paper's, per layer.
+"""
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 
@@ -9,8 +13,8 @@ def olmoe_1b_7b() -> ModelConfig:
     return ModelConfig(
         name="olmoe-1b-7b", vocab_size=50304, dim=2048, n_layers=16, ffn_dim=1024, norm_eps=1e-5, max_seq_len=4096,
         attention=AttentionConfig(n_heads=16, n_kv_heads=16, qk_norm="full"),
-        moe=MoEConfig(n_routed_experts=64, top_k=8, expert_dim=1024, norm_topk_prob=False, aux_loss_coef=0.01,
-                      z_loss_coef=0.001),
+        moe=MoEConfig(n_routed_experts=64, top_k=8, expert_dim=1024, norm_topk_prob=False,
+                      aux_loss_coef=0.01 * 8 / 16, z_loss_coef=0.001),
     )
 
 
