@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from smoe.models import Transformer, build_model
-from smoe.moe.router import Router, expert_choice, token_choice
 from smoe.train import checkpoint as ckpt
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -39,7 +38,7 @@ def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, t
     model.eval()
     captured: dict[int, list[torch.Tensor]] = {}
     handles = []
-    for idx, layer in model._moe_by_index().items():
+    for idx, layer in model.moe_layers_by_index().items():
         if idx >= model.config.n_layers or layer.config.routing != "token_choice":
             continue
 
@@ -73,31 +72,13 @@ def knock_out(model: Transformer, routed: dict[int, list[int]] | None = None, sh
     """Within the block, the listed routed experts of each layer get -inf router logits (tokens go to the
     remaining experts), and with ``shared`` every shared expert's output is zero."""
     routed = routed or {}
-    layers = model._moe_by_index()
+    layers = model.moe_layers_by_index()
     saved: list[tuple[Any, str, Any]] = []
-
-    def masked_forward(router: Router, disabled: list[int]):
-        def forward(x_TD):
-            with torch.autocast(x_TD.device.type, enabled=False):
-                logits = x_TD.float() @ router.weight.float().t()
-            if router.logit_bias is not None:
-                logits = logits + router.logit_bias.float()
-            logits[:, disabled] = float("-inf")
-            if router.config.routing == "expert_choice":
-                return expert_choice(logits, router.config)
-            bias = router.expert_bias
-            if bias is not None:
-                bias = bias.clone()
-                bias[disabled] = float("-inf")
-            return token_choice(logits, router.config, bias)
-
-        return forward
-
     try:
         for idx, disabled in routed.items():
             router = layers[idx].router
             saved.append((router, "forward", router.__dict__.get("forward")))
-            router.forward = masked_forward(router, disabled)
+            router.forward = lambda x_TD, r=router, off=disabled: r.route(r.logits(x_TD), off)
         if shared:
             for layer in layers.values():
                 if layer.shared is not None:
@@ -179,7 +160,7 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
     """Every analysis above on one model and a fixed set of batches; JSON-ready."""
     traces, base_loss = trace_routing(model, batches)
     token_ids = torch.cat([b[0] for b in batches])
-    layers = model._moe_by_index()
+    layers = model.moe_layers_by_index()
     result: dict[str, Any] = {"loss": base_loss, "layers": {}, "sources": source_names}
     for idx, trace in traces.items():
         E = layers[idx].config.n_routed_experts

@@ -113,12 +113,13 @@ class Transformer(nn.Module):
     def update_expert_biases(self, loads: dict[int, torch.Tensor]) -> None:
         """Aux-free balancing step, called after the optimizer step with each MoE layer's load summed over
         the step (``RouterStats.load`` by layer index, as in ``ModelOutput.router_stats``)."""
-        for idx, layer in self._moe_by_index().items():
+        for idx, layer in self.moe_layers_by_index().items():
             if layer.router.expert_bias is not None and idx in loads:
                 bias = layer.router.expert_bias
                 bias.copy_(update_expert_bias(bias, loads[idx], layer.config.bias_update_rate))
 
-    def _moe_by_index(self) -> dict[int, MoELayer]:
+    def moe_layers_by_index(self) -> dict[int, MoELayer]:
+        """MoE layers keyed as ModelOutput.router_stats is (MTP depth d: n_layers + d - 1)."""
         blocks = {i: b for i, b in enumerate(self.layers)}
         blocks.update({self.config.n_layers + d: m.block for d, m in enumerate(self.mtp)})
         return {i: b.ffn for i, b in blocks.items() if b.is_moe}

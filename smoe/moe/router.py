@@ -48,15 +48,29 @@ class Router(nn.Module):
             self.expert_bias = None
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
+        return self.route(self.logits(x_TD))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         # Routing decisions are made in fp32 whatever the activation dtype or autocast: bf16 rounding flips top-K
         # choices and saturates the balance statistics.
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = x_TD.float() @ self.weight.float().t()
         if self.logit_bias is not None:
             logits_TE = logits_TE + self.logit_bias.float()
+        return logits_TE
+
+    def route(self, logits_TE: torch.Tensor, disabled: list[int] | None = None) -> Routing:
+        """Routing from logits; ``disabled`` experts can never be chosen (expert knock-out analyses)."""
+        bias_E = self.expert_bias
+        if disabled:
+            logits_TE = logits_TE.clone()
+            logits_TE[:, disabled] = float("-inf")
+            if bias_E is not None:
+                bias_E = bias_E.clone()
+                bias_E[disabled] = float("-inf")
         if self.config.routing == "expert_choice":
             return expert_choice(logits_TE, self.config)
-        return token_choice(logits_TE, self.config, self.expert_bias)
+        return token_choice(logits_TE, self.config, bias_E)
 
 
 def token_choice(logits_TE: torch.Tensor, cfg: MoEConfig, expert_bias_E: torch.Tensor | None) -> Routing:

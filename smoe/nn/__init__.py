@@ -7,4 +7,14 @@ from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
 from smoe.nn.rope import RotaryEmbedding, apply_rope
 
-__all__ = ["MLA", "MLP", "Attention", "LayerNorm", "RMSNorm", "RotaryEmbedding", "apply_rope", "init_weights", "make_norm"]
+__all__ = [
+    "MLA",
+    "MLP",
+    "Attention",
+    "LayerNorm",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rope",
+    "init_weights",
+    "make_norm",
+]

@@ -174,7 +174,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
                          f"({model_config.max_seq_len})")
     out_dir = Path(out_dir)
     start = prepare_out_dir(out_dir, model_config, train_config, data.fingerprint, resume)
-    device = _device(train_config.device)
+    device = resolve_device(train_config.device)
     _seed_everything(train_config.seed)
     model = build_model(model_config).to(device)
     model.set_expert_backend(train_config.expert_backend)
@@ -194,7 +194,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     peak = _peak_flops(device, train_config)
     result = TrainResult(out_dir=out_dir, step=step, skipped_steps=skipped)
     writer = _tensorboard(out_dir)
-    autocast = _autocast(device, train_config.precision)
+    autocast = autocast_context(device, train_config.precision)
     last_saved: Path | None = start.path if start is not None else None
     speeds: list[float] = []
 
@@ -322,7 +322,7 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -334,7 +334,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

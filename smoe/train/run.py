@@ -24,7 +24,16 @@ from smoe.train.data import (
     tokenize_documents,
     val_batches,
 )
-from smoe.train.loop import TrainConfig, TrainData, TrainResult, _autocast, _device, evaluate, prepare_out_dir, train
+from smoe.train.loop import (
+    TrainConfig,
+    TrainData,
+    TrainResult,
+    autocast_context,
+    evaluate,
+    prepare_out_dir,
+    resolve_device,
+    train,
+)
 
 
 def resolve_model_config(model: str | ModelConfig, overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -99,12 +108,12 @@ def evaluate_checkpoint(
     tokenizer = load_tokenizer(path / "tokenizer.json")
     split = tokenize_documents(data, tokenizer, text_field)
     batches = val_batches(split, seq_len, batch_size, max_batches)
-    dev = _device(device)
+    dev = resolve_device(device)
     model = build_model(config)
     ckpt.load_model_state(path, model)
     model.to(dev)
     lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     n_bytes = int(sum(lengths[targets].sum() for _, targets in batches))
-    result = evaluate(model, batches, n_bytes, dev, _autocast(dev, precision))
+    result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, precision))
     n_tokens = sum(int(t.numel()) for _, t in batches)
     return {**result, "tokens": n_tokens, "checkpoint": str(path)}
