@@ -12,6 +12,7 @@ __all__ = [
     "MoEConfig",
     "RopeScaling",
     "build_model",
+    "generate",
 ]
 
 
@@ -21,4 +22,10 @@ def __getattr__(name: str):
         from smoe.models import build_model
 
         return build_model
+    if name == "generate":
+        # The function lives in smoe.generation: a submodule named smoe.generate would replace this attribute
+        # with the module as soon as anything imported it.
+        from smoe.generation import generate
+
+        return generate
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")
