@@ -155,6 +155,54 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     print(f"written: {out}")
 
 
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from smoe.eval.analysis import load_checkpoint_model
+    from smoe.generation import TextStream, default_stop_tokens, generate_stream, load_tokenizer
+    from smoe.train import checkpoint as ckpt
+    from smoe.train.loop import resolve_device
+
+    if bool(args.prompt) == bool(args.prompt_ids):
+        raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
+    prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
+    path = ckpt.resolve_checkpoint(args.path)
+    tokenizer = load_tokenizer(path)
+    if args.prompt and tokenizer is None:
+        raise ValueError(f"{path / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
+                         "pass token ids with --prompt-ids 1,2,3")
+    if args.prompt:
+        prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
+    device = resolve_device(args.device)
+    model, _ = load_checkpoint_model(path)
+    model.to(device)
+    stop = default_stop_tokens(path, tokenizer)
+    steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+    if args.prompt and len(prompt_ids) == 1:
+        # One prompt: stream its continuation as it comes.
+        stream = TextStream(tokenizer)
+        print(args.prompt[0], end="", flush=True)
+        for ids_B in steps:
+            print(stream.push(ids_B.tolist()), end="", flush=True)
+        print(stream.flush())
+        return
+    rows: list[list[int]] = [[] for _ in prompt_ids]
+    for ids_B in steps:
+        for row, token in zip(rows, ids_B.tolist()):
+            if not (row and row[-1] in stop):
+                row.append(token)
+    for i, row in enumerate(rows):
+        text = args.prompt[i] + tokenizer.decode(row) if args.prompt else ",".join(map(str, row))
+        print(text if len(rows) == 1 else f"[{i}] {text}")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+    return ids
+
+
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
 _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
@@ -252,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", help="JSON output file (default: CHECKPOINT/analysis.json)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained model (greedy or sampled, streamed)",
+                       description="Continue prompts with a model: greedy by default, sampled with --temperature. "
+                                   "One text prompt streams its continuation; several are batched (left-padded). "
+                                   "Generation stops at the model's end-of-sequence token or --max-new-tokens.")
+    p.add_argument("path", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text to continue (repeatable: one batch); needs the model's tokenizer.json")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="token ids to continue, e.g. 1,2,3 (repeatable); prints the new ids")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this probability")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

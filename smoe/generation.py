@@ -13,7 +13,9 @@ Legend: B batch (prompts), T prompt length (padded), N new tokens, V vocabulary.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -128,6 +130,39 @@ class TextStream:
         text = self.tokenizer.decode(self.ids[self.prefix :])
         self.prefix = self.read = len(self.ids)
         return text[len(printed):]
+
+
+def load_tokenizer(directory: str | Path):
+    """The ``tokenizer.json`` beside a model, or None when there is none (token ids still work)."""
+    from tokenizers import Tokenizer
+
+    file = Path(directory) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for bad files
+        raise ValueError(f"{file}: not a readable tokenizer.json ({err})") from None
+
+
+def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:
+    """The model's end-of-sequence ids: ``eos_token_id`` of a Hugging Face generation_config.json or config.json,
+    else the tokenizer's ``<|endoftext|>`` (what ``smoe train`` ends documents with); [] when neither knows."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(directory) / name
+        try:
+            eos = json.loads(file.read_text()).get("eos_token_id")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer is not None:
+        from smoe.train.data import EOS
+
+        eos_id = tokenizer.token_to_id(EOS)
+        if eos_id is not None:
+            return [eos_id]
+    return []
 
 
 # --- checks --------------------------------------------------------------------------------------------------------
