@@ -164,7 +164,7 @@ def _pieces(config: ModelConfig, model_type: str, state: dict[str, torch.Tensor]
     for name, tensor in state.items():
         if name in claimed:
             continue
-        top, dot, rest = name.partition(".")
+        top, _, rest = name.partition(".")
         if top == "layers":
             i, _, inner = rest.partition(".")
             pieces += _block_pieces(km, int(i), f"layers.{i}.", inner, tensor)
@@ -228,11 +228,12 @@ class _Checkpoint:
     root: Path
     files: dict[str, SafetensorsFile]  # file name -> opened header
     where: dict[str, str]  # tensor name -> file name
+    listing: Path  # the file that lists the tensors: the index, or the single file
 
     @classmethod
     def single(cls, root: Path, file: str) -> "_Checkpoint":
         header = SafetensorsFile(root / file)
-        return cls(root, {file: header}, {k: file for k in header.keys()})
+        return cls(root, {file: header}, {k: file for k in header.keys()}, root / file)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.files[self.where[name]].shape(name)
@@ -259,7 +260,7 @@ def _open_checkpoint(root: Path) -> _Checkpoint:
         for name, file in weight_map.items():
             if name not in files[file].keys():
                 raise ValueError(f"{root / file}: missing key {name!r} (listed in {index})")
-        return _Checkpoint(root, files, dict(weight_map))
+        return _Checkpoint(root, files, dict(weight_map), index)
     if (root / SINGLE_FILE).is_file():
         return _Checkpoint.single(root, SINGLE_FILE)
     if any(root.glob("*.bin")) or any(root.glob("*.pt")):
@@ -275,7 +276,7 @@ def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor]
         by_name[p.hf].append(p)
     for name, group in by_name.items():
         if name not in ckpt.where:
-            raise ValueError(f"{ckpt.root}: missing key {name!r} (needed for {group[0].ours})")
+            raise ValueError(f"{ckpt.listing}: missing key {name!r} (needed for {group[0].ours})")
         shape, dtype = ckpt.shape(name), ckpt.dtype(name)
         if not dtype.is_floating_point:
             raise ValueError(f"{ckpt.describe(name)}: {name} has dtype {dtype}, expected floating point")

@@ -59,11 +59,13 @@ class SafetensorsFile:
             if self._start + end > size:
                 raise ValueError(f"{self.path}: truncated; {name} ends at byte {self._start + end} of {size}")
             self._entries[name] = (dtype, shape, self._start + begin, self._start + end)
+        # In file order, so that streaming every tensor reads the file front to back.
+        self._entries = dict(sorted(self._entries.items(), key=lambda item: item[1][2]))
         self._file = None
         self._map: mmap.mmap | None = None
 
-    def keys(self) -> list[str]:
-        return list(self._entries)
+    def keys(self):
+        return self._entries.keys()
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
