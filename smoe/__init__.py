@@ -13,6 +13,8 @@ __all__ = [
     "RopeScaling",
     "build_model",
     "generate",
+    "load_pretrained",
+    "save_pretrained",
 ]
 
 
@@ -28,4 +30,8 @@ def __getattr__(name: str):
         from smoe.generation import generate
 
         return generate
+    if name in ("load_pretrained", "save_pretrained"):
+        from smoe.interop import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")

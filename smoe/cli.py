@@ -156,7 +156,9 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from smoe.eval.analysis import load_checkpoint_model
+    import torch
+
+    import smoe
     from smoe.generation import TextStream, default_stop_tokens, generate_stream, load_tokenizer
     from smoe.train import checkpoint as ckpt
     from smoe.train.loop import resolve_device
@@ -164,17 +166,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if bool(args.prompt) == bool(args.prompt_ids):
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
-    path = ckpt.resolve_checkpoint(args.path)
-    tokenizer = load_tokenizer(path)
+    path = Path(args.path)
+    # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
+    directory = path if (path / "config.json").is_file() else ckpt.resolve_checkpoint(path)
+    tokenizer = load_tokenizer(directory)
     if args.prompt and tokenizer is None:
-        raise ValueError(f"{path / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
+        raise ValueError(f"{directory / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
-    device = resolve_device(args.device)
-    model, _ = load_checkpoint_model(path)
-    model.to(device)
-    stop = default_stop_tokens(path, tokenizer)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    model = smoe.load_pretrained(directory, dtype=dtype, device=resolve_device(args.device))
+    stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
     if args.prompt and len(prompt_ids) == 1:
@@ -201,6 +204,28 @@ def _parse_ids(text: str) -> list[int]:
     except ValueError:
         raise ValueError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
     return ids
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from smoe.interop import hf
+
+    if args.model_type and args.to != "hf":
+        raise ValueError("--model-type: only with --to hf")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    model = hf.load_pretrained(args.path, dtype=dtype)
+    tokenizer_json = hf.read_tokenizer_json(args.path)
+    if args.to == "hf":
+        model_type = args.model_type or hf.infer_model_type(model.config)
+        out = hf.save_pretrained(model, args.out, model_type=model_type, tokenizer_json=tokenizer_json)
+        kind = f"Hugging Face {model_type}"
+    else:
+        out = hf.save_model_checkpoint(model, args.out, tokenizer_json=tokenizer_json)
+        kind = "smoe"
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.path} -> {out}: {kind} format, {n_params / 1e6:.1f}M parameters"
+          + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
 
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
@@ -305,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue prompts with a model: greedy by default, sampled with --temperature. "
                                    "One text prompt streams its continuation; several are batched (left-padded). "
                                    "Generation stops at the model's end-of-sequence token or --max-new-tokens.")
-    p.add_argument("path", help="a checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("path", help="a Hugging Face model directory, a smoe checkpoint, or a run directory (its latest "
+                                "checkpoint)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="text to continue (repeatable: one batch); needs the model's tokenizer.json")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
@@ -316,7 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this probability")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: as stored)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways)")
+    p.add_argument("path", help="a Hugging Face model directory, or a smoe checkpoint / run directory")
+    p.add_argument("--to", choices=["smoe", "hf"], default="smoe",
+                   help="smoe: a smoe model checkpoint (default); hf: a directory transformers and vLLM load")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--model-type", help="with --to hf: the transformers family, e.g. mixtral, deepseek_v3 "
+                                        "(default: the one the model came from, else the first that fits)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
+                                                                     "checkpoints become bf16)")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

@@ -133,16 +133,18 @@ class TextStream:
 
 
 def load_tokenizer(directory: str | Path):
-    """The ``tokenizer.json`` beside a model, or None when there is none (token ids still work)."""
+    """The ``tokenizer.json`` of a model directory or checkpoint, or None when it has none (ids still work)."""
     from tokenizers import Tokenizer
 
-    file = Path(directory) / "tokenizer.json"
-    if not file.is_file():
+    from smoe.interop.hf import read_tokenizer_json
+
+    text = read_tokenizer_json(directory)
+    if text is None:
         return None
     try:
-        return Tokenizer.from_file(str(file))
+        return Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for bad files
-        raise ValueError(f"{file}: not a readable tokenizer.json ({err})") from None
+        raise ValueError(f"{Path(directory) / 'tokenizer.json'}: not a readable tokenizer.json ({err})") from None
 
 
 def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:

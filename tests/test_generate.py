@@ -10,7 +10,6 @@ from smoe import presets
 from smoe.cli import main
 from smoe.config import RopeScaling
 from smoe.generation import TextStream, generate_stream, pad_left, sample
-from smoe.interop.hf_config import config_to_hf
 from smoe.models import build_model
 
 YARN = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
@@ -147,46 +146,24 @@ def test_text_stream_never_prints_a_partial_character():
 
 # --- greedy parity with transformers' generate -------------------------------------------------------------------
 
-HF_CASES = {
-    "mixtral": ("mixtral-tiny", {}),
-    "qwen2_moe": ("qwen2-moe-tiny", {}),
-    "qwen3_moe": ("qwen3-moe-tiny", {}),
-    "olmoe": ("olmoe-tiny", {}),
-    "deepseek_v3": ("deepseek-v3-tiny", {"layout.n_mtp_modules": 0}),
-    "deepseek_v2": ("deepseek-v2-tiny", {"attention.q_lora_rank": None}),
-    "deepseek_v2-q_lora": ("deepseek-v2-tiny", {}),
-}
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2-q_lora",
+                                  "deepseek_v3"])
+def test_greedy_matches_transformers_generate_on_a_left_padded_batch(case, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_interop import _hf_model  # the tiny transformers model of each family, saved and converted
 
-
-@pytest.mark.parametrize("case", HF_CASES)
-def test_greedy_matches_transformers_generate_on_a_left_padded_batch(case):
-    transformers = pytest.importorskip("transformers")
-    from test_hf_logit_parity import _our_name  # the test-local weight-name map
-
-    model_type = case.split("-")[0]
-    preset, changes = HF_CASES[case]
-    config = presets.get(preset, **{"n_layers": 2, **changes})
-    hf_dict = config_to_hf(config, model_type)
-    hf_dict.pop("model_type")
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **hf_dict),
-                                                           attn_implementation="eager").eval()
-    state = hf.state_dict()
-    for name, tensor in state.items():
-        if name.endswith("e_score_correction_bias"):
-            tensor.normal_(0, 0.1)  # a non-zero correction bias changes which experts are selected
-    ours = build_model(config).eval()
-    ours.load_state_dict({_our_name(k): v for k, v in state.items() if _our_name(k)}, strict=True)
+    hf = _hf_model(case)
+    hf.save_pretrained(tmp_path)
+    ours = smoe.load_pretrained(tmp_path)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(1, config.vocab_size, (n,), generator=g).tolist() for n in (9, 5)]
+    prompts = [torch.randint(1, ours.config.vocab_size, (n,), generator=g).tolist() for n in (9, 5)]
     ids, mask = pad_left(prompts, pad_id=0)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # no EOS: both sides run the full length
         expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
                                eos_token_id=None)[:, ids.shape[1]:]
+    assert expected.shape == (2, 16)
     assert torch.equal(smoe.generate(ours, prompts, max_new_tokens=16, pad_id=0), expected)
 
 
@@ -221,6 +198,18 @@ def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, 
     new = smoe.generate(model, [tokenizer.encode("once upon").ids], max_new_tokens=8,
                         stop_tokens=default_stop_tokens(trained, tokenizer))
     assert out == "once upon" + tokenizer.decode(new[0].tolist()) + "\n"
+
+
+def test_cli_generates_the_same_from_the_run_exported_to_hugging_face(trained, tmp_path, capsys):
+    from smoe.interop.hf import read_tokenizer_json
+
+    smoe.save_pretrained(smoe.load_pretrained(trained), tmp_path / "hf", model_type="mixtral",
+                         tokenizer_json=read_tokenizer_json(trained))
+    argv = ["--prompt", "a fox", "--prompt", "the sun", "--max-new-tokens", "8"]
+    assert main(["generate", str(trained), *argv]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "hf"), *argv]) == 0
+    assert capsys.readouterr().out == from_run and from_run.startswith("[0] a fox")
 
 
 def test_cli_without_a_tokenizer_takes_ids_and_refuses_text(trained, tmp_path, capsys):
