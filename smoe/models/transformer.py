@@ -222,7 +222,8 @@ class Transformer(nn.Module):
                 return positions_BT, cache.valid_BS[:, None, None, : start + 1]
             valid_BS = cache.valid_BS[:, : start + T]
         else:
-            real_BT = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+            real_BT = (attention_mask.bool() if attention_mask is not None
+                       else torch.ones_like(input_ids, dtype=torch.bool))
             # As transformers computes position ids from the mask: real tokens count 0, 1, 2, ... per row.
             positions_BT = real_BT.long().cumsum(1) - 1
             if cache is not None:
