@@ -159,12 +159,13 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     import smoe
-    from smoe.generation import TextStream, default_stop_tokens, generate_stream, load_tokenizer
+    from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream, load_tokenizer
     from smoe.train import checkpoint as ckpt
     from smoe.train.loop import resolve_device
 
     if bool(args.prompt) == bool(args.prompt_ids):
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
     path = Path(args.path)
     # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (repeatable: one batch); needs the model's tokenizer.json")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
                    help="token ids to continue, e.g. 1,2,3 (repeatable); prints the new ids")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this probability")

@@ -50,7 +50,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
     _check_model(model)
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     device = model.embed.weight.device
     input_ids_BT, mask_BT = _as_batch(prompts, attention_mask, pad_id, model.config.vocab_size, device)
     B, T = input_ids_BT.shape
@@ -177,7 +177,8 @@ def _check_model(model: Transformer) -> None:
                          "batch, later positions included, so a token's output depends on tokens not yet generated")
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise naming the first out-of-range generation argument."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:

@@ -237,6 +237,7 @@ def test_cli_sampling_with_a_seed_repeats(trained, capsys):
     (["generate", "no/such/run", "--prompt-ids", "1"], "no/such/run"),
     (["generate", "no/such/run"], "--prompt TEXT or --prompt-ids"),
     (["generate", "no/such/run", "--prompt-ids", "1,x"], "--prompt-ids '1,x'"),
+    (["generate", "no/such/run", "--prompt-ids", "1", "--top-p", "2"], "top_p: must be in (0, 1]"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
