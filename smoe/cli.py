@@ -86,6 +86,7 @@ def parse_assignments(items: list[str]) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from smoe.parallel import is_main_process
     from smoe.train import train_model
 
     options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
@@ -97,8 +98,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
     final = result.final_eval or {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-    print(f"trained {result.step} steps ({result.skipped_steps} skipped); {summary}")
-    print(f"checkpoint: {result.checkpoint}")
+    if is_main_process():
+        print(f"trained {result.step} steps ({result.skipped_steps} skipped); {summary}")
+        print(f"checkpoint: {result.checkpoint}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -158,7 +160,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
 _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
-                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile")
+                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
+                  "dist_timeout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-backend", help="expert kernel: auto, reference, grouped_mm")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, else measured)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
+    p.add_argument("--dp", type=int, help="data-parallel replicas of each expert shard (default: processes / ep)")
+    p.add_argument("--dist-timeout", type=float,
+                   help="seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits/byte of a checkpoint on text data")
