@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from smoe.config import MoEConfig
 from smoe.moe.experts import RoutedExperts
+from smoe.moe.layer import MoELayer
 
 
 class _AllToAll(torch.autograd.Function):
@@ -86,15 +87,16 @@ class ExpertParallelExperts(RoutedExperts):
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Shard every MoE layer's routed experts over the mesh's ``ep`` dimension (the whole mesh if it is 1-D) and
-    make the balance statistics count the tokens of every rank in the mesh, since each rank routes different tokens.
-    The mesh must span the default process group. Modifies ``model`` in place and returns it; build it identically
-    on every rank (same seed) first, so each rank slices the same global weights."""
+    """Shard the routed experts of every MoELayer in ``model`` (a Transformer, or a layer) over the mesh's ``ep``
+    dimension (the whole mesh if it is 1-D), and make the balance statistics count the tokens of every rank in the
+    mesh, since each rank routes different tokens. The mesh must span the default process group. Modifies ``model``
+    in place and returns it; build it identically on every rank (same seed) first, so each rank slices the same
+    global weights."""
     if mesh.size() != dist.get_world_size():
         raise ValueError(f"mesh: must span all {dist.get_world_size()} ranks, got {mesh.size()}")
     ep_mesh = mesh["ep"] if mesh.ndim > 1 else mesh
     ep_group = ep_mesh.get_group()
-    for layer in model.moe_layers:
+    for layer in [m for m in model.modules() if isinstance(m, MoELayer)]:
         if mesh.size() > 1:
             layer.load_reduction = _sum_over_world
         if ep_mesh.size() > 1:
