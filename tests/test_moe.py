@@ -217,5 +217,6 @@ def test_device_balance_loss_is_one_when_uniform_and_sees_only_device_totals():
     # Imbalance inside a device is not penalised; imbalance between devices is.
     skewed = torch.tensor([[0.5, 0.0, 0.25, 0.25]]).expand(8, 4)
     torch.testing.assert_close(device_balance_loss(skewed, torch.tensor([4, 0, 2, 2]), 2), torch.tensor(1.0))
-    torch.testing.assert_close(device_balance_loss(probs, torch.tensor([4, 4, 0, 0]), 2),
-                               torch.tensor(2 * 0.5 + 0 * 0.5))
+    to_device_0 = torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(8, 4)
+    torch.testing.assert_close(device_balance_loss(to_device_0, torch.tensor([4, 4, 0, 0]), 2),
+                               torch.tensor(2 * 0.8 + 0 * 0.2))
