@@ -12,6 +12,8 @@ __all__ = [
     "MoEConfig",
     "RopeScaling",
     "build_model",
+    "load_pretrained",
+    "save_pretrained",
 ]
 
 
@@ -21,4 +23,8 @@ def __getattr__(name: str):
         from smoe.models import build_model
 
         return build_model
+    if name in ("load_pretrained", "save_pretrained"):
+        from smoe.interop import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")

@@ -157,6 +157,39 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     print(f"written: {out}")
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch
+
+    from smoe.interop import hf
+    from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
+
+    if args.model_type and args.to != "hf":
+        raise ValueError("--model-type: only with --to hf")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
+    sharded = sharded_checkpoint(args.path)
+    if sharded is not None and args.to == "smoe" and dtype is None:
+        # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
+        out = consolidate(sharded, args.out)
+        print(f"{sharded} -> {out}: single-file smoe training checkpoint")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        source = consolidate(sharded, Path(scratch) / "single") if sharded is not None else args.path
+        model = hf.load_pretrained(source, dtype=dtype)
+        tokenizer_json = hf.read_tokenizer_json(source)
+    if args.to == "hf":
+        model_type = args.model_type or hf.infer_model_type(model.config)
+        out = hf.save_pretrained(model, args.out, model_type=model_type, tokenizer_json=tokenizer_json)
+        kind = f"Hugging Face {model_type}"
+    else:
+        out = hf.save_model_checkpoint(model, args.out, tokenizer_json=tokenizer_json)
+        kind = "smoe"
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.path} -> {out}: {kind} format, {n_params / 1e6:.1f}M parameters"
+          + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
+
+
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
 _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
@@ -259,6 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text")
     p.add_argument("--out", help="JSON output file (default: CHECKPOINT/analysis.json)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
+                                       "an expert-parallel checkpoint -> one file")
+    p.add_argument("path", help="a Hugging Face model directory, or a smoe checkpoint / run directory (an "
+                                "expert-parallel one becomes a single-file training checkpoint with --to smoe)")
+    p.add_argument("--to", choices=["smoe", "hf"], default="smoe",
+                   help="smoe: a smoe model checkpoint (default); hf: a directory transformers and vLLM load")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--model-type", help="with --to hf: the transformers family, e.g. mixtral, deepseek_v3 "
+                                        "(default: the one the model came from, else the first that fits)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
+                                                                     "checkpoints become bf16)")
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

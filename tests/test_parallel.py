@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from smoe.cli import main
 from smoe.config import MoEConfig
 from smoe.errors import TrainingError
 from smoe.models import build_model
@@ -204,6 +205,9 @@ def test_ep2_checkpoint_loads_into_one_process_and_consolidates(runs, tmp_path):
         "model-ep0-of-2.safetensors", "model-ep1-of-2.safetensors",
         "optimizer-ep0-of-2.safetensors", "optimizer-ep1-of-2.safetensors"]
     single = consolidate(sharded, tmp_path / "single")
+    assert main(["convert", str(runs / "ep2"), "--out", str(tmp_path / "converted")]) == 0
+    assert ckpt.read_tensors(tmp_path / "converted", "optimizer").keys() == \
+        ckpt.read_tensors(single, "optimizer").keys()
     assert {"model.safetensors", "optimizer.safetensors", "state.json", "config.json"} <= {
         p.name for p in single.iterdir()}
     a, b = build_model(preset("mixtral-tiny", **TINY)), build_model(preset("mixtral-tiny", **TINY))

@@ -487,6 +487,8 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
                "n_layers": c.n_layers, "max_seq_len": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
                "initializer_range": c.init_std,
                "attn_config": {"kv_n_heads": a.n_kv_heads, "clip_qkv": a.clip_qkv, "rope_theta": a.rope_theta},
+               # transformers 5 reads DBRX's theta from the top level and ignores attn_config's: write both.
+               "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
                "ffn_config": {"ffn_hidden_size": m.expert_dim, "moe_num_experts": m.n_routed_experts,
                               "moe_top_k": k, "moe_normalize_expert_weights": 1.0,
                               "moe_loss_weight": hf_aux}}

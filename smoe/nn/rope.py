@@ -51,8 +51,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, rot_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
-        inv_freq, self.attention_factor = rope_frequencies(rot_dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rot_dim, self.theta, self.scaling = rot_dim, theta, scaling
+        self.register_buffer("inv_freq", torch.empty(rot_dim // 2), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the frequencies, e.g. after ``to_empty()`` on a model built on the meta device."""
+        inv_freq, self.attention_factor = rope_frequencies(self.rot_dim, self.theta, self.scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]

@@ -11,6 +11,15 @@ from safetensors.torch import save_file
 from smoe.train import checkpoint as ckpt
 
 
+def sharded_checkpoint(path: str | Path) -> Path | None:
+    """The per-EP-rank training checkpoint that ``path`` is, or (a run directory) holds as its latest; else None."""
+    path = Path(path)
+    if not ckpt.is_complete(path):
+        latest = ckpt.latest_checkpoint(path) if path.is_dir() else None
+        path = latest.path if latest is not None else path
+    return path if ckpt.is_complete(path) and not (path / "model.safetensors").is_file() else None
+
+
 def consolidate(path: str | Path, out: str | Path) -> Path:
     """Write checkpoint ``path`` (either layout; a run directory means its latest) to directory ``out`` in the
     single-file layout: ``model.safetensors``, ``optimizer.safetensors`` and the JSON files. Returns ``out``."""

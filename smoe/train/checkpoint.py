@@ -18,7 +18,9 @@ reassemble whole tensors from either layout and slice them for the model they lo
 at any EP size (or none) with identical weights.
 
 A directory without every file above (a crash mid-write leaves only a ``.tmp-*`` directory, which is ignored and
-removed) is not a checkpoint. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
+removed) is not a training checkpoint. A *model* checkpoint (``smoe convert`` writes them) has only
+``model.safetensors`` and ``config.json`` (and ``tokenizer.json``): enough to evaluate, analyse and generate, not to
+resume. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from smoe.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 REQUIRED = ("model.safetensors", "optimizer.safetensors", "state.json", "config.json")
+MODEL_FILES = ("model.safetensors", "config.json")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _SHARD_FILE = re.compile(r"^model-ep(\d+)-of-(\d+)\.safetensors$")
 
@@ -74,15 +77,16 @@ def latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint). Raises naming the path otherwise."""
+    """A (training or model) checkpoint directory, or a run directory (its latest checkpoint). Raises naming the
+    path otherwise."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
-    if is_complete(path):
+    if is_complete(path) or all((path / f).is_file() for f in MODEL_FILES):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(REQUIRED)}) and holds none")
+        raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(MODEL_FILES)}) and holds none")
     return latest.path
 
 

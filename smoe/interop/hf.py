@@ -1,0 +1,585 @@
+"""Hugging Face checkpoints <-> smoe models: one declarative key map per family, streamed safetensors.
+
+    model = load_pretrained("path/to/Mixtral-8x7B", dtype=torch.bfloat16)   # a Hugging Face model directory
+    model = load_pretrained("runs/v3")                                     # or a smoe checkpoint / run directory
+    save_pretrained(model, "hf_out", model_type="deepseek_v3", tokenizer_json=...)  # transformers / vLLM load it
+
+Every tensor of our model is assembled from *pieces*: a piece copies one Hugging Face tensor (or a view of it: a
+row block of a fused QKV, an expert of a fused expert tensor, a transposed expert) into a region of one of our
+tensors. Importing runs the pieces forwards, exporting backwards, so the two directions cannot disagree. The
+pieces come from a family's ``KeyMap`` (below): renames of modules or tensors inside a block, the block prefix,
+and the per-expert names that are stacked into our ``w_gate_up (E, 2F, D)`` (gate rows first) and
+``w_down (E, D, F)``.
+
+Loading never holds a second copy of the weights: the model is built on the meta device, allocated empty, and
+filled tensor by tensor from memory-mapped files whose pages are released after each copy
+(``smoe.interop.safetensors_stream``). Every check that can fail (files, keys, shapes, dtypes) runs on the headers
+before a byte of weights is read, so a bad checkpoint raises one error naming the file and the key and nothing is
+half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
+
+Legend: E routed experts, F expert hidden dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from smoe.config import MLAConfig, ModelConfig
+from smoe.interop.hf_config import FAMILIES, TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
+from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.models import Transformer, build_model
+from smoe.nn.rope import RotaryEmbedding
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SMOE_MODEL_FILE = "model.safetensors"  # a smoe checkpoint's weights, under our own names
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+# --- the key maps ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How one family names its tensors. ``block`` maps our module (or tensor) names inside a transformer block to
+    theirs, the longest matching prefix wins; ``experts`` are the per-expert tensor names (gate, up, down) with
+    ``{e}``; ``fused`` builds pieces for tensors that are not plain renames (DBRX)."""
+
+    top: dict[str, str]
+    layer: str  # the block prefix, with {i}
+    block: dict[str, str]
+    experts: tuple[str, str, str] | None = None
+    mtp: dict[str, str] = field(default_factory=dict)  # DeepSeek-V3 multi-token-prediction extras, per MTP layer
+    fused: Callable[[ModelConfig, int, str], list["Piece"]] | None = None
+
+
+_LLAMA_TOP = {"embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"}
+_NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_GQA = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+        "attn.wo": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+_MLA = {"attn.wq": "self_attn.q_proj", "attn.wq_a": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
+        "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
+        "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj", "attn.wo": "self_attn.o_proj"}
+_DENSE_MLP = {"ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj", "ffn.down": "mlp.down_proj"}
+_MLP_EXPERTS = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")
+_W_EXPERTS = tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))
+_DEEPSEEK_MOE = {**_DENSE_MLP, "ffn.router": "mlp.gate", "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
+                 "ffn.shared.gate": "mlp.shared_experts.gate_proj", "ffn.shared.up": "mlp.shared_experts.up_proj",
+                 "ffn.shared.down": "mlp.shared_experts.down_proj"}
+# DeepSeek-V3's MTP layer L = n_layers + d holds a whole block plus these; its embed_tokens and shared_head.head
+# repeat the model's embedding and head.
+_DEEPSEEK_MTP = {"hidden_norm": "hnorm", "embed_norm": "enorm", "norm": "shared_head.norm", "proj": "eh_proj"}
+
+_MIXTRAL = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_GQA, "ffn.router": "block_sparse_moe.gate"},
+                  _W_EXPERTS)
+_QWEN3_MOE = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_GQA, **_DENSE_MLP, "ffn.router": "mlp.gate"},
+                    _MLP_EXPERTS)
+_QWEN2_MOE = replace(_QWEN3_MOE, block={
+    **_QWEN3_MOE.block, "ffn.shared.gate": "mlp.shared_expert.gate_proj", "ffn.shared.up": "mlp.shared_expert.up_proj",
+    "ffn.shared.down": "mlp.shared_expert.down_proj", "ffn.shared_gate": "mlp.shared_expert_gate"})
+_DEEPSEEK_V1 = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_GQA, **_DEEPSEEK_MOE}, _MLP_EXPERTS)
+_DEEPSEEK_V3 = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_MLA, **_DEEPSEEK_MOE}, _MLP_EXPERTS,
+                      mtp=_DEEPSEEK_MTP)
+_MINIMAX_M2 = replace(_MIXTRAL, block={**_MIXTRAL.block,
+                                       "ffn.router.expert_bias": "block_sparse_moe.e_score_correction_bias"})
+
+
+def _dbrx_fused(config: ModelConfig, i: int, prefix: str) -> list["Piece"]:
+    """DBRX fuses q, k, v into one ``Wqkv`` and stores each expert projection as one (E*F, D) matrix, the down
+    projection transposed."""
+    attn, moe, D = config.attention, config.moe, config.dim
+    q, kv = attn.n_heads * attn.resolved_head_dim(D), attn.n_kv_heads * attn.resolved_head_dim(D)
+    E, F = moe.n_routed_experts, moe.expert_dim
+    wqkv, mlp, ours = f"{prefix}norm_attn_norm.attn.Wqkv.weight", f"{prefix}ffn.experts.mlp.", f"layers.{i}."
+    qkv_shape, expert_shape = (q + 2 * kv, D), (E * F, D)
+    return [
+        Piece(wqkv, ours + "attn.wq.weight", view=lambda t: t[:q], shape=qkv_shape),
+        Piece(wqkv, ours + "attn.wk.weight", view=lambda t: t[q:q + kv], shape=qkv_shape),
+        Piece(wqkv, ours + "attn.wv.weight", view=lambda t: t[q + kv:], shape=qkv_shape),
+        Piece(mlp + "w1", ours + "ffn.experts.w_gate_up", (slice(None), slice(0, F)), lambda t: t.view(E, F, D),
+              shape=expert_shape),
+        Piece(mlp + "v1", ours + "ffn.experts.w_gate_up", (slice(None), slice(F, None)), lambda t: t.view(E, F, D),
+              shape=expert_shape),
+        Piece(mlp + "w2", ours + "ffn.experts.w_down", view=lambda t: t.view(E, F, D).transpose(1, 2),
+              shape=expert_shape),
+    ]
+
+
+_DBRX = KeyMap({"embed": "transformer.wte", "norm": "transformer.norm_f", "head": "lm_head"},
+               "transformer.blocks.{i}.",
+               {"attn_norm": "norm_attn_norm.norm_1", "ffn_norm": "norm_attn_norm.norm_2",
+                "attn.wo": "norm_attn_norm.attn.out_proj", "ffn.router": "ffn.router.layer"},
+               fused=_dbrx_fused)
+
+KEY_MAPS: dict[str, KeyMap] = {
+    "mixtral": _MIXTRAL,
+    "qwen2_moe": _QWEN2_MOE,
+    "qwen3_moe": _QWEN3_MOE,
+    "olmoe": _QWEN3_MOE,
+    "deepseek": _DEEPSEEK_V1,
+    "deepseek_v2": _DEEPSEEK_V3,
+    "deepseek_v3": _DEEPSEEK_V3,
+    "kimi_k2": _DEEPSEEK_V3,
+    "dbrx": _DBRX,
+    "minimax_m2": _MINIMAX_M2,
+}
+assert KEY_MAPS.keys() == FAMILIES.keys()
+# Tensors some checkpoints carry that hold no weights (old transformers saved RoPE's cache).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``ours[index]`` <-> ``view(theirs)``: the unit both directions of a conversion are made of."""
+
+    hf: str
+    ours: str
+    index: tuple = ()
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None
+    load: bool = True  # False: a duplicate the checkpoint repeats (DeepSeek-V3's MTP embedding and head)
+    shape: tuple[int, ...] | None = None  # theirs, when it is not ours[index]'s (a view's source, for export)
+
+    def source(self, t: torch.Tensor) -> torch.Tensor:
+        return self.view(t) if self.view is not None else t
+
+
+def _pieces(config: ModelConfig, model_type: str, state: dict[str, torch.Tensor]) -> list[Piece]:
+    """The pieces that build every tensor in ``state`` (our names) for ``model_type``."""
+    km = KEY_MAPS[model_type]
+    pieces: list[Piece] = []
+    n = config.n_layers
+    for i in range(n):
+        if km.fused is not None:
+            pieces += km.fused(config, i, km.layer.format(i=i))
+    claimed = {p.ours for p in pieces}
+    for name, tensor in state.items():
+        if name in claimed:
+            continue
+        top, dot, rest = name.partition(".")
+        if top == "layers":
+            i, _, inner = rest.partition(".")
+            pieces += _block_pieces(km, int(i), f"layers.{i}.", inner, tensor)
+        elif top == "mtp":
+            d, _, inner = rest.partition(".")
+            prefix = km.layer.format(i=n + int(d))
+            if inner.startswith("block."):
+                pieces += _block_pieces(km, n + int(d), f"mtp.{d}.block.", inner[len("block."):], tensor)
+            elif inner == "proj.weight":  # ours concatenates [hidden, embedding], DeepSeek [embedding, hidden]
+                D, shape = config.dim, tuple(tensor.shape)
+                pieces += [Piece(prefix + "eh_proj.weight", name, (slice(None), slice(0, D)), lambda t: t[:, D:],
+                                 shape=shape),
+                           Piece(prefix + "eh_proj.weight", name, (slice(None), slice(D, None)), lambda t: t[:, :D],
+                                 shape=shape)]
+            else:
+                pieces.append(Piece(prefix + _rename(km.mtp, inner, name), name))
+        else:
+            pieces.append(Piece(_rename(km.top, name, name), name))
+    for d in range(config.layout.n_mtp_modules):
+        prefix = km.layer.format(i=n + d)
+        pieces.append(Piece(prefix + "embed_tokens.weight", "embed.weight", load=False))
+        head = "embed.weight" if config.tie_embeddings else "head.weight"
+        pieces.append(Piece(prefix + "shared_head.head.weight", head, load=False))
+    return pieces
+
+
+def _block_pieces(km: KeyMap, hf_index: int, ours_prefix: str, inner: str, tensor: torch.Tensor) -> list[Piece]:
+    prefix, name = km.layer.format(i=hf_index), ours_prefix + inner
+    if inner in ("ffn.experts.w_gate_up", "ffn.experts.w_down"):
+        if km.experts is None:
+            raise AssertionError(f"{name}: the key map has no per-expert names")
+        gate, up, down = (prefix + t for t in km.experts)
+        E = tensor.shape[0]
+        if inner.endswith("w_down"):
+            return [Piece(down.format(e=e), name, (e,)) for e in range(E)]
+        F = tensor.shape[1] // 2
+        return [p for e in range(E) for p in (Piece(gate.format(e=e), name, (e, slice(0, F))),
+                                              Piece(up.format(e=e), name, (e, slice(F, None))))]
+    return [Piece(prefix + _rename(km.block, inner, name), name)]
+
+
+def _rename(table: dict[str, str], inner: str, full: str) -> str:
+    """``inner`` renamed by its longest module (or whole-tensor) prefix in ``table``."""
+    if inner in table:
+        return table[inner]
+    parts = inner.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in table:
+            return ".".join([table[module], *parts[cut:]])
+    raise AssertionError(f"{full}: no Hugging Face name in the key map")  # a key-map bug, not a user error
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checkpoint:
+    """The safetensors files of a directory and which file holds each tensor (headers only)."""
+
+    root: Path
+    files: dict[str, SafetensorsFile]  # file name -> opened header
+    where: dict[str, str]  # tensor name -> file name
+
+    @classmethod
+    def single(cls, root: Path, file: str) -> "_Checkpoint":
+        header = SafetensorsFile(root / file)
+        return cls(root, {file: header}, {k: file for k in header.keys()})
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files[self.where[name]].shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.files[self.where[name]].dtype(name)
+
+    def describe(self, name: str) -> str:
+        return str(self.root / self.where[name])
+
+
+def _open_checkpoint(root: Path) -> _Checkpoint:
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index}: unreadable index ({type(err).__name__}: {err})") from None
+        files = {}
+        for file in sorted(set(weight_map.values())):
+            if not (root / file).is_file():
+                raise ValueError(f"{root / file}: missing shard (listed in {index})")
+            files[file] = SafetensorsFile(root / file)
+        for name, file in weight_map.items():
+            if name not in files[file].keys():
+                raise ValueError(f"{root / file}: missing key {name!r} (listed in {index})")
+        return _Checkpoint(root, files, dict(weight_map))
+    if (root / SINGLE_FILE).is_file():
+        return _Checkpoint.single(root, SINGLE_FILE)
+    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+        raise ValueError(f"{root}: only pickled weights (*.bin / *.pt); smoe reads safetensors only (a pickle can "
+                         "run code): convert them with transformers' save_pretrained(safe_serialization=True)")
+    raise ValueError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor]) -> dict[str, list[Piece]]:
+    """Check every piece against the headers; returns the pieces to load, by Hugging Face name."""
+    by_name: dict[str, list[Piece]] = defaultdict(list)
+    for p in pieces:
+        by_name[p.hf].append(p)
+    for name, group in by_name.items():
+        if name not in ckpt.where:
+            raise ValueError(f"{ckpt.root}: missing key {name!r} (needed for {group[0].ours})")
+        shape, dtype = ckpt.shape(name), ckpt.dtype(name)
+        if not dtype.is_floating_point:
+            raise ValueError(f"{ckpt.describe(name)}: {name} has dtype {dtype}, expected floating point")
+        for p in group:
+            want = tuple(state[p.ours][p.index].shape)
+            got = tuple(p.source(torch.empty(shape, device="meta")).shape)
+            if got != want:
+                raise ValueError(f"{ckpt.describe(name)}: {name} has shape {list(shape)}, which does not fit "
+                                 f"{p.ours} {list(want)} of the model config.json describes")
+    consumed = set(by_name) | {n + "_scale_inv" for n in by_name if ckpt.dtype(n).itemsize == 1}
+    for name in ckpt.where:
+        if name not in consumed and not _IGNORED.match(name):
+            raise ValueError(f"{ckpt.describe(name)}: unexpected key {name!r} (not part of the model "
+                             "config.json describes)")
+    return {name: [p for p in group if p.load] for name, group in by_name.items()}
+
+
+def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """DeepSeek-V3's FP8 layout: one fp32 scale per ``block`` (128 x 128) tile of the weight."""
+    rows, cols = w.shape
+    scale = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return w.float() * scale
+
+
+def _fp8_block(hf: dict, source: str) -> tuple[int, int]:
+    quant = hf.get("quantization_config") or {}
+    if quant.get("quant_method", "fp8") != "fp8":
+        raise ValueError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported (fp8 "
+                         "block scales only)")
+    block = quant.get("weight_block_size") or [128, 128]
+    return int(block[0]), int(block[1])
+
+
+def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
+    """The dtype the checkpoint was published in: config.json's, else its weights'; FP8 loads as bf16."""
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+        dtype = getattr(torch, named)
+    else:
+        dtype = next((ckpt.dtype(n) for n in ckpt.where if ckpt.dtype(n).is_floating_point), torch.float32)
+    return torch.bfloat16 if dtype.itemsize == 1 else dtype
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs)."""
+    with torch.device("meta"):
+        model = build_model(config)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    model.to_empty(device=device)
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_buffers()
+    return model
+
+
+def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], fp8_block: tuple[int, int] | None
+          ) -> None:
+    state = model.state_dict()
+    scales = {}
+    if fp8_block is not None:  # small (1/16384 of the weights), and possibly in another shard than their weight
+        for name, file in ckpt.where.items():
+            if name.endswith("_scale_inv"):
+                with ckpt.files[file] as f:
+                    scales[name] = f.view(name).clone()
+    for file, header in ckpt.files.items():
+        with header as f:
+            for name in header.keys():
+                group = plan.get(name)
+                if not group:
+                    continue
+                src = f.view(name)
+                if src.dtype.itemsize == 1 and src.dtype.is_floating_point:
+                    if name + "_scale_inv" not in scales:
+                        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 without {name}_scale_inv")
+                    src = _dequantize_fp8(src, scales[name + "_scale_inv"], fp8_block)
+                for p in group:
+                    state[p.ours][p.index].copy_(p.source(src))
+                f.release(name)
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+                    ) -> Transformer:
+    """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
+    smoe checkpoint or run directory, as a ``Transformer`` in eval mode. ``dtype`` defaults to the one config.json
+    names, else the stored one (FP8 becomes bf16); ``device`` to the CPU."""
+    path = Path(path)
+    device = torch.device(device or "cpu")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory")
+    hf = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if hf is None or "model_type" not in hf:
+        return _load_smoe(path, dtype, device)
+    config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
+    ckpt = _open_checkpoint(path)
+    config = _with_present_mtp(config, hf["model_type"], ckpt)
+    with torch.device("meta"):
+        state = build_model(config).state_dict()
+    plan = _plan(ckpt, _pieces(config, hf["model_type"], state), state)
+    fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
+    model = _empty_model(config, dtype or _hf_dtype(hf, ckpt), device)
+    _fill(model, ckpt, plan, _fp8_block(hf, str(path / "config.json")) if fp8 else None)
+    return model.eval()
+
+
+def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> ModelConfig:
+    """Keep the MTP layers the checkpoint holds: transformers saves none even when config.json announces them."""
+    if not config.layout.n_mtp_modules:
+        return config
+    prefix = KEY_MAPS[model_type].layer
+    present = 0
+    while present < config.layout.n_mtp_modules and \
+            prefix.format(i=config.n_layers + present) + "eh_proj.weight" in ckpt.where:
+        present += 1
+    return replace(config, layout=replace(config.layout, n_mtp_modules=present))
+
+
+def _load_smoe(path: Path, dtype: torch.dtype | None, device: torch.device) -> Transformer:
+    from smoe.train import checkpoint as ckpt_io
+
+    path = ckpt_io.resolve_checkpoint(path)
+    config = ckpt_io.load_config(path)
+    ckpt = _Checkpoint.single(path, SMOE_MODEL_FILE)
+    with torch.device("meta"):
+        state = build_model(config).state_dict()
+    plan = _plan(ckpt, [Piece(name, name) for name in state], state)
+    stored = next((ckpt.dtype(n) for n in ckpt.where if ckpt.dtype(n).is_floating_point), torch.float32)
+    model = _empty_model(config, dtype or stored, device)
+    _fill(model, ckpt, plan, None)
+    return model.eval()
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file}: not a readable JSON file ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return data
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+
+
+_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "dbrx": "DbrxForCausalLM",
+                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                  "minimax_m2": "MiniMaxM2ForCausalLM"}
+assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
+
+
+def infer_model_type(config: ModelConfig) -> str:
+    """The transformers family that expresses ``config``: the one it was imported from, else the first that fits
+    (raises listing why each family does not)."""
+    if config.name in TRANSFORMERS_FAMILIES:
+        return config.name
+    reasons = []
+    for model_type in TRANSFORMERS_FAMILIES:
+        try:
+            config_to_hf(config, model_type)
+            return model_type
+        except ValueError as err:
+            reasons.append(f"{model_type}: {str(err).split('(', 1)[-1].rstrip(')')}")
+    raise ValueError("no transformers family expresses this model (" + "; ".join(reasons) + ")")
+
+
+def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | None = None,
+                    tokenizer_json: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``model`` as a Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` (and vLLM)
+    loads with the same logits. ``out`` must not exist or be empty; it appears only once complete."""
+    config = model.config
+    model_type = model_type or infer_model_type(config)
+    hf_config = config_to_hf(config, model_type)  # raises naming the field the family cannot express
+    out = _fresh_dir(out)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    tensors = _export_tensors(_pieces(config, model_type, state), state)
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    hf_config.update(architectures=[_ARCHITECTURES[model_type]], dtype=str(dtype).removeprefix("torch."))
+    eos = _special_ids(tokenizer_json)
+    hf_config.update(eos)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_shards(tmp, tensors, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **eos}, indent=2))
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json), indent=2))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _export_tensors(pieces: list[Piece], state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Hugging Face tensors from ours: plain pieces are views (no copy); fused ones are assembled."""
+    by_name: dict[str, list[Piece]] = defaultdict(list)
+    for p in pieces:
+        by_name[p.hf].append(p)
+    out = []
+    for name, group in by_name.items():
+        if len(group) == 1 and group[0].view is None:
+            p = group[0]
+            out.append((name, state[p.ours][p.index]))
+            continue
+        t = torch.empty(group[0].shape, dtype=state[group[0].ours].dtype)
+        for p in group:
+            p.source(t).copy_(state[p.ours][p.index])
+        out.append((name, t))
+    return out
+
+
+def _write_shards(root: Path, tensors: list[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
+    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, t))
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(root / SINGLE_FILE, shards[0], meta)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards, start=1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(root / file, shard, meta)
+        weight_map.update({name: file for name, _ in shard})
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    (root / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2))
+
+
+def _special_ids(tokenizer_json: str | None) -> dict[str, int]:
+    """bos/eos ids from our tokenizer's ``<|endoftext|>`` (it both separates and ends documents)."""
+    if tokenizer_json is None:
+        return {}
+    for token in json.loads(tokenizer_json).get("added_tokens", []):
+        if token.get("content") == "<|endoftext|>":
+            return {"bos_token_id": token["id"], "eos_token_id": token["id"]}
+    return {}
+
+
+def _tokenizer_config(tokenizer_json: str) -> dict:
+    config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if _special_ids(tokenizer_json):
+        config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    return config
+
+
+def _fresh_dir(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not empty; choose a new directory (nothing was written)")
+    return out
+
+
+# --- smoe checkpoints --------------------------------------------------------------------------------------------
+
+
+def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: str | None = None) -> Path:
+    """Write ``model`` as a smoe model checkpoint (``model.safetensors`` under our names + ``config.json``), which
+    ``smoe eval``, ``analyze`` and ``generate`` read. Streams, and appears only once complete."""
+    out = _fresh_dir(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = [(k, v.detach()) for k, v in model.state_dict().items()]
+        write_safetensors(tmp / SMOE_MODEL_FILE, state, {"format": "pt"})
+        (tmp / "config.json").write_text(model.config.to_json())
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_tokenizer_json(path: str | Path) -> str | None:
+    """The ``tokenizer.json`` of a model directory or checkpoint (a run directory's latest), if it has one."""
+    path = Path(path)
+    for candidate in (path, *_latest(path)):
+        if (candidate / "tokenizer.json").is_file():
+            return (candidate / "tokenizer.json").read_text(encoding="utf-8")
+    return None
+
+
+def _latest(path: Path) -> list[Path]:
+    from smoe.train import checkpoint as ckpt_io
+
+    latest = ckpt_io.latest_checkpoint(path)
+    return [latest.path] if latest is not None else []
+
+
+__all__ = ["KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
+           "save_pretrained"]
