@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
+from smoe import load_pretrained
 from smoe.cli import main
 from smoe.config import MoEConfig
 from smoe.errors import TrainingError
@@ -215,6 +216,8 @@ def test_ep2_checkpoint_loads_into_one_process_and_consolidates(runs, tmp_path):
     ckpt.load_model_state(single, b)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+    loaded = load_pretrained(runs / "ep2")  # the Python API reads the per-rank layout too
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in a.state_dict().items())
     for kind in ("model", "optimizer"):
         whole, flat = ckpt.read_tensors(sharded, kind), ckpt.read_tensors(single, kind)
         assert whole.keys() == flat.keys() and all(torch.equal(whole[k], flat[k]) for k in whole)
