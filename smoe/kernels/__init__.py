@@ -66,4 +66,4 @@ def get(name: str, device: torch.device) -> ExpertBackend:
 # Fastest first. Fast kernels (issue: Triton on GPU) register themselves and join this order.
 _AUTO_ORDER = ["grouped_mm", "reference"]
 
-from smoe.kernels import grouped_mm, reference  # noqa: E402,F401  (registration side effect)
+from smoe.kernels import expert_loop, grouped_mm, reference  # noqa: E402,F401  (registration side effect)
