@@ -20,6 +20,7 @@ import functools
 import torch
 
 from smoe.kernels import register
+from smoe.kernels.activation import act, gated_act_backward
 
 
 @functools.cache
@@ -34,19 +35,6 @@ def native_low_precision(dtype: torch.dtype) -> bool:
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if native_low_precision(dtype) else torch.float32
-
-
-def _act(gate_cF: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return torch.nn.functional.silu(gate_cF)
-    return torch.nn.functional.gelu(gate_cF, approximate="tanh")
-
-
-def _act_backward(grad_cF: torch.Tensor, gate_cF: torch.Tensor, activation: str, out: torch.Tensor) -> None:
-    if activation == "silu":
-        torch.ops.aten.silu_backward.grad_input(grad_cF, gate_cF, grad_input=out)
-    else:
-        torch.ops.aten.gelu_backward.grad_input(grad_cF, gate_cF, approximate="tanh", grad_input=out)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,7 +66,7 @@ class _ExpertLoop(torch.autograd.Function):
         for e, s, t in _spans(counts):
             h_c2F = _mm_into(h_R2F[s:t], x_RD[s:t].to(cdt), w_gate_up_E2FD[e].to(cdt).t())
             gate_cF, up_cF = h_c2F.chunk(2, dim=-1)
-            _mm_into(y_RD[s:t], _act(gate_cF, activation) * up_cF, w_down_EDF[e].to(cdt).t())
+            _mm_into(y_RD[s:t], act(gate_cF, activation) * up_cF, w_down_EDF[e].to(cdt).t())
         ctx.save_for_backward(x_RD, w_gate_up_E2FD, w_down_EDF, h_R2F)
         ctx.counts, ctx.activation = counts, activation
         return y_RD
@@ -92,19 +80,15 @@ class _ExpertLoop(torch.autograd.Function):
         # Only empty experts need zeroing: every other slice is overwritten below.
         dw_gu = torch.zeros_like(w_gate_up_E2FD) if need_gu else None
         dw_down = torch.zeros_like(w_down_EDF) if need_down else None
-        F = w_down_EDF.shape[-1]
         dh_R2F = h_R2F.new_empty(h_R2F.shape, dtype=cdt)
         for e, s, t in _spans(ctx.counts):
             dy_cD = dy_RD[s:t].to(cdt)
-            gate_cF, up_cF = h_R2F[s:t].to(cdt).chunk(2, dim=-1)
-            act_cF = _act(gate_cF, ctx.activation)
+            h_c2F = h_R2F[s:t].to(cdt)
             if need_down:
-                _mm_into(dw_down[e], dy_cD.t(), act_cF * up_cF)
-            da_cF = dy_cD @ w_down_EDF[e].to(cdt)
-            # The gated activation's backward writes both halves of dh in place: no chunk/cat round trip.
+                gate_cF, up_cF = h_c2F.chunk(2, dim=-1)
+                _mm_into(dw_down[e], dy_cD.t(), act(gate_cF, ctx.activation) * up_cF)
             dh_c2F = dh_R2F[s:t]
-            _act_backward(da_cF * up_cF, gate_cF, ctx.activation, out=dh_c2F[:, :F])
-            torch.mul(da_cF, act_cF, out=dh_c2F[:, F:])
+            gated_act_backward(dy_cD @ w_down_EDF[e].to(cdt), h_c2F, ctx.activation, out_c2F=dh_c2F)
             if need_x:
                 _mm_into(dx_RD[s:t], dh_c2F, w_gate_up_E2FD[e].to(cdt))
             if need_gu:
