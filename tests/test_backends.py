@@ -66,8 +66,9 @@ def test_auto_resolves_to_a_registered_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_auto_on_cpu_is_the_expert_loop(dtype):
-    assert kernels.resolve("auto", CPU, dtype) == "expert_loop"
+def test_auto_on_cpu_loops_over_experts_but_decodes_with_grouped_mm(dtype):
+    assert kernels.resolve("auto", CPU, dtype, n_rows=4096, n_experts=64) == "expert_loop"
+    assert kernels.resolve("auto", CPU, dtype, n_rows=8, n_experts=64) == "grouped_mm"
 
 
 def test_unknown_backend_lists_known_ones():

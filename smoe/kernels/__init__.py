@@ -20,8 +20,8 @@ only for token-choice routing with the stock ``RoutedExperts``; a replaced exper
 keeps the plain signature above.
 
 ``auto`` picks per call from the device, dtype and shape (``choose``): Triton on CUDA when installed, else
-``grouped_mm`` for bf16 on sm90; on CPU ``expert_loop``, which also serves decode (it visits only the experts
-that have rows).
+``grouped_mm`` for bf16 on sm90; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows
+per expert), where its C++ loop beats a Python one.
 """
 
 from __future__ import annotations
@@ -77,23 +77,31 @@ def names() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def choose(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """What ``auto`` runs. Measured in benchmarks/moe_layer.py (docs/benchmarks.md): on CPU expert_loop is level
-    with torch._grouped_mm in fp32 and far ahead in bf16 on CPUs without native bf16; on CUDA the Triton kernels
-    run any dtype, grouped_mm only bf16 on sm90+."""
+# Below this many rows per expert (decode: T*K of a few tokens) the per-expert Python loop's overhead dominates and
+# torch._grouped_mm's C++ loop wins; above it expert_loop does (benchmarks/moe_layer.py, docs/benchmarks.md).
+LOOP_MIN_ROWS_PER_EXPERT = 4
+
+
+def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+           n_experts: int | None = None) -> str:
+    """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts. On CUDA the Triton kernels run any
+    dtype (grouped_mm only bf16 on sm90+). On CPU, expert_loop unless the call is decode-sized."""
     if device.type == "cuda":
         if "triton" in _BACKENDS:
             return "triton"
         if dtype == torch.bfloat16 and _AVAILABLE["grouped_mm"](device):
             return "grouped_mm"
         return "reference"
+    if n_rows is not None and n_experts and n_rows < LOOP_MIN_ROWS_PER_EXPERT * n_experts:
+        return "grouped_mm" if _AVAILABLE["grouped_mm"](device) else "expert_loop"
     return "expert_loop"
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+            n_experts: int | None = None) -> str:
     """The concrete backend name ``name`` stands for on ``device`` (``auto``: see ``choose``)."""
     if name == "auto":
-        return choose(device, dtype)
+        return choose(device, dtype, n_rows, n_experts)
     if name not in _BACKENDS:
         raise ValueError(f"backend: unknown expert backend {name!r}; known: {', '.join(names())}")
     if not _AVAILABLE[name](device):
@@ -101,8 +109,9 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32)
     return name
 
 
-def get(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> ExpertBackend:
-    return _BACKENDS[resolve(name, device, dtype)]
+def get(name: str, device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+        n_experts: int | None = None) -> ExpertBackend:
+    return _BACKENDS[resolve(name, device, dtype, n_rows, n_experts)]
 
 
 def get_fused(name: str, device: torch.device, dtype: torch.dtype = torch.float32):

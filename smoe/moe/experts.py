@@ -23,7 +23,7 @@ class RoutedExperts(nn.Module):
         """The seam: rows sorted by expert, ``counts_E`` rows each, y_RD in the same order. An expert-parallel
         module that replaces this one keeps this signature."""
         x_RD = _autocast_input(x_RD)
-        fn = kernels.get(backend, x_RD.device, x_RD.dtype)
+        fn = kernels.get(backend, x_RD.device, x_RD.dtype, x_RD.shape[0], counts_E.numel())
         return fn(x_RD, counts_E, self.w_gate_up, self.w_down, self.activation)
 
     def fused_for(self, backend: str, x: torch.Tensor):
