@@ -197,6 +197,21 @@ _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_
                   "dist_timeout")
 
 
+def _cmd_bench(args: argparse.Namespace) -> None:
+    """Runs a script from benchmarks/ (a source checkout's, next to the package), passing the options through."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name.replace('-', '_')}.py"
+    if not path.is_file():
+        raise SystemExit(f"bench: {path} not found; benchmarks ship with a source checkout, not the wheel")
+    spec = importlib.util.spec_from_file_location(f"smoe_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.main(args.options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -283,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
+    p.add_argument("name", choices=["moe-layer"])
+    p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("analyze", help="expert specialisation analyses of a checkpoint on text")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")

@@ -13,7 +13,7 @@ from torch import nn
 
 from smoe.config import MoEConfig
 from smoe.moe import balance
-from smoe.moe.dispatch import combine, permute, token_choice_capacity
+from smoe.moe.dispatch import combine, gather, permute, token_choice_capacity
 from smoe.moe.experts import RoutedExperts
 from smoe.moe.router import Router, Routing
 from smoe.nn.init import init_weights
@@ -68,9 +68,15 @@ class MoELayer(nn.Module):
         if cfg.capacity_factor is not None and cfg.routing == "token_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
         dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity)
-        x_RD = x_ND.index_select(0, routing.token_ids_A[dispatch.order_R])  # backward: index_add, not index_put
-        y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
-        y_ND = combine(y_RD, routing, dispatch, B * T)
+        # The stock experts module may run a fused backend from the unsorted tokens; a replaced one (expert
+        # parallelism) always gets the plain seam: sorted rows and counts in, rows out.
+        fused = self.experts.fused_for(self.backend, x_ND) if type(self.experts) is RoutedExperts else None
+        if fused is not None and routing.token_major:
+            y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R, dispatch.counts_E)
+        else:
+            x_RD = gather(x_ND, routing, dispatch)
+            y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
+            y_ND = combine(y_RD, routing, dispatch, B * T)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:
