@@ -19,9 +19,9 @@ inside its GEMM loads and the weighted combine inside its stores:
 only for token-choice routing with the stock ``RoutedExperts``; a replaced experts module (expert parallelism)
 keeps the plain signature above.
 
-``auto`` picks per call from the device, dtype and shape (``choose``): Triton on CUDA when installed, else
-``grouped_mm`` for bf16 on sm90; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows
-per expert), where its C++ loop beats a Python one.
+``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
+else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
+expert), where its C++ loop beats a Python one.
 """
 
 from __future__ import annotations
@@ -84,14 +84,14 @@ LOOP_MIN_ROWS_PER_EXPERT = 4
 
 def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
            n_experts: int | None = None) -> str:
-    """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts. On CUDA the Triton kernels run any
-    dtype (grouped_mm only bf16 on sm90+). On CPU, expert_loop unless the call is decode-sized."""
+    """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts. On CUDA: grouped_mm for bf16 on sm90+
+    (verified on an H100), else the Triton kernels when installed (so far verified in Triton's interpreter only,
+    which is why they do not outrank grouped_mm), else the reference loop. On CPU, expert_loop unless the call is
+    decode-sized."""
     if device.type == "cuda":
-        if "triton" in _BACKENDS:
-            return "triton"
         if dtype == torch.bfloat16 and _AVAILABLE["grouped_mm"](device):
             return "grouped_mm"
-        return "reference"
+        return "triton" if "triton" in _BACKENDS else "reference"
     if n_rows is not None and n_experts and n_rows < LOOP_MIN_ROWS_PER_EXPERT * n_experts:
         return "grouped_mm" if _AVAILABLE["grouped_mm"](device) else "expert_loop"
     return "expert_loop"

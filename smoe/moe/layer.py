@@ -68,9 +68,9 @@ class MoELayer(nn.Module):
         if cfg.capacity_factor is not None and cfg.routing == "token_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
         dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity)
-        # The stock experts module may run a fused backend from the unsorted tokens; a replaced one (expert
-        # parallelism) always gets the plain seam: sorted rows and counts in, rows out.
-        fused = self.experts.fused_for(self.backend, x_ND) if type(self.experts) is RoutedExperts else None
+        # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses
+        # it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
+        fused = self.experts.fused_for(self.backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
         if fused is not None and routing.token_major:
             y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R, dispatch.counts_E)
         else:

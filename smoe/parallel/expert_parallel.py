@@ -68,6 +68,10 @@ class ExpertParallelExperts(RoutedExperts):
         shard.w_down = nn.Parameter(experts.w_down.detach()[rows].clone())
         return shard
 
+    def fused_for(self, backend: str, x: torch.Tensor) -> None:
+        """No fused path: the rows must be sorted and sent to their experts' ranks first."""
+        return None
+
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         P, L = self.ep_size, self.w_gate_up.shape[0]
         device_type = x_RD.device.type
