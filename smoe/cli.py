@@ -86,6 +86,7 @@ def parse_assignments(items: list[str]) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from smoe.parallel import is_main_process
     from smoe.train import train_model
 
     options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
@@ -97,8 +98,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
     final = result.final_eval or {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-    print(f"trained {result.step} steps ({result.skipped_steps} skipped); {summary}")
-    print(f"checkpoint: {result.checkpoint}")
+    if is_main_process():
+        print(f"trained {result.step} steps ({result.skipped_steps} skipped); {summary}")
+        print(f"checkpoint: {result.checkpoint}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -208,15 +210,26 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
+    import tempfile
+
     import torch
 
     from smoe.interop import hf
+    from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    model = hf.load_pretrained(args.path, dtype=dtype)
-    tokenizer_json = hf.read_tokenizer_json(args.path)
+    sharded = sharded_checkpoint(args.path)
+    if sharded is not None and args.to == "smoe" and dtype is None:
+        # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
+        out = consolidate(sharded, args.out)
+        print(f"{sharded} -> {out}: single-file smoe training checkpoint")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        source = consolidate(sharded, Path(scratch) / "single") if sharded is not None else args.path
+        model = hf.load_pretrained(source, dtype=dtype)
+        tokenizer_json = hf.read_tokenizer_json(source)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
         out = hf.save_pretrained(model, args.out, model_type=model_type, tokenizer_json=tokenizer_json)
@@ -232,7 +245,23 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 # TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
 _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
                   "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
-                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile")
+                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
+                  "dist_timeout")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    """Runs a script from benchmarks/ (a source checkout's, next to the package), passing the options through."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name.replace('-', '_')}.py"
+    if not path.is_file():
+        raise SystemExit(f"bench: {path} not found; benchmarks ship with a source checkout, not the wheel")
+    spec = importlib.util.spec_from_file_location(f"smoe_bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    module.main(args.options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-backend", help="expert kernel: auto, reference, grouped_mm")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, else measured)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
+    p.add_argument("--dp", type=int, help="data-parallel replicas of each expert shard (default: processes / ep)")
+    p.add_argument("--dist-timeout", type=float,
+                   help="seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits/byte of a checkpoint on text data")
@@ -318,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)
 
+    p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
+    p.add_argument("name", choices=["moe-layer"])
+    p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the benchmark (see its --help)")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("analyze", help="expert specialisation analyses of a checkpoint on text")
     p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--data", required=True, help="text to analyse (several sources give domain affinity)")
@@ -346,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: as stored)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways)")
-    p.add_argument("path", help="a Hugging Face model directory, or a smoe checkpoint / run directory")
+    p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
+                                       "an expert-parallel checkpoint -> one file")
+    p.add_argument("path", help="a Hugging Face model directory, or a smoe checkpoint / run directory (an "
+                                "expert-parallel one becomes a single-file training checkpoint with --to smoe)")
     p.add_argument("--to", choices=["smoe", "hf"], default="smoe",
                    help="smoe: a smoe model checkpoint (default); hf: a directory transformers and vLLM load")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")

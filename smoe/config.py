@@ -209,8 +209,11 @@ class MoEConfig:
     score_func: ScoreFunc = "softmax"
     norm_topk_prob: bool = True  # renormalise the selected scores to sum to one
     routed_scaling_factor: float = 1.0
-    n_group: int = 1  # group-limited routing: experts split into n_group groups ...
-    topk_group: int = 1  # ... and only the best topk_group groups are eligible
+    # Group-limited routing: experts split into n_group contiguous groups and only the best topk_group are eligible.
+    # The groups are DeepSeek-V2's devices (device-limited routing, M = topk_group) or V3's nodes (node-limited);
+    # under expert parallelism they map onto EP ranks (smoe.parallel.max_ranks_per_token).
+    n_group: int = 1
+    topk_group: int = 1
     group_score: GroupScore = "top2_sum"  # how a group is scored: DeepSeek-V3 sums its top 2, V2 takes the max
     capacity_factor: float | None = None  # None: dropless
     balance: Balance = "aux"
@@ -219,6 +222,7 @@ class MoEConfig:
     # bias when balance == "aux_free" (0 turns it off there).
     seq_aux_loss_coef: float = 1e-4
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
+    device_balance_loss_coef: float = 0.0  # DeepSeek-V2 §3.2.2 device-level loss over the n_group groups
     bias_update_rate: float = 1e-3  # aux-free bias step (gamma), used when balance == "aux_free"
     routing: Routing = "token_choice"  # expert_choice sees future tokens: for training studies, not decoding
     router_bias: bool = False  # an additive bias on router logits (GPT-OSS style), distinct from the aux-free bias
@@ -269,6 +273,9 @@ class MoEConfig:
         _non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
         _non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)
         _non_negative(prefix + "z_loss_coef", self.z_loss_coef)
+        _non_negative(prefix + "device_balance_loss_coef", self.device_balance_loss_coef)
+        if self.device_balance_loss_coef > 0 and self.n_group < 2:
+            _fail(prefix + "device_balance_loss_coef", "needs n_group >= 2: the devices are the n_group expert groups")
         _non_negative(prefix + "bias_update_rate", self.bias_update_rate)
         _one_of(prefix + "routing", self.routing, typing.get_args(Routing))
         if self.routing == "expert_choice" and self.balance != "none":

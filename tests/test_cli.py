@@ -84,3 +84,9 @@ def test_compare_needs_a_suite_or_presets(tmp_path, capsys):
 def test_eval_of_a_missing_checkpoint_is_named(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nothing"), "--data", "stdlib"]) == 2
     assert "nothing: no such checkpoint" in capsys.readouterr().err
+
+
+def test_bench_moe_layer_refuses_an_unknown_shape(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "moe-layer", "--shapes", "gpt5"])
+    assert "--shapes: unknown gpt5; known: mixtral, qwen3, deepseek-v3" in capsys.readouterr().err

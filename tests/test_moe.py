@@ -207,3 +207,16 @@ def test_aux_free_layer_adds_complementary_sequence_loss_only_when_enabled():
     torch.manual_seed(0)
     _, without = MoELayer(D, MoEConfig(**{**cfg.__dict__, "seq_aux_loss_coef": 0.0}))(x)
     assert with_seq.aux_loss.item() > 0 and without.aux_loss.item() == 0
+
+
+def test_device_balance_loss_is_one_when_uniform_and_sees_only_device_totals():
+    from smoe.moe import device_balance_loss
+
+    probs = torch.full((8, 4), 0.25)
+    torch.testing.assert_close(device_balance_loss(probs, torch.tensor([2, 2, 2, 2]), 2), torch.tensor(1.0))
+    # Imbalance inside a device is not penalised; imbalance between devices is.
+    skewed = torch.tensor([[0.5, 0.0, 0.25, 0.25]]).expand(8, 4)
+    torch.testing.assert_close(device_balance_loss(skewed, torch.tensor([4, 0, 2, 2]), 2), torch.tensor(1.0))
+    to_device_0 = torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(8, 4)
+    torch.testing.assert_close(device_balance_loss(to_device_0, torch.tensor([4, 4, 0, 0]), 2),
+                               torch.tensor(2 * 0.8 + 0 * 0.2))

@@ -399,6 +399,10 @@ def _load_smoe(path: Path, dtype: torch.dtype | None, device: torch.device) -> T
 
     path = ckpt_io.resolve_checkpoint(path)
     config = ckpt_io.load_config(path)
+    if not (path / SMOE_MODEL_FILE).is_file():  # an expert-parallel run's per-rank files, reassembled whole
+        model = _empty_model(config, dtype or torch.float32, device)  # training keeps fp32 master weights
+        ckpt_io.load_model_state(path, model)
+        return model.eval()
     ckpt = _Checkpoint.single(path, SMOE_MODEL_FILE)
     with torch.device("meta"):
         state = build_model(config).state_dict()

@@ -9,10 +9,24 @@ F expert hidden dim; ``w_gate_up`` stacks the gate (first F rows) and up (last F
 an int64 tensor on the same device. ``reference`` is the spec; every other backend must match it forward and
 backward (tests/test_backends.py). Backends never change parameter layout, so switching one never changes a
 checkpoint.
+
+A backend may also register a *fused* variant that starts from the unsorted tokens, so the gather can happen
+inside its GEMM loads and the weighted combine inside its stores:
+
+    fused(x_ND, weights_A, order_R, counts_E, w_gate_up_E2FD, w_down_EDF, activation) -> y_ND
+
+(N tokens, A = N*K token-major assignments, ``order_R`` the kept assignments sorted by expert). The layer uses it
+only for token-choice routing with the stock ``RoutedExperts``; a replaced experts module (expert parallelism)
+keeps the plain signature above.
+
+``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
+else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
+expert), where its C++ loop beats a Python one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Protocol
 
 import torch
@@ -30,6 +44,7 @@ class ExpertBackend(Protocol):
 
 
 _BACKENDS: dict[str, ExpertBackend] = {}
+_FUSED: dict[str, Callable[..., torch.Tensor]] = {}
 _AVAILABLE: dict[str, Callable[[torch.device], bool]] = {}
 
 
@@ -44,14 +59,49 @@ def register(name: str, available: Callable[[torch.device], bool] = lambda devic
     return wrap
 
 
+def register_fused(name: str):
+    """Decorator: the fused variant of the already registered backend ``name``."""
+
+    def wrap(fn):
+        _FUSED[name] = fn
+        return fn
+
+    return wrap
+
+
+def available(name: str, device: torch.device) -> bool:
+    return _AVAILABLE[name](device)
+
+
 def names() -> list[str]:
     return ["auto", *_BACKENDS]
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """The concrete backend name ``name`` stands for on ``device`` (``auto``: the fastest one available)."""
+# Below this many rows per expert (decode: T*K of a few tokens) the per-expert Python loop's overhead dominates and
+# torch._grouped_mm's C++ loop wins; above it expert_loop does (benchmarks/moe_layer.py, docs/benchmarks.md).
+LOOP_MIN_ROWS_PER_EXPERT = 4
+
+
+def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+           n_experts: int | None = None) -> str:
+    """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts. On CUDA: grouped_mm for bf16 on sm90+
+    (verified on an H100), else the Triton kernels when installed (so far verified in Triton's interpreter only,
+    which is why they do not outrank grouped_mm), else the reference loop. On CPU, expert_loop unless the call is
+    decode-sized."""
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and _AVAILABLE["grouped_mm"](device):
+            return "grouped_mm"
+        return "triton" if "triton" in _BACKENDS else "reference"
+    if n_rows is not None and n_experts and n_rows < LOOP_MIN_ROWS_PER_EXPERT * n_experts:
+        return "grouped_mm" if _AVAILABLE["grouped_mm"](device) else "expert_loop"
+    return "expert_loop"
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+            n_experts: int | None = None) -> str:
+    """The concrete backend name ``name`` stands for on ``device`` (``auto``: see ``choose``)."""
     if name == "auto":
-        return next(n for n in _AUTO_ORDER if n in _BACKENDS and _AVAILABLE[n](device))
+        return choose(device, dtype, n_rows, n_experts)
     if name not in _BACKENDS:
         raise ValueError(f"backend: unknown expert backend {name!r}; known: {', '.join(names())}")
     if not _AVAILABLE[name](device):
@@ -59,11 +109,27 @@ def resolve(name: str, device: torch.device) -> str:
     return name
 
 
-def get(name: str, device: torch.device) -> ExpertBackend:
-    return _BACKENDS[resolve(name, device)]
+def get(name: str, device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
+        n_experts: int | None = None) -> ExpertBackend:
+    return _BACKENDS[resolve(name, device, dtype, n_rows, n_experts)]
 
 
-# Fastest first. Fast kernels (issue: Triton on GPU) register themselves and join this order.
-_AUTO_ORDER = ["grouped_mm", "reference"]
+def get_fused(name: str, device: torch.device, dtype: torch.dtype = torch.float32):
+    """The fused variant of the backend ``name`` resolves to, or None if it has none."""
+    return _FUSED.get(resolve(name, device, dtype))
 
-from smoe.kernels import grouped_mm, reference  # noqa: E402,F401  (registration side effect)
+
+def expert_selector(device: torch.device):
+    """The router's top-k selection kernel for ``device`` (Triton on CUDA), or None: the router's torch code,
+    which is the spec it is tested against."""
+    if device.type == "cuda" and "triton" in _BACKENDS:
+        from smoe.kernels.triton import select_experts
+
+        return select_experts
+    return None
+
+
+from smoe.kernels import expert_loop, grouped_mm, reference  # noqa: E402,F401  (registration side effect)
+
+if importlib.util.find_spec("triton") is not None:
+    from smoe.kernels import triton  # noqa: E402,F401

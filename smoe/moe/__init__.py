@@ -1,6 +1,7 @@
 """Sparse MoE: routers, dispatch, stacked experts, balance terms and the layer that composes them."""
 
 from smoe.moe.balance import (
+    device_balance_loss,
     load_balance_loss,
     router_entropy,
     router_z_loss,
@@ -15,6 +16,7 @@ __all__ = [
     "Router",
     "RouterStats",
     "Routing",
+    "device_balance_loss",
     "load_balance_loss",
     "router_entropy",
     "router_z_loss",

@@ -1,7 +1,11 @@
 """Load-balancing terms as pure functions of router outputs, plus the aux-loss-free bias update.
 
-Legend: B sequences, T tokens (per sequence where B appears), E experts, K top_k.
-Each loss is 1.0 (aux, seq_aux) when routing is perfectly uniform, so the coefficient alone sets its weight.
+Legend: B sequences, T tokens (per sequence where B appears), E experts, K top_k, G expert groups (devices).
+Each loss is 1.0 (aux, seq_aux, device) when routing is perfectly uniform, so the coefficient alone sets its weight.
+
+``counts_E`` arguments are assignments per expert over every token that shares the loss: this process's tokens
+single-process, all ranks' tokens under data/expert parallelism (smoe.parallel all-reduces them). The mean router
+probability P stays local, so the mean of the per-rank losses is the loss of the global batch, gradient included.
 """
 
 from __future__ import annotations
@@ -9,16 +13,31 @@ from __future__ import annotations
 import torch
 
 
-def load_balance_loss(probs_TE: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(probs_TE: torch.Tensor, expert_ids: torch.Tensor,
+                      counts_E: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard expert-level loss: E * sum_i f_i * P_i, with f_i = count_i / (number of assignments) and P_i
     the mean router probability of expert i (Fedus et al. 2021 eq. 4; DeepSeekMoE §3.3 normalises the same way).
+    ``counts_E`` defaults to the bincount of ``expert_ids``.
 
     Hugging Face's Mixtral multiplies this by K (its f_i counts per token, not per assignment).
     """
     T, E = probs_TE.shape
-    counts_E = torch.bincount(expert_ids.reshape(-1), minlength=E).to(probs_TE.dtype)
-    f_E = counts_E / expert_ids.numel()
+    if counts_E is None:
+        counts_E = torch.bincount(expert_ids.reshape(-1), minlength=E)
+    counts_E = counts_E.to(probs_TE.dtype)
+    f_E = counts_E / counts_E.sum().clamp_min(1)
     return E * (f_E * probs_TE.mean(0)).sum()
+
+
+def device_balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """DeepSeek-V2 §3.2.2 device-level loss: sum_g f'_g * P'_g over G groups of contiguous experts (the devices),
+    with f'_g the mean of f_i = E * count_i / (number of assignments) over the group and P'_g the summed mean
+    router probability of its experts. It balances the load across devices, not across experts within one."""
+    T, E = probs_TE.shape
+    counts_E = counts_E.to(probs_TE.dtype)
+    f_GX = (E * counts_E / counts_E.sum().clamp_min(1)).view(n_groups, E // n_groups)
+    p_GX = probs_TE.mean(0).view(n_groups, E // n_groups)
+    return (f_GX.mean(1) * p_GX.sum(1)).sum()
 
 
 def sequence_balance_loss(probs_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor) -> torch.Tensor:

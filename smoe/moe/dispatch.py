@@ -1,6 +1,13 @@
 """Sort-based dispatch: group token-expert assignments by expert, drop those over capacity, and combine back.
 
-Legend: T tokens, D model dim, E experts, A assignments, R kept assignments (rows the experts compute).
+Legend: N tokens, D model dim, E experts, K assignments per token, A assignments, R kept assignments (rows the
+experts compute).
+
+``gather`` and ``combine`` are what the layer calls. For token-choice routing (assignments in token-major order,
+A = N*K) they are autograd functions whose backward reuses the forward's permutation: each token's K rows are
+found through ``row_A`` (the inverse permutation), so both directions are an ``index_select`` plus a sum over K,
+with no ``index_add``/``index_put`` accumulation and no (tokens x experts) mask. ``gather_reference`` and
+``combine_reference`` are the plain-autograd spec they are tested against, and serve expert choice.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from smoe.moe.router import Routing
 @dataclass(frozen=True)
 class Dispatch:
     order_R: torch.Tensor  # assignment index of each expert row, rows sorted by expert
+    row_A: torch.Tensor  # inverse of order_R: the row of each assignment, R for a dropped one
     counts_E: torch.Tensor  # int64 rows per expert, after capacity: what the experts compute
     load_E: torch.Tensor  # int64 assignments routed to each expert, before capacity: the expert's demand
     n_dropped: torch.Tensor  # assignments dropped over capacity (0-dim int64)
@@ -31,17 +39,91 @@ def permute(expert_ids_A: torch.Tensor, n_experts: int, capacity: int | None) ->
     order_A = torch.argsort(expert_ids_A, stable=True)
     counts_E = torch.bincount(expert_ids_A, minlength=n_experts)
     if capacity is None:
-        return Dispatch(order_A, counts_E, counts_E, counts_E.new_zeros(()))
+        return Dispatch(order_A, _inverse(order_A, order_A.numel()), counts_E, counts_E, counts_E.new_zeros(()))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_experts_A = expert_ids_A[order_A]
     rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[sorted_experts_A]
     kept = rank_A < capacity
     kept_counts_E = counts_E.clamp(max=capacity)
-    return Dispatch(order_A[kept], kept_counts_E, counts_E, counts_E.sum() - kept_counts_E.sum())
+    order_R = order_A[kept]
+    return Dispatch(order_R, _inverse(order_R, order_A.numel()), kept_counts_E, counts_E,
+                    counts_E.sum() - kept_counts_E.sum())
+
+
+def _inverse(order_R: torch.Tensor, n_assignments: int) -> torch.Tensor:
+    R = order_R.numel()
+    row_A = order_R.new_full((n_assignments,), R)
+    return row_A.scatter_(0, order_R, torch.arange(R, device=order_R.device))
+
+
+def _rows_by_assignment(v_R: torch.Tensor, row_A: torch.Tensor) -> torch.Tensor:
+    """v_R's rows in assignment order; a dropped assignment (row R) reads zeros."""
+    if row_A.numel() > v_R.shape[0]:  # capacity may have dropped some: give row R a home (shape test, no sync)
+        v_R = torch.cat([v_R, v_R.new_zeros(1, *v_R.shape[1:])])
+    return v_R.index_select(0, row_A)
+
+
+class _GatherTokenMajor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, token_ids_R, row_A, top_k):
+        ctx.save_for_backward(row_A)
+        ctx.top_k = top_k
+        return x_ND.index_select(0, token_ids_R)
+
+    @staticmethod
+    def backward(ctx, dx_RD):
+        (row_A,) = ctx.saved_tensors
+        dx_AD = _rows_by_assignment(dx_RD, row_A)
+        return dx_AD.view(-1, ctx.top_k, dx_AD.shape[-1]).sum(1), None, None, None
+
+
+class _CombineTokenMajor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD, weights_A, token_ids_R, order_R, row_A, top_k):
+        weights_R = weights_A.index_select(0, order_R)
+        y_NKD = _rows_by_assignment(y_RD * weights_R[:, None].to(y_RD.dtype), row_A).view(-1, top_k, y_RD.shape[-1])
+        ctx.save_for_backward(y_RD, weights_R, token_ids_R, row_A)
+        return y_NKD.sum(1)
+
+    @staticmethod
+    def backward(ctx, dy_ND):
+        y_RD, weights_R, token_ids_R, row_A = ctx.saved_tensors
+        dy_RD = dy_ND.index_select(0, token_ids_R)  # each row's token gradient, in expert order
+        d_weights_A = None
+        if ctx.needs_input_grad[1]:
+            d_weights_R = (dy_RD.float() * y_RD.float()).sum(-1)
+            d_weights_A = _rows_by_assignment(d_weights_R, row_A)
+        return dy_RD * weights_R[:, None].to(dy_RD.dtype), d_weights_A, None, None, None, None
+
+
+def gather(x_ND: torch.Tensor, routing: Routing, dispatch: Dispatch) -> torch.Tensor:
+    """The experts' input rows: each row's token, in expert order."""
+    if not routing.token_major:
+        return gather_reference(x_ND, routing, dispatch)
+    token_ids_R = routing.token_ids_A.index_select(0, dispatch.order_R)
+    return _GatherTokenMajor.apply(x_ND, token_ids_R, dispatch.row_A, _top_k(routing, x_ND.shape[0]))
 
 
 def combine(y_RD: torch.Tensor, routing: Routing, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:
     """Weighted sum of each token's expert outputs; dropped assignments contribute nothing."""
+    if not routing.token_major:
+        return combine_reference(y_RD, routing, dispatch, n_tokens)
+    token_ids_R = routing.token_ids_A.index_select(0, dispatch.order_R)
+    return _CombineTokenMajor.apply(y_RD, routing.weights_A, token_ids_R, dispatch.order_R, dispatch.row_A,
+                                    _top_k(routing, n_tokens))
+
+
+def _top_k(routing: Routing, n_tokens: int) -> int:
+    return routing.expert_ids_A.numel() // max(n_tokens, 1)
+
+
+def gather_reference(x_ND: torch.Tensor, routing: Routing, dispatch: Dispatch) -> torch.Tensor:
+    """Each expert row's token, in expert order (backward: an index_add over tokens)."""
+    return x_ND.index_select(0, routing.token_ids_A[dispatch.order_R])
+
+
+def combine_reference(y_RD: torch.Tensor, routing: Routing, dispatch: Dispatch, n_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs with plain autograd: index_copy (token choice) or index_add."""
     A, D = routing.expert_ids_A.numel(), y_RD.shape[-1]
     weights_R = routing.weights_A[dispatch.order_R].to(y_RD.dtype)
     weighted_RD = y_RD * weights_R[:, None]

@@ -20,9 +20,25 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        fn = kernels.get(backend, x_RD.device)
-        device_type = x_RD.device.type
-        if torch.is_autocast_enabled(device_type):
-            # Backends are custom ops autocast does not know; apply its policy (matmuls in the low dtype) here.
-            x_RD = x_RD.to(torch.get_autocast_dtype(device_type))
+        """The seam: rows sorted by expert, ``counts_E`` rows each, y_RD in the same order. An expert-parallel
+        module that replaces this one keeps this signature."""
+        x_RD = _autocast_input(x_RD)
+        fn = kernels.get(backend, x_RD.device, x_RD.dtype, x_RD.shape[0], counts_E.numel())
         return fn(x_RD, counts_E, self.w_gate_up, self.w_down, self.activation)
+
+    def fused_for(self, backend: str, x: torch.Tensor):
+        """The backend's fused variant (see smoe.kernels) for input ``x``, or None if it has none."""
+        return kernels.get_fused(backend, x.device, _autocast_input(x).dtype)
+
+    def forward_tokens(self, fused, x_ND, weights_A, order_R, counts_E) -> torch.Tensor:
+        """The fused path: unsorted tokens in, the weighted combine out (y_ND); gather and scatter happen inside
+        the kernels. ``order_R``: kept token-major assignments sorted by expert."""
+        x_ND = _autocast_input(x_ND)
+        return fused(x_ND, weights_A, order_R, counts_E, self.w_gate_up, self.w_down, self.activation)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    # Backends are custom ops autocast does not know; apply its policy (matmuls in the low dtype) here.
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x

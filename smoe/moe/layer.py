@@ -6,13 +6,14 @@ Legend: B batch, T tokens per sequence, N = B*T tokens, D model dim, E routed ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 
 from smoe.config import MoEConfig
 from smoe.moe import balance
-from smoe.moe.dispatch import combine, permute, token_choice_capacity
+from smoe.moe.dispatch import combine, gather, permute, token_choice_capacity
 from smoe.moe.experts import RoutedExperts
 from smoe.moe.router import Router, Routing
 from smoe.nn.init import init_weights
@@ -34,8 +35,13 @@ class RouterStats:
 class MoELayer(nn.Module):
     """``forward(x)`` takes (B, T, D) or (T, D) and returns ``(y, stats)`` with y shaped like x.
 
-    ``backend`` names the expert kernel (see smoe.kernels); it is not part of the checkpoint.
+    ``backend`` names the expert kernel (see smoe.kernels); it is not part of the checkpoint. ``load_reduction``
+    maps this layer's per-expert load to the load over every token that shares the balance losses: None (this
+    process's tokens are all of them) unless data or expert parallelism sets it (smoe.parallel), so the layer itself
+    never reads a world size.
     """
+
+    load_reduction: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(
         self, dim: int, config: MoEConfig, activation: str = "silu", init_std: float = 0.02, backend: str = "auto"
@@ -62,9 +68,15 @@ class MoELayer(nn.Module):
         if cfg.capacity_factor is not None and cfg.routing == "token_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
         dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity)
-        x_RD = x_ND.index_select(0, routing.token_ids_A[dispatch.order_R])  # backward: index_add, not index_put
-        y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
-        y_ND = combine(y_RD, routing, dispatch, B * T)
+        # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses
+        # it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
+        fused = self.experts.fused_for(self.backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
+        if fused is not None and routing.token_major:
+            y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R, dispatch.counts_E)
+        else:
+            x_RD = gather(x_ND, routing, dispatch)
+            y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
+            y_ND = combine(y_RD, routing, dispatch, B * T)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:
@@ -75,9 +87,13 @@ class MoELayer(nn.Module):
 
     def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:
         cfg = self.config
+        counts_E = load_E if self.load_reduction is None else self.load_reduction(load_E)
         aux = routing.logits_TE.new_zeros(())
         if cfg.balance == "aux" and cfg.aux_loss_coef > 0:
-            aux = aux + cfg.aux_loss_coef * balance.load_balance_loss(routing.probs_TE, routing.expert_ids_A)
+            aux = aux + cfg.aux_loss_coef * balance.load_balance_loss(routing.probs_TE, routing.expert_ids_A, counts_E)
+        if cfg.device_balance_loss_coef > 0:
+            aux = aux + cfg.device_balance_loss_coef * balance.device_balance_loss(routing.probs_TE, counts_E,
+                                                                                   cfg.n_group)
         seq_aux = cfg.balance == "seq_aux" or (cfg.balance == "aux_free" and cfg.seq_aux_loss_coef > 0)
         if seq_aux and cfg.seq_aux_loss_coef > 0:
             probs_BTE = routing.probs_TE.view(B, T, -1)
@@ -92,7 +108,7 @@ class MoELayer(nn.Module):
                 load=load_E.detach(),
                 dropped=dropped.detach(),
                 aux_loss=aux,
-                load_balance=balance.load_balance_loss(probs, routing.expert_ids_A),
+                load_balance=balance.load_balance_loss(probs, routing.expert_ids_A, counts_E),
                 z_loss=z.detach() if z is not None else balance.router_z_loss(routing.logits_TE.detach()),
                 entropy=balance.router_entropy(probs),
             )

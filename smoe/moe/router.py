@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from smoe import kernels
 from smoe.config import MoEConfig
 
 
@@ -78,9 +79,13 @@ def token_choice(logits_TE: torch.Tensor, cfg: MoEConfig, expert_bias_E: torch.T
     K = cfg.top_k
     scores_TE = logits_TE.softmax(-1) if cfg.score_func == "softmax" else logits_TE.sigmoid()
     choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
-    if cfg.n_group > 1:
-        choice_TE = _limit_to_groups(choice_TE, cfg)
-    expert_ids_TK = choice_TE.topk(K, dim=-1).indices
+    select = kernels.expert_selector(logits_TE.device)
+    if select is not None:  # one fused kernel for bias, group limit and top-K
+        expert_ids_TK = select(choice_TE, K, cfg.n_group, cfg.topk_group, cfg.group_score == "top2_sum")
+    else:
+        if cfg.n_group > 1:
+            choice_TE = _limit_to_groups(choice_TE, cfg)
+        expert_ids_TK = choice_TE.topk(K, dim=-1).indices
     weights_TK = scores_TE.gather(1, expert_ids_TK)
     if cfg.norm_topk_prob:
         weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)

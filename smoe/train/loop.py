@@ -3,6 +3,10 @@ MoE balance terms, the aux-free bias step, periodic evaluation, atomic checkpoin
 
 Exact resume rests on three facts: the batch of step s is a pure function of (seed, s); the learning rate is a pure
 function of s; and a checkpoint holds everything else that changes (weights, buffers, optimizer, RNG, counters).
+
+Under torchrun (``mesh`` given) each rank takes its slice of the global batch, gradients, losses and expert loads are
+reduced over ranks (smoe.parallel), so every step is the step a single process takes on the whole batch; rank 0
+alone writes run.json, metrics and progress.
 """
 
 from __future__ import annotations
@@ -21,12 +25,24 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
 from smoe.eval.metrics import bits_per_byte, perplexity, router_summary
 from smoe.models import build_model
+from smoe.parallel import (
+    apply_expert_parallel,
+    clip_gradients,
+    collective_errors,
+    expert_shard_ranges,
+    is_main_process,
+    local_device,
+    local_rows,
+    sync_gradients,
+)
+from smoe.parallel.data_parallel import all_reduce_
 from smoe.train import checkpoint as ckpt
 from smoe.train.optim import build_optimizer, lr_at, set_lr
 
@@ -58,10 +74,13 @@ class TrainConfig:
     device: str = "auto"
     expert_backend: str = "auto"
     peak_tflops: float | None = None  # for MFU; None: the vendor peak on known GPUs, else a measured matmul peak
+    ep: int = 1  # expert-parallel ranks (torchrun processes sharing one copy of the experts)
+    dp: int | None = None  # data-parallel replicas of each expert shard; None: processes / ep
+    dist_timeout: float = 300.0  # seconds before a collective waiting on a dead or hung rank fails
 
     # Fields that may change between a run and its resumption without changing the optimisation.
     RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps",
-                         "device", "expert_backend", "peak_tflops", "compile")
+                         "device", "expert_backend", "peak_tflops", "compile", "ep", "dp", "dist_timeout")
 
     @property
     def warmup(self) -> int:
@@ -87,6 +106,8 @@ class TrainConfig:
             raise ValueError(f"precision: must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay: must be >= 0")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise ValueError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout}")
         return self
 
 
@@ -163,9 +184,11 @@ def prepare_out_dir(out_dir: Path, model_config: ModelConfig, train_config: Trai
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: str | Path, *,
-          resume: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None
-          ) -> TrainResult:
-    """Train ``model_config`` on ``data``, writing checkpoints and metrics.jsonl under ``out_dir``."""
+          resume: bool = False, progress: bool | None = None, log: Callable[[str], None] | None = None,
+          mesh: DeviceMesh | None = None) -> TrainResult:
+    """Train ``model_config`` on ``data``, writing checkpoints and metrics.jsonl under ``out_dir``.
+
+    ``mesh``: the ``("dp", "ep")`` mesh of a torchrun launch (smoe.parallel.init_distributed), else None."""
     model_config.validate()
     train_config.validate()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -173,38 +196,55 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
         raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len "
                          f"({model_config.max_seq_len})")
     out_dir = Path(out_dir)
-    start = prepare_out_dir(out_dir, model_config, train_config, data.fingerprint, resume)
-    device = resolve_device(train_config.device)
+    main = is_main_process()
+    if main:
+        start = prepare_out_dir(out_dir, model_config, train_config, data.fingerprint, resume)
+    if mesh is not None:
+        torch.distributed.barrier()  # rank 0 has checked and prepared out_dir
+        start = ckpt.latest_checkpoint(out_dir) if resume else None
+    device = local_device(resolve_device(train_config.device))
     _seed_everything(train_config.seed)
-    model = build_model(model_config).to(device)
+    model = build_model(model_config).to(device)  # the same global weights on every rank (same seed) ...
+    if mesh is not None:
+        apply_expert_parallel(model, mesh)  # ... of which each EP rank keeps its experts
     model.set_expert_backend(train_config.expert_backend)
     optimizer = build_optimizer(model, train_config.lr, train_config.weight_decay,
                                 (train_config.beta1, train_config.beta2), train_config.eps)
+    shards = expert_shard_ranges(model)
     step, skipped, bad_run = 0, 0, 0
     if start is not None:
-        ckpt.load_model_state(start.path, model)
-        state = ckpt.load_training_state(start.path, optimizer)
+        ckpt.load_model_state(start.path, model, shards)
+        state = ckpt.load_training_state(start.path, optimizer, model, shards)
         step, skipped = state["step"], state["skipped_steps"]
-        log(f"resuming from {start.path} (step {step})")
-    _truncate_metrics(out_dir / METRICS_FILE, step)
+        if main:
+            log(f"resuming from {start.path} (step {step})")
+    if main:
+        _truncate_metrics(out_dir / METRICS_FILE, step)
     forward = torch.compile(model) if train_config.compile else model
 
     tokens_per_step = train_config.batch_size * train_config.seq_len
     flops_per_token = account(model_config, seq_len=train_config.seq_len).train_flops_per_token
     peak = _peak_flops(device, train_config)
     result = TrainResult(out_dir=out_dir, step=step, skipped_steps=skipped)
-    writer = _tensorboard(out_dir)
+    writer = _tensorboard(out_dir) if main else None
     autocast = autocast_context(device, train_config.precision)
     last_saved: Path | None = start.path if start is not None else None
     speeds: list[float] = []
 
     def save(at: int) -> Path:
-        return ckpt.save_checkpoint(out_dir, at, model, optimizer, model_config,
-                                    {"skipped_steps": skipped, "data_fingerprint": data.fingerprint},
-                                    data.tokenizer_json, train_config.keep_last)
+        state = {"skipped_steps": skipped, "data_fingerprint": data.fingerprint}
+        if mesh is None:
+            return ckpt.save_checkpoint(out_dir, at, model, optimizer, model_config, state, data.tokenizer_json,
+                                        train_config.keep_last)
+        return ckpt.save_sharded_checkpoint(out_dir, at, model, optimizer, model_config, state, data.tokenizer_json,
+                                            train_config.keep_last, mesh=mesh, shards=shards)
 
-    with _progress(progress, train_config.steps, step) as bar, open(out_dir / METRICS_FILE, "a") as metrics:
+    metrics_file = open(out_dir / METRICS_FILE, "a") if main else contextlib.nullcontext()
+    with _progress(progress if main else False, train_config.steps, step) as bar, metrics_file as metrics, \
+            collective_errors(train_config.dist_timeout):
         def emit(row: dict[str, Any]) -> None:
+            if not main:
+                return
             metrics.write(json.dumps(row, allow_nan=False) + "\n")
             metrics.flush()
             if writer is not None:
@@ -216,8 +256,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             lr = lr_at(step, lr=train_config.lr, warmup=train_config.warmup, total=train_config.steps,
                        min_ratio=train_config.min_lr_ratio)
             set_lr(optimizer, lr)
-            stats = _run_micro_batches(forward, data.batch(step), train_config, device, autocast)
-            grad_norm = _clip(model, train_config.grad_clip)
+            batch = data.batch(step)
+            if mesh is not None:
+                batch = tuple(local_rows(t, mesh, train_config.grad_accum) for t in batch)
+            stats = _run_micro_batches(forward, batch, train_config, device, autocast, mesh)
+            if mesh is None:
+                grad_norm = _clip(model, train_config.grad_clip)
+            else:
+                sync_gradients(model, mesh)
+                grad_norm = clip_gradients(model, mesh, train_config.grad_clip)
             step += 1
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -254,6 +301,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     if writer is not None:
         writer.close()
     result.step, result.skipped_steps, result.checkpoint = step, skipped, last_saved
+    if not main:
+        return result
     acc = account(model_config, seq_len=train_config.seq_len)
     _atomic_write(out_dir / SUMMARY_FILE, json.dumps({
         "step": step, "steps": train_config.steps, "skipped_steps": skipped, "final_eval": result.final_eval,
@@ -266,8 +315,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     return result
 
 
-def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast) -> dict[str, Any]:
-    """Forward and backward over the step's micro-batches; returns step-level scalars and summed expert loads."""
+def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None) -> dict[str, Any]:
+    """Forward and backward over the step's micro-batches; returns step-level scalars and summed expert loads
+    (with a mesh: losses averaged and loads summed over ranks, the values of the whole global batch)."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0, "mtp_loss": 0.0}
     loads: dict[int, torch.Tensor] = {}
@@ -289,6 +339,19 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast) 
             loads[idx] = loads[idx] + s.load if idx in loads else s.load.clone()
             dropped[idx] = dropped.get(idx, 0.0) + s.dropped.item()
             entropy[idx] = entropy.get(idx, 0.0) + s.entropy.item() / cfg.grad_accum
+    if mesh is not None:
+        # Equal token counts per rank, so the mean of per-rank means is the global mean.
+        names, layers = list(sums), list(loads)
+        means = torch.tensor([sums[k] for k in names] + [entropy[i] for i in layers], dtype=torch.float64,
+                             device=device)
+        all_reduce_(means, "mean")
+        sums = dict(zip(names, means[: len(names)].tolist()))
+        entropy = dict(zip(layers, means[len(names) :].tolist()))
+        if layers:
+            counts = torch.stack([torch.cat([loads[i], loads[i].new_tensor([int(dropped[i])])]) for i in layers])
+            all_reduce_(counts)
+            loads = {i: c[:-1] for i, c in zip(layers, counts)}
+            dropped = {i: float(c[-1]) for i, c in zip(layers, counts)}
     router = {str(i): router_summary(loads[i], dropped[i], entropy[i]) for i in loads}
     return {**sums, "mtp_loss": sums["mtp_loss"] if has_mtp else None, "loads": loads, "router": router}
 

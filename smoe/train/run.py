@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from smoe import presets
 from smoe.config import ModelConfig, override
 from smoe.models import build_model
+from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
+from smoe.parallel.launch import world_size_from_env
 from smoe.train import checkpoint as ckpt
 from smoe.train.data import (
     BatchSampler,
@@ -58,7 +61,9 @@ def train_model(
 ) -> TrainResult:
     """Train a preset name or a ModelConfig; ``train_options`` are TrainConfig fields (steps, batch_size, ...).
 
-    Every check that can fail on user input runs before data preparation and training.
+    Every check that can fail on user input runs before data preparation and training. Launched by torchrun, every
+    process calls this; ``ep``/``dp`` lay the processes out (smoe.parallel) and rank 0 prepares the data first, so
+    the others read it from the cache.
     """
     config = resolve_model_config(model, overrides)
     train_config = TrainConfig(**train_options).validate()
@@ -69,21 +74,36 @@ def train_model(
         if vocab > config.vocab_size:  # the tokenizer decides: the embedding must cover its ids
             config = override(config, {"vocab_size": vocab})
     out = Path(out)
+    dp = check_layout(config, train_config.ep, train_config.dp, world_size_from_env(), train_config.batch_size,
+                      train_config.grad_accum)
     prepare_out_dir(out, config, train_config, fingerprint=None, resume=resume, check_only=True)
-    prepared = prepare_data(data, val_spec=val_data, tokenizer=tokenizer, vocab_size=config.vocab_size,
-                            seed=train_config.seed, cache_dir=cache_dir, text_field=text_field, log=log)
-    sampler = BatchSampler(prepared.train, prepared.sources, train_config.seq_len, train_config.batch_size,
-                           train_config.seed)
-    val = val_batches(prepared.val, train_config.seq_len, train_config.batch_size, train_config.eval_batches)
-    token_bytes = torch.from_numpy(token_byte_lengths(prepared.tokenizer))
-    train_data = TrainData(
-        batch=lambda step: sampler.batch(step)[:2],
-        val=val,
-        val_bytes=int(sum(token_bytes[targets].sum() for _, targets in val)),
-        fingerprint=prepared.fingerprint,
-        tokenizer_json=prepared.tokenizer.to_str(),
-    )
-    return train(config, train_config, train_data, out, resume=resume, progress=progress, log=log)
+    owns_group = not dist.is_initialized()
+    mesh = init_distributed(train_config.ep, dp, train_config.dist_timeout, resolve_device(train_config.device))
+    try:
+        with collective_errors(train_config.dist_timeout):
+            main = is_main_process()
+            if not main:
+                dist.barrier()  # rank 0 fills the data cache first; the others then read it (bounded by the timeout)
+            prepared = prepare_data(data, val_spec=val_data, tokenizer=tokenizer, vocab_size=config.vocab_size,
+                                    seed=train_config.seed, cache_dir=cache_dir, text_field=text_field,
+                                    log=log if main else None)
+            if main and mesh is not None:
+                dist.barrier()
+        sampler = BatchSampler(prepared.train, prepared.sources, train_config.seq_len, train_config.batch_size,
+                               train_config.seed)
+        val = val_batches(prepared.val, train_config.seq_len, train_config.batch_size, train_config.eval_batches)
+        token_bytes = torch.from_numpy(token_byte_lengths(prepared.tokenizer))
+        train_data = TrainData(
+            batch=lambda step: sampler.batch(step)[:2],
+            val=val,
+            val_bytes=int(sum(token_bytes[targets].sum() for _, targets in val)),
+            fingerprint=prepared.fingerprint,
+            tokenizer_json=prepared.tokenizer.to_str(),
+        )
+        return train(config, train_config, train_data, out, resume=resume, progress=progress, log=log, mesh=mesh)
+    finally:
+        if mesh is not None and owns_group:
+            dist.destroy_process_group()
 
 
 def evaluate_checkpoint(
