@@ -12,6 +12,7 @@ __all__ = [
     "MoEConfig",
     "RopeScaling",
     "build_model",
+    "generate",
     "load_pretrained",
     "save_pretrained",
 ]
@@ -23,6 +24,12 @@ def __getattr__(name: str):
         from smoe.models import build_model
 
         return build_model
+    if name == "generate":
+        # The function lives in smoe.generation: a submodule named smoe.generate would replace this attribute
+        # with the module as soon as anything imported it.
+        from smoe.generation import generate
+
+        return generate
     if name in ("load_pretrained", "save_pretrained"):
         from smoe.interop import hf
 

@@ -4,7 +4,11 @@ Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a den
 an MoE layer plus a dense MLP in parallel. Attention is GQA or MLA per the config. Model code is single-device
 math: parallelism and compilation are applied from outside.
 
-Legend: B batch, T sequence, D model dim, V vocabulary.
+Decoding (smoe.generate) passes a ``DecodeCache``: per-layer key/value (GQA) or latent (MLA) caches plus which
+slots hold real tokens. Rows of a batch are left-padded so that slot s is step s of every row; each row's positions
+count only its real tokens, and pad slots are never attended.
+
+Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import nn
 
 from smoe.config import MLAConfig, ModelConfig
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
-from smoe.nn import MLA, MLP, Attention, RotaryEmbedding, init_weights, make_norm
+from smoe.nn import MLA, MLP, Attention, KVCache, MLACache, RotaryEmbedding, init_weights, make_norm
 
 IGNORE_INDEX = -100
 
@@ -30,6 +34,20 @@ class ModelOutput:
     mtp_loss: torch.Tensor | None = None  # mean cross-entropy over the MTP depths
     aux_loss: torch.Tensor = field(default_factory=lambda: torch.zeros(()))  # sum over MoE layers, weighted
     router_stats: dict[int, RouterStats] = field(default_factory=dict)  # by layer index (MTP: n_layers + depth)
+
+
+@dataclass
+class DecodeCache:
+    """The state a decode step carries besides the weights; ``Transformer.new_cache`` builds it."""
+
+    layers: list[KVCache | MLACache]  # one per block
+    valid_BS: torch.Tensor  # bool: slot s of row b holds a real token (False: padding, never attended)
+    next_pos_B: torch.Tensor  # int64: the position of each row's next real token
+    length: int = 0  # slots written so far, the same for every row
+
+    @property
+    def max_len(self) -> int:
+        return self.valid_BS.shape[1]
 
 
 class Block(nn.Module):
@@ -50,8 +68,9 @@ class Block(nn.Module):
             self.residual_norm = make_norm(config.norm, dim, eps)
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
-    def forward(self, x_BTD, cos, sin) -> tuple[torch.Tensor, RouterStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, start)
         stats = None
         if self.is_moe:
             ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
@@ -127,19 +146,46 @@ class Transformer(nn.Module):
     def _logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
         return F.linear(h_BTD, self.embed.weight if self.head is None else self.head.weight)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
+                  device: torch.device | None = None) -> DecodeCache:
+        """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + generated), in the
+        weights' dtype and device unless given."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len: {max_len} tokens exceed the model's max_seq_len ({self.config.max_seq_len})")
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        layers = [block.attn.new_cache(batch_size, max_len, dtype, device) for block in self.layers]
+        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        return DecodeCache(layers, valid, torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
-        IGNORE_INDEX (-100) positions do not count."""
+        IGNORE_INDEX (-100) positions do not count.
+
+        ``attention_mask`` (B, T), 1 for real tokens and 0 for (left) padding: positions count real tokens only and
+        padding is never attended. ``cache``: ``input_ids`` continue the cached tokens, which the cache records."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
-        cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        mask_B1TS, start = None, 0
+        if attention_mask is None and cache is None:
+            cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        else:
+            if labels is not None:
+                raise ValueError("labels: not supported together with attention_mask or cache (training takes "
+                                 "unpadded batches)")
+            start = cache.length if cache is not None else 0
+            positions_BT, mask_B1TS = self._positions_and_mask(input_ids, attention_mask, cache)
+            cos, sin = self.rope(positions_BT)
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin)
+            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start)
             if s is not None:
                 stats[i] = s
+        if cache is not None:
+            cache.length += T
         logits = self._logits(self.norm(h))
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels is not None:
@@ -153,6 +199,50 @@ class Transformer(nn.Module):
             if out.mtp_loss is not None:
                 out.loss = out.loss + self.config.layout.mtp_loss_coef * out.mtp_loss
         return out
+
+    def _positions_and_mask(self, input_ids, attention_mask, cache: DecodeCache | None):
+        """Per-row positions (B, T) and the boolean attention mask (B, 1, T, S) over every slot so far."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"input_ids: {start} cached + {T} new tokens exceed the cache's max_len "
+                             f"({cache.max_len})")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
+                             f"{tuple(input_ids.shape)}")
+        window = getattr(self.config.attention, "sliding_window", None)
+        if cache is not None and attention_mask is None:
+            # The decode step: every new token is real, so positions advance by one and, without a window, the
+            # mask is a view of the validity buffer: nothing is allocated per step beyond the rope angles.
+            cache.valid_BS[:, start : start + T] = True
+            positions_BT = cache.next_pos_B[:, None] + torch.arange(T, device=device)
+            cache.next_pos_B += T
+            if T == 1 and window is None:
+                return positions_BT, cache.valid_BS[:, None, None, : start + 1]
+            valid_BS = cache.valid_BS[:, : start + T]
+        else:
+            real_BT = (attention_mask.bool() if attention_mask is not None
+                       else torch.ones_like(input_ids, dtype=torch.bool))
+            # As transformers computes position ids from the mask: real tokens count 0, 1, 2, ... per row.
+            positions_BT = real_BT.long().cumsum(1) - 1
+            if cache is not None:
+                cache.valid_BS[:, start : start + T] = real_BT
+                positions_BT = positions_BT + cache.next_pos_B[:, None]
+                cache.next_pos_B += real_BT.sum(1)
+                valid_BS = cache.valid_BS[:, : start + T]
+            else:
+                valid_BS = real_BT
+            positions_BT = positions_BT.clamp_min(0)
+        q_T1 = torch.arange(start, start + T, device=device)[:, None]
+        k_S = torch.arange(start + T, device=device)
+        allowed_TS = k_S <= q_T1
+        if window is not None:
+            allowed_TS &= q_T1 - k_S < window
+        # A pad query attends to itself: no row is fully masked (its softmax would be NaN, and NaN pad values
+        # would leak into real rows as 0 * NaN).
+        mask_B1TS = (valid_BS[:, None, None, :] & allowed_TS) | (k_S == q_T1)
+        return positions_BT, mask_B1TS
 
     def _mtp_loss(self, h_BTD, labels_BT, cos, sin, stats) -> torch.Tensor:
         # Depth d sees positions t < T - d: the input token t+d is labels[t+d-1], the target is labels[t+d].

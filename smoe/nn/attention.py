@@ -1,6 +1,7 @@
-"""Grouped-query attention via scaled_dot_product_attention (causal, optional sliding window).
+"""Grouped-query attention via scaled_dot_product_attention (causal, optional sliding window), and its decode cache.
 
-Legend: B batch, T sequence, D model dim, H query heads, G key/value heads, K head dim.
+Legend: B batch, T new tokens (queries), S keys (cached slots + new), D model dim, H query heads, G key/value heads,
+K head dim.
 """
 
 from __future__ import annotations
@@ -23,13 +24,35 @@ def causal_mask(T: int, window: int | None, device: torch.device) -> torch.Tenso
     return (j <= i) & (i - j < window)
 
 
-def attend(q_BHTK, k_BGTK, v_BGTV, window: int | None, scale: float | None = None) -> torch.Tensor:
-    T = q_BHTK.shape[2]
-    mask = causal_mask(T, window, q_BHTK.device)
-    gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
+def attend(q_BHTK, k_BGSK, v_BGSV, window: int | None, scale: float | None = None, mask_B1TS=None) -> torch.Tensor:
+    """Causal attention over S == T keys with an optional sliding window; or, given ``mask_B1TS`` (True: may
+    attend), exactly that mask, which the caller built for cached keys and padding (window included)."""
+    if mask_B1TS is None:
+        mask_B1TS = causal_mask(q_BHTK.shape[2], window, q_BHTK.device)
+        causal = mask_B1TS is None
+    else:
+        causal = False
+    gqa = k_BGSK.shape[1] != q_BHTK.shape[1]
     return F.scaled_dot_product_attention(
-        q_BHTK, k_BGTK, v_BGTV, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+        q_BHTK, k_BGSK, v_BGSV, attn_mask=mask_B1TS, is_causal=causal, scale=scale, enable_gqa=gqa
     )
+
+
+class KVCache:
+    """Keys and values of one GQA layer for decoding: static (B, G, S_max, K) buffers written in place, so a decode
+    step allocates nothing. Slot s holds the token fed at step s of every row (left padding aligns the rows)."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k_BGSK = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_BGSK = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at slots [start, start + T); return views of every slot up to there."""
+        end = start + k_BGTK.shape[2]
+        self.k_BGSK[:, :, start:end] = k_BGTK
+        self.v_BGSK[:, :, start:end] = v_BGTK
+        return self.k_BGSK[:, :, :end], self.v_BGSK[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -48,7 +71,13 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_dim, norm_eps), RMSNorm(kv_dim, norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, dtype, device) -> KVCache:
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Without a cache: causal attention within x (``mask_B1TS`` replaces it when given, e.g. for padding).
+        With one: x is the tokens at slots [start, start + T) and ``mask_B1TS`` covers slots [0, start + T)."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
@@ -62,5 +91,8 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cfg.sliding_window)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        out = attend(q.transpose(1, 2), k, v, cfg.sliding_window, mask_B1TS=mask_B1TS)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

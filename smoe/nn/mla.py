@@ -1,22 +1,53 @@
 """Multi-head latent attention (DeepSeek-V2 §2.1, DeepSeek-V3 §2.1.1).
 
 Keys and values are reconstructed from a compressed latent c_kv (kv_lora_rank) plus one rotary key shared by all
-heads; queries optionally go through their own low-rank latent (q_lora_rank). Decoding caches only c_kv and the
-rotary key.
+heads; queries optionally go through their own low-rank latent (q_lora_rank). Decoding caches only the normalised
+c_kv and the rotated rotary key, and attends in the latent space (DeepSeek-V2 §2.1.3: the key up-projection W_UK is
+absorbed into the query, the value up-projection W_UV into the output):
 
-Legend: B batch, T sequence, D model dim, H heads, N no-rope head dim, R rope head dim, V value head dim,
-C kv_lora_rank.
+    score(t, s) = (q_nope_t · W_UK c_s + q_rope_t · k_rope_s) * scale = ((W_UK^T q_nope_t) · c_s + ...) * scale
+    out_t = W_UV (sum_s p(t, s) c_s)
+
+so a decode step never expands the cached latents into per-head keys and values.
+
+Legend: B batch, T new tokens, S keys (cached slots + new), D model dim, H heads, N no-rope head dim, R rope head
+dim, V value head dim, C kv_lora_rank, X = C + R (a cached latent row: c_kv then the rope key).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import MLAConfig
 from smoe.nn.attention import attend
 from smoe.nn.norm import RMSNorm
 from smoe.nn.rope import apply_rope, yarn_mscale
+
+
+class MLACache:
+    """One MLA layer's cache: a static (B, S_max, C + R) buffer whose rows are [normalised c_kv | rotated k_rope].
+    Keeping both in one row makes the latent itself the (shared) key of the absorbed attention, with no copy."""
+
+    def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
+        self.kv_lora_rank = kv_lora_rank
+        self.latent_BSX = torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+
+    @property
+    def ckv_BSC(self) -> torch.Tensor:
+        return self.latent_BSX[..., : self.kv_lora_rank]
+
+    @property
+    def k_rope_BSR(self) -> torch.Tensor:
+        return self.latent_BSX[..., self.kv_lora_rank :]
+
+    def update(self, ckv_BTC: torch.Tensor, k_rope_BTR: torch.Tensor, start: int) -> torch.Tensor:
+        """Write slots [start, start + T); return the latent rows of every slot up to there."""
+        end = start + ckv_BTC.shape[1]
+        self.ckv_BSC[:, start:end] = ckv_BTC
+        self.k_rope_BSR[:, start:end] = k_rope_BTR
+        return self.latent_BSX[:, :end]
 
 
 class MLA(nn.Module):
@@ -40,18 +71,47 @@ class MLA(nn.Module):
             # DeepSeek folds YaRN's temperature into the softmax scale as well as into cos/sin.
             self.scale *= yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch_size: int, max_len: int, dtype, device) -> MLACache:
+        cfg = self.config
+        return MLACache(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
+                cache: MLACache | None = None, start: int = 0) -> torch.Tensor:
+        """As ``Attention.forward``. With a cache, the first chunk (start == 0, its own keys only) takes the
+        expanded path, which is cheaper for many queries; later chunks attend in the latent space."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q = self.wq(x_BTD) if cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x_BTD)))
         q_nope_BTHN, q_rope_BTHR = q.view(B, T, H, N + R).split([N, R], dim=-1)
         ckv_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([cfg.kv_lora_rank, R], dim=-1)
-        kv = self.wkv_b(self.kv_norm(ckv_BTC)).view(B, T, H, N + V)
-        k_nope_BTHN, v_BTHV = kv.split([N, V], dim=-1)
+        ckv_BTC = self.kv_norm(ckv_BTC)
         q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin, interleaved=cfg.rope_interleave)
-        k_rope_BT1R = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave)
+        k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave).view(B, T, R)
+        if cache is not None:
+            latent_BSX = cache.update(ckv_BTC, k_rope_BTR, start)
+            if start > 0:
+                return self._absorbed(q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS)
+        k_nope_BTHN, v_BTHV = self.wkv_b(ckv_BTC).view(B, T, H, N + V).split([N, V], dim=-1)
         q = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
-        k = torch.cat([k_nope_BTHN, k_rope_BT1R.expand(B, T, H, R)], dim=-1)
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v_BTHV.transpose(1, 2), None, scale=self.scale)
+        k = torch.cat([k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, H, R)], dim=-1)
+        out = attend(q.transpose(1, 2), k.transpose(1, 2), v_BTHV.transpose(1, 2), None, scale=self.scale,
+                     mask_B1TS=mask_B1TS)
         return self.wo(out.transpose(1, 2).reshape(B, T, H * V))
+
+    def _absorbed(self, q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS) -> torch.Tensor:
+        cfg = self.config
+        B, T, H, N = q_nope_BTHN.shape
+        C, V, S = cfg.kv_lora_rank, cfg.v_head_dim, latent_BSX.shape[1]
+        w_uk_HNC, w_uv_HVC = self.wkv_b.weight.view(H, N + V, C).split([N, V], dim=1)
+        q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
+        q_BTHX = torch.cat([q_latent_BTHC, q_rope_BTHR], dim=-1)
+        # Every head shares the one latent key/value row per slot: multi-query attention, so the heads fold into
+        # the query axis and each row is one (T*H, X) x (X, S) product.
+        q_B1QX = q_BTHX.reshape(B, 1, T * H, C + q_rope_BTHR.shape[-1])
+        mask_B1QS = mask_B1TS[:, :, :, None, :].expand(B, 1, T, H, S).reshape(B, 1, T * H, S)
+        latent_B1SX = latent_BSX[:, None]
+        out_B1QC = F.scaled_dot_product_attention(q_B1QX, latent_B1SX, latent_B1SX[..., :C], attn_mask=mask_B1QS,
+                                                  scale=self.scale)
+        out_BTHV = torch.einsum("bthc,hvc->bthv", out_B1QC.view(B, T, H, C), w_uv_HVC)
+        return self.wo(out_BTHV.reshape(B, T, H * V))

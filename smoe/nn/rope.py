@@ -47,7 +47,8 @@ def rope_frequencies(rot_dim: int, theta: float, scaling: RopeScaling | None) ->
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces (cos, sin) of shape (T, rot_dim) for given positions; holds no learned state."""
+    """Produces (cos, sin) of shape (*positions.shape, rot_dim): (T, R) for shared positions, (B, T, R) for
+    per-row positions (left-padded batches). Holds no learned state."""
 
     def __init__(self, rot_dim: int, theta: float, scaling: RopeScaling | None = None):
         super().__init__()
@@ -61,7 +62,7 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        freqs = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
 
@@ -72,12 +73,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_BTHR: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleaved: bool = False):
-    """Rotate the first R = cos.shape[-1] channels of each head; the rest pass through (partial rotary)."""
+    """Rotate the first R = cos.shape[-1] channels of each head; the rest pass through (partial rotary).
+    cos/sin are (T, R), or (B, T, R) when each row has its own positions."""
     rot = cos_TR.shape[-1]
     x_rot, x_pass = x_BTHR[..., :rot], x_BTHR[..., rot:]
     if interleaved:
         *lead, r = x_rot.shape
         x_rot = x_rot.reshape(*lead, r // 2, 2).transpose(-1, -2).reshape(*lead, r)
-    cos, sin = cos_TR[:, None, :].to(x_BTHR.dtype), sin_TR[:, None, :].to(x_BTHR.dtype)
+    cos, sin = cos_TR[..., None, :].to(x_BTHR.dtype), sin_TR[..., None, :].to(x_BTHR.dtype)
     x_rot = x_rot * cos + _rotate_half(x_rot) * sin
     return torch.cat([x_rot, x_pass], dim=-1) if x_pass.shape[-1] else x_rot

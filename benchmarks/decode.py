@@ -1,0 +1,190 @@
+"""Decode throughput of smoe.generate vs transformers' generate on the same model and weights, in one run, and
+against the memory-bandwidth floor.
+
+A Mixtral-like (GQA, 8 coarse experts top-2) and a DeepSeek-V3-like (MLA, 32 fine-grained experts top-4 + a shared
+one, a dense first layer) model of roughly 100-200M parameters are built as transformers models from
+smoe.interop.hf_config.config_to_hf, and ours gets the very same weights. Each contender generates greedily from
+the same random prompts, with no stop token; decode time is t(N new tokens) - t(1 new token), so the prefill
+cancels, and contenders are interleaved round by round (medians) so load from other tenants hits all alike.
+transformers runs with each experts implementation; its best is the peer.
+
+The floor: per decode step the weights touched are read once: attention, norms, routers, shared and dense FFNs,
+the head, one embedding row per sequence, and the routed experts actually hit (top_k per MoE layer at batch 1; at
+batch 16 the distinct experts hit, counted during our run). Bytes / measured copy bandwidth is the shortest step
+time; batch / that is the tokens/s ceiling. The bandwidth is the best of copies timed between the rounds: other
+tenants of the machine only ever lower it.
+
+    .venv/bin/python benchmarks/decode.py [--models mixtral,deepseek] [--batch-sizes 1,16] [--rounds 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+import smoe
+from smoe import presets
+from smoe.interop.hf_config import config_to_hf
+from smoe.models import Transformer
+
+# (preset, overrides, transformers model type): sized so that weights, not per-op overhead, dominate a decode step
+# on a few CPU cores, with a realistic 32k vocabulary.
+MODELS = {
+    "mixtral": ("mixtral-tiny", {"vocab_size": 32000, "dim": 512, "n_layers": 8, "moe.expert_dim": 1536,
+                                 "attention.n_heads": 8, "attention.n_kv_heads": 2, "max_seq_len": 4096}, "mixtral"),
+    "deepseek": ("deepseek-v3-tiny", {"vocab_size": 32000, "dim": 512, "n_layers": 8, "ffn_dim": 2048,
+                                      "moe.expert_dim": 384, "layout.n_mtp_modules": 0, "max_seq_len": 4096,
+                                      "attention.n_heads": 8, "attention.q_lora_rank": 192,
+                                      "attention.kv_lora_rank": 128}, "deepseek_v3"),
+}
+HF_EXPERTS = ("eager", "grouped_mm")
+
+
+def copy_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
+    """Bytes/s of a large tensor copy, counting the read and the write (best of ``repeats``)."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * n_bytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build_pair(name: str, dtype: torch.dtype):
+    """Our model and transformers' with identical weights (saved by transformers, loaded by smoe)."""
+    import transformers
+
+    preset, overrides, model_type = MODELS[name]
+    config = presets.get(preset, **overrides)
+    hf_dict = config_to_hf(config, model_type)
+    hf_dict.pop("model_type")
+    torch.manual_seed(0)
+    hf_models = {}
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore")
+        hf_config = transformers.AutoConfig.for_model(model_type, **hf_dict)
+        base = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+        for key, tensor in base.state_dict().items():
+            if key.endswith("e_score_correction_bias"):
+                tensor.normal_(0, 0.1)  # as a trained model's: non-zero, so that it steers the routing
+        base.save_pretrained(tmp)
+        ours = smoe.load_pretrained(tmp, dtype=dtype).eval()
+        for impl in HF_EXPERTS:
+            try:
+                hf_models[impl] = transformers.AutoModelForCausalLM.from_pretrained(
+                    tmp, dtype=dtype, experts_implementation=impl).eval()
+            except (ValueError, TypeError):
+                continue
+    for hf in hf_models.values():
+        hf.generation_config.eos_token_id = None  # both sides generate the full length
+        hf.generation_config.pad_token_id = 0
+    return config, ours, hf_models
+
+
+def weight_bytes_per_step(model: Transformer, batch: int, experts_hit: dict[int, float]) -> float:
+    """Bytes of weights one decode step of ``batch`` sequences reads; ``experts_hit``: routed experts touched per
+    MoE layer (its mean over the run)."""
+    total = 0
+    moe_layers = model.moe_layers_by_index()
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            continue
+        if name == "embed.weight":
+            rows = min(batch, p.shape[0]) if model.head is not None else p.shape[0]  # a tied head reads it all
+            total += rows * p.shape[1] * p.element_size()
+            continue
+        if ".ffn.experts." in name:
+            layer = int(name.split(".")[1])
+            E = moe_layers[layer].config.n_routed_experts
+            total += p.numel() * p.element_size() * experts_hit[layer] / E
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+def count_experts_hit(model: Transformer, prompts, new_tokens: int) -> dict[int, float]:
+    """Mean distinct routed experts per MoE layer per decode step, observed with router hooks."""
+    hits: dict[int, list[int]] = {i: [] for i in model.moe_layers_by_index()}
+    handles = []
+    for i, layer in model.moe_layers_by_index().items():
+        def hook(module, args, routing, i=i):
+            if args[0].shape[0] == len(prompts):  # decode steps only: one token per row
+                hits[i].append(int(routing.expert_ids_A.unique().numel()))
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        smoe.generate(model, prompts, max_new_tokens=new_tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: float(np.mean(v)) for i, v in hits.items()}
+
+
+def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype) -> None:
+    config, ours, hf_models = build_pair(name, dtype)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {config.n_layers} layers, dim {config.dim}, "
+          f"{config.moe.n_routed_experts} experts top-{config.moe.top_k}, {config.attention.kind}")
+    print(f"{'batch':>5} {'smoe tok/s':>10} " + " ".join(f"{'hf ' + k + ' tok/s':>20}" for k in hf_models)
+          + f" {'smoe/best hf':>12} {'MB/step':>8} {'GB/s':>5} {'floor tok/s':>11} {'smoe/floor':>10}"
+          + f" {'same tokens':>11}")
+    g = torch.Generator().manual_seed(0)
+    for B in batch_sizes:
+        ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
+        mask = torch.ones_like(ids)
+        runners = {"smoe": lambda n: smoe.generate(ours, ids, max_new_tokens=n)}
+        for impl, hf in hf_models.items():
+            runners[impl] = lambda n, hf=hf: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                                         do_sample=False)[:, prompt_len:]
+        outputs = {k: run(new_tokens) for k, run in runners.items()}  # warm-up, and the tokens to compare
+        times = {k: ([], []) for k in runners}
+        bandwidth = copy_bandwidth()
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for key, run in runners.items():
+                    times[key][0].append(_timed(lambda: run(1)))
+                    times[key][1].append(_timed(lambda: run(new_tokens)))
+                bandwidth = max(bandwidth, copy_bandwidth())
+        tok_s = {k: B * (new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
+        best_hf = max(v for k, v in tok_s.items() if k != "smoe")
+        hit = count_experts_hit(ours, ids, new_tokens)
+        step_bytes = weight_bytes_per_step(ours, B, hit)
+        floor = B * bandwidth / step_bytes
+        same = all(torch.equal(outputs["smoe"], o) for k, o in outputs.items() if k != "smoe")
+        cells = " ".join(f"{tok_s[k]:>20.1f}" for k in hf_models)
+        print(f"{B:>5} {tok_s['smoe']:>10.1f} {cells} {tok_s['smoe'] / best_hf:>11.2f}x {step_bytes / 1e6:>8.1f} "
+              f"{bandwidth / 1e9:>5.1f} {floor:>11.1f} {tok_s['smoe'] / floor:>10.2f} {'yes' if same else 'no':>11}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    print(f"greedy decode tokens/s, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    for name in args.models.split(","):
+        bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
+              dtype)
+
+
+if __name__ == "__main__":
+    main()

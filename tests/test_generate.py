@@ -1,0 +1,255 @@
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import smoe
+from smoe import presets
+from smoe.cli import main
+from smoe.config import RopeScaling
+from smoe.generation import TextStream, generate_stream, pad_left, sample
+from smoe.models import build_model
+
+YARN = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
+
+# Every attention variant the decode path has to reproduce: GQA with and without a sliding window and qk-norm
+# (per head, over all heads), MLA with and without query compression, with YaRN.
+CACHE_CASES = {
+    "gqa": ("mixtral-tiny", {}),
+    "gqa-window": ("mixtral-tiny", {"attention.sliding_window": 6}),
+    "gqa-head-qk-norm": ("qwen3-moe-tiny", {}),
+    "gqa-full-qk-norm-clip": ("olmoe-tiny", {"attention.clip_qkv": 0.5}),
+    "mla-q-lora-yarn": ("deepseek-v3-tiny", {"layout.n_mtp_modules": 0, "attention.rope_scaling": YARN}),
+    "mla-yarn": ("deepseek-v2-tiny", {"attention.q_lora_rank": None, "attention.rope_scaling": YARN}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Decoding tiny models is a chain of small matmuls that a second thread cannot speed up; on a shared CPU its
+    # OpenMP barriers wait for a time slice (6 s instead of 0.15 s for one 16-token generate, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(preset, **changes):
+    torch.manual_seed(0)
+    return build_model(presets.get(preset, **{"n_layers": 2, **changes})).eval()
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_prefill_chunk_and_decode_steps_match_one_forward(case):
+    preset, changes = CACHE_CASES[case]
+    model = _model(preset, **changes)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 20)
+        # a prefill, a multi-token chunk on top of the cache (MLA: absorbed with T > 1), then single steps
+        parts = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:12], cache=cache).logits]
+        parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])
+def test_a_left_padded_row_generates_what_its_prompt_alone_does(preset):
+    model = _model(preset, **{"attention.sliding_window": 4} if preset == "mixtral-tiny" else {})
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100]]
+    batched = smoe.generate(model, prompts, max_new_tokens=8)
+    for row, prompt in zip(batched, prompts):
+        assert torch.equal(row, smoe.generate(model, [prompt], max_new_tokens=8)[0])
+
+
+def test_padded_forward_matches_each_row_unpadded():
+    model = _model("deepseek-v2-tiny")
+    ids, mask = pad_left([[5, 6, 7, 8, 9], [3, 4]], pad_id=0)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(padded[1, 3:], model(ids[1:, 3:]).logits[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(padded[0], model(ids[:1]).logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_sampling_is_reproducible_and_the_seed_matters():
+    model = _model("mixtral-tiny")
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.9)
+    first = smoe.generate(model, [[1, 2, 3]], seed=7, **kw)
+    assert torch.equal(first, smoe.generate(model, [[1, 2, 3]], seed=7, **kw))
+    assert not torch.equal(first, smoe.generate(model, [[1, 2, 3]], seed=8, **kw))
+
+
+def test_top_k_1_sampling_is_greedy():
+    model = _model("deepseek-v3-tiny")
+    greedy = smoe.generate(model, [[1, 2, 3], [4]], max_new_tokens=10)
+    assert torch.equal(smoe.generate(model, [[1, 2, 3], [4]], max_new_tokens=10, temperature=1.5, top_k=1, seed=0),
+                       greedy)
+
+
+def test_top_p_samples_only_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    assert set(sample(logits, 1.0, top_k=3, generator=g).tolist()) == {0, 1, 2}
+
+
+def test_a_stop_token_ends_its_row_with_padding_and_the_loop_when_all_stopped():
+    model = _model("mixtral-tiny")
+    free = smoe.generate(model, [[1, 2, 3], [9, 8]], max_new_tokens=10)
+    stop = int(free[0, 3])
+    assert stop not in free[0, :3].tolist()
+    out = smoe.generate(model, [[1, 2, 3], [9, 8]], max_new_tokens=10, stop_tokens={stop}, pad_id=0)
+    assert out[0, :4].tolist() == free[0, :4].tolist() and set(out[0, 4:].tolist()) <= {0}
+    row1 = free[1].tolist()
+    end = row1.index(stop) + 1 if stop in row1 else 10
+    assert out[1, :end].tolist() == row1[:end]
+    alone = smoe.generate(model, [[1, 2, 3]], max_new_tokens=10, stop_tokens={stop})
+    assert alone[0].tolist() == free[0, :4].tolist()  # the loop ended at the stop token
+
+
+def test_stream_yields_the_tokens_generate_returns():
+    model = _model("qwen2-moe-tiny")
+    steps = list(generate_stream(model, [[1, 2], [3, 4, 5]], max_new_tokens=5))
+    assert torch.equal(torch.stack(steps, 1), smoe.generate(model, [[1, 2], [3, 4, 5]], max_new_tokens=5))
+
+
+def test_expert_choice_routing_is_refused_naming_the_field():
+    model = _model("mixtral-tiny", **{"moe.routing": "expert_choice", "moe.balance": "none"})
+    with pytest.raises(ValueError, match="moe.routing"):
+        smoe.generate(model, [[1, 2]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_k": 0}, "top_k"),
+    ({"max_new_tokens": 5000}, "max_new_tokens"), ({"prompts": [[1], []]}, "prompts: row 1"),
+    ({"prompts": [[1, 10**6]]}, "prompts: token ids"),
+])
+def test_bad_arguments_name_the_argument(kw, field):
+    model = _model("mixtral-tiny")
+    args = {"prompts": [[1, 2]], "max_new_tokens": 2, **kw}
+    with pytest.raises(ValueError, match=field):
+        smoe.generate(model, args.pop("prompts"), **args)
+
+
+def test_labels_with_a_cache_are_refused():
+    model = _model("mixtral-tiny")
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=ids, cache=model.new_cache(1, 4))
+
+
+def test_text_stream_never_prints_a_partial_character():
+    from smoe.train.data import train_tokenizer
+
+    tokenizer = train_tokenizer(["once upon a time a fox"] * 20, vocab_size=300)
+    text = "a fox 🦊 said héllo"
+    ids = tokenizer.encode(text).ids
+    assert any("\ufffd" in tokenizer.decode(ids[:i]) for i in range(len(ids)))  # the case exists
+    stream = TextStream(tokenizer)
+    deltas = [stream.push([i]) for i in ids] + [stream.flush()]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+
+
+# --- greedy parity with transformers' generate -------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2-q_lora",
+                                  "deepseek_v3"])
+def test_greedy_matches_transformers_generate_on_a_left_padded_batch(case, tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_interop import _hf_model  # the tiny transformers model of each family, saved and converted
+
+    hf = _hf_model(case)
+    hf.save_pretrained(tmp_path)
+    ours = smoe.load_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, ours.config.vocab_size, (n,), generator=g).tolist() for n in (9, 5)]
+    ids, mask = pad_left(prompts, pad_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # no EOS: both sides run the full length
+        expected = hf.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[:, ids.shape[1]:]
+    assert expected.shape == (2, 16)
+    assert torch.equal(smoe.generate(ours, prompts, max_new_tokens=16, pad_id=0), expected)
+
+
+# --- smoe generate ---------------------------------------------------------------------------------------------------
+
+TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,
+        "attention.n_kv_heads": 2, "max_seq_len": 64}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from smoe.train import train_model
+
+    root = tmp_path_factory.mktemp("generate")
+    rng = np.random.default_rng(0)
+    words = "once upon a time a little fox found a red ball and played with it in the sun all day".split()
+    corpus = root / "corpus.txt"
+    corpus.write_text("<|endoftext|>".join(" ".join(rng.choice(words, 80)) for _ in range(60)))
+    result = train_model("mixtral-tiny", out=root / "run", data=str(corpus), overrides=TINY, steps=3, batch_size=4,
+                         seq_len=32, eval_batches=1, precision="fp32", cache_dir=root / "cache", progress=False)
+    return result.checkpoint
+
+
+def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, capsys):
+    from smoe.eval.analysis import load_checkpoint_model
+    from smoe.generation import default_stop_tokens, load_tokenizer
+
+    assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    tokenizer = load_tokenizer(trained)
+    model, _ = load_checkpoint_model(trained)
+    new = smoe.generate(model, [tokenizer.encode("once upon").ids], max_new_tokens=8,
+                        stop_tokens=default_stop_tokens(trained, tokenizer))
+    assert out == "once upon" + tokenizer.decode(new[0].tolist()) + "\n"
+
+
+def test_cli_generates_the_same_from_the_run_exported_to_hugging_face(trained, tmp_path, capsys):
+    from smoe.interop.hf import read_tokenizer_json
+
+    smoe.save_pretrained(smoe.load_pretrained(trained), tmp_path / "hf", model_type="mixtral",
+                         tokenizer_json=read_tokenizer_json(trained))
+    argv = ["--prompt", "a fox", "--prompt", "the sun", "--max-new-tokens", "8"]
+    assert main(["generate", str(trained), *argv]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "hf"), *argv]) == 0
+    assert capsys.readouterr().out == from_run and from_run.startswith("[0] a fox")
+
+
+def test_cli_without_a_tokenizer_takes_ids_and_refuses_text(trained, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    shutil.copytree(trained, bare)
+    (bare / "tokenizer.json").unlink()
+    assert main(["generate", str(bare), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]
+    assert 1 <= len(printed) <= 4 and all(0 <= t < TINY["vocab_size"] for t in printed)
+    assert main(["generate", str(bare), "--prompt", "once upon"]) == 2
+    err = capsys.readouterr().err
+    assert str(bare / "tokenizer.json") in err and "--prompt-ids" in err and "\n" not in err.strip()
+
+
+def test_cli_sampling_with_a_seed_repeats(trained, capsys):
+    argv = ["generate", str(trained), "--prompt-ids", "5,6", "--prompt-ids", "7", "--temperature", "1",
+            "--top-k", "50", "--seed", "3", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and first.startswith("[0] ") and "\n[1] " in first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "no/such/run", "--prompt-ids", "1"], "no/such/run"),
+    (["generate", "no/such/run"], "--prompt TEXT or --prompt-ids"),
+    (["generate", "no/such/run", "--prompt-ids", "1,x"], "--prompt-ids '1,x'"),
+    (["generate", "no/such/run", "--prompt-ids", "1", "--top-p", "2"], "top_p: must be in (0, 1]"),
+])
+def test_cli_bad_input_is_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
