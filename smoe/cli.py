@@ -158,8 +158,6 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
     import smoe
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream, load_tokenizer
     from smoe.train import checkpoint as ckpt
@@ -178,8 +176,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
-    model = smoe.load_pretrained(directory, dtype=dtype, device=resolve_device(args.device))
+    model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
     stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
@@ -209,27 +206,26 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _cmd_convert(args: argparse.Namespace) -> None:
-    import tempfile
-
+def _dtype(name: str | None):
     import torch
 
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[name]
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
     from smoe.interop import hf
     from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
     sharded = sharded_checkpoint(args.path)
-    if sharded is not None and args.to == "smoe" and dtype is None:
+    if sharded is not None and args.to == "smoe" and args.dtype is None:
         # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
         out = consolidate(sharded, args.out)
         print(f"{sharded} -> {out}: single-file smoe training checkpoint")
         return
-    with tempfile.TemporaryDirectory() as scratch:
-        source = consolidate(sharded, Path(scratch) / "single") if sharded is not None else args.path
-        model = hf.load_pretrained(source, dtype=dtype)
-        tokenizer_json = hf.read_tokenizer_json(source)
+    model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype))
+    tokenizer_json = hf.read_tokenizer_json(args.path)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
         out = hf.save_pretrained(model, args.out, model_type=model_type, tokenizer_json=tokenizer_json)
@@ -252,11 +248,10 @@ _TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_
 def _cmd_bench(args: argparse.Namespace) -> None:
     """Runs a script from benchmarks/ (a source checkout's, next to the package), passing the options through."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{args.name.replace('-', '_')}.py"
     if not path.is_file():
-        raise SystemExit(f"bench: {path} not found; benchmarks ship with a source checkout, not the wheel")
+        raise ValueError(f"bench: {path} not found; benchmarks ship with a source checkout, not the wheel")
     spec = importlib.util.spec_from_file_location(f"smoe_bench_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -314,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, help="checkpoints to keep")
     p.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps before stopping")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--expert-backend", help="expert kernel: auto, reference, grouped_mm")
+    p.add_argument("--expert-backend", help="expert kernel: auto (default), reference, expert_loop, grouped_mm, "
+                                            "triton")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, else measured)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
