@@ -56,7 +56,9 @@ def _spans(counts: list[int]):
 
 
 class _ExpertLoop(torch.autograd.Function):
+    # The GEMMs run in the compute dtype chosen here, so autocast (which would recast their inputs) is off inside.
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, x_RD, w_gate_up_E2FD, w_down_EDF, counts, activation):
         R, D = x_RD.shape
         F = w_down_EDF.shape[-1]
@@ -72,6 +74,7 @@ class _ExpertLoop(torch.autograd.Function):
         return y_RD
 
     @staticmethod
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, dy_RD):
         x_RD, w_gate_up_E2FD, w_down_EDF, h_R2F = ctx.saved_tensors
         need_x, need_gu, need_down = ctx.needs_input_grad[:3]
