@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--grad-clip", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["bf16", "fp32"])
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): bf16 autocast where the device has native bf16, else fp32")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
@@ -341,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per architecture (3+ separates seed noise)")
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto (default): bf16 autocast where the device has native bf16, else fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")

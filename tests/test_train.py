@@ -172,3 +172,16 @@ def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys
     assert "same first expert" in out and "knock-out top1_routed" in out and "saturation at step 3" in out
     result = json.loads((ckpt.latest_checkpoint(tmp_path / "run").path / "analysis.json").read_text())
     assert set(result["layers"]) == {"0", "1"} and result["saturation"]["3"] <= 1.0
+
+
+def test_auto_precision_resolves_to_bf16_only_where_it_is_native(text, tmp_path):
+    from smoe import kernels
+    from smoe.train.loop import resolve_precision
+
+    cpu = torch.device("cpu")
+    native = kernels.native_low_precision(torch.bfloat16)
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    _train(tmp_path / "run", text, tmp_path, steps=1, precision="auto", log=lambda m: None)
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())["train_config"]["precision"]
+    assert saved == resolve_precision("auto", cpu)  # the resolved value, not "auto"

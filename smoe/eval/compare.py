@@ -81,7 +81,7 @@ class CompareSettings:
     seeds: int = 1
     eval_every: int = 25
     eval_batches: int = 8
-    precision: str = "bf16"
+    precision: str = "auto"  # resolved by each run (smoe.train.loop.resolve_precision)
     device: str = "auto"
     checkpoints: int = 4  # saved through training, for the router-saturation analysis
 

@@ -26,6 +26,7 @@ expert), where its C++ loop beats a Python one.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Callable, Protocol
 
@@ -75,6 +76,16 @@ def available(name: str, device: torch.device) -> bool:
 
 def names() -> list[str]:
     return ["auto", *_BACKENDS]
+
+
+@functools.cache
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU's GEMMs run ``dtype`` natively (oneDNN's own check for AVX512-BF16/FP16 or AMX)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True
 
 
 # Below this many rows per expert (decode: T*K of a few tokens) the per-expert Python loop's overhead dominates and

@@ -15,22 +15,10 @@ Activations saved for backward keep the input dtype: memory stays that of a bf16
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from smoe.kernels import register
+from smoe.kernels import native_low_precision, register
 from smoe.kernels.activation import act, gated_act_backward
-
-
-@functools.cache
-def native_low_precision(dtype: torch.dtype) -> bool:
-    """Whether this CPU's GEMMs run ``dtype`` natively (oneDNN's own check for AVX512-BF16/FP16 or AMX)."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    return True
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

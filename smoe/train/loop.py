@@ -19,7 +19,7 @@ import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
+from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
@@ -64,7 +65,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables clipping
     seed: int = 0
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: resolve_precision
     compile: bool = False
     eval_every: int = 50  # 0: only at the end
     eval_batches: int = 8
@@ -102,8 +103,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision: must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay: must be >= 0")
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
@@ -190,7 +191,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
 
     ``mesh``: the ``("dp", "ep")`` mesh of a torchrun launch (smoe.parallel.init_distributed), else None."""
     model_config.validate()
-    train_config.validate()
+    train_config = with_resolved_precision(train_config.validate())
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len "
@@ -395,6 +396,23 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but no CUDA device is available")
     return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast where the device multiplies bf16 natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX), else fp32. Emulated bf16 GEMMs are many times slower than fp32: deepseek-v3-tiny trains
+    at 63 tokens/s in bf16 against 1,539 in fp32 on an AVX2-only CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and kernels.native_low_precision(torch.bfloat16) else "fp32"
+
+
+def with_resolved_precision(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``auto`` precision resolved for its device: what run.json records, so that a resume on a
+    machine that would resolve differently is refused rather than silently changing the numerics."""
+    return replace(cfg, precision=resolve_precision(cfg.precision, resolve_device(cfg.device)))
 
 
 def autocast_context(device: torch.device, precision: str):

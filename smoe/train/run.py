@@ -35,7 +35,9 @@ from smoe.train.loop import (
     evaluate,
     prepare_out_dir,
     resolve_device,
+    resolve_precision,
     train,
+    with_resolved_precision,
 )
 
 
@@ -66,7 +68,7 @@ def train_model(
     the others read it from the cache.
     """
     config = resolve_model_config(model, overrides)
-    train_config = TrainConfig(**train_options).validate()
+    train_config = with_resolved_precision(TrainConfig(**train_options).validate())
     if train_config.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len ({config.max_seq_len})")
     if tokenizer is not None:
@@ -114,7 +116,7 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     max_batches: int = 50,
     text_field: str = "text",
-    precision: str = "bf16",
+    precision: str = "auto",
     device: str = "auto",
 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte of a checkpoint (or a run directory's latest) on all of ``data``."""
@@ -134,6 +136,6 @@ def evaluate_checkpoint(
     model.to(dev)
     lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     n_bytes = int(sum(lengths[targets].sum() for _, targets in batches))
-    result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, precision))
+    result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, resolve_precision(precision, dev)))
     n_tokens = sum(int(t.numel()) for _, t in batches)
     return {**result, "tokens": n_tokens, "checkpoint": str(path)}
