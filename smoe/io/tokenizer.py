@@ -1,0 +1,37 @@
+"""Tokenizer files: the end-of-text token smoe trains with, and loading a ``tokenizer.json`` from a file, a model
+directory or a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# smoe's byte-level BPE both separates and ends documents with this special token (GPT-2's spelling).
+EOS = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_from_str(text: str, where: str | Path):
+    """A ``tokenizers.Tokenizer`` from the text of a tokenizer.json; one ValueError naming ``where`` if unreadable."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as err:  # tokenizers raises a bare Exception for bad files
+        raise ValueError(f"{where}: not a readable tokenizer.json ({str(err)[:200]})") from None
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a ``tokenizer.json`` file, or of the directory (model, checkpoint) holding one. EOS is
+    added as a special token when the file lacks it, so every tokenizer smoe trains with can end documents."""
+    path = Path(path).expanduser()
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: unreadable ({err})") from None
+    tokenizer = tokenizer_from_str(text, file)
+    if tokenizer.token_to_id(EOS) is None:
+        tokenizer.add_special_tokens([EOS])
+    return tokenizer
