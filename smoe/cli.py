@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+import typing
+from dataclasses import fields
 from pathlib import Path
 
 from smoe.errors import TrainingError
+from smoe.train.config import DataConfig, TrainConfig
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -88,13 +92,20 @@ def parse_assignments(items: list[str]) -> dict:
 def _cmd_train(args: argparse.Namespace) -> None:
     from smoe.parallel import is_main_process
     from smoe.train import train_model
+    from smoe.train.rundir import read_run_config
 
-    options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    if (args.preset is None) == (args.config is None):
+        raise ValueError("train: give --preset NAME or --config FILE (exactly one)")
+    if args.config is not None:
+        model, train_config, data_config = read_run_config(args.config)
+        name = model.name
+    else:
+        model, train_config, data_config, name = args.preset, TrainConfig(), DataConfig(), args.preset
+    data = {**vars(data_config), **_given(args, DataConfig)}
+    train = {**vars(train_config), **_given(args, TrainConfig)}
     result = train_model(
-        args.preset, out=args.out or f"runs/{args.preset}", data=args.data, val_data=args.val_data,
-        overrides=parse_assignments(args.set), tokenizer=args.tokenizer, text_field=args.text_field,
-        resume=args.resume, progress=False if args.quiet else None, log=lambda m: print(m, file=sys.stderr),
-        **options,
+        model, out=args.out or f"runs/{name}", overrides=parse_assignments(args.set), resume=args.resume,
+        progress=False if args.quiet else None, log=lambda m: print(m, file=sys.stderr), **data, **train,
     )
     final = result.final_eval or {}
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
@@ -128,11 +139,13 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
-    from smoe.eval.analysis import analyze, load_checkpoint_model
-    from smoe.train import checkpoint as ckpt
-    from smoe.train.data import load_tokenizer, tokenize_documents, val_sequences
+    from smoe.eval.analysis import analyze
+    from smoe.io.checkpoint import list_checkpoints, load_model
+    from smoe.io.files import write_json
+    from smoe.io.tokenizer import load_tokenizer
+    from smoe.train.data import tokenize_documents, val_sequences
 
-    model, path = load_checkpoint_model(args.checkpoint)
+    model, path = load_model(args.checkpoint)
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"{path}: has no tokenizer.json, so text cannot be tokenized for it")
     tokenizer = load_tokenizer(path / "tokenizer.json")
@@ -140,11 +153,11 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     seqs, sources = val_sequences(split, args.seq_len, args.sequences)
     batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
     # earlier checkpoints of the same run, for router saturation
-    earlier = [(c.step, load_checkpoint_model(c.path)[0]) for c in ckpt.list_checkpoints(path.parent.parent)
+    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent)
                if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"
-    out.write_text(json.dumps(result, indent=1))
+    write_json(out, result, indent=1)
     print(f"{path}: loss {result['loss']:.4f} on {seqs.shape[0]} sequences of {args.seq_len}")
     for layer, v in result["layers"].items():
         c = v["consecutive"]
@@ -159,8 +172,9 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
-    from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream, load_tokenizer
-    from smoe.train import checkpoint as ckpt
+    from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
+    from smoe.io.tokenizer import find_tokenizer
+    from smoe.io.checkpoint import resolve_checkpoint
     from smoe.train.loop import resolve_device
 
     if bool(args.prompt) == bool(args.prompt_ids):
@@ -169,8 +183,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
     path = Path(args.path)
     # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
-    directory = path if (path / "config.json").is_file() else ckpt.resolve_checkpoint(path)
-    tokenizer = load_tokenizer(directory)
+    directory = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    tokenizer = find_tokenizer(directory)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{directory / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
                          "pass token ids with --prompt-ids 1,2,3")
@@ -238,13 +252,6 @@ def _cmd_convert(args: argparse.Namespace) -> None:
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
 
-# TrainConfig fields exposed as flags (flag = field name with dashes); None means "the TrainConfig default".
-_TRAIN_OPTIONS = ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr_ratio", "warmup_steps",
-                  "weight_decay", "grad_clip", "seed", "precision", "eval_every", "eval_batches", "save_every",
-                  "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
-                  "dist_timeout")
-
-
 def _cmd_bench(args: argparse.Namespace) -> None:
     """Runs a script from benchmarks/ (a source checkout's, next to the package), passing the options through."""
     import importlib.util
@@ -257,6 +264,62 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     module.main(args.options)
+
+
+# --- flags generated from the config dataclasses ------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    """The one place a config field's name becomes its command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+_BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
+# Names that library errors put first and the command line spells as flags: config fields and the few
+# command-line-only options the library also names.
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig) for f in fields(cls)} | {"out", "resume", "config"}
+
+
+def as_flags(text: str) -> str:
+    """Field names written as `field` in help texts and messages, shown as --field."""
+    return _BACKTICKED.sub(lambda m: flag(m.group(1)), text)
+
+
+def user_message(err: Exception) -> str:
+    """A library error for the command line: its leading field name (``seq_len 512: ...``) and backticked names
+    become flags (``--seq-len 512: ...``)."""
+    text = str(err)
+    match = re.match(r"([a-z][a-z0-9_]*)(?=[ :])", text)
+    if match and match.group(1) in _FLAG_NAMES:
+        text = flag(match.group(1)) + text[match.end():]
+    return as_flags(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
+                         defaults: dict | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` (or of the fields in ``only``), typed from its annotation, with
+    its help text. A flag's default is None ("the dataclass default") unless ``defaults`` names another."""
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        kind = hints[f.name]
+        options: dict = {"default": defaults.get(f.name), "help": as_flags(f.metadata["help"]).replace("%", "%%")}
+        if kind is bool:
+            parser.add_argument(flag(f.name), action="store_true", **options)
+            continue
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = list(typing.get_args(kind))
+        elif args:  # X | None
+            kind = args[0]
+        parser.add_argument(flag(f.name), type=kind if kind in (int, float) else str, **options)
+
+
+def _given(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,45 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.set_defaults(func=_cmd_smoke)
 
-    p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)")
-    p.add_argument("--preset", required=True, help="preset name (see `smoe presets`)")
+    p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)",
+                       description="Train a preset (or the configs of a run config file) on text data. Every "
+                                   "option below --quiet is a field of TrainConfig or DataConfig (smoe/train/config.py)"
+                                   "; with --config, the options given override the file's values.")
+    p.add_argument("--preset", help="preset name (see `smoe presets`)")
+    p.add_argument("--config", metavar="FILE", help="a run config: JSON with model_config and optionally "
+                                                    "train_config and data_config (a run's run.json is one)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field by dotted path, e.g. --set moe.top_k=4 (repeatable)")
-    p.add_argument("--data", default="stdlib",
-                   help="PATH[@WEIGHT][,PATH...] of .txt/.jsonl/.parquet files or directories, hf:NAME[:SPLIT], "
-                        "or stdlib (the built-in offline corpus; default)")
-    p.add_argument("--val-data", help="a separate validation spec (default: a held-out share of --data documents)")
-    p.add_argument("--out", help="run directory (default: runs/PRESET)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--tokenizer", help="an existing tokenizer.json (default: train a byte-level BPE on --data)")
-    p.add_argument("--text-field", default="text", help="field/column holding text in .jsonl/.parquet")
+    p.add_argument("--out", help="run directory (default: runs/PRESET); must be new, empty or a smoe run")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest intact "
+                                                         "checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="sequences per optimizer step (global)")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step (divides --batch-size)")
-    p.add_argument("--lr", type=float, help="peak learning rate (warmup then cosine)")
-    p.add_argument("--min-lr-ratio", type=float)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--grad-clip", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="auto (default): bf16 autocast where the device has native bf16, else fp32")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (0: only at the end)")
-    p.add_argument("--eval-batches", type=int)
-    p.add_argument("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--keep-last", type=int, help="checkpoints to keep")
-    p.add_argument("--max-bad-steps", type=int, help="consecutive non-finite steps before stopping")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--expert-backend", help="expert kernel: auto (default), reference, expert_loop, grouped_mm, "
-                                            "triton")
-    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs, else measured)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--ep", type=int, help="expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
-    p.add_argument("--dp", type=int, help="data-parallel replicas of each expert shard (default: processes / ep)")
-    p.add_argument("--dist-timeout", type=float,
-                   help="seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
+    add_config_arguments(p, DataConfig)
+    add_config_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits/byte of a checkpoint on text data")
@@ -403,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
-        print(f"smoe {args.command}: error: {err}", file=sys.stderr)
+        print(f"smoe {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"smoe {args.command}: stopped: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from smoe.io.tokenizer import EOS
 from smoe.models.transformer import Transformer
 
 
@@ -132,21 +133,6 @@ class TextStream:
         return text[len(printed):]
 
 
-def load_tokenizer(directory: str | Path):
-    """The ``tokenizer.json`` of a model directory or checkpoint, or None when it has none (ids still work)."""
-    from tokenizers import Tokenizer
-
-    from smoe.interop.hf import read_tokenizer_json
-
-    text = read_tokenizer_json(directory)
-    if text is None:
-        return None
-    try:
-        return Tokenizer.from_str(text)
-    except Exception as err:  # tokenizers raises a bare Exception for bad files
-        raise ValueError(f"{Path(directory) / 'tokenizer.json'}: not a readable tokenizer.json ({err})") from None
-
-
 def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:
     """The model's end-of-sequence ids: ``eos_token_id`` of a Hugging Face generation_config.json or config.json,
     else the tokenizer's ``<|endoftext|>`` (what ``smoe train`` ends documents with); [] when neither knows."""
@@ -159,8 +145,6 @@ def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:
         if eos is not None:
             return [eos] if isinstance(eos, int) else list(eos)
     if tokenizer is not None:
-        from smoe.train.data import EOS
-
         eos_id = tokenizer.token_to_id(EOS)
         if eos_id is not None:
             return [eos_id]

@@ -7,6 +7,7 @@ import torch
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 from smoe.models import build_model
+from smoe.io import checkpoint as layout
 from smoe.train import checkpoint as ckpt
 from smoe.train.optim import build_optimizer
 
@@ -38,7 +39,7 @@ def test_round_trip_restores_weights_buffers_optimizer_and_rng(tmp_path):
     expected_draws = (random.random(), np.random.rand(), torch.rand(1))
 
     fresh, fresh_opt = _trained(seed=1)
-    ckpt.load_model_state(path, fresh)
+    layout.load_model_state(path, fresh)
     state = ckpt.load_training_state(path, fresh_opt)
     assert state["step"] == 7 and state["skipped_steps"] == 1
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected_draws
@@ -48,7 +49,7 @@ def test_round_trip_restores_weights_buffers_optimizer_and_rng(tmp_path):
     for p, q in zip(model.parameters(), fresh.parameters()):
         a, b = opt.state[p], fresh_opt.state[q]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert ckpt.load_config(path) == _config()
+    assert layout.load_config(path) == _config()
     assert (path / "tokenizer.json").read_text() == "{}"
 
 
@@ -60,8 +61,8 @@ def test_incomplete_checkpoints_are_ignored_and_removed(tmp_path):
     (torn / "model.safetensors").write_bytes(b"partial")
     missing_file = tmp_path / "checkpoints" / "step_00000003"
     missing_file.mkdir()
-    assert ckpt.latest_checkpoint(tmp_path).path == good
-    ckpt.remove_incomplete(tmp_path)
+    assert layout.latest_checkpoint(tmp_path).path == good
+    layout.remove_incomplete(tmp_path)
     assert not torn.exists()
 
 
@@ -69,17 +70,17 @@ def test_keep_last_prunes_oldest(tmp_path):
     model, opt = _trained()
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, model, opt, _config(), {}, keep_last=2)
-    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+    assert [c.step for c in layout.list_checkpoints(tmp_path)] == [3, 4]
 
 
 def test_resolve_checkpoint_accepts_run_dir_and_names_bad_paths(tmp_path):
     model, opt = _trained()
     path = ckpt.save_checkpoint(tmp_path, 3, model, opt, _config(), {})
-    assert ckpt.resolve_checkpoint(tmp_path) == path
+    assert layout.resolve_checkpoint(tmp_path) == path
     with pytest.raises(FileNotFoundError, match="no-such"):
-        ckpt.resolve_checkpoint(tmp_path / "no-such")
+        layout.resolve_checkpoint(tmp_path / "no-such")
     with pytest.raises(ValueError, match="not a checkpoint"):
-        ckpt.resolve_checkpoint(tmp_path / "checkpoints")
+        layout.resolve_checkpoint(tmp_path / "checkpoints")
 
 
 def test_shape_mismatch_names_file_and_key(tmp_path):
@@ -87,7 +88,7 @@ def test_shape_mismatch_names_file_and_key(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model, opt, _config(), {})
     other = build_model(ModelConfig(**{**_config().__dict__, "dim": 32}))
     with pytest.raises(ValueError, match=r"model\.safetensors: embed\.weight has shape"):
-        ckpt.load_model_state(path, other)
+        layout.load_model_state(path, other)
 
 
 def test_state_json_is_plain_json(tmp_path):

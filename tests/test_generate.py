@@ -199,7 +199,8 @@ def trained(tmp_path_factory):
 
 def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, capsys):
     from smoe.eval.analysis import load_checkpoint_model
-    from smoe.generation import default_stop_tokens, load_tokenizer
+    from smoe.generation import default_stop_tokens
+    from smoe.io.tokenizer import find_tokenizer as load_tokenizer
 
     assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
@@ -223,9 +224,10 @@ def test_cli_generates_the_same_from_the_run_exported_to_hugging_face(trained, t
 
 
 def test_cli_without_a_tokenizer_takes_ids_and_refuses_text(trained, tmp_path, capsys):
-    bare = tmp_path / "bare"
-    shutil.copytree(trained, bare)
-    (bare / "tokenizer.json").unlink()
+    bare = tmp_path / "bare"  # a model checkpoint saved without a tokenizer
+    bare.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(trained / name, bare / name)
     assert main(["generate", str(bare), "--prompt-ids", "1,2,3", "--max-new-tokens", "4"]) == 0
     printed = [int(t) for t in capsys.readouterr().out.strip().split(",")]
     assert 1 <= len(printed) <= 4 and all(0 <= t < TINY["vocab_size"] for t in printed)

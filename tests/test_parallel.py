@@ -35,7 +35,7 @@ from smoe.parallel import (
 )
 from smoe.parallel.checkpoint import consolidate
 from smoe.presets import get as preset
-from smoe.train import checkpoint as ckpt
+from smoe.io import checkpoint as ckpt
 from smoe.train import train_model
 
 TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from smoe.errors import TrainingError
 from smoe.train import evaluate_checkpoint, train_model
-from smoe.train import checkpoint as ckpt
+from smoe.io import checkpoint as ckpt
 
 TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,
         "attention.n_kv_heads": 2, "max_seq_len": 64}
@@ -122,7 +122,7 @@ def test_non_finite_loss_is_skipped_then_stops_keeping_the_checkpoint(text, tmp_
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"seq_len": 128}, r"--seq-len 128: exceeds the model's max_seq_len \(64\)"),
+    ({"seq_len": 128}, r"seq_len 128: exceeds the model's max_seq_len \(64\)"),
     ({"overrides": {**TINY, "moe.top_kk": 2}}, r"moe\.top_kk: unknown field"),
     ({"data": "/no/such/file.txt"}, r"/no/such/file\.txt: no such file"),
     ({"batch_size": 3, "grad_accum": 2}, r"grad_accum: must divide batch_size"),
@@ -143,7 +143,7 @@ def test_out_dir_of_another_run_is_left_untouched(text, tmp_path):
     with pytest.raises(ValueError, match="holds a run of a different model config"):
         train_model("mixtral-tiny", out=tmp_path / "run", data=str(text), overrides={**TINY, "moe.top_k": 1},
                     cache_dir=tmp_path / "cache", progress=False, **FAST, steps=2)
-    with pytest.raises(ValueError, match="holds a run at step 2; pass --resume"):
+    with pytest.raises(ValueError, match="holds a run at step 2; pass `resume`"):
         _train(tmp_path / "run", text, tmp_path, steps=2)
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 

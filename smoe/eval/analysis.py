@@ -25,8 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from smoe.models import Transformer, build_model
-from smoe.train import checkpoint as ckpt
+from smoe.models import Transformer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -148,10 +147,9 @@ def saturation(earlier_BTK: torch.Tensor, final_BTK: torch.Tensor) -> float:
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[Transformer, Path]:
-    path = ckpt.resolve_checkpoint(path)
-    model = build_model(ckpt.load_config(path))
-    ckpt.load_model_state(path, model)
-    return model.eval(), path
+    from smoe.io.checkpoint import load_model
+
+    return load_model(path)
 
 
 def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], source_names: list[str], tokenizer=None,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from smoe.eval.analysis import analyze, load_checkpoint_model
-from smoe.train import checkpoint as ckpt
+from smoe.io import checkpoint as ckpt
 
 # DeepSeekMoE (arXiv 2401.06066) Table 1 validation losses at ~2B total parameters, for the ordering check.
 PAPER_ORDER = {"dense": 2.060, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808}

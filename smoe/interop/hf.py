@@ -36,8 +36,9 @@ import torch
 from smoe.config import MLAConfig, ModelConfig
 from smoe.interop.hf_config import FAMILIES, TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
 from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
+from smoe.io.checkpoint import empty_model, load_model
 from smoe.models import Transformer, build_model
-from smoe.nn.rope import RotaryEmbedding
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -320,19 +321,6 @@ def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
     return torch.bfloat16 if dtype.itemsize == 1 else dtype
 
 
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    model.to_empty(device=device)
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
-            m.reset_buffers()
-    return model
-
-
 def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], fp8_block: tuple[int, int] | None
           ) -> None:
     state = model.state_dict()
@@ -369,7 +357,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         raise FileNotFoundError(f"{path}: no such model directory")
     hf = _read_json(path / "config.json") if (path / "config.json").is_file() else None
     if hf is None or "model_type" not in hf:
-        return _load_smoe(path, dtype, device)
+        return load_model(path, dtype, device)[0]
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
     ckpt = _open_checkpoint(path)
     config = _with_present_mtp(config, hf["model_type"], ckpt)
@@ -377,7 +365,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         state = build_model(config).state_dict()
     plan = _plan(ckpt, _pieces(config, hf["model_type"], state), state)
     fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
-    model = _empty_model(config, dtype or _hf_dtype(hf, ckpt), device)
+    model = empty_model(config, dtype or _hf_dtype(hf, ckpt), device)
     _fill(model, ckpt, plan, _fp8_block(hf, str(path / "config.json")) if fp8 else None)
     return model.eval()
 
@@ -392,25 +380,6 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
             prefix.format(i=config.n_layers + present) + "eh_proj.weight" in ckpt.where:
         present += 1
     return replace(config, layout=replace(config.layout, n_mtp_modules=present))
-
-
-def _load_smoe(path: Path, dtype: torch.dtype | None, device: torch.device) -> Transformer:
-    from smoe.train import checkpoint as ckpt_io
-
-    path = ckpt_io.resolve_checkpoint(path)
-    config = ckpt_io.load_config(path)
-    if not (path / SMOE_MODEL_FILE).is_file():  # an expert-parallel run's per-rank files, reassembled whole
-        model = _empty_model(config, dtype or torch.float32, device)  # training keeps fp32 master weights
-        ckpt_io.load_model_state(path, model)
-        return model.eval()
-    ckpt = _Checkpoint.single(path, SMOE_MODEL_FILE)
-    with torch.device("meta"):
-        state = build_model(config).state_dict()
-    plan = _plan(ckpt, [Piece(name, name) for name in state], state)
-    stored = next((ckpt.dtype(n) for n in ckpt.where if ckpt.dtype(n).is_floating_point), torch.float32)
-    model = _empty_model(config, dtype or stored, device)
-    _fill(model, ckpt, plan, None)
-    return model.eval()
 
 
 def _read_json(file: Path) -> dict:
@@ -527,7 +496,7 @@ def _special_ids(tokenizer_json: str | None) -> dict[str, int]:
     if tokenizer_json is None:
         return {}
     for token in json.loads(tokenizer_json).get("added_tokens", []):
-        if token.get("content") == "<|endoftext|>":
+        if token.get("content") == EOS:
             return {"bos_token_id": token["id"], "eos_token_id": token["id"]}
     return {}
 
@@ -535,7 +504,7 @@ def _special_ids(tokenizer_json: str | None) -> dict[str, int]:
 def _tokenizer_config(tokenizer_json: str) -> dict:
     config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if _special_ids(tokenizer_json):
-        config.update(bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+        config.update(bos_token=EOS, eos_token=EOS)
     return config
 
 
@@ -568,22 +537,6 @@ def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def read_tokenizer_json(path: str | Path) -> str | None:
-    """The ``tokenizer.json`` of a model directory or checkpoint (a run directory's latest), if it has one."""
-    path = Path(path)
-    for candidate in (path, *_latest(path)):
-        if (candidate / "tokenizer.json").is_file():
-            return (candidate / "tokenizer.json").read_text(encoding="utf-8")
-    return None
-
-
-def _latest(path: Path) -> list[Path]:
-    from smoe.train import checkpoint as ckpt_io
-
-    latest = ckpt_io.latest_checkpoint(path)
-    return [latest.path] if latest is not None else []
 
 
 __all__ = ["KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",

@@ -35,3 +35,27 @@ def load_tokenizer(path: str | Path):
     if tokenizer.token_to_id(EOS) is None:
         tokenizer.add_special_tokens([EOS])
     return tokenizer
+
+
+def read_tokenizer_json(path: str | Path) -> str | None:
+    """The text of the ``tokenizer.json`` of a model directory or checkpoint (a run directory: its latest
+    checkpoint's), or None when there is none."""
+    from smoe.io.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    for candidate in (path, *([latest.path] if latest is not None else [])):
+        file = candidate / TOKENIZER_FILE
+        if file.is_file():
+            try:
+                return file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"{file}: unreadable ({err})") from None
+    return None
+
+
+def find_tokenizer(path: str | Path):
+    """The tokenizer of a model directory or checkpoint (a run directory: its latest checkpoint's), or None when
+    it has none (token ids still work)."""
+    text = read_tokenizer_json(path)
+    return None if text is None else tokenizer_from_str(text, Path(path) / TOKENIZER_FILE)

@@ -12,16 +12,14 @@ alone writes run.json, metrics and progress.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,7 +29,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
-from smoe.eval.metrics import bits_per_byte, perplexity, router_summary
+from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
     apply_expert_parallel,
@@ -45,71 +43,13 @@ from smoe.parallel import (
 )
 from smoe.parallel.data_parallel import all_reduce_
 from smoe.train import checkpoint as ckpt
+from smoe.train.config import DataConfig, TrainConfig
+from smoe.train.metrics import bits_per_byte, perplexity, router_summary
 from smoe.train.optim import build_optimizer, lr_at, set_lr
+from smoe.train.rundir import RunDirectory
+from smoe.train.sinks import MetricsSinks, NoSinks
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs_BT, targets_BT), int64
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 200
-    batch_size: int = 8  # sequences per optimizer step, split into grad_accum micro-batches
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None  # None: 5% of the steps
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: resolve_precision
-    compile: bool = False
-    eval_every: int = 50  # 0: only at the end
-    eval_batches: int = 8
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 3
-    max_bad_steps: int = 5  # stop after this many consecutive non-finite steps
-    device: str = "auto"
-    expert_backend: str = "auto"
-    peak_tflops: float | None = None  # for MFU; None: the vendor peak on known GPUs, else a measured matmul peak
-    ep: int = 1  # expert-parallel ranks (torchrun processes sharing one copy of the experts)
-    dp: int | None = None  # data-parallel replicas of each expert shard; None: processes / ep
-    dist_timeout: float = 300.0  # seconds before a collective waiting on a dead or hung rank fails
-
-    # Fields that may change between a run and its resumption without changing the optimisation.
-    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "keep_last", "max_bad_steps",
-                         "device", "expert_backend", "peak_tflops", "compile", "ep", "dp", "dist_timeout")
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
-
-    def validate(self) -> "TrainConfig":
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "max_bad_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"grad_accum: must divide batch_size ({self.batch_size}), got {self.grad_accum}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr: must be a positive number, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio: must lie in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay: must be >= 0")
-        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
-            raise ValueError(f"dist_timeout: must be a positive number of seconds, got {self.dist_timeout}")
-        return self
 
 
 @dataclass
@@ -121,6 +61,7 @@ class TrainData:
     val_bytes: int  # UTF-8 bytes of the text the validation batches' targets cover (for BPB)
     fingerprint: str  # identifies data + tokenizer: a resumed run must see the same
     tokenizer_json: str | None = None
+    config: DataConfig = field(default_factory=DataConfig)  # what the data was prepared from, for run.json
 
 
 @dataclass
@@ -133,55 +74,14 @@ class TrainResult:
     checkpoint: Path | None = None
 
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"  # written when a run reaches its last step
-
-
-def prepare_out_dir(out_dir: Path, model_config: ModelConfig, train_config: TrainConfig, fingerprint: str | None,
-                    resume: bool, check_only: bool = False) -> ckpt.Checkpoint | None:
-    """Check the output directory before any heavy work; returns the checkpoint to resume from, if any.
-
-    ``check_only`` runs the checks that need no data (before data preparation) and writes nothing."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {out_dir}: not writable ({err.strerror or err})") from None
-    run_file = out_dir / RUN_FILE
-    latest = ckpt.latest_checkpoint(out_dir)
-    if run_file.exists():
-        try:
-            saved = json.loads(run_file.read_text())
-            saved_config = ModelConfig.from_dict(saved["model_config"])
-        except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"{run_file}: unreadable ({err}); move it away or choose another --out") from None
-        if saved_config != model_config:
-            raise ValueError(f"--out {out_dir}: holds a run of a different model config; choose another --out "
-                             "(nothing there was changed)")
-        if resume:
-            old = TrainConfig(**saved["train_config"])
-            for f in fields(TrainConfig):
-                if f.name not in TrainConfig.RESUMABLE_CHANGES and getattr(old, f.name) != getattr(train_config,
-                                                                                                 f.name):
-                    raise ValueError(f"--resume: {f.name} was {getattr(old, f.name)!r} in {out_dir}, now "
-                                     f"{getattr(train_config, f.name)!r}; an exact resume needs the same value")
-            if fingerprint is not None and saved.get("data_fingerprint") != fingerprint:
-                raise ValueError(f"--resume: the data or tokenizer differ from the run in {out_dir}")
-        elif latest is not None:
-            raise ValueError(f"--out {out_dir}: holds a run at step {latest.step}; pass --resume to continue it "
-                             "or choose another --out")
-    elif resume and latest is not None:
-        raise ValueError(f"--out {out_dir}: checkpoints without {RUN_FILE}; cannot verify the run to resume")
-    if check_only:
-        return latest if resume else None
-    ckpt.remove_incomplete(out_dir)
-    _atomic_write(run_file, json.dumps({"model_config": model_config.to_dict(),
-                                        "train_config": asdict(train_config),
-                                        "data_fingerprint": fingerprint}, indent=2))
-    return latest if resume else None
+def checked_configs(model_config: ModelConfig, train_config: TrainConfig) -> TrainConfig:
+    """Validate both configs once, and return ``train_config`` with its precision resolved for its device."""
+    model_config.validate()
+    train_config = with_resolved_precision(train_config.validate())
+    if train_config.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len {train_config.seq_len}: exceeds the model's max_seq_len "
+                         f"({model_config.max_seq_len})")
+    return train_config
 
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData, out_dir: str | Path, *,
@@ -190,88 +90,79 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
     """Train ``model_config`` on ``data``, writing checkpoints and metrics.jsonl under ``out_dir``.
 
     ``mesh``: the ``("dp", "ep")`` mesh of a torchrun launch (smoe.parallel.init_distributed), else None."""
-    model_config.validate()
-    train_config = with_resolved_precision(train_config.validate())
+    return run_training(model_config, checked_configs(model_config, train_config), data, out_dir, resume=resume,
+                        progress=progress, log=log, mesh=mesh)
+
+
+def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, out_dir: str | Path, *,
+                 resume: bool, progress: bool | None, log: Callable[[str], None] | None,
+                 mesh: DeviceMesh | None) -> TrainResult:
+    """``train`` for configs that ``checked_configs`` has passed."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    if train_config.seq_len > model_config.max_seq_len:
-        raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len "
-                         f"({model_config.max_seq_len})")
-    out_dir = Path(out_dir)
+    run_dir = RunDirectory(out_dir)
     main = is_main_process()
     if main:
-        start = prepare_out_dir(out_dir, model_config, train_config, data.fingerprint, resume)
+        start = run_dir.start(model_config, cfg, data.config, data.fingerprint, resume, log)
     if mesh is not None:
-        torch.distributed.barrier()  # rank 0 has checked and prepared out_dir
-        start = ckpt.latest_checkpoint(out_dir) if resume else None
-    device = local_device(resolve_device(train_config.device))
-    _seed_everything(train_config.seed)
+        torch.distributed.barrier()  # rank 0 has checked and prepared the run directory
+        if not main:
+            start = latest_intact(run_dir.path) if resume else None  # the same files, so the same choice
+    device = local_device(resolve_device(cfg.device))
+    _seed_everything(cfg.seed)
     model = build_model(model_config).to(device)  # the same global weights on every rank (same seed) ...
     if mesh is not None:
         apply_expert_parallel(model, mesh)  # ... of which each EP rank keeps its experts
-    model.set_expert_backend(train_config.expert_backend)
-    optimizer = build_optimizer(model, train_config.lr, train_config.weight_decay,
-                                (train_config.beta1, train_config.beta2), train_config.eps)
+    model.set_expert_backend(cfg.expert_backend)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     shards = expert_shard_ranges(model)
     step, skipped, bad_run = 0, 0, 0
+    last_saved: Path | None = None
     if start is not None:
-        ckpt.load_model_state(start.path, model, shards)
+        load_model_state(start.path, model, shards)
         state = ckpt.load_training_state(start.path, optimizer, model, shards)
-        step, skipped = state["step"], state["skipped_steps"]
+        step, skipped, last_saved = state["step"], state["skipped_steps"], start.path
         if main:
             log(f"resuming from {start.path} (step {step})")
-    if main:
-        _truncate_metrics(out_dir / METRICS_FILE, step)
-    forward = torch.compile(model) if train_config.compile else model
+    forward = torch.compile(model) if cfg.compile else model
 
-    tokens_per_step = train_config.batch_size * train_config.seq_len
-    flops_per_token = account(model_config, seq_len=train_config.seq_len).train_flops_per_token
-    peak = _peak_flops(device, train_config)
-    result = TrainResult(out_dir=out_dir, step=step, skipped_steps=skipped)
-    writer = _tensorboard(out_dir) if main else None
-    autocast = autocast_context(device, train_config.precision)
-    last_saved: Path | None = start.path if start is not None else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    costs = account(model_config, seq_len=cfg.seq_len)
+    peak = _peak_flops(device, cfg)
+    autocast = autocast_context(device, cfg.precision)
+    result = TrainResult(out_dir=run_dir.path, step=step, skipped_steps=skipped)
     speeds: list[float] = []
 
     def save(at: int) -> Path:
         state = {"skipped_steps": skipped, "data_fingerprint": data.fingerprint}
         if mesh is None:
-            return ckpt.save_checkpoint(out_dir, at, model, optimizer, model_config, state, data.tokenizer_json,
-                                        train_config.keep_last)
-        return ckpt.save_sharded_checkpoint(out_dir, at, model, optimizer, model_config, state, data.tokenizer_json,
-                                            train_config.keep_last, mesh=mesh, shards=shards)
+            return ckpt.save_checkpoint(run_dir.path, at, model, optimizer, model_config, state, data.tokenizer_json,
+                                        cfg.keep_last)
+        return ckpt.save_sharded_checkpoint(run_dir.path, at, model, optimizer, model_config, state,
+                                            data.tokenizer_json, cfg.keep_last, mesh=mesh, shards=shards)
 
-    metrics_file = open(out_dir / METRICS_FILE, "a") if main else contextlib.nullcontext()
-    with _progress(progress if main else False, train_config.steps, step) as bar, metrics_file as metrics, \
-            collective_errors(train_config.dist_timeout):
-        def emit(row: dict[str, Any]) -> None:
-            if not main:
-                return
-            metrics.write(json.dumps(row, allow_nan=False) + "\n")
-            metrics.flush()
-            if writer is not None:
-                for key, value in _flat_scalars(row):
-                    writer.add_scalar(key, value, row["step"])
-
-        while step < train_config.steps:
+    sinks = MetricsSinks(run_dir.metrics_file, run_dir.path / "tensorboard", progress, cfg.steps, step) if main \
+        else NoSinks()
+    saved_at = time.monotonic()
+    with sinks, collective_errors(cfg.dist_timeout):
+        while step < cfg.steps:
             t0 = time.perf_counter()
-            lr = lr_at(step, lr=train_config.lr, warmup=train_config.warmup, total=train_config.steps,
-                       min_ratio=train_config.min_lr_ratio)
+            lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
             set_lr(optimizer, lr)
             batch = data.batch(step)
             if mesh is not None:
-                batch = tuple(local_rows(t, mesh, train_config.grad_accum) for t in batch)
-            stats = _run_micro_batches(forward, batch, train_config, device, autocast, mesh)
+                batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
+            stats = _run_micro_batches(forward, batch, cfg, device, autocast, mesh)
             if mesh is None:
-                grad_norm = _clip(model, train_config.grad_clip)
+                grad_norm = _clip(model, cfg.grad_clip)
             else:
                 sync_gradients(model, mesh)
-                grad_norm = clip_gradients(model, mesh, train_config.grad_clip)
+                grad_norm = clip_gradients(model, mesh, cfg.grad_clip)
             step += 1
             if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 skipped, bad_run = skipped + 1, bad_run + 1
-                emit({"kind": "train", "step": step, "loss": None, "skipped": True, "skipped_steps": skipped})
-                if bad_run >= train_config.max_bad_steps:
+                sinks.write({"kind": "train", "step": step, "loss": None, "skipped": True, "skipped_steps": skipped})
+                if bad_run >= cfg.max_bad_steps:
                     where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
                     raise TrainingError(f"step {step}: non-finite loss or gradient for {bad_run} consecutive steps; "
                                         f"stopping ({where})")
@@ -282,38 +173,49 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
             if stats["loads"]:
                 model.update_expert_biases(stats["loads"])
             dt = time.perf_counter() - t0
-            row = {
+            sinks.write({
                 "kind": "train", "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"],
                 "aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"], "mtp_loss": stats["mtp_loss"], "lr": lr,
                 "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                "mfu": flops_per_token * tokens_per_step / dt / peak if peak else None,
+                "mfu": costs.train_flops_per_token * tokens_per_step / dt / peak if peak else None,
                 "skipped_steps": skipped, "router": stats["router"],
-            }
-            emit(row)
+            })
             result.losses.append(stats["loss"])
             speeds.append(tokens_per_step / dt)
-            bar(step, stats["loss"], tokens_per_step / dt)
-            final = step == train_config.steps
-            if (train_config.eval_every and step % train_config.eval_every == 0) or final:
+            sinks.progress(step, stats["loss"], tokens_per_step / dt)
+            final = step == cfg.steps
+            if _every(step, cfg.eval_every) or final:
                 result.final_eval = evaluate(forward, data.val, data.val_bytes, device, autocast)
-                emit({"kind": "eval", "step": step, **result.final_eval})
-            if (train_config.save_every and step % train_config.save_every == 0) or final:
+                sinks.write({"kind": "eval", "step": step, **result.final_eval})
+            if _every(step, cfg.save_every) or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh, device):
                 last_saved = save(step)
-    if writer is not None:
-        writer.close()
+                saved_at = time.monotonic()
     result.step, result.skipped_steps, result.checkpoint = step, skipped, last_saved
-    if not main:
-        return result
-    acc = account(model_config, seq_len=train_config.seq_len)
-    _atomic_write(out_dir / SUMMARY_FILE, json.dumps({
-        "step": step, "steps": train_config.steps, "skipped_steps": skipped, "final_eval": result.final_eval,
-        "tokens_per_s": float(np.median(speeds)) if speeds else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "total_params": acc.total_params, "active_params": acc.active_params,
-        "train_flops_per_token": acc.train_flops_per_token, "checkpoint": str(last_saved),
-    }, indent=2))
+    if main:
+        run_dir.write_summary({
+            "step": step, "steps": cfg.steps, "skipped_steps": skipped, "final_eval": result.final_eval,
+            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "total_params": costs.total_params, "active_params": costs.active_params,
+            "train_flops_per_token": costs.train_flops_per_token, "checkpoint": str(last_saved),
+        })
     return result
+
+
+def _every(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _minutes_due(since: float, minutes: float, mesh: DeviceMesh | None, device: torch.device) -> bool:
+    """Whether ``minutes`` of training have passed since the last checkpoint; under torchrun rank 0's clock
+    decides for all, since saving is collective."""
+    if minutes <= 0:
+        return False
+    due = torch.tensor([time.monotonic() - since >= 60 * minutes], dtype=torch.int32, device=device)
+    if mesh is not None:
+        torch.distributed.broadcast(due, src=0)
+    return bool(due.item())
 
 
 def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None) -> dict[str, Any]:
@@ -449,63 +351,3 @@ def _measured_matmul_flops(precision: str) -> float:
         a @ b
         reps += 1
     return 2 * 512**3 * reps / (time.perf_counter() - start)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows past the checkpoint so the history reads as one uninterrupted run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line torn by a kill
-    _atomic_write(path, "".join(line + "\n" for line in kept))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _flat_scalars(row: dict[str, Any], prefix: str = ""):
-    for key, value in row.items():
-        if isinstance(value, dict):
-            yield from _flat_scalars(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-            yield f"{prefix}{key}", value
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool | None, total: int, start: int):
-    """A rich progress bar with loss, tokens/s and ETA on a terminal; silent otherwise."""
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        yield lambda *args: None
-        return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = [TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("train", total=total, completed=start, info="")
-
-        def update(step: int, loss: float, tokens_per_s: float) -> None:
-            progress.update(task, completed=step, info=f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s")
-
-        yield update

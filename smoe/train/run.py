@@ -15,30 +15,23 @@ import torch.distributed as dist
 
 from smoe import presets
 from smoe.config import ModelConfig, override
-from smoe.models import build_model
+from smoe.io.checkpoint import load_config, load_model, resolve_checkpoint
+from smoe.io.tokenizer import load_tokenizer
 from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
 from smoe.parallel.launch import world_size_from_env
-from smoe.train import checkpoint as ckpt
-from smoe.train.data import (
-    BatchSampler,
-    load_tokenizer,
-    prepare_data,
-    token_byte_lengths,
-    tokenize_documents,
-    val_batches,
-)
+from smoe.train.config import DataConfig, TrainConfig
+from smoe.train.data import BatchSampler, prepare_data, token_byte_lengths, tokenize_documents, val_batches
 from smoe.train.loop import (
-    TrainConfig,
     TrainData,
     TrainResult,
     autocast_context,
+    checked_configs,
     evaluate,
-    prepare_out_dir,
     resolve_device,
     resolve_precision,
-    train,
-    with_resolved_precision,
+    run_training,
 )
+from smoe.train.rundir import RunDirectory
 
 
 def resolve_model_config(model: str | ModelConfig, overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -68,9 +61,9 @@ def train_model(
     the others read it from the cache.
     """
     config = resolve_model_config(model, overrides)
-    train_config = with_resolved_precision(TrainConfig(**train_options).validate())
-    if train_config.seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {train_config.seq_len}: exceeds the model's max_seq_len ({config.max_seq_len})")
+    data_config = DataConfig(data=data, val_data=val_data, tokenizer=None if tokenizer is None else str(tokenizer),
+                             text_field=text_field).validate()
+    train_config = checked_configs(config, TrainConfig(**train_options))
     if tokenizer is not None:
         vocab = load_tokenizer(tokenizer).get_vocab_size()
         if vocab > config.vocab_size:  # the tokenizer decides: the embedding must cover its ids
@@ -78,7 +71,8 @@ def train_model(
     out = Path(out)
     dp = check_layout(config, train_config.ep, train_config.dp, world_size_from_env(), train_config.batch_size,
                       train_config.grad_accum)
-    prepare_out_dir(out, config, train_config, fingerprint=None, resume=resume, check_only=True)
+    if is_main_process():
+        RunDirectory(out).check(config, train_config, resume)
     owns_group = not dist.is_initialized()
     mesh = init_distributed(train_config.ep, dp, train_config.dist_timeout, resolve_device(train_config.device))
     try:
@@ -101,8 +95,10 @@ def train_model(
             val_bytes=int(sum(token_bytes[targets].sum() for _, targets in val)),
             fingerprint=prepared.fingerprint,
             tokenizer_json=prepared.tokenizer.to_str(),
+            config=data_config,
         )
-        return train(config, train_config, train_data, out, resume=resume, progress=progress, log=log, mesh=mesh)
+        return run_training(config, train_config, train_data, out, resume=resume, progress=progress, log=log,
+                            mesh=mesh)
     finally:
         if mesh is not None and owns_group:
             dist.destroy_process_group()
@@ -120,20 +116,18 @@ def evaluate_checkpoint(
     device: str = "auto",
 ) -> dict[str, float]:
     """Loss, perplexity and bits per byte of a checkpoint (or a run directory's latest) on all of ``data``."""
-    path = ckpt.resolve_checkpoint(path)
-    config = ckpt.load_config(path)
+    path = resolve_checkpoint(path)
+    max_len = load_config(path).max_seq_len
+    seq_len = seq_len or min(max_len, 256)
+    if seq_len > max_len:
+        raise ValueError(f"seq_len {seq_len}: exceeds the model's max_seq_len ({max_len})")
     if not (path / "tokenizer.json").is_file():
         raise ValueError(f"{path}: has no tokenizer.json, so text cannot be tokenized for it")
-    seq_len = seq_len or min(config.max_seq_len, 256)
-    if seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len}: exceeds the model's max_seq_len ({config.max_seq_len})")
     tokenizer = load_tokenizer(path / "tokenizer.json")
     split = tokenize_documents(data, tokenizer, text_field)
     batches = val_batches(split, seq_len, batch_size, max_batches)
     dev = resolve_device(device)
-    model = build_model(config)
-    ckpt.load_model_state(path, model)
-    model.to(dev)
+    model, path = load_model(path, dtype=torch.float32, device=dev)
     lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     n_bytes = int(sum(lengths[targets].sum() for _, targets in batches))
     result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, resolve_precision(precision, dev)))

@@ -1,0 +1,139 @@
+"""What a training run is asked to do, written once: ``TrainConfig`` (the optimisation and its bookkeeping) and
+``DataConfig`` (what it reads). Each field carries its help text; the command line's flags (``smoe train``,
+``smoe compare``), run.json and the run config a head-to-head hands each child are all generated from these
+dataclasses. Help texts and errors name fields in backticks (`batch_size`); the command line shows them as flags.
+
+No torch import: the command line builds its parser from this module cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = option(200, "optimizer steps to train")
+    batch_size: int = option(8, "sequences per optimizer step (global)")
+    seq_len: int = option(256, "tokens per training sequence")
+    grad_accum: int = option(1, "micro-batches per step (divides `batch_size`)")
+    lr: float = option(2e-3, "peak learning rate (warmup then cosine)")
+    min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr times this")
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of `steps`)")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (norms, biases and the router bias exempt)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    seed: int = option(0, "seeds the weights and the data order")
+    precision: Literal["auto", "bf16", "fp32"] = option(
+        "auto", "auto (default): bf16 autocast where the device has native bf16, else fp32")
+    compile: bool = option(False, "torch.compile the model")
+    eval_every: int = option(50, "steps between evaluations (0: only at the end)")
+    eval_batches: int = option(8, "validation batches per evaluation")
+    save_every: int = option(0, "steps between checkpoints (0: only at the end and by `save_every_minutes`)")
+    save_every_minutes: float = option(
+        10.0, "minutes of training between checkpoints, so a crash loses little (0: off); beside `save_every`")
+    keep_last: int = option(3, "checkpoints to keep")
+    max_bad_steps: int = option(5, "consecutive non-finite steps before stopping")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    expert_backend: str = option("auto", "expert kernel: auto (default), reference, expert_loop, grouped_mm, triton")
+    peak_tflops: float | None = option(None, "device peak for MFU (default: known GPUs, else measured)")
+    ep: int = option(1, "expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
+    dp: int | None = option(None, "data-parallel replicas of each expert shard (default: processes / `ep`)")
+    dist_timeout: float = option(
+        300.0, "seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
+
+    # Fields that may change between a run and its resumption without changing the optimisation.
+    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "save_every_minutes", "keep_last",
+                         "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
+                         "dist_timeout")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+
+    def validate(self) -> "TrainConfig":
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "max_bad_steps",
+                     "ep"):
+            _positive_int(name, getattr(self, name))
+        for name in ("eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
+        if self.dp is not None:
+            _positive_int("dp", self.dp)
+        if self.warmup_steps is not None and (not _is_int(self.warmup_steps) or self.warmup_steps < 0):
+            raise ValueError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum: must divide batch_size ({self.batch_size}), got {self.grad_accum}")
+        for name in ("lr", "eps", "dist_timeout"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("grad_clip", "weight_decay", "save_every_minutes"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be a number >= 0, got {getattr(self, name)!r}")
+        if self.peak_tflops is not None and (not _finite(self.peak_tflops) or self.peak_tflops <= 0):
+            raise ValueError(f"peak_tflops: must be a positive number, got {self.peak_tflops!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: must be true or false, got {self.compile!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str = option("stdlib", "PATH[@WEIGHT][,PATH...] of .txt/.jsonl/.parquet files or directories, "
+                                 "hf:NAME[:SPLIT], or stdlib (the built-in offline corpus; default)")
+    val_data: str | None = option(None, "a separate validation spec (default: a held-out share of `data` "
+                                        "documents)")
+    tokenizer: str | None = option(None, "an existing tokenizer.json (default: train a byte-level BPE on `data`)")
+    text_field: str = option("text", "field/column holding text in .jsonl/.parquet")
+
+    def validate(self) -> "DataConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, str) or (value is None and f.default is None)):
+                raise ValueError(f"{f.name}: must be a string, got {value!r}")
+        if not self.text_field:
+            raise ValueError("text_field: must not be empty")
+        return self
+
+
+def from_dict(cls, values: dict[str, Any], where: str):
+    """``cls(**values)`` validated, with one error naming ``where`` and the unknown field if there is one."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected an object of {cls.__name__} fields")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(values.keys() - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field {unknown[0]!r}")
+    return cls(**values).validate()
+
+
+def defaults(cls) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
