@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from smoe.eval.metrics import bits_per_byte  # noqa: F401  (re-exported: BPB belongs with the byte counts here)
+from smoe.train.metrics import bits_per_byte  # noqa: F401  (re-exported: BPB belongs with the byte counts here)
 
 EOS = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl", ".parquet")

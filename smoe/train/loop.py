@@ -31,7 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
-from smoe.eval.metrics import bits_per_byte, perplexity, router_summary
+from smoe.train.metrics import bits_per_byte, perplexity, router_summary
 from smoe.models import build_model
 from smoe.parallel import (
     apply_expert_parallel,
