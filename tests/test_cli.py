@@ -90,3 +90,18 @@ def test_bench_moe_layer_refuses_an_unknown_shape(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "moe-layer", "--shapes", "gpt5"])
     assert "--shapes: unknown gpt5; known: mixtral, qwen3, deepseek-v3" in capsys.readouterr().err
+
+
+def test_bench_runs_from_the_package_outside_a_source_checkout(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "moe-layer", "--help"])
+    assert exit_.value.code == 0 and "smoe bench moe-layer" in capsys.readouterr().out
+
+
+def test_bench_without_its_optional_peer_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    assert main(["bench", "moe-layer", "--shapes", "mixtral", "--tokens", "1", "--dtypes", "fp32", "--modes", "fwd",
+                 "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "moe-layer: needs transformers, which is not installed" in err

@@ -1,5 +1,6 @@
 import base64
 import json
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from smoe.eval import analysis
-from smoe.eval.compare import SUITES, Arch, CompareSettings, check_matched, resolve_suite, run_suite
+from smoe.eval.compare import run_suite
+from smoe.eval.suite import SUITES, Arch, CompareSettings, check_matched, read_rows, resolve_suite
 from smoe import presets
 from smoe.models import build_model
 
@@ -121,3 +123,23 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
     with pytest.raises(ValueError, match="holds a suite with a different definition"):
         run_suite("test-suite", None, CompareSettings(**{**settings.__dict__, "lr": 1e-3}), out)
+
+
+# --- reading a run's files ---------------------------------------------------------------------------------------
+
+
+def test_a_torn_last_metrics_line_is_skipped(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 2}\n\n{"kind": "train", "st')
+    assert read_rows(tmp_path) == [{"kind": "eval", "step": 2}]
+
+
+def test_a_bad_metrics_line_before_the_last_names_file_and_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 2}\n{"kind": "train", "st\n{"step": 4}\n')
+    with pytest.raises(ValueError, match="^" + re.escape(f"{tmp_path / 'metrics.jsonl'}:2: not valid JSON")):
+        read_rows(tmp_path)
+
+
+def test_a_complete_last_metrics_line_that_is_not_json_is_not_taken_for_torn(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 2}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected an object"):
+        read_rows(tmp_path)

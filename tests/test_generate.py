@@ -198,14 +198,14 @@ def trained(tmp_path_factory):
 
 
 def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, capsys):
-    from smoe.eval.analysis import load_checkpoint_model
+    from smoe.io.checkpoint import load_model
     from smoe.generation import default_stop_tokens
     from smoe.io.tokenizer import find_tokenizer as load_tokenizer
 
     assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     tokenizer = load_tokenizer(trained)
-    model, _ = load_checkpoint_model(trained)
+    model, _ = load_model(trained)
     new = smoe.generate(model, [tokenizer.encode("once upon").ids], max_new_tokens=8,
                         stop_tokens=default_stop_tokens(trained, tokenizer))
     assert out == "once upon" + tokenizer.decode(new[0].tolist()) + "\n"

@@ -1,1 +1,2 @@
-"""Evaluation: metrics, and (later) the head-to-head comparison, specialisation analysis and reports."""
+"""Evaluation: the head-to-head comparison (suite, compare), specialisation analyses, and its report (collect,
+plots, report)."""

@@ -146,12 +146,6 @@ def saturation(earlier_BTK: torch.Tensor, final_BTK: torch.Tensor) -> float:
     return (a == b).any(-2).float().mean().item()
 
 
-def load_checkpoint_model(path: str | Path) -> tuple[Transformer, Path]:
-    from smoe.io.checkpoint import load_model
-
-    return load_model(path)
-
-
 def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], source_names: list[str], tokenizer=None,
             earlier: list[tuple[int, Transformer]] | None = None, knockouts: tuple[int, ...] = (1, 2, 4)
             ) -> dict[str, Any]:

@@ -3,201 +3,31 @@
 
 Sections: validation curves with mean ± std bands over seeds, the final table, balance over training, per-layer
 expert load heatmaps, the specialisation analyses (smoe.eval.analysis) on each architecture's seed-0 run, and a
-verdict that separates differences beyond seed noise from those within it.
+verdict that separates differences beyond seed noise from those within it. The data come from smoe.eval.collect
+and the figures from smoe.eval.plots; this module assembles them and renders both files.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from smoe.eval.analysis import analyze, load_checkpoint_model
-from smoe.io import checkpoint as ckpt
+from smoe.eval.collect import collect, run_analyses
+from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_loads
+from smoe.eval.suite import Arch, CompareSettings
+from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
 
 # DeepSeekMoE (arXiv 2401.06066) Table 1 validation losses at ~2B total parameters, for the ordering check.
 PAPER_ORDER = {"dense": 2.060, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808}
 
 
-def _rows(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray(values, dtype=np.float64)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
-
-
-def collect(out: Path, archs, seeds: int) -> dict[str, dict[str, Any]]:
-    """Per architecture: eval curves per seed, final metrics per seed, balance curves and loads (seed 0)."""
-    from smoe.eval.compare import run_dir
-
-    data = {}
-    for arch in archs:
-        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": []}
-        for seed in range(seeds):
-            run = run_dir(out, arch, seed)
-            rows = _rows(run)
-            evals = [r for r in rows if r["kind"] == "eval"]
-            entry["curves"].append(([r["step"] for r in evals], [r["val_loss"] for r in evals]))
-            entry["final"].append(evals[-1])
-            entry["summaries"].append(json.loads((run / "summary.json").read_text()))
-            if seed == 0:
-                train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
-                entry["balance"] = ([r["step"] for r in train],
-                                    [np.mean([v["load_cv"] for v in r["router"].values()]) if r["router"] else 0.0
-                                     for r in train])
-                layers = sorted(train[-1]["router"], key=int) if train and train[-1]["router"] else []
-                entry["loads"] = {layer: np.array([r["router"][layer]["load"] for r in train], dtype=np.float64)
-                                  for layer in layers}
-        data[arch.label] = entry
-    return data
-
-
-def run_analyses(out: Path, archs, settings, log=print) -> dict[str, dict[str, Any]]:
-    """analysis.analyze on each architecture's seed-0 final checkpoint, over the validation set."""
-    from smoe.eval.compare import run_dir
-    from smoe.train.data import load_tokenizer, prepare_data, val_sequences
-
-    results = {}
-    for arch in archs:
-        run = run_dir(out, arch, 0)
-        model, path = load_checkpoint_model(run)
-        tokenizer = load_tokenizer(path / "tokenizer.json")
-        prepared = prepare_data(settings.data, val_spec=settings.val_data, tokenizer=path / "tokenizer.json",
-                                seed=0)
-        seqs, sources = val_sequences(prepared.val, settings.seq_len, settings.batch_size * settings.eval_batches)
-        batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(settings.batch_size)]
-        earlier = []
-        for c in ckpt.list_checkpoints(run)[:-1]:
-            other, _ = load_checkpoint_model(c.path)
-            earlier.append((c.step, other))
-        if model.moe_layers:
-            log(f"analysing {arch.label}")
-            # source indices of val_sequences refer to the validation split, which --val-data may name differently
-            results[arch.label] = analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier)
-    return results
-
-
-# --- figures -----------------------------------------------------------------------------------------------------
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
-    return buf.getvalue()
-
-
-def fig_curves(data) -> bytes:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, entry in data.items():
-        steps = entry["curves"][0][0]
-        n = min(len(c[1]) for c in entry["curves"])
-        losses = np.array([c[1][:n] for c in entry["curves"]])
-        mean = losses.mean(0)
-        ax.plot(steps[:n], mean, label=label)
-        if len(losses) > 1:
-            std = losses.std(0, ddof=1)
-            ax.fill_between(steps[:n], mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def fig_balance(data) -> bytes:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for label, entry in data.items():
-        steps, cv = entry.get("balance", ([], []))
-        if steps and any(cv):
-            window = max(1, len(cv) // 30)
-            smooth = np.convolve(cv, np.ones(window) / window, mode="valid")
-            ax.plot(steps[len(steps) - len(smooth):], smooth, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("expert load CV (mean over layers)")
-    ax.set_title("Load imbalance during training (0 = perfectly balanced)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def fig_loads(label: str, loads: dict[str, np.ndarray]) -> bytes:
-    plt = _figure()
-    n = len(loads)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-    for i, (ax, (layer, arr)) in enumerate(zip(axes[0], loads.items())):
-        share = arr / np.maximum(arr.sum(1, keepdims=True), 1)
-        im = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
-                       extent=(0.5, len(arr) + 0.5, arr.shape[1] - 0.5, -0.5))  # train rows are steps 1..N
-        ax.set_title(f"layer {layer}")
-        ax.set_xlabel("step")
-        if i == 0:
-            ax.set_ylabel("expert")
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of assignments")
-    fig.suptitle(f"{label}: per-expert load over training")
-    return _png(fig)
-
-
-def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], baseline: dict[str, float] | None = None
-             ) -> bytes:
-    plt = _figure()
-    labels = list(groups)
-    keys = sorted({k for g in groups.values() for k in g}, key=str)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(keys)) / 2), 3.5))
-    width = 0.8 / max(1, len(keys))
-    for i, key in enumerate(keys):
-        xs = np.arange(len(labels)) + i * width
-        ax.bar(xs, [groups[lab].get(key, np.nan) for lab in labels], width, label=str(key))
-    if baseline:
-        for i, lab in enumerate(labels):
-            if lab in baseline:
-                ax.hlines(baseline[lab], i - 0.1, i + 0.8, colors="k", linestyles="dashed")
-    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
-    ax.set_xticklabels(labels, rotation=20, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    if len(keys) > 1:
-        ax.legend(fontsize=7, title="layer" if all(k.isdigit() for k in keys) else None)
-    return _png(fig)
-
-
-def fig_affinity(analyses, sources: list[str]) -> bytes:
-    """Domain affinity of every expert in each architecture's last MoE layer (1 = no preference)."""
-    plt = _figure()
-    n = len(analyses)
-    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.9 * n * max(1, len(sources)) / 2), squeeze=False)
-    for ax, (label, a) in zip(axes[:, 0], analyses.items()):
-        last = max(a["layers"], key=int)
-        aff = np.asarray(a["layers"][last]["domain_affinity"])
-        im = ax.imshow(np.log2(np.maximum(aff, 1e-3)), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2,
-                       interpolation="nearest")
-        ax.set_yticks(range(len(sources)))
-        ax.set_yticklabels([Path(s).name or s for s in sources], fontsize=7)
-        ax.set_title(f"{label}, layer {last}", fontsize=9)
-    axes[-1, 0].set_xlabel("expert")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), label="log2 affinity")
-    return _png(fig)
 
 
 # --- verdict -----------------------------------------------------------------------------------------------------
@@ -235,7 +65,8 @@ def verdict(final: dict[str, tuple[float, float]], seeds: int) -> list[str]:
 # --- rendering ---------------------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, suite: str, archs, settings, matched: dict[str, dict[str, float]], log=print) -> Path:
+def write_report(out: Path, suite: str, archs: list[Arch], settings: CompareSettings,
+                 matched: dict[str, dict[str, float]], log=print) -> Path:
     out = Path(out)
     data = collect(out, archs, settings.seeds)
     analyses = run_analyses(out, archs, settings, log=log)
@@ -282,16 +113,11 @@ def write_report(out: Path, suite: str, archs, settings, matched: dict[str, dict
             f"{np.median([x['tokens_per_s'] for x in s]):,.0f}", f"{peak / 2**20:,.0f} MiB",
         ])
     lines = verdict(final, settings.seeds)
-    (out / "analysis.json").write_text(json.dumps(analyses, indent=1))
-    md = _markdown(suite, settings, table, lines, figures, analyses)
-    plots = out / "plots"
-    plots.mkdir(exist_ok=True)
+    write_json(out / "analysis.json", analyses, indent=1)
     for name, _, png in figures:
-        (plots / f"{name}.png").write_bytes(png)
-    (out / "report.md").write_text(md)
-    html_path = out / "report.html"
-    html_path.write_text(_html(suite, settings, table, lines, figures, analyses))
-    return html_path
+        atomic_write_bytes(out / "plots" / f"{name}.png", png)
+    atomic_write_text(out / "report.md", _markdown(suite, settings, table, lines, figures, analyses))
+    return atomic_write_text(out / "report.html", _html(suite, settings, table, lines, figures, analyses))
 
 
 def _pm(mean: float, std: float) -> str:

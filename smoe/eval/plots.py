@@ -1,0 +1,121 @@
+"""The head-to-head's figures, each rendered to PNG bytes: the one place matplotlib is imported (lazily, with the
+Agg backend, so nothing needs a display and importing smoe stays light)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def fig_curves(data) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, entry in data.items():
+        steps = entry["curves"][0][0]
+        n = min(len(c[1]) for c in entry["curves"])
+        losses = np.array([c[1][:n] for c in entry["curves"]])
+        mean = losses.mean(0)
+        ax.plot(steps[:n], mean, label=label)
+        if len(losses) > 1:
+            std = losses.std(0, ddof=1)
+            ax.fill_between(steps[:n], mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_balance(data) -> bytes:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, entry in data.items():
+        steps, cv = entry.get("balance", ([], []))
+        if steps and any(cv):
+            window = max(1, len(cv) // 30)
+            smooth = np.convolve(cv, np.ones(window) / window, mode="valid")
+            ax.plot(steps[len(steps) - len(smooth):], smooth, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("expert load CV (mean over layers)")
+    ax.set_title("Load imbalance during training (0 = perfectly balanced)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_loads(label: str, loads: dict[str, np.ndarray]) -> bytes:
+    plt = _figure()
+    n = len(loads)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
+    for i, (ax, (layer, arr)) in enumerate(zip(axes[0], loads.items())):
+        share = arr / np.maximum(arr.sum(1, keepdims=True), 1)
+        im = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                       extent=(0.5, len(arr) + 0.5, arr.shape[1] - 0.5, -0.5))  # train rows are steps 1..N
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("step")
+        if i == 0:
+            ax.set_ylabel("expert")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of assignments")
+    fig.suptitle(f"{label}: per-expert load over training")
+    return _png(fig)
+
+
+def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], baseline: dict[str, float] | None = None
+             ) -> bytes:
+    plt = _figure()
+    labels = list(groups)
+    keys = sorted({k for g in groups.values() for k in g}, key=str)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(keys)) / 2), 3.5))
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        xs = np.arange(len(labels)) + i * width
+        ax.bar(xs, [groups[lab].get(key, np.nan) for lab in labels], width, label=str(key))
+    if baseline:
+        for i, lab in enumerate(labels):
+            if lab in baseline:
+                ax.hlines(baseline[lab], i - 0.1, i + 0.8, colors="k", linestyles="dashed")
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+    ax.set_xticklabels(labels, rotation=20, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    if len(keys) > 1:
+        ax.legend(fontsize=7, title="layer" if all(k.isdigit() for k in keys) else None)
+    return _png(fig)
+
+
+def fig_affinity(analyses, sources: list[str]) -> bytes:
+    """Domain affinity of every expert in each architecture's last MoE layer (1 = no preference)."""
+    plt = _figure()
+    n = len(analyses)
+    fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.9 * n * max(1, len(sources)) / 2), squeeze=False)
+    for ax, (label, a) in zip(axes[:, 0], analyses.items()):
+        last = max(a["layers"], key=int)
+        aff = np.asarray(a["layers"][last]["domain_affinity"])
+        im = ax.imshow(np.log2(np.maximum(aff, 1e-3)), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2,
+                       interpolation="nearest")
+        ax.set_yticks(range(len(sources)))
+        ax.set_yticklabels([Path(s).name or s for s in sources], fontsize=7)
+        ax.set_title(f"{label}, layer {last}", fontsize=9)
+    axes[-1, 0].set_xlabel("expert")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label="log2 affinity")
+    return _png(fig)

@@ -1,0 +1,165 @@
+"""What a head-to-head suite is and how it lies on disk; compare (which trains it), collect and report (which read
+it) all take it from here.
+
+A suite is a list of architectures (``Arch``) matched within ``MATCH_TOLERANCE`` activated parameters, trained
+under one ``CompareSettings``. Its directory holds ``suite.json`` (the definition and its fingerprint) and one run
+per architecture and seed under ``runs/<arch>/seed<k>``, each with the ``metrics.jsonl`` and ``summary.json`` that
+``smoe train`` writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smoe import presets
+from smoe.accounting import account
+from smoe.config import ModelConfig, override
+from smoe.io.files import parse_json, read_json
+
+MATCH_TOLERANCE = 0.05  # activated parameters may differ by at most 5% from the suite's first architecture
+
+
+@dataclass(frozen=True)
+class Arch:
+    label: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> ModelConfig:
+        return override(presets.get(self.preset), self.overrides) if self.overrides else presets.get(self.preset)
+
+
+def _fine(n_experts: int, k: int, width: int, **extra) -> dict[str, Any]:
+    return {"moe.n_routed_experts": n_experts, "moe.top_k": k, "moe.expert_dim": width, **extra}
+
+
+# Each suite holds the activated FFN width at the dense model's 1024 hidden units (see smoe/presets/ablation.py).
+SUITES: dict[str, list[Arch]] = {
+    "seeds-debate": [Arch(n, n) for n in
+                     ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")],
+    "granularity": [
+        Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024)),
+        Arch("E16-k2", "mixtral-style", _fine(16, 2, 512)),
+        Arch("E32-k4", "mixtral-style", _fine(32, 4, 256)),
+        Arch("E64-k8", "mixtral-style", _fine(64, 8, 128)),
+    ],
+    "shared": [
+        Arch("shared-0", "deepseekmoe", _fine(64, 8, 128, **{"moe.n_shared_experts": 0})),
+        Arch("shared-1", "deepseekmoe", _fine(64, 7, 128, **{"moe.n_shared_experts": 1})),
+        Arch("shared-2", "deepseekmoe", _fine(64, 6, 128, **{"moe.n_shared_experts": 2})),
+        Arch("shared-4", "deepseekmoe", _fine(64, 4, 128, **{"moe.n_shared_experts": 4})),
+    ],
+    "balance": [
+        Arch("aux-0.01", "deepseek-v3-style", {"moe.balance": "aux", "moe.aux_loss_coef": 0.01}),
+        Arch("seq-aux", "deepseek-v3-style", {"moe.balance": "seq_aux", "moe.seq_aux_loss_coef": 1e-3}),
+        Arch("aux-free", "deepseek-v3-style", {"moe.balance": "aux_free", "moe.seq_aux_loss_coef": 0.0}),
+        Arch("none", "deepseek-v3-style", {"moe.balance": "none"}),
+    ],
+    "capacity": [
+        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0}),
+        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25}),
+        Arch("dropless", "gshard", {"moe.capacity_factor": None}),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    data: str = "stdlib"
+    val_data: str | None = None
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 2e-3
+    seeds: int = 1
+    eval_every: int = 25
+    eval_batches: int = 8
+    precision: str = "auto"  # resolved by each run (smoe.train.loop.resolve_precision)
+    device: str = "auto"
+    checkpoints: int = 4  # saved through training, for the router-saturation analysis
+
+    def validate(self) -> "CompareSettings":
+        for name in ("steps", "batch_size", "seq_len", "seeds", "eval_every", "eval_batches", "checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be a positive integer, got {getattr(self, name)}")
+        return self
+
+
+def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list[Arch]]:
+    if (suite is None) == (preset_list is None):
+        raise ValueError("compare: give --suite NAME or --presets a,b,c (exactly one)")
+    if suite is not None:
+        if suite not in SUITES:
+            raise ValueError(f"--suite: unknown suite {suite!r}; known: {', '.join(SUITES)}")
+        return suite, SUITES[suite]
+    names = [n.strip() for n in preset_list.split(",") if n.strip()]
+    if len(names) < 2:
+        raise ValueError("--presets: name at least two presets to compare")
+    return "custom", [Arch(n, n) for n in names]
+
+
+def check_matched(archs: list[Arch], seq_len: int) -> dict[str, dict[str, float]]:
+    """Activated parameters and FLOPs per token of each architecture; raises if any is more than 5% off the
+    first. Building every config here also rejects unknown presets and bad overrides before any training."""
+    table = {}
+    for arch in archs:
+        try:
+            acc = account(arch.config(), seq_len=seq_len)
+        except ValueError as err:
+            raise ValueError(f"suite architecture {arch.label!r}: {err}") from None
+        table[arch.label] = {"active_params": acc.active_params, "total_params": acc.total_params,
+                             "flops_per_token": acc.forward_flops_per_token}
+    ref_label = archs[0].label
+    ref = table[ref_label]["active_params"]
+    for label, row in table.items():
+        row["active_vs_first"] = row["active_params"] / ref - 1
+        if abs(row["active_vs_first"]) > MATCH_TOLERANCE:
+            raise ValueError(f"suite architecture {label!r}: {row['active_params']:,} activated parameters, "
+                             f"{row['active_vs_first']:+.1%} from {ref_label!r} ({ref:,}); they must match within "
+                             f"{MATCH_TOLERANCE:.0%}")
+    return table
+
+
+def suite_definition(suite: str, archs: list[Arch], settings: CompareSettings) -> dict[str, Any]:
+    """What makes runs comparable. The number of seeds is left out on purpose: rerunning with more seeds reuses
+    the finished ones."""
+    kept = {k: v for k, v in asdict(settings).items() if k != "seeds"}
+    return {"suite": suite, "archs": [asdict(a) for a in archs], "settings": kept}
+
+
+def fingerprint(definition: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_dir(out: Path, arch: Arch, seed: int) -> Path:
+    return out / "runs" / arch.label / f"seed{seed}"
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    return read_json(run / "summary.json")
+
+
+def finished(run: Path, steps: int) -> bool:
+    return (run / "summary.json").is_file() and read_summary(run).get("step") == steps
+
+
+def read_rows(run: Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl. A last line without its newline is a row a killed run was still
+    writing, and is skipped when it does not parse; any other bad line raises, naming ``file:line``."""
+    path = run / "metrics.jsonl"
+    lines = path.read_bytes().split(b"\n")  # the last item is b"" when the file ends with its newline
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_json(line, f"{path}:{number}"))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise
+    return rows
