@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from smoe.errors import TrainingError
+from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -127,12 +128,13 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from smoe.eval.compare import CompareSettings, run_suite
 
-    settings = CompareSettings(
-        data=args.data, val_data=args.val_data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        lr=args.lr, seeds=args.seeds, eval_every=args.eval_every, eval_batches=args.eval_batches,
-        precision=args.precision, device=args.device)
+    base = CompareSettings()
+    settings = replace(base, train=replace(base.train, **_given(args, TrainConfig)),
+                       data=replace(base.data, **_given(args, DataConfig)), **_given(args, CompareSettings))
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
                        jobs=args.jobs)
     print(f"report: {report.resolve()}")
@@ -275,7 +277,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig) for f in fields(cls)} | {"out", "resume", "config"}
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings) for f in fields(cls)} | {
+    "out", "resume", "config", "jobs"}
 
 
 def as_flags(text: str) -> str:
@@ -294,16 +297,19 @@ def user_message(err: Exception) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
-                         defaults: dict | None = None) -> None:
+                         shown_defaults: dict | None = None) -> None:
     """One flag per field of the dataclass ``cls`` (or of the fields in ``only``), typed from its annotation, with
-    its help text. A flag's default is None ("the dataclass default") unless ``defaults`` names another."""
+    its help text. A flag not given is None, which means "the default of the settings it fills"; where that differs
+    from the field's own default, ``shown_defaults`` says so in the help."""
     hints = typing.get_type_hints(cls)
-    defaults = defaults or {}
     for f in fields(cls):
         if only is not None and f.name not in only:
             continue
         kind = hints[f.name]
-        options: dict = {"default": defaults.get(f.name), "help": as_flags(f.metadata["help"]).replace("%", "%%")}
+        text = as_flags(f.metadata["help"])
+        if f.name in (shown_defaults or {}):
+            text += f" (default here: {shown_defaults[f.name]})"
+        options: dict = {"default": None, "help": text.replace("%", "%%")}
         if kind is bool:
             parser.add_argument(flag(f.name), action="store_true", **options)
             continue
@@ -370,18 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
     p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity")
     p.add_argument("--presets", help="or: comma-separated presets to compare (matched within 5%% active params)")
-    p.add_argument("--data", default="stdlib", help="training data spec (as for train)")
-    p.add_argument("--val-data", help="a separate validation spec")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seeds", type=int, default=1, help="seeds per architecture (3+ separates seed noise)")
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 autocast where the device has native bf16, else fp32")
-    p.add_argument("--device", default="auto")
+    add_config_arguments(p, DataConfig, only=("data", "val_data"))
+    add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
+    add_config_arguments(p, CompareSettings, only=("seeds",))
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)

@@ -1,17 +1,19 @@
 import base64
 import json
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 
 import numpy as np
 import pytest
 import torch
 
+from smoe import presets
 from smoe.eval import analysis
 from smoe.eval.compare import run_suite
 from smoe.eval.suite import SUITES, Arch, CompareSettings, check_matched, read_rows, resolve_suite
-from smoe import presets
 from smoe.models import build_model
+from smoe.train.config import DataConfig, TrainConfig
 
 TINY = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "attention.n_kv_heads": 2,
         "max_seq_len": 64}
@@ -25,7 +27,7 @@ def test_every_builtin_suite_is_matched_within_five_percent():
 
 def test_unmatched_architectures_are_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"'deepseek-v3-tiny': .* activated parameters, .* must match within 5%"):
-        run_suite(None, "dense,deepseek-v3-tiny", CompareSettings(steps=1), tmp_path)
+        run_suite(None, "dense,deepseek-v3-tiny", CompareSettings(train=TrainConfig(steps=1)), tmp_path)
     assert not (tmp_path / "suite.json").exists()
 
 
@@ -98,8 +100,10 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     # a dense FFN of 32 against 8 experts of 16, top-2: the same activated width
     monkeypatch.setitem(SUITES, "test-suite", [Arch("dense", "dense", {**TINY, "ffn_dim": 32}),
                                                Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})])
-    settings = CompareSettings(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}", steps=4, batch_size=2,
-                               seq_len=16, seeds=2, eval_every=2, eval_batches=2, precision="fp32", checkpoints=2)
+    settings = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
+                                                 precision="fp32"),
+                               data=DataConfig(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"), seeds=2,
+                               checkpoints=2)
     out = tmp_path / "suite"
     report = run_suite("test-suite", None, settings, out, log=lambda m: None, jobs=2)
 
@@ -122,7 +126,7 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     run_suite("test-suite", None, settings, out, log=lambda m: None)
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
     with pytest.raises(ValueError, match="holds a suite with a different definition"):
-        run_suite("test-suite", None, CompareSettings(**{**settings.__dict__, "lr": 1e-3}), out)
+        run_suite("test-suite", None, replace(settings, train=replace(settings.train, lr=1e-3)), out)
 
 
 # --- reading a run's files ---------------------------------------------------------------------------------------

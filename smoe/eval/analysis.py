@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -50,10 +50,11 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
         run = run_dir(out, arch, 0)
         model, path = load_model(run)
         tokenizer = load_tokenizer(path / "tokenizer.json")
-        prepared = prepare_data(settings.data, val_spec=settings.val_data, tokenizer=path / "tokenizer.json",
-                                seed=0)
-        seqs, sources = val_sequences(prepared.val, settings.seq_len, settings.batch_size * settings.eval_batches)
-        batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(settings.batch_size)]
+        t = settings.train
+        prepared = prepare_data(settings.data.data, val_spec=settings.data.val_data,
+                                tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=0)
+        seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
+        batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
         earlier = []
         for c in list_checkpoints(run)[:-1]:
             other, _ = load_model(c.path)

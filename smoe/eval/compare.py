@@ -8,11 +8,11 @@ continue from their last checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from smoe.errors import TrainingError
@@ -22,21 +22,16 @@ from smoe.eval.suite import (Arch, CompareSettings, check_matched, fingerprint, 
 from smoe.io.files import read_json, write_json
 
 
+RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
+
+
 def _train_command(arch: Arch, settings: CompareSettings, seed: int, path: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, "-m", "smoe", "train", "--preset", arch.preset, "--out", str(path), "--quiet",
-           "--data", settings.data, "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
-           "--seq-len", str(settings.seq_len), "--lr", str(settings.lr), "--seed", str(seed),
-           "--eval-every", str(settings.eval_every), "--eval-batches", str(settings.eval_batches),
-           "--precision", settings.precision, "--device", settings.device,
-           "--save-every", str(max(1, settings.steps // settings.checkpoints)),
-           "--keep-last", str(settings.checkpoints + 1)]
-    if settings.val_data:
-        cmd += ["--val-data", settings.val_data]
-    for key, value in arch.overrides.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    if resume:
-        cmd.append("--resume")
-    return cmd
+    """Write the run's configs to ``path/run-config.json`` and return the ``smoe train --config`` that runs it."""
+    config = path / RUN_CONFIG_FILE
+    write_json(config, {"model_config": arch.config().to_dict(), "train_config": asdict(settings.run_config(seed)),
+                        "data_config": asdict(settings.data)})
+    cmd = [sys.executable, "-m", "smoe", "train", "--config", str(config), "--out", str(path), "--quiet"]
+    return cmd + ["--resume"] if resume else cmd
 
 
 def run_suite(suite: str | None, preset_list: str | None, settings: CompareSettings, out: str | Path,
@@ -44,18 +39,18 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     """Train every architecture x seed (skipping finished runs; ``jobs`` at a time), analyse, write the report;
     returns its path."""
     if jobs < 1:
-        raise ValueError(f"--jobs: must be a positive integer, got {jobs}")
+        raise ValueError(f"jobs: must be a positive integer, got {jobs}")
     settings.validate()
     name, archs = resolve_suite(suite, preset_list)
-    matched = check_matched(archs, settings.seq_len)
+    matched = check_matched(archs, settings.train.seq_len)
     out = Path(out)
     definition = suite_definition(name, archs, settings)
     suite_file = out / "suite.json"
     if suite_file.is_file():
         saved = read_json(suite_file)
         if saved.get("fingerprint") != fingerprint(definition):
-            raise ValueError(f"--out {out}: holds a suite with a different definition ({saved.get('suite')!r}, "
-                             "other architectures or settings); choose another --out")
+            raise ValueError(f"out {out}: holds a suite with a different definition ({saved.get('suite')!r}, "
+                             "other architectures or settings); choose another `out`")
     else:
         write_json(suite_file, {**definition, "fingerprint": fingerprint(definition), "matched": matched})
 
@@ -63,7 +58,7 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     for seed in range(settings.seeds):
         for arch in archs:
             path = run_dir(out, arch, seed)
-            if finished(path, settings.steps):
+            if finished(path, settings.train.steps):
                 log(f"{arch.label} seed {seed}: done earlier")
             else:
                 pending.append((arch, seed, path))
@@ -72,7 +67,7 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
         while pending and len(running) < jobs:
             arch, seed, path = pending.pop(0)
             resume = (path / "run.json").is_file()
-            log(f"{arch.label} seed {seed}: training {settings.steps} steps{' (resuming)' if resume else ''}")
+            log(f"{arch.label} seed {seed}: training {settings.train.steps} steps{' (resuming)' if resume else ''}")
             path.mkdir(parents=True, exist_ok=True)
             with open(path / "train.log", "w") as stderr:  # the child keeps its own copy of the descriptor
                 proc = subprocess.Popen(_train_command(arch, settings, seed, path, resume), stdout=subprocess.DEVNULL,

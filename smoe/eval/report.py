@@ -124,12 +124,12 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
 
 
-def _setup_line(suite: str, settings) -> str:
-    return (f"Suite `{suite}` on `{settings.data}`" + (f" (validation `{settings.val_data}`)" if settings.val_data
-                                                        else "") +
-            f": {settings.steps} steps x {settings.batch_size} x {settings.seq_len} tokens "
-            f"({settings.steps * settings.batch_size * settings.seq_len:,} tokens per run), lr {settings.lr}, "
-            f"{settings.precision}, {settings.seeds} seed(s). Same data order, optimizer and schedule for all.")
+def _setup_line(suite: str, settings: CompareSettings) -> str:
+    t, d = settings.train, settings.data
+    return (f"Suite `{suite}` on `{d.data}`" + (f" (validation `{d.val_data}`)" if d.val_data else "") +
+            f": {t.steps} steps x {t.batch_size} x {t.seq_len} tokens "
+            f"({t.steps * t.batch_size * t.seq_len:,} tokens per run), lr {t.lr}, "
+            f"{t.precision}, {settings.seeds} seed(s). Same data order, optimizer and schedule for all.")
 
 
 def _analysis_rows(analyses) -> list[list[str]]:

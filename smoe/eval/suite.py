@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from smoe import presets
 from smoe.accounting import account
 from smoe.config import ModelConfig, override
 from smoe.io.files import parse_json, read_json
+from smoe.train.config import DataConfig, TrainConfig, option
 
 MATCH_TOLERANCE = 0.05  # activated parameters may differ by at most 5% from the suite's first architecture
 
@@ -67,26 +68,50 @@ SUITES: dict[str, list[Arch]] = {
 }
 
 
+# The TrainConfig fields `smoe compare` takes as flags, and the defaults a head-to-head gives them where they differ
+# from a single run's (longer runs, denser validation curves).
+COMPARE_FIELDS = ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "precision", "device")
+COMPARE_DEFAULTS = {"steps": 300, "eval_every": 25}
+
+
 @dataclass(frozen=True)
 class CompareSettings:
-    data: str = "stdlib"
-    val_data: str | None = None
-    steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 2e-3
-    seeds: int = 1
-    eval_every: int = 25
-    eval_batches: int = 8
-    precision: str = "auto"  # resolved by each run (smoe.train.loop.resolve_precision)
-    device: str = "auto"
-    checkpoints: int = 4  # saved through training, for the router-saturation analysis
+    """What every run of a suite shares: the training settings (each run gets its own seed), the data, and how
+    many seeds and intermediate checkpoints."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**COMPARE_DEFAULTS))
+    data: DataConfig = field(default_factory=DataConfig)
+    seeds: int = option(1, "seeds per architecture (3+ separates seed noise)")
+    checkpoints: int = option(4, "checkpoints saved through each run, for the router-saturation analysis")
 
     def validate(self) -> "CompareSettings":
-        for name in ("steps", "batch_size", "seq_len", "seeds", "eval_every", "eval_batches", "checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}: must be a positive integer, got {getattr(self, name)}")
+        self.train.validate()
+        self.data.validate()
+        for name, value in (("eval_every", self.train.eval_every), ("seeds", self.seeds),
+                            ("checkpoints", self.checkpoints)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         return self
+
+    def run_config(self, seed: int) -> TrainConfig:
+        """The TrainConfig of one run: the suite's, with the seed and evenly spaced checkpoints (no time-based
+        ones, so every architecture is analysed at the same steps)."""
+        return replace(self.train, seed=seed, save_every=max(1, self.train.steps // self.checkpoints),
+                       keep_last=self.checkpoints + 1, save_every_minutes=0.0)
+
+    def definition(self) -> dict[str, Any]:
+        """What makes runs comparable, flat: the compare flags' fields, the data and the checkpoints, plus any other
+        field set away from its default. The seeds are left out on purpose: rerunning with more seeds reuses the
+        finished ones."""
+        base = TrainConfig(**COMPARE_DEFAULTS)
+        kept = {name: getattr(self.train, name) for name in COMPARE_FIELDS}
+        kept.update({f.name: getattr(self.train, f.name) for f in fields(TrainConfig)
+                     if f.name not in COMPARE_FIELDS and f.name != "seed"
+                     and getattr(self.train, f.name) != getattr(base, f.name)})
+        kept.update(data=self.data.data, val_data=self.data.val_data, checkpoints=self.checkpoints)
+        kept.update({f.name: getattr(self.data, f.name) for f in fields(DataConfig)
+                     if f.name not in kept and getattr(self.data, f.name) != f.default})
+        return kept
 
 
 def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list[Arch]]:
@@ -125,10 +150,8 @@ def check_matched(archs: list[Arch], seq_len: int) -> dict[str, dict[str, float]
 
 
 def suite_definition(suite: str, archs: list[Arch], settings: CompareSettings) -> dict[str, Any]:
-    """What makes runs comparable. The number of seeds is left out on purpose: rerunning with more seeds reuses
-    the finished ones."""
-    kept = {k: v for k, v in asdict(settings).items() if k != "seeds"}
-    return {"suite": suite, "archs": [asdict(a) for a in archs], "settings": kept}
+    """What makes runs comparable (CompareSettings.definition); suite.json records its fingerprint."""
+    return {"suite": suite, "archs": [asdict(a) for a in archs], "settings": settings.definition()}
 
 
 def fingerprint(definition: dict[str, Any]) -> str:

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from smoe.config import MLAConfig, ModelConfig
+from smoe.config import ModelConfig
 from smoe.interop.hf_config import FAMILIES, TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
 from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)

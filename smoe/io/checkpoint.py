@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 
 from smoe.config import ModelConfig
-from smoe.io.files import fsync, read_json, sha256_file, write_json
+from smoe.io.files import fsync, read_json, sha256_file
 from smoe.interop.safetensors_stream import SafetensorsFile  # MERGE: smoe.io.safetensors
 from safetensors.torch import load_file as _load_file  # MERGE: smoe.io.safetensors.load_tensors
 from smoe.models import Transformer, build_model

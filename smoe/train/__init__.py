@@ -3,7 +3,19 @@
 
 from smoe.errors import TrainingError
 from smoe.train.config import DataConfig, TrainConfig
-from smoe.train.loop import TrainResult
-from smoe.train.run import evaluate_checkpoint, train_model
 
 __all__ = ["DataConfig", "TrainConfig", "TrainResult", "TrainingError", "evaluate_checkpoint", "train_model"]
+
+
+def __getattr__(name: str):
+    # The torch-dependent entry points load lazily, so that the command line builds its parser from the configs
+    # without importing torch.
+    if name == "TrainResult":
+        from smoe.train.loop import TrainResult
+
+        return TrainResult
+    if name in ("evaluate_checkpoint", "train_model"):
+        from smoe.train import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'smoe.train' has no attribute {name!r}")
