@@ -175,7 +175,7 @@ def test_hf_source_prepares_with_a_weight(fake_datasets, tmp_path):
 
 def test_hf_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ValueError, match="hf:org/x: hf: sources need the `datasets` library"):
+    with pytest.raises(ValueError, match="^data hf:org/x: hf: sources need the `datasets` library"):
         parse_spec("hf:org/x")
 
 
