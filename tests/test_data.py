@@ -314,6 +314,15 @@ def test_trained_tokenizer_is_cached_on_its_own(corpus, tmp_path, monkeypatch):
     assert _prepare(str(corpus / "docs.jsonl"), tmp_path).fingerprint == first.fingerprint
 
 
+
+def test_unreadable_cached_tokenizer_is_trained_again(corpus, tmp_path):
+    first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
+    shutil.rmtree(tmp_path / "cache" / "data")
+    (tok_file,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    tok_file.write_text("{")
+    assert _prepare(str(corpus / "docs.jsonl"), tmp_path).fingerprint == first.fingerprint
+    assert tok_file.read_text() == first.tokenizer.to_str()
+
 def test_interrupted_write_leaves_no_cache_entry(corpus, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
