@@ -1,6 +1,7 @@
 import itertools
 import json
 import os
+import shutil
 import sys
 import sysconfig
 import types
@@ -10,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from smoe.train import data as D
+from smoe.io.tokenizer import EOS
+from smoe.train.data import cache
+from smoe.train.data.cache import prepare_data
+from smoe.train.data.sampler import BatchSampler, _slot_counts, val_batches, val_sequences
+from smoe.train.data.sources import iter_documents, split_text
+from smoe.train.data.spec import Source, parse_spec, stdlib_files
+from smoe.train.data.tokenizer import token_byte_lengths, train_tokenizer
+from smoe.train.metrics import bits_per_byte
 
 WORDS = "the cat sat on a mat while dogs ran far away and birds sang songs of joy".split()
 
@@ -24,48 +32,49 @@ def _text(seed: int, n_words: int = 60) -> str:
 def corpus(tmp_path):
     root = tmp_path / "corpus"
     root.mkdir()
-    (root / "stories.txt").write_text(D.EOS.join(_text(i) for i in range(40)))
+    (root / "stories.txt").write_text(EOS.join(_text(i) for i in range(40)))
     with open(root / "docs.jsonl", "w") as f:
         for i in range(30):
             f.write(json.dumps({"text": _text(100 + i), "id": i}) + "\n")
     return root
 
 
-def _prepare(spec, tmp_path, **kw):
-    return D.prepare_data(spec, vocab_size=300, cache_dir=tmp_path / "cache", **kw)
+def _prepare(data, tmp_path, **kw):
+    return prepare_data(data, vocab_size=300, cache_dir=tmp_path / "cache", **kw)
 
 
-def _docs(source_spec, **kw):
-    return D.load_documents(D.parse_spec(source_spec), **kw)
+def _docs(data, **kw):
+    """Every document of every source of ``data``, in spec order."""
+    return [d for s in parse_spec(data) for d in iter_documents(s, **kw)]
 
 
 # --- formats -------------------------------------------------------------------------------------------------------
 
 
 def test_txt_splits_on_endoftext():
-    assert list(D.split_text(f"a b\n{D.EOS}\nc d{D.EOS}")) == ["a b", "c d"]
+    assert list(split_text(f"a b\n{EOS}\nc d{EOS}")) == ["a b", "c d"]
 
 
 def test_txt_splits_on_two_empty_lines_but_keeps_paragraphs_together():
-    assert list(D.split_text("a\n\nb\n\n\nc\n\n\n\n\nd")) == ["a\n\nb", "c", "d"]
+    assert list(split_text("a\n\nb\n\n\nc\n\n\n\n\nd")) == ["a\n\nb", "c", "d"]
 
 
 def test_long_txt_is_cut_at_paragraph_boundaries_without_loss():
     paragraphs = "\n\n".join(f"para {i} " + "x" * 100 for i in range(50))
-    docs = list(D.split_text(paragraphs, max_bytes=1000))
+    docs = list(split_text(paragraphs, max_bytes=1000))
     assert len(docs) > 3 and all(len(d) <= 1000 for d in docs)
     assert "\n\n".join(docs) == paragraphs
 
 
 def test_overlong_line_is_cut():
-    docs = list(D.split_text("y" * 5000, max_bytes=1000))
+    docs = list(split_text("y" * 5000, max_bytes=1000))
     assert len(docs) == 5 and "".join(docs) == "y" * 5000
 
 
 def test_jsonl_reads_the_configured_field(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"body": "first"}\n\n{"body": "second", "text": 3}\n')
-    assert [d.text for d in _docs(str(path), text_field="body")] == ["first", "second"]
+    assert _docs(str(path), text_field="body") == ["first", "second"]
 
 
 def test_parquet_reads_a_text_column(tmp_path):
@@ -73,7 +82,7 @@ def test_parquet_reads_a_text_column(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": ["first doc", None, "second doc"]}), tmp_path / "d.parquet")
-    assert [d.text for d in _docs(str(tmp_path / "d.parquet"), text_field="content")] == ["first doc", "second doc"]
+    assert _docs(str(tmp_path / "d.parquet"), text_field="content") == ["first doc", "second doc"]
 
 
 def test_parquet_without_pyarrow_names_the_file(tmp_path, monkeypatch):
@@ -81,7 +90,7 @@ def test_parquet_without_pyarrow_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match=r"d\.parquet: reading \.parquet needs pyarrow"):
-        D.parse_spec(str(tmp_path))
+        parse_spec(str(tmp_path))
 
 
 def test_directory_is_read_recursively_in_sorted_order(tmp_path):
@@ -92,30 +101,29 @@ def test_directory_is_read_recursively_in_sorted_order(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "x.txt").write_text("hidden")
-    docs = _docs(f"{tmp_path}/")
-    assert [d.text for d in docs] == ["one", "two", "three"]
+    assert _docs(f"{tmp_path}/") == ["one", "two", "three"]
 
 
-def test_documents_keep_their_source_name(corpus):
-    spec = f"{corpus / 'stories.txt'}@2,{corpus / 'docs.jsonl'}"
-    docs = _docs(spec)
-    assert {d.source for d in docs} == {str(corpus / "stories.txt"), str(corpus / "docs.jsonl")}
-    assert sum(d.source == str(corpus / "docs.jsonl") for d in docs) == 30
+def test_splits_keep_documents_by_source_name(corpus, tmp_path):
+    prepared = _prepare(f"{corpus / 'stories.txt'}@2,{corpus / 'docs.jsonl'}", tmp_path)
+    assert prepared.source_names == [str(corpus / "stories.txt"), str(corpus / "docs.jsonl")]
+    assert {name: prepared.train.n_documents[name] + prepared.val.n_documents[name]
+            for name in prepared.source_names} == {str(corpus / "stories.txt"): 40, str(corpus / "docs.jsonl"): 30}
 
 
 def test_stdlib_discovery_is_sorted_deterministic_and_excludes_tests():
-    files = D.stdlib_files(max_bytes=300_000)
-    assert files and files == D.stdlib_files(max_bytes=300_000)
+    files = stdlib_files(max_bytes=300_000)
+    assert files and files == stdlib_files(max_bytes=300_000)
     root = Path(sysconfig.get_paths()["stdlib"])
     rel = [p.relative_to(root).as_posix() for p in files]
     assert rel == sorted(rel) and sum(p.stat().st_size for p in files) <= 300_000
     assert not any(set(p.relative_to(root).parts) & {"test", "tests", "site-packages", "idlelib", "encodings"}
-                   for p in D.stdlib_files())
+                   for p in stdlib_files())
 
 
 def test_stdlib_spec_yields_one_document_per_file():
-    first = list(itertools.islice(D.iter_documents(D.Source("stdlib")), 3))
-    expected = [p.read_text(encoding="utf-8", errors="replace") for p in D.stdlib_files()
+    first = list(itertools.islice(iter_documents(Source("stdlib")), 3))
+    expected = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()
                 if p.read_text(encoding="utf-8", errors="replace").strip()][:3]
     assert first == expected
 
@@ -153,77 +161,93 @@ def fake_datasets(monkeypatch):
 
 
 def test_hf_source_loads_offline_from_the_cache(fake_datasets):
-    docs = _docs("hf:org/stories:validation")
-    assert len(docs) == 20 and docs[0].source == "hf:org/stories:validation"
+    assert len(_docs("hf:org/stories:validation")) == 20
     assert fake_datasets.calls == [("org/stories", None, "validation", "1", True)]
     assert "HF_DATASETS_OFFLINE" not in os.environ and fake_datasets.config.HF_DATASETS_OFFLINE is False
 
 
 def test_hf_source_prepares_with_a_weight(fake_datasets, tmp_path):
     prepared = _prepare("hf:org/stories:cfg:train@2", tmp_path)
-    assert prepared.sources == [D.Source("hf:org/stories:cfg:train", 2.0)]
+    assert prepared.sources == [Source("hf:org/stories:cfg:train", 2.0)]
     name = "hf:org/stories:cfg:train"
     assert prepared.train.n_documents[name] + prepared.val.n_documents[name] == 20
 
 
 def test_hf_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ValueError, match="hf:org/x: hf: sources need the `datasets` library"):
-        D.parse_spec("hf:org/x")
+    with pytest.raises(ValueError, match="^data hf:org/x: hf: sources need the `datasets` library"):
+        parse_spec("hf:org/x")
 
 
 # --- spec errors ---------------------------------------------------------------------------------------------------
 
 
 def test_weights_parse(corpus):
-    sources = D.parse_spec(f"{corpus / 'stories.txt'}@2.5,{corpus}/@1,{corpus / 'docs.jsonl'}")
+    sources = parse_spec(f"{corpus / 'stories.txt'}@2.5,{corpus}/@1,{corpus / 'docs.jsonl'}")
     assert [(s.name, s.weight) for s in sources] == [
         (str(corpus / "stories.txt"), 2.5), (f"{corpus}/", 1.0), (str(corpus / "docs.jsonl"), 1.0)]
 
 
 def test_existing_path_with_an_at_sign_is_not_a_weight(tmp_path):
     (tmp_path / "v@2.txt").write_text("x")
-    assert D.parse_spec(str(tmp_path / "v@2.txt")) == [D.Source(str(tmp_path / "v@2.txt"), 1.0)]
+    assert parse_spec(str(tmp_path / "v@2.txt")) == [Source(str(tmp_path / "v@2.txt"), 1.0)]
 
 
 @pytest.mark.parametrize("entry, error, message", [
-    ("missing.txt", FileNotFoundError, r"missing\.txt: no such file or directory"),
-    ("stories.txt@heavy", ValueError, r"stories\.txt@heavy'?: weight after '@' must be a number"),
-    ("stories.txt@-1", ValueError, r"stories\.txt@-1'?: weight must be a positive"),
-    ("notes.md", ValueError, r"notes\.md: unsupported file type '\.md'"),
-    ("empty_dir", ValueError, r"empty_dir: directory holds no \.txt"),
-    ("stories.txt,stories.txt", ValueError, r"stories\.txt: listed twice"),
-    ("hf:", ValueError, r"hf:: expected hf:NAME"),
+    ("missing.txt", FileNotFoundError, r"^data missing\.txt: no such file or directory"),
+    ("stories.txt@heavy", ValueError, r"^data 'stories\.txt@heavy': weight after '@' must be a number"),
+    ("stories.txt@-1", ValueError, r"^data 'stories\.txt@-1': weight must be a positive"),
+    ("notes.md", ValueError, r"^data notes\.md: unsupported file type '\.md'"),
+    ("empty_dir", ValueError, r"^data empty_dir: directory holds no \.txt"),
+    ("stories.txt,stories.txt", ValueError, r"^data stories\.txt: listed twice"),
+    ("hf:", ValueError, r"^data hf:: expected hf:NAME"),
 ])
 def test_bad_spec_entries_are_named(corpus, monkeypatch, entry, error, message):
     (corpus / "notes.md").write_text("x")
     (corpus / "empty_dir").mkdir()
     monkeypatch.chdir(corpus)
     with pytest.raises(error, match=message):
-        D.parse_spec(entry)
+        parse_spec(entry)
 
 
-def test_jsonl_line_without_the_field_names_file_and_line(tmp_path):
+def test_validation_spec_errors_name_val_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^val_data .*missing\.txt: no such file"):
+        _prepare("stdlib", tmp_path, val_spec=str(tmp_path / "missing.txt"))
+
+
+def test_jsonl_line_without_the_field_names_text_field_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: no string field 'text'"):
+    with pytest.raises(ValueError, match=r"^text_field 'text': .*bad\.jsonl:2 has no string field"):
+        _docs(str(bad))
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, r"bad\.jsonl:2: not valid JSON \(nested too deep\)"),
+    ('["a list"]', r"bad\.jsonl:2: expected an object at the top level, got an array"),
+    ("{not json", r"bad\.jsonl:2: not valid JSON"),
+])
+def test_bad_jsonl_line_is_one_error_naming_file_and_line(tmp_path, line, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message):
         _docs(str(bad))
 
 
 def test_empty_corpus_is_an_error(tmp_path):
     (tmp_path / "blank.txt").write_text("\n\n   \n")
-    with pytest.raises(ValueError, match=r"blank\.txt: no text found"):
+    with pytest.raises(ValueError, match=r"^data .*blank\.txt: no text found"):
         _prepare(str(tmp_path / "blank.txt"), tmp_path)
 
 
 def test_single_document_cannot_be_split(tmp_path):
     (tmp_path / "one.txt").write_text("just one short document")
-    with pytest.raises(ValueError, match=r"one\.txt: a single document cannot be split"):
+    with pytest.raises(ValueError, match=r"^data .*one\.txt: a single document cannot be split"):
         _prepare(str(tmp_path / "one.txt"), tmp_path)
 
 
 def test_validation_overlapping_training_is_an_error(corpus, tmp_path):
-    with pytest.raises(ValueError, match=r"--val-data .*stories\.txt is also training data"):
+    with pytest.raises(ValueError, match=r"^val_data .*stories\.txt is also training data"):
         _prepare(str(corpus), tmp_path, val_spec=str(corpus / "stories.txt"))
 
 
@@ -232,26 +256,26 @@ def test_validation_overlapping_training_is_an_error(corpus, tmp_path):
 
 def test_tokenizer_round_trips_text_and_is_deterministic():
     texts = [_text(i) for i in range(30)]
-    tok = D.train_tokenizer(texts, vocab_size=300)
+    tok = train_tokenizer(texts, vocab_size=300)
     sample = "the cat sat — on a mat, héllo 🐈\n\tdoc7"
     assert tok.decode(tok.encode(sample).ids) == sample
-    assert tok.to_str() == D.train_tokenizer(texts, vocab_size=300).to_str()
+    assert tok.to_str() == train_tokenizer(texts, vocab_size=300).to_str()
 
 
 def test_eos_is_one_special_token():
-    tok = D.train_tokenizer([_text(0)], vocab_size=300)
-    assert tok.encode(f"a{D.EOS}b").ids.count(tok.token_to_id(D.EOS)) == 1
+    tok = train_tokenizer([_text(0)], vocab_size=300)
+    assert tok.encode(f"a{EOS}b").ids.count(tok.token_to_id(EOS)) == 1
 
 
-def test_unreadable_tokenizer_file_is_named(tmp_path):
+def test_unreadable_tokenizer_file_is_named(corpus, tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{}")
-    with pytest.raises(ValueError, match=r"tokenizer\.json: not a readable tokenizer\.json"):
-        D.load_tokenizer(bad)
+    with pytest.raises(ValueError, match=r"^tokenizer .*tokenizer\.json: not a readable tokenizer\.json"):
+        _prepare(str(corpus), tmp_path, tokenizer=bad)
 
 
 def test_missing_tokenizer_file_is_named(corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nope\.json: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"^tokenizer .*nope\.json: no such file"):
         _prepare(str(corpus), tmp_path, tokenizer=tmp_path / "nope.json")
 
 
@@ -270,7 +294,7 @@ def test_given_tokenizer_is_used_as_is(corpus, tmp_path):
 def test_rerun_hits_the_cache_without_reading_or_tokenizing(corpus, tmp_path, monkeypatch):
     first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
     for name in ("_tokenize", "train_tokenizer", "iter_documents"):
-        monkeypatch.setattr(D, name, lambda *a, **k: pytest.fail("data prepared again despite a cache hit"))
+        monkeypatch.setattr(cache, name, lambda *a, **k: pytest.fail("data prepared again despite a cache hit"))
     again = _prepare(str(corpus / "docs.jsonl"), tmp_path)
     assert again.fingerprint == first.fingerprint
     assert isinstance(again.train.tokens[str(corpus / "docs.jsonl")], np.memmap)
@@ -285,22 +309,46 @@ def test_changed_file_changes_the_cache_key(corpus, tmp_path):
 
 def test_trained_tokenizer_is_cached_on_its_own(corpus, tmp_path, monkeypatch):
     first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
-    D.shutil.rmtree(tmp_path / "cache" / "data")
-    monkeypatch.setattr(D, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained again"))
+    shutil.rmtree(tmp_path / "cache" / "data")
+    monkeypatch.setattr(cache, "train_tokenizer", lambda *a, **k: pytest.fail("tokenizer trained again"))
     assert _prepare(str(corpus / "docs.jsonl"), tmp_path).fingerprint == first.fingerprint
 
+
+
+def test_unreadable_cached_tokenizer_is_trained_again(corpus, tmp_path):
+    first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
+    shutil.rmtree(tmp_path / "cache" / "data")
+    (tok_file,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    tok_file.write_text("{")
+    assert _prepare(str(corpus / "docs.jsonl"), tmp_path).fingerprint == first.fingerprint
+    assert tok_file.read_text() == first.tokenizer.to_str()
 
 def test_interrupted_write_leaves_no_cache_entry(corpus, tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(D.np, "save", crash)
+    monkeypatch.setattr(np, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         _prepare(str(corpus / "docs.jsonl"), tmp_path)
     assert list((tmp_path / "cache" / "data").iterdir()) == []
     monkeypatch.undo()
     assert _prepare(str(corpus / "docs.jsonl"), tmp_path).train.total_tokens > 0
 
+
+
+@pytest.mark.parametrize("damage", ["corrupt meta.json", "missing tokens"])
+def test_damaged_cache_entry_is_rebuilt(corpus, tmp_path, damage):
+    name = str(corpus / "docs.jsonl")
+    first = _prepare(name, tmp_path)
+    (entry,) = (tmp_path / "cache" / "data").iterdir()
+    if damage == "corrupt meta.json":
+        (entry / "meta.json").write_text('{"splits": ')
+    else:
+        (entry / "train_0.npy").unlink()
+    again = _prepare(name, tmp_path)
+    assert again.fingerprint == first.fingerprint
+    assert np.array_equal(again.train.tokens[name], first.train.tokens[name])
+    assert (entry / "meta.json").is_file() and (entry / "train_0.npy").is_file()
 
 def test_small_vocab_is_stored_as_uint16(corpus, tmp_path):
     prepared = _prepare(str(corpus / "docs.jsonl"), tmp_path)
@@ -315,7 +363,7 @@ def _split_texts(prepared, name):
     out = []
     for split in (prepared.train, prepared.val):
         text = prepared.tokenizer.decode(np.asarray(split.tokens[name]).tolist(), skip_special_tokens=False)
-        out.append([d for d in text.split(D.EOS) if d])
+        out.append([d for d in text.split(EOS) if d])
     return out
 
 
@@ -339,7 +387,7 @@ def test_separate_validation_spec_holds_all_validation(corpus, tmp_path):
     prepared = _prepare(str(corpus / "stories.txt"), tmp_path, val_spec=str(corpus / "docs.jsonl"))
     assert prepared.train.n_documents == {str(corpus / "stories.txt"): 40}
     assert prepared.val.n_documents == {str(corpus / "docs.jsonl"): 30}
-    assert prepared.val_bytes == sum(len(_text(100 + i).encode()) for i in range(30))
+    assert prepared.val.total_bytes == sum(len(_text(100 + i).encode()) for i in range(30))
     other_seed = _prepare(str(corpus / "stories.txt"), tmp_path, val_spec=str(corpus / "docs.jsonl"), seed=5)
     assert other_seed.fingerprint == prepared.fingerprint  # the seed only chooses a held-out share
 
@@ -361,7 +409,7 @@ def test_packing_puts_eos_after_every_document(stories, corpus):
 
 
 def test_targets_are_inputs_shifted_by_one(stories):
-    sampler = D.BatchSampler(stories.train, stories.sources, seq_len=16, batch_size=4, seed=3)
+    sampler = BatchSampler(stories.train, stories.sources, seq_len=16, batch_size=4, seed=3)
     x, y = sampler.batch(2)
     assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -369,7 +417,7 @@ def test_targets_are_inputs_shifted_by_one(stories):
 
 def test_sampler_is_a_pure_function_of_step(stories):
     def make():
-        return D.BatchSampler(stories.train, stories.sources, seq_len=16, batch_size=4, seed=3)
+        return BatchSampler(stories.train, stories.sources, seq_len=16, batch_size=4, seed=3)
 
     continued = make()
     straight = [continued.batch(step) for step in range(12)]
@@ -381,7 +429,7 @@ def test_sampler_is_a_pure_function_of_step(stories):
 
 def test_sampler_covers_an_epoch_before_repeating(stories):
     # By sequence index, not content: two windows of the stream may hold the same tokens.
-    sampler = D.BatchSampler(stories.train, stories.sources, seq_len=8, batch_size=1, seed=0)
+    sampler = BatchSampler(stories.train, stories.sources, seq_len=8, batch_size=1, seed=0)
     n = sampler.n_seqs[0]
     assert sorted(sampler._sequence(g)[1] for g in range(n)) == list(range(n))
     assert sorted(sampler._sequence(g)[1] for g in range(n, 2 * n)) == list(range(n))
@@ -389,15 +437,15 @@ def test_sampler_covers_an_epoch_before_repeating(stories):
 
 def test_sampler_mixes_sources_by_weight(corpus, tmp_path):
     prepared = _prepare(f"{corpus / 'stories.txt'}@3,{corpus / 'docs.jsonl'}@1", tmp_path)
-    sampler = D.BatchSampler(prepared.train, prepared.sources, seq_len=8, batch_size=32, seed=0)
+    sampler = BatchSampler(prepared.train, prepared.sources, seq_len=8, batch_size=32, seed=0)
     drawn = [s for step in range(40) for s in sampler.sources(step)]
     assert abs(drawn.count(0) / len(drawn) - 0.75) < 0.02
-    assert drawn[:D.BatchSampler.PATTERN].count(0) == 768  # exact within every cycle
+    assert drawn[:BatchSampler.PATTERN].count(0) == 768  # exact within every cycle
 
 
 def test_sampler_rows_come_from_the_source_it_names(corpus, tmp_path):
     prepared = _prepare(f"{corpus / 'stories.txt'},{corpus / 'docs.jsonl'}", tmp_path)
-    sampler = D.BatchSampler(prepared.train, prepared.sources, seq_len=8, batch_size=8, seed=1)
+    sampler = BatchSampler(prepared.train, prepared.sources, seq_len=8, batch_size=8, seed=1)
     x, y = sampler.batch(3)
     for row, s in zip(torch.cat([x, y[:, -1:]], 1), sampler.sources(3)):
         stream = np.asarray(prepared.train.tokens[prepared.source_names[s]])
@@ -407,24 +455,29 @@ def test_sampler_rows_come_from_the_source_it_names(corpus, tmp_path):
 
 
 def test_slot_counts_honour_tiny_weights():
-    counts = D._slot_counts([10_000, 1, 1], 1024)
+    counts = _slot_counts([10_000, 1, 1], 1024)
     assert counts.sum() == 1024 and counts.min() == 1
 
 
 def test_seq_len_longer_than_a_source_is_an_error(stories):
-    with pytest.raises(ValueError, match=r"--seq-len 100000: training source .*stories\.txt has only"):
-        D.BatchSampler(stories.train, stories.sources, seq_len=100_000, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match=r"^seq_len 100000: training source .*stories\.txt has only"):
+        BatchSampler(stories.train, stories.sources, seq_len=100_000, batch_size=2, seed=0)
 
 
 def test_batch_larger_than_the_data_is_an_error(stories):
     n = sum(len(t) for t in stories.train.tokens.values())
     with pytest.raises(ValueError, match="fewer than one batch of 64"):
-        D.BatchSampler(stories.train, stories.sources, seq_len=n // 10, batch_size=64, seed=0)
+        BatchSampler(stories.train, stories.sources, seq_len=n // 10, batch_size=64, seed=0)
 
+
+
+def test_seq_len_longer_than_the_validation_data_is_an_error(stories):
+    with pytest.raises(ValueError, match=r"^seq_len 100000: the validation data holds"):
+        val_sequences(stories.val, seq_len=100_000, max_sequences=4)
 
 def test_val_batches_are_fixed_and_follow_the_stream(stories):
-    batches = D.val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
-    again = D.val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
+    batches = val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
+    again = val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
     assert len(batches) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     stream = np.asarray(next(iter(stories.val.tokens.values())))
     assert torch.cat([x for x, _ in batches]).flatten().tolist() == stream[:32].tolist()
@@ -432,7 +485,7 @@ def test_val_batches_are_fixed_and_follow_the_stream(stories):
 
 def test_val_sequences_cover_every_source_under_a_cap(corpus, tmp_path):
     prepared = _prepare(f"{corpus / 'stories.txt'},{corpus / 'docs.jsonl'}", tmp_path)
-    seqs, sources = D.val_sequences(prepared.val, seq_len=8, max_sequences=4)
+    seqs, sources = val_sequences(prepared.val, seq_len=8, max_sequences=4)
     assert seqs.shape == (4, 9) and sources == [0, 1, 0, 1]
 
 
@@ -440,18 +493,12 @@ def test_val_sequences_cover_every_source_under_a_cap(corpus, tmp_path):
 
 
 def test_bits_per_byte():
-    assert D.bits_per_byte(np.log(2), n_tokens=3, n_bytes=3) == pytest.approx(1.0)
-    assert D.bits_per_byte(np.log(2), n_tokens=1, n_bytes=4) == pytest.approx(0.25)
+    assert bits_per_byte(np.log(2), n_tokens=3, n_bytes=3) == pytest.approx(1.0)
+    assert bits_per_byte(np.log(2), n_tokens=1, n_bytes=4) == pytest.approx(0.25)
 
 
 def test_token_byte_lengths_give_exact_byte_counts(stories):
-    text = f"the cat sat on a mat, héllo 🐈{D.EOS}next"
+    text = f"the cat sat on a mat, héllo 🐈{EOS}next"
     ids = stories.tokenizer.encode(text).ids
-    assert D.token_byte_lengths(stories.tokenizer)[ids].sum() == len(text.encode("utf-8")) - len(D.EOS)
+    assert token_byte_lengths(stories.tokenizer)[ids].sum() == len(text.encode("utf-8")) - len(EOS)
 
-
-def test_scaled_bytes_cover_the_evaluated_fraction(stories):
-    val = stories.val
-    assert val.scaled_bytes(val.total_tokens) == val.total_bytes
-    half = val.total_tokens // 2
-    assert val.scaled_bytes(half) == round(val.total_bytes * half / val.total_tokens)
