@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels import native_low_precision, register
+from smoe.kernels.registry import native_low_precision, register
 from smoe.kernels.activation import act, gated_act_backward
 
 

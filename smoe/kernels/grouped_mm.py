@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels import register
+from smoe.kernels.registry import register
 from smoe.kernels.reference import reference_experts
 from smoe.nn.mlp import gated_act
 

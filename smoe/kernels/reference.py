@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels import register
+from smoe.kernels.registry import register
 from smoe.nn.mlp import gated_act
 
 

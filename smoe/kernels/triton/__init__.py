@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from smoe.kernels import register, register_fused
+from smoe.kernels.registry import register, register_fused
 from smoe.kernels.triton.ops import FusedExperts, select_experts
 
 

@@ -1,0 +1,56 @@
+"""The registry the expert backends add themselves to (``register``), apart from the package that chooses among
+them (smoe.kernels), so a backend module imports this one and never its own package."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Protocol
+
+import torch
+
+
+class ExpertBackend(Protocol):
+    def __call__(
+        self,
+        x_RD: torch.Tensor,
+        counts_E: torch.Tensor,
+        w_gate_up_E2FD: torch.Tensor,
+        w_down_EDF: torch.Tensor,
+        activation: str,
+    ) -> torch.Tensor: ...
+
+
+_BACKENDS: dict[str, ExpertBackend] = {}
+_FUSED: dict[str, Callable[..., torch.Tensor]] = {}
+_AVAILABLE: dict[str, Callable[[torch.device], bool]] = {}
+
+
+def register(name: str, available: Callable[[torch.device], bool] = lambda device: True):
+    """Decorator: add a backend under ``name``; ``available(device)`` says whether it can run there."""
+
+    def wrap(fn: ExpertBackend) -> ExpertBackend:
+        _BACKENDS[name] = fn
+        _AVAILABLE[name] = available
+        return fn
+
+    return wrap
+
+
+def register_fused(name: str):
+    """Decorator: the fused variant of the already registered backend ``name``."""
+
+    def wrap(fn):
+        _FUSED[name] = fn
+        return fn
+
+    return wrap
+
+
+@functools.cache
+def native_low_precision(dtype: torch.dtype) -> bool:
+    """Whether this CPU's GEMMs run ``dtype`` natively (oneDNN's own check for AVX512-BF16/FP16 or AMX)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return True

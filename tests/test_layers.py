@@ -1,0 +1,89 @@
+"""Imports run downward: each package of smoe may import only from its own layer or the layers below it, and no
+two modules import each other, directly or around a longer loop. Lazy imports inside functions count too."""
+
+import ast
+from pathlib import Path
+
+import smoe
+
+# The allowed order, bottom first, written once. A module belongs to the first entry that is a prefix of its name.
+LAYERS = [
+    ("smoe.errors", "smoe.config", "smoe.accounting", "smoe.presets"),  # no torch
+    ("smoe.nn", "smoe.kernels", "smoe.moe"),
+    ("smoe.models",),
+    ("smoe.io",),
+    ("smoe.parallel",),
+    ("smoe.interop", "smoe.generation", "smoe.train"),
+    ("smoe.eval", "smoe.bench"),
+    ("smoe.cli", "smoe.__main__", "smoe"),  # the package itself re-exports (lazily) from everywhere
+]
+ROOT = Path(smoe.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _layer(module: str) -> int:
+    for rank, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module}: in no layer of tests/test_layers.py; add its package to LAYERS")
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """The smoe modules ``path`` imports (``from smoe import kernels`` is smoe.kernels)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "smoe"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "smoe":
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.add(child if child in known else node.module)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(path, known) - {name} for name, path in modules.items()}
+
+
+def test_every_module_has_a_layer():
+    for name in _modules():
+        _layer(name)
+
+
+def test_imports_run_downward():
+    upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+              for a, targets in _graph().items() for b in sorted(targets) if _layer(b) > _layer(a)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    graph.pop("smoe")  # the package's lazy re-exports point up by design; nothing below imports it
+    for targets in graph.values():
+        targets.discard("smoe")
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
