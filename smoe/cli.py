@@ -278,7 +278,7 @@ _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
 _FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings) for f in fields(cls)} | {
-    "out", "resume", "config", "jobs"}
+    "out", "resume", "config", "jobs", "suite", "presets"}
 
 
 def as_flags(text: str) -> str:
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smoe {args.command}: error: {user_message(err)}", file=sys.stderr)
         return 2
     except TrainingError as err:
-        print(f"smoe {args.command}: stopped: {err}", file=sys.stderr)
+        print(f"smoe {args.command}: stopped: {user_message(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

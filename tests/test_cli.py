@@ -105,3 +105,57 @@ def test_bench_without_its_optional_peer_is_one_line_exit_2(monkeypatch, capsys)
                  "--rounds", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "moe-layer: needs transformers, which is not installed" in err
+
+
+@pytest.mark.parametrize("library, shown", [
+    ("seq_len 128: exceeds the model's max_seq_len (64)", "--seq-len 128: exceeds the model's max_seq_len (64)"),
+    ("ep 2 x `dp` 1: needs 2 processes", "--ep 2 x --dp 1: needs 2 processes"),
+    ("val_data b.txt: also training data", "--val-data b.txt: also training data"),
+    ("data/x.txt: no such file", "data/x.txt: no such file"),  # a path that starts like a field is left alone
+    ("moe.top_kk: unknown field", "moe.top_kk: unknown field"),
+])
+def test_library_errors_name_fields_and_the_cli_shows_flags(library, shown):
+    from smoe.cli import user_message
+
+    assert user_message(ValueError(library)) == shown
+
+
+def test_a_train_error_through_the_cli_names_the_flag(tmp_path, capsys):
+    assert main(["train", "--preset", "mixtral-tiny", "--seq-len", "100000", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("smoe train: error: --seq-len 100000: exceeds the model's max_seq_len") and "\n" not in err
+    assert not (tmp_path / "r").exists()
+
+
+# Every flag each command had before the parser was generated from the config dataclasses: users' scripts use them.
+_FLAGS_BEFORE = {
+    "train": "--preset --set --data --val-data --out --resume --tokenizer --text-field --quiet --steps --batch-size "
+             "--seq-len --grad-accum --lr --min-lr-ratio --warmup-steps --weight-decay --grad-clip --seed --precision "
+             "--eval-every --eval-batches --save-every --keep-last --max-bad-steps --device --expert-backend "
+             "--peak-tflops --compile --ep --dp --dist-timeout",
+    "compare": "--suite --presets --data --val-data --steps --batch-size --seq-len --lr --seeds --eval-every "
+               "--eval-batches --precision --device --jobs --out",
+    "eval": "--data --seq-len --batch-size --max-batches --text-field --json",
+    "analyze": "--data --seq-len --sequences --text-field --out",
+    "generate": "--prompt --prompt-ids --max-new-tokens --temperature --top-k --top-p --seed --device --dtype",
+    "convert": "--to --out --model-type --dtype",
+    "inspect": "--hf-config --seq-len --json",
+    "smoke": "--presets --batch-size --seq-len",
+}
+
+
+@pytest.mark.parametrize("command", sorted(_FLAGS_BEFORE))
+def test_every_flag_of_before_is_kept(command):
+    from smoe.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    have = {s for action in sub._actions for s in action.option_strings}
+    assert set(_FLAGS_BEFORE[command].split()) <= have
+
+
+def test_compare_keeps_its_own_defaults(tmp_path):
+    from smoe.cli import build_parser
+    from smoe.eval.suite import CompareSettings
+
+    args = build_parser().parse_args(["compare", "--suite", "shared", "--out", str(tmp_path)])
+    assert args.steps is None and CompareSettings().train.steps == 300 and CompareSettings().train.eval_every == 25

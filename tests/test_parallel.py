@@ -236,7 +236,7 @@ def _one_rank_hangs(rank, world, root, timeout_s):
             time.sleep(0.1)
         os._exit(0)
     start = time.monotonic()
-    with pytest.raises(TrainingError, match=r"rank 0: a collective .* did not finish within --dist-timeout 3 s"):
+    with pytest.raises(TrainingError, match=r"rank 0: a collective .* did not finish within `dist_timeout` 3 s"):
         with collective_errors(timeout_s):
             layer(torch.randn(5, 16))
     (root / "done").write_text(f"{time.monotonic() - start:.1f}")
@@ -251,10 +251,10 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):
 
 
 @pytest.mark.parametrize("ep, dp, world, batch, match", [
-    (2, None, 1, 8, r"--ep 2 x --dp 1: needs 2 processes, got 1; launch with torchrun --nproc-per-node 2"),
-    (2, 3, 4, 8, r"--ep 2 x --dp 3: needs 6 processes, got 4"),
-    (3, None, 3, 6, r"--ep 3: must divide moe.n_routed_experts \(8\)"),
-    (2, None, 4, 6, r"--batch-size 6: must be divisible by --grad-accum x processes \(1 x 4 = 4\)"),
+    (2, None, 1, 8, r"ep 2 x `dp` 1: needs 2 processes, got 1; launch with torchrun --nproc-per-node 2"),
+    (2, 3, 4, 8, r"ep 2 x `dp` 3: needs 6 processes, got 4"),
+    (3, None, 3, 6, r"ep 3: must divide moe.n_routed_experts \(8\)"),
+    (2, None, 4, 6, r"batch_size 6: must be divisible by `grad_accum` x processes \(1 x 4 = 4\)"),
     (0, None, 1, 8, r"--ep: must be a positive integer, got 0"),
 ])
 def test_bad_layouts_are_refused_before_work(ep, dp, world, batch, match):

@@ -116,14 +116,14 @@ class CompareSettings:
 
 def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list[Arch]]:
     if (suite is None) == (preset_list is None):
-        raise ValueError("compare: give --suite NAME or --presets a,b,c (exactly one)")
+        raise ValueError("compare: give `suite` NAME or `presets` a,b,c (exactly one)")
     if suite is not None:
         if suite not in SUITES:
-            raise ValueError(f"--suite: unknown suite {suite!r}; known: {', '.join(SUITES)}")
+            raise ValueError(f"suite: unknown suite {suite!r}; known: {', '.join(SUITES)}")
         return suite, SUITES[suite]
     names = [n.strip() for n in preset_list.split(",") if n.strip()]
     if len(names) < 2:
-        raise ValueError("--presets: name at least two presets to compare")
+        raise ValueError("presets: name at least two presets to compare")
     return "custom", [Arch(n, n) for n in names]
 
 

@@ -53,7 +53,7 @@ class ExpertParallelExperts(RoutedExperts):
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, activation: str, group):
         P, rank = dist.get_world_size(group), dist.get_rank(group)
         if n_experts % P:
-            raise ValueError(f"--ep {P}: must divide moe.n_routed_experts ({n_experts})")
+            raise ValueError(f"ep {P}: must divide moe.n_routed_experts ({n_experts})")
         super().__init__(n_experts // P, dim, hidden_dim, activation)
         self.n_experts, self.group, self.ep_size = n_experts, group, P
         self.expert_start = rank * (n_experts // P)
@@ -131,7 +131,7 @@ def max_ranks_per_token(moe: MoEConfig, ep: int) -> int:
     nodes) onto the contiguous expert shards, so a token reaches only the ranks of its ``topk_group`` groups."""
     E, G = moe.n_routed_experts, moe.n_group
     if E % ep:
-        raise ValueError(f"--ep {ep}: must divide moe.n_routed_experts ({E})")
+        raise ValueError(f"ep {ep}: must divide moe.n_routed_experts ({E})")
     per_rank, per_group = E // ep, E // G
     ranks_per_group = sorted(len({e // per_rank for e in range(g * per_group, (g + 1) * per_group)})
                              for g in range(G))

@@ -34,13 +34,13 @@ def check_layout(config: ModelConfig, ep: int, dp: int | None, world: int, batch
         dp = max(1, world // ep)
     if ep * dp != world:
         hint = f"; launch with torchrun --nproc-per-node {ep * dp} -m smoe train ..." if world == 1 else ""
-        raise ValueError(f"--ep {ep} x --dp {dp}: needs {ep * dp} processes, got {world}{hint}")
+        raise ValueError(f"ep {ep} x `dp` {dp}: needs {ep * dp} processes, got {world}{hint}")
     if ep > 1 and config.moe is None:
-        raise ValueError(f"--ep {ep}: the model has no routed experts to shard")
+        raise ValueError(f"ep {ep}: the model has no routed experts to shard")
     if config.moe is not None and config.moe.n_routed_experts % ep:
-        raise ValueError(f"--ep {ep}: must divide moe.n_routed_experts ({config.moe.n_routed_experts})")
+        raise ValueError(f"ep {ep}: must divide moe.n_routed_experts ({config.moe.n_routed_experts})")
     if batch_size % (grad_accum * world):
-        raise ValueError(f"--batch-size {batch_size}: must be divisible by --grad-accum x processes "
+        raise ValueError(f"batch_size {batch_size}: must be divisible by `grad_accum` x processes "
                          f"({grad_accum} x {world} = {grad_accum * world}); it is the global batch")
     return dp
 
@@ -52,7 +52,7 @@ def init_distributed(ep: int, dp: int, timeout_s: float, device: torch.device) -
     if ep * dp == 1:
         return None
     if not dist.is_available():
-        raise ValueError("--ep/--dp: this PyTorch build has no torch.distributed")
+        raise ValueError("ep: this PyTorch build has no torch.distributed")
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -86,5 +86,5 @@ def collective_errors(timeout_s: float):
             raise
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrainingError(f"rank {dist.get_rank()}: a collective with the other ranks failed or did not finish "
-                            f"within --dist-timeout {timeout_s:g} s; another rank has died or hung ({first})"
+                            f"within `dist_timeout` {timeout_s:g} s; another rank has died or hung ({first})"
                             ) from err

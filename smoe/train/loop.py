@@ -294,9 +294,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device: unknown device {name!r}") from None
+        raise ValueError(f"device: unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device: cuda requested but no CUDA device is available")
+        raise ValueError("device: cuda requested but no CUDA device is available")
     return device
 
 
