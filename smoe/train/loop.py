@@ -97,7 +97,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data: TrainData,
 def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, out_dir: str | Path, *,
                  resume: bool, progress: bool | None, log: Callable[[str], None] | None,
                  mesh: DeviceMesh | None) -> TrainResult:
-    """``train`` for configs that ``checked_configs`` has passed."""
+    """``train`` for configs that ``checked_configs`` has passed: set up the run directory and the trainer, then
+    step / maybe evaluate / maybe save until the last step."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run_dir = RunDirectory(out_dir)
     main = is_main_process()
@@ -107,100 +108,128 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
         torch.distributed.barrier()  # rank 0 has checked and prepared the run directory
         if not main:
             start = latest_intact(run_dir.path) if resume else None  # the same files, so the same choice
-    device = local_device(resolve_device(cfg.device))
-    _seed_everything(cfg.seed)
-    model = build_model(model_config).to(device)  # the same global weights on every rank (same seed) ...
-    if mesh is not None:
-        apply_expert_parallel(model, mesh)  # ... of which each EP rank keeps its experts
-    model.set_expert_backend(cfg.expert_backend)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-    shards = expert_shard_ranges(model)
-    step, skipped, bad_run = 0, 0, 0
-    last_saved: Path | None = None
+    trainer = _Trainer(model_config, cfg, data, run_dir.path, mesh)
     if start is not None:
-        load_model_state(start.path, model, shards)
-        state = ckpt.load_training_state(start.path, optimizer, model, shards)
-        step, skipped, last_saved = state["step"], state["skipped_steps"], start.path
+        trainer.restore(start.path)
         if main:
-            log(f"resuming from {start.path} (step {step})")
-    forward = torch.compile(model) if cfg.compile else model
-
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    costs = account(model_config, seq_len=cfg.seq_len)
-    peak = _peak_flops(device, cfg)
-    autocast = autocast_context(device, cfg.precision)
-    result = TrainResult(out_dir=run_dir.path, step=step, skipped_steps=skipped)
+            log(f"resuming from {start.path} (step {trainer.step})")
+    result = TrainResult(out_dir=run_dir.path, step=trainer.step)
+    sinks = MetricsSinks(run_dir.metrics_file, run_dir.path / "tensorboard", progress, cfg.steps, trainer.step) \
+        if main else NoSinks()
     speeds: list[float] = []
-
-    def save(at: int) -> Path:
-        state = {"skipped_steps": skipped, "data_fingerprint": data.fingerprint}
-        if mesh is None:
-            return ckpt.save_checkpoint(run_dir.path, at, model, optimizer, model_config, state, data.tokenizer_json,
-                                        cfg.keep_last)
-        return ckpt.save_sharded_checkpoint(run_dir.path, at, model, optimizer, model_config, state,
-                                            data.tokenizer_json, cfg.keep_last, mesh=mesh, shards=shards)
-
-    sinks = MetricsSinks(run_dir.metrics_file, run_dir.path / "tensorboard", progress, cfg.steps, step) if main \
-        else NoSinks()
-    saved_at = time.monotonic()
+    bad_run, saved_at = 0, time.monotonic()
     with sinks, collective_errors(cfg.dist_timeout):
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            lr = lr_at(step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
-            set_lr(optimizer, lr)
-            batch = data.batch(step)
-            if mesh is not None:
-                batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
-            stats = _run_micro_batches(forward, batch, cfg, device, autocast, mesh)
-            if mesh is None:
-                grad_norm = _clip(model, cfg.grad_clip)
-            else:
-                sync_gradients(model, mesh)
-                grad_norm = clip_gradients(model, mesh, cfg.grad_clip)
-            step += 1
-            if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                skipped, bad_run = skipped + 1, bad_run + 1
-                sinks.write({"kind": "train", "step": step, "loss": None, "skipped": True, "skipped_steps": skipped})
+        while trainer.step < cfg.steps:
+            row = trainer.train_step()
+            sinks.write(row)
+            if row["loss"] is None:
+                bad_run += 1
                 if bad_run >= cfg.max_bad_steps:
-                    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was saved"
-                    raise TrainingError(f"step {step}: non-finite loss or gradient for {bad_run} consecutive steps; "
-                                        f"stopping ({where})")
+                    where = (f"the last good checkpoint is {trainer.last_saved}" if trainer.last_saved
+                             else "no checkpoint was saved")
+                    raise TrainingError(f"step {trainer.step}: non-finite loss or gradient for {bad_run} "
+                                        f"consecutive steps; stopping ({where})")
                 continue
             bad_run = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if stats["loads"]:
-                model.update_expert_biases(stats["loads"])
-            dt = time.perf_counter() - t0
-            sinks.write({
-                "kind": "train", "step": step, "loss": stats["loss"], "lm_loss": stats["lm_loss"],
-                "aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"], "mtp_loss": stats["mtp_loss"], "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                "mfu": costs.train_flops_per_token * tokens_per_step / dt / peak if peak else None,
-                "skipped_steps": skipped, "router": stats["router"],
-            })
-            result.losses.append(stats["loss"])
-            speeds.append(tokens_per_step / dt)
-            sinks.progress(step, stats["loss"], tokens_per_step / dt)
-            final = step == cfg.steps
-            if _every(step, cfg.eval_every) or final:
-                result.final_eval = evaluate(forward, data.val, data.val_bytes, device, autocast)
-                sinks.write({"kind": "eval", "step": step, **result.final_eval})
-            if _every(step, cfg.save_every) or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh, device):
-                last_saved = save(step)
+            result.losses.append(row["loss"])
+            speeds.append(row["tokens_per_s"])
+            sinks.progress(trainer.step, row["loss"], row["tokens_per_s"])
+            final = trainer.step == cfg.steps
+            if _every(trainer.step, cfg.eval_every) or final:
+                result.final_eval = trainer.evaluate()
+                sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
+            if _every(trainer.step, cfg.save_every) or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
+                                                                             trainer.device):
+                trainer.save()
                 saved_at = time.monotonic()
-    result.step, result.skipped_steps, result.checkpoint = step, skipped, last_saved
+    result.step, result.skipped_steps, result.checkpoint = trainer.step, trainer.skipped, trainer.last_saved
     if main:
         run_dir.write_summary({
-            "step": step, "steps": cfg.steps, "skipped_steps": skipped, "final_eval": result.final_eval,
-            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "step": trainer.step, "steps": cfg.steps, "skipped_steps": trainer.skipped,
+            "final_eval": result.final_eval, "tokens_per_s": float(np.median(speeds)) if speeds else None,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "total_params": costs.total_params, "active_params": costs.active_params,
-            "train_flops_per_token": costs.train_flops_per_token, "checkpoint": str(last_saved),
+            "peak_device_bytes": (torch.cuda.max_memory_allocated(trainer.device) if trainer.device.type == "cuda"
+                                  else None),
+            "total_params": trainer.costs.total_params, "active_params": trainer.costs.active_params,
+            "train_flops_per_token": trainer.costs.train_flops_per_token, "checkpoint": str(trainer.last_saved),
         })
     return result
+
+
+class _Trainer:
+    """What one run changes (weights, optimizer, step and skip counters) and the three things the loop does with
+    it: a step, an evaluation, a checkpoint. Under torchrun every rank holds one, over its slice of the experts."""
+
+    def __init__(self, model_config: ModelConfig, cfg: TrainConfig, data: TrainData, out_dir: Path,
+                 mesh: DeviceMesh | None):
+        self.model_config, self.cfg, self.data, self.out_dir, self.mesh = model_config, cfg, data, out_dir, mesh
+        self.device = local_device(resolve_device(cfg.device))
+        _seed_everything(cfg.seed)
+        self.model = build_model(model_config).to(self.device)  # the same global weights on every rank ...
+        if mesh is not None:
+            apply_expert_parallel(self.model, mesh)  # ... of which each EP rank keeps its experts
+        self.model.set_expert_backend(cfg.expert_backend)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        self.shards = expert_shard_ranges(self.model)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.autocast = autocast_context(self.device, cfg.precision)
+        self.costs = account(model_config, seq_len=cfg.seq_len)
+        self.peak = _peak_flops(self.device, cfg)
+        self.step, self.skipped, self.last_saved = 0, 0, None
+
+    def restore(self, path: Path) -> None:
+        load_model_state(path, self.model, self.shards)
+        state = ckpt.load_training_state(path, self.optimizer, self.model, self.shards)
+        self.step, self.skipped, self.last_saved = state["step"], state["skipped_steps"], path
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the step's batch; its metrics row (``loss`` None when the step was skipped for a
+        non-finite loss or gradient, and nothing was updated)."""
+        cfg, mesh = self.cfg, self.mesh
+        t0 = time.perf_counter()
+        lr = lr_at(self.step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        set_lr(self.optimizer, lr)
+        batch = self.data.batch(self.step)
+        if mesh is not None:
+            batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
+        stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh)
+        if mesh is None:
+            grad_norm = _clip(self.model, cfg.grad_clip)
+        else:
+            sync_gradients(self.model, mesh)
+            grad_norm = clip_gradients(self.model, mesh, cfg.grad_clip)
+        self.step += 1
+        if not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            return {"kind": "train", "step": self.step, "loss": None, "skipped": True, "skipped_steps": self.skipped}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if stats["loads"]:
+            self.model.update_expert_biases(stats["loads"])
+        tokens_per_s = cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+        return {
+            "kind": "train", "step": self.step, "loss": stats["loss"], "lm_loss": stats["lm_loss"],
+            "aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"], "mtp_loss": stats["mtp_loss"], "lr": lr,
+            "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            "mfu": self.costs.train_flops_per_token * tokens_per_s / self.peak if self.peak else None,
+            "skipped_steps": self.skipped, "router": stats["router"],
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.forward, self.data.val, self.data.val_bytes, self.device, self.autocast)
+
+    def save(self) -> Path:
+        cfg, data = self.cfg, self.data
+        state = {"skipped_steps": self.skipped, "data_fingerprint": data.fingerprint}
+        if self.mesh is None:
+            self.last_saved = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
+                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last)
+        else:
+            self.last_saved = ckpt.save_sharded_checkpoint(
+                self.out_dir, self.step, self.model, self.optimizer, self.model_config, state, data.tokenizer_json,
+                cfg.keep_last, mesh=self.mesh, shards=self.shards)
+        return self.last_saved
 
 
 def _every(step: int, interval: int) -> bool:
