@@ -12,7 +12,7 @@ from smoe import load_pretrained, presets, save_pretrained
 from smoe.cli import main
 from smoe.interop.hf import save_model_checkpoint
 from smoe.interop.hf_config import config_to_hf
-from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.models import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,7 @@ and the per-expert names that are stacked into our ``w_gate_up (E, 2F, D)`` (gat
 
 Loading never holds a second copy of the weights: the model is built on the meta device, allocated empty, and
 filled tensor by tensor from memory-mapped files whose pages are released after each copy
-(``smoe.interop.safetensors_stream``). Every check that can fail (files, keys, shapes, dtypes) runs on the headers
+(``smoe.io.safetensors``). Every check that can fail (files, keys, shapes, dtypes) runs on the headers
 before a byte of weights is read, so a bad checkpoint raises one error naming the file and the key and nothing is
 half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
 
@@ -35,7 +35,7 @@ import torch
 
 from smoe.config import MLAConfig, ModelConfig
 from smoe.interop.hf_config import FAMILIES, TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
-from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.models import Transformer, build_model
 from smoe.nn.rope import RotaryEmbedding
 
