@@ -12,7 +12,7 @@ from smoe import load_pretrained, presets, save_pretrained
 from smoe.cli import main
 from smoe.interop.hf import save_model_checkpoint
 from smoe.interop.hf_config import config_to_hf
-from smoe.io.safetensors import SafetensorsFile, write_safetensors
+from smoe.io.safetensors import SafetensorsFile
 from smoe.models import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -266,24 +266,3 @@ def test_export_names_what_a_family_cannot_express(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
     save_model_checkpoint(model, tmp_path / "ours")  # our own format holds any model
     assert torch.equal(load_pretrained(tmp_path / "ours").embed.weight, model.embed.weight)
-
-
-# --- the streaming safetensors reader and writer -----------------------------------------------------------------
-
-
-def test_stream_writer_and_reader_agree_with_the_safetensors_package(tmp_path):
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
-               "d": torch.randn(2, 2).to(torch.float8_e4m3fn), "e": torch.zeros(0, 3), "f": torch.tensor(2.5)}
-    def same(a, b):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                         b.reshape(-1).view(torch.uint8))
-
-    write_safetensors(tmp_path / "ours.safetensors", tensors.items(), {"format": "pt"})
-    loaded = load_file(tmp_path / "ours.safetensors")
-    assert loaded.keys() == tensors.keys() and all(same(loaded[k], tensors[k]) for k in tensors)
-    save_file(tensors, tmp_path / "theirs.safetensors")
-    with SafetensorsFile(tmp_path / "theirs.safetensors") as f:
-        assert sorted(f.keys()) == sorted(tensors)
-        for name in f.keys():
-            assert same(f.view(name), tensors[name]), name
-            f.release(name)
