@@ -233,6 +233,25 @@ def test_shape_mismatch_names_file_and_key(saved):
         load_pretrained(saved)
 
 
+@pytest.mark.parametrize("claimed", [1, 3, 10**3])
+def test_layer_count_is_compared_with_the_checkpoint_before_building(saved, monkeypatch, claimed):
+    monkeypatch.setattr("smoe.interop.hf.build_model", lambda *a: pytest.fail("built before the layer count check"))
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "num_hidden_layers": claimed}))
+    with pytest.raises(ValueError, match=rf"config\.json: describes {claimed} layers, but .*model\.safetensors "
+                                         r"holds 2 \(model\.layers\.<i>\.\* keys\)"):
+        load_pretrained(saved)
+
+
+def test_mtp_layer_counts_towards_the_checkpoint_layers(tmp_path):
+    ours = build_model(presets.get("deepseek-v3-tiny", n_layers=2))
+    save_pretrained(ours, tmp_path / "hf", model_type="deepseek_v3")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match=r"describes 2 layers, but .* holds 3"):  # the MTP layer is not announced
+        load_pretrained(tmp_path / "hf")
+
+
 def test_truncated_shard_names_file_and_key(saved):
     file = saved / "model.safetensors"
     data = file.read_bytes()

@@ -13,9 +13,9 @@ and the per-expert names that are stacked into our ``w_gate_up (E, 2F, D)`` (gat
 
 Loading never holds a second copy of the weights: the model is built on the meta device, allocated empty, and
 filled tensor by tensor from memory-mapped files whose pages are released after each copy
-(``smoe.io.safetensors``). Every check that can fail (the index, files, keys, shapes, dtypes, fp8 block
-scales) runs on the headers before a byte of weights is read, so a bad checkpoint raises one error naming the file and the key and nothing is
-half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
+(``smoe.io.safetensors``). Every check that can fail (the index, files, keys, layer count, shapes, dtypes,
+fp8 block scales) runs on the headers before a byte of weights is read, so a bad checkpoint raises one error naming
+the file and the key and nothing is half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
 
 Legend: E routed experts, F expert hidden dim, D model dim.
 """
@@ -415,6 +415,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
     ckpt = _open_checkpoint(path)
     config = _with_present_mtp(config, hf["model_type"], ckpt)
+    _check_layer_count(config, hf["model_type"], ckpt, str(path / "config.json"))
     fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
     fp8_block = _fp8_block(hf, str(path / "config.json")) if fp8 else None
     with torch.device("meta"):
@@ -435,6 +436,19 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
             prefix.format(i=config.n_layers + present) + "eh_proj.weight" in ckpt.where:
         present += 1
     return replace(config, layout=replace(config.layout, n_mtp_modules=present))
+
+
+def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, source: str) -> None:
+    """config.json's layer count against the checkpoint's (its highest layer index), before a model of the claimed
+    size is built: a small file may claim far more layers than the weights hold."""
+    before, _, after = KEY_MAPS[model_type].layer.partition("{i}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    held = 1 + max((int(m.group(1)) for name in ckpt.where if (m := pattern.match(name))), default=-1)
+    mtp = config.layout.n_mtp_modules
+    if held != config.n_layers + mtp:
+        extra = f" + {mtp} multi-token prediction" if mtp else ""
+        raise ValueError(f"{source}: describes {config.n_layers}{extra} layers, but {ckpt.listing} holds {held} "
+                         f"({before}<i>{after}* keys)")
 
 
 def _load_smoe(path: Path, dtype: torch.dtype | None, device: torch.device) -> Transformer:
