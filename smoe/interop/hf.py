@@ -15,7 +15,8 @@ Loading never holds a second copy of the weights: the model is built on the meta
 filled tensor by tensor from memory-mapped files whose pages are released after each copy
 (``smoe.io.safetensors``). Every check that can fail (the index, files, keys, layer count, shapes, dtypes,
 fp8 block scales) runs on the headers before a byte of weights is read, so a bad checkpoint raises one error naming
-the file and the key and nothing is half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
+the file and the key and nothing is half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block
+scales) are dequantised on load.
 
 Legend: E routed experts, F expert hidden dim, D model dim.
 """
