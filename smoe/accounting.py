@@ -136,11 +136,17 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     d, V = config.dim, config.vocab_size
     total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
     active = dict(total)
-    moe_ids = set(config.moe_layer_ids)
-    for i in range(config.n_layers):
-        block_total, block_active = _block_components(config, i in moe_ids)
-        _add(total, block_total)
-        _add(active, block_active)
+    n_moe = config.n_moe_layers
+    # One block of each kind times its count (not a loop over layers: a config may claim millions). The kind of
+    # layer 0 goes first so that the components keep the order in which the layers introduce them.
+    kinds = [(False, config.n_layers - n_moe), (True, n_moe)]
+    if config.moe is not None and config.layout.is_moe(0):
+        kinds.reverse()
+    for moe_layer, count in kinds:
+        if count:
+            block_total, block_active = _block_components(config, moe_layer)
+            _add(total, block_total, count)
+            _add(active, block_active, count)
     for key in ("attention", "dense_ffn", "routed_experts", "shared_experts", "router"):
         total.setdefault(key, 0)
         active.setdefault(key, 0)
@@ -159,9 +165,8 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     attn_mm = _attention_matmul_params(config) * config.n_layers
     ffn_mm = active["dense_ffn"] + active["routed_experts"] + active["shared_experts"] + active["router"]
     if config.moe is not None:
-        moe_layers = len(moe_ids)
         # the router's logit bias and the aux-free selection bias are additions, not matmul weights
-        ffn_mm -= moe_layers * ((config.moe.n_routed_experts if config.moe.router_bias else 0)
+        ffn_mm -= n_moe * ((config.moe.n_routed_experts if config.moe.router_bias else 0)
                                 + (config.moe.n_routed_experts if config.moe.has_expert_bias else 0))
     matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
     forward = 2 * matmul + config.n_layers * _attention_score_flops(config, seq_len)
@@ -185,7 +190,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
         train_flops_per_token=float(3 * forward),
         weight_bytes={k: total_params * b for k, b in DTYPE_BYTES.items()},
         kv_cache_bytes_per_token={k: kv_elems * b for k, b in DTYPE_BYTES.items() if k != "fp32"},
-        n_moe_layers=len(moe_ids),
+        n_moe_layers=n_moe,
     )
 
 

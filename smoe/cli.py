@@ -175,8 +175,8 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
-    from smoe.io.tokenizer import find_tokenizer
     from smoe.io.checkpoint import resolve_checkpoint
+    from smoe.io.tokenizer import find_tokenizer
     from smoe.train.loop import resolve_device
 
     if bool(args.prompt) == bool(args.prompt_ids):

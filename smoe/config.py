@@ -298,6 +298,13 @@ class LayoutConfig:
             return layer in self.moe_layers
         return layer >= self.first_k_dense and layer % self.moe_layer_freq == 0
 
+    def n_moe(self, n_layers: int) -> int:
+        """How many of ``n_layers`` layers ``is_moe``, counted without visiting each (a config may claim many)."""
+        if self.moe_layers is not None:
+            return len(self.moe_layers)
+        # the multiples of moe_layer_freq in [first_k_dense, n_layers)
+        return max(0, -(-n_layers // self.moe_layer_freq) - -(-self.first_k_dense // self.moe_layer_freq))
+
     def validate(self, n_layers: int, prefix: str = "layout.") -> None:
         _check_types(self, prefix)
         _non_negative(prefix + "first_k_dense", self.first_k_dense)
@@ -336,6 +343,10 @@ class ModelConfig:
         if self.moe is None:
             return []
         return [i for i in range(self.n_layers) if self.layout.is_moe(i)]
+
+    @property
+    def n_moe_layers(self) -> int:
+        return 0 if self.moe is None else self.layout.n_moe(self.n_layers)
 
     def validate(self) -> "ModelConfig":
         """Check the whole tree; returns self so ``cfg = ModelConfig(...).validate()`` reads naturally."""

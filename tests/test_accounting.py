@@ -119,3 +119,14 @@ def test_to_dict_is_json_ready():
 
     data = json.loads(json.dumps(account(presets.get("deepseek-v3")).to_dict()))
     assert data["total_params"] == 671_026_419_200 and data["params_by_component"]["mtp"] > 0
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3", "qwen1.5-moe-a2.7b"])
+def test_accounting_is_closed_form_in_the_layer_count(name):
+    # a config may claim 10^9 layers: accounting must not visit each, and still grow exactly linearly
+    config = presets.get(name)
+    big = 10**9
+    acc, more, huge = (account(override(config, {"n_layers": n})) for n in (config.n_layers, config.n_layers + 1, big))
+    per_layer = more.total_params - acc.total_params
+    assert huge.total_params == acc.total_params + (big - config.n_layers) * per_layer
+    assert huge.n_moe_layers == acc.n_moe_layers + big - config.n_layers

@@ -76,6 +76,18 @@ def test_layout_selects_moe_layers():
     assert config.moe_layer_ids == [2, 4]
 
 
+@pytest.mark.parametrize("layout", [LayoutConfig(), LayoutConfig(first_k_dense=3), LayoutConfig(moe_layer_freq=3),
+                                    LayoutConfig(first_k_dense=2, moe_layer_freq=4), LayoutConfig(first_k_dense=7),
+                                    LayoutConfig(moe_layers=(0, 4))])
+def test_moe_layer_count_is_closed_form_and_agrees_with_the_list(layout):
+    for n_layers in range(max(layout.first_k_dense, 5), 12):
+        config = ModelConfig(n_layers=n_layers, layout=layout)
+        assert config.n_moe_layers == len(config.moe_layer_ids), n_layers
+    huge = ModelConfig(n_layers=10**12, layout=LayoutConfig(first_k_dense=2, moe_layer_freq=4))
+    assert huge.n_moe_layers == 25 * 10**10 - 1  # layers 4, 8, ..., 10**12 - 4: counted, not listed
+    assert ModelConfig(n_layers=8, moe=None).n_moe_layers == 0
+
+
 # --- fuzzing: any config validates and runs, or raises ValueError ----------------------------------------------------
 
 _small = st.integers(min_value=-1, max_value=9)

@@ -1,4 +1,5 @@
 import json
+import re
 import warnings
 from dataclasses import replace
 
@@ -166,6 +167,31 @@ def test_switch_loss_coefficient_is_converted_to_our_per_layer_loss():
 def test_qwen_sparse_step_becomes_explicit_moe_layers():
     config = config_from_hf({**QWEN15_MOE, "num_hidden_layers": 6, "decoder_sparse_step": 2, "mlp_only_layers": [3]})
     assert config.moe_layer_ids == [1, 5]
+
+
+@pytest.mark.parametrize("config, key", [
+    ({**MIXTRAL_8X7B, "num_hidden_layers": 10**9}, "num_hidden_layers = 1000000000 is outside [0, 1024]"),
+    ({**QWEN15_MOE, "num_hidden_layers": 10**9, "decoder_sparse_step": 2}, "num_hidden_layers = 1000000000"),
+    ({**MIXTRAL_8X7B, "num_local_experts": 10**9}, "num_local_experts = 1000000000 is outside [0, 65536]"),
+    ({**MIXTRAL_8X7B, "vocab_size": 2**40}, "vocab_size = 1099511627776 is outside [0, 16777216]"),
+    ({**MIXTRAL_8X7B, "intermediate_size": -1}, "intermediate_size = -1 is outside"),
+    ({**DBRX, "ffn_config": {**DBRX["ffn_config"], "moe_num_experts": 10**6}}, "ffn_config.moe_num_experts = 1000000"),
+    ({**DEEPSEEK_V3, "rope_scaling": {**DEEPSEEK_V3["rope_scaling"], "original_max_position_embeddings": 2**30}},
+     "rope_scaling.original_max_position_embeddings = 1073741824"),
+    ({**MIXTRAL_8X7B, "num_hidden_layers": "1000000000"}, "num_hidden_layers must be an integer, got '1000000000'"),
+    ({**MIXTRAL_8X7B, "num_attention_heads": True}, "num_attention_heads must be an integer, got True"),
+])
+def test_integers_are_bounded_before_anything_is_built(config, key):
+    with pytest.raises(ValueError, match=r"config\.json: " + re.escape(key)):
+        config_from_hf(config)
+
+
+def test_inspect_of_a_config_claiming_a_billion_layers_fails_fast(tmp_path, capsys):
+    from smoe.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({**DEEPSEEK_V3, "num_hidden_layers": 10**9}))
+    assert main(["inspect", "--hf-config", str(tmp_path / "config.json")]) == 2
+    assert "num_hidden_layers = 1000000000 is outside [0, 1024]" in capsys.readouterr().err
 
 
 def test_unsupported_model_type_lists_supported():

@@ -12,7 +12,7 @@ from smoe import load_pretrained, presets, save_pretrained
 from smoe.cli import main
 from smoe.interop.hf import save_model_checkpoint
 from smoe.interop.hf_config import config_to_hf
-from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.io.safetensors import SafetensorsFile
 from smoe.models import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -115,35 +115,42 @@ def _quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return q.contiguous(), scale.float()
 
 
-def test_fp8_block_scales_are_dequantised_on_load(tmp_path):
-    _hf_model("deepseek_v3").save_pretrained(tmp_path / "hf")
-    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+def _fp8_checkpoint(root) -> dict[str, torch.Tensor]:
+    """DeepSeek-V3 tiny at ``root`` with its projections quantised to fp8 in 32 x 32 tiles (ragged at the edges),
+    as DeepSeek publishes it; returns the dequantised weights the load must give."""
+    _hf_model("deepseek_v3").save_pretrained(root)
+    tensors = load_file(root / "model.safetensors")
     quantized, expected = {}, {}
     for name, t in tensors.items():
-        if t.dim() == 2 and "proj" in name:  # the projections, as DeepSeek quantises them; 32 x 32 tiles, ragged
+        if t.dim() == 2 and "proj" in name:
             q, scale = _quantize_fp8(t, 32)
             quantized[name], quantized[name + "_scale_inv"] = q, scale
             expected[name] = q.float() * scale.repeat_interleave(32, 0)[: t.shape[0]].repeat_interleave(32, 1)[
                 :, : t.shape[1]]
         else:
             quantized[name] = expected[name] = t
-    save_file(quantized, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    save_file(quantized, root / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((root / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [32, 32], "fmt": "e4m3"}
     config["dtype"] = "bfloat16"  # as DeepSeek-V3's config.json says of its FP8 checkpoint
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (root / "config.json").write_text(json.dumps(config))
+    assert quantized["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
+    return expected
 
+
+def test_fp8_block_scales_are_dequantised_on_load(tmp_path):
+    expected = _fp8_checkpoint(tmp_path / "hf")
     assert next(load_pretrained(tmp_path / "hf").parameters()).dtype == torch.bfloat16
     model = load_pretrained(tmp_path / "hf", dtype=torch.float32)
     reference_dir = tmp_path / "dequantized"
     reference_dir.mkdir()
     save_file(expected, reference_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
     del config["quantization_config"]
     (reference_dir / "config.json").write_text(json.dumps(config))
     reference = load_pretrained(reference_dir, dtype=torch.float32)
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
-    assert quantized["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn
 
 
 def test_dtype_and_device_arguments(tmp_path):
@@ -226,6 +233,25 @@ def test_shape_mismatch_names_file_and_key(saved):
         load_pretrained(saved)
 
 
+@pytest.mark.parametrize("claimed", [1, 3, 10**3])
+def test_layer_count_is_compared_with_the_checkpoint_before_building(saved, monkeypatch, claimed):
+    monkeypatch.setattr("smoe.interop.hf.build_model", lambda *a: pytest.fail("built before the layer count check"))
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "num_hidden_layers": claimed}))
+    with pytest.raises(ValueError, match=rf"config\.json: describes {claimed} layers, but .*model\.safetensors "
+                                         r"holds 2 \(model\.layers\.<i>\.\* keys\)"):
+        load_pretrained(saved)
+
+
+def test_mtp_layer_counts_towards_the_checkpoint_layers(tmp_path):
+    ours = build_model(presets.get("deepseek-v3-tiny", n_layers=2))
+    save_pretrained(ours, tmp_path / "hf", model_type="deepseek_v3")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ValueError, match=r"describes 2 layers, but .* holds 3"):  # the MTP layer is not announced
+        load_pretrained(tmp_path / "hf")
+
+
 def test_truncated_shard_names_file_and_key(saved):
     file = saved / "model.safetensors"
     data = file.read_bytes()
@@ -268,22 +294,116 @@ def test_export_names_what_a_family_cannot_express(tmp_path):
     assert torch.equal(load_pretrained(tmp_path / "ours").embed.weight, model.embed.weight)
 
 
-# --- the streaming safetensors reader and writer -----------------------------------------------------------------
+def test_export_leaves_nothing_behind_when_it_fails(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("smoe.interop.hf._write_shards", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(build_model(presets.get("mixtral-tiny", n_layers=1)), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_stream_writer_and_reader_agree_with_the_safetensors_package(tmp_path):
-    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
-               "d": torch.randn(2, 2).to(torch.float8_e4m3fn), "e": torch.zeros(0, 3), "f": torch.tensor(2.5)}
-    def same(a, b):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                         b.reshape(-1).view(torch.uint8))
+# --- untrusted indexes, shards and fp8 scales: refused on the headers, before a model is built -------------------
 
-    write_safetensors(tmp_path / "ours.safetensors", tensors.items(), {"format": "pt"})
-    loaded = load_file(tmp_path / "ours.safetensors")
-    assert loaded.keys() == tensors.keys() and all(same(loaded[k], tensors[k]) for k in tensors)
-    save_file(tensors, tmp_path / "theirs.safetensors")
-    with SafetensorsFile(tmp_path / "theirs.safetensors") as f:
-        assert sorted(f.keys()) == sorted(tensors)
-        for name in f.keys():
-            assert same(f.view(name), tensors[name]), name
-            f.release(name)
+
+@pytest.fixture
+def sharded(tmp_path, monkeypatch):
+    """A sharded Mixtral checkpoint; building a model from it fails the test (every check runs before)."""
+    _hf_model("mixtral").save_pretrained(tmp_path, max_shard_size="4MB")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built before the checkpoint was checked")
+
+    monkeypatch.setattr("smoe.interop.hf.empty_model", no_build)
+    return tmp_path
+
+
+def _edit_index(root, edit):
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    edit(index["weight_map"])
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _shards(root) -> list[str]:
+    return sorted(set(json.loads((root / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+@pytest.mark.parametrize("weight_map", [["a"], {"lm_head.weight": 3}, None])
+def test_index_weight_map_must_map_names_to_files(sharded, weight_map):
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"index\.json: weight_map must be an object mapping tensor names"):
+        load_pretrained(sharded)
+
+
+def test_index_that_is_not_an_object_is_refused(sharded):
+    (sharded / "model.safetensors.index.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"index\.json: expected an object at the top level"):
+        load_pretrained(sharded)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors",
+                                   "link.safetensors"])
+def test_index_shards_must_stay_inside_the_model_directory(sharded, shard):
+    outside = sharded.parent / "outside.safetensors"
+    outside.write_bytes((sharded / _shards(sharded)[0]).read_bytes())
+    (sharded / "link.safetensors").symlink_to(outside)
+    _edit_index(sharded, lambda m: m.update({"lm_head.weight": shard}))
+    with pytest.raises(ValueError, match=rf"index\.json: weight_map\['lm_head.weight'\] = '{shard}' is not a file "
+                                         "inside"):
+        load_pretrained(sharded)
+
+
+def test_shard_may_not_hold_a_key_the_index_maps_to_another_shard(sharded):
+    first, second = _shards(sharded)[:2]
+    theirs = load_file(sharded / second)
+    name = next(iter(theirs))
+    _rewrite(sharded / first, lambda t: t.update({name: torch.zeros_like(theirs[name])}))
+    with pytest.raises(ValueError, match=rf"{first}: holds key '{name}', which .*index\.json maps to {second}"):
+        load_pretrained(sharded)
+
+
+def test_shard_may_not_hold_a_key_the_index_does_not_list(sharded):
+    first = _shards(sharded)[0]
+    _rewrite(sharded / first, lambda t: t.update({"model.layers.0.mystery.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=rf"{first}: holds key 'model.layers.0.mystery.weight', which .*index\.json "
+                                         "does not list"):
+        load_pretrained(sharded)
+
+
+@pytest.fixture
+def fp8(tmp_path, monkeypatch):
+    _fp8_checkpoint(tmp_path)
+    monkeypatch.setattr("smoe.interop.hf.empty_model", lambda *a: pytest.fail("built before the checks"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("block", [[0, 32], [32], [32, 32, 32], [True, 32], [32.0, 32], "32"])
+def test_fp8_block_size_must_be_two_positive_integers(fp8, block):
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = block
+    (fp8 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: quantization_config\.weight_block_size must be two "
+                                         "positive integers"):
+        load_pretrained(fp8)
+
+
+_KV_B = "model.layers.1.self_attn.kv_b_proj.weight"
+
+
+def test_fp8_weight_without_its_scale_is_refused(fp8):
+    _rewrite(fp8 / "model.safetensors", lambda t: t.pop(_KV_B + "_scale_inv"))
+    with pytest.raises(ValueError, match=rf"model\.safetensors: {_KV_B} is fp8 without {_KV_B}_scale_inv"):
+        load_pretrained(fp8)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype"])
+def test_fp8_scale_must_have_one_float_per_block(fp8, change):
+    def edit(t):
+        scale = t[_KV_B + "_scale_inv"]
+        t[_KV_B + "_scale_inv"] = scale[:, :-1].contiguous() if change == "shape" else scale.to(torch.int32)
+
+    _rewrite(fp8 / "model.safetensors", edit)
+    with pytest.raises(ValueError, match=rf"model\.safetensors: {_KV_B}_scale_inv has shape .* expected "
+                                         r"\[\d+, \d+\] \(one scale per 32x32 block"):
+        load_pretrained(fp8)

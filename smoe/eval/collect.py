@@ -14,8 +14,8 @@ import numpy as np
 
 from smoe.eval.analysis import analyze
 from smoe.eval.suite import Arch, CompareSettings, read_rows, read_summary, run_dir
-from smoe.io.tokenizer import load_tokenizer
 from smoe.io.checkpoint import list_checkpoints, load_model
+from smoe.io.tokenizer import load_tokenizer
 from smoe.train.data import prepare_data, val_sequences
 
 

@@ -17,10 +17,18 @@ from pathlib import Path
 
 from smoe.errors import TrainingError
 from smoe.eval.report import write_report
-from smoe.eval.suite import (Arch, CompareSettings, check_matched, fingerprint, finished, read_summary, resolve_suite,
-                             run_dir, suite_definition)
+from smoe.eval.suite import (
+    Arch,
+    CompareSettings,
+    check_matched,
+    fingerprint,
+    finished,
+    read_summary,
+    resolve_suite,
+    run_dir,
+    suite_definition,
+)
 from smoe.io.files import read_json, write_json
-
 
 RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
 

@@ -13,9 +13,10 @@ and the per-expert names that are stacked into our ``w_gate_up (E, 2F, D)`` (gat
 
 Loading never holds a second copy of the weights: the model is built on the meta device, allocated empty, and
 filled tensor by tensor from memory-mapped files whose pages are released after each copy
-(``smoe.interop.safetensors_stream``). Every check that can fail (files, keys, shapes, dtypes) runs on the headers
-before a byte of weights is read, so a bad checkpoint raises one error naming the file and the key and nothing is
-half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block scales) are dequantised on load.
+(``smoe.io.safetensors``). Every check that can fail (the index, files, keys, layer count, shapes, dtypes,
+fp8 block scales) runs on the headers before a byte of weights is read, so a bad checkpoint raises one error naming
+the file and the key and nothing is half-loaded. FP8 checkpoints (DeepSeek-V3's ``weight_scale_inv`` 128x128 block
+scales) are dequantised on load.
 
 Legend: E routed experts, F expert hidden dim, D model dim.
 """
@@ -23,9 +24,7 @@ Legend: E routed experts, F expert hidden dim, D model dim.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,14 +34,14 @@ import torch
 
 from smoe.config import ModelConfig
 from smoe.interop.hf_config import FAMILIES, TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
-from smoe.interop.safetensors_stream import SafetensorsFile, write_safetensors
+from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
+from smoe.io.files import atomic_directory, check_fresh_dir, read_json
+from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
-from smoe.io.checkpoint import empty_model, load_model
 from smoe.models import Transformer, build_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SMOE_MODEL_FILE = "model.safetensors"  # a smoe checkpoint's weights, under our own names
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -249,15 +248,19 @@ class _Checkpoint:
 def _open_checkpoint(root: Path) -> _Checkpoint:
     index = root / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{index}: unreadable index ({type(err).__name__}: {err})") from None
+        weight_map = _read_weight_map(index, root)
         files = {}
         for file in sorted(set(weight_map.values())):
             if not (root / file).is_file():
                 raise ValueError(f"{root / file}: missing shard (listed in {index})")
             files[file] = SafetensorsFile(root / file)
+            # The index alone says where each tensor is: a shard holding a key it maps elsewhere (or not at all)
+            # would otherwise shadow the listed tensor, depending on which shard happens to be read last.
+            for name in files[file].keys():
+                if name not in weight_map:
+                    raise ValueError(f"{root / file}: holds key {name!r}, which {index} does not list")
+                if weight_map[name] != file:
+                    raise ValueError(f"{root / file}: holds key {name!r}, which {index} maps to {weight_map[name]}")
         for name, file in weight_map.items():
             if name not in files[file].keys():
                 raise ValueError(f"{root / file}: missing key {name!r} (listed in {index})")
@@ -270,8 +273,24 @@ def _open_checkpoint(root: Path) -> _Checkpoint:
     raise ValueError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
-def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor]) -> dict[str, list[Piece]]:
-    """Check every piece against the headers; returns the pieces to load, by Hugging Face name."""
+def _read_weight_map(index: Path, root: Path) -> dict[str, str]:
+    """The index's tensor -> shard map; each shard a file inside ``root`` (the index is untrusted: a name such as
+    ``../../x`` or ``/etc/x``, or a link out of the directory, must not make us open files elsewhere)."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
+    inside = root.resolve()
+    for name, file in weight_map.items():
+        shard = Path(file)
+        if shard.is_absolute() or ".." in shard.parts or not (root / shard).resolve().is_relative_to(inside):
+            raise ValueError(f"{index}: weight_map[{name!r}] = {file!r} is not a file inside {root}")
+    return weight_map
+
+
+def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor],
+          fp8_block: tuple[int, int] | None = None) -> dict[str, list[Piece]]:
+    """Check every piece against the headers (fp8 weights against their block scales, ``fp8_block`` tiles each);
+    returns the pieces to load, by Hugging Face name."""
     by_name: dict[str, list[Piece]] = defaultdict(list)
     for p in pieces:
         by_name[p.hf].append(p)
@@ -287,12 +306,30 @@ def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor]
             if got != want:
                 raise ValueError(f"{ckpt.describe(name)}: {name} has shape {list(shape)}, which does not fit "
                                  f"{p.ours} {list(want)} of the model config.json describes")
+        if dtype.itemsize == 1:
+            _check_fp8_scale(ckpt, name, fp8_block)
     consumed = set(by_name) | {n + "_scale_inv" for n in by_name if ckpt.dtype(n).itemsize == 1}
     for name in ckpt.where:
         if name not in consumed and not _IGNORED.match(name):
             raise ValueError(f"{ckpt.describe(name)}: unexpected key {name!r} (not part of the model "
                              "config.json describes)")
     return {name: [p for p in group if p.load] for name, group in by_name.items()}
+
+
+def _check_fp8_scale(ckpt: _Checkpoint, name: str, block: tuple[int, int] | None) -> None:
+    """An fp8 weight needs its ``_scale_inv``: one float scale per ``block`` tile, the last tiles ragged."""
+    scale = name + "_scale_inv"
+    shape = ckpt.shape(name)
+    if block is None or len(shape) != 2:
+        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 with shape {list(shape)}; only 2-d weights of a "
+                         "checkpoint with block scales can be fp8")
+    if scale not in ckpt.where:
+        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 without {scale}")
+    want = [-(-shape[0] // block[0]), -(-shape[1] // block[1])]
+    if list(ckpt.shape(scale)) != want or not ckpt.dtype(scale).is_floating_point:
+        raise ValueError(f"{ckpt.describe(scale)}: {scale} has shape {list(ckpt.shape(scale))} and dtype "
+                         f"{ckpt.dtype(scale)}; expected {want} (one scale per {block[0]}x{block[1]} block of "
+                         f"{list(shape)}) of a float dtype")
 
 
 def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -304,11 +341,17 @@ def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, 
 
 def _fp8_block(hf: dict, source: str) -> tuple[int, int]:
     quant = hf.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise ValueError(f"{source}: quantization_config must be an object, got {quant!r}")
     if quant.get("quant_method", "fp8") != "fp8":
         raise ValueError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported (fp8 "
                          "block scales only)")
     block = quant.get("weight_block_size") or [128, 128]
-    return int(block[0]), int(block[1])
+    if not (isinstance(block, list) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"{source}: quantization_config.weight_block_size must be two positive integers, got "
+                         f"{block!r}")
+    return block[0], block[1]
 
 
 def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
@@ -332,14 +375,12 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
                     scales[name] = f.view(name).clone()
     for file, header in ckpt.files.items():
         with header as f:
-            for name in header.keys():
+            for name in header.keys():  # file order; _open_checkpoint made sure the index maps each one to this file
                 group = plan.get(name)
                 if not group:
                     continue
                 src = f.view(name)
-                if src.dtype.itemsize == 1 and src.dtype.is_floating_point:
-                    if name + "_scale_inv" not in scales:
-                        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 without {name}_scale_inv")
+                if src.dtype.itemsize == 1 and src.dtype.is_floating_point:  # scale checked by _plan
                     src = _dequantize_fp8(src, scales[name + "_scale_inv"], fp8_block)
                 for p in group:
                     state[p.ours][p.index].copy_(p.source(src))
@@ -355,18 +396,20 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     device = torch.device(device or "cpu")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
-    hf = _read_json(path / "config.json") if (path / "config.json").is_file() else None
+    hf = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if hf is None or "model_type" not in hf:
         return load_model(path, dtype, device)[0]
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
     ckpt = _open_checkpoint(path)
     config = _with_present_mtp(config, hf["model_type"], ckpt)
+    _check_layer_count(config, hf["model_type"], ckpt, str(path / "config.json"))
+    fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
+    fp8_block = _fp8_block(hf, str(path / "config.json")) if fp8 else None
     with torch.device("meta"):
         state = build_model(config).state_dict()
-    plan = _plan(ckpt, _pieces(config, hf["model_type"], state), state)
-    fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
+    plan = _plan(ckpt, _pieces(config, hf["model_type"], state), state, fp8_block)
     model = empty_model(config, dtype or _hf_dtype(hf, ckpt), device)
-    _fill(model, ckpt, plan, _fp8_block(hf, str(path / "config.json")) if fp8 else None)
+    _fill(model, ckpt, plan, fp8_block)
     return model.eval()
 
 
@@ -382,14 +425,17 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
     return replace(config, layout=replace(config.layout, n_mtp_modules=present))
 
 
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a readable JSON file ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return data
+def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, source: str) -> None:
+    """config.json's layer count against the checkpoint's (its highest layer index), before a model of the claimed
+    size is built: a small file may claim far more layers than the weights hold."""
+    before, _, after = KEY_MAPS[model_type].layer.partition("{i}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+    held = 1 + max((int(m.group(1)) for name in ckpt.where if (m := pattern.match(name))), default=-1)
+    mtp = config.layout.n_mtp_modules
+    if held != config.n_layers + mtp:
+        extra = f" + {mtp} multi-token prediction" if mtp else ""
+        raise ValueError(f"{source}: describes {config.n_layers}{extra} layers, but {ckpt.listing} holds {held} "
+                         f"({before}<i>{after}* keys)")
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -424,28 +470,20 @@ def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | No
     config = model.config
     model_type = model_type or infer_model_type(config)
     hf_config = config_to_hf(config, model_type)  # raises naming the field the family cannot express
-    out = _fresh_dir(out)
+    out = check_fresh_dir(out)  # before the export work; atomic_directory checks again when it starts
     state = {k: v.detach() for k, v in model.state_dict().items()}
     tensors = _export_tensors(_pieces(config, model_type, state), state)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     hf_config.update(architectures=[_ARCHITECTURES[model_type]], dtype=str(dtype).removeprefix("torch."))
     eos = _special_ids(tokenizer_json)
     hf_config.update(eos)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:  # plain writes inside: the directory fsyncs every file before it appears
         _write_shards(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **eos}, indent=2))
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json)
             (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json), indent=2))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -492,7 +530,7 @@ def _write_shards(root: Path, tensors: list[tuple[str, torch.Tensor]], max_shard
 
 
 def _special_ids(tokenizer_json: str | None) -> dict[str, int]:
-    """bos/eos ids from our tokenizer's ``<|endoftext|>`` (it both separates and ends documents)."""
+    """bos/eos ids from our tokenizer's EOS token (it both separates and ends documents)."""
     if tokenizer_json is None:
         return {}
     for token in json.loads(tokenizer_json).get("added_tokens", []):
@@ -508,35 +546,19 @@ def _tokenizer_config(tokenizer_json: str) -> dict:
     return config
 
 
-def _fresh_dir(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out}: exists and is not empty; choose a new directory (nothing was written)")
-    return out
-
-
 # --- smoe checkpoints --------------------------------------------------------------------------------------------
 
 
 def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: str | None = None) -> Path:
     """Write ``model`` as a smoe model checkpoint (``model.safetensors`` under our names + ``config.json``), which
     ``smoe eval``, ``analyze`` and ``generate`` read. Streams, and appears only once complete."""
-    out = _fresh_dir(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as tmp:
         state = [(k, v.detach()) for k, v in model.state_dict().items()]
-        write_safetensors(tmp / SMOE_MODEL_FILE, state, {"format": "pt"})
+        write_safetensors(tmp / MODEL_FILE, state, {"format": "pt"})
         (tmp / "config.json").write_text(model.config.to_json())
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 __all__ = ["KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",

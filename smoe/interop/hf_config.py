@@ -14,12 +14,12 @@ per layer and per assignment, so it maps unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig, RopeScaling
+from smoe.io.files import read_json
 
 
 class _Reader:
@@ -102,7 +102,7 @@ def _activation(act: str, source: str) -> str:
 
 def _with_hf_aux(config: ModelConfig, hf_coef: float) -> ModelConfig:
     """Set aux_loss_coef from transformers' pooled Switch loss coefficient (see the module docstring)."""
-    n_moe = max(len(config.moe_layer_ids), 1)
+    n_moe = max(config.n_moe_layers, 1)
     return replace(config, moe=replace(config.moe, aux_loss_coef=hf_coef * config.moe.top_k / n_moe))
 
 
@@ -309,6 +309,42 @@ FAMILIES: dict[str, Callable[[_Reader], ModelConfig]] = {
 TRANSFORMERS_FAMILIES = tuple(t for t in FAMILIES if t not in ("deepseek", "kimi_k2"))  # built into transformers
 
 
+# Upper bounds on the integers of a config.json, checked before anything is built from them: some work (the layer
+# lists of a layout, the pieces of a checkpoint, a model on the meta device) grows with them, so a tiny file claiming
+# 10^9 layers must be refused, not obeyed. Each bound is many times the largest published model's (about 128 layers,
+# Kimi K2's 384 routed experts, 16384-wide models and 53248-wide FFNs, vocabularies of 256k, contexts of 10M tokens),
+# so no plausible model hits one. DBRX nests some of its keys in attn_config / ffn_config; rope_scaling holds one.
+_LAYERS, _EXPERTS, _WIDTH, _VOCAB, _POSITIONS = 1024, 2**16, 2**20, 2**24, 2**24
+_BOUNDS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layers", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
+                     "num_nextn_predict_layers", "num_mtp_layers"), _LAYERS),
+    **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
+                     "moe_top_k", "n_shared_experts", "n_group", "topk_group", "num_attention_heads", "n_heads",
+                     "num_key_value_heads", "kv_n_heads"), _EXPERTS),
+    **dict.fromkeys(("hidden_size", "d_model", "intermediate_size", "moe_intermediate_size", "ffn_hidden_size",
+                     "shared_expert_intermediate_size", "head_dim", "rotary_dim", "q_lora_rank", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), _WIDTH),
+    "vocab_size": _VOCAB,
+    **dict.fromkeys(("max_position_embeddings", "max_seq_len", "sliding_window", "original_max_position_embeddings"),
+                    _POSITIONS),
+}
+
+
+def _check_bounds(hf: dict[str, Any], source: str) -> None:
+    """Every bounded key present (at the top level or one object down) is an integer in [0, bound]."""
+    nested = [(f"{key}.", value) for key, value in hf.items() if isinstance(value, dict)]
+    for prefix, data in [("", hf), *nested]:
+        for key, bound in _BOUNDS.items():
+            value = data.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{source}: {prefix}{key} must be an integer, got {value!r}")
+            if not 0 <= value <= bound:
+                raise ValueError(f"{source}: {prefix}{key} = {value} is outside [0, {bound}], the bound smoe "
+                                 "checks before building anything from it")
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Map a Hugging Face config dict onto a validated ModelConfig; errors name ``source`` and the key."""
     if not isinstance(hf, dict):
@@ -316,6 +352,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     model_type = hf.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(f"{source}: unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    _check_bounds(hf, source)
     try:
         return FAMILIES[model_type](_Reader(hf, source)).validate()
     except ValueError as err:
@@ -332,11 +369,7 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{file}: no such file" + (" (a directory without config.json)" if path.is_dir() else ""))
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file}: not a readable JSON config ({err})") from None
-    return config_from_hf(data, str(file))
+    return config_from_hf(read_json(file), str(file))
 
 
 # --- ModelConfig -> config.json ----------------------------------------------------------------------------------
@@ -404,7 +437,7 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
         raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
     out = _base_out(c, model_type)
     # transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099999...
-    hf_aux = float(f"{m.aux_loss_coef * max(len(c.moe_layer_ids), 1) / m.top_k:.12g}")
+    hf_aux = float(f"{m.aux_loss_coef * max(c.n_moe_layers, 1) / m.top_k:.12g}")
     plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
     softmax_plain = m.score_func == "softmax" and m.n_group == 1 and m.routed_scaling_factor == 1.0
     no_shared = m.n_shared_experts == 0
@@ -428,7 +461,8 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
                    intermediate_size=c.ffn_dim,
                    moe_intermediate_size=m.expert_dim, num_experts=m.n_routed_experts, num_experts_per_tok=k,
                    norm_topk_prob=m.norm_topk_prob, router_aux_loss_coef=hf_aux,
-                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(c.n_layers) if i not in c.moe_layer_ids],
+                   decoder_sparse_step=1,
+                   mlp_only_layers=[i for i in range(c.n_layers) if not (c.moe is not None and lay.is_moe(i))],
                    use_sliding_window=c.attention.sliding_window is not None,
                    sliding_window=c.attention.sliding_window)
         if qwen2:

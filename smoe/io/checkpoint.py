@@ -40,8 +40,7 @@ import torch
 
 from smoe.config import ModelConfig
 from smoe.io.files import fsync, read_json, sha256_file
-from smoe.interop.safetensors_stream import SafetensorsFile  # MERGE: smoe.io.safetensors
-from safetensors.torch import load_file as _load_file  # MERGE: smoe.io.safetensors.load_tensors
+from smoe.io.safetensors import SafetensorsFile, load_tensors
 from smoe.models import Transformer, build_model
 from smoe.nn.rope import RotaryEmbedding
 
@@ -231,7 +230,7 @@ def read_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     path = Path(path)
     single = path / f"{kind}.safetensors"
     if single.is_file():
-        return _load_file(str(single))
+        return load_tensors(single)
     n = shard_count(path)
     if n is None:
         raise ValueError(f"{path}: holds neither {single.name} nor a complete set of {kind}-ep*-of-N files")
@@ -239,7 +238,7 @@ def read_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
     pieces: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
     for r in range(n):
         file = path / f"{kind}-ep{r}-of-{n}.safetensors"
-        tensors = _load_file(str(file))
+        tensors = load_tensors(file)
         ranges = _shard_ranges(file)
         for key, tensor in tensors.items():
             if key in ranges:

@@ -30,8 +30,15 @@ import importlib.util
 
 import torch
 
-from smoe.kernels.registry import _AVAILABLE, _BACKENDS, _FUSED, ExpertBackend, native_low_precision, register, \
-    register_fused
+from smoe.kernels.registry import (
+    _AVAILABLE,
+    _BACKENDS,
+    _FUSED,
+    ExpertBackend,
+    native_low_precision,
+    register,
+    register_fused,
+)
 
 __all__ = ["ExpertBackend", "available", "choose", "expert_selector", "get", "get_fused", "names",
            "native_low_precision", "register", "register_fused", "resolve"]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels.registry import native_low_precision, register
 from smoe.kernels.activation import act, gated_act_backward
+from smoe.kernels.registry import native_low_precision, register
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

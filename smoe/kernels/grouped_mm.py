@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels.registry import register
 from smoe.kernels.reference import reference_experts
+from smoe.kernels.registry import register
 from smoe.nn.mlp import gated_act
 
 

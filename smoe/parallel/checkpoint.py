@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from smoe.io.checkpoint import (
     MODEL_FILE,
     check_intact,
@@ -18,6 +16,7 @@ from smoe.io.checkpoint import (
     write_manifest,
 )
 from smoe.io.files import atomic_directory
+from smoe.io.safetensors import save_tensors
 
 
 def sharded_checkpoint(path: str | Path) -> Path | None:
@@ -36,8 +35,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     path = check_intact(resolve_checkpoint(path))
     with atomic_directory(out) as tmp:
         for kind in ("model", "optimizer"):
-            save_file({k: v.contiguous() for k, v in read_tensors(path, kind).items()},
-                      str(tmp / f"{kind}.safetensors"))
+            save_tensors(tmp / f"{kind}.safetensors", read_tensors(path, kind))
         for name in ("state.json", "config.json", "tokenizer.json"):
             if (path / name).is_file():
                 shutil.copyfile(path / name, tmp / name)

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.distributed.device_mesh import DeviceMesh
 
 from smoe.config import ModelConfig
@@ -28,6 +27,7 @@ from smoe.io.checkpoint import (
     take_slices,
 )
 from smoe.io.files import read_json
+from smoe.io.safetensors import save_tensors
 
 
 def save_checkpoint(
@@ -43,8 +43,8 @@ def save_checkpoint(
     """Write a checkpoint atomically and prune all but the newest ``keep_last``. Returns its directory."""
     tmp = begin_checkpoint(out_dir, step)
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-    save_file(model_tensors(model), str(tmp / "model.safetensors"))
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    save_tensors(tmp / "model.safetensors", model_tensors(model))
+    save_tensors(tmp / "optimizer.safetensors", opt_tensors)
     return publish_checkpoint(tmp, out_dir, step, _texts(step, opt_meta, config, state, tokenizer_json), keep_last)
 
 
@@ -70,7 +70,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Modu
                                       ("optimizer", opt_tensors, opt_shards)):
             mine = {k: v for k, v in tensors.items() if k in ranges or ep_rank == 0}
             meta = {"shards": json.dumps({k: ranges[k] for k in mine if k in ranges})}
-            save_file(mine, str(tmp / f"{kind}-ep{ep_rank}-of-{ep_size}.safetensors"), metadata=meta)
+            save_tensors(tmp / f"{kind}-ep{ep_rank}-of-{ep_size}.safetensors", mine, meta)
     dist.barrier()
     final = Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
     if dist.get_rank() == 0:
