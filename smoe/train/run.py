@@ -36,7 +36,7 @@ from smoe.train.rundir import RunDirectory
 
 def resolve_model_config(model: str | ModelConfig, overrides: dict[str, Any] | None = None) -> ModelConfig:
     config = presets.get(model) if isinstance(model, str) else model
-    return override(config, overrides) if overrides else config.validate()
+    return override(config, overrides) if overrides else config  # checked_configs validates it
 
 
 def train_model(
