@@ -87,6 +87,8 @@ def parse_assignments(items: list[str]) -> dict:
             result[key] = json.loads(raw)
         except json.JSONDecodeError:
             result[key] = raw
+        except RecursionError:
+            raise ValueError(f"--set {key}: the value is nested too deep") from None
     return result
 
 

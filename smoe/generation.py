@@ -13,12 +13,12 @@ Legend: B batch (prompts), T prompt length (padded), N new tokens, V vocabulary.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import Transformer
 
@@ -138,12 +138,14 @@ def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:
     else the tokenizer's ``<|endoftext|>`` (what ``smoe train`` ends documents with); [] when neither knows."""
     for name in ("generation_config.json", "config.json"):
         file = Path(directory) / name
-        try:
-            eos = json.loads(file.read_text()).get("eos_token_id")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        if not file.is_file():
             continue
-        if eos is not None:
-            return [eos] if isinstance(eos, int) else list(eos)
+        eos = read_json(file).get("eos_token_id")
+        ids = [eos] if isinstance(eos, int) else eos
+        if ids is not None:
+            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+                raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+            return ids
     if tokenizer is not None:
         eos_id = tokenizer.token_to_id(EOS)
         if eos_id is not None:
