@@ -87,8 +87,7 @@ class CompareSettings:
     def validate(self) -> "CompareSettings":
         self.train.validate()
         self.data.validate()
-        for name, value in (("eval_every", self.train.eval_every), ("seeds", self.seeds),
-                            ("checkpoints", self.checkpoints)):
+        for name, value in (("seeds", self.seeds), ("checkpoints", self.checkpoints)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         return self
