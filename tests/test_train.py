@@ -174,13 +174,15 @@ def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys
     assert set(result["layers"]) == {"0", "1"} and result["saturation"]["3"] <= 1.0
 
 
-def test_auto_precision_resolves_to_bf16_only_where_it_is_native(text, tmp_path):
-    from smoe import kernels
+def test_auto_precision_resolves_to_bf16_only_where_it_is_faster(text, tmp_path, monkeypatch):
     from smoe.train.loop import resolve_precision
 
     cpu = torch.device("cpu")
-    native = kernels.native_low_precision(torch.bfloat16)
-    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    for amx in (False, True):  # AVX512-BF16 without AMX trains slower in bf16 than in fp32
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr("smoe.kernels.native_low_precision", lambda dtype: True)
+        assert resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
+    monkeypatch.undo()
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
     _train(tmp_path / "run", text, tmp_path, steps=1, precision="auto", log=lambda m: None)
     saved = json.loads((tmp_path / "run" / "run.json").read_text())["train_config"]["precision"]
