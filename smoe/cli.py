@@ -318,9 +318,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
         args = [a for a in typing.get_args(kind) if a is not type(None)]
         if typing.get_origin(kind) is typing.Literal:
             options["choices"] = list(typing.get_args(kind))
+        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: comma-separated on the command line
+            options.update(type=_numbers(args[0]), metavar="A,B,...")
+            kind = None
         elif args:  # X | None
             kind = args[0]
-        parser.add_argument(flag(f.name), type=kind if kind in (int, float) else str, **options)
+        parser.add_argument(flag(f.name), **{"type": kind if kind in (int, float) else str, **options})
+
+
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
 
 
 def _given(args: argparse.Namespace, cls) -> dict:
@@ -380,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", help="or: comma-separated presets to compare (matched within 5%% active params)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))
     add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=("seeds",))
+    add_config_arguments(p, CompareSettings, only=("seeds", "tune_lr"))
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)

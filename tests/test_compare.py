@@ -147,3 +147,33 @@ def test_a_complete_last_metrics_line_that_is_not_json_is_not_taken_for_torn(tmp
     (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 2}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: expected an object"):
         read_rows(tmp_path)
+
+
+def test_tune_lr_trains_each_rate_once_and_every_seed_at_the_best(tmp_path, monkeypatch):
+    from smoe.eval import compare
+    from smoe.eval.suite import read_learning_rates, run_dir, tune_dir
+
+    rng = np.random.default_rng(0)
+    words = "a red fox ran to the big tree and saw one small bird sing".split()
+    (tmp_path / "a.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words, 60)) for _ in range(40)))
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compare, "write_report", lambda out, *a, **k: out / "report.html")  # not under test here
+    arch = Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})
+    monkeypatch.setitem(SUITES, "tune-suite", [arch, Arch("moe2", "mixtral-style", {**TINY, "moe.expert_dim": 16})])
+    settings = CompareSettings(train=TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, eval_batches=2,
+                                                 precision="fp32"),
+                               data=DataConfig(data=str(tmp_path / "a.txt")), seeds=2, checkpoints=1,
+                               tune_lr=(1e-5, 1e-2))
+    out = tmp_path / "suite"
+    compare.run_suite("tune-suite", None, settings, out, log=lambda m: None, jobs=2)
+
+    table = read_learning_rates(out)["moe"]
+    tried = {float(lr): loss for lr, loss in table["tried"].items()}
+    assert set(tried) == {1e-5, 1e-2} and table["chosen"] == min(tried, key=tried.get) == 1e-2  # 3 steps at 1e-5
+    for seed in (0, 1):
+        saved = json.loads((run_dir(out, arch, seed) / "run.json").read_text())["train_config"]
+        assert saved["lr"] == table["chosen"] and saved["seed"] == seed
+    best = json.loads((tune_dir(out, arch, 1e-2) / "summary.json").read_text())
+    seed0 = json.loads((run_dir(out, arch, 0) / "summary.json").read_text())
+    assert seed0["final_eval"] == best["final_eval"]  # the tuning run is the seed-0 run, not trained twice
+    assert seed0["checkpoint"].startswith(str(run_dir(out, arch, 0)))

@@ -9,6 +9,7 @@ continue from their last checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from smoe.errors import TrainingError
 from smoe.eval.report import write_report
 from smoe.eval.suite import (
+    LR_FILE,
     Arch,
     CompareSettings,
     check_matched,
@@ -27,19 +29,87 @@ from smoe.eval.suite import (
     resolve_suite,
     run_dir,
     suite_definition,
+    tune_dir,
 )
 from smoe.io.files import read_json, write_json
+from smoe.train.config import TrainConfig
 
 RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
 
 
-def _train_command(arch: Arch, settings: CompareSettings, seed: int, path: Path, resume: bool) -> list[str]:
+def _train_command(arch: Arch, config: TrainConfig, settings: CompareSettings, path: Path, resume: bool
+                   ) -> list[str]:
     """Write the run's configs to ``path/run-config.json`` and return the ``smoe train --config`` that runs it."""
-    config = path / RUN_CONFIG_FILE
-    write_json(config, {"model_config": arch.config().to_dict(), "train_config": asdict(settings.run_config(seed)),
-                        "data_config": asdict(settings.data)})
-    cmd = [sys.executable, "-m", "smoe", "train", "--config", str(config), "--out", str(path), "--quiet"]
+    file = path / RUN_CONFIG_FILE
+    write_json(file, {"model_config": arch.config().to_dict(), "train_config": asdict(config),
+                      "data_config": asdict(settings.data)})
+    cmd = [sys.executable, "-m", "smoe", "train", "--config", str(file), "--out", str(path), "--quiet"]
     return cmd + ["--resume"] if resume else cmd
+
+
+# One child run: what the log calls it, its architecture, its TrainConfig and its directory.
+Job = tuple[str, Arch, TrainConfig, Path]
+
+
+def _train_all(jobs: list[Job], settings: CompareSettings, parallel: int, log) -> None:
+    """Train every job not finished earlier, ``parallel`` at a time; a failed child stops the others."""
+    pending = []
+    for job in jobs:
+        if finished(job[3], settings.train.steps):
+            log(f"{job[0]}: done earlier")
+        else:
+            pending.append(job)
+    running: list[tuple[subprocess.Popen, Job, float]] = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            job = pending.pop(0)
+            name, arch, config, path = job
+            resume = (path / "run.json").is_file()
+            log(f"{name}: training {config.steps} steps{' (resuming)' if resume else ''}")
+            path.mkdir(parents=True, exist_ok=True)
+            with open(path / "train.log", "w") as stderr:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(_train_command(arch, config, settings, path, resume),
+                                        stdout=subprocess.DEVNULL, stderr=stderr,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            running.append((proc, job, time.time()))
+        time.sleep(0.2)
+        for item in [r for r in running if r[0].poll() is not None]:
+            running.remove(item)
+            proc, (name, _, _, path), start = item
+            if proc.returncode != 0:
+                for other in running:
+                    other[0].kill()
+                tail = (path / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
+                raise TrainingError(f"{name} failed: {tail[0]} (log: {path / 'train.log'})")
+            summary = read_summary(path)
+            log(f"{name}: val loss {summary['final_eval']['val_loss']:.4f}, "
+                f"{summary['tokens_per_s']:.0f} tok/s, {time.time() - start:.0f}s")
+
+
+def _tune_learning_rates(out: Path, archs: list[Arch], settings: CompareSettings, parallel: int, log
+                         ) -> dict[str, float]:
+    """Train each architecture once (seed 0) at every ``tune_lr`` rate; the lowest final validation loss wins.
+    Records the losses and the choice in lr.json; the winning run becomes the architecture's seed-0 run."""
+    jobs = [(f"{arch.label} lr {lr:g}", arch, settings.run_config(0, lr), tune_dir(out, arch, lr))
+            for arch in archs for lr in settings.tune_lr]
+    _train_all(jobs, settings, parallel, log)
+    table, chosen = {}, {}
+    for arch in archs:
+        tried = {lr: read_summary(tune_dir(out, arch, lr))["final_eval"]["val_loss"] for lr in settings.tune_lr}
+        chosen[arch.label] = min(tried, key=tried.get)
+        table[arch.label] = {"tried": {f"{lr:g}": loss for lr, loss in tried.items()}, "chosen": chosen[arch.label]}
+        log(f"{arch.label}: learning rate {chosen[arch.label]:g} (validation loss "
+            + ", ".join(f"{loss:.4f} at {lr:g}" for lr, loss in tried.items()) + ")")
+        seed0 = run_dir(out, arch, 0)
+        if not finished(seed0, settings.train.steps):  # the same config and seed: that run, not a second one
+            shutil.rmtree(seed0, ignore_errors=True)
+            shutil.copytree(tune_dir(out, arch, chosen[arch.label]), seed0)
+            summary = read_summary(seed0)
+            summary["checkpoint"] = str(seed0 / Path(summary["checkpoint"]).relative_to(
+                tune_dir(out, arch, chosen[arch.label]).resolve()))
+            write_json(seed0 / "summary.json", summary)
+    write_json(out / LR_FILE, table)
+    return chosen
 
 
 def run_suite(suite: str | None, preset_list: str | None, settings: CompareSettings, out: str | Path,
@@ -62,36 +132,8 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     else:
         write_json(suite_file, {**definition, "fingerprint": fingerprint(definition), "matched": matched})
 
-    pending = []
-    for seed in range(settings.seeds):
-        for arch in archs:
-            path = run_dir(out, arch, seed)
-            if finished(path, settings.train.steps):
-                log(f"{arch.label} seed {seed}: done earlier")
-            else:
-                pending.append((arch, seed, path))
-    running: list[tuple[subprocess.Popen, Arch, int, Path, float]] = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            arch, seed, path = pending.pop(0)
-            resume = (path / "run.json").is_file()
-            log(f"{arch.label} seed {seed}: training {settings.train.steps} steps{' (resuming)' if resume else ''}")
-            path.mkdir(parents=True, exist_ok=True)
-            with open(path / "train.log", "w") as stderr:  # the child keeps its own copy of the descriptor
-                proc = subprocess.Popen(_train_command(arch, settings, seed, path, resume), stdout=subprocess.DEVNULL,
-                                        stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            running.append((proc, arch, seed, path, time.time()))
-        time.sleep(0.2)
-        for item in [r for r in running if r[0].poll() is not None]:
-            running.remove(item)
-            proc, arch, seed, path, start = item
-            if proc.returncode != 0:
-                for other in running:
-                    other[0].kill()
-                tail = (path / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
-                raise TrainingError(f"{arch.label} seed {seed} failed: {tail[0]} (log: {path / 'train.log'})")
-            summary = read_summary(path)
-            log(f"{arch.label} seed {seed}: val loss {summary['final_eval']['val_loss']:.4f}, "
-                f"{summary['tokens_per_s']:.0f} tok/s, {time.time() - start:.0f}s")
+    chosen = _tune_learning_rates(out, archs, settings, jobs, log) if settings.tune_lr else {}
+    _train_all([(f"{arch.label} seed {seed}", arch, settings.run_config(seed, chosen.get(arch.label)),
+                 run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in archs], settings, jobs, log)
 
     return write_report(out, name, archs, settings, matched, log=log)

@@ -83,6 +83,9 @@ class CompareSettings:
     data: DataConfig = field(default_factory=DataConfig)
     seeds: int = option(1, "seeds per architecture (3+ separates seed noise)")
     checkpoints: int = option(4, "checkpoints saved through each run, for the router-saturation analysis")
+    tune_lr: tuple[float, ...] = option(
+        (), "learning rates to try per architecture, e.g. 1e-3,2e-3,4e-3: each is trained once (seed 0) and the "
+            "one with the lowest validation loss trains every seed, so one shared rate does not decide the ranking")
 
     def validate(self) -> "CompareSettings":
         self.train.validate()
@@ -90,13 +93,17 @@ class CompareSettings:
         for name, value in (("seeds", self.seeds), ("checkpoints", self.checkpoints)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.tune_lr and (len(self.tune_lr) < 2 or len(set(self.tune_lr)) != len(self.tune_lr)
+                             or not all(isinstance(v, float) and 0 < v < float("inf") for v in self.tune_lr)):
+            raise ValueError(f"tune_lr: must be two or more different positive learning rates, got {self.tune_lr}")
         return self
 
-    def run_config(self, seed: int) -> TrainConfig:
-        """The TrainConfig of one run: the suite's, with the seed and evenly spaced checkpoints (no time-based
-        ones, so every architecture is analysed at the same steps)."""
-        return replace(self.train, seed=seed, save_every=max(1, self.train.steps // self.checkpoints),
-                       keep_last=self.checkpoints + 1, save_every_minutes=0.0)
+    def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:
+        """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate) and
+        evenly spaced checkpoints (no time-based ones, so every architecture is analysed at the same steps)."""
+        return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr,
+                       save_every=max(1, self.train.steps // self.checkpoints), keep_last=self.checkpoints + 1,
+                       save_every_minutes=0.0)
 
     def definition(self) -> dict[str, Any]:
         """What makes runs comparable, flat: the compare flags' fields, the data and the checkpoints, plus any other
@@ -110,6 +117,8 @@ class CompareSettings:
         kept.update(data=self.data.data, val_data=self.data.val_data, checkpoints=self.checkpoints)
         kept.update({f.name: getattr(self.data, f.name) for f in fields(DataConfig)
                      if f.name not in kept and getattr(self.data, f.name) != f.default})
+        if self.tune_lr:
+            kept["tune_lr"] = list(self.tune_lr)
         return kept
 
 
@@ -159,6 +168,19 @@ def fingerprint(definition: dict[str, Any]) -> str:
 
 def run_dir(out: Path, arch: Arch, seed: int) -> Path:
     return out / "runs" / arch.label / f"seed{seed}"
+
+
+def tune_dir(out: Path, arch: Arch, lr: float) -> Path:
+    """Where ``--tune-lr`` trains ``arch`` at ``lr`` (seed 0)."""
+    return out / "tune" / arch.label / f"lr{lr:g}"
+
+
+LR_FILE = "lr.json"  # per architecture: the validation loss at each tried learning rate, and the one chosen
+
+
+def read_learning_rates(out: Path) -> dict[str, dict[str, Any]] | None:
+    """``lr.json`` of a suite that tuned its learning rates: {label: {"tried": {lr: val_loss}, "chosen": lr}}."""
+    return read_json(out / LR_FILE) if (out / LR_FILE).is_file() else None
 
 
 def read_summary(run: Path) -> dict[str, Any]:
