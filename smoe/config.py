@@ -207,7 +207,7 @@ class MoEConfig:
     shared_expert_dim: int | None = None  # hidden size of one shared expert; None: expert_dim
     shared_expert_gate: bool = False  # Qwen-MoE: shared output scaled by sigmoid(x . w)
     score_func: ScoreFunc = "softmax"
-    norm_topk_prob: bool = True  # renormalise the selected scores to sum to one
+    norm_topk_prob: bool = True  # renormalise the selected scores to sum to one (at top_k 1: see gate_is_constant)
     routed_scaling_factor: float = 1.0
     # Group-limited routing: experts split into n_group contiguous groups and only the best topk_group are eligible.
     # The groups are DeepSeek-V2's devices (device-limited routing, M = topk_group) or V3's nodes (node-limited);
@@ -230,6 +230,14 @@ class MoEConfig:
     @property
     def resolved_shared_expert_dim(self) -> int:
         return self.shared_expert_dim if self.shared_expert_dim is not None else self.expert_dim
+
+    @property
+    def gate_is_constant(self) -> bool:
+        """Top-1 token choice renormalised: every routed weight is exactly routed_scaling_factor, so the LM loss
+        has no path to the router and only the balance terms train it. Legal, because Hugging Face families that
+        renormalise at k = 1 (Mixtral, Qwen, OLMoE, DBRX, MiniMax) run this way, but not an architecture to train
+        from scratch; Switch multiplies by the router probability instead (norm_topk_prob=False)."""
+        return self.routing == "token_choice" and self.top_k == 1 and self.norm_topk_prob
 
     @property
     def has_expert_bias(self) -> bool:
