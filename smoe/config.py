@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]
 Routing = Literal["token_choice", "expert_choice"]
+CapacityPriority = Literal["choice", "token"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu"]
 Norm = Literal["rmsnorm", "layernorm"]
@@ -216,6 +217,10 @@ class MoEConfig:
     topk_group: int = 1
     group_score: GroupScore = "top2_sum"  # how a group is scored: DeepSeek-V3 sums its top 2, V2 takes the max
     capacity_factor: float | None = None  # None: dropless
+    # Which assignments an expert over capacity keeps. "choice": every token's first choice before any second
+    # choice, each round in token order (GShard Algorithm 1, DeepSpeed top-2 gating); "token": in token order,
+    # so an earlier token's second choice can displace a later token's first.
+    capacity_priority: CapacityPriority = "choice"
     balance: Balance = "aux"
     aux_loss_coef: float = 0.01  # Switch/GShard expert-level loss, used when balance == "aux"
     # DeepSeek-V3 sequence-wise loss: the balance when balance == "seq_aux", and V3's complementary loss beside the
@@ -277,6 +282,7 @@ class MoEConfig:
                 _fail(prefix + "n_group", "group-limited routing applies to token_choice routing only")
         _one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
         _positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
+        _one_of(prefix + "capacity_priority", self.capacity_priority, typing.get_args(CapacityPriority))
         _one_of(prefix + "balance", self.balance, typing.get_args(Balance))
         _non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
         _non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)

@@ -62,8 +62,8 @@ SUITES: dict[str, list[Arch]] = {
         Arch("none", "deepseek-v3-style", {"moe.balance": "none"}),
     ],
     "capacity": [
-        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0}),
-        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25}),
+        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0, "moe.capacity_priority": "choice"}),
+        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
         Arch("dropless", "gshard", {"moe.capacity_factor": None}),
     ],
 }
