@@ -24,6 +24,7 @@ from typing import Any, Literal, Union
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]
 Routing = Literal["token_choice", "expert_choice"]
+CapacityPriority = Literal["choice", "token"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu"]
 Norm = Literal["rmsnorm", "layernorm"]
@@ -207,7 +208,7 @@ class MoEConfig:
     shared_expert_dim: int | None = None  # hidden size of one shared expert; None: expert_dim
     shared_expert_gate: bool = False  # Qwen-MoE: shared output scaled by sigmoid(x . w)
     score_func: ScoreFunc = "softmax"
-    norm_topk_prob: bool = True  # renormalise the selected scores to sum to one
+    norm_topk_prob: bool = True  # renormalise the selected scores to sum to one (at top_k 1: see gate_is_constant)
     routed_scaling_factor: float = 1.0
     # Group-limited routing: experts split into n_group contiguous groups and only the best topk_group are eligible.
     # The groups are DeepSeek-V2's devices (device-limited routing, M = topk_group) or V3's nodes (node-limited);
@@ -216,6 +217,10 @@ class MoEConfig:
     topk_group: int = 1
     group_score: GroupScore = "top2_sum"  # how a group is scored: DeepSeek-V3 sums its top 2, V2 takes the max
     capacity_factor: float | None = None  # None: dropless
+    # Which assignments an expert over capacity keeps. "choice": every token's first choice before any second
+    # choice, each round in token order (GShard Algorithm 1, DeepSpeed top-2 gating); "token": in token order,
+    # so an earlier token's second choice can displace a later token's first.
+    capacity_priority: CapacityPriority = "choice"
     balance: Balance = "aux"
     aux_loss_coef: float = 0.01  # Switch/GShard expert-level loss, used when balance == "aux"
     # DeepSeek-V3 sequence-wise loss: the balance when balance == "seq_aux", and V3's complementary loss beside the
@@ -230,6 +235,14 @@ class MoEConfig:
     @property
     def resolved_shared_expert_dim(self) -> int:
         return self.shared_expert_dim if self.shared_expert_dim is not None else self.expert_dim
+
+    @property
+    def gate_is_constant(self) -> bool:
+        """Top-1 token choice renormalised: every routed weight is exactly routed_scaling_factor, so the LM loss
+        has no path to the router and only the balance terms train it. Legal, because Hugging Face families that
+        renormalise at k = 1 (Mixtral, Qwen, OLMoE, DBRX, MiniMax) run this way, but not an architecture to train
+        from scratch; Switch multiplies by the router probability instead (norm_topk_prob=False)."""
+        return self.routing == "token_choice" and self.top_k == 1 and self.norm_topk_prob
 
     @property
     def has_expert_bias(self) -> bool:
@@ -269,6 +282,7 @@ class MoEConfig:
                 _fail(prefix + "n_group", "group-limited routing applies to token_choice routing only")
         _one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
         _positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
+        _one_of(prefix + "capacity_priority", self.capacity_priority, typing.get_args(CapacityPriority))
         _one_of(prefix + "balance", self.balance, typing.get_args(Balance))
         _non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
         _non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)

@@ -28,6 +28,14 @@ def test_explicit_moe_layers_round_trip_as_tuple():
     assert again == config and again.moe_layer_ids == [1, 3]
 
 
+def test_config_written_before_capacity_priority_loads_with_gshard_priority():
+    old = ModelConfig(moe=MoEConfig(capacity_factor=1.0)).to_dict()
+    del old["moe"]["capacity_priority"]
+    assert ModelConfig.from_dict(old).moe.capacity_priority == "choice"
+    token = ModelConfig(moe=MoEConfig(capacity_factor=1.0, capacity_priority="token"))
+    assert ModelConfig.from_json(token.to_json()) == token
+
+
 def test_from_dict_names_unknown_field():
     with pytest.raises(ValueError, match=r"moe\.topk: unknown field"):
         ModelConfig.from_dict({"moe": {"topk": 2}})
@@ -44,6 +52,7 @@ def test_from_dict_names_unknown_field():
         ({"moe.score_func": "relu"}, r"moe\.score_func: must be"),
         ({"dim": "big"}, r"dim: must be of type int"),
         ({"moe.capacity_factor": 0.0}, r"moe\.capacity_factor: must be a positive number"),
+        ({"moe.capacity_priority": "expert"}, r"moe\.capacity_priority: must be of type 'choice' \| 'token'"),
         ({"layout.moe_layers": [0, 9]}, r"layout\.moe_layers: indices must lie in"),
         ({"moe.routing": "expert_choice"}, r"moe\.balance: must be 'none' with expert_choice"),
     ],
@@ -123,7 +132,7 @@ _moe = st.one_of(st.none(), st.builds(
     score_func=st.sampled_from(["softmax", "sigmoid", "tanh"]), norm_topk_prob=st.booleans(),
     routed_scaling_factor=_maybe(st.floats(0.1, 3)), n_group=_maybe(st.integers(1, 4)),
     topk_group=_maybe(st.integers(1, 4)), group_score=st.sampled_from(["max", "top2_sum"]),
-    capacity_factor=st.one_of(st.none(), st.floats(0.1, 2)),
+    capacity_factor=st.one_of(st.none(), st.floats(0.1, 2)), capacity_priority=st.sampled_from(["choice", "token"]),
     balance=st.sampled_from(["aux", "seq_aux", "aux_free", "none", "bogus"]),
     z_loss_coef=_maybe(st.floats(0, 0.01)), routing=st.sampled_from(["token_choice", "expert_choice"]),
     router_bias=st.booleans(),

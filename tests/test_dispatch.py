@@ -35,6 +35,8 @@ CASES = {
     "dropless": (MoEConfig(n_routed_experts=E, top_k=2), False),
     "skewed": (MoEConfig(n_routed_experts=E, top_k=2), True),
     "capacity_drops": (MoEConfig(n_routed_experts=E, top_k=2, capacity_factor=0.5), True),
+    "capacity_drops_token": (MoEConfig(n_routed_experts=E, top_k=2, capacity_factor=0.5, capacity_priority="token"),
+                             True),
     "expert_choice": (MoEConfig(n_routed_experts=E, top_k=2, routing="expert_choice", balance="none"), False),
 }
 
@@ -45,7 +47,7 @@ def test_gather_and_combine_match_reference_forward_and_backward(cfg, skew):
     capacity = None
     if cfg.capacity_factor is not None and cfg.routing == "token_choice":
         capacity = token_choice_capacity(N, cfg.top_k, E, cfg.capacity_factor)
-    dispatch = permute(routing.expert_ids_A, E, capacity)
+    dispatch = permute(routing.expert_ids_A, E, capacity, cfg.top_k, cfg.capacity_priority)
     if capacity is not None:
         assert dispatch.n_dropped.item() > 0
     want = _through(gather_reference, combine_reference, routing, dispatch)

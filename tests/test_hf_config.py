@@ -158,6 +158,15 @@ def test_deepseek_v2_group_limited_greedy_scores_groups_by_max():
     assert config_from_hf(DEEPSEEK_V2_LITE).attention.q_lora_rank is None
 
 
+@pytest.mark.parametrize("hf, renorm", [(MIXTRAL_8X7B, True), (QWEN15_MOE, True), (DEEPSEEK_V3, True),
+                                        (DEEPSEEK_MOE_16B, False), (DEEPSEEK_V2, False), (KIMI_K2, False)])
+def test_top1_renormalises_exactly_where_the_family_code_does(hf, renorm):
+    # transformers' Mixtral/Qwen/DeepseekV3 renormalise a single weight to 1; DeepSeek's own code (DeepSeekMoE, V2,
+    # Kimi K2) checks top_k > 1 first, and transformers' DeepseekV2 never renormalises.
+    hf = {**hf, "num_experts_per_tok": 1, "norm_topk_prob": True, "n_group": 1, "topk_group": 1}
+    assert config_from_hf(hf).moe.norm_topk_prob is renorm
+
+
 def test_switch_loss_coefficient_is_converted_to_our_per_layer_loss():
     # transformers pools all 32 layers' statistics and counts f_i per token (top_k times ours)
     assert config_from_hf(MIXTRAL_8X7B).moe.aux_loss_coef == pytest.approx(0.02 * 2 / 32)
@@ -293,3 +302,6 @@ def test_config_to_hf_names_what_the_family_cannot_express():
         config_to_hf(presets.get("deepseek-moe-tiny"), "mixtral")
     with pytest.raises(ValueError, match=r"attention: cannot be expressed as a Hugging Face deepseek_v3"):
         config_to_hf(presets.get("mixtral-tiny"), "deepseek_v3")
+    top1 = presets.get("deepseek-v2-tiny", **{"moe.top_k": 1, "moe.norm_topk_prob": True})
+    with pytest.raises(ValueError, match=r"moe\.norm_topk_prob: cannot be expressed as a Hugging Face deepseek_v2"):
+        config_to_hf(top1, "deepseek_v2")

@@ -28,6 +28,10 @@ CASES = {
     "deepseek_v2": ("deepseek-v2-tiny", {"attention.q_lora_rank": None}, {}),  # MLA without q_lora
     "deepseek_v2-q_lora": ("deepseek-v2-tiny", {}, {}),
     "deepseek_v3": ("deepseek-v3-tiny", {"layout.n_mtp_modules": 0}, {}),  # groups + bias, shared, dense first
+    # top-1: transformers' DeepseekV3 and Mixtral renormalise the single weight to 1, its DeepseekV2 never does
+    "deepseek_v3-top1": ("deepseek-v3-tiny", {"layout.n_mtp_modules": 0, "moe.top_k": 1}, {}),
+    "deepseek_v2-top1": ("deepseek-v2-tiny", {"moe.top_k": 1}, {"norm_topk_prob": True}),
+    "mixtral-top1": ("mixtral-tiny", {"moe.top_k": 1}, {}),
     "dbrx": ("dbrx-tiny", {}, {}),  # fused Wqkv and experts, clip_qkv, LayerNorm
     "minimax_m2": ("minimax-tiny", {}, {}),  # sigmoid + selection bias, partial rotary
 }

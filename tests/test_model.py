@@ -128,3 +128,46 @@ def test_sequence_over_max_seq_len_is_a_clear_error():
     model = build_model(_config(max_seq_len=8))
     with pytest.raises(ValueError, match=r"sequence length 12 exceeds max_seq_len \(8\)"):
         model(_ids())
+
+
+def _mtp_loss_by_hand(model, input_ids, labels, next_ids_of):
+    """DeepSeek-V3 MTP from the modules, depth by depth; ``next_ids_of(d)`` is the token fed at depth d."""
+    T = input_ids.shape[1]
+    cos, sin = model.rope(torch.arange(T))
+    h = model.embed(input_ids)
+    for block in model.layers:
+        h, _ = block(h, cos, sin)
+    losses = []
+    for d, module in enumerate(model.mtp, start=1):
+        h, _ = module(h[:, : T - d], model.embed(next_ids_of(d)), cos[: T - d], sin[: T - d])
+        logits = model._logits(module.norm(h))
+        losses.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, d:].flatten(),
+                                                        ignore_index=IGNORE_INDEX))
+    return torch.stack(losses).mean()
+
+
+def test_mtp_reads_its_input_tokens_from_input_ids_not_labels():
+    torch.manual_seed(0)
+    model = build_model(_config(layout=LayoutConfig(n_mtp_modules=2)))
+    ids = _ids(T=16)
+    input_ids, labels = ids[:, :-1], ids[:, 1:].clone()
+    labels[0, 3:6] = IGNORE_INDEX  # e.g. a masked prompt: its tokens are still the MTP modules' inputs
+    labels[1, 9] = IGNORE_INDEX
+    with torch.no_grad():
+        got = model(input_ids, labels=labels).mtp_loss
+        want = _mtp_loss_by_hand(model, input_ids, labels, lambda d: input_ids[:, d:])
+        from_labels = _mtp_loss_by_hand(model, input_ids, labels, lambda d: labels[:, d - 1 : -1].clamp_min(0))
+    torch.testing.assert_close(got, want)
+    assert (got - from_labels).abs() > 1e-4  # reading the -100 positions as token 0 is measurably different
+
+
+def test_mtp_with_next_token_labels_is_unchanged():
+    # With labels = input_ids shifted and no -100, token t+d is labels[t+d-1]: trained checkpoints keep their loss.
+    torch.manual_seed(0)
+    model = build_model(_config(layout=LayoutConfig(n_mtp_modules=2)))
+    ids = _ids(T=16)
+    input_ids, labels = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        got = model(input_ids, labels=labels).mtp_loss
+        from_labels = _mtp_loss_by_hand(model, input_ids, labels, lambda d: labels[:, d - 1 : -1])
+    assert torch.equal(got, from_labels)

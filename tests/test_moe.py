@@ -86,6 +86,34 @@ def test_permute_sorts_stably_and_drops_latest_over_capacity():
     assert d.n_dropped.item() == 2
 
 
+@pytest.mark.parametrize("priority, kept_by_expert_0", [("choice", 2), ("token", 1)])
+def test_capacity_priority_decides_who_is_dropped(priority, kept_by_expert_0):
+    # token 0 -> (e1, e0), token 1 -> (e0, e2), capacity 1: expert 0 is wanted by token 1's first choice
+    # (assignment 2) and token 0's second (assignment 1). GShard keeps the first choice; token order the earlier token.
+    d = permute(torch.tensor([1, 0, 0, 2]), 3, capacity=1, top_k=2, priority=priority)
+    assert d.order_R.tolist() == [kept_by_expert_0, 0, 3]
+    dropped = 3 - kept_by_expert_0  # the other claimant of expert 0
+    assert d.row_A[dropped].item() == 3 and d.n_dropped.item() == 1 and d.counts_E.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_choice_priority_drops_no_first_choice_where_a_second_choice_is_kept(seed):
+    N, K, E = 24, 3, 4
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 0] += 1.0  # an overloaded expert, so first choices compete with later ones for its slots
+    expert_ids_A = logits.topk(K, dim=-1).indices.reshape(-1)
+    choice_A = torch.arange(N * K) % K
+    violated = []
+    for priority in ("choice", "token"):
+        d = permute(expert_ids_A, E, capacity=8, top_k=K, priority=priority)
+        kept_A = d.row_A < d.order_R.numel()
+        lost_first = torch.zeros(E, dtype=torch.bool).index_fill_(0, expert_ids_A[~kept_A & (choice_A == 0)], True)
+        holds_later = torch.zeros(E, dtype=torch.bool).index_fill_(0, expert_ids_A[kept_A & (choice_A > 0)], True)
+        violated.append((lost_first & holds_later).any().item())
+    assert violated == [False, True]  # token priority does break it on these routings, so the check has teeth
+
+
 def test_permute_dropless_keeps_everything():
     expert_ids = torch.tensor([2, 2, 0, 2])
     d = permute(expert_ids, 4, capacity=None)
@@ -131,19 +159,26 @@ def test_expert_bias_update_moves_against_load():
 
 
 def _naive_moe(layer: MoELayer, x_ND: torch.Tensor) -> torch.Tensor:
-    """Per token, per chosen expert, in token order; capacity counted per expert in token order."""
+    """Per token, per chosen expert, in token order. Capacity is granted per expert in priority order: every token's
+    first choice, then every second choice, ... ("choice"), or token by token ("token")."""
     cfg = layer.config
     routing = layer.router(x_ND)
     w_gu, w_d = layer.experts.w_gate_up, layer.experts.w_down
+    A = routing.expert_ids_A.numel()
     capacity = math.ceil(cfg.capacity_factor * x_ND.shape[0] * cfg.top_k / cfg.n_routed_experts) \
-        if cfg.capacity_factor else None
-    used = [0] * cfg.n_routed_experts
-    out = torch.zeros_like(x_ND)
-    for a in range(routing.expert_ids_A.numel()):
-        t, e = routing.token_ids_A[a].item(), routing.expert_ids_A[a].item()
+        if cfg.capacity_factor and cfg.routing == "token_choice" else None
+    claims = range(A)
+    if cfg.capacity_priority == "choice":
+        claims = sorted(claims, key=lambda a: (a % cfg.top_k, a // cfg.top_k))  # (choice, token)
+    used, kept = [0] * cfg.n_routed_experts, set()
+    for a in claims:
+        e = routing.expert_ids_A[a].item()
         used[e] += 1
-        if capacity is not None and used[e] > capacity:
-            continue
+        if capacity is None or used[e] <= capacity:
+            kept.add(a)
+    out = torch.zeros_like(x_ND)
+    for a in sorted(kept):
+        t, e = routing.token_ids_A[a].item(), routing.expert_ids_A[a].item()
         gate, up = (w_gu[e] @ x_ND[t]).chunk(2)
         out[t] += routing.weights_A[a] * (w_d[e] @ (F.silu(gate) * up))
     if layer.shared is not None:
@@ -161,6 +196,8 @@ LAYER_CONFIGS = {
     "deepseek_v3": MoEConfig(n_routed_experts=8, top_k=2, expert_dim=8, score_func="sigmoid", balance="aux_free",
                              n_group=4, topk_group=2, routed_scaling_factor=2.5, n_shared_experts=2),
     "capacity": MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8, capacity_factor=0.75),
+    "capacity_token": MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8, capacity_factor=0.75,
+                                capacity_priority="token"),
     "expert_choice": MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8, routing="expert_choice", balance="none"),
 }
 

@@ -43,7 +43,8 @@ SUITES: dict[str, list[Arch]] = {
     "seeds-debate": [Arch(n, n) for n in
                      ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")],
     "granularity": [
-        Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024)),
+        # Top-1 renormalised would fix every gate at 1 and cut the router off the LM loss: weight by p, as Switch.
+        Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024, **{"moe.norm_topk_prob": False})),
         Arch("E16-k2", "mixtral-style", _fine(16, 2, 512)),
         Arch("E32-k4", "mixtral-style", _fine(32, 4, 256)),
         Arch("E64-k8", "mixtral-style", _fine(64, 8, 128)),
@@ -61,8 +62,8 @@ SUITES: dict[str, list[Arch]] = {
         Arch("none", "deepseek-v3-style", {"moe.balance": "none"}),
     ],
     "capacity": [
-        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0}),
-        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25}),
+        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0, "moe.capacity_priority": "choice"}),
+        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
         Arch("dropless", "gshard", {"moe.capacity_factor": None}),
     ],
 }
@@ -137,13 +138,19 @@ def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list
 
 def check_matched(archs: list[Arch], seq_len: int) -> dict[str, dict[str, float]]:
     """Activated parameters and FLOPs per token of each architecture; raises if any is more than 5% off the
-    first. Building every config here also rejects unknown presets and bad overrides before any training."""
+    first, or if the LM loss cannot reach a router. Building every config here also rejects unknown presets and
+    bad overrides before any training."""
     table = {}
     for arch in archs:
         try:
-            acc = account(arch.config(), seq_len=seq_len)
+            config = arch.config()
+            acc = account(config, seq_len=seq_len)
         except ValueError as err:
             raise ValueError(f"suite architecture {arch.label!r}: {err}") from None
+        if config.moe is not None and config.moe.gate_is_constant:
+            raise ValueError(f"suite architecture {arch.label!r}: moe.top_k=1 with moe.norm_topk_prob=true fixes "
+                             "every routing weight, so the LM loss never reaches the router; set "
+                             "moe.norm_topk_prob=false (Switch weights the expert by its probability)")
         table[arch.label] = {"active_params": acc.active_params, "total_params": acc.total_params,
                              "flops_per_token": acc.forward_flops_per_token}
     ref_label = archs[0].label

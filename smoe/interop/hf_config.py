@@ -10,6 +10,13 @@ router statistics of all L MoE layers into one loss and counts f_i per token, so
 loss and spread over L layers, while ours is summed over layers (smoe.moe.balance). ``aux_loss_coef =
 router_aux_loss_coef * top_k / L`` gives every router the same gradient. DeepSeek's ``aux_loss_alpha`` is already
 per layer and per assignment, so it maps unchanged.
+
+Top-1 renormalisation: Mixtral, MiniMax-M2 and DBRX (``moe_normalize_expert_weights``) always renormalise the
+top-k weights, Qwen, OLMoE and transformers' DeepseekV3 when ``norm_topk_prob``, at k = 1 too, where every weight is
+then a constant. We keep that exactly, for logit parity, though the LM loss cannot train such a router
+(``MoEConfig.gate_is_constant``). DeepSeek's own code (DeepSeekMoE, V2, Kimi K2's copy of V3) renormalises only when
+``top_k > 1 and norm_topk_prob`` and transformers' DeepseekV2 never does, so at k = 1 those map to
+``norm_topk_prob=False``.
 """
 
 from __future__ import annotations
@@ -184,9 +191,10 @@ def _qwen3_moe(r: _Reader) -> ModelConfig:
     return _with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
 
 
-def _deepseek(r: _Reader, version: int) -> ModelConfig:
+def _deepseek(r: _Reader, version: int, renorm_top1: bool = False) -> ModelConfig:
     """DeepSeekMoE (version 1, remote-code ``deepseek``: MHA), DeepSeek-V2 and V3 (MLA). Defaults are those of
-    transformers' DeepseekV2/V3 configs, and of DeepSeek's own configuration_deepseek.py for version 1."""
+    transformers' DeepseekV2/V3 configs, and of DeepSeek's own configuration_deepseek.py for version 1.
+    ``renorm_top1``: the code that runs this model_type renormalises at top_k = 1 (module docstring)."""
     r.reject("attention_bias", "mlp_bias", why="DeepSeek's biases on the attention and MLP projections")
     v3 = version == 3
     theta, scaling = _rope(r)
@@ -203,13 +211,14 @@ def _deepseek(r: _Reader, version: int) -> ModelConfig:
     alpha = float(r.opt("aux_loss_alpha", 0.001))
     moe = None
     if version > 1 or r.opt("n_routed_experts") is not None:  # DeepSeek's v1 config is dense without experts
+        top_k = int(r.req("num_experts_per_tok") if version == 1 else r.opt("num_experts_per_tok", 8 if v3 else 6))
         moe = MoEConfig(
             n_routed_experts=int(r.first(("n_routed_experts", "num_local_experts", "num_experts"), 256 if v3 else 64)),
-            top_k=int(r.req("num_experts_per_tok") if version == 1 else r.opt("num_experts_per_tok", 8 if v3 else 6)),
+            top_k=top_k,
             expert_dim=int(r.opt("moe_intermediate_size", 2048 if v3 else 1407)),
             n_shared_experts=int(r.opt("n_shared_experts", {1: 0, 2: 2, 3: 1}[version])),
             score_func=r.opt("scoring_func", "sigmoid" if v3 else "softmax"),
-            norm_topk_prob=bool(r.opt("norm_topk_prob", v3)),
+            norm_topk_prob=bool(r.opt("norm_topk_prob", v3)) and (top_k > 1 or renorm_top1),
             routed_scaling_factor=float(r.opt("routed_scaling_factor", 2.5 if v3 else 1.0)),
             n_group=int(r.opt("n_group", 1)) if grouped else 1,
             topk_group=int(r.opt("topk_group", 1)) if grouped else 1,
@@ -300,7 +309,7 @@ FAMILIES: dict[str, Callable[[_Reader], ModelConfig]] = {
     "qwen3_moe": _qwen3_moe,
     "deepseek": lambda r: _deepseek(r, version=1),  # DeepSeekMoE 16B (remote code)
     "deepseek_v2": lambda r: _deepseek(r, version=2),
-    "deepseek_v3": lambda r: _deepseek(r, version=3),
+    "deepseek_v3": lambda r: _deepseek(r, version=3, renorm_top1=True),  # transformers' class
     "kimi_k2": lambda r: _deepseek(r, version=3),  # remote code with V3's architecture
     "olmoe": _olmoe,
     "dbrx": _dbrx,
@@ -346,7 +355,8 @@ def _check_bounds(hf: dict[str, Any], source: str) -> None:
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Map a Hugging Face config dict onto a validated ModelConfig; errors name ``source`` and the key."""
+    """Map a Hugging Face config dict onto a validated ModelConfig; errors name ``source`` and the key. At top_k 1,
+    each family's own renormalisation is kept exactly, constant gate included (module docstring)."""
     if not isinstance(hf, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
@@ -479,6 +489,8 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
         _require(model_type, not m.shared_expert_gate and m.shared_expert_dim in (None, m.expert_dim),
                  "moe.shared_expert_dim", "shared experts are ungated and as wide as routed ones")
         v3 = model_type == "deepseek_v3"
+        _require(model_type, v3 or k > 1 or not m.norm_topk_prob, "moe.norm_topk_prob",
+                 "transformers' DeepseekV2 does not renormalise a single expert's weight")
         if v3:
             _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.group_score == "top2_sum",
                      "moe", "sigmoid scores, aux-free bias and top-2-sum group scores (noaux_tc)")

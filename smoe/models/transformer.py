@@ -191,7 +191,7 @@ class Transformer(nn.Module):
         if labels is not None:
             out.lm_loss = _cross_entropy(logits, labels)
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(h, labels, cos, sin, stats)
+                out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats)
         if stats:
             out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
         if out.lm_loss is not None:
@@ -244,15 +244,16 @@ class Transformer(nn.Module):
         mask_B1TS = (valid_BS[:, None, None, :] & allowed_TS) | (k_S == q_T1)
         return positions_BT, mask_B1TS
 
-    def _mtp_loss(self, h_BTD, labels_BT, cos, sin, stats) -> torch.Tensor:
-        # Depth d sees positions t < T - d: the input token t+d is labels[t+d-1], the target is labels[t+d].
+    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats) -> torch.Tensor:
+        # Depth d sees positions t < T - d, the ones whose token t+d is in the batch: its input is input_ids[t+d]
+        # and its target labels[t+d]. The input comes from input_ids, not from the labels, so that a position
+        # whose label is ignored (-100) still feeds its real token.
         losses = []
         T = labels_BT.shape[1]
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            next_ids = labels_BT[:, d - 1 : T - 1].clamp_min(0)
-            h_BTD, s = module(h_BTD[:, : T - d], self.embed(next_ids), cos[: T - d], sin[: T - d])
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[: T - d], sin[: T - d])
             if s is not None:
                 stats[self.config.n_layers + d - 1] = s
             losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))

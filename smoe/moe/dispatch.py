@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smoe.config import CapacityPriority
 from smoe.moe.router import Routing
 
 
@@ -34,20 +35,29 @@ def token_choice_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_fa
     return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
 
-def permute(expert_ids_A: torch.Tensor, n_experts: int, capacity: int | None) -> Dispatch:
-    """Stable sort by expert, so within an expert earlier tokens come first and the last ones are dropped."""
+def permute(expert_ids_A: torch.Tensor, n_experts: int, capacity: int | None, top_k: int = 1,
+            priority: CapacityPriority = "choice") -> Dispatch:
+    """Stable sort by expert, so within an expert the rows are in token order.
+
+    With a ``capacity``, an expert keeps its first ``capacity`` assignments in ``priority`` order (MoEConfig's
+    capacity_priority): "choice" ranks every token's first choice before any second choice, "token" ranks by token.
+    Token-choice assignments are token-major with ``top_k`` per token (row t*K + j); at top_k 1 both agree.
+    """
+    A = expert_ids_A.numel()
     order_A = torch.argsort(expert_ids_A, stable=True)
     counts_E = torch.bincount(expert_ids_A, minlength=n_experts)
     if capacity is None:
-        return Dispatch(order_A, _inverse(order_A, order_A.numel()), counts_E, counts_E, counts_E.new_zeros(()))
+        return Dispatch(order_A, _inverse(order_A, A), counts_E, counts_E, counts_E.new_zeros(()))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
-    sorted_experts_A = expert_ids_A[order_A]
-    rank_A = torch.arange(order_A.numel(), device=order_A.device) - starts_E[sorted_experts_A]
-    kept = rank_A < capacity
+    by_expert_A = order_A  # assignments by expert, in the order they claim a slot
+    if priority == "choice" and top_k > 1:
+        choice_major_A = torch.arange(A, device=expert_ids_A.device).view(-1, top_k).t().reshape(-1)
+        by_expert_A = choice_major_A[torch.argsort(expert_ids_A[choice_major_A], stable=True)]
+    rank_A = torch.arange(A, device=expert_ids_A.device) - starts_E[expert_ids_A[by_expert_A]]
+    kept_A = torch.empty(A, dtype=torch.bool, device=expert_ids_A.device).scatter_(0, by_expert_A, rank_A < capacity)
+    order_R = order_A[kept_A[order_A]]  # the kept rows, still in token order within each expert
     kept_counts_E = counts_E.clamp(max=capacity)
-    order_R = order_A[kept]
-    return Dispatch(order_R, _inverse(order_R, order_A.numel()), kept_counts_E, counts_E,
-                    counts_E.sum() - kept_counts_E.sum())
+    return Dispatch(order_R, _inverse(order_R, A), kept_counts_E, counts_E, counts_E.sum() - kept_counts_E.sum())
 
 
 def _inverse(order_R: torch.Tensor, n_assignments: int) -> torch.Tensor:

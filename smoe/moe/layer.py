@@ -67,7 +67,7 @@ class MoELayer(nn.Module):
         capacity = None
         if cfg.capacity_factor is not None and cfg.routing == "token_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
-        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity)
+        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k, cfg.capacity_priority)
         # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses
         # it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
         fused = self.experts.fused_for(self.backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
