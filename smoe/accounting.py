@@ -108,7 +108,7 @@ def _block_components(config: ModelConfig, moe_layer: bool) -> tuple[dict[str, i
         return total, dict(total)
     moe = config.moe
     E = moe.n_routed_experts
-    router = E * d + (E if moe.router_bias else 0) + (E if moe.has_expert_bias else 0)
+    router = (E * d if moe.routing != "hash" else 0) + (E if moe.router_bias else 0) + (E if moe.has_expert_bias else 0)
     total.update(
         router=router,
         routed_experts=3 * E * d * moe.expert_dim,

@@ -389,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity")
-    p.add_argument("--presets", help="or: comma-separated presets to compare (matched within 5%% active params)")
+    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; or table-1 "
+                                         "(DeepSeekMoE Table 1 at equal total parameters, with a Hash Layer)")
+    p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
+                                           "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))
     add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
     add_config_arguments(p, CompareSettings, only=("seeds", "tune_lr"))

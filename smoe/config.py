@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]
-Routing = Literal["token_choice", "expert_choice"]
+Routing = Literal["token_choice", "expert_choice", "hash"]
 CapacityPriority = Literal["choice", "token"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu"]
@@ -229,7 +229,9 @@ class MoEConfig:
     z_loss_coef: float = 0.0  # ST-MoE router z-loss
     device_balance_loss_coef: float = 0.0  # DeepSeek-V2 §3.2.2 device-level loss over the n_group groups
     bias_update_rate: float = 1e-3  # aux-free bias step (gamma), used when balance == "aux_free"
-    routing: Routing = "token_choice"  # expert_choice sees future tokens: for training studies, not decoding
+    # expert_choice sees future tokens: for training studies, not decoding. hash: Roller et al. 2021's Hash Layer, a
+    # fixed function of the token id (no router weights), top-1.
+    routing: Routing = "token_choice"
     router_bias: bool = False  # an additive bias on router logits (GPT-OSS style), distinct from the aux-free bias
 
     @property
@@ -294,6 +296,12 @@ class MoEConfig:
         _one_of(prefix + "routing", self.routing, typing.get_args(Routing))
         if self.routing == "expert_choice" and self.balance != "none":
             _fail(prefix + "balance", "must be 'none' with expert_choice routing, which is balanced by construction")
+        if self.routing == "hash":
+            if self.balance != "none":
+                _fail(prefix + "balance", "must be 'none' with hash routing: a fixed assignment cannot be balanced")
+            if self.top_k != 1 or self.n_group > 1 or self.router_bias:
+                _fail(prefix + "routing", "hash routing (Roller et al.'s Hash Layer) is top-1, with no groups or "
+                                          "router bias")
 
 
 @dataclass(frozen=True)

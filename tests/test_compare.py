@@ -11,7 +11,7 @@ import torch
 from smoe import presets
 from smoe.eval import analysis
 from smoe.eval.compare import run_suite
-from smoe.eval.suite import SUITES, Arch, CompareSettings, check_matched, read_rows, resolve_suite
+from smoe.eval.suite import SUITES, Arch, CompareSettings, Suite, check_matched, read_rows, resolve_suite
 from smoe.models import build_model
 from smoe.train.config import DataConfig, TrainConfig
 
@@ -19,14 +19,41 @@ TINY = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "at
         "max_seq_len": 64}
 
 
-def test_every_builtin_suite_is_matched_within_five_percent():
-    for name, archs in SUITES.items():
-        table = check_matched(archs, seq_len=256)
-        assert all(abs(r["active_vs_first"]) <= 0.05 for r in table.values()), name
+def test_every_builtin_suite_is_matched_within_two_percent_without_embeddings():
+    for name, suite in SUITES.items():
+        table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+        assert all(abs(r["matched_vs_reference"]) <= 0.02 for r in table.values() if r["matched"]), name
+
+
+def test_table_1_matches_total_parameters_as_deepseekmoe_does():
+    suite = SUITES["table-1"]
+    table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+    assert suite.matching == "total" and not table["dense"]["matched"]
+    moe = {k: v for k, v in table.items() if v["moe"]}
+    assert set(moe) == {"hash", "switch", "gshard", "deepseekmoe"}
+    assert all(abs(v["matched_vs_reference"]) <= 0.02 for v in moe.values())
+    # activated parameters differ and are shown: one FFN-equivalent for hash/switch (the dense model's), two for
+    # gshard/deepseekmoe: one dense FFN (4 layers of 3 x 256 x 1024) more
+    active = {k: v["active_non_embedding"] for k, v in table.items()}
+    assert active["hash"] == pytest.approx(active["dense"], rel=0.02) == active["switch"]
+    assert active["gshard"] - active["dense"] == pytest.approx(4 * 3 * 256 * 1024, rel=0.02)
+    assert active["deepseekmoe"] == pytest.approx(active["gshard"], rel=0.02)
+
+
+def test_matching_excludes_the_embeddings(tmp_path):
+    # The same FFN width on a vocabulary 4x larger: equal non-embedding parameters, far from equal in total.
+    archs = [Arch("small-vocab", "dense"), Arch("big-vocab", "dense", {"vocab_size": 32768})]
+    table = check_matched(archs, seq_len=64)
+    assert table["big-vocab"]["matched_vs_reference"] == 0 and table["big-vocab"]["active_vs_first"] > 0.5
+    wider = [Arch("ffn-1024", "dense"), Arch("ffn-1088", "dense", {"ffn_dim": 1088})]  # +6% FFN, +~3% non-embedding
+    with pytest.raises(ValueError, match=r"'ffn-1088': .* active non-embedding parameters, \+.*% from 'ffn-1024' "
+                                         r".* must match within 2%"):
+        check_matched(wider, seq_len=64)
 
 
 def test_unmatched_architectures_are_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match=r"'deepseek-v3-tiny': .* activated parameters, .* must match within 5%"):
+    with pytest.raises(ValueError, match=r"'deepseek-v3-tiny': .* active non-embedding parameters, .* must match "
+                                         r"within 2%"):
         run_suite(None, "dense,deepseek-v3-tiny", CompareSettings(train=TrainConfig(steps=1)), tmp_path)
     assert not (tmp_path / "suite.json").exists()
 
@@ -35,7 +62,7 @@ def test_unknown_suite_and_preset_are_named():
     with pytest.raises(ValueError, match="unknown suite 'mixtral'; known: seeds-debate"):
         resolve_suite("mixtral", None)
     with pytest.raises(ValueError, match="unknown preset 'dense2'"):
-        check_matched(resolve_suite(None, "dense,dense2")[1], 64)
+        check_matched(resolve_suite(None, "dense,dense2")[1].archs, 64)
 
 
 # --- analyses ----------------------------------------------------------------------------------------------------
@@ -97,9 +124,9 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     (tmp_path / "a.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words, 60)) for _ in range(40)))
     (tmp_path / "b.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words[::-1], 60)) for _ in range(40)))
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
-    # a dense FFN of 32 against 8 experts of 16, top-2: the same activated width
-    monkeypatch.setitem(SUITES, "test-suite", [Arch("dense", "dense", {**TINY, "ffn_dim": 32}),
-                                               Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})])
+    # a dense FFN of 35 against 8 experts of 16, top-2, and their router: the same activated parameters
+    monkeypatch.setitem(SUITES, "test-suite", Suite([Arch("dense", "dense", {**TINY, "ffn_dim": 35}),  # + the router's 8 x 32
+                                                     Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})]))
     settings = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
                                                  precision="fp32"),
                                data=DataConfig(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"), seeds=2,
@@ -159,7 +186,8 @@ def test_tune_lr_trains_each_rate_once_and_every_seed_at_the_best(tmp_path, monk
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(compare, "write_report", lambda out, *a, **k: out / "report.html")  # not under test here
     arch = Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})
-    monkeypatch.setitem(SUITES, "tune-suite", [arch, Arch("moe2", "mixtral-style", {**TINY, "moe.expert_dim": 16})])
+    monkeypatch.setitem(SUITES, "tune-suite",
+                        Suite([arch, Arch("moe2", "mixtral-style", {**TINY, "moe.expert_dim": 16})]))
     settings = CompareSettings(train=TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, eval_batches=2,
                                                  precision="fp32"),
                                data=DataConfig(data=str(tmp_path / "a.txt")), seeds=2, checkpoints=1,

@@ -171,3 +171,61 @@ def test_mtp_with_next_token_labels_is_unchanged():
         got = model(input_ids, labels=labels).mtp_loss
         from_labels = _mtp_loss_by_hand(model, input_ids, labels, lambda d: labels[:, d - 1 : -1])
     assert torch.equal(got, from_labels)
+
+
+def _hash_config(**changes) -> ModelConfig:
+    return _config(moe=MoEConfig(n_routed_experts=4, top_k=1, expert_dim=16, routing="hash", balance="none"),
+                   **changes)
+
+
+def test_hash_routing_sends_a_token_id_to_one_fixed_expert_with_weight_one():
+    from smoe.moe.router import hash_experts
+
+    torch.manual_seed(0)
+    model = build_model(_hash_config())
+    layer = model.moe_layers[0]
+    assert layer.router.weight is None and not any("router" in n for n, _ in model.named_parameters())
+    traced = []
+    layer.router.register_forward_hook(lambda m, args, routing: traced.append(routing))
+    ids = _ids()
+    model(ids, labels=ids)
+    routing = traced[0]
+    assert torch.equal(routing.expert_ids_A, hash_experts(ids.reshape(-1), 4))
+    assert torch.equal(routing.weights_A, torch.ones(ids.numel()))
+    same = ids.reshape(-1) == ids.reshape(-1)[0]  # every occurrence of the first token goes where it went
+    assert (routing.expert_ids_A[same] == routing.expert_ids_A[0]).all() and same.sum() >= 1
+    assert len(set(hash_experts(torch.arange(4096), 4).tolist())) == 4  # the hash reaches every expert
+
+
+def test_hash_routed_model_trains_and_decodes_like_its_full_forward():
+    torch.manual_seed(0)
+    model = build_model(_hash_config())
+    ids = _ids()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # every weight is reached, none is a router's
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, 16)
+        prefix = model(ids[:, :8], cache=cache).logits
+        steps = [model(ids[:, t:t + 1], cache=cache).logits for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat([prefix, *steps], dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"balance": "aux"}, "moe.balance: must be 'none' with hash routing"),
+    ({"balance": "none", "top_k": 2}, "moe.routing: hash routing .* is top-1"),
+])
+def test_hash_routing_refuses_what_it_cannot_do(changes, match):
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(n_routed_experts=4, routing="hash", **{"top_k": 1, **changes}).validate()
+
+
+def test_hash_layer_router_has_no_parameters_in_the_accounting():
+    from smoe.accounting import account
+
+    hashed, learned = account(_hash_config()), account(_config(moe=MoEConfig(n_routed_experts=4, top_k=1,
+                                                                              expert_dim=16, norm_topk_prob=False)))
+    assert learned.total_params - hashed.total_params == 2 * 4 * 32  # two layers of a 4 x 32 router
+    assert sum(p.numel() for p in build_model(_hash_config()).parameters()) == hashed.total_params

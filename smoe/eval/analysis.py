@@ -76,7 +76,7 @@ def knock_out(model: Transformer, routed: dict[int, list[int]] | None = None, sh
         for idx, disabled in routed.items():
             router = layers[idx].router
             saved.append((router, "forward", router.__dict__.get("forward")))
-            router.forward = lambda x_TD, r=router, off=disabled: r.route(r.logits(x_TD), off)
+            router.forward = lambda x_TD, token_ids=None, r=router, off=disabled: r.route(r.logits(x_TD), off)
         if shared:
             for layer in layers.values():
                 if layer.shared is not None:

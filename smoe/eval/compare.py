@@ -119,10 +119,11 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     if jobs < 1:
         raise ValueError(f"jobs: must be a positive integer, got {jobs}")
     settings.validate()
-    name, archs = resolve_suite(suite, preset_list)
-    matched = check_matched(archs, settings.train.seq_len)
+    name, spec = resolve_suite(suite, preset_list)
+    archs = spec.archs
+    matched = check_matched(archs, settings.train.seq_len, spec.matching)
     out = Path(out)
-    definition = suite_definition(name, archs, settings)
+    definition = suite_definition(name, spec, settings)
     suite_file = out / "suite.json"
     if suite_file.is_file():
         saved = read_json(suite_file)

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from smoe import presets
 from smoe.accounting import account
@@ -21,7 +21,9 @@ from smoe.config import ModelConfig, override
 from smoe.io.files import parse_json, read_json
 from smoe.train.config import DataConfig, TrainConfig, option
 
-MATCH_TOLERANCE = 0.05  # activated parameters may differ by at most 5% from the suite's first architecture
+# Matched parameters (embedding and head excluded) may differ by at most 2% from the suite's reference: with the
+# embeddings counted, 5% let the FFNs of a small model differ by about 10%.
+MATCH_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -38,34 +40,54 @@ def _fine(n_experts: int, k: int, width: int, **extra) -> dict[str, Any]:
     return {"moe.n_routed_experts": n_experts, "moe.top_k": k, "moe.expert_dim": width, **extra}
 
 
-# Each suite holds the activated FFN width at the dense model's 1024 hidden units (see smoe/presets/ablation.py).
-SUITES: dict[str, list[Arch]] = {
-    "seeds-debate": [Arch(n, n) for n in
-                     ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")],
-    "granularity": [
+@dataclass(frozen=True)
+class Suite:
+    """Architectures compared, and what they are matched on: ``active`` (equal activated parameters, the first
+    architecture the reference) or ``total`` (DeepSeekMoE Table 1: equal total parameters among the MoE
+    architectures, activated parameters differing and shown; a dense model is the activated-size reference)."""
+
+    archs: list[Arch]
+    matching: Literal["active", "total"] = "active"
+
+
+# The active-matched suites hold the activated FFN width at the dense model's 1024 hidden units
+# (smoe/presets/ablation.py).
+SUITES: dict[str, Suite] = {
+    "seeds-debate": Suite([Arch(n, n) for n in
+                           ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")]),
+    # DeepSeekMoE Table 1 at this size: every MoE holds 16 FFN-equivalents (16 x 1024 hidden units) in total; Hash
+    # and Switch activate one, GShard and DeepSeekMoE two (1 shared + 7 of 63 routed quarter-width experts).
+    "table-1": Suite([
+        Arch("dense", "dense"),
+        Arch("hash", "switch", {"moe.routing": "hash", "moe.balance": "none"}),
+        Arch("switch", "switch"),
+        Arch("gshard", "gshard", {"moe.expert_dim": 1024}),
+        Arch("deepseekmoe", "deepseekmoe", _fine(63, 7, 256, **{"moe.n_shared_experts": 1})),
+    ], matching="total"),
+    "granularity": Suite([
         # Top-1 renormalised would fix every gate at 1 and cut the router off the LM loss: weight by p, as Switch.
         Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024, **{"moe.norm_topk_prob": False})),
         Arch("E16-k2", "mixtral-style", _fine(16, 2, 512)),
         Arch("E32-k4", "mixtral-style", _fine(32, 4, 256)),
         Arch("E64-k8", "mixtral-style", _fine(64, 8, 128)),
-    ],
-    "shared": [
+    ]),
+    "shared": Suite([
         Arch("shared-0", "deepseekmoe", _fine(64, 8, 128, **{"moe.n_shared_experts": 0})),
         Arch("shared-1", "deepseekmoe", _fine(64, 7, 128, **{"moe.n_shared_experts": 1})),
         Arch("shared-2", "deepseekmoe", _fine(64, 6, 128, **{"moe.n_shared_experts": 2})),
         Arch("shared-4", "deepseekmoe", _fine(64, 4, 128, **{"moe.n_shared_experts": 4})),
-    ],
-    "balance": [
+    ]),
+    "balance": Suite([
         Arch("aux-0.01", "deepseek-v3-style", {"moe.balance": "aux", "moe.aux_loss_coef": 0.01}),
         Arch("seq-aux", "deepseek-v3-style", {"moe.balance": "seq_aux", "moe.seq_aux_loss_coef": 1e-3}),
         Arch("aux-free", "deepseek-v3-style", {"moe.balance": "aux_free", "moe.seq_aux_loss_coef": 0.0}),
         Arch("none", "deepseek-v3-style", {"moe.balance": "none"}),
-    ],
-    "capacity": [
+    ]),
+    "capacity": Suite([
         Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0, "moe.capacity_priority": "choice"}),
         Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
         Arch("dropless", "gshard", {"moe.capacity_factor": None}),
-    ],
+    ]),
 }
 
 
@@ -123,7 +145,7 @@ class CompareSettings:
         return kept
 
 
-def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list[Arch]]:
+def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, Suite]:
     if (suite is None) == (preset_list is None):
         raise ValueError("compare: give `suite` NAME or `presets` a,b,c (exactly one)")
     if suite is not None:
@@ -133,13 +155,16 @@ def resolve_suite(suite: str | None, preset_list: str | None) -> tuple[str, list
     names = [n.strip() for n in preset_list.split(",") if n.strip()]
     if len(names) < 2:
         raise ValueError("presets: name at least two presets to compare")
-    return "custom", [Arch(n, n) for n in names]
+    return "custom", Suite([Arch(n, n) for n in names])
 
 
-def check_matched(archs: list[Arch], seq_len: int) -> dict[str, dict[str, float]]:
-    """Activated parameters and FLOPs per token of each architecture; raises if any is more than 5% off the
-    first, or if the LM loss cannot reach a router. Building every config here also rejects unknown presets and
-    bad overrides before any training."""
+def check_matched(archs: list[Arch], seq_len: int, matching: str = "active") -> dict[str, dict[str, Any]]:
+    """Parameters and FLOPs per token of each architecture; raises if the matched parameters (without embedding and
+    head) of any is more than MATCH_TOLERANCE off the reference's, or if the LM loss cannot reach a router.
+    Building every config here also rejects unknown presets and bad overrides before any training.
+
+    ``active``: the reference is the first architecture and every one is matched. ``total``: the reference is the
+    first MoE architecture and the MoE ones are matched on total parameters; dense ones are shown, not matched."""
     table = {}
     for arch in archs:
         try:
@@ -151,22 +176,35 @@ def check_matched(archs: list[Arch], seq_len: int) -> dict[str, dict[str, float]
             raise ValueError(f"suite architecture {arch.label!r}: moe.top_k=1 with moe.norm_topk_prob=true fixes "
                              "every routing weight, so the LM loss never reaches the router; set "
                              "moe.norm_topk_prob=false (Switch weights the expert by its probability)")
+        embedding = acc.params_by_component.get("embedding", 0) + acc.params_by_component.get("head", 0)
         table[arch.label] = {"active_params": acc.active_params, "total_params": acc.total_params,
-                             "flops_per_token": acc.forward_flops_per_token}
-    ref_label = archs[0].label
-    ref = table[ref_label]["active_params"]
+                             "active_non_embedding": acc.active_params - embedding,
+                             "total_non_embedding": acc.total_params - embedding,
+                             "flops_per_token": acc.forward_flops_per_token, "moe": config.moe is not None}
+    key = {"active": "active_non_embedding", "total": "total_non_embedding"}[matching]
+    matched = [label for label, row in table.items() if matching == "active" or row["moe"]]
+    if not matched:
+        raise ValueError("suite: total matching needs at least one MoE architecture")
+    ref_label = matched[0]
+    ref = table[ref_label][key]
     for label, row in table.items():
-        row["active_vs_first"] = row["active_params"] / ref - 1
-        if abs(row["active_vs_first"]) > MATCH_TOLERANCE:
-            raise ValueError(f"suite architecture {label!r}: {row['active_params']:,} activated parameters, "
-                             f"{row['active_vs_first']:+.1%} from {ref_label!r} ({ref:,}); they must match within "
-                             f"{MATCH_TOLERANCE:.0%}")
+        row["active_vs_first"] = row["active_params"] / table[archs[0].label]["active_params"] - 1
+        row["matched"] = label in matched
+        row["matched_vs_reference"] = row[key] / ref - 1
+        if row["matched"] and abs(row["matched_vs_reference"]) > MATCH_TOLERANCE:
+            raise ValueError(f"suite architecture {label!r}: {row[key]:,} {matching} non-embedding parameters, "
+                             f"{row['matched_vs_reference']:+.1%} from {ref_label!r} ({ref:,}); they must match "
+                             f"within {MATCH_TOLERANCE:.0%}")
     return table
 
 
-def suite_definition(suite: str, archs: list[Arch], settings: CompareSettings) -> dict[str, Any]:
-    """What makes runs comparable (CompareSettings.definition); suite.json records its fingerprint."""
-    return {"suite": suite, "archs": [asdict(a) for a in archs], "settings": settings.definition()}
+def suite_definition(suite: str, spec: Suite, settings: CompareSettings) -> dict[str, Any]:
+    """What makes runs comparable (CompareSettings.definition); suite.json records its fingerprint. The matching
+    is named only when it is not the default, so suites defined before it existed keep their fingerprint."""
+    definition = {"suite": suite, "archs": [asdict(a) for a in spec.archs], "settings": settings.definition()}
+    if spec.matching != "active":
+        definition["matching"] = spec.matching
+    return definition
 
 
 def fingerprint(definition: dict[str, Any]) -> str:

@@ -68,12 +68,12 @@ class Block(nn.Module):
             self.residual_norm = make_norm(config.norm, dim, eps)
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0, token_ids_BT=None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, start)
         stats = None
         if self.is_moe:
-            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT)
         else:
             ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
         if self.residual_ffn is not None:
@@ -94,9 +94,9 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
         self.norm = make_norm(config.norm, dim, eps)
 
-    def forward(self, h_BTD, emb_BTD, cos, sin):
+    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None):
         x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, token_ids_BT=token_ids_BT)
 
 
 class Transformer(nn.Module):
@@ -181,7 +181,7 @@ class Transformer(nn.Module):
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start)
+            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start, input_ids)
             if s is not None:
                 stats[i] = s
         if cache is not None:
@@ -253,7 +253,8 @@ class Transformer(nn.Module):
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[: T - d], sin[: T - d])
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[: T - d], sin[: T - d],
+                              input_ids_BT[:, d:])
             if s is not None:
                 stats[self.config.n_layers + d - 1] = s
             losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))

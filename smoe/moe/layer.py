@@ -58,14 +58,15 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         init_weights(self, init_std)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them."""
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         cfg = self.config
-        routing = self.router(x_ND)
+        routing = self.router(x_ND, token_ids)
         capacity = None
-        if cfg.capacity_factor is not None and cfg.routing == "token_choice":
+        if cfg.capacity_factor is not None and cfg.routing != "expert_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
         dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k, cfg.capacity_priority)
         # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses

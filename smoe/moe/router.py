@@ -10,6 +10,9 @@ Token choice (every token picks K experts):
             group score (max, or the sum of the top 2) are eligible.
 Expert choice (Zhou et al. 2022): every expert picks its C best tokens. It looks at all tokens of the batch,
 including later positions of the same sequence, so it is for training studies, not autoregressive decoding.
+Hash (Roller et al. 2021, "Hash Layers For Large Sparse Models"; DeepSeekMoE Table 1's "Hash Layer"): a token goes
+  to the one expert a fixed random hash of its id names, with weight 1. Nothing is learned, so the router has no
+  weights; it needs the token ids.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         E = config.n_routed_experts
-        self.weight = nn.Parameter(torch.empty(E, dim))
+        self.weight = nn.Parameter(torch.empty(E, dim)) if config.routing != "hash" else None
         self.logit_bias = nn.Parameter(torch.zeros(E)) if config.router_bias else None
         if config.has_expert_bias:
             # Selection-only bias of aux-loss-free balancing. A buffer, not a parameter: the optimizer must not
@@ -48,7 +51,12 @@ class Router(nn.Module):
         else:
             self.expert_bias = None
 
-    def forward(self, x_TD: torch.Tensor) -> Routing:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> Routing:
+        if self.config.routing == "hash":
+            if token_ids_T is None:
+                raise ValueError("moe.routing: hash routing needs the token ids (run the layer inside a Transformer, "
+                                 "or pass token_ids)")
+            return hash_routing(token_ids_T, self.config.n_routed_experts, x_TD.device)
         return self.route(self.logits(x_TD))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -106,6 +114,26 @@ def _limit_to_groups(choice_TE: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
     keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, best_TG, True)
     keep_TE = keep_TG.repeat_interleave(E // cfg.n_group, dim=1)
     return choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+# A fixed random hash of the token id: multiply-add modulo the Mersenne prime 2^31 - 1 (the constants are arbitrary
+# odd numbers below it), then modulo E. Products stay below 2^62, so int64 never overflows.
+_HASH_PRIME, _HASH_MUL, _HASH_ADD = 2**31 - 1, 1_103_515_245, 12_345
+
+
+def hash_experts(token_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The expert each token id is hashed to (int64, the shape of ``token_ids``)."""
+    return ((token_ids.long() % _HASH_PRIME) * _HASH_MUL + _HASH_ADD) % _HASH_PRIME % n_experts
+
+
+def hash_routing(token_ids_T: torch.Tensor, n_experts: int, device: torch.device) -> Routing:
+    """Top-1 by the token id's hash, weight 1. The distribution over experts is the one-hot choice and the logits
+    are zero, so balance statistics describe the assignment and the z-loss is 0."""
+    expert_ids_T = hash_experts(token_ids_T.reshape(-1).to(device), n_experts)
+    T = expert_ids_T.shape[0]
+    probs_TE = torch.nn.functional.one_hot(expert_ids_T, n_experts).float()
+    return Routing(torch.arange(T, device=device), expert_ids_T, probs_TE.new_ones(T), probs_TE,
+                   torch.zeros_like(probs_TE), True)
 
 
 def expert_choice_capacity(n_tokens: int, cfg: MoEConfig) -> int:
