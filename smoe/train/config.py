@@ -9,7 +9,7 @@ No torch import: the command line builds its parser from this module cheaply.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 
@@ -120,10 +120,6 @@ def from_dict(cls, values: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} field {unknown[0]!r}")
     return cls(**values).validate()
-
-
-def defaults(cls) -> dict[str, Any]:
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 def _is_int(value: Any) -> bool:
