@@ -122,6 +122,8 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     name, spec = resolve_suite(suite, preset_list)
     archs = spec.archs
     matched = check_matched(archs, settings.train.seq_len, spec.matching)
+    for arch in spec.ladder:  # built here too, so a bad ladder fails before any training
+        check_matched([arch], settings.train.seq_len)
     out = Path(out)
     definition = suite_definition(name, spec, settings)
     suite_file = out / "suite.json"
@@ -133,8 +135,9 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     else:
         write_json(suite_file, {**definition, "fingerprint": fingerprint(definition), "matched": matched})
 
-    chosen = _tune_learning_rates(out, archs, settings, jobs, log) if settings.tune_lr else {}
+    chosen = _tune_learning_rates(out, spec.runs(), settings, jobs, log) if settings.tune_lr else {}
     _train_all([(f"{arch.label} seed {seed}", arch, settings.run_config(seed, chosen.get(arch.label)),
-                 run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in archs], settings, jobs, log)
+                 run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in spec.runs()],
+               settings, jobs, log)
 
     return write_report(out, name, archs, settings, matched, log=log)

@@ -48,13 +48,22 @@ class Suite:
 
     archs: list[Arch]
     matching: Literal["active", "total"] = "active"
+    # Dense models at other widths, trained on the same tokens and seeds: with the suite's own dense models they are
+    # the compute ladder each MoE's effective compute multiplier is read from (smoe.eval.ladder). Not matched.
+    ladder: list[Arch] = field(default_factory=list)
+
+    def runs(self) -> list[Arch]:
+        """Every architecture trained: the compared ones, then the ladder's."""
+        return [*self.archs, *self.ladder]
 
 
 # The active-matched suites hold the activated FFN width at the dense model's 1024 hidden units
 # (smoe/presets/ablation.py).
 SUITES: dict[str, Suite] = {
     "seeds-debate": Suite([Arch(n, n) for n in
-                           ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")]),
+                           ("dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style")],
+                          ladder=[Arch("dense-512", "dense", {"ffn_dim": 512}),
+                                  Arch("dense-2048", "dense", {"ffn_dim": 2048})]),
     # DeepSeekMoE Table 1 at this size: every MoE holds 16 FFN-equivalents (16 x 1024 hidden units) in total; Hash
     # and Switch activate one, GShard and DeepSeekMoE two (1 shared + 7 of 63 routed quarter-width experts).
     "table-1": Suite([
@@ -204,6 +213,8 @@ def suite_definition(suite: str, spec: Suite, settings: CompareSettings) -> dict
     definition = {"suite": suite, "archs": [asdict(a) for a in spec.archs], "settings": settings.definition()}
     if spec.matching != "active":
         definition["matching"] = spec.matching
+    if spec.ladder:
+        definition["ladder"] = [asdict(a) for a in spec.ladder]
     return definition
 
 
