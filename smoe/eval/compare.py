@@ -69,8 +69,7 @@ def _train_all(jobs: list[Job], settings: CompareSettings, parallel: int, log) -
             path.mkdir(parents=True, exist_ok=True)
             with open(path / "train.log", "w") as stderr:  # the child keeps its own copy of the descriptor
                 proc = subprocess.Popen(_train_command(arch, config, settings, path, resume),
-                                        stdout=subprocess.DEVNULL, stderr=stderr,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        stdout=subprocess.DEVNULL, stderr=stderr, env=_child_env(parallel))
             running.append((proc, job, time.time()))
         time.sleep(0.2)
         for item in [r for r in running if r[0].poll() is not None]:
@@ -84,6 +83,14 @@ def _train_all(jobs: list[Job], settings: CompareSettings, parallel: int, log) -
             summary = read_summary(path)
             log(f"{name}: val loss {summary['final_eval']['val_loss']:.4f}, "
                 f"{summary['tokens_per_s']:.0f} tok/s, {time.time() - start:.0f}s")
+
+
+def _child_env(parallel: int) -> dict[str, str]:
+    """The children share the CPU cores (unless OMP_NUM_THREADS says otherwise): small models train faster as
+    separate single-threaded processes than with every process's OpenMP threads fighting for every core (two
+    deepseekmoe runs side by side at one thread each: 643 tokens/s each, against 579 for one run on two threads)."""
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // parallel))
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
 
 
 def _tune_learning_rates(out: Path, archs: list[Arch], settings: CompareSettings, parallel: int, log
