@@ -150,19 +150,22 @@ def disable_top_scored(model: Transformer, n_off: int):
 
 
 @torch.no_grad()
-def redundancy(model: Transformer, batches: list[Batch], ratios: tuple[float, ...] = REDUNDANCY_RATIOS
-               ) -> dict[str, Any]:
+def redundancy(model: Transformer, batches: list[Batch], ratios: tuple[float, ...] = REDUNDANCY_RATIOS,
+               base_loss: float | None = None) -> dict[str, Any]:
     """Mean lm loss when each token loses its top ``ratio`` of routed experts by score (``n_disabled``), for each
     ratio: DeepSeekMoE Fig. 4's curve, where a steeper rise means less redundant experts. Layers other than token
     choice are listed in ``skipped_layers`` with their routing, and route as usual; with none left the curve is
-    empty. Every MoE layer of a model shares one MoEConfig, so one count of disabled experts serves them all."""
+    empty. Every MoE layer of a model shares one MoEConfig, so one count of disabled experts serves them all.
+    ``base_loss``: the model's mean loss on ``batches`` when already known, used for 0 disabled experts (the
+    masked routing equals the plain one there) to save a pass."""
     layers = model.moe_layers_by_index()
     skipped = {str(i): layer.config.routing for i, layer in layers.items() if layer.config.routing != "token_choice"}
     result: dict[str, Any] = {"ratios": [], "disabled_experts": [], "loss": [], "skipped_layers": skipped}
     if not _token_choice_layers(model):
         return result
     cfg = model.config.moe
-    losses: dict[int, float] = {}  # small E rounds neighbouring ratios to the same count: run each count once
+    # small E rounds neighbouring ratios to the same count: run each count once
+    losses: dict[int, float] = {} if base_loss is None else {0: base_loss}
     for ratio in ratios:
         n = n_disabled(ratio, cfg.n_routed_experts, cfg.top_k)
         if n not in losses:
@@ -372,7 +375,7 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
         cfg = next(iter(traded.values()))
         result["shared_to_routed_top_k"] = cfg.top_k + n_replacing_shared(cfg)
 
-    result["redundancy"] = redundancy(model, batches)
+    result["redundancy"] = redundancy(model, batches, base_loss=base_loss)
 
     if earlier:
         result["saturation"], result["saturation_by_layer"] = {}, {}
