@@ -119,3 +119,13 @@ def test_specialisation_is_zero_for_identical_routing_and_above_shuffled_for_dis
     disjoint = torch.cat([torch.zeros(4, 8, 1, dtype=torch.long), torch.ones(4, 8, 1, dtype=torch.long)])
     spec = analysis.specialisation(disjoint, [0] * 4 + [1] * 4, 2, 2)
     assert spec["score"] == pytest.approx(0.5) and spec["score"] > spec["shuffled_mean"] + 2 * spec["shuffled_std"]
+
+
+def test_a_group_limit_left_short_of_top_k_is_refused():
+    # groups of two, one kept, scored by their best expert: a token whose top expert's partner wins its group
+    # would keep a single expert for top-2
+    model = _model("deepseek-v3-style", **{"moe.n_routed_experts": 8, "moe.top_k": 2, "moe.n_group": 4,
+                                           "moe.topk_group": 1, "moe.group_score": "max"})
+    with pytest.raises(ValueError, match="redundancy: with 1 of 8 experts disabled, the group limit"):
+        with analysis.disable_top_scored(model, 1):
+            analysis.mean_loss(model, _batches(1))

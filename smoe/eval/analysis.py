@@ -130,7 +130,17 @@ def _route_without_top(router: Router, n_off: int, x_TD: torch.Tensor, token_ids
     # token_choice adds the bias to the scores for selection only, so a (T, E) mask there removes experts from
     # the group limit and the top-K while the kept experts' weights stay their unmasked scores.
     bias = off_TE if router.expert_bias is None else router.expert_bias.float() + off_TE
-    return token_choice(logits_TE, cfg, bias)
+    routing = token_choice(logits_TE, cfg, bias)
+    # A group limit can keep groups with fewer than K experts left; top-K then fills up with -inf entries:
+    # disabled experts, or experts of groups the limit dropped.
+    ids_TK = routing.expert_ids_A.view(len(off_TE), -1)
+    groups_TG = torch.zeros(len(off_TE), cfg.n_group, dtype=torch.bool, device=ids_TK.device).scatter_(
+        1, ids_TK // (cfg.n_routed_experts // cfg.n_group), True)
+    if torch.isinf(off_TE.gather(1, ids_TK)).any() or (groups_TG.sum(1) > cfg.topk_group).any():
+        raise ValueError(f"redundancy: with {n_off} of {cfg.n_routed_experts} experts disabled, the group limit "
+                         f"(topk_group {cfg.topk_group} of n_group {cfg.n_group}) leaves some tokens fewer than "
+                         f"top_k {cfg.top_k} experts; use smaller ratios")
+    return routing
 
 
 @contextlib.contextmanager
