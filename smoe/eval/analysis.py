@@ -193,18 +193,23 @@ def n_replacing_shared(cfg: MoEConfig) -> int:
     return max(1, round(cfg.n_shared_experts * cfg.resolved_shared_expert_dim / cfg.expert_dim))
 
 
+def _tradable_layers(model: Transformer) -> dict[int, MoELayer]:
+    # Token-choice layers with shared experts whose group limit leaves room for top_k + n routed experts.
+    return {i: layer for i, layer in _token_choice_layers(model).items() if layer.shared is not None and
+            layer.config.top_k + n_replacing_shared(layer.config)
+            <= layer.config.topk_group * (layer.config.n_routed_experts // layer.config.n_group)}
+
+
 @contextlib.contextmanager
 def shared_to_routed(model: Transformer):
     """Within the block, every token-choice layer with shared experts runs without them and routes each token to
     ``n_replacing_shared`` more routed experts (top_k + n), chosen and weighted as its router normally does
-    (DeepSeekMoE §4.5's "disable the shared expert and activate one more routed expert"). Layers where top_k + n
-    would exceed E are left unchanged."""
+    (DeepSeekMoE §4.5's "disable the shared expert and activate one more routed expert"). Layers whose group limit
+    (or E) leaves fewer than top_k + n experts eligible are left unchanged."""
     saved: list[tuple[Any, str, Any]] = []
     try:
-        for layer in _token_choice_layers(model).values():
+        for layer in _tradable_layers(model).values():
             cfg = layer.config
-            if layer.shared is None or cfg.top_k + n_replacing_shared(cfg) > cfg.n_routed_experts:
-                continue
             wider = replace(cfg, top_k=cfg.top_k + n_replacing_shared(cfg))
             # The layer reads top_k for dispatch and balance statistics, the router for selection: both change.
             for obj in (layer, layer.router):
@@ -377,12 +382,11 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
     if any(layer.shared is not None for layer in layers.values()):
         with knock_out(model, shared=True):
             result["knockout"]["shared"] = mean_loss(model, batches) - base_loss
-    traded = {i: layer.config for i, layer in _token_choice_layers(model).items() if layer.shared is not None
-              and layer.config.top_k + n_replacing_shared(layer.config) <= layer.config.n_routed_experts}
+    traded = _tradable_layers(model)
     if traded:
         with shared_to_routed(model):
             result["knockout"]["shared_to_routed"] = mean_loss(model, batches) - base_loss
-        cfg = next(iter(traded.values()))
+        cfg = next(iter(traded.values())).config
         result["shared_to_routed_top_k"] = cfg.top_k + n_replacing_shared(cfg)
 
     result["redundancy"] = redundancy(model, batches, base_loss=base_loss)
