@@ -165,12 +165,25 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     print(f"{path}: loss {result['loss']:.4f} on {seqs.shape[0]} sequences of {args.seq_len}")
     for layer, v in result["layers"].items():
         c = v["consecutive"]
-        print(f"  layer {layer}: same first expert {c['first']:.3f} (random {c['first_uniform']:.3f}), "
-              f"top-k overlap {c['any']:.3f} (random {c['any_uniform']:.3f}), dead {v['dead']}")
+        print(f"  layer {layer}: same first expert {c['first']:.3f} (random {c['first_uniform']:.3f}, "
+              f"load-weighted {c['first_load_weighted']:.3f}), top-k overlap {c['any']:.3f} (random "
+              f"{c['any_uniform']:.3f}, load-aware {c['any_load_aware']:.3f}), dead {v['dead']}")
+        if "specialisation" in v:
+            sp = v["specialisation"]
+            print(f"    specialisation {sp['score']:.3f} (sources shuffled: {sp['shuffled_mean']:.3f} ± "
+                  f"{sp['shuffled_std']:.3f})")
     for name, rise in result["knockout"].items():
-        print(f"  knock-out {name}: loss {rise:+.4f}")
+        share = result["knockout_fraction"].get(name)
+        print(f"  knock-out {name}: loss {rise:+.4f}" + (f" ({share:.1%} of routed experts)" if share else ""))
+    red = result["redundancy"]
+    if red["loss"]:
+        print("  redundancy, loss when each token loses its top-scored experts: " + ", ".join(
+            f"{r * 16:g}/16 ({n}) {loss - result['loss']:+.4f}"
+            for r, n, loss in zip(red["ratios"], red["disabled_experts"], red["loss"])))
     for step, value in result.get("saturation", {}).items():
-        print(f"  saturation at step {step}: {value:.3f}")
+        chances = [v["chance"] for v in result["saturation_by_layer"][step].values()]
+        chance = sum(chances) / len(chances)
+        print(f"  saturation at step {step}: {value:.3f} (chance {chance:.3f})")
     print(f"written: {out}")
 
 

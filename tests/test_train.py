@@ -170,6 +170,7 @@ def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys
     assert main(["analyze", str(tmp_path / "run"), "--data", str(text), "--seq-len", "16", "--sequences", "8"]) == 0
     out = capsys.readouterr().out
     assert "same first expert" in out and "knock-out top1_routed" in out and "saturation at step 3" in out
+    assert "redundancy, loss" in out and "(12.5% of routed experts)" in out
     result = json.loads((ckpt.latest_checkpoint(tmp_path / "run").path / "analysis.json").read_text())
     assert set(result["layers"]) == {"0", "1"} and result["saturation"]["3"] <= 1.0
 
