@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smoe import presets
-from smoe.eval import analysis
+from smoe.eval import analysis, collect, plots, report
 from smoe.eval.compare import run_suite
 from smoe.eval.suite import SUITES, Arch, CompareSettings, Suite, check_matched, read_rows, resolve_suite
 from smoe.models import build_model
@@ -142,11 +142,16 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
         assert img["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| dense |" in md and "| moe |" in md and "seed noise" in md
+    assert "| dense |" in md and "| moe |" in md
+    assert re.search(r"- (dense − moe|moe − dense): [+-]\d\.\d{3} nats, 95% CI \[.*\], (not )?resolved", md)
     for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png"):
         assert (out / "plots" / name).is_file(), name
     analyses = json.loads((out / "analysis.json").read_text())
     assert "domain_affinity" in analyses["moe"]["layers"]["0"] and "saturation" in analyses["moe"]
+    # every seed is analysed: seed 0 under the original keys, seed 1 beside it, both summarised
+    assert set(analyses["moe"]["other_seeds"]) == {"1"} and analyses["moe"]["over_seeds"]["seeds"] == 2
+    assert analyses["moe"]["over_seeds"]["loss"]["values"] == [analyses["moe"]["loss"],
+                                                                analyses["moe"]["other_seeds"]["1"]["loss"]]
 
     # rerunning skips finished runs; a different definition in the same directory is refused
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
@@ -205,3 +210,127 @@ def test_tune_lr_trains_each_rate_once_and_every_seed_at_the_best(tmp_path, monk
     seed0 = json.loads((run_dir(out, arch, 0) / "summary.json").read_text())
     assert seed0["final_eval"] == best["final_eval"]  # the tuning run is the seed-0 run, not trained twice
     assert seed0["checkpoint"].startswith(str(run_dir(out, arch, 0)))
+
+
+# --- the report's document, from made-up runs (no training) ------------------------------------------------------
+
+
+def _fake_runs(losses: dict[str, list[float]], precision="bf16"):
+    """collect()'s data and the matched table for architectures with the given final losses, one per seed."""
+    data, matched = {}, {}
+    for label, per_seed in losses.items():
+        data[label] = {"curves": [([1, 2], [x + 1.0, x]) for x in per_seed],
+                       "final": [{"val_loss": x, "val_bpb": x / 3} for x in per_seed],
+                       "summaries": [{"peak_device_bytes": 2**20, "peak_rss_bytes": 0, "tokens_per_s": 10.0}] *
+                       len(per_seed),
+                       "precision": [precision] * len(per_seed), "balance": ([1, 2], [0.0, 0.0]), "loads": {}}
+        matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9}
+    return data, matched
+
+
+def _fake_analysis(seed: int, shared: bool):
+    layer = {"load": [3, 1], "dead": 0, "top_tokens": {"0": [["a|b", 0.5], ["`x", 0.5]], "1": []},
+             "consecutive": {"first": 0.5 + 0.01 * seed, "first_uniform": 0.5, "first_load_weighted": 0.6,
+                             "any": 0.8, "any_uniform": 0.9}}
+    knockout = {"top1_routed": 0.1 + 0.01 * seed, **({"shared": 0.3} if shared else {})}
+    return {"loss": 2.0 + seed, "layers": {"0": layer}, "sources": ["s"], "knockout": knockout,
+            "saturation": {"5": 0.6, "10": 0.7}}
+
+
+def _document(losses, shared=("deepseekmoe",), precision="bf16"):
+    seeds = len(next(iter(losses.values())))
+    data, matched = _fake_runs(losses, precision)
+    analyses = collect.analysis_json({label: [_fake_analysis(s, label in shared) for s in range(seeds)]
+                                      for label in losses if label != "dense"})
+    settings = CompareSettings(train=TrainConfig(precision="auto"), seeds=seeds)
+    return report.build_document("t", settings, matched, data, analyses)
+
+
+def test_knock_out_of_shared_experts_is_na_for_models_without_them():
+    md = report.to_markdown(_document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]}))
+    assert "| gshard | +0.1050 ± 0.0635 | n/a |" in md and "nan" not in md
+
+
+def test_html_holds_the_knock_out_table_and_renders_code_spans():
+    page = report.to_html(_document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]}), "t")
+    assert "<th><code>top1_routed</code></th><th><code>shared</code></th>" in page
+    assert "<code>a|b</code>" in page and "`" not in page.replace("<code>`x</code>", "")
+    parser = _Strict()
+    parser.feed(page)
+    assert not parser.stack
+
+
+def test_markdown_code_spans_survive_backticks_and_table_pipes():
+    md = report.to_markdown(_document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]}))
+    assert "#0: `a\\|b` `` `x ``" in md
+
+
+def test_setup_line_shows_the_precision_the_runs_resolved():
+    md = report.to_markdown(_document({"dense": [2.0], "gshard": [2.1]}, precision="fp32"))
+    assert ", fp32, 1 seed(s)." in md and "auto" not in md
+
+
+def test_collect_reads_each_runs_resolved_precision(tmp_path):
+    arch = Arch("dense", "dense")
+    run = tmp_path / "runs" / "dense" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"kind": "eval", "step": 1, "val_loss": 2.0}\n')
+    (run / "summary.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"train_config": {"precision": "bf16"}}))
+    assert collect.collect(tmp_path, [arch], seeds=1)["dense"]["precision"] == ["bf16"]
+
+
+def test_one_seed_resolves_nothing_and_draws_no_band(monkeypatch):
+    titles = []
+    monkeypatch.setattr(plots, "_png", lambda fig: titles.append(fig.axes[0].get_title()) or b"")
+    md = report.to_markdown(_document({"dense": [2.0], "gshard": [2.1], "deepseekmoe": [1.9]}))
+    assert "- gshard − deepseekmoe: +0.200 nats (1 seed: no interval, nothing resolved)" in md
+    assert "agrees" not in md and "±" not in md
+    assert titles[0] == "Validation loss (one seed: no band)"
+
+
+def test_curves_title_names_the_t_band_and_the_seeds(monkeypatch):
+    titles = []
+    monkeypatch.setattr(plots, "_png", lambda fig: titles.append(fig.axes[0].get_title()) or b"")
+    _document({"dense": [2.0, 2.1, 2.2], "gshard": [2.1, 2.0, 2.3]})
+    assert titles[0] == "Validation loss: mean over 3 seeds, band = 95% t-interval of the mean"
+
+
+def test_saturation_legend_names_steps(monkeypatch):
+    legends = {}
+    monkeypatch.setattr(plots, "_png", lambda fig: legends.update(
+        {fig.axes[0].get_title(): fig.axes[0].get_legend()}) or b"")
+    _document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]})
+    (title,) = [t for t in legends if t.startswith("Share of final top-k")]
+    assert legends[title].get_title().get_text() == "step"
+    assert [t.get_text() for t in legends[title].get_texts()] == ["5", "10"]  # in step order, not string order
+
+
+def test_papers_order_is_claimed_only_when_resolved():
+    unresolved = report.to_markdown(_document({"dense": [2.0, 2.5, 1.8], "deepseekmoe": [1.9, 2.6, 1.6]}))
+    assert ("DeepSeekMoE Table 1: deepseekmoe below dense (1.808 against 2.060, -0.252). Ours, deepseekmoe − dense: "
+            "-0.067 nats" in unresolved)
+    assert "not resolved" in unresolved and "neither supports nor contradicts the paper" in unresolved
+    agrees = report.to_markdown(_document({"dense": [2.0, 2.5, 1.8], "deepseekmoe": [1.8, 2.31, 1.59]}))
+    assert "resolved (detectable" in agrees and "agrees with the paper" in agrees
+    opposite = report.to_markdown(_document({"dense": [1.8, 2.31, 1.59], "deepseekmoe": [2.0, 2.5, 1.8]}))
+    assert "the opposite order to the paper's" in opposite
+
+
+def test_comparisons_are_against_the_best_plus_the_papers_orders_with_shared_pairs_counted_once():
+    losses = {"dense": [2.0, 2.1], "switch": [1.9, 2.0], "gshard": [1.95, 1.9], "deepseekmoe": [1.8, 1.85]}
+    results, claims = report.comparisons(losses)
+    # 3 against deepseekmoe, plus gshard-switch and switch-dense (deepseekmoe-gshard is already one of the 3)
+    assert [(p.a, p.b) for p in results] == [("dense", "deepseekmoe"), ("switch", "deepseekmoe"),
+                                             ("gshard", "deepseekmoe"), ("gshard", "switch"), ("switch", "dense")]
+    assert [(p.a, p.b) for _, p in claims] == [("deepseekmoe", "gshard"), ("gshard", "switch"), ("switch", "dense")]
+    assert claims[0][1].mean == pytest.approx(-results[2].mean)
+
+
+def test_analyses_are_summarised_over_seeds():
+    over = collect.over_seeds([_fake_analysis(s, shared=True) for s in range(3)])
+    assert over["seeds"] == 3 and over["knockout"]["top1_routed"]["values"] == pytest.approx([0.1, 0.11, 0.12])
+    assert over["layers"]["0"]["first"]["mean"] == pytest.approx(0.51)
+    assert over["saturation"]["5"]["sd"] == 0.0
+    one = collect.over_seeds([_fake_analysis(0, shared=False)])
+    assert one["loss"]["sd"] is None and "shared" not in one["knockout"]

@@ -1,5 +1,6 @@
 """What a finished suite's report is made of: each run's curves, final metrics, balance and loads read back from
-its files, and the specialisation analyses (smoe.eval.analysis) run on each architecture's seed-0 checkpoints.
+its files, and the specialisation analyses (smoe.eval.analysis) run on every seed's checkpoints of each
+architecture, summarised over seeds.
 
 Kept apart from suite.py, which compare needs before any run exists: this module loads models, checkpoints and
 data, and only the report needs that.
@@ -13,17 +14,20 @@ from typing import Any
 import numpy as np
 
 from smoe.eval.analysis import analyze
+from smoe.eval.stats import interval
 from smoe.eval.suite import Arch, CompareSettings, read_rows, read_summary, run_dir
 from smoe.io.checkpoint import list_checkpoints, load_model
+from smoe.io.files import read_json
 from smoe.io.tokenizer import load_tokenizer
 from smoe.train.data import prepare_data, val_sequences
 
 
 def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any]]:
-    """Per architecture: eval curves per seed, final metrics per seed, balance curves and loads (seed 0)."""
+    """Per architecture: eval curves, final metrics, summaries and the precision each run resolved (run.json
+    records ``auto`` already resolved), per seed; balance curves and loads of seed 0."""
     data = {}
     for arch in archs:
-        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": []}
+        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
@@ -31,6 +35,7 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
             entry["curves"].append(([r["step"] for r in evals], [r["val_loss"] for r in evals]))
             entry["final"].append(evals[-1])
             entry["summaries"].append(read_summary(run))
+            entry["precision"].append(read_json(run / "run.json")["train_config"]["precision"])
             if seed == 0:
                 train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
                 entry["balance"] = ([r["step"] for r in train],
@@ -43,24 +48,61 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
     return data
 
 
-def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print) -> dict[str, dict[str, Any]]:
-    """analysis.analyze on each architecture's seed-0 final checkpoint, over the validation set."""
-    results = {}
+def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """analysis.analyze on every seed's final checkpoint of each MoE architecture (dense ones are skipped before
+    their data and earlier checkpoints are loaded), each over the validation split that run was evaluated on: the
+    split is drawn from the run's seed when ``val_data`` is not given. A list per architecture, seed by seed."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    t = settings.train
     for arch in archs:
-        run = run_dir(out, arch, 0)
-        model, path = load_model(run)
-        tokenizer = load_tokenizer(path / "tokenizer.json")
-        t = settings.train
-        prepared = prepare_data(settings.data.data, val_spec=settings.data.val_data,
-                                tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=0)
-        seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
-        batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
-        earlier = []
-        for c in list_checkpoints(run)[:-1]:
-            other, _ = load_model(c.path)
-            earlier.append((c.step, other))
-        if model.moe_layers:
-            log(f"analysing {arch.label}")
+        for seed in range(settings.seeds):
+            run = run_dir(out, arch, seed)
+            model, path = load_model(run)
+            if not model.moe_layers:
+                break
+            log(f"analysing {arch.label} seed {seed}")
+            tokenizer = load_tokenizer(path / "tokenizer.json")
+            prepared = prepare_data(settings.data.data, val_spec=settings.data.val_data,
+                                    tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=seed)
+            seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
+            batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
+            earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run)[:-1]]
             # source indices of val_sequences refer to the validation split, which --val-data may name differently
-            results[arch.label] = analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier)
+            results.setdefault(arch.label, []).append(
+                analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier))
     return results
+
+
+def _interval(values: list[float]) -> dict[str, Any]:
+    iv = interval(values)
+    spread = {"sd": iv.sd, "low": iv.low, "high": iv.high} if iv.n > 1 else {"sd": None, "low": None, "high": None}
+    return {"mean": iv.mean, **spread, "level": iv.level, "n": iv.n, "values": list(values)}
+
+
+def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each scalar of one architecture's analyses over seeds: mean, sample sd, and the 95% t interval of the mean
+    (sd and bounds None with one seed), with the per-seed values. Layers, knock-out keys and saturation steps are
+    the same in every seed's result: they follow from the architecture and the checkpoint schedule."""
+    first = per_seed[0]
+    layers = {}
+    for layer, v in first["layers"].items():
+        rates = [r["layers"][layer]["consecutive"] for r in per_seed]
+        layers[layer] = {"first": _interval([c["first"] for c in rates]), "any": _interval([c["any"] for c in rates]),
+                         "first_uniform": v["consecutive"]["first_uniform"],
+                         "any_uniform": v["consecutive"]["any_uniform"],
+                         "dead": _interval([r["layers"][layer]["dead"] for r in per_seed])}
+    summary = {"seeds": len(per_seed), "loss": _interval([r["loss"] for r in per_seed]), "layers": layers,
+               "knockout": {k: _interval([r["knockout"][k] for r in per_seed]) for k in first["knockout"]}}
+    if first.get("saturation"):
+        summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
+                                 for step in first["saturation"]}
+    return summary
+
+
+def analysis_json(analyses: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """What analysis.json holds per architecture: seed 0's result under the keys it has always had (``loss``,
+    ``layers``, ``sources``, ``knockout``, ``saturation``), the other seeds' results under ``other_seeds`` (keyed
+    by seed), and ``over_seeds`` (see over_seeds)."""
+    return {label: {**runs[0], "other_seeds": {str(s): r for s, r in enumerate(runs) if s},
+                    "over_seeds": over_seeds(runs)} for label, runs in analyses.items()}

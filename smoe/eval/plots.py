@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smoe.eval.stats import band
+
 
 def _figure():
     import matplotlib
@@ -25,6 +27,12 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def curves_title(seeds: int) -> str:
+    if seeds < 2:
+        return "Validation loss (one seed: no band)"
+    return f"Validation loss: mean over {seeds} seeds, band = 95% t-interval of the mean"
+
+
 def fig_curves(data) -> bytes:
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -32,14 +40,12 @@ def fig_curves(data) -> bytes:
         steps = entry["curves"][0][0]
         n = min(len(c[1]) for c in entry["curves"])
         losses = np.array([c[1][:n] for c in entry["curves"]])
-        mean = losses.mean(0)
-        ax.plot(steps[:n], mean, label=label)
+        ax.plot(steps[:n], losses.mean(0), label=label)
         if len(losses) > 1:
-            std = losses.std(0, ddof=1)
-            ax.fill_between(steps[:n], mean - std, mean + std, alpha=0.2)
+            ax.fill_between(steps[:n], *band(losses), alpha=0.2)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Validation loss (mean ± std over seeds)")
+    ax.set_title(curves_title(min(len(e["curves"]) for e in data.values())))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
@@ -58,7 +64,8 @@ def fig_balance(data) -> bytes:
     ax.set_ylabel("expert load CV (mean over layers)")
     ax.set_title("Load imbalance during training (0 = perfectly balanced)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # a suite of dense models has no load to plot
+        ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -79,16 +86,20 @@ def fig_loads(label: str, loads: dict[str, np.ndarray]) -> bytes:
     return _png(fig)
 
 
-def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], baseline: dict[str, float] | None = None
-             ) -> bytes:
+def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], baseline: dict[str, float] | None = None,
+             legend: str | None = None, errors: dict[str, dict[str, float]] | None = None) -> bytes:
+    """One group of bars per architecture, one bar per key (layer, step, knock-out), titled ``legend`` in the
+    legend; ``errors`` (same shape as ``groups``) draws symmetric error bars, ``baseline`` a dashed line per
+    group."""
     plt = _figure()
     labels = list(groups)
-    keys = sorted({k for g in groups.values() for k in g}, key=str)
+    keys = sorted({k for g in groups.values() for k in g}, key=lambda k: (0, int(k), "") if k.isdigit() else (1, 0, k))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * max(1, len(keys)) / 2), 3.5))
     width = 0.8 / max(1, len(keys))
     for i, key in enumerate(keys):
         xs = np.arange(len(labels)) + i * width
-        ax.bar(xs, [groups[lab].get(key, np.nan) for lab in labels], width, label=str(key))
+        yerr = [errors[lab].get(key, np.nan) for lab in labels] if errors else None
+        ax.bar(xs, [groups[lab].get(key, np.nan) for lab in labels], width, label=str(key), yerr=yerr, capsize=2)
     if baseline:
         for i, lab in enumerate(labels):
             if lab in baseline:
@@ -99,7 +110,7 @@ def fig_bars(title: str, ylabel: str, groups: dict[str, dict[str, float]], basel
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
     if len(keys) > 1:
-        ax.legend(fontsize=7, title="layer" if all(k.isdigit() for k in keys) else None)
+        ax.legend(fontsize=7, title=legend)
     return _png(fig)
 
 

@@ -1,191 +1,398 @@
 """The head-to-head report: ``report.md`` (plots as PNG files beside it) and a self-contained ``report.html``
 (plots embedded), from the runs of a suite directory.
 
-Sections: validation curves with mean ± std bands over seeds, the final table, balance over training, per-layer
-expert load heatmaps, the specialisation analyses (smoe.eval.analysis) on each architecture's seed-0 run, and a
-verdict that separates differences beyond seed noise from those within it. The data come from smoe.eval.collect
-and the figures from smoe.eval.plots; this module assembles them and renders both files.
+The report is built once as a document (a list of Heading, Paragraph, Bullets, Table and Figure blocks whose text
+is plain strings, ``Code`` and ``Strong`` spans) and rendered by two small renderers, so the two files cannot say
+different things. Its sections: the verdict (paired differences over seeds, Holm-corrected; smoe.eval.stats), the
+papers' orderings checked against the same intervals, the final table and curves, balance and load over
+training, and the specialisation analyses (smoe.eval.analysis) of every seed, summarised over seeds. The data
+come from smoe.eval.collect and the figures from smoe.eval.plots.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
+import itertools
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from smoe.eval.collect import collect, run_analyses
+from smoe.eval.collect import analysis_json, collect, run_analyses
 from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_loads
+from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
 from smoe.eval.suite import Arch, CompareSettings
 from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
 
-# DeepSeekMoE (arXiv 2401.06066) Table 1 validation losses at ~2B total parameters, for the ordering check.
-PAPER_ORDER = {"dense": 2.060, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808}
+# Published validation losses whose order a suite can check, by architecture label.
+PAPERS = {
+    # DeepSeekMoE (arXiv 2401.06066) Table 1: ~2B total parameters, 100B tokens, Pile validation loss
+    "DeepSeekMoE Table 1": {"dense": 2.060, "switch": 1.881, "gshard": 1.867, "deepseekmoe": 1.808},
+    # DeepSeek-V3 (arXiv 2412.19437) §4.5.3: 1B MoE, sequence-wise aux loss against aux-loss-free balancing
+    "DeepSeek-V3 §4.5.3": {"seq-aux": 2.258, "aux-free": 2.253},
+}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+# --- the document model ------------------------------------------------------------------------------------------
 
 
-# --- verdict -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Code:
+    text: str
 
 
-def verdict(final: dict[str, tuple[float, float]], seeds: int) -> list[str]:
-    """Plain sentences: the best architecture, and for each other one whether its gap exceeds seed noise
-    (more than twice the standard error of the difference of means)."""
-    ranked = sorted(final, key=lambda k: final[k][0])
-    best = ranked[0]
-    lines = [f"Lowest validation loss: **{best}** ({final[best][0]:.4f})."]
-    if seeds < 2:
-        lines.append("One seed per architecture: seed-to-seed noise is not measured, so no gap below can be "
-                     "called significant. Rerun with `--seeds 3` to separate them.")
-        for label in ranked[1:]:
-            lines.append(f"- {label}: +{final[label][0] - final[best][0]:.4f} nats")
-        return lines
-    for label in ranked[1:]:
-        gap = final[label][0] - final[best][0]
-        se = math.sqrt((final[label][1] ** 2 + final[best][1] ** 2) / seeds)
-        if gap > 2 * se:
-            lines.append(f"- {label}: +{gap:.4f} nats, beyond seed noise (2 x s.e. = {2 * se:.4f}).")
+@dataclass(frozen=True)
+class Strong:
+    text: str
+
+
+Text = str | Code | Strong | tuple  # a tuple holds spans in order
+
+
+@dataclass(frozen=True)
+class Heading:
+    level: int
+    text: Text
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: Text
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: tuple
+
+
+@dataclass(frozen=True)
+class Table:
+    rows: tuple  # of rows of Text; the first row is the header
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # the PNG's file name in plots/, without .png
+    title: str
+    png: bytes
+
+
+Block = Heading | Paragraph | Bullets | Table | Figure
+
+
+def _spans(text: Text) -> tuple:
+    return text if isinstance(text, tuple) else (text,)
+
+
+# --- Markdown ----------------------------------------------------------------------------------------------------
+
+
+def _md_inline(text: Text, in_table: bool = False) -> str:
+    out = []
+    for span in _spans(text):
+        if isinstance(span, Code):
+            # a fence longer than any backtick run inside; padded when the text itself starts or ends with one
+            fence = "`" * (max((len(r) for r in re.findall("`+", span.text)), default=0) + 1)
+            pad = " " if span.text.startswith("`") or span.text.endswith("`") else ""
+            body = span.text.replace("|", "\\|") if in_table else span.text
+            out.append(f"{fence}{pad}{body}{pad}{fence}")
         else:
-            lines.append(f"- {label}: +{gap:.4f} nats, within seed noise (2 x s.e. = {2 * se:.4f}).")
-    common = [k for k in PAPER_ORDER if k in final]
-    if len(common) >= 2:
-        ours = sorted(common, key=lambda k: final[k][0])
-        paper = sorted(common, key=lambda k: PAPER_ORDER[k])
-        agree = "agrees with" if ours == paper else "differs from"
-        lines.append(f"Ordering of {', '.join(common)}: ours {' < '.join(ours)}; this {agree} DeepSeekMoE "
-                     f"Table 1 ({' < '.join(paper)}).")
-    return lines
+            plain = re.sub(r"([\\`*_<|])", r"\\\1", span.text if isinstance(span, Strong) else span)
+            out.append(f"**{plain}**" if isinstance(span, Strong) else plain)
+    return "".join(out).replace("\n", " ")
 
 
-# --- rendering ---------------------------------------------------------------------------------------------------
+def to_markdown(doc: list[Block]) -> str:
+    parts = []
+    for block in doc:
+        if isinstance(block, Heading):
+            parts.append("#" * block.level + " " + _md_inline(block.text))
+        elif isinstance(block, Paragraph):
+            parts.append(_md_inline(block.text))
+        elif isinstance(block, Bullets):
+            parts.append("\n".join("- " + _md_inline(item) for item in block.items))
+        elif isinstance(block, Table):
+            head, *body = block.rows
+            lines = ["| " + " | ".join(_md_inline(c, True) for c in head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(_md_inline(c, True) for c in row) + " |" for row in body]
+            parts.append("\n".join(lines))
+        else:
+            parts.append(f"![{block.title}](plots/{block.name}.png)")
+    return "\n\n".join(parts) + "\n"
+
+
+# --- HTML --------------------------------------------------------------------------------------------------------
+
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+          "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
+          "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+          "code{white-space:pre;background:#f3f3f3;padding:0 2px}figure{margin:1em 0}img{max-width:100%}")
+
+
+def _html_inline(text: Text) -> str:
+    out = []
+    for span in _spans(text):
+        if isinstance(span, Code):
+            out.append(f"<code>{html.escape(span.text)}</code>")
+        elif isinstance(span, Strong):
+            out.append(f"<strong>{html.escape(span.text)}</strong>")
+        else:
+            out.append(html.escape(span))
+    return "".join(out)
+
+
+def to_html(doc: list[Block], title: str) -> str:
+    parts = []
+    for block in doc:
+        if isinstance(block, Heading):
+            parts.append(f"<h{block.level}>{_html_inline(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            parts.append(f"<p>{_html_inline(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            parts.append("<ul>" + "".join(f"<li>{_html_inline(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Table):
+            head, *body = block.rows
+            parts.append("<table><thead><tr>" + "".join(f"<th>{_html_inline(c)}</th>" for c in head) +
+                         "</tr></thead><tbody>" + "".join("<tr>" + "".join(f"<td>{_html_inline(c)}</td>" for c in row)
+                                                         + "</tr>" for row in body) + "</tbody></table>")
+        else:
+            src = "data:image/png;base64," + base64.b64encode(block.png).decode()
+            parts.append(f"<figure><img alt=\"{html.escape(block.title)}\" src=\"{src}\">"
+                         f"<figcaption>{html.escape(block.title)}</figcaption></figure>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n" + "\n".join(parts) +
+            "\n</body></html>\n")
+
+
+# --- statistics into words ---------------------------------------------------------------------------------------
+
+
+def comparisons(losses: dict[str, list[float]]) -> tuple[list[Paired], list[tuple[str, Paired]]]:
+    """The report's comparisons of final validation loss: every architecture against the best (lowest mean), and
+    each ordering the papers publish between two architectures present (adjacent in the paper's order, which
+    together imply the whole order), Holm-corrected together. Returns them, and the papers' claims as
+    ``(source, better - worse by the paper)``, sharing their comparison with the first list where one pair is in
+    both."""
+    best = min(losses, key=lambda k: np.mean(losses[k]))
+    pairs = [(label, best) for label in losses if label != best]
+    wanted = []
+    for source, paper in PAPERS.items():
+        present = sorted((k for k in paper if k in losses), key=lambda k: paper[k])  # best first
+        for better, worse in itertools.pairwise(present):
+            wanted.append((source, better, worse))
+            if (better, worse) not in pairs and (worse, better) not in pairs:
+                pairs.append((better, worse))
+    results = compare_pairs(pairs, losses)
+    by_pair = {(p.a, p.b): p for p in results}
+    claims = [(source, by_pair.get((better, worse)) or _flip(by_pair[(worse, better)]))
+              for source, better, worse in wanted]
+    return results, claims
+
+
+def _flip(p: Paired) -> Paired:
+    return replace(p, a=p.b, b=p.a, diffs=tuple(-d for d in p.diffs), mean=-p.mean, ci=(-p.ci[1], -p.ci[0]))
+
+
+def _gap(p: Paired) -> str:
+    """``+0.006 nats, 97.5% CI [-0.100, +0.090], not resolved (detectable at this n: 0.120)``"""
+    if p.n < 2:
+        return f"{p.mean:+.3f} nats (1 seed: no interval, nothing resolved)"
+    return (f"{p.mean:+.3f} nats, {_pct(1 - p.level)} CI [{p.ci[0]:+.3f}, {p.ci[1]:+.3f}], "
+            f"{'resolved' if p.resolved else 'not resolved'} (detectable at this n: {p.mdd:.3f})")
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:.3g}%"
+
+
+def verdict(losses: dict[str, list[float]], results: list[Paired]) -> list[Block]:
+    n = min(len(v) for v in losses.values())
+    best = min(losses, key=lambda k: np.mean(losses[k]))
+    lead = ("Lowest mean validation loss: ", Strong(best),
+            f" ({np.mean(losses[best]):.4f} nats, {n} seed{'s' if n > 1 else ''}).")
+    if n < 2:
+        how = (" 1 seed: no interval, nothing resolved; seed-to-seed noise is not measured. Rerun with ",
+               Code("--seeds 3"), " (finished runs are reused) to separate the gaps below from it.")
+    else:
+        how = ((f" Each line below is the mean over the {n} seeds of the paired difference in final validation "
+               f"loss (seed s gives every architecture the same data order and validation split), with a "
+               f"t-interval on {n - 1} degree{'s' if n > 2 else ''} of freedom, Holm-corrected over the "
+               f"m = {len(results)} comparison{'s' if len(results) > 1 else ''} of this report (each architecture against the best, and the papers' orders below) at a "
+               f"family-wise {_pct(ALPHA)}. A gap is resolved only when its corrected interval excludes 0. "
+               f"\"Detectable\" is the smallest true gap this many seeds would resolve with {_pct(POWER)} power at "
+               f"the same level, from the observed spread of the differences."),)
+    lines = tuple(f"{p.a} − {p.b}: {_gap(p)}" for p in results if p.b == best)
+    return [Paragraph(lead + how), Bullets(lines)]
+
+
+def against_papers(claims: list[tuple[str, Paired]]) -> list[Block]:
+    if not claims:
+        known = "; ".join(f"{source}: {', '.join(paper)}" for source, paper in PAPERS.items())
+        return [Paragraph(f"No two architectures here have a published order to check ({known}).")]
+    items = []
+    for source, p in claims:
+        paper = PAPERS[source]
+        said = (f"{source}: {p.a} below {p.b} ({paper[p.a]:.3f} against {paper[p.b]:.3f}, "
+                f"{paper[p.a] - paper[p.b]:+.3f}). Ours, {p.a} − {p.b}: {_gap(p)}")
+        if not p.resolved:
+            items.append(said + ": neither supports nor contradicts the paper.")
+        elif p.mean < 0:
+            items.append(said + ": agrees with the paper.")
+        else:
+            items.append(said + ": the opposite order to the paper's.")
+    return [Paragraph("The papers' models are far larger and trained far longer; only the order of each pair is "
+                      "tested, not the size of its gap, and with the same intervals and correction as the verdict."),
+            Bullets(tuple(items))]
+
+
+def _ci(values: list[float], digits: int = 4, sign: str = "") -> str:
+    """``mean ± half-width of the 95% t-interval`` over seeds; the mean alone for one seed."""
+    iv = interval(values)
+    mean = f"{iv.mean:{sign}.{digits}f}"
+    return mean if iv.n < 2 else f"{mean} ± {iv.half:.{digits}f}"
+
+
+def _half(summary: dict[str, Any]) -> float:
+    return summary["high"] - summary["mean"] if summary["high"] is not None else np.nan
+
+
+def _spread_note(n: int) -> str:
+    if n < 2:
+        return "One seed: each number is that run's, with no interval."
+    return f"± is the half-width of the 95% t-interval of the mean over {n} seeds."
+
+
+# --- the report --------------------------------------------------------------------------------------------------
 
 
 def write_report(out: Path, suite: str, archs: list[Arch], settings: CompareSettings,
                  matched: dict[str, dict[str, float]], log=print) -> Path:
     out = Path(out)
     data = collect(out, archs, settings.seeds)
-    analyses = run_analyses(out, archs, settings, log=log)
-    figures: list[tuple[str, str, bytes]] = [
-        ("curves", "Validation loss", fig_curves(data)),
-        ("balance", "Expert load balance", fig_balance(data)),
-    ]
+    analyses = analysis_json(run_analyses(out, archs, settings, log=log))
+    doc = build_document(suite, settings, matched, data, analyses)
+    write_json(out / "analysis.json", analyses, indent=1)
+    for block in doc:
+        if isinstance(block, Figure):
+            atomic_write_bytes(out / "plots" / f"{block.name}.png", block.png)
+    atomic_write_text(out / "report.md", to_markdown(doc))
+    return atomic_write_text(out / "report.html", to_html(doc, f"smoe head-to-head: {suite}"))
+
+
+def build_document(suite: str, settings: CompareSettings, matched: dict[str, dict[str, float]],
+                   data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]]) -> list[Block]:
+    losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
+    results, claims = comparisons(losses)
+    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data)),
+                        Heading(2, "Verdict"), *verdict(losses, results),
+                        Heading(2, "Against the papers"), *against_papers(claims),
+                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
+                        Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
+                        Heading(3, "Expert load balance"),
+                        Figure("balance", "Expert load balance (seed 0)", fig_balance(data))]
     for label, entry in data.items():
         if entry.get("loads"):
-            figures.append((f"load-{label}", f"{label}: expert load heatmap", fig_loads(label, entry["loads"])))
+            title = f"{label}: expert load heatmap (seed 0)"
+            doc += [Heading(3, title), Figure(f"load-{label}", title, fig_loads(label, entry["loads"]))]
     if analyses:
-        consecutive = {lab: {k: v["consecutive"]["first"] for k, v in a["layers"].items()} for lab, a in
-                       analyses.items()}
-        uniform = {lab: next(iter(a["layers"].values()))["consecutive"]["first_uniform"] for lab, a in
-                   analyses.items()}
-        figures.append(("consecutive", "Consecutive tokens, same first-choice expert",
-                        fig_bars("Same first-choice expert for consecutive tokens (dashed: random)", "rate",
-                                 consecutive, uniform)))
-        knock = {lab: a["knockout"] for lab, a in analyses.items() if a["knockout"]}
-        if knock:
-            figures.append(("knockout", "Expert knock-out",
-                            fig_bars("Loss rise when experts are disabled", "Δ loss (nats)", knock)))
-        with_affinity = {lab: a for lab, a in analyses.items()
-                         if "domain_affinity" in next(iter(a["layers"].values()))}
-        if with_affinity:
-            sources = next(iter(with_affinity.values()))["sources"]
-            figures.append(("affinity", "Domain affinity", fig_affinity(with_affinity, sources)))
-        sat = {lab: a["saturation"] for lab, a in analyses.items() if a.get("saturation")}
-        if sat:
-            figures.append(("saturation", "Router saturation",
-                            fig_bars("Share of final top-k choices already made at step", "saturation", sat)))
-
-    final = {lab: _mean_std([f["val_loss"] for f in e["final"]]) for lab, e in data.items()}
-    final_bpb = {lab: _mean_std([f["val_bpb"] for f in e["final"]]) for lab, e in data.items()}
-    table = [["architecture", "val loss", "BPB", "params total", "active", "Δ active", "GFLOPs/token",
-              "train tok/s", "peak mem"]]
-    for label, entry in data.items():
-        s = entry["summaries"]
-        m = matched[label]
-        peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
-        table.append([
-            label, _pm(*final[label]), _pm(*final_bpb[label]), f"{m['total_params'] / 1e6:.2f}M",
-            f"{m['active_params'] / 1e6:.2f}M", f"{m['active_vs_first']:+.1%}", f"{m['flops_per_token'] / 1e9:.3f}",
-            f"{np.median([x['tokens_per_s'] for x in s]):,.0f}", f"{peak / 2**20:,.0f} MiB",
-        ])
-    lines = verdict(final, settings.seeds)
-    write_json(out / "analysis.json", analyses, indent=1)
-    for name, _, png in figures:
-        atomic_write_bytes(out / "plots" / f"{name}.png", png)
-    atomic_write_text(out / "report.md", _markdown(suite, settings, table, lines, figures, analyses))
-    return atomic_write_text(out / "report.html", _html(suite, settings, table, lines, figures, analyses))
+        doc += specialisation(analyses, settings.seeds)
+    return doc
 
 
-def _pm(mean: float, std: float) -> str:
-    return f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
-
-
-def _setup_line(suite: str, settings: CompareSettings) -> str:
+def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, Any]]) -> Text:
     t, d = settings.train, settings.data
-    return (f"Suite `{suite}` on `{d.data}`" + (f" (validation `{d.val_data}`)" if d.val_data else "") +
-            f": {t.steps} steps x {t.batch_size} x {t.seq_len} tokens "
-            f"({t.steps * t.batch_size * t.seq_len:,} tokens per run), lr {t.lr}, "
-            f"{t.precision}, {settings.seeds} seed(s). Same data order, optimizer and schedule for all.")
+    # run.json holds the precision each run resolved ("auto" becomes bf16 or fp32 for its device)
+    used = sorted({p for entry in data.values() for p in entry["precision"]})
+    precision = used[0] if len(used) == 1 else f"{'/'.join(used)} (differs between runs)"
+    val = (" (validation ", Code(d.val_data), ")") if d.val_data else ()
+    return ("Suite ", Code(suite), " on ", Code(d.data), *val,
+            (f": {t.steps} steps x {t.batch_size} x {t.seq_len} tokens ({t.steps * t.batch_size * t.seq_len:,} "
+             f"tokens per run), lr {t.lr}, {precision}, {settings.seeds} seed(s). Same data order, optimizer and "
+             f"schedule for all."))
 
 
-def _analysis_rows(analyses) -> list[list[str]]:
-    rows = [["architecture", "layer", "same 1st expert", "random", "top-k overlap", "random", "dead", "top tokens "
-             "of the busiest expert"]]
+def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]]) -> Table:
+    rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ active", "GFLOPs/token", "train tok/s",
+             "peak mem")]
+    for label, entry in data.items():
+        s, m = entry["summaries"], matched[label]
+        peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
+        rows.append((
+            label, _ci([f["val_loss"] for f in entry["final"]]), _ci([f["val_bpb"] for f in entry["final"]]),
+            f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", f"{m['active_vs_first']:+.1%}",
+            f"{m['flops_per_token'] / 1e9:.3f}", f"{np.median([x['tokens_per_s'] for x in s]):,.0f}",
+            f"{peak / 2**20:,.0f} MiB"))
+    return Table(tuple(rows))
+
+
+def _stat(summary: dict[str, Any], digits: int, sign: str = "") -> str:
+    return _ci(summary["values"], digits, sign)
+
+
+def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Block]:
+    """The analyses of every seed, as mean ± interval over seeds (analysis.json ``over_seeds``); top tokens and
+    domain affinity are seed 0's, as they do not average across runs with different tokenizers and experts."""
+    over = {label: a["over_seeds"] for label, a in analyses.items()}
+    bar_title = f" (error bars: 95% CI over {seeds} seeds)" if seeds > 1 else " (one seed: no interval)"
+    rows = [("architecture", "layer", "same 1st expert", "random", "top-k overlap", "random", "dead",
+             "top tokens of the busiest expert (seed 0)")]
     for label, a in analyses.items():
         for layer, v in a["layers"].items():
-            c = v["consecutive"]
+            o = over[label]["layers"][layer]
             busiest = int(np.argmax(v["load"]))
-            tokens = " ".join(f"`{t}`" for t, _ in v["top_tokens"][str(busiest)][:5])
-            rows.append([label, layer, f"{c['first']:.3f}", f"{c['first_uniform']:.3f}", f"{c['any']:.3f}",
-                         f"{c['any_uniform']:.3f}", str(v["dead"]), f"#{busiest}: {tokens}"])
-    return rows
+            rows.append((label, layer, _stat(o["first"], 3), f"{o['first_uniform']:.3f}", _stat(o["any"], 3),
+                         f"{o['any_uniform']:.3f}", _stat(o["dead"], 1),
+                         (f"#{busiest}:", *(x for tok, _ in v["top_tokens"][str(busiest)][:5] for x in (" ", Code(tok))))))
+    doc: list[Block] = [Heading(2, "Specialisation (validation set)"),
+                        Paragraph(f"Each MoE architecture's final checkpoint of every seed, on the validation split "
+                                  f"its run was evaluated on. {_spread_note(seeds)}"),
+                        Table(tuple(rows))]
 
+    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in over.items()}
+    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in over.items()}
+    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in over.items()}
+    title = "Consecutive tokens, same first-choice expert"
+    doc += [Heading(3, title), Figure("consecutive", title, fig_bars(
+        "Same first-choice expert for consecutive tokens (dashed: random)" + bar_title, "rate", consecutive,
+        uniform, legend="layer", errors=errors if seeds > 1 else None))]
 
-def _md_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r).replace("\n", " ") + " |" for r in rows[1:]]
-    return "\n".join(out)
+    keys = list(dict.fromkeys(k for o in over.values() for k in o["knockout"]))  # analyze's order: top-n, shared
+    if keys:
+        knock = [("architecture", *(Code(k) for k in keys))]
+        for label, o in over.items():
+            knock.append((label, *(_stat(o["knockout"][k], 4, "+") if k in o["knockout"] else "n/a" for k in keys)))
+        title = "Expert knock-out"
+        doc += [Heading(3, title),
+                Paragraph("Loss rise (nats) when the most-loaded routed experts of every layer, or all shared experts, "
+                          "are disabled (n/a: the architecture has no such experts to disable):"),
+                Table(tuple(knock)),
+                Figure("knockout", title, fig_bars(
+                    "Loss rise when experts are disabled" + bar_title, "Δ loss (nats)",
+                    {label: {k: v["mean"] for k, v in o["knockout"].items()} for label, o in over.items()},
+                    errors={label: {k: _half(v) for k, v in o["knockout"].items()} for label, o in over.items()}
+                    if seeds > 1 else None))]
 
+    with_affinity = {label: a for label, a in analyses.items() if "domain_affinity" in next(iter(a["layers"].values()))}
+    if with_affinity:
+        title = "Domain affinity (seed 0)"
+        sources = next(iter(with_affinity.values()))["sources"]
+        doc += [Heading(3, title), Figure("affinity", title, fig_affinity(with_affinity, sources))]
 
-def _markdown(suite, settings, table, lines, figures, analyses) -> str:
-    parts = [f"# smoe head-to-head: {suite}", "", _setup_line(suite, settings), "", "## Verdict", "", *lines, "",
-             "## Results", "", _md_table(table), ""]
-    for name, title, _ in figures:
-        parts += [f"### {title}", "", f"![{title}](plots/{name}.png)", ""]
-    if analyses:
-        parts += ["## Specialisation (seed 0, validation set)", "", _md_table(_analysis_rows(analyses)), ""]
-        knock = [["architecture", *sorted({k for a in analyses.values() for k in a["knockout"]})]]
-        for label, a in analyses.items():
-            knock.append([label, *(f"{a['knockout'].get(k, float('nan')):+.4f}" for k in knock[0][1:])])
-        parts += ["Loss rise (nats) when the most-loaded routed experts of every layer, or all shared experts, "
-                  "are disabled:", "", _md_table(knock), ""]
-    return "\n".join(parts)
-
-
-def _html(suite, settings, table, lines, figures, analyses) -> str:
-    def tab(rows):
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def para(text):
-        text = html.escape(text.lstrip("- "))
-        return "<p>" + text.replace("**", "") + "</p>"
-
-    imgs = "".join(
-        f"<h3>{html.escape(title)}</h3><img alt=\"{html.escape(title)}\" "
-        f"src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">" for _, title, png in figures)
-    analysis = tab(_analysis_rows(analyses)) if analyses else "<p>No MoE layers to analyse.</p>"
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             "img{max-width:100%}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>smoe head-to-head: {html.escape(suite)}</title><style>{style}</style></head><body>"
-            f"<h1>smoe head-to-head: {html.escape(suite)}</h1><p>{html.escape(_setup_line(suite, settings))}</p>"
-            f"<h2>Verdict</h2>{''.join(para(x) for x in lines)}<h2>Results</h2>{tab(table)}{imgs}"
-            f"<h2>Specialisation (seed 0, validation set)</h2>{analysis}</body></html>\n")
+    sat = {label: o["saturation"] for label, o in over.items() if o.get("saturation")}
+    if sat:
+        steps = sorted({s for v in sat.values() for s in v}, key=int)
+        title = "Router saturation"
+        table = [("architecture", *(f"step {s}" for s in steps))]
+        table += [(label, *(_stat(v[s], 3) if s in v else "n/a" for s in steps)) for label, v in sat.items()]
+        doc += [Heading(3, title),
+                Paragraph("Share of the final checkpoint's top-k choices that each earlier checkpoint already makes:"),
+                Table(tuple(table)),
+                Figure("saturation", title, fig_bars(
+                    "Share of final top-k choices already made at step" + bar_title, "saturation",
+                    {label: {s: x["mean"] for s, x in v.items()} for label, v in sat.items()}, legend="step",
+                    errors={label: {s: _half(x) for s, x in v.items()} for label, v in sat.items()}
+                    if seeds > 1 else None))]
+    return doc
