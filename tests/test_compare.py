@@ -125,8 +125,10 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     (tmp_path / "b.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words[::-1], 60)) for _ in range(40)))
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
     # a dense FFN of 35 against 8 experts of 16, top-2, and their router: the same activated parameters
-    monkeypatch.setitem(SUITES, "test-suite", Suite([Arch("dense", "dense", {**TINY, "ffn_dim": 35}),  # + the router's 8 x 32
-                                                     Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})]))
+    # (8 x 32); a wider dense model is the second rung of the compute ladder
+    monkeypatch.setitem(SUITES, "test-suite", Suite([Arch("dense", "dense", {**TINY, "ffn_dim": 35}),
+                                                     Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})],
+                                                    ladder=[Arch("dense-wide", "dense", {**TINY, "ffn_dim": 70})]))
     settings = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
                                                  precision="fp32"),
                                data=DataConfig(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"), seeds=2,
@@ -144,8 +146,14 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     md = (out / "report.md").read_text()
     assert "| dense |" in md and "| moe |" in md
     assert re.search(r"- (dense − moe|moe − dense): [+-]\d\.\d{3} nats, 95% CI \[.*\], (not )?resolved", md)
-    for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png"):
+    for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png", "redundancy.png",
+                 "ladder.png"):
         assert (out / "plots" / name).is_file(), name
+    html = report.read_text()
+    for section in ("Compute ladder", "Redundancy: disabling each token", "chance: uniform / load-weighted",
+                    "Matched on activated parameters without the embedding"):
+        assert section in md and section in html, section
+    assert re.search(r"\| moe \| (\d+\.\d\dx \[|[<>]\d|outside the ladder)", md)  # the multiplier, or its bound
     analyses = json.loads((out / "analysis.json").read_text())
     assert "domain_affinity" in analyses["moe"]["layers"]["0"] and "saturation" in analyses["moe"]
     # every seed is analysed: seed 0 under the original keys, seed 1 beside it, both summarised

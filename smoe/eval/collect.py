@@ -91,9 +91,23 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         layers[layer] = {"first": _interval([c["first"] for c in rates]), "any": _interval([c["any"] for c in rates]),
                          "first_uniform": v["consecutive"]["first_uniform"],
                          "any_uniform": v["consecutive"]["any_uniform"],
+                         "first_load_weighted": _interval([c["first_load_weighted"] for c in rates]),
                          "dead": _interval([r["layers"][layer]["dead"] for r in per_seed])}
+        if "any_load_aware" in v["consecutive"]:
+            layers[layer]["any_load_aware"] = _interval([c["any_load_aware"] for c in rates])
+        if "specialisation" in v:
+            spec = [r["layers"][layer]["specialisation"] for r in per_seed]
+            layers[layer]["specialisation"] = {"score": _interval([x["score"] for x in spec]),
+                                               "shuffled": _interval([x["shuffled_mean"] for x in spec])}
     summary = {"seeds": len(per_seed), "loss": _interval([r["loss"] for r in per_seed]), "layers": layers,
-               "knockout": {k: _interval([r["knockout"][k] for r in per_seed]) for k in first["knockout"]}}
+               "knockout": {k: _interval([r["knockout"][k] for r in per_seed]) for k in first["knockout"]},
+               "knockout_fraction": first.get("knockout_fraction", {})}
+    if first.get("redundancy", {}).get("loss"):
+        red = first["redundancy"]
+        summary["redundancy"] = {
+            "ratios": red["ratios"], "disabled_experts": red["disabled_experts"],
+            "rise": [_interval([r["redundancy"]["loss"][i] - r["redundancy"]["loss"][0] for r in per_seed])
+                     for i in range(len(red["ratios"]))]}
     if first.get("saturation"):
         summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
                                  for step in first["saturation"]}
@@ -106,3 +120,10 @@ def analysis_json(analyses: dict[str, list[dict[str, Any]]]) -> dict[str, dict[s
     by seed), and ``over_seeds`` (see over_seeds)."""
     return {label: {**runs[0], "other_seeds": {str(s): r for s, r in enumerate(runs) if s},
                     "over_seeds": over_seeds(runs)} for label, runs in analyses.items()}
+
+
+def ladder_rungs(data: dict[str, dict[str, Any]], tokens: int) -> dict[str, list[tuple[float, float]]]:
+    """Per dense architecture (the suite's and its ladder's, as collect() returns them): (training FLOPs, final
+    validation loss) per seed."""
+    return {label: [(s["train_flops_per_token"] * tokens, f["val_loss"]) for s, f in zip(e["summaries"], e["final"])]
+            for label, e in data.items()}

@@ -147,4 +147,4 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
                  run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in spec.runs()],
                settings, jobs, log)
 
-    return write_report(out, name, archs, settings, matched, log=log)
+    return write_report(out, name, spec, settings, matched, log=log)

@@ -130,3 +130,36 @@ def fig_affinity(analyses, sources: list[str]) -> bytes:
     axes[-1, 0].set_xlabel("expert")
     fig.colorbar(im, ax=axes[:, 0].tolist(), label="log2 affinity")
     return _png(fig)
+
+
+def fig_redundancy(curves: dict[str, tuple[list[float], list[float], list[float]]], seeds: int) -> bytes:
+    """DeepSeekMoE Fig. 4: loss rise against the share of each token's top-scored routed experts disabled;
+    ``curves``: label -> (ratios, mean rise, half-width of its interval)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (ratios, rise, half) in curves.items():
+        ax.errorbar(ratios, rise, yerr=half if seeds > 1 else None, marker="o", capsize=2, label=label)
+    ax.set_xlabel("share of each token's top-scored routed experts disabled")
+    ax.set_ylabel("loss rise (nats)")
+    ax.set_title("Redundancy" + (f" (error bars: 95% CI over {seeds} seeds)" if seeds > 1 else " (one seed)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def fig_ladder(rungs: dict[str, list[tuple[float, float]]], moes: dict[str, list[tuple[float, float]]]) -> bytes:
+    """Validation loss against training FLOPs (log): the dense ladder's seed means joined by a line, every MoE's
+    seed mean as a point."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    dense = sorted((np.mean([f for f, _ in v]), np.mean([x for _, x in v])) for v in rungs.values())
+    ax.plot([f for f, _ in dense], [x for _, x in dense], "k-o", label="dense ladder")
+    for label, points in moes.items():
+        ax.plot(np.mean([f for f, _ in points]), np.mean([x for _, x in points]), "o", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Loss against training compute (seed means)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _png(fig)

@@ -21,10 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from smoe.eval.collect import analysis_json, collect, run_analyses
-from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_loads
+from smoe.eval.collect import analysis_json, collect, ladder_rungs, run_analyses
+from smoe.eval.ladder import multiplier
+from smoe.eval.plots import (fig_affinity, fig_balance, fig_bars, fig_curves, fig_ladder, fig_loads,
+                             fig_redundancy)
 from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
-from smoe.eval.suite import Arch, CompareSettings
+from smoe.eval.suite import MATCH_TOLERANCE, CompareSettings, Suite, read_learning_rates
 from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
 
 # Published validation losses whose order a suite can check, by architecture label.
@@ -268,12 +270,14 @@ def _spread_note(n: int) -> str:
 # --- the report --------------------------------------------------------------------------------------------------
 
 
-def write_report(out: Path, suite: str, archs: list[Arch], settings: CompareSettings,
+def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
                  matched: dict[str, dict[str, float]], log=print) -> Path:
     out = Path(out)
-    data = collect(out, archs, settings.seeds)
-    analyses = analysis_json(run_analyses(out, archs, settings, log=log))
-    doc = build_document(suite, settings, matched, data, analyses)
+    data = collect(out, spec.archs, settings.seeds)
+    analyses = analysis_json(run_analyses(out, spec.archs, settings, log=log))
+    ladder = collect(out, spec.ladder, settings.seeds) if spec.ladder else None
+    doc = build_document(suite, settings, matched, data, analyses, matching=spec.matching, ladder=ladder,
+                         learning_rates=read_learning_rates(out))
     write_json(out / "analysis.json", analyses, indent=1)
     for block in doc:
         if isinstance(block, Figure):
@@ -283,13 +287,18 @@ def write_report(out: Path, suite: str, archs: list[Arch], settings: CompareSett
 
 
 def build_document(suite: str, settings: CompareSettings, matched: dict[str, dict[str, float]],
-                   data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]]) -> list[Block]:
+                   data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], *,
+                   matching: str = "active", ladder: dict[str, dict[str, Any]] | None = None,
+                   learning_rates: dict[str, dict[str, Any]] | None = None) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
     doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data)),
+                        Paragraph(matching_line(matching, matched)),
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
                         Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
+                        *learning_rate_blocks(learning_rates),
+                        *compute_ladder(data, matched, ladder, settings),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
                         Heading(3, "Expert load balance"),
                         Figure("balance", "Expert load balance (seed 0)", fig_balance(data))]
@@ -314,18 +323,76 @@ def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, 
              f"schedule for all."))
 
 
+def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
+    what = {"active": "activated", "total": "total"}[matching]
+    line = (f"Matched on {what} parameters without the embedding and head, within {MATCH_TOLERANCE:.0%} of the "
+            "reference (the table's Δ matched)")
+    if matching == "total":
+        line += ("; as in DeepSeekMoE Table 1, the MoE architectures hold the same total parameters and activate "
+                 "different amounts, and a dense model is the activated-size reference")
+    reference = [label for label, m in matched.items()
+                 if m.get("matched", True) and m.get("matched_vs_reference", 0) == 0]
+    return line + (f" (reference: {reference[0]})." if reference else ".")
+
+
 def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]]) -> Table:
-    rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ active", "GFLOPs/token", "train tok/s",
-             "peak mem")]
+    rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ matched", "GFLOPs/token",
+             "train tok/s", "peak mem")]
     for label, entry in data.items():
         s, m = entry["summaries"], matched[label]
         peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
+        delta = (f"{m.get('matched_vs_reference', m['active_vs_first']):+.1%}" if m.get("matched", True)
+                 else "reference")
         rows.append((
             label, _ci([f["val_loss"] for f in entry["final"]]), _ci([f["val_bpb"] for f in entry["final"]]),
-            f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", f"{m['active_vs_first']:+.1%}",
-            f"{m['flops_per_token'] / 1e9:.3f}", f"{np.median([x['tokens_per_s'] for x in s]):,.0f}",
+            f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", delta,
+            f"{m['flops_per_token'] / 1e9:.3g}", f"{np.median([x['tokens_per_s'] for x in s]):,.0f}",
             f"{peak / 2**20:,.0f} MiB"))
     return Table(tuple(rows))
+
+
+def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> list[Block]:
+    """What --tune-lr tried and chose per architecture (lr.json)."""
+    if not learning_rates:
+        return []
+    tried = list(next(iter(learning_rates.values()))["tried"])
+    rows = [("architecture", *(f"val loss at lr {lr}" for lr in tried), "chosen")]
+    rows += [(label, *(f"{v['tried'][lr]:.4f}" for lr in tried), f"{v['chosen']:g}")
+             for label, v in learning_rates.items()]
+    return [Heading(3, "Learning rates"),
+            Paragraph("Each architecture was trained once (seed 0) at every rate; every seed then trained at the "
+                      "rate with the lowest validation loss, so one shared rate does not decide the ranking."),
+            Table(tuple(rows))]
+
+
+def compute_ladder(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, Any]],
+                   ladder: dict[str, dict[str, Any]] | None, settings: CompareSettings) -> list[Block]:
+    """Each MoE's effective compute multiplier (smoe.eval.ladder) from the dense models of the suite and its
+    ladder, per seed, with the interval over seeds taken on its logarithm."""
+    if not ladder:
+        return []
+    t = settings.train
+    tokens = t.steps * t.batch_size * t.seq_len
+    dense = {label: e for label, e in data.items() if not matched[label].get("moe", False)}
+    rungs = ladder_rungs({**dense, **ladder}, tokens)
+    moes = ladder_rungs({label: e for label, e in data.items() if label not in dense}, tokens)
+    rows = [("architecture", "multiplier (95% CI)", "per seed")]
+    for label, points in moes.items():
+        per_seed = [multiplier(f, loss, [r[s] for r in rungs.values()]) for s, (f, loss) in enumerate(points)]
+        if any(m.bound for m in per_seed) or len(per_seed) < 2:
+            summary = "outside the ladder on some seed: bounds only" if any(m.bound for m in per_seed) else \
+                f"{per_seed[0]} (one seed: no interval)"
+        else:
+            iv = interval([float(np.log(m.value)) for m in per_seed])
+            summary = f"{np.exp(iv.mean):.2f}x [{np.exp(iv.low):.2f}, {np.exp(iv.high):.2f}]"
+        rows.append((label, summary, ", ".join(str(m) for m in per_seed)))
+    return [Heading(3, "Compute ladder"),
+            Paragraph(f"Dense models of {len(rungs)} widths ({', '.join(rungs)}) trained on the same {tokens:,} "
+                      "tokens give loss against training FLOPs; an MoE's effective compute multiplier is the dense "
+                      "training compute that reaches its loss, over its own (interpolated in log-FLOPs between the "
+                      "two bracketing rungs of the same seed; Clark et al. 2022). Outside the ladder only a bound "
+                      "(> or <) is known."),
+            Table(tuple(rows)), Figure("ladder", "Loss against training compute", fig_ladder(rungs, moes))]
 
 
 def _stat(summary: dict[str, Any], digits: int, sign: str = "") -> str:
@@ -337,19 +404,25 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
     domain affinity are seed 0's, as they do not average across runs with different tokenizers and experts."""
     over = {label: a["over_seeds"] for label, a in analyses.items()}
     bar_title = f" (error bars: 95% CI over {seeds} seeds)" if seeds > 1 else " (one seed: no interval)"
-    rows = [("architecture", "layer", "same 1st expert", "random", "top-k overlap", "random", "dead",
-             "top tokens of the busiest expert (seed 0)")]
+    rows = [("architecture", "layer", "same 1st expert", "chance: uniform / load-weighted", "top-k overlap",
+             "chance: uniform / load-aware", "dead", "top tokens of the busiest expert (seed 0)")]
     for label, a in analyses.items():
         for layer, v in a["layers"].items():
             o = over[label]["layers"][layer]
             busiest = int(np.argmax(v["load"]))
-            rows.append((label, layer, _stat(o["first"], 3), f"{o['first_uniform']:.3f}", _stat(o["any"], 3),
-                         f"{o['any_uniform']:.3f}", _stat(o["dead"], 1),
-                         (f"#{busiest}:", *(x for tok, _ in v["top_tokens"][str(busiest)][:5] for x in (" ", Code(tok))))))
+            tokens = (x for tok, _ in v["top_tokens"][str(busiest)][:5] for x in (" ", Code(tok)))
+            aware = _stat(o["any_load_aware"], 3) if "any_load_aware" in o else "n/a"
+            rows.append((label, layer, _stat(o["first"], 3),
+                         f"{o['first_uniform']:.3f} / {_stat(o['first_load_weighted'], 3)}", _stat(o["any"], 3),
+                         f"{o['any_uniform']:.3f} / {aware}", _stat(o["dead"], 1), (f"#{busiest}:", *tokens)))
     doc: list[Block] = [Heading(2, "Specialisation (validation set)"),
                         Paragraph(f"Each MoE architecture's final checkpoint of every seed, on the validation split "
-                                  f"its run was evaluated on. {_spread_note(seeds)}"),
+                                  f"its run was evaluated on. {_spread_note(seeds)} Consecutive tokens are read "
+                                  "against the chance that independent routing with the measured loads gives "
+                                  "(Mixtral §5): the same first choice with probability Σ p_e² (p: first-choice "
+                                  "loads), overlapping top-k sets as often as the sets of two random tokens do."),
                         Table(tuple(rows))]
+    doc += redundancy_blocks(over, seeds)
 
     consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in over.items()}
     uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in over.items()}
@@ -363,11 +436,17 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
     if keys:
         knock = [("architecture", *(Code(k) for k in keys))]
         for label, o in over.items():
-            knock.append((label, *(_stat(o["knockout"][k], 4, "+") if k in o["knockout"] else "n/a" for k in keys)))
+            fraction = o.get("knockout_fraction", {})
+            knock.append((label, *((_stat(o["knockout"][k], 4, "+")
+                                    + (f" ({_fraction(fraction[k])} of its experts)" if k in fraction else ""))
+                                   if k in o["knockout"] else "n/a" for k in keys)))
         title = "Expert knock-out"
         doc += [Heading(3, title),
                 Paragraph("Loss rise (nats) when the most-loaded routed experts of every layer, or all shared experts, "
-                          "are disabled (n/a: the architecture has no such experts to disable):"),
+                          "are disabled, with the share of the layer's routed experts that is (4 of 8 is not 4 of 64; "
+                          "the redundancy curve above compares at equal shares); shared_to_routed disables the shared "
+                          "experts and routes to as many more routed ones, keeping the compute (n/a: the "
+                          "architecture has no such experts to disable):"),
                 Table(tuple(knock)),
                 Figure("knockout", title, fig_bars(
                     "Loss rise when experts are disabled" + bar_title, "Δ loss (nats)",
@@ -380,6 +459,14 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
         title = "Domain affinity (seed 0)"
         sources = next(iter(with_affinity.values()))["sources"]
         doc += [Heading(3, title), Figure("affinity", title, fig_affinity(with_affinity, sources))]
+        rows = [("architecture", "layer", "specialisation", "shuffled sources")]
+        rows += [(label, layer, _stat(v["specialisation"]["score"], 3), _stat(v["specialisation"]["shuffled"], 3))
+                 for label, o in over.items() for layer, v in o["layers"].items() if "specialisation" in v]
+        if len(rows) > 1:
+            doc += [Paragraph("Domain specialisation: the mean over sources of the total-variation distance between "
+                              "a source's expert distribution and the pooled one, against the same score with the "
+                              "sources shuffled across sequences (what chance alone gives at this sample size):"),
+                    Table(tuple(rows))]
 
     sat = {label: o["saturation"] for label, o in over.items() if o.get("saturation")}
     if sat:
@@ -396,3 +483,32 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                     errors={label: {s: _half(x) for s, x in v.items()} for label, v in sat.items()}
                     if seeds > 1 else None))]
     return doc
+
+
+def _fraction(value: float) -> str:
+    """1/8 for 0.125: the share of experts removed, as the count it is."""
+    for denominator in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+        if abs(value * denominator - round(value * denominator)) < 1e-9:
+            return f"{round(value * denominator)}/{denominator}"
+    return f"{value:.3f}"
+
+
+def redundancy_blocks(over: dict[str, dict[str, Any]], seeds: int) -> list[Block]:
+    """DeepSeekMoE §4.5: the loss rise when each token loses its top-scored routed experts, per share of them."""
+    curves = {label: o["redundancy"] for label, o in over.items() if o.get("redundancy")}
+    if not curves:
+        return []
+    ratios = next(iter(curves.values()))["ratios"]
+    rows = [("architecture", *(f"{_fraction(r)}" for r in ratios[1:]))]
+    for label, c in curves.items():
+        rows.append((label, *(f"{_stat(rise, 4, '+')} ({n} off)" for rise, n in zip(c["rise"][1:],
+                                                                                    c["disabled_experts"][1:]))))
+    title = "Redundancy: disabling each token's top routed experts"
+    figure = fig_redundancy({label: (c["ratios"], [r["mean"] for r in c["rise"]], [_half(r) for r in c["rise"]])
+                             for label, c in curves.items()}, seeds)
+    return [Heading(3, title),
+            Paragraph("Per token, the highest-scored share of the routed experts is disabled and the router picks "
+                      "its top-k among the rest (DeepSeekMoE §4.5, Fig. 4). A steeper rise means less redundant "
+                      "experts: each holds knowledge the others do not. Loss rise in nats over the intact model, "
+                      "with the number of experts disabled per token:"),
+            Table(tuple(rows)), Figure("redundancy", title, figure)]
