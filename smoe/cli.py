@@ -135,8 +135,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from smoe.eval.compare import CompareSettings, run_suite
 
     base = CompareSettings()
+    own = {k: v for k, v in _given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
     settings = replace(base, train=replace(base.train, **_given(args, TrainConfig)),
-                       data=replace(base.data, **_given(args, DataConfig)), **_given(args, CompareSettings))
+                       data=replace(base.data, **_given(args, DataConfig)), **own)
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
                        jobs=args.jobs)
     print(f"report: {report.resolve()}")

@@ -159,3 +159,15 @@ def test_compare_keeps_its_own_defaults(tmp_path):
 
     args = build_parser().parse_args(["compare", "--suite", "shared", "--out", str(tmp_path)])
     assert args.steps is None and CompareSettings().train.steps == 300 and CompareSettings().train.eval_every == 25
+
+
+def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
+    from smoe.eval import compare
+
+    seen = {}
+    monkeypatch.setattr(compare, "run_suite", lambda suite, presets, settings, out, **kw: seen.update(
+        settings=settings) or tmp_path / "report.html")
+    assert main(["compare", "--suite", "shared", "--data", "stdlib", "--seeds", "2", "--steps", "7",
+                 "--tune-lr", "1e-3,2e-3", "--jobs", "2", "--out", str(tmp_path)]) == 0
+    s = seen["settings"]
+    assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr) == ("stdlib", 2, 7, 25, (1e-3, 2e-3))
