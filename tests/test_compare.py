@@ -145,6 +145,7 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| dense |" in md and "| moe |" in md
+    assert re.search(r"\| moe \|.* \| \d+\.\d% \| [\d,]+ MiB \|", md)  # MFU, from the runs' train rows
     assert re.search(r"- (dense − moe|moe − dense): [+-]\d\.\d{3} nats, 95% CI \[.*\], (not )?resolved", md)
     for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png", "redundancy.png",
                  "ladder.png"):

@@ -27,7 +27,7 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
     records ``auto`` already resolved), per seed; balance curves and loads of seed 0."""
     data = {}
     for arch in archs:
-        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": []}
+        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
@@ -36,6 +36,8 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
             entry["final"].append(evals[-1])
             entry["summaries"].append(read_summary(run))
             entry["precision"].append(read_json(run / "run.json")["train_config"]["precision"])
+            mfu = [r["mfu"] for r in rows if r["kind"] == "train" and r.get("mfu") is not None]
+            entry["mfu"].append(float(np.median(mfu)) if mfu else None)
             if seed == 0:
                 train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
                 entry["balance"] = ([r["step"] for r in train],

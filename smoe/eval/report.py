@@ -337,7 +337,7 @@ def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
 
 def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]]) -> Table:
     rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ matched", "GFLOPs/token",
-             "train tok/s", "peak mem")]
+             "train tok/s", "MFU", "peak mem")]
     for label, entry in data.items():
         s, m = entry["summaries"], matched[label]
         peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
@@ -347,8 +347,15 @@ def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, 
             label, _ci([f["val_loss"] for f in entry["final"]]), _ci([f["val_bpb"] for f in entry["final"]]),
             f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", delta,
             f"{m['flops_per_token'] / 1e9:.3g}", f"{np.median([x['tokens_per_s'] for x in s]):,.0f}",
-            f"{peak / 2**20:,.0f} MiB"))
+            _mfu(entry.get("mfu")), f"{peak / 2**20:,.0f} MiB"))
     return Table(tuple(rows))
+
+
+def _mfu(per_seed: list[float | None] | None) -> str:
+    """The median step's model FLOPs utilisation: training FLOPs per second over the device peak (the vendor's
+    bf16 peak on known GPUs, else a dense matmul measured at the start of each run)."""
+    values = [v for v in per_seed or [] if v is not None]
+    return f"{np.median(values):.1%}" if values else "n/a"
 
 
 def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> list[Block]:
