@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-import typing
-from dataclasses import fields
 from pathlib import Path
 
+from smoe.cli.flags import add_config_arguments, given, user_message
 from smoe.errors import TrainingError
 from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
@@ -104,8 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         name = model.name
     else:
         model, train_config, data_config, name = args.preset, TrainConfig(), DataConfig(), args.preset
-    data = {**vars(data_config), **_given(args, DataConfig)}
-    train = {**vars(train_config), **_given(args, TrainConfig)}
+    data = {**vars(data_config), **given(args, DataConfig)}
+    train = {**vars(train_config), **given(args, TrainConfig)}
     result = train_model(
         model, out=args.out or f"runs/{name}", overrides=parse_assignments(args.set), resume=args.resume,
         progress=False if args.quiet else None, log=lambda m: print(m, file=sys.stderr), **data, **train,
@@ -135,9 +133,9 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from smoe.eval.compare import CompareSettings, run_suite
 
     base = CompareSettings()
-    own = {k: v for k, v in _given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
-    settings = replace(base, train=replace(base.train, **_given(args, TrainConfig)),
-                       data=replace(base.data, **_given(args, DataConfig)), **own)
+    own = {k: v for k, v in given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
+    settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
+                       data=replace(base.data, **given(args, DataConfig)), **own)
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
                        jobs=args.jobs)
     print(f"report: {report.resolve()}")
@@ -280,79 +278,6 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     except ModuleNotFoundError as err:  # a peer the benchmark measures against is an optional dependency
         raise ValueError(f"{args.name}: needs {err.name}, which is not installed "
                          f"(pip install -U {err.name.split('.')[0]})") from None
-
-
-# --- flags generated from the config dataclasses ------------------------------------------------------------------
-
-
-def flag(name: str) -> str:
-    """The one place a config field's name becomes its command-line flag."""
-    return "--" + name.replace("_", "-")
-
-
-_BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
-# Names that library errors put first and the command line spells as flags: config fields and the few
-# command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings) for f in fields(cls)} | {
-    "out", "resume", "config", "jobs", "suite", "presets"}
-
-
-def as_flags(text: str) -> str:
-    """Field names written as `field` in help texts and messages, shown as --field."""
-    return _BACKTICKED.sub(lambda m: flag(m.group(1)), text)
-
-
-def user_message(err: Exception) -> str:
-    """A library error for the command line: its leading field name (``seq_len 512: ...``) and backticked names
-    become flags (``--seq-len 512: ...``)."""
-    text = str(err)
-    match = re.match(r"([a-z][a-z0-9_]*)(?=[ :])", text)
-    if match and match.group(1) in _FLAG_NAMES:
-        text = flag(match.group(1)) + text[match.end():]
-    return as_flags(text)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
-                         shown_defaults: dict | None = None) -> None:
-    """One flag per field of the dataclass ``cls`` (or of the fields in ``only``), typed from its annotation, with
-    its help text. A flag not given is None, which means "the default of the settings it fills"; where that differs
-    from the field's own default, ``shown_defaults`` says so in the help."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if only is not None and f.name not in only:
-            continue
-        kind = hints[f.name]
-        text = as_flags(f.metadata["help"])
-        if f.name in (shown_defaults or {}):
-            text += f" (default here: {shown_defaults[f.name]})"
-        options: dict = {"default": None, "help": text.replace("%", "%%")}
-        if kind is bool:
-            parser.add_argument(flag(f.name), action="store_true", **options)
-            continue
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        if typing.get_origin(kind) is typing.Literal:
-            options["choices"] = list(typing.get_args(kind))
-        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: comma-separated on the command line
-            options.update(type=_numbers(args[0]), metavar="A,B,...")
-            kind = None
-        elif args:  # X | None
-            kind = args[0]
-        parser.add_argument(flag(f.name), **{"type": kind if kind in (int, float) else str, **options})
-
-
-def _numbers(kind):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-    return parse
-
-
-def _given(args: argparse.Namespace, cls) -> dict:
-    """The fields of ``cls`` given on the command line."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,82 @@
+"""The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings), and the
+one place a field name becomes a flag: in help texts, in the parser, and in the library's error messages."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import typing
+from dataclasses import fields
+
+from smoe.eval.suite import CompareSettings
+from smoe.train.config import DataConfig, TrainConfig
+
+
+def flag(name: str) -> str:
+    """The one place a config field's name becomes its command-line flag."""
+    return "--" + name.replace("_", "-")
+
+
+_BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
+# Names that library errors put first and the command line spells as flags: config fields and the few
+# command-line-only options the library also names.
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings) for f in fields(cls)} | {
+    "out", "resume", "config", "jobs", "suite", "presets"}
+
+
+def as_flags(text: str) -> str:
+    """Field names written as `field` in help texts and messages, shown as --field."""
+    return _BACKTICKED.sub(lambda m: flag(m.group(1)), text)
+
+
+def user_message(err: Exception) -> str:
+    """A library error for the command line: its leading field name (``seq_len 512: ...``) and backticked names
+    become flags (``--seq-len 512: ...``)."""
+    text = str(err)
+    match = re.match(r"([a-z][a-z0-9_]*)(?=[ :])", text)
+    if match and match.group(1) in _FLAG_NAMES:
+        text = flag(match.group(1)) + text[match.end():]
+    return as_flags(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
+                         shown_defaults: dict | None = None) -> None:
+    """One flag per field of the dataclass ``cls`` (or of the fields in ``only``), typed from its annotation, with
+    its help text. A flag not given is None, which means "the default of the settings it fills"; where that differs
+    from the field's own default, ``shown_defaults`` says so in the help."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        kind = hints[f.name]
+        text = as_flags(f.metadata["help"])
+        if f.name in (shown_defaults or {}):
+            text += f" (default here: {shown_defaults[f.name]})"
+        options: dict = {"default": None, "help": text.replace("%", "%%")}
+        if kind is bool:
+            parser.add_argument(flag(f.name), action="store_true", **options)
+            continue
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is typing.Literal:
+            options["choices"] = list(typing.get_args(kind))
+        elif typing.get_origin(kind) is tuple:  # tuple[float, ...]: comma-separated on the command line
+            options.update(type=_numbers(args[0]), metavar="A,B,...")
+            kind = None
+        elif args:  # X | None
+            kind = args[0]
+        parser.add_argument(flag(f.name), **{"type": kind if kind in (int, float) else str, **options})
+
+
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+    return parse
+
+
+def given(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` given on the command line."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
