@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
+
+from smoe.config_rules import check_types, fail, non_negative, one_of, positive
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]
@@ -30,71 +30,6 @@ Activation = Literal["silu", "gelu"]
 Norm = Literal["rmsnorm", "layernorm"]
 QKNorm = Literal["none", "head", "full"]
 RopeType = Literal["default", "linear", "yarn"]
-
-
-def _fail(path: str, rule: str) -> None:
-    raise ValueError(f"{path}: {rule}")
-
-
-def _positive(path: str, value: float | int | None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0 or (isinstance(value, float) and not math.isfinite(value)):
-        _fail(path, f"must be a positive number, got {value!r}")
-
-
-def _non_negative(path: str, value: float | int) -> None:
-    if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
-        _fail(path, f"must be >= 0, got {value!r}")
-
-
-def _one_of(path: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        _fail(path, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_types(obj: Any, prefix: str) -> None:
-    """Reject values whose Python type contradicts the annotation (e.g. a string where an int belongs)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            continue
-        if not _matches(value, hints[f.name]):
-            _fail(f"{prefix}{f.name}", f"must be of type {_type_name(hints[f.name])}, got {value!r}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return value in typing.get_args(hint)
-    if origin is tuple:
-        (item, _) = typing.get_args(hint)
-        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if dataclasses.is_dataclass(hint):
-        return isinstance(value, hint)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(h) for h in typing.get_args(hint))
-    if origin is Literal:
-        return " | ".join(map(repr, typing.get_args(hint)))
-    if origin is tuple:
-        return f"tuple[{_type_name(typing.get_args(hint)[0])}, ...]"
-    return getattr(hint, "__name__", str(hint))
 
 
 @dataclass(frozen=True)
@@ -110,15 +45,15 @@ class RopeScaling:
     mscale_all_dim: float = 0.0
 
     def validate(self, prefix: str = "rope_scaling.") -> None:
-        _check_types(self, prefix)
-        _one_of(prefix + "type", self.type, typing.get_args(RopeType))
-        _positive(prefix + "factor", self.factor)
-        _positive(prefix + "original_max_seq_len", self.original_max_seq_len)
-        _positive(prefix + "beta_slow", self.beta_slow)
+        check_types(self, prefix)
+        one_of(prefix + "type", self.type, typing.get_args(RopeType))
+        positive(prefix + "factor", self.factor)
+        positive(prefix + "original_max_seq_len", self.original_max_seq_len)
+        positive(prefix + "beta_slow", self.beta_slow)
         if self.beta_fast < self.beta_slow:  # equal is legal: Kimi K2 ships beta_fast = beta_slow = 1
-            _fail(prefix + "beta_fast", f"must be >= beta_slow ({self.beta_slow}), got {self.beta_fast}")
-        _non_negative(prefix + "mscale", self.mscale)
-        _non_negative(prefix + "mscale_all_dim", self.mscale_all_dim)
+            fail(prefix + "beta_fast", f"must be >= beta_slow ({self.beta_slow}), got {self.beta_fast}")
+        non_negative(prefix + "mscale", self.mscale)
+        non_negative(prefix + "mscale_all_dim", self.mscale_all_dim)
 
 
 @dataclass(frozen=True)
@@ -141,26 +76,26 @@ class AttentionConfig:
         return self.head_dim if self.head_dim is not None else dim // self.n_heads
 
     def validate(self, dim: int, prefix: str = "attention.") -> None:
-        _check_types(self, prefix)
-        _positive(prefix + "n_heads", self.n_heads)
-        _positive(prefix + "n_kv_heads", self.n_kv_heads)
+        check_types(self, prefix)
+        positive(prefix + "n_heads", self.n_heads)
+        positive(prefix + "n_kv_heads", self.n_kv_heads)
         if self.n_heads % self.n_kv_heads:
-            _fail(prefix + "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+            fail(prefix + "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
         if self.head_dim is None and dim % self.n_heads:
-            _fail(prefix + "n_heads", f"must divide dim ({dim}) when head_dim is not set, got {self.n_heads}")
-        _positive(prefix + "head_dim", self.head_dim, allow_none=True)
+            fail(prefix + "n_heads", f"must divide dim ({dim}) when head_dim is not set, got {self.n_heads}")
+        positive(prefix + "head_dim", self.head_dim, allow_none=True)
         head_dim = self.resolved_head_dim(dim)
         if head_dim % 2:
-            _fail(prefix + "head_dim", f"must be even for rotary embeddings, got {head_dim}")
+            fail(prefix + "head_dim", f"must be even for rotary embeddings, got {head_dim}")
         if self.rotary_dim is not None:
             if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
-                _fail(prefix + "rotary_dim", f"must be even and in (0, head_dim={head_dim}], got {self.rotary_dim}")
-        _positive(prefix + "rope_theta", self.rope_theta)
+                fail(prefix + "rotary_dim", f"must be even and in (0, head_dim={head_dim}], got {self.rotary_dim}")
+        positive(prefix + "rope_theta", self.rope_theta)
         if self.rope_scaling is not None:
             self.rope_scaling.validate(prefix + "rope_scaling.")
-        _positive(prefix + "sliding_window", self.sliding_window, allow_none=True)
-        _one_of(prefix + "qk_norm", self.qk_norm, typing.get_args(QKNorm))
-        _positive(prefix + "clip_qkv", self.clip_qkv, allow_none=True)
+        positive(prefix + "sliding_window", self.sliding_window, allow_none=True)
+        one_of(prefix + "qk_norm", self.qk_norm, typing.get_args(QKNorm))
+        positive(prefix + "clip_qkv", self.clip_qkv, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -183,16 +118,16 @@ class MLAConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def validate(self, dim: int, prefix: str = "attention.") -> None:
-        _check_types(self, prefix)
-        _positive(prefix + "n_heads", self.n_heads)
-        _positive(prefix + "q_lora_rank", self.q_lora_rank, allow_none=True)
-        _positive(prefix + "kv_lora_rank", self.kv_lora_rank)
-        _positive(prefix + "qk_nope_head_dim", self.qk_nope_head_dim)
-        _positive(prefix + "qk_rope_head_dim", self.qk_rope_head_dim)
+        check_types(self, prefix)
+        positive(prefix + "n_heads", self.n_heads)
+        positive(prefix + "q_lora_rank", self.q_lora_rank, allow_none=True)
+        positive(prefix + "kv_lora_rank", self.kv_lora_rank)
+        positive(prefix + "qk_nope_head_dim", self.qk_nope_head_dim)
+        positive(prefix + "qk_rope_head_dim", self.qk_rope_head_dim)
         if self.qk_rope_head_dim % 2:
-            _fail(prefix + "qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
-        _positive(prefix + "v_head_dim", self.v_head_dim)
-        _positive(prefix + "rope_theta", self.rope_theta)
+            fail(prefix + "qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
+        positive(prefix + "v_head_dim", self.v_head_dim)
+        positive(prefix + "rope_theta", self.rope_theta)
         if self.rope_scaling is not None:
             self.rope_scaling.validate(prefix + "rope_scaling.")
 
@@ -252,55 +187,55 @@ class MoEConfig:
         return self.balance == "aux_free"
 
     def validate(self, prefix: str = "moe.") -> None:
-        _check_types(self, prefix)
-        _positive(prefix + "n_routed_experts", self.n_routed_experts)
-        _positive(prefix + "top_k", self.top_k)
+        check_types(self, prefix)
+        positive(prefix + "n_routed_experts", self.n_routed_experts)
+        positive(prefix + "top_k", self.top_k)
         if self.top_k > self.n_routed_experts:
-            _fail(prefix + "top_k", f"must not exceed n_routed_experts ({self.n_routed_experts}), got {self.top_k}")
-        _positive(prefix + "expert_dim", self.expert_dim)
-        _non_negative(prefix + "n_shared_experts", self.n_shared_experts)
-        _positive(prefix + "shared_expert_dim", self.shared_expert_dim, allow_none=True)
+            fail(prefix + "top_k", f"must not exceed n_routed_experts ({self.n_routed_experts}), got {self.top_k}")
+        positive(prefix + "expert_dim", self.expert_dim)
+        non_negative(prefix + "n_shared_experts", self.n_shared_experts)
+        positive(prefix + "shared_expert_dim", self.shared_expert_dim, allow_none=True)
         if self.shared_expert_gate and self.n_shared_experts == 0:
-            _fail(prefix + "shared_expert_gate", "needs n_shared_experts >= 1")
-        _one_of(prefix + "score_func", self.score_func, typing.get_args(ScoreFunc))
-        _positive(prefix + "routed_scaling_factor", self.routed_scaling_factor)
-        _positive(prefix + "n_group", self.n_group)
-        _positive(prefix + "topk_group", self.topk_group)
+            fail(prefix + "shared_expert_gate", "needs n_shared_experts >= 1")
+        one_of(prefix + "score_func", self.score_func, typing.get_args(ScoreFunc))
+        positive(prefix + "routed_scaling_factor", self.routed_scaling_factor)
+        positive(prefix + "n_group", self.n_group)
+        positive(prefix + "topk_group", self.topk_group)
         if self.n_routed_experts % self.n_group:
-            _fail(prefix + "n_group", f"must divide n_routed_experts ({self.n_routed_experts}), got {self.n_group}")
+            fail(prefix + "n_group", f"must divide n_routed_experts ({self.n_routed_experts}), got {self.n_group}")
         if self.topk_group > self.n_group:
-            _fail(prefix + "topk_group", f"must not exceed n_group ({self.n_group}), got {self.topk_group}")
+            fail(prefix + "topk_group", f"must not exceed n_group ({self.n_group}), got {self.topk_group}")
         per_group = self.n_routed_experts // self.n_group
         if self.n_group > 1:
             if self.group_score == "top2_sum" and per_group < 2:
-                _fail(prefix + "group_score", f"'top2_sum' needs >= 2 experts per group, got {per_group}")
+                fail(prefix + "group_score", f"'top2_sum' needs >= 2 experts per group, got {per_group}")
             if self.topk_group * per_group < self.top_k:
-                _fail(
+                fail(
                     prefix + "topk_group",
                     f"the {self.topk_group} selected groups hold {self.topk_group * per_group} experts, "
                     f"fewer than top_k ({self.top_k})",
                 )
             if self.routing == "expert_choice":
-                _fail(prefix + "n_group", "group-limited routing applies to token_choice routing only")
-        _one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
-        _positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
-        _one_of(prefix + "capacity_priority", self.capacity_priority, typing.get_args(CapacityPriority))
-        _one_of(prefix + "balance", self.balance, typing.get_args(Balance))
-        _non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
-        _non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)
-        _non_negative(prefix + "z_loss_coef", self.z_loss_coef)
-        _non_negative(prefix + "device_balance_loss_coef", self.device_balance_loss_coef)
+                fail(prefix + "n_group", "group-limited routing applies to token_choice routing only")
+        one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
+        positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
+        one_of(prefix + "capacity_priority", self.capacity_priority, typing.get_args(CapacityPriority))
+        one_of(prefix + "balance", self.balance, typing.get_args(Balance))
+        non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
+        non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)
+        non_negative(prefix + "z_loss_coef", self.z_loss_coef)
+        non_negative(prefix + "device_balance_loss_coef", self.device_balance_loss_coef)
         if self.device_balance_loss_coef > 0 and self.n_group < 2:
-            _fail(prefix + "device_balance_loss_coef", "needs n_group >= 2: the devices are the n_group expert groups")
-        _non_negative(prefix + "bias_update_rate", self.bias_update_rate)
-        _one_of(prefix + "routing", self.routing, typing.get_args(Routing))
+            fail(prefix + "device_balance_loss_coef", "needs n_group >= 2: the devices are the n_group expert groups")
+        non_negative(prefix + "bias_update_rate", self.bias_update_rate)
+        one_of(prefix + "routing", self.routing, typing.get_args(Routing))
         if self.routing == "expert_choice" and self.balance != "none":
-            _fail(prefix + "balance", "must be 'none' with expert_choice routing, which is balanced by construction")
+            fail(prefix + "balance", "must be 'none' with expert_choice routing, which is balanced by construction")
         if self.routing == "hash":
             if self.balance != "none":
-                _fail(prefix + "balance", "must be 'none' with hash routing: a fixed assignment cannot be balanced")
+                fail(prefix + "balance", "must be 'none' with hash routing: a fixed assignment cannot be balanced")
             if self.top_k != 1 or self.n_group > 1 or self.router_bias:
-                _fail(prefix + "routing", "hash routing (Roller et al.'s Hash Layer) is top-1, with no groups or "
+                fail(prefix + "routing", "hash routing (Roller et al.'s Hash Layer) is top-1, with no groups or "
                                           "router bias")
 
 
@@ -328,19 +263,19 @@ class LayoutConfig:
         return max(0, -(-n_layers // self.moe_layer_freq) - -(-self.first_k_dense // self.moe_layer_freq))
 
     def validate(self, n_layers: int, prefix: str = "layout.") -> None:
-        _check_types(self, prefix)
-        _non_negative(prefix + "first_k_dense", self.first_k_dense)
+        check_types(self, prefix)
+        non_negative(prefix + "first_k_dense", self.first_k_dense)
         if self.first_k_dense > n_layers:
-            _fail(prefix + "first_k_dense", f"must not exceed n_layers ({n_layers}), got {self.first_k_dense}")
-        _positive(prefix + "moe_layer_freq", self.moe_layer_freq)
+            fail(prefix + "first_k_dense", f"must not exceed n_layers ({n_layers}), got {self.first_k_dense}")
+        positive(prefix + "moe_layer_freq", self.moe_layer_freq)
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < n_layers]
             if bad:
-                _fail(prefix + "moe_layers", f"indices must lie in [0, {n_layers}), got {bad}")
+                fail(prefix + "moe_layers", f"indices must lie in [0, {n_layers}), got {bad}")
             if len(set(self.moe_layers)) != len(self.moe_layers):
-                _fail(prefix + "moe_layers", "must not repeat a layer")
-        _non_negative(prefix + "n_mtp_modules", self.n_mtp_modules)
-        _non_negative(prefix + "mtp_loss_coef", self.mtp_loss_coef)
+                fail(prefix + "moe_layers", "must not repeat a layer")
+        non_negative(prefix + "n_mtp_modules", self.n_mtp_modules)
+        non_negative(prefix + "mtp_loss_coef", self.mtp_loss_coef)
 
 
 @dataclass(frozen=True)
@@ -372,24 +307,24 @@ class ModelConfig:
 
     def validate(self) -> "ModelConfig":
         """Check the whole tree; returns self so ``cfg = ModelConfig(...).validate()`` reads naturally."""
-        _check_types(self, "")
-        _positive("vocab_size", self.vocab_size)
-        _positive("dim", self.dim)
-        _positive("n_layers", self.n_layers)
-        _positive("ffn_dim", self.ffn_dim)
-        _one_of("activation", self.activation, typing.get_args(Activation))
-        _one_of("norm", self.norm, typing.get_args(Norm))
-        _positive("norm_eps", self.norm_eps)
-        _positive("init_std", self.init_std)
-        _positive("max_seq_len", self.max_seq_len)
+        check_types(self, "")
+        positive("vocab_size", self.vocab_size)
+        positive("dim", self.dim)
+        positive("n_layers", self.n_layers)
+        positive("ffn_dim", self.ffn_dim)
+        one_of("activation", self.activation, typing.get_args(Activation))
+        one_of("norm", self.norm, typing.get_args(Norm))
+        positive("norm_eps", self.norm_eps)
+        positive("init_std", self.init_std)
+        positive("max_seq_len", self.max_seq_len)
         if not isinstance(self.attention, (AttentionConfig, MLAConfig)):
-            _fail("attention", "must be an AttentionConfig or an MLAConfig")
+            fail("attention", "must be an AttentionConfig or an MLAConfig")
         self.attention.validate(self.dim)
         if self.moe is not None:
             self.moe.validate()
         self.layout.validate(self.n_layers)
         if self.layout.dense_residual and self.moe is None:
-            _fail("layout.dense_residual", "needs an MoE config")
+            fail("layout.dense_residual", "needs an MoE config")
         return self
 
     # --- JSON round trip -----------------------------------------------------------------------------------------
@@ -422,18 +357,18 @@ _NESTED = {"attention": None, "moe": MoEConfig, "layout": LayoutConfig, "rope_sc
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        _fail(prefix.rstrip(".") or "config", f"must be a JSON object, got {type(data).__name__}")
+        fail(prefix.rstrip(".") or "config", f"must be a JSON object, got {type(data).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        _fail(prefix + unknown[0], f"unknown field of {cls.__name__}; known fields: {', '.join(sorted(known))}")
+        fail(prefix + unknown[0], f"unknown field of {cls.__name__}; known fields: {', '.join(sorted(known))}")
     kwargs = {}
     for name, value in data.items():
         if name == "attention" and isinstance(value, dict):
             kind = value.get("kind", "gqa")
             sub = {"gqa": AttentionConfig, "mla": MLAConfig}.get(kind)
             if sub is None:
-                _fail(prefix + "attention.kind", f"must be 'gqa' or 'mla', got {kind!r}")
+                fail(prefix + "attention.kind", f"must be 'gqa' or 'mla', got {kind!r}")
             value = _from_dict(sub, value, prefix + "attention.")
         elif name in _NESTED and _NESTED[name] is not None and isinstance(value, dict):
             value = _from_dict(_NESTED[name], value, prefix + name + ".")
@@ -455,16 +390,16 @@ def override(config: ModelConfig, assignments: dict[str, Any]) -> ModelConfig:
 
 def _set_path(obj: Any, parts: list[str], value: Any, path: str) -> Any:
     if not dataclasses.is_dataclass(obj):
-        _fail(path, f"{'.'.join(parts)} does not name a config field")
+        fail(path, f"{'.'.join(parts)} does not name a config field")
     known = {f.name for f in fields(obj)}
     head = parts[0]
     if head not in known:
-        _fail(path, f"unknown field {head!r} of {type(obj).__name__}; known fields: {', '.join(sorted(known))}")
+        fail(path, f"unknown field {head!r} of {type(obj).__name__}; known fields: {', '.join(sorted(known))}")
     if len(parts) == 1:
         if isinstance(value, list):
             value = tuple(value)
         return replace(obj, **{head: value})
     child = getattr(obj, head)
     if child is None:
-        _fail(path, f"{head} is not set in this config, so {path} cannot be changed")
+        fail(path, f"{head} is not set in this config, so {path} cannot be changed")
     return replace(obj, **{head: _set_path(child, parts[1:], value, path)})
