@@ -18,6 +18,7 @@ from typing import Any, Literal
 from smoe import presets
 from smoe.accounting import account
 from smoe.config import ModelConfig, override
+from smoe.config_rules import check_types, fail, positive
 from smoe.io.files import parse_json, read_json
 from smoe.train.config import DataConfig, TrainConfig, option
 
@@ -122,12 +123,13 @@ class CompareSettings:
     def validate(self) -> "CompareSettings":
         self.train.validate()
         self.data.validate()
-        for name, value in (("seeds", self.seeds), ("checkpoints", self.checkpoints)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if self.tune_lr and (len(self.tune_lr) < 2 or len(set(self.tune_lr)) != len(self.tune_lr)
-                             or not all(isinstance(v, float) and 0 < v < float("inf") for v in self.tune_lr)):
-            raise ValueError(f"tune_lr: must be two or more different positive learning rates, got {self.tune_lr}")
+        check_types(self, "")
+        positive("seeds", self.seeds)
+        positive("checkpoints", self.checkpoints)
+        if self.tune_lr and (len(self.tune_lr) < 2 or len(set(self.tune_lr)) != len(self.tune_lr)):
+            fail("tune_lr", f"must be two or more different learning rates, got {self.tune_lr}")
+        for lr in self.tune_lr:
+            positive("tune_lr", lr)
         return self
 
     def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:

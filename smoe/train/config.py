@@ -8,9 +8,10 @@ No torch import: the command line builds its parser from this module cheaply.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+from smoe.config_rules import check_types, fail, non_negative, positive
 
 
 def option(default: Any, help: str) -> Any:
@@ -61,34 +62,21 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
 
     def validate(self) -> "TrainConfig":
+        check_types(self, "")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "max_bad_steps",
-                     "ep"):
-            _positive_int(name, getattr(self, name))
-        for name in ("eval_every", "save_every", "seed"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
-        if self.dp is not None:
-            _positive_int("dp", self.dp)
-        if self.warmup_steps is not None and (not _is_int(self.warmup_steps) or self.warmup_steps < 0):
-            raise ValueError(f"warmup_steps: must be an integer >= 0, got {self.warmup_steps!r}")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"grad_accum: must divide batch_size ({self.batch_size}), got {self.grad_accum}")
-        for name in ("lr", "eps", "dist_timeout"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be a positive number, got {getattr(self, name)!r}")
+                     "ep", "lr", "eps", "dist_timeout"):
+            positive(name, getattr(self, name))
+        for name in ("dp", "peak_tflops"):
+            positive(name, getattr(self, name), allow_none=True)
+        for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes"):
+            non_negative(name, getattr(self, name))
+        if self.warmup_steps is not None:
+            non_negative("warmup_steps", self.warmup_steps)
         for name in ("min_lr_ratio", "beta1", "beta2"):
-            if not _finite(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name}: must lie in [0, 1], got {getattr(self, name)!r}")
-        for name in ("grad_clip", "weight_decay", "save_every_minutes"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be a number >= 0, got {getattr(self, name)!r}")
-        if self.peak_tflops is not None and (not _finite(self.peak_tflops) or self.peak_tflops <= 0):
-            raise ValueError(f"peak_tflops: must be a positive number, got {self.peak_tflops!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile: must be true or false, got {self.compile!r}")
+            if not 0 <= getattr(self, name) <= 1:
+                fail(name, f"must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            fail("grad_accum", f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         return self
 
 
@@ -102,12 +90,9 @@ class DataConfig:
     text_field: str = option("text", "field/column holding text in .jsonl/.parquet")
 
     def validate(self) -> "DataConfig":
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not (isinstance(value, str) or (value is None and f.default is None)):
-                raise ValueError(f"{f.name}: must be a string, got {value!r}")
+        check_types(self, "")
         if not self.text_field:
-            raise ValueError("text_field: must not be empty")
+            fail("text_field", "must not be empty")
         return self
 
 
@@ -120,16 +105,3 @@ def from_dict(cls, values: dict[str, Any], where: str):
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} field {unknown[0]!r}")
     return cls(**values).validate()
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
