@@ -302,3 +302,12 @@ def test_bad_run_config_is_one_line_naming_the_file(tmp_path, capsys, content, m
     err = capsys.readouterr().err.strip()
     assert str(path) in err and match in err and "\n" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_loading_the_model_checks_only_the_files_it_reads(text, tmp_path):
+    _train(tmp_path / "run", text, tmp_path, steps=2)
+    path = ckpt.latest_checkpoint(tmp_path / "run").path
+    _truncate(path / "optimizer.safetensors")  # damages a resume, not an evaluation
+    model, _ = ckpt.load_model(path)
+    assert model is not None and "optimizer.safetensors" in ckpt.damage(path)
+    assert ckpt.latest_intact(tmp_path / "run") is None

@@ -241,10 +241,12 @@ def _minutes_due(since: float, minutes: float, mesh: DeviceMesh | None, device: 
     decides for all, since saving is collective."""
     if minutes <= 0:
         return False
-    due = torch.tensor([time.monotonic() - since >= 60 * minutes], dtype=torch.int32, device=device)
-    if mesh is not None:
-        torch.distributed.broadcast(due, src=0)
-    return bool(due.item())
+    due = time.monotonic() - since >= 60 * minutes
+    if mesh is None:
+        return due
+    flag = torch.tensor([due], dtype=torch.int32, device=device)  # a device sync: only where ranks must agree
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None) -> dict[str, Any]:
