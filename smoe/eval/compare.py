@@ -86,9 +86,10 @@ def _train_all(jobs: list[Job], settings: CompareSettings, parallel: int, log) -
 
 
 def _child_env(parallel: int) -> dict[str, str]:
-    """The children share the CPU cores (unless OMP_NUM_THREADS says otherwise): small models train faster as
-    separate single-threaded processes than with every process's OpenMP threads fighting for every core (two
-    deepseekmoe runs side by side at one thread each: 643 tokens/s each, against 579 for one run on two threads)."""
+    """The children share the CPU cores (unless OMP_NUM_THREADS says otherwise) instead of every process's OpenMP
+    threads fighting for every core. Small models also train faster in total as separate single-threaded processes:
+    two deepseekmoe runs side by side at one thread each made 1,387 tokens/s each, one run alone on both cores
+    2,358 (docs/benchmarks.md)."""
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // parallel))
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
 

@@ -335,7 +335,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 autocast where it is faster than fp32 — a CUDA GPU with bf16, a CPU with AMX tiles — else
     fp32. Without bf16 units a bf16 GEMM is emulated: deepseek-v3-tiny trained at 63 tokens/s in bf16 against 1,539
     in fp32 on an AVX2-only CPU. AVX512-BF16 alone is not enough either: on a 2-core AVX512-BF16 VM without AMX it
-    trained at 1,370 tokens/s in bf16 against 2,500 in fp32."""
+    trained at 939 tokens/s in bf16 against 2,357 in fp32 (docs/benchmarks.md)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
