@@ -343,3 +343,10 @@ def test_analyses_are_summarised_over_seeds():
     assert over["saturation"]["5"]["sd"] == 0.0
     one = collect.over_seeds([_fake_analysis(0, shared=False)])
     assert one["loss"]["sd"] is None and "shared" not in one["knockout"]
+
+
+def test_runs_also_checkpoint_early_for_router_saturation():
+    cfg = CompareSettings(train=TrainConfig(steps=300), checkpoints=4).run_config(seed=1)
+    assert (cfg.save_every, cfg.save_at, cfg.keep_last) == (75, (3, 30), 7)
+    # an early step that is already a regular checkpoint is not listed twice
+    assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()

@@ -16,6 +16,7 @@ from smoe.cli import main
 from smoe.errors import TrainingError
 from smoe.io import checkpoint as ckpt
 from smoe.train import evaluate_checkpoint, train_model
+from smoe.train.config import TrainConfig, from_dict
 
 TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,
         "attention.n_kv_heads": 2, "max_seq_len": 64}
@@ -311,3 +312,12 @@ def test_loading_the_model_checks_only_the_files_it_reads(text, tmp_path):
     model, _ = ckpt.load_model(path)
     assert model is not None and "optimizer.safetensors" in ckpt.damage(path)
     assert ckpt.latest_intact(tmp_path / "run") is None
+
+
+def test_save_at_adds_checkpoints_and_survives_the_run_config_round_trip(text, tmp_path):
+    _train(tmp_path / "run", text, tmp_path, steps=6, eval_every=0, save_every=3, save_at=(1,), keep_last=5)
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "run")] == [1, 3, 6]
+    # run.json holds a JSON list; a run config read back from it has the tuple again
+    assert from_dict(TrainConfig, {"save_at": [1, 2]}, "run config").save_at == (1, 2)
+    with pytest.raises(ValueError, match="save_at"):
+        TrainConfig(save_at=(0,)).validate()

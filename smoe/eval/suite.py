@@ -105,6 +105,9 @@ SUITES: dict[str, Suite] = {
 # from a single run's (longer runs, denser validation curves).
 COMPARE_FIELDS = ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "precision", "device")
 COMPARE_DEFAULTS = {"steps": 300, "eval_every": 25}
+# Fractions of training at which every run also saves a checkpoint: OLMoE §5.1 reads router saturation from 1% of
+# training on, where most of the change happens.
+EARLY_CHECKPOINTS = (0.01, 0.1)
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,14 @@ class CompareSettings:
         return self
 
     def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:
-        """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate) and
-        evenly spaced checkpoints (no time-based ones, so every architecture is analysed at the same steps)."""
-        return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr,
-                       save_every=max(1, self.train.steps // self.checkpoints), keep_last=self.checkpoints + 1,
-                       save_every_minutes=0.0)
+        """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate),
+        ``checkpoints`` evenly spaced checkpoints and early ones (EARLY_CHECKPOINTS); no time-based ones, so every
+        architecture is analysed at the same steps."""
+        steps = self.train.steps
+        every = max(1, steps // self.checkpoints)
+        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - set(range(every, steps + 1, every))))
+        return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, save_every=every,
+                       save_at=early, keep_last=self.checkpoints + len(early) + 1, save_every_minutes=0.0)
 
     def definition(self) -> dict[str, Any]:
         """What makes runs comparable, flat: the compare flags' fields, the data and the checkpoints, plus any other

@@ -8,6 +8,7 @@ No torch import: the command line builds its parser from this module cheaply.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -35,13 +36,15 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     seed: int = option(0, "seeds the weights and the data order")
     precision: Literal["auto", "bf16", "fp32"] = option(
-        "auto", "auto (default): bf16 autocast where the device has native bf16, else fp32")
+        "auto", "auto (default): bf16 autocast on GPUs with native bf16 and CPUs with AMX tiles, else fp32")
     compile: bool = option(False, "torch.compile the model")
     eval_every: int = option(50, "steps between evaluations (0: only at the end)")
     eval_batches: int = option(8, "validation batches per evaluation")
     save_every: int = option(0, "steps between checkpoints (0: only at the end and by `save_every_minutes`)")
     save_every_minutes: float = option(
         10.0, "minutes of training between checkpoints, so a crash loses little (0: off); beside `save_every`")
+    save_at: tuple[int, ...] = option(
+        (), "further steps to checkpoint at, e.g. early ones for the router-saturation analysis (OLMoE §5.1)")
     keep_last: int = option(3, "checkpoints to keep")
     max_bad_steps: int = option(5, "consecutive non-finite steps before stopping")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
@@ -53,8 +56,8 @@ class TrainConfig:
         300.0, "seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
 
     # Fields that may change between a run and its resumption without changing the optimisation.
-    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "save_every_minutes", "keep_last",
-                         "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
+    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "save_every_minutes", "save_at",
+                         "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
                          "dist_timeout")
 
     @property
@@ -72,6 +75,8 @@ class TrainConfig:
             non_negative(name, getattr(self, name))
         if self.warmup_steps is not None:
             non_negative("warmup_steps", self.warmup_steps)
+        for step in self.save_at:
+            positive("save_at", step)
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 fail(name, f"must lie in [0, 1], got {getattr(self, name)!r}")
@@ -104,4 +109,6 @@ def from_dict(cls, values: dict[str, Any], where: str):
     unknown = sorted(values.keys() - known)
     if unknown:
         raise ValueError(f"{where}: unknown {cls.__name__} field {unknown[0]!r}")
+    tuples = {name for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(hint) is tuple}
+    values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}  # JSON lists
     return cls(**values).validate()

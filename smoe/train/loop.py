@@ -138,7 +138,7 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             if _every(trainer.step, cfg.eval_every) or final:
                 result.final_eval = trainer.evaluate()
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
-            if _every(trainer.step, cfg.save_every) or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
+            if _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
                                                                              trainer.device):
                 trainer.save()
                 saved_at = time.monotonic()
