@@ -350,3 +350,11 @@ def test_runs_also_checkpoint_early_for_router_saturation():
     assert (cfg.save_every, cfg.save_at, cfg.keep_last) == (75, (3, 30), 7)
     # an early step that is already a regular checkpoint is not listed twice
     assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()
+
+
+def test_a_bad_data_file_is_refused_before_the_suite_starts(tmp_path):
+    (tmp_path / "wiki.tokens").write_text("some text\n")
+    settings = CompareSettings(data=DataConfig(data=str(tmp_path / "wiki.tokens")))
+    with pytest.raises(ValueError, match=r"^data .*wiki\.tokens: unsupported file type '\.tokens'"):
+        run_suite("seeds-debate", None, settings, tmp_path / "suite")
+    assert not (tmp_path / "suite").exists()

@@ -33,6 +33,7 @@ from smoe.eval.suite import (
 )
 from smoe.io.files import read_json, write_json
 from smoe.train.config import TrainConfig
+from smoe.train.data.spec import parse_spec
 
 RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
 
@@ -127,6 +128,9 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     if jobs < 1:
         raise ValueError(f"jobs: must be a positive integer, got {jobs}")
     settings.validate()
+    parse_spec(settings.data.data, "data")  # every file named exists and is readable, before any run starts
+    if settings.data.val_data is not None:
+        parse_spec(settings.data.val_data, "val_data")
     name, spec = resolve_suite(suite, preset_list)
     archs = spec.archs
     matched = check_matched(archs, settings.train.seq_len, spec.matching)
