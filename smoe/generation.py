@@ -62,7 +62,8 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     stop_S = torch.tensor(stop, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     cache = model.new_cache(B, T + max_new_tokens - 1)
-    logits_BV = model(input_ids_BT, attention_mask=mask_BT, cache=cache).logits[:, -1]
+    logits_BV = model(input_ids_BT, attention_mask=mask_BT, cache=cache, logits_to_keep=1, router_stats=False
+                      ).logits[:, -1]
     for step in range(max_new_tokens):
         next_B = sample(logits_BV, temperature, top_k, top_p, generator)
         next_B = next_B.masked_fill(done_B, pad_id)
@@ -71,7 +72,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
         # One host sync per step, to end early; nothing in the layers waits on the host.
         if step + 1 == max_new_tokens or bool(done_B.all()):
             return
-        logits_BV = model(next_B[:, None], cache=cache).logits[:, -1]
+        logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1, router_stats=False).logits[:, -1]
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
-from smoe.models import build_model
 from smoe.io import checkpoint as layout
+from smoe.models import build_model
 from smoe.train import checkpoint as ckpt
 from smoe.train.optim import build_optimizer
 

@@ -55,6 +55,20 @@ def test_prefill_chunk_and_decode_steps_match_one_forward(case):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_inference_mode_keeps_the_last_logits_and_skips_router_statistics():
+    model = _model("deepseek-v3-tiny", **{"layout.n_mtp_modules": 0})
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids)
+        lean = model(ids, logits_to_keep=3, router_stats=False)
+    assert full.router_stats and lean.router_stats == {}
+    assert lean.logits.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(lean.logits, full.logits[:, -3:], rtol=1e-5, atol=1e-6)
+    for bad, labels in ((-1, None), (2, ids)):
+        with pytest.raises(ValueError, match="^logits_to_keep: "):
+            model(ids, labels=labels, logits_to_keep=bad)
+
+
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])
 def test_a_left_padded_row_generates_what_its_prompt_alone_does(preset):
     model = _model(preset, **{"attention.sliding_window": 4} if preset == "mixtral-tiny" else {})
@@ -198,8 +212,8 @@ def trained(tmp_path_factory):
 
 
 def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, capsys):
-    from smoe.io.checkpoint import load_model
     from smoe.generation import default_stop_tokens
+    from smoe.io.checkpoint import load_model
     from smoe.io.tokenizer import find_tokenizer as load_tokenizer
 
     assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8"]) == 0

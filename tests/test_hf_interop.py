@@ -10,7 +10,7 @@ import torch
 
 from smoe import load_pretrained, presets, save_pretrained
 from smoe.cli import main
-from smoe.interop.hf import save_model_checkpoint
+from smoe.interop.hf import save_model_checkpoint, stored_dtype
 from smoe.interop.hf_config import config_to_hf
 from smoe.io.safetensors import SafetensorsFile
 from smoe.models import build_model
@@ -163,6 +163,22 @@ def test_dtype_and_device_arguments(tmp_path):
     assert model.embed.weight.dtype == torch.bfloat16
     assert model.layers[1].ffn.router.expert_bias.dtype == torch.float32  # selection stays exact
     assert not model.training
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_weights_get_their_fp32_compute_copy_once_at_load_where_bf16_is_emulated(tmp_path, monkeypatch, native):
+    from smoe.kernels import registry
+
+    monkeypatch.setattr(registry, "native_low_precision", lambda dtype: native)
+    _hf_model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    want = torch.bfloat16 if native else torch.float32
+    assert load_pretrained(tmp_path / "hf").embed.weight.dtype == want
+    assert load_pretrained(tmp_path / "hf", dtype=torch.bfloat16).embed.weight.dtype == torch.bfloat16
+    # a conversion keeps the stored precision whatever this CPU computes in
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "smoe")]) == 0
+    assert load_pretrained(tmp_path / "smoe").embed.weight.dtype == want
+    assert load_pretrained(tmp_path / "smoe", dtype=torch.bfloat16).embed.weight.dtype == torch.bfloat16
+    assert stored_dtype(tmp_path / "smoe") == stored_dtype(tmp_path / "hf") == torch.bfloat16
 
 
 def test_smoe_checkpoint_loads_and_converts_through_the_cli(tmp_path, capsys):

@@ -24,6 +24,7 @@ from smoe import load_pretrained
 from smoe.cli import main
 from smoe.config import MoEConfig
 from smoe.errors import TrainingError
+from smoe.io import checkpoint as ckpt
 from smoe.models import build_model
 from smoe.moe import MoELayer
 from smoe.parallel import (
@@ -35,7 +36,6 @@ from smoe.parallel import (
 )
 from smoe.parallel.checkpoint import consolidate
 from smoe.presets import get as preset
-from smoe.io import checkpoint as ckpt
 from smoe.train import train_model
 
 TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,

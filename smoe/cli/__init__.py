@@ -254,7 +254,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         out = consolidate(sharded, args.out)
         print(f"{sharded} -> {out}: single-file smoe training checkpoint")
         return
-    model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype))
+    model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype) or hf.stored_dtype(args.path))
     tokenizer_json = hf.read_tokenizer_json(args.path)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
@@ -369,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="sample among the smallest set of tokens with this probability")
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="compute dtype (default: as stored)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
+                   help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
+                        "GEMMs for them)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
+from smoe import kernels
 from smoe.config import ModelConfig
 from smoe.interop.hf_config import TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
 from smoe.interop.keymaps import IGNORED, KEY_MAPS, Piece, pieces_for
 from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
+from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
 from smoe.io.files import atomic_directory, check_fresh_dir, read_json
 from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
@@ -211,7 +213,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                     ) -> Transformer:
     """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
     smoe checkpoint or run directory, as a ``Transformer`` in eval mode. ``dtype`` defaults to the one config.json
-    names, else the stored one (FP8 becomes bf16); ``device`` to the CPU."""
+    names, else the stored one (FP8 becomes bf16), in fp32 where that is a low precision this CPU has no native
+    GEMMs for (``kernels.load_dtype``: the compute copy is made once, here); ``device`` to the CPU."""
     path = Path(path)
     device = torch.device(device or "cpu")
     if not path.is_dir():
@@ -228,9 +231,19 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         state = build_model(config).state_dict()
     plan = _plan(ckpt, pieces_for(config, hf["model_type"], state), state, fp8_block)
-    model = empty_model(config, dtype or _hf_dtype(hf, ckpt), device)
+    model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device)
     _fill(model, ckpt, plan, fp8_block)
     return model.eval()
+
+
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype ``load_pretrained`` reads ``path``'s weights as before any cast: config.json's (FP8: bf16) for a
+    Hugging Face directory, else the smoe checkpoint's. What a conversion keeps by default."""
+    path = Path(path)
+    hf = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    if hf is None or "model_type" not in hf:
+        return checkpoint_dtype(path)
+    return _hf_dtype(hf, _open_checkpoint(path))
 
 
 def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> ModelConfig:

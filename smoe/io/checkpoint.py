@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 
+from smoe import kernels
 from smoe.config import ModelConfig
 from smoe.io.files import fsync, read_json, sha256_file
 from smoe.io.safetensors import SafetensorsFile, load_tensors
@@ -314,10 +315,22 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     return model
 
 
+def stored_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a smoe checkpoint's weights are stored in (an expert-parallel run's per-rank files: fp32, its
+    master weights)."""
+    path = resolve_checkpoint(path)
+    return _float_dtype(SafetensorsFile(path / MODEL_FILE)) if (path / MODEL_FILE).is_file() else torch.float32
+
+
+def _float_dtype(header: SafetensorsFile) -> torch.dtype:
+    return next((header.dtype(n) for n in header.keys() if header.dtype(n).is_floating_point), torch.float32)
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None) -> tuple[Transformer, Path]:
     """The model of a smoe checkpoint (training or model, either layout) or a run directory's latest, in eval
-    mode, and the checkpoint directory it came from. ``dtype`` defaults to the stored one, ``device`` to the CPU.
+    mode, and the checkpoint directory it came from. ``dtype`` defaults to the stored one (fp32 for a bf16/fp16
+    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU.
 
     The files are checked against the manifest first; a single-file checkpoint is then streamed from its memory
     map into the allocated model (no second copy of the weights), after every key and shape is checked on the
@@ -340,8 +353,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         if header.shape(name) != tuple(tensor.shape):
             raise ValueError(f"{header.path}: {name} has shape {list(header.shape(name))}, the config.json beside "
                              f"it describes {list(tensor.shape)}")
-    stored = next((header.dtype(n) for n in header.keys() if header.dtype(n).is_floating_point), torch.float32)
-    model = empty_model(config, dtype or stored, device)
+    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device)
     state = model.state_dict()
     with header as f:
         for name in header.keys():

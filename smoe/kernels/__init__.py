@@ -35,13 +35,14 @@ from smoe.kernels.registry import (
     _BACKENDS,
     _FUSED,
     ExpertBackend,
+    load_dtype,
     native_low_precision,
     register,
     register_fused,
 )
 
-__all__ = ["ExpertBackend", "available", "choose", "expert_selector", "get", "get_fused", "names",
-           "native_low_precision", "register", "register_fused", "resolve"]
+__all__ = ["ExpertBackend", "available", "choose", "expert_selector", "get", "get_fused", "load_dtype",
+           "names", "native_low_precision", "register", "register_fused", "resolve"]
 
 
 def available(name: str, device: torch.device) -> bool:

@@ -54,3 +54,12 @@ def native_low_precision(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     return True
+
+
+def load_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a model stored in ``stored`` is loaded in on ``device`` when none is asked for: its own, except
+    that a CPU without native bf16/fp16 GEMMs gets an fp32 copy once, at load. An emulated low-precision GEMM is
+    several times slower than fp32, and casting the weights to fp32 inside every call costs that copy every step."""
+    if device.type == "cpu" and stored in (torch.bfloat16, torch.float16) and not native_low_precision(stored):
+        return torch.float32
+    return stored

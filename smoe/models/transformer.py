@@ -68,12 +68,12 @@ class Block(nn.Module):
             self.residual_norm = make_norm(config.norm, dim, eps)
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0, token_ids_BT=None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0, token_ids_BT=None,
+                router_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, start)
         stats = None
         if self.is_moe:
-            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT)
+            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT, router_stats)
         else:
             ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
         if self.residual_ffn is not None:
@@ -159,12 +159,17 @@ class Transformer(nn.Module):
         return DecodeCache(layers, valid, torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,
+                logits_to_keep: int = 0, router_stats: bool = True) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
         IGNORE_INDEX (-100) positions do not count.
 
         ``attention_mask`` (B, T), 1 for real tokens and 0 for (left) padding: positions count real tokens only and
-        padding is never attended. ``cache``: ``input_ids`` continue the cached tokens, which the cache records."""
+        padding is never attended. ``cache``: ``input_ids`` continue the cached tokens, which the cache records.
+
+        Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
+        the head is the largest matmul of a short model), and ``router_stats=False`` skips the router statistics
+        (``router_stats`` stays empty, ``aux_loss`` zero)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
@@ -181,12 +186,16 @@ class Transformer(nn.Module):
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start, input_ids)
+            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start, input_ids,
+                         router_stats)
             if s is not None:
                 stats[i] = s
         if cache is not None:
             cache.length += T
-        logits = self._logits(self.norm(h))
+        if logits_to_keep < 0 or (logits_to_keep and labels is not None):
+            raise ValueError(f"logits_to_keep: must be 0 (every position) or a positive count without labels, got "
+                             f"{logits_to_keep}{' with labels' if labels is not None else ''}")
+        logits = self._logits(self.norm(h[:, -logits_to_keep:] if logits_to_keep else h))
         out = ModelOutput(logits=logits, router_stats=stats)
         if labels is not None:
             out.lm_loss = _cross_entropy(logits, labels)

@@ -58,8 +58,10 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         init_weights(self, init_std)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
-        """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, stats: bool = True
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them.
+        ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None."""
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
@@ -83,8 +85,9 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
-        stats = self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
-        return y_ND.view(x.shape), stats
+        if not stats:
+            return y_ND.view(x.shape), None
+        return y_ND.view(x.shape), self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
 
     def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:
         cfg = self.config
