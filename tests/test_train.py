@@ -321,3 +321,20 @@ def test_save_at_adds_checkpoints_and_survives_the_run_config_round_trip(text, t
     assert from_dict(TrainConfig, {"save_at": [1, 2]}, "run config").save_at == (1, 2)
     with pytest.raises(ValueError, match="save_at"):
         TrainConfig(save_at=(0,)).validate()
+
+
+def test_clipping_scales_only_gradients_over_the_limit():
+    from smoe.train.loop import _clip
+
+    model = torch.nn.Linear(4, 3)
+    for scale, want in ((10.0, 1.0), (0.1, None)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, scale)
+        before = [p.grad.clone() for p in model.parameters()]
+        norm = _clip(model, 1.0)
+        assert norm == pytest.approx(scale * 15**0.5)
+        after = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if want is None:
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+        else:
+            assert float(after.norm()) == pytest.approx(want, rel=1e-5)
