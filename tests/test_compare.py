@@ -232,7 +232,8 @@ def _fake_runs(losses: dict[str, list[float]], precision="bf16"):
                        "final": [{"val_loss": x, "val_bpb": x / 3} for x in per_seed],
                        "summaries": [{"peak_device_bytes": 2**20, "peak_rss_bytes": 0, "tokens_per_s": 10.0}] *
                        len(per_seed),
-                       "precision": [precision] * len(per_seed), "balance": ([1, 2], [0.0, 0.0]), "loads": {}}
+                       "precision": [precision] * len(per_seed), "balance": [([1, 2], [0.0, 0.0])] * len(per_seed),
+                       "loads": {}}
         matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9}
     return data, matched
 
@@ -358,3 +359,29 @@ def test_a_bad_data_file_is_refused_before_the_suite_starts(tmp_path):
     with pytest.raises(ValueError, match=r"^data .*wiki\.tokens: unsupported file type '\.tokens'"):
         run_suite("seeds-debate", None, settings, tmp_path / "suite")
     assert not (tmp_path / "suite").exists()
+
+
+def test_balance_curve_is_the_mean_over_seeds_with_its_band(monkeypatch):
+    drawn = {}
+
+    class Axes:
+        lines = True
+
+        def plot(self, x, y, label):
+            drawn["mean"] = (list(x), list(y))
+
+        def fill_between(self, x, lo, hi, alpha):
+            drawn["band"] = (list(lo), list(hi))
+
+        def set_title(self, title):
+            drawn["title"] = title
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(plots, "_png", lambda fig: b"")
+    monkeypatch.setattr(plots, "_figure", lambda: type("P", (), {"subplots": lambda *a, **k: (None, Axes())}))
+    # seed 1 skipped step 2: only the steps every seed trained are drawn
+    plots.fig_balance({"moe": {"balance": [([1, 2, 3], [0.2, 0.4, 0.6]), ([1, 3], [0.4, 0.8])]}})
+    assert drawn["mean"] == ([1, 3], [pytest.approx(0.3), pytest.approx(0.7)])
+    assert drawn["band"][0][0] < 0.3 < drawn["band"][1][0] and "mean over 2 seeds" in drawn["title"]

@@ -178,10 +178,10 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                         *compute_ladder(data, matched, ladder, settings),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
                         Heading(3, "Expert load balance"),
-                        Figure("balance", "Expert load balance (seed 0)", fig_balance(data))]
+                        Figure("balance", "Expert load balance over seeds", fig_balance(data))]
     for label, entry in data.items():
         if entry.get("loads"):
-            title = f"{label}: expert load heatmap (seed 0)"
+            title = f"{label}: expert load heatmap (seed 0; expert identities differ between seeds)"
             doc += [Heading(3, title), Figure(f"load-{label}", title, fig_loads(label, entry["loads"]))]
     if analyses:
         doc += specialisation(analyses, settings.seeds)
