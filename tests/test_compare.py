@@ -152,7 +152,7 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
         assert (out / "plots" / name).is_file(), name
     html = report.read_text()
     for section in ("Compute ladder", "Redundancy: disabling each token", "chance: uniform / load-weighted",
-                    "Matched on activated parameters without the embedding"):
+                    "Matched on activated parameters without the embedding", "Per layer, with the chance level"):
         assert section in md and section in html, section
     assert re.search(r"\| moe \| (\d+\.\d\dx \[|[<>]\d|outside the ladder)", md)  # the multiplier, or its bound
     analyses = json.loads((out / "analysis.json").read_text())
@@ -244,7 +244,9 @@ def _fake_analysis(seed: int, shared: bool):
                              "any": 0.8, "any_uniform": 0.9}}
     knockout = {"top1_routed": 0.1 + 0.01 * seed, **({"shared": 0.3} if shared else {})}
     return {"loss": 2.0 + seed, "layers": {"0": layer}, "sources": ["s"], "knockout": knockout,
-            "saturation": {"5": 0.6, "10": 0.7}}
+            "saturation": {"5": 0.6, "10": 0.7},
+            "saturation_by_layer": {"5": {"0": {"overlap": 0.6, "chance": 0.2 + 0.01 * seed}},
+                                    "10": {"0": {"overlap": 0.7, "chance": 0.3}}}}
 
 
 def _document(losses, shared=("deepseekmoe",), precision="bf16"):
@@ -342,6 +344,7 @@ def test_analyses_are_summarised_over_seeds():
     assert over["seeds"] == 3 and over["knockout"]["top1_routed"]["values"] == pytest.approx([0.1, 0.11, 0.12])
     assert over["layers"]["0"]["first"]["mean"] == pytest.approx(0.51)
     assert over["saturation"]["5"]["sd"] == 0.0
+    assert over["saturation_by_layer"]["5"]["0"]["chance"]["mean"] == pytest.approx(0.21)
     one = collect.over_seeds([_fake_analysis(0, shared=False)])
     assert one["loss"]["sd"] is None and "shared" not in one["knockout"]
 

@@ -115,6 +115,10 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     if first.get("saturation"):
         summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
                                  for step in first["saturation"]}
+        summary["saturation_by_layer"] = {
+            step: {layer: {key: _interval([r["saturation_by_layer"][step][layer][key] for r in per_seed])
+                           for key in ("overlap", "chance")} for layer in by_layer}
+            for step, by_layer in first.get("saturation_by_layer", {}).items()}
     return summary
 
 
