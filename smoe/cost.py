@@ -43,7 +43,7 @@ WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1, "int4": (4 + 32 / 128) / 8}  # module 
 class CostSettings:
     hardware: tuple[str, ...] = option(
         ("h100-sxm",), f"hardware profiles (default h100-sxm): {', '.join(hardware_names())} (this machine, "
-                       "measured when named); datasheet sources in `smoe cost --json` and docs/cost.md")
+                       "measured when named); each report prints its profile's source")
     batch: tuple[int, ...] = option((1, 8, 64, 256), "sequences decoded (and prompts prefilled) together, one row "
                                                      "each (default 1,8,64,256)")
     weights: WeightFormat = option("bf16", "weight format (default bf16); int4 counts 4.25 bits per weight")
@@ -195,7 +195,8 @@ def _all_to_all_per_token(config: ModelConfig, devices: int, p: Precision) -> fl
 
 
 def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostReport:
-    """Decode and prefill at every batch size of ``settings`` on ``hw`` (module docstring)."""
+    """Decode and prefill at every batch size of ``settings`` on ``hw`` (module docstring); ``settings.hardware``
+    names the profiles a caller resolves (measuring ``cpu-measured``), ``hw`` is the one priced here."""
     settings.validate()
     check_model(config, settings)
     p = Precision.of(hw, settings.weights, settings.kv_dtype)
@@ -248,7 +249,7 @@ def format_cost(report: CostReport) -> str:
     lines = [
         f"{r.model} on {s.devices} x {hw.name}: {human(r.total_params)} parameters ({human(r.active_params)} "
         f"active), {p.weights} weights {_gb(r.weight_bytes)} GB, {p.activations} activations, {p.cache} cache",
-        f"  {hw.name}: {hw.memory_bandwidth / 1e9:,.1f} GB/s, {_num(hw.peak_flops[p.matmul] / 1e12)} TFLOP/s "
+        f"  {hw.name}: {_num(hw.memory_bandwidth / 1e9)} GB/s, {_num(hw.peak_flops[p.matmul] / 1e12)} TFLOP/s "
         f"{p.matmul} matmuls, {hw.memory_bytes / 1e9:,.0f} GB, {link}",
         f"  source: {hw.source}",
         f"  cache: {r.cache_elements_per_token_layer:,} elements per token per layer, "
@@ -257,8 +258,8 @@ def format_cost(report: CostReport) -> str:
     if r.all_to_all_bytes_per_token:
         lines.append(f"  all-to-all over {s.devices} devices: {r.all_to_all_bytes_per_token / 1e6:.3g} MB per token "
                      "(dispatch + combine, every MoE layer, uniform routing)")
-    lines.append(f"decode at context {s.context:,}: ms per step = max(bytes / bandwidth, FLOPs / peak); experts hit "
-                 "per MoE layer E(1 - (1 - k/E)^B), uniform routing")
+    lines.append(f"decode at context {s.context:,}: ms per step = max(bytes / bandwidth, FLOPs / peak) with the "
+                 "work split over the devices; experts hit per MoE layer E(1 - (1 - k/E)^B), uniform routing")
     lines += _table(r.decode, "ms/step")
     lines.append(f"prefill of {s.prompt:,}-token prompts (usually compute-bound: FLOPs / peak); ms = time to the "
                  "first token of the batch")

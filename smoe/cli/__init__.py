@@ -323,12 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser("cost", help="roofline inference cost: tokens/s, cache and all-to-all bytes, $ per million "
-                                    "tokens (docs/cost.md)",
-                       description="Decode and prefill tokens/s per sequence and per device, cache bytes, expert-"
-                                   "parallel all-to-all bytes and $ per million tokens of a model on hardware "
-                                   "profiles, from a roofline: a step takes max(bytes / bandwidth, FLOPs / peak). "
-                                   "The model and formulas: smoe/cost.py and docs/cost.md.")
+    p = sub.add_parser("cost", help="roofline inference cost: tokens/s, cache and all-to-all bytes, $ per M tokens",
+                       description="Decode and prefill tokens/s, cache, all-to-all and memory per device, $ per million"
+                                   " tokens, from a roofline: a step takes max(bytes / bandwidth, FLOPs / peak). "
+                                   "Formulas: smoe/cost.py, docs/cost.md.")
     _model_arguments(p)
     add_config_arguments(p, CostSettings)
     p.add_argument("--json", action="store_true", help="print a JSON list, one report per hardware profile")
