@@ -8,6 +8,7 @@ import re
 import typing
 from dataclasses import fields
 
+from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
 
@@ -20,7 +21,7 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings) for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings) for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets"}
 
 

@@ -18,9 +18,9 @@ from typing import Any, Literal
 from smoe import presets
 from smoe.accounting import account
 from smoe.config import ModelConfig, override
-from smoe.config_rules import check_types, fail, positive
+from smoe.config_rules import check_types, fail, option, positive
 from smoe.io.files import parse_json, read_json
-from smoe.train.config import DataConfig, TrainConfig, option
+from smoe.train.config import DataConfig, TrainConfig
 
 # Matched parameters (embedding and head excluded) may differ by at most 2% from the suite's reference: with the
 # embeddings counted, 5% let the FFNs of a small model differ by about 10%.

@@ -9,15 +9,10 @@ No torch import: the command line builds its parser from this module cheaply.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from smoe.config_rules import check_types, fail, non_negative, positive
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its help text."""
-    return field(default=default, metadata={"help": help})
+from smoe.config_rules import check_types, fail, non_negative, option, positive
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
+from smoe.hardware import matmul_flops
 from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
@@ -392,16 +393,5 @@ def _peak_flops(device: torch.device, cfg: TrainConfig) -> float | None:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _VENDOR_PEAK_BF16.items() if k in name), None)
-    return _measured_matmul_flops(cfg.precision)
-
-
-def _measured_matmul_flops(precision: str) -> float:
-    """A quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.1:
-        a @ b
-        reps += 1
-    return 2 * 512**3 * reps / (time.perf_counter() - start)
+    # a quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'
+    return matmul_flops("bf16" if cfg.precision == "bf16" else "fp32")
