@@ -351,7 +351,7 @@ def test_analyses_are_summarised_over_seeds():
 
 def test_runs_also_checkpoint_early_for_router_saturation():
     cfg = CompareSettings(train=TrainConfig(steps=300), checkpoints=4).run_config(seed=1)
-    assert (cfg.save_every, cfg.save_at, cfg.keep_last) == (75, (3, 30), 7)
+    assert (cfg.save_every, cfg.save_at, cfg.keep_last, cfg.keep_optimizer) == (75, (3, 30), 7, 1)
     # an early step that is already a regular checkpoint is not listed twice
     assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()
 

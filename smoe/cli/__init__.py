@@ -180,7 +180,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     seqs, sources = val_sequences(split, args.seq_len, args.sequences)
     batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
     # earlier checkpoints of the same run, for router saturation
-    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent)
+    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent, resumable=False)
                if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"

@@ -138,12 +138,14 @@ class CompareSettings:
     def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:
         """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate),
         ``checkpoints`` evenly spaced checkpoints and early ones (EARLY_CHECKPOINTS); no time-based ones, so every
-        architecture is analysed at the same steps."""
+        architecture is analysed at the same steps. Only the newest keeps its optimizer state (to resume): the
+        analyses read the others' models."""
         steps = self.train.steps
         every = max(1, steps // self.checkpoints)
         early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - set(range(every, steps + 1, every))))
         return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, save_every=every,
-                       save_at=early, keep_last=self.checkpoints + len(early) + 1, save_every_minutes=0.0)
+                       save_at=early, keep_last=self.checkpoints + len(early) + 1, keep_optimizer=1,
+                       save_every_minutes=0.0)
 
     def definition(self) -> dict[str, Any]:
         """What makes runs comparable, flat: the compare flags' fields, the data and the checkpoints, plus any other

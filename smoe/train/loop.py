@@ -229,11 +229,12 @@ class _Trainer:
         state = {"skipped_steps": self.skipped, "data_fingerprint": data.fingerprint}
         if self.mesh is None:
             self.last_saved = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
-                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last)
+                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last,
+                                                   cfg.keep_optimizer)
         else:
             self.last_saved = ckpt.save_sharded_checkpoint(
                 self.out_dir, self.step, self.model, self.optimizer, self.model_config, state, data.tokenizer_json,
-                cfg.keep_last, mesh=self.mesh, shards=self.shards)
+                cfg.keep_last, mesh=self.mesh, shards=self.shards, keep_optimizer=cfg.keep_optimizer)
         return self.last_saved
 
 
