@@ -157,7 +157,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from smoe.eval.compare import CompareSettings, run_suite
 
     base = CompareSettings()
-    own = {k: v for k, v in given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
+    own = {k: v for k, v in given(args, CompareSettings).items()
+           if k in ("seeds", "checkpoints", "tune_lr")}  # not train/data
     settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
                        data=replace(base.data, **given(args, DataConfig)), **own)
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
@@ -372,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))
     add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=("seeds", "tune_lr"))
+    add_config_arguments(p, CompareSettings, only=("seeds", "checkpoints", "tune_lr"))
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)

@@ -118,7 +118,8 @@ class CompareSettings:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**COMPARE_DEFAULTS))
     data: DataConfig = field(default_factory=DataConfig)
     seeds: int = option(1, "seeds per architecture (3+ separates seed noise)")
-    checkpoints: int = option(4, "checkpoints saved through each run, for the router-saturation analysis")
+    checkpoints: int = option(4, "evenly spaced checkpoints of each run, besides early ones at 1% and 10% of "
+                                 "training, for the router-saturation analysis (each holds the whole model)")
     tune_lr: tuple[float, ...] = option(
         (), "learning rates to try per architecture, e.g. 1e-3,2e-3,4e-3: each is trained once (seed 0) and the "
             "one with the lowest validation loss trains every seed, so one shared rate does not decide the ranking")
