@@ -277,7 +277,8 @@ def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, 
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "dbrx": "DbrxForCausalLM",
                   "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                  "minimax_m2": "MiniMaxM2ForCausalLM"}
+                  "minimax_m2": "MiniMaxM2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
 assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
 
 

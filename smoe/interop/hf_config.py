@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smoe.config import AttentionConfig, MLAConfig, ModelConfig
-from smoe.interop.hf_families import FAMILIES, TRANSFORMERS_FAMILIES, Reader
+from smoe.interop.hf_families import DENSE_FAMILIES, FAMILIES, TRANSFORMERS_FAMILIES, Reader
 from smoe.io.files import read_json
 
 # Upper bounds on the integers of a config.json, checked before anything is built from them: some work (the layer
@@ -96,16 +96,19 @@ def _rope_out(attn) -> dict[str, Any]:
 
 
 def _base_out(c: ModelConfig, model_type: str) -> dict[str, Any]:
-    if c.moe is None:
-        _unsupported(model_type, "moe", "a dense model")
+    dense = model_type in DENSE_FAMILIES
+    if (c.moe is None) != dense:
+        _unsupported(model_type, "moe", "a dense family: no experts" if dense else "a dense model")
     if c.activation != "silu":
         _unsupported(model_type, "activation", f"{c.activation!r}; the family uses silu")
     if c.norm != "rmsnorm" and model_type != "dbrx":
         _unsupported(model_type, "norm", "the family uses RMSNorm")
-    if c.layout.dense_residual:
-        _unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
     m = c.moe
-    if m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias:
+    if dense and c.layout.n_mtp_modules:
+        _unsupported(model_type, "layout.n_mtp_modules", "no multi-token prediction in this family")
+    elif not dense and c.layout.dense_residual:
+        _unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
+    elif not dense and (m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias):
         _unsupported(model_type, "moe", "only dropless token-choice routing without a router logit bias")
     return {"model_type": model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
             "num_hidden_layers": c.n_layers, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
@@ -128,6 +131,22 @@ def _gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None) -
             "head_dim": a.resolved_head_dim(c.dim), **_rope_out(a)}
 
 
+def _dense_out(c: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The keys of a dense Llama-family config.json beyond _base_out's (Qwen2 biases q, k and v; Llama and Mistral
+    nothing; only Mistral and Qwen2 slide, every layer or none)."""
+    window = c.attention.sliding_window if isinstance(c.attention, AttentionConfig) else None
+    _require(model_type, window is None or model_type != "llama", "attention.sliding_window",
+             "Llama has no sliding window")
+    out = {**_gqa_out(c, model_type, "none", model_type == "qwen2"), "intermediate_size": c.ffn_dim}
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    elif model_type == "mistral":
+        out["sliding_window"] = window
+    else:  # Qwen2 slides on the layers from max_window_layers on: all of them, or none
+        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)
+    return out
+
+
 def _require(model_type: str, ok: bool, path: str, why: str) -> None:
     if not ok:
         _unsupported(model_type, path, why)
@@ -140,6 +159,8 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     if model_type not in TRANSFORMERS_FAMILIES:
         raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
     out = _base_out(c, model_type)
+    if model_type in DENSE_FAMILIES:
+        return {**out, **_dense_out(c, model_type)}
     # transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099999...
     hf_aux = float(f"{m.aux_loss_coef * max(c.n_moe_layers, 1) / m.top_k:.12g}")
     plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
