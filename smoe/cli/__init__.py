@@ -119,13 +119,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from smoe.train import train_model
     from smoe.train.rundir import read_run_config
 
-    if (args.preset is None) == (args.config is None):
-        raise ValueError("train: give --preset NAME or --config FILE (exactly one)")
+    if args.preset is not None and args.config is not None or args.preset is args.config is args.init_from is None:
+        raise ValueError("train: give --preset NAME or --config FILE (exactly one), or --init-from DIR alone to "
+                         "continue training its model")
     if args.config is not None:
         model, train_config, data_config = read_run_config(args.config)
         name = model.name
-    else:
+    elif args.preset is not None:
         model, train_config, data_config, name = args.preset, TrainConfig(), DataConfig(), args.preset
+    else:
+        from smoe.train.checkpoint import initial_config
+
+        model, train_config, data_config = initial_config(args.init_from), TrainConfig(), DataConfig()
+        name = model.name
     data = {**vars(data_config), **given(args, DataConfig)}
     train = {**vars(train_config), **given(args, TrainConfig)}
     result = train_model(
@@ -340,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_smoke)
 
     p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)",
-                       description="Train a preset (or the configs of a run config file) on text data. Every "
-                                   "option below --quiet is a field of TrainConfig or DataConfig (smoe/train/config.py)"
-                                   "; with --config, the options given override the file's values.")
+                       description="Train a preset (or the configs of a run config file, or the model of the "
+                                   "checkpoint --init-from names, continued) on text data. Every option below --quiet "
+                                   "is a field of TrainConfig or DataConfig (smoe/train/config.py); with --config, "
+                                   "the options given override the file's values.")
     p.add_argument("--preset", help="preset name (see `smoe presets`)")
     p.add_argument("--config", metavar="FILE", help="a run config: JSON with model_config and optionally "
                                                     "train_config and data_config (a run's run.json is one)")

@@ -30,6 +30,14 @@ class TrainConfig:
     eps: float = option(1e-8, "AdamW epsilon")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     seed: int = option(0, "seeds the weights and the data order")
+    init_from: str | None = option(
+        None, "a checkpoint or run directory whose weights start this run (continued training, e.g. of what `smoe "
+              "upcycle` writes): its model config must be this run's; the optimizer and schedule start fresh, and "
+              "its tokenizer.json is used unless `tokenizer` names one")
+    data_offset: int = option(
+        0, "the step of the data order this run's first step reads (the batch of step s is the order's s + "
+           "`data_offset`): a run continued from step N of a run with the same seed and data passes N, so it reads "
+           "the batches that run did not")
     precision: Literal["auto", "bf16", "fp32"] = option(
         "auto", "auto (default): bf16 autocast on GPUs with native bf16 and CPUs with AMX tiles, else fp32")
     compile: bool = option(False, "torch.compile the model")
@@ -69,7 +77,8 @@ class TrainConfig:
             positive(name, getattr(self, name))
         for name in ("dp", "peak_tflops", "keep_optimizer"):
             positive(name, getattr(self, name), allow_none=True)
-        for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes"):
+        for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes",
+                     "data_offset"):
             non_negative(name, getattr(self, name))
         if self.warmup_steps is not None:
             non_negative("warmup_steps", self.warmup_steps)
@@ -78,6 +87,8 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 fail(name, f"must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.init_from is not None and not self.init_from:
+            fail("init_from", "must name a checkpoint or run directory, got an empty path")
         if self.batch_size % self.grad_accum:
             fail("grad_accum", f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         return self
