@@ -15,6 +15,7 @@ __all__ = [
     "generate",
     "load_pretrained",
     "save_pretrained",
+    "upcycle",
 ]
 
 
@@ -34,4 +35,8 @@ def __getattr__(name: str):
         from smoe.interop import hf
 
         return getattr(hf, name)
+    if name == "upcycle":  # in smoe.upcycling.weights, for the reason generate lives in smoe.generation
+        from smoe.upcycling.weights import upcycle
+
+        return upcycle
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")

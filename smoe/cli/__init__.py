@@ -16,6 +16,7 @@ from smoe.cost import CostSettings
 from smoe.errors import TrainingError
 from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
+from smoe.upcycling.spec import UpcycleSpec
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -299,6 +300,17 @@ def _cmd_convert(args: argparse.Namespace) -> None:
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
 
+def _cmd_upcycle(args: argparse.Namespace) -> None:
+    from smoe.accounting import account, human
+    from smoe.io.checkpoint import load_config
+    from smoe.upcycling.weights import upcycle_checkpoint
+
+    out = upcycle_checkpoint(args.source, args.out, UpcycleSpec(**given(args, UpcycleSpec)).validate())
+    acc = account(load_config(out))
+    print(f"{args.source} -> {out}: smoe checkpoint, {human(acc.total_params)} parameters, "
+          f"{human(acc.active_params)} active; continue with `smoe train --init-from {out}`")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     """Runs ``smoe.bench.<name>``'s main, passing the options through."""
     import importlib
@@ -384,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("upcycle", help="a dense model -> an MoE checkpoint to continue training (copy or split its "
+                                       "FFNs into experts)",
+                       description="Upcycle a dense model: a Hugging Face directory of the Llama family (llama, "
+                                   "mistral, qwen2) or a dense smoe checkpoint / run directory. Every FFN becomes an "
+                                   "MoE layer: copies of it (sparse upcycling, Komatsuzaki et al. 2023) or its hidden "
+                                   "units split into experts (LLaMA-MoE; with --shared, Qwen1.5-MoE's shared "
+                                   "experts). The options are the fields of UpcycleSpec (smoe/upcycling/spec.py); "
+                                   "docs/upcycling.md.")
+    p.add_argument("source", metavar="SRC", help="a dense Hugging Face model directory, smoe checkpoint or run "
+                                                 "directory")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    add_config_arguments(p, UpcycleSpec, required=("method", "experts", "top_k"))
+    p.set_defaults(func=_cmd_upcycle)
 
     p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
     p.add_argument("name", choices=["moe-layer"])

@@ -154,7 +154,8 @@ def _require(model_type: str, ok: bool, path: str, why: str) -> None:
 
 def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     """The Hugging Face config.json of ``model_type`` describing ``config``; raises naming the field that the
-    family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults)."""
+    family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults, and a
+    routed_scaling_factor the family lacks, which the exported weights carry instead)."""
     c, m, lay = config, config.moe, config.layout
     if model_type not in TRANSFORMERS_FAMILIES:
         raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
@@ -164,7 +165,9 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     # transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099999...
     hf_aux = float(f"{m.aux_loss_coef * max(c.n_moe_layers, 1) / m.top_k:.12g}")
     plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
-    softmax_plain = m.score_func == "softmax" and m.n_group == 1 and m.routed_scaling_factor == 1.0
+    # A routed_scaling_factor the family lacks is folded into the experts' down projections on export
+    # (smoe.interop.hf.save_pretrained), so it is not refused here.
+    softmax_plain = m.score_func == "softmax" and m.n_group == 1
     no_shared = m.n_shared_experts == 0
     if model_type in ("mixtral", "qwen3_moe", "olmoe", "minimax_m2", "dbrx"):
         _require(model_type, no_shared, "moe.n_shared_experts", "no shared experts in this family")
@@ -180,7 +183,7 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
                    num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
                    router_aux_loss_coef=hf_aux, sliding_window=c.attention.sliding_window)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
-        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups")
         qwen2 = model_type == "qwen2_moe"
         out.update(_gqa_out(c, model_type, "none" if qwen2 else "head", None if qwen2 else False),
                    intermediate_size=c.ffn_dim,
@@ -227,14 +230,14 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
         if v3:
             out["num_nextn_predict_layers"] = lay.n_mtp_modules
     elif model_type == "olmoe":
-        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups")
         out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
                    num_experts=m.n_routed_experts, num_experts_per_tok=k, norm_topk_prob=m.norm_topk_prob,
                    router_aux_loss_coef=hf_aux, router_z_loss_coef=m.z_loss_coef, attention_bias=False,
                    clip_qkv=c.attention.clip_qkv)
     elif model_type == "minimax_m2":
         _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.norm_topk_prob
-                 and m.n_group == 1 and m.routed_scaling_factor == 1.0, "moe",
+                 and m.n_group == 1, "moe",
                  "sigmoid scores with a selection bias, renormalised, no groups")
         out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
                    num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
