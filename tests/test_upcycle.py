@@ -4,6 +4,7 @@ to a checkpoint that loads, exports and continues training, and every refusal be
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -114,6 +115,18 @@ def test_clustering_recovers_planted_groups_of_alike_units():
 def test_bad_specs_name_the_field(dense, kw, match):
     with pytest.raises(ValueError, match=match):
         smoe.upcycle(dense, **kw)
+
+
+def test_upcycling_llama_2_7b_as_llama_moe_gives_the_llama_moe_preset_up_to_its_scale():
+    from smoe.interop.hf_config import config_from_hf
+
+    llama_2_7b = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}  # meta-llama/Llama-2-7b-hf
+    ours = UpcycleSpec("split", 16, 4).config(config_from_hf(llama_2_7b))
+    published = presets.get("llama-moe-3.5b")
+    assert (ours.moe.routed_scaling_factor, published.moe.routed_scaling_factor) == (16.0, 4.0)  # spec.py: why
+    assert replace(ours, name="", moe=replace(ours.moe, routed_scaling_factor=4.0)) == replace(published, name="")
 
 
 def test_an_moe_source_is_refused():
