@@ -35,6 +35,7 @@ from smoe.eval.ladder import multiplier
 from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_ladder, fig_loads, fig_redundancy
 from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
 from smoe.eval.suite import MATCH_TOLERANCE, CompareSettings, Suite, read_learning_rates
+from smoe.eval.upcycling import TwoPhase
 from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
 
 # Published validation losses whose order a suite can check, by architecture label.
@@ -153,8 +154,10 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
     data = collect(out, spec.archs, settings.seeds)
     analyses = analysis_json(run_analyses(out, spec.archs, settings, log=log))
     ladder = collect(out, spec.ladder, settings.seeds) if spec.ladder else None
+    two_phase = None if spec.trunk is None else TwoPhase(spec.archs, collect(out, [spec.trunk], settings.seeds)[
+        spec.trunk.label], settings)
     doc = build_document(suite, settings, matched, data, analyses, matching=spec.matching, ladder=ladder,
-                         learning_rates=read_learning_rates(out))
+                         learning_rates=read_learning_rates(out), two_phase=two_phase)
     write_json(out / "analysis.json", analyses, indent=1)
     for block in doc:
         if isinstance(block, Figure):
@@ -166,17 +169,21 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
 def build_document(suite: str, settings: CompareSettings, matched: dict[str, dict[str, float]],
                    data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], *,
                    matching: str = "active", ladder: dict[str, dict[str, Any]] | None = None,
-                   learning_rates: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+                   learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None
+                   ) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
     doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data)),
                         Paragraph(matching_line(matching, matched)),
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
-                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
+                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched, matching),
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
-                        Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
+                        *(two_phase.blocks(data) if two_phase else []),
+                        Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(
+                            two_phase.on_data_order(data) if two_phase else data,
+                            xlabel="step of the data order" if two_phase else "step")),
                         Heading(3, "Expert load balance"),
                         Figure("balance", "Expert load balance over seeds", fig_balance(data))]
     for label, entry in data.items():
@@ -201,6 +208,10 @@ def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, 
 
 
 def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
+    if matching == "none":
+        return ("Not matched on parameters: the MoEs here are made from (or shaped like) the dense model and cost "
+                "more or less per token, so they are compared by training compute (below); the table's Δ matched "
+                "is n/a.")
     what = {"active": "activated", "total": "total"}[matching]
     line = (f"Matched on {what} parameters without the embedding and head, within {MATCH_TOLERANCE:.0%} of the "
             "reference (the table's Δ matched)")
@@ -212,14 +223,15 @@ def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
     return line + (f" (reference: {reference[0]})." if reference else ".")
 
 
-def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]]) -> Table:
+def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]],
+                  matching: str = "active") -> Table:
     rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ matched", "GFLOPs/token",
              "train tok/s", "MFU", "peak mem")]
     for label, entry in data.items():
         s, m = entry["summaries"], matched[label]
         peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
         delta = (f"{m.get('matched_vs_reference', m['active_vs_first']):+.1%}" if m.get("matched", True)
-                 else "reference")
+                 else "reference" if matching == "total" else "n/a")
         rows.append((
             label, _ci([f["val_loss"] for f in entry["final"]]), _ci([f["val_bpb"] for f in entry["final"]]),
             f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", delta,

@@ -48,6 +48,12 @@ class UpcycleSpec:
              "own (0: the upcycled model starts as the dense one where the method allows)")
     seed: int = option(0, "seeds the partition, the new router weights and the noise")
 
+    @property
+    def exact(self) -> bool:
+        """Whether the upcycled model computes the dense one at step 0: a copy, or a split with every expert
+        active, without noise (split with top_k < experts leaves groups out)."""
+        return self.noise == 0 and (self.method == "copy" or self.top_k == self.experts)
+
     def validate(self) -> "UpcycleSpec":
         check_types(self, "")  # the Literal fields included
         positive("experts", self.experts)
