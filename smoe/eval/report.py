@@ -173,7 +173,7 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                    ) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
-    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data)),
+    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data, two_phase is not None)),
                         Paragraph(matching_line(matching, matched)),
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
@@ -195,16 +195,19 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
     return doc
 
 
-def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, Any]]) -> Text:
+def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, Any]], two_phase: bool = False
+               ) -> Text:
     t, d = settings.train, settings.data
     # run.json holds the precision each run resolved ("auto" becomes bf16 or fp32 for its device)
     used = sorted({p for entry in data.values() for p in entry["precision"]})
     precision = used[0] if len(used) == 1 else f"{'/'.join(used)} (differs between runs)"
     val = (" (validation ", Code(d.val_data), ")") if d.val_data else ()
+    steps, same = t.steps, "Same data order, optimizer and schedule for all."
+    if two_phase:  # the upcycling section describes the two phases
+        steps, same = settings.trunk_length + t.steps, "Same data order and tokens for all, in two phases (below)."
     return ("Suite ", Code(suite), " on ", Code(d.data), *val,
-            (f": {t.steps} steps x {t.batch_size} x {t.seq_len} tokens ({t.steps * t.batch_size * t.seq_len:,} "
-             f"tokens per run), lr {t.lr}, {precision}, {settings.seeds} seed(s). Same data order, optimizer and "
-             f"schedule for all."))
+            (f": {steps} steps x {t.batch_size} x {t.seq_len} tokens ({steps * t.batch_size * t.seq_len:,} "
+             f"tokens per run), lr {t.lr}, {precision}, {settings.seeds} seed(s). {same}"))
 
 
 def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
