@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from smoe.cli import compare, upcycle
 from smoe.cli.flags import add_config_arguments, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
-from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, COMPARE_OWN, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
-from smoe.upcycling.spec import UpcycleSpec
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -118,21 +117,19 @@ def parse_assignments(items: list[str]) -> dict:
 def _cmd_train(args: argparse.Namespace) -> None:
     from smoe.parallel import is_main_process
     from smoe.train import train_model
+    from smoe.train.checkpoint import initial_config
     from smoe.train.rundir import read_run_config
 
-    if args.preset is not None and args.config is not None or args.preset is args.config is args.init_from is None:
+    given_model = [m for m in (args.preset, args.config) if m is not None]
+    if len(given_model) > 1 or not given_model and args.init_from is None:
         raise ValueError("train: give --preset NAME or --config FILE (exactly one), or --init-from DIR alone to "
                          "continue training its model")
     if args.config is not None:
         model, train_config, data_config = read_run_config(args.config)
-        name = model.name
-    elif args.preset is not None:
-        model, train_config, data_config, name = args.preset, TrainConfig(), DataConfig(), args.preset
-    else:
-        from smoe.train.checkpoint import initial_config
-
-        model, train_config, data_config = initial_config(args.init_from), TrainConfig(), DataConfig()
-        name = model.name
+    else:  # a preset, or the model of the checkpoint --init-from names
+        model = args.preset if args.preset is not None else initial_config(args.init_from)
+        train_config, data_config = TrainConfig(), DataConfig()
+    name = model if isinstance(model, str) else model.name
     data = {**vars(data_config), **given(args, DataConfig)}
     train = {**vars(train_config), **given(args, TrainConfig)}
     result = train_model(
@@ -156,20 +153,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     else:
         print(f"{result['checkpoint']}: loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, "
               f"bits/byte {result['val_bpb']:.4f} over {result['tokens']:,} tokens")
-
-
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from smoe.eval.compare import CompareSettings, run_suite
-
-    base = CompareSettings()
-    own = {k: v for k, v in given(args, CompareSettings).items() if k in COMPARE_OWN}  # not train/data
-    settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
-                       data=replace(base.data, **given(args, DataConfig)), **own)
-    report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
-                       jobs=args.jobs)
-    print(f"report: {report.resolve()}")
 
 
 def _cmd_analyze(args: argparse.Namespace) -> None:
@@ -299,17 +282,6 @@ def _cmd_convert(args: argparse.Namespace) -> None:
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
 
-def _cmd_upcycle(args: argparse.Namespace) -> None:
-    from smoe.accounting import account, human
-    from smoe.io.checkpoint import load_config
-    from smoe.upcycling.weights import upcycle_checkpoint
-
-    out = upcycle_checkpoint(args.source, args.out, UpcycleSpec(**given(args, UpcycleSpec)).validate())
-    acc = account(load_config(out))
-    print(f"{args.source} -> {out}: smoe checkpoint, {human(acc.total_params)} parameters, "
-          f"{human(acc.active_params)} active; continue with `smoe train --init-from {out}`")
-
-
 def _cmd_bench(args: argparse.Namespace) -> None:
     """Runs ``smoe.bench.<name>``'s main, passing the options through."""
     import importlib
@@ -357,10 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_smoke)
 
     p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)",
-                       description="Train a preset (or the configs of a run config file, or the model of the "
-                                   "checkpoint --init-from names, continued) on text data. Every option below --quiet "
-                                   "is a field of TrainConfig or DataConfig (smoe/train/config.py); with --config, "
-                                   "the options given override the file's values.")
+                       description="Train a preset (or the configs of a run config file, or --init-from's model) "
+                                   "on text data. Every option below --quiet is a field of TrainConfig or DataConfig "
+                                   "(smoe/train/config.py); with --config, the options given override the file's.")
     p.add_argument("--preset", help="preset name (see `smoe presets`)")
     p.add_argument("--config", metavar="FILE", help="a run config: JSON with model_config and optionally "
                                                     "train_config and data_config (a run's run.json is one)")
@@ -384,33 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; table-1 (DeepSeekMoE "
-                                   "Table 1 at equal total parameters, with a Hash Layer); or upcycling (a dense "
-                                   "trunk, then dense continued / upcycled by copy and split / the MoEs from "
-                                   "scratch, compared by training compute)")
-    p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
-                                           "embeddings matched within 2%%)")
-    add_config_arguments(p, DataConfig, only=("data", "val_data"))
-    add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=COMPARE_OWN)
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
-    p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
-    p.set_defaults(func=_cmd_compare)
+    compare.add_parser(sub)
 
-    p = sub.add_parser("upcycle", help="a dense model -> an MoE checkpoint to continue training (copy or split its "
-                                       "FFNs into experts)",
-                       description="Upcycle a dense model: a Hugging Face directory of the Llama family (llama, "
-                                   "mistral, qwen2) or a dense smoe checkpoint / run directory. Every FFN becomes an "
-                                   "MoE layer: copies of it (sparse upcycling, Komatsuzaki et al. 2023) or its hidden "
-                                   "units split into experts (LLaMA-MoE; with --shared, Qwen1.5-MoE's shared "
-                                   "experts). The options are the fields of UpcycleSpec (smoe/upcycling/spec.py); "
-                                   "docs/upcycling.md.")
-    p.add_argument("source", metavar="SRC", help="a dense Hugging Face model directory, smoe checkpoint or run "
-                                                 "directory")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    add_config_arguments(p, UpcycleSpec, required=("method", "experts", "top_k"))
-    p.set_defaults(func=_cmd_upcycle)
+    upcycle.add_parser(sub)
 
     p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
     p.add_argument("name", choices=["moe-layer"])
