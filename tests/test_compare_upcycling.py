@@ -58,12 +58,14 @@ def test_two_phase_suite_trains_its_branches_from_each_seeds_trunk_and_reports_c
     for seed in (0, 1):
         runs = {label: json.loads((run_dir(out, a, seed) / "run.json").read_text())["train_config"]
                 for label, a in {"trunk": trunk, **archs}.items()}
-        assert runs["trunk"]["steps"] == 6 and runs["scratch-split"]["steps"] == 10  # the same tokens as a branch
+        # one schedule of 10 steps for all: the trunk stops at 6, the branches continue it, scratch runs all of it
+        assert (runs["trunk"]["steps"], runs["trunk"]["schedule_steps"]) == (6, 10)
+        assert (runs["scratch-split"]["steps"], runs["scratch-split"]["start_step"]) == (10, 0)
         assert runs["dense"]["init_from"] == str(run_dir(out, trunk, seed))
         for label in ("dense", "upcycled-split"):
-            assert (runs[label]["steps"], runs[label]["data_offset"], runs[label]["seed"]) == (4, 6, seed)
+            assert (runs[label]["steps"], runs[label]["start_step"], runs[label]["seed"]) == (4, 6, seed)
         assert runs["upcycled-split"]["init_from"] == str(init_dir(out, archs["upcycled-split"], seed))
-        assert runs["scratch-split"]["init_from"] is None and runs["scratch-split"]["data_offset"] == 0
+        assert runs["scratch-split"]["init_from"] is None
     # paired seeds: each seed's branches start from its own trunk, upcycled with its seed
     firsts = [json.loads(line)["loss"] for seed in (0, 1)
               for line in (run_dir(out, archs["upcycled-split"], seed) / "metrics.jsonl").read_text().splitlines()[:1]]

@@ -1,17 +1,17 @@
-"""Continued training: ``TrainConfig.init_from`` starts a run from a checkpoint's weights (optimizer and schedule
-fresh, the checkpoint's tokenizer kept) and ``data_offset`` continues the data order where that run stopped."""
+"""Continued training: ``TrainConfig.init_from`` starts a run from a checkpoint's weights (optimizer fresh, the
+checkpoint's tokenizer kept), ``start_step`` continues the data order and schedule where that run stopped, and
+``schedule_steps`` lets a run stop before its schedule ends."""
 
 import json
 import re
 
 import numpy as np
 import pytest
-import torch
 
 from smoe.cli import main
 from smoe.io import checkpoint as ckpt
 from smoe.train import train_model
-from smoe.train.data import BatchSampler, prepare_data
+from smoe.train.config import TrainConfig
 
 TINY = {"dim": 32, "n_layers": 2, "ffn_dim": 64, "vocab_size": 300, "moe.expert_dim": 32, "attention.n_heads": 4,
         "attention.n_kv_heads": 2, "max_seq_len": 64}
@@ -32,28 +32,30 @@ def _train(out, text, tmp_path, overrides=TINY, **kw):
                        progress=False, **{**FAST, **kw})
 
 
-def _first_loss(out) -> float:
+def _train_rows(out) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return next(r["loss"] for r in rows if r["kind"] == "train")
+    return [r for r in rows if r["kind"] == "train"]
 
 
-def test_continued_run_starts_from_the_weights_and_reads_the_data_after_them(text, tmp_path):
-    _train(tmp_path / "a", text, tmp_path, steps=6)
+def test_a_run_stopped_and_continued_is_the_uninterrupted_run_but_for_its_fresh_optimizer(text, tmp_path):
+    _train(tmp_path / "whole", text, tmp_path, steps=8)
+    _train(tmp_path / "a", text, tmp_path, steps=6, schedule_steps=8)  # stops 2 steps before its schedule ends
+    _train(tmp_path / "b", text, tmp_path, steps=2, init_from=str(tmp_path / "a"), start_step=6)
+    whole, a, b = (_train_rows(tmp_path / d) for d in ("whole", "a", "b"))
+    assert [r["lr"] for r in a + b] == [r["lr"] for r in whole]  # one schedule
+    # B's first step runs A's final weights on batch 7 of the same order: the uninterrupted run's 7th step exactly
+    assert b[0]["loss"] == whole[6]["loss"] and [r["loss"] for r in a] == [r["loss"] for r in whole[:6]]
     start = ckpt.latest_checkpoint(tmp_path / "a").path
-    _train(tmp_path / "b", text, tmp_path, steps=2, init_from=str(tmp_path / "a"), data_offset=6)
-
-    # Its first step's loss is the one A's final weights give on batch 6 of the same data order and tokenizer.
-    model, _ = ckpt.load_model(start, dtype=torch.float32)
-    prepared = prepare_data(str(text), tokenizer=start / "tokenizer.json", seed=0, cache_dir=tmp_path / "cache")
-    inputs, targets = BatchSampler(prepared.train, prepared.sources, 32, 4, seed=0).batch(6)[:2]
-    with torch.no_grad():
-        want = model.train()(inputs, labels=targets).loss.item()
-    assert _first_loss(tmp_path / "b") == pytest.approx(want, rel=1e-5)
     assert (ckpt.latest_checkpoint(tmp_path / "b").path / "tokenizer.json").read_text() == \
         (start / "tokenizer.json").read_text()
-    # a fresh optimizer: B's state counts only its own steps
     state = json.loads((ckpt.latest_checkpoint(tmp_path / "b").path / "state.json").read_text())
-    assert state["step"] == 2
+    assert state["step"] == 2  # its own steps: the optimizer started fresh
+
+
+def test_schedule_steps_must_cover_the_run():
+    assert TrainConfig(steps=10, start_step=5).schedule_length == 15 and TrainConfig(steps=10).warmup == 1
+    with pytest.raises(ValueError, match=r"schedule_steps: must cover start_step \+ steps \(15\), got 12"):
+        TrainConfig(steps=10, start_step=5, schedule_steps=12).validate()
 
 
 def test_a_different_model_config_is_refused_before_training(text, tmp_path):
@@ -88,4 +90,4 @@ def test_init_from_alone_continues_the_checkpoints_model_on_the_command_line(tex
                  "4", "--seq-len", "32", "--eval-batches", "2", "--out", str(tmp_path / "b"), "--quiet"]) == 0
     a, b = (json.loads((tmp_path / d / "run.json").read_text()) for d in "ab")
     assert a["model_config"] == b["model_config"]
-    assert b["train_config"]["init_from"] == str(tmp_path / "a") and b["train_config"]["data_offset"] == 0
+    assert b["train_config"]["init_from"] == str(tmp_path / "a") and b["train_config"]["start_step"] == 0

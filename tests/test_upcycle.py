@@ -221,7 +221,7 @@ def test_an_upcycled_run_continues_training(tmp_path, monkeypatch):
                  "--experts", "4", "--top-k", "2"]) == 0
     assert (tmp_path / "moe" / "tokenizer.json").read_text() == (tmp_path / "dense" / "checkpoints" /
                                                                   "step_00000002" / "tokenizer.json").read_text()
-    assert main(["train", "--init-from", str(tmp_path / "moe"), "--steps", "2", "--data-offset", "2",
+    assert main(["train", "--init-from", str(tmp_path / "moe"), "--steps", "2", "--start-step", "2",
                  "--out", str(tmp_path / "cont"), *common]) == 0
     rows = [json.loads(line) for line in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2] and "0" in rows[0]["router"]

@@ -6,8 +6,9 @@ the same optimizer and schedule. An interrupted suite resumes: finished runs are
 continue from their last checkpoint.
 
 A two-phase suite (upcycling) trains its dense trunk first, once per seed; seed s's trunk then starts seed s's
-branches (continued as it is, or upcycled by smoe.upcycling into ``OUT/init/<arch>/seed<k>``), which read the data
-order from the step the trunk stopped at, while its from-scratch runs train the trunk's steps and the branches'.
+branches (continued as it is, or upcycled by smoe.upcycling into ``OUT/init/<arch>/seed<k>``), which continue its
+data order and learning-rate schedule from the step the trunk stopped at, while its from-scratch runs train the
+trunk's steps and the branches' on the same schedule.
 """
 
 from __future__ import annotations
@@ -171,14 +172,18 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
 def _train_two_phase(out: Path, spec: Suite, settings: CompareSettings, parallel: int, log) -> None:
     """The trunk of every seed, then each seed's branches from its trunk's final checkpoint (upcycled here once,
     into init/) beside the from-scratch runs, which train as many steps as the trunk and a branch together."""
-    start, seeds = settings.trunk_length, range(settings.seeds)
-    _train_all([(f"trunk seed {seed}", spec.trunk, settings.run_config(seed, steps=start),
+    start, seeds, total = settings.trunk_length, range(settings.seeds), settings.trunk_length + settings.train.steps
+    # Every run follows one warmup + cosine schedule over trunk + branch steps: the trunk stops at its start, the
+    # branches continue it (start_step), so the dense continuation is the uninterrupted dense run but for its
+    # fresh optimizer state.
+    _train_all([(f"trunk seed {seed}", spec.trunk, replace(settings.run_config(seed, steps=start),
+                                                           schedule_steps=total),
                  run_dir(out, spec.trunk, seed)) for seed in seeds], settings, parallel, log)
     jobs: list[Job] = []
     for seed in seeds:
         for arch in spec.runs():
             if not arch.from_trunk:
-                config = settings.run_config(seed, steps=start + settings.train.steps)
+                config = settings.run_config(seed, steps=total)
                 jobs.append((f"{arch.label} seed {seed}", arch, config, run_dir(out, arch, seed)))
                 continue
             origin = run_dir(out, spec.trunk, seed)
@@ -187,6 +192,6 @@ def _train_two_phase(out: Path, spec: Suite, settings: CompareSettings, parallel
                 if not origin.exists():  # written atomically: present means complete
                     log(f"{arch.label} seed {seed}: upcycling the trunk ({arch.upcycle.method})")
                     upcycle_checkpoint(trunk, origin, replace(arch.upcycle, seed=seed))
-            config = replace(settings.run_config(seed), init_from=str(origin), data_offset=start)
+            config = replace(settings.run_config(seed), init_from=str(origin), start_step=start)
             jobs.append((f"{arch.label} seed {seed}", arch, config, run_dir(out, arch, seed)))
     _train_all(jobs, settings, parallel, log)

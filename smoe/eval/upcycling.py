@@ -97,11 +97,11 @@ class TwoPhase:
 
     def _setup_line(self) -> str:
         t, start = self.settings.train, self.settings.trunk_length
-        return (f"The dense trunk trained {start} steps; the {', '.join(a.label for a in self.archs if a.from_trunk)} "
-                f"runs then trained {t.steps} more from its checkpoint (fresh optimizer and schedule) on steps "
-                f"{start + 1}-{start + t.steps} of the same data order, and "
-                f"{', '.join(a.label for a in self.archs if not a.from_trunk)} trained {start + t.steps} steps from "
-                "scratch: every run saw the same tokens, seed by seed.")
+        return (f"The dense trunk trained the first {start} steps of a {start + t.steps}-step schedule; the "
+                f"{', '.join(a.label for a in self.archs if a.from_trunk)} runs then continued it from the trunk's "
+                f"checkpoint (a fresh optimizer) on steps {start + 1}-{start + t.steps} of the same data order, and "
+                f"{', '.join(a.label for a in self.archs if not a.from_trunk)} trained all {start + t.steps} steps "
+                "from scratch: every run saw the same tokens and learning rates, seed by seed.")
 
     def _equal_compute(self, curves: dict[str, list[Curve]], data: dict[str, dict[str, Any]]) -> list[Block]:
         """Every other run's loss at the compute the dense continuation ends with, paired against its final loss
