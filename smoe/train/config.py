@@ -32,8 +32,8 @@ class TrainConfig:
     seed: int = option(0, "seeds the weights and the data order")
     init_from: str | None = option(
         None, "a checkpoint or run directory whose weights start this run (continued training, e.g. of what `smoe "
-              "upcycle` writes): its model config must be this run's; the optimizer and schedule start fresh, and "
-              "its tokenizer.json is used unless `tokenizer` names one")
+              "upcycle` writes): its model config must be this run's; the optimizer starts fresh (`start_step` "
+              "continues a schedule), and its tokenizer.json is used unless `tokenizer` names one")
     start_step: int = option(
         0, "the step of a longer run that this run continues: its step s reads that run's batch s + `start_step` "
            "and takes its learning rate there, so a run continued (`init_from`) from step N of a run with the same "
