@@ -21,7 +21,8 @@ keeps the plain signature above.
 
 ``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
 else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
-expert), where its C++ loop beats a Python one.
+expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
+not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def expert_selector(device: torch.device):
     return None
 
 
-from smoe.kernels import expert_loop, grouped_mm, reference  # noqa: E402,F401  (registration side effect)
+from smoe.kernels import expert_loop, grouped_mm, reference, tiled  # noqa: E402,F401  (registration side effect)
 
 if importlib.util.find_spec("triton") is not None:
     from smoe.kernels import triton  # noqa: E402,F401
