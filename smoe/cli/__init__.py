@@ -14,6 +14,7 @@ from pathlib import Path
 from smoe.cli.flags import add_config_arguments, given, user_message
 from smoe.errors import TrainingError
 from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
+from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -189,7 +190,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
-    from smoe.io.checkpoint import resolve_checkpoint
+    from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import find_tokenizer
     from smoe.train.loop import resolve_device
 
@@ -197,9 +198,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
-    path = Path(args.path)
-    # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
-    directory = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    directory = model_directory(args.path)
     tokenizer = find_tokenizer(directory)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{directory / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
@@ -228,6 +227,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(text if len(rows) == 1 else f"[{i}] {text}")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from smoe.serve.server import serve
+
+    serve(args.path, ServeConfig(**given(args, ServeConfig)))
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",")]
@@ -237,9 +242,9 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _dtype(name: str | None):
-    import torch
+    from smoe.interop.hf import DTYPES
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[name]
+    return DTYPES.get(name)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -373,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching, streaming, /metrics",
+                       description="Serve a model behind OpenAI's API: POST /v1/completions and /v1/chat/completions "
+                                   "(stream: true as server-sent events), GET /v1/models, /health and /metrics "
+                                   "(Prometheus, with tokens routed per expert). Requests are batched continuously "
+                                   "over --max-batch cache rows; a request's tokens never depend on the others. "
+                                   "Needs the serve extra (pip install 'smoe[serve]'). docs/serve.md")
+    p.add_argument("path", help="a Hugging Face model directory, a smoe checkpoint, or a run directory (its latest "
+                                "checkpoint); also the model name clients send")
+    add_config_arguments(p, ServeConfig)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
                                        "an expert-parallel checkpoint -> one file")
