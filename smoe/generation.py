@@ -190,8 +190,9 @@ class Engine:
         real_B1 = torch.zeros(len(self.slots), 1, dtype=torch.bool)
         for request in decoding:
             ids_B1[request.row], real_B1[request.row] = request.tokens[-1], True
-        out = self.model(ids_B1.to(self.device), attention_mask=real_B1.to(self.device), cache=self.cache,
-                         logits_to_keep=1, router_stats=self.router_stats, expert_backend=self.expert_backend)
+        mask_B1 = None if len(decoding) == len(self.slots) else real_B1.to(self.device)  # no padding: no mask
+        out = self.model(ids_B1.to(self.device), attention_mask=mask_B1, cache=self.cache, logits_to_keep=1,
+                         router_stats=self.router_stats, expert_backend=self.expert_backend)
         self._count(out)
         self._next_tokens(decoding, out.logits[[r.row for r in decoding], -1])
         return decoding
