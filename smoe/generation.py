@@ -145,6 +145,14 @@ class Engine:
     def running(self) -> list[Request]:
         return [r for r in self.slots if r is not None]
 
+    @property
+    def next_chunk(self) -> int:
+        """Prompt tokens the next ``prefill`` runs (0 when none is prefilling). Chunks depend on the prompt alone."""
+        if not self.prefilling:
+            return 0
+        request = self.prefilling[0]
+        return min(self.prefill_chunk, len(request.prompt) - request.prefilled)
+
     def add(self, request: Request) -> None:
         """Give ``request`` a free row (ValueError if none is free or it cannot fit)."""
         n, vocab = len(request.prompt), self.model.config.vocab_size

@@ -3,9 +3,9 @@
 ``Worker`` runs a ``smoe.generation.Engine`` in one thread (torch releases the GIL inside its kernels, so the event
 loop keeps answering HTTP meanwhile). The event loop ``submit``s jobs to a bounded queue and ``cancel``s them (a
 client gone, a stop string met); each job's tokens come back through its asyncio queue. Between engine steps the
-thread frees cancelled requests' rows, admits waiting requests to free rows, then runs one prefill chunk of the
-oldest newcomer and one decode step for every request past its prefill: a newcomer holds up the running streams by
-one chunk, never by its whole prompt.
+thread frees cancelled requests' rows, admits waiting requests to free rows, then runs prefill chunks of the
+newcomers (oldest first, up to ``PREFILL_CHUNK`` prompt tokens in all) and one decode step for every request past
+its prefill: newcomers hold up the running streams by one chunk's worth of tokens, never by a whole long prompt.
 """
 
 from __future__ import annotations
@@ -123,7 +123,11 @@ class Worker:
                         self._wake.wait()
                         continue
                 try:
-                    if self.engine.prefilling:
+                    # Prefill chunks up to one chunk's worth of prompt tokens per step: short prompts join several
+                    # at a time, and the running streams wait one chunk at most.
+                    budget = self.engine.prefill_chunk
+                    while 0 < self.engine.next_chunk <= budget:
+                        budget -= self.engine.next_chunk
                         self._deliver(self.engine.prefill())
                     self._deliver(self.engine.decode())
                 except Exception:  # a bug or out of memory: fail the running requests, keep serving
