@@ -118,7 +118,8 @@ class Engine:
     oldest request still prefilling, in its row alone; ``decode`` gives every request past its prefill its next
     token in one forward over all rows, the others being padding, with the experts in fixed-shape tiles. A request
     that finishes or is cancelled frees its row. The caller decides how to interleave the two (``generate``: every
-    prefill first; the server: a chunk between decode steps, so a newcomer holds up the others one chunk at most).
+    prefill first; the server: chunks worth one chunk's tokens between decode steps, so newcomers hold up the others
+    by one chunk at most).
     ``count_experts`` keeps ``expert_tokens``: tokens routed to each expert of each MoE layer so far.
     """
 
