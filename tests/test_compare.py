@@ -258,6 +258,16 @@ def _document(losses, shared=("deepseekmoe",), precision="bf16"):
     return report.build_document("t", settings, matched, data, analyses)
 
 
+def test_an_architecture_without_traced_layers_does_not_stop_the_report():
+    # table-1's hash layers are not traced: its analysis has no layers, and the report still renders
+    data, matched = _fake_runs({"hash": [2.0, 2.1], "gshard": [1.9, 2.0]})
+    runs = {label: [_fake_analysis(s, False) for s in range(2)] for label in data}
+    for r in runs["hash"]:
+        r["layers"] = {}
+    doc = report.build_document("t", CompareSettings(seeds=2), matched, data, collect.analysis_json(runs))
+    assert "| gshard | 0 |" in report.to_markdown(doc)
+
+
 def test_knock_out_of_shared_experts_is_na_for_models_without_them():
     md = report.to_markdown(_document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]}))
     assert "| gshard | +0.1050 ± 0.0635 | n/a |" in md and "nan" not in md

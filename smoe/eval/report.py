@@ -308,9 +308,10 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                         Table(tuple(rows))]
     doc += redundancy_blocks(over, seeds)
 
-    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in over.items()}
-    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in over.items()}
-    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in over.items()}
+    traced = {label: o for label, o in over.items() if o["layers"]}  # hash layers are not traced (analysis.py)
+    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in traced.items()}
+    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in traced.items()}
+    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in traced.items()}
     title = "Consecutive tokens, same first-choice expert"
     doc += [Heading(3, title), Figure("consecutive", title, fig_bars(
         "Same first-choice expert for consecutive tokens (dashed: random)" + bar_title, "rate", consecutive,
@@ -338,7 +339,8 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                     errors={label: {k: _half(v) for k, v in o["knockout"].items()} for label, o in over.items()}
                     if seeds > 1 else None))]
 
-    with_affinity = {label: a for label, a in analyses.items() if "domain_affinity" in next(iter(a["layers"].values()))}
+    with_affinity = {label: a for label, a in analyses.items()
+                     if a["layers"] and "domain_affinity" in next(iter(a["layers"].values()))}
     if with_affinity:
         title = "Domain affinity (seed 0)"
         sources = next(iter(with_affinity.values()))["sources"]
