@@ -106,7 +106,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if is_complete(path) or all((path / f).is_file() for f in MODEL_FILES):
         return path
-    latest = latest_checkpoint(path)
+    found = list_checkpoints(path, resumable=False)  # a model checkpoint evaluates and analyses as well
+    latest = found[-1] if found else None
     if latest is None:
         raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(MODEL_FILES)}) and holds none")
     return latest.path
