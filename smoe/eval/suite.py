@@ -143,7 +143,8 @@ class CompareSettings:
         analyses read the others' models."""
         steps = self.train.steps
         every = max(1, steps // self.checkpoints)
-        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - set(range(every, steps + 1, every))))
+        regular = set(range(every, steps + 1, every))
+        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - regular))
         return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, save_every=every,
                        save_at=early, keep_last=self.checkpoints + len(early) + 1, keep_optimizer=1,
                        save_every_minutes=0.0)

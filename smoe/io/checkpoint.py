@@ -24,7 +24,8 @@ longer matches it, ``damage`` says which and how, and a resume falls back to the
 (``latest_intact``). A *model* checkpoint (``smoe convert`` writes them) has only ``model.safetensors`` and
 ``config.json`` (and ``tokenizer.json``, ``manifest.json``): enough to evaluate, analyse and generate, not to
 resume. A run keeps older checkpoints as model checkpoints (``keep_optimizer``): ``drop_optimizer`` deletes their
-optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
+optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors,
+the rest from JSON.
 """
 
 from __future__ import annotations

@@ -141,8 +141,8 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             if _every(trainer.step, cfg.eval_every) or final:
                 result.final_eval = trainer.evaluate()
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
-            if _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
-                                                                             trainer.device):
+            due = _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final
+            if due or _minutes_due(saved_at, cfg.save_every_minutes, mesh, trainer.device):
                 trainer.save()
                 saved_at = time.monotonic()
     result.step, result.skipped_steps, result.checkpoint = trainer.step, trainer.skipped, trainer.last_saved
