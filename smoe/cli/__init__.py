@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from smoe.cli.flags import add_config_arguments, given, user_message
+from smoe.cost import CostSettings
 from smoe.errors import TrainingError
 from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.serve.config import ServeConfig
@@ -35,20 +36,43 @@ def _cmd_presets(args: argparse.Namespace) -> None:
               f"{cfg.n_layers:>6}  {experts:>11}  {attn}")
 
 
-def _cmd_inspect(args: argparse.Namespace) -> None:
+def _model_config(args: argparse.Namespace):
+    """The model a command names: a preset NAME, --hf-config PATH or --config FILE (exactly one)."""
     from smoe import presets
-    from smoe.accounting import account, format_accounting
 
-    if (args.name is None) == (args.hf_config is None):
-        raise ValueError("inspect: give a preset NAME or --hf-config PATH (exactly one)")
+    if sum(source is not None for source in (args.name, args.hf_config, args.config)) != 1:
+        raise ValueError(f"{args.command}: give a preset NAME, --hf-config PATH or --config FILE (exactly one)")
     if args.hf_config is not None:
         from smoe.interop.hf_config import load_hf_config
 
-        config = load_hf_config(args.hf_config)
-    else:
-        config = presets.get(args.name)
-    acc = account(config, seq_len=args.seq_len)
+        return load_hf_config(args.hf_config)
+    if args.config is not None:
+        from smoe.train.rundir import read_run_config
+
+        return read_run_config(args.config)[0]
+    return presets.get(args.name)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from smoe.accounting import account, format_accounting
+
+    acc = account(_model_config(args), seq_len=args.seq_len)
     print(json.dumps(acc.to_dict(), indent=2) if args.json else format_accounting(acc))
+
+
+def _cmd_cost(args: argparse.Namespace) -> None:
+    from smoe.cost import CostSettings, check_model, estimate, format_cost
+    from smoe.hardware import HARDWARE, MEASURED_CPU, measure_cpu
+
+    settings = CostSettings(**given(args, CostSettings)).validate()
+    config = _model_config(args)
+    check_model(config, settings)  # before measuring anything
+    hardware = [measure_cpu() if name == MEASURED_CPU else HARDWARE[name] for name in settings.hardware]
+    reports = [estimate(config, hw, settings) for hw in hardware]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print("\n\n".join(format_cost(r) for r in reports))
 
 
 def _cmd_smoke(args: argparse.Namespace) -> None:
@@ -134,7 +158,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from smoe.eval.compare import CompareSettings, run_suite
 
     base = CompareSettings()
-    own = {k: v for k, v in given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
+    own = {k: v for k, v in given(args, CompareSettings).items()
+           if k in ("seeds", "checkpoints", "tune_lr")}  # not train/data
     settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
                        data=replace(base.data, **given(args, DataConfig)), **own)
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
@@ -157,7 +182,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     seqs, sources = val_sequences(split, args.seq_len, args.sequences)
     batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
     # earlier checkpoints of the same run, for router saturation
-    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent)
+    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent, resumable=False)
                if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"
@@ -285,6 +310,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                          f"(pip install -U {err.name.split('.')[0]})") from None
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
+    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    p.add_argument("--config", metavar="FILE", help="a run config (JSON with model_config; a run's run.json is one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,11 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("inspect", help="parameters, FLOPs and memory of a preset or a Hugging Face config.json")
-    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
-    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    _model_arguments(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("cost", help="roofline inference cost: tokens/s, cache and all-to-all bytes, $ per M tokens",
+                       description="Decode and prefill tokens/s, cache, all-to-all and memory per device, $ per million"
+                                   " tokens, from a roofline: a step takes max(bytes / bandwidth, FLOPs / peak). "
+                                   "Formulas: smoe/cost.py, docs/cost.md.")
+    _model_arguments(p)
+    add_config_arguments(p, CostSettings)
+    p.add_argument("--json", action="store_true", help="print a JSON list, one report per hardware profile")
+    p.set_defaults(func=_cmd_cost)
 
     p = sub.add_parser("smoke", help="forward + backward of the tiny presets on CPU (a quick health check)")
     p.add_argument("--presets", help="comma-separated preset names (default: every *-tiny preset)")
@@ -339,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))
     add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=("seeds", "tune_lr"))
+    add_config_arguments(p, CompareSettings, only=("seeds", "checkpoints", "tune_lr"))
     p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
     p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
     p.set_defaults(func=_cmd_compare)

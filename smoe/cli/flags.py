@@ -9,6 +9,7 @@ import re
 import typing
 from dataclasses import fields
 
+from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
@@ -22,7 +23,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, ServeConfig) for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig)
+               for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets"}
 
 

@@ -71,7 +71,7 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
                                     tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=seed)
             seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
             batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
-            earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run)[:-1]]
+            earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run, resumable=False)[:-1]]
             # source indices of val_sequences refer to the validation split, which --val-data may name differently
             results.setdefault(arch.label, []).append(
                 analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier))
@@ -115,6 +115,10 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     if first.get("saturation"):
         summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
                                  for step in first["saturation"]}
+        summary["saturation_by_layer"] = {
+            step: {layer: {key: _interval([r["saturation_by_layer"][step][layer][key] for r in per_seed])
+                           for key in ("overlap", "chance")} for layer in by_layer}
+            for step, by_layer in first.get("saturation_by_layer", {}).items()}
     return summary
 
 

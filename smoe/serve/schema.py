@@ -100,7 +100,7 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
     for key in ("model", main):
         if key not in fields:
             raise bad(key, "required")
-    max_tokens = fields.get("max_completion_tokens", fields.get("max_tokens"))
+    max_tokens = _or(fields.get("max_completion_tokens"), fields.get("max_tokens"))
     request = CompletionRequest(
         model=fields["model"], max_tokens=max_tokens, stream=bool(fields.get("stream")),
         temperature=_or(fields.get("temperature"), 1.0), top_p=_or(fields.get("top_p"), 1.0),

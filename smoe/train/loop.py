@@ -31,6 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
+from smoe.hardware import matmul_flops
 from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
@@ -140,8 +141,8 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             if _every(trainer.step, cfg.eval_every) or final:
                 result.final_eval = trainer.evaluate()
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
-            if _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
-                                                                             trainer.device):
+            due = _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final
+            if due or _minutes_due(saved_at, cfg.save_every_minutes, mesh, trainer.device):
                 trainer.save()
                 saved_at = time.monotonic()
     result.step, result.skipped_steps, result.checkpoint = trainer.step, trainer.skipped, trainer.last_saved
@@ -228,11 +229,12 @@ class _Trainer:
         state = {"skipped_steps": self.skipped, "data_fingerprint": data.fingerprint}
         if self.mesh is None:
             self.last_saved = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
-                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last)
+                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last,
+                                                   cfg.keep_optimizer)
         else:
             self.last_saved = ckpt.save_sharded_checkpoint(
                 self.out_dir, self.step, self.model, self.optimizer, self.model_config, state, data.tokenizer_json,
-                cfg.keep_last, mesh=self.mesh, shards=self.shards)
+                cfg.keep_last, mesh=self.mesh, shards=self.shards, keep_optimizer=cfg.keep_optimizer)
         return self.last_saved
 
 
@@ -392,16 +394,5 @@ def _peak_flops(device: torch.device, cfg: TrainConfig) -> float | None:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _VENDOR_PEAK_BF16.items() if k in name), None)
-    return _measured_matmul_flops(cfg.precision)
-
-
-def _measured_matmul_flops(precision: str) -> float:
-    """A quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.1:
-        a @ b
-        reps += 1
-    return 2 * 512**3 * reps / (time.perf_counter() - start)
+    # a quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'
+    return matmul_flops("bf16" if cfg.precision == "bf16" else "fp32")
