@@ -82,8 +82,8 @@ def list_checkpoints(out_dir: str | Path, resumable: bool = True) -> list[Checkp
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:
-    found = list_checkpoints(out_dir)
+def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Checkpoint | None:
+    found = list_checkpoints(out_dir, resumable)
     return found[-1] if found else None
 
 
@@ -107,8 +107,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if is_complete(path) or all((path / f).is_file() for f in MODEL_FILES):
         return path
-    found = list_checkpoints(path, resumable=False)  # a model checkpoint evaluates and analyses as well
-    latest = found[-1] if found else None
+    latest = latest_checkpoint(path, resumable=False)  # a model checkpoint evaluates and analyses as well
     if latest is None:
         raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(MODEL_FILES)}) and holds none")
     return latest.path

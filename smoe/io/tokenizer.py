@@ -40,11 +40,10 @@ def load_tokenizer(path: str | Path):
 def read_tokenizer_json(path: str | Path) -> str | None:
     """The text of the ``tokenizer.json`` of a model directory or checkpoint (a run directory: its latest
     checkpoint's), or None when there is none."""
-    from smoe.io.checkpoint import list_checkpoints
+    from smoe.io.checkpoint import latest_checkpoint
 
     path = Path(path)
-    found = list_checkpoints(path, resumable=False) if path.is_dir() else []
-    latest = found[-1] if found else None
+    latest = latest_checkpoint(path, resumable=False) if path.is_dir() else None
     for candidate in (path, *([latest.path] if latest is not None else [])):
         file = candidate / TOKENIZER_FILE
         if file.is_file():
