@@ -9,7 +9,7 @@ import smoe
 # The allowed order, bottom first, written once. A module belongs to the first entry that is a prefix of its name.
 LAYERS = [
     ("smoe.errors", "smoe.config_rules", "smoe.config", "smoe.accounting", "smoe.presets"),  # no torch
-    ("smoe.nn", "smoe.kernels", "smoe.moe"),
+    ("smoe.nn", "smoe.kernels", "smoe.moe", "smoe.quant"),
     ("smoe.models",),
     ("smoe.io",),
     ("smoe.parallel",),

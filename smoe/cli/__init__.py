@@ -206,7 +206,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
+    _check_quantize_flags(args)
     model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
+    if args.quantize:
+        smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
@@ -236,6 +239,19 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _check_quantize_flags(args: argparse.Namespace) -> None:
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
+
+
+def _add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
+                        "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
+    p.add_argument("--group-size", type=int, help="with --quantize int4: inputs per group, 32, 64 or 128 "
+                                                  "(default 64)")
+
+
 def _dtype(name: str | None):
     import torch
 
@@ -244,17 +260,24 @@ def _dtype(name: str | None):
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from smoe.interop import hf
+    from smoe.models import quantize
     from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")
+    if args.quantize and args.to == "hf":
+        raise ValueError("--quantize: only with --to smoe (transformers does not read smoe's int8/int4 format)")
+    _check_quantize_flags(args)
     sharded = sharded_checkpoint(args.path)
-    if sharded is not None and args.to == "smoe" and args.dtype is None:
+    if sharded is not None and args.to == "smoe" and args.dtype is None and not args.quantize:
         # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
         out = consolidate(sharded, args.out)
         print(f"{sharded} -> {out}: single-file smoe training checkpoint")
         return
     model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype) or hf.stored_dtype(args.path))
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.quantize:
+        quantize(model, args.quantize, args.group_size)
     tokenizer_json = hf.read_tokenizer_json(args.path)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
@@ -262,8 +285,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         kind = f"Hugging Face {model_type}"
     else:
         out = hf.save_model_checkpoint(model, args.out, tokenizer_json=tokenizer_json)
-        kind = "smoe"
-    n_params = sum(p.numel() for p in model.parameters())
+        kind = "smoe" + (f" {args.quantize}" if args.quantize else "")
     print(f"{args.path} -> {out}: {kind} format, {n_params / 1e6:.1f}M parameters"
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
@@ -372,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
+    _add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
@@ -385,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the one the model came from, else the first that fits)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
                                                                      "checkpoints become bf16)")
+    _add_quantize_arguments(p, "write a smoe checkpoint")
     p.set_defaults(func=_cmd_convert)
     return parser
 
