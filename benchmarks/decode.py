@@ -14,12 +14,19 @@ batch 16 the distinct experts hit, counted during our run). Bytes / measured cop
 time; batch / that is the tokens/s ceiling. The bandwidth is the best of copies timed between the rounds: other
 tenants of the machine only ever lower it.
 
+With ``--quantize int8,int4`` our model also runs weight-only quantised (smoe.quantize) in the same rounds: one
+more line per scheme, against the same transformers peer and against the floor of its own bytes (int8/int4
+weights and their scales).
+
     .venv/bin/python benchmarks/decode.py [--models mixtral,deepseek] [--batch-sizes 1,16] [--rounds 5] [--threads 1]
+        [--quantize int8,int4]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import tempfile
 import time
 import warnings
@@ -96,7 +103,7 @@ def weight_bytes_per_step(model: Transformer, batch: int, experts_hit: dict[int,
     MoE layer (its mean over the run)."""
     total = 0
     moe_layers = model.moe_layers_by_index()
-    for name, p in model.named_parameters():
+    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):  # quantised weights: buffers
         if name.startswith("mtp."):
             continue
         if name == "embed.weight":
@@ -129,8 +136,10 @@ def count_experts_hit(model: Transformer, prompts, new_tokens: int) -> dict[int,
     return {i: float(np.mean(v)) for i, v in hits.items()}
 
 
-def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype) -> None:
+def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype,
+          schemes: list[str]) -> None:
     config, ours, hf_models = build_pair(name, dtype)
+    quantized = {f"smoe {s}": smoe.quantize(copy.deepcopy(ours), s) for s in schemes}
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {config.n_layers} layers, dim {config.dim}, "
           f"{config.moe.n_routed_experts} experts top-{config.moe.top_k}, {config.attention.kind}")
@@ -142,6 +151,8 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
         ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
         mask = torch.ones_like(ids)
         runners = {"smoe": lambda n: smoe.generate(ours, ids, max_new_tokens=n)}
+        for key, model in quantized.items():
+            runners[key] = lambda n, model=model: smoe.generate(model, ids, max_new_tokens=n)
         for impl, hf in hf_models.items():
             runners[impl] = lambda n, hf=hf: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                                          do_sample=False)[:, prompt_len:]
@@ -155,15 +166,22 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
                     times[key][1].append(_timed(lambda: run(new_tokens)))
                 bandwidth = max(bandwidth, copy_bandwidth())
         tok_s = {k: B * (new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
-        best_hf = max(v for k, v in tok_s.items() if k != "smoe")
+        best_hf = max(tok_s[k] for k in hf_models)
         hit = count_experts_hit(ours, ids, new_tokens)
         step_bytes = weight_bytes_per_step(ours, B, hit)
         floor = B * bandwidth / step_bytes
-        same = all(torch.equal(outputs["smoe"], o) for k, o in outputs.items() if k != "smoe")
+        same = all(torch.equal(outputs["smoe"], outputs[k]) for k in hf_models)
         cells = " ".join(f"{tok_s[k]:>20.1f}" for k in hf_models)
         print(f"{B:>5} {tok_s['smoe']:>10.1f} {cells} {tok_s['smoe'] / best_hf:>11.2f}x {step_bytes / 1e6:>8.1f} "
               f"{bandwidth / 1e9:>5.1f} {floor:>11.1f} {tok_s['smoe'] / floor:>10.2f} {'yes' if same else 'no':>11}",
               flush=True)
+        for key, model in quantized.items():
+            q_bytes = weight_bytes_per_step(model, B, hit)
+            q_floor = B * bandwidth / q_bytes
+            agree = (outputs[key] == outputs["smoe"]).float().mean()
+            print(f"{B:>5} {key:>10}: {tok_s[key]:.1f} tok/s, {tok_s[key] / best_hf:.2f}x best hf, "
+                  f"{tok_s[key] / tok_s['smoe']:.2f}x smoe fp32, {q_bytes / 1e6:.1f} MB/step, floor {q_floor:.1f} "
+                  f"tok/s, {tok_s[key] / q_floor:.2f} of it; {agree:.0%} of tokens as fp32", flush=True)
 
 
 def main() -> None:
@@ -175,6 +193,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quantize", default="", help="comma-separated schemes our model also runs in, e.g. int8,int4")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +202,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in args.models.split(","):
         bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
-              dtype)
+              dtype, [s for s in args.quantize.split(",") if s])
 
 
 if __name__ == "__main__":

@@ -175,10 +175,10 @@ def test_a_backward_through_quantised_weights_is_refused():
 def test_loading_into_a_mismatched_config_is_refused(tmp_path):
     save_model_checkpoint(smoe.quantize(_model(), "int8"), tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    for quantization, message in [(None, "holds int8 quantised weights, but the config.json beside it has no "
-                                         "quantization entry"),
-                                  ({"scheme": "int4", "group_size": 64}, "holds int8 quantised weights, but the "
-                                                                         "config.json beside it says quantization int4")]:
+    refusals = {None: "holds int8 quantised weights, but the config.json beside it has no quantization entry",
+                "int4": "holds int8 quantised weights, but the config.json beside it says quantization int4"}
+    for scheme, message in refusals.items():
+        quantization = scheme and {"scheme": scheme, "group_size": 64}
         (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "quantization": quantization}))
         (tmp_path / "q" / "manifest.json").unlink(missing_ok=True)
         with pytest.raises(ValueError, match=message):

@@ -3,8 +3,9 @@
 int8: symmetric per output channel. ``s = max|w_o,:| / 127``, ``q = round(w / s)`` in [-127, 127] (int8), and
       ``w ~ q * s``: the error of one weight is at most ``s / 2``.
 int4: asymmetric per group of G consecutive inputs (the configured group size, or for a weight whose input count
-      it does not divide, the largest even divisor of that count below it: ``int4_group``). ``s = (max - min) / 15``, ``q = round((w - min) / s)`` in
-      [0, 15], and ``w ~ q * s + offset`` with ``offset = min``: the error is at most ``s / 2``. Two values per
+      it does not divide, the largest even divisor of that count below it: ``int4_group``).
+      ``s = (max - min) / 15``, ``q = round((w - min) / s)`` in [0, 15], and ``w ~ q * s + offset`` with
+      ``offset = min``: the error is at most ``s / 2``. Two values per
       byte (uint8): byte j of a group holds input j in its low nibble and input j + G/2 in its high nibble, so a
       kernel unpacks a group's two halves from one contiguous run of bytes into two contiguous runs of inputs.
 
