@@ -10,8 +10,8 @@ int8 weights at about copy bandwidth, as fast as the same loop built as a C++ op
 The tile: four output channels times four rows per pass over the inputs, so each weight loaded feeds four rows
 and each input four channels; int8 weights become fp32 in registers and a channel's scale is applied once, at the
 end. int4 rows are first dequantised (scale and offset per group) into an fp32 scratch of four rows, which the same
-tile reads: the unpacking is paid once per weight, not once per row. Work is split over blocks of four output
-channels on numba's threads, as many as torch uses.
+tile reads: the unpacking is paid once per weight, not once per row. With several torch threads, large calls split
+the blocks of four output channels over as many numba threads (``_build``); otherwise a serial build runs.
 
 Legend: B rows, I inputs, O outputs, G group size, E experts, F expert hidden dim, R rows sorted by expert.
 """
@@ -19,6 +19,7 @@ Legend: B rows, I inputs, O outputs, G group size, E experts, F expert hidden di
 from __future__ import annotations
 
 import math
+import types
 
 import numba
 import numpy as np
@@ -103,14 +104,12 @@ def _int4_block(x_BI, r0, r1, q_OH, scale_ON, offset_ON, G, out_BO, o, ones):
     _tile(x_BI, r0, r1, w_nI, ones, out_BO, o)
 
 
-@njit(parallel=True, **_JIT)
 def _int8_linear(x_BI, q_OI, scale_O, out_BO):
     for block in prange((q_OI.shape[0] + TILE - 1) // TILE):
         o = block * TILE
         _tile(x_BI, 0, x_BI.shape[0], q_OI[o : o + TILE], scale_O[o : o + TILE], out_BO, o)
 
 
-@njit(parallel=True, **_JIT)
 def _int4_linear(x_BI, q_OH, scale_ON, offset_ON, G, out_BO):
     ones = np.ones(TILE, np.float32)
     for block in prange((q_OH.shape[0] + TILE - 1) // TILE):
@@ -132,7 +131,6 @@ def _gated(h_R2F, r0, r1, gelu, a_RF):
             a_RF[r, j] = act * h_R2F[r, F + j]
 
 
-@njit(parallel=True, **_JIT)
 def _int8_experts(x_RD, offs, gu_q, gu_s, down_q, down_s, gelu, h_R2F, a_RF, y_RD):
     for e in range(offs.shape[0] - 1):
         r0, r1 = offs[e], offs[e + 1]
@@ -147,7 +145,6 @@ def _int8_experts(x_RD, offs, gu_q, gu_s, down_q, down_s, gelu, h_R2F, a_RF, y_R
             _tile(a_RF, r0, r1, down_q[e, o : o + TILE], down_s[e, o : o + TILE], y_RD, o)
 
 
-@njit(parallel=True, **_JIT)
 def _int4_experts(x_RD, offs, gu_q, gu_s, gu_z, gu_G, down_q, down_s, down_z, down_G, gelu, h_R2F, a_RF, y_RD):
     ones = np.ones(TILE, np.float32)
     for e in range(offs.shape[0] - 1):
@@ -161,8 +158,32 @@ def _int4_experts(x_RD, offs, gu_q, gu_s, gu_z, gu_G, down_q, down_s, down_z, do
             _int4_block(a_RF, r0, r1, down_q[e], down_s[e], down_z[e], down_G, y_RD, block * TILE, ones)
 
 
-def _use_torch_threads() -> None:
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+def _compiled(fn):
+    """(serial, parallel) builds of ``fn``; ``prange`` is a plain ``range`` in the first. The serial copy gets its
+    own name, so the two builds are cached on disk under different entries."""
+    serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial")
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    return njit(**_JIT)(serial), njit(parallel=True, **_JIT)(fn)
+
+
+_INT8_LINEAR, _INT4_LINEAR = _compiled(_int8_linear), _compiled(_int4_linear)
+_INT8_EXPERTS, _INT4_EXPERTS = _compiled(_int8_experts), _compiled(_int4_experts)
+
+# Multiply-adds below which a call runs serially even when torch has several threads. A parallel region hands the
+# work to numba's thread pool on every call; on a busy CPU that hand-off waits for a time slice (6 ms per call of a
+# 64 x 64 linear, against 0.05 ms of work; a whole decode step of the benchmark's Mixtral-like model took 505 ms with
+# the parallel build on one thread against 204 ms serially, on a VM whose other jobs kept both cores busy).
+SERIAL_BELOW = 2**18
+
+
+def _build(kernel, macs: int):
+    """The build of ``kernel`` for a call of ``macs`` multiply-adds: serial on one torch thread or for small calls,
+    else parallel on as many numba threads as torch uses."""
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads == 1 or macs < SERIAL_BELOW:
+        return kernel[0]
+    numba.set_num_threads(threads)
+    return kernel[1]
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -170,31 +191,33 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
-    _use_torch_threads()
     out_BO = torch.empty(x_BI.shape[0], w.qweight.shape[0])
+    macs = out_BO.numel() * x_BI.shape[1]
     if w.offset is None:
-        _int8_linear(_np(x_BI), _np(w.qweight), _np(w.scale), out_BO.numpy())
+        _build(_INT8_LINEAR, macs)(_np(x_BI), _np(w.qweight), _np(w.scale), out_BO.numpy())
     else:
-        _int4_linear(_np(x_BI), _np(w.qweight), _np(w.scale), _np(w.offset), w.group_size, out_BO.numpy())
+        _build(_INT4_LINEAR, macs)(_np(x_BI), _np(w.qweight), _np(w.scale), _np(w.offset), w.group_size,
+                                   out_BO.numpy())
     return out_BO
 
 
 def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_down: QWeight, activation: str
             ) -> torch.Tensor:
-    _use_torch_threads()
     R, F = x_RD.shape[0], w_down.in_features
+    macs = R * 3 * F * x_RD.shape[1]
     offs = np.zeros(counts_E.shape[0] + 1, np.int64)
     np.cumsum(counts_E.cpu().numpy(), out=offs[1:])
     h_R2F, a_RF = np.empty((R, 2 * F), np.float32), np.empty((R, F), np.float32)
     y_RD = torch.empty(R, w_down.qweight.shape[-2])
     gelu = activation == "gelu"
     if w_gate_up.offset is None:
-        _int8_experts(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale), _np(w_down.qweight),
-                      _np(w_down.scale), gelu, h_R2F, a_RF, y_RD.numpy())
+        _build(_INT8_EXPERTS, macs)(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale),
+                                    _np(w_down.qweight), _np(w_down.scale), gelu, h_R2F, a_RF, y_RD.numpy())
     else:
-        _int4_experts(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale), _np(w_gate_up.offset),
-                      w_gate_up.group_size, _np(w_down.qweight), _np(w_down.scale), _np(w_down.offset),
-                      w_down.group_size, gelu, h_R2F, a_RF, y_RD.numpy())
+        _build(_INT4_EXPERTS, macs)(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale),
+                                    _np(w_gate_up.offset), w_gate_up.group_size, _np(w_down.qweight),
+                                    _np(w_down.scale), _np(w_down.offset), w_down.group_size, gelu, h_R2F, a_RF,
+                                    y_RD.numpy())
     return y_RD
 
 
