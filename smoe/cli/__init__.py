@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from smoe.cli.flags import add_config_arguments, given, user_message
+from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.errors import TrainingError
 from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
@@ -248,8 +249,9 @@ def _add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
                         "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
-    p.add_argument("--group-size", type=int, help="with --quantize int4: inputs per group, 32, 64 or 128 "
-                                                  "(default 64)")
+    sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+    p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
+                                                  f"(default {DEFAULT_INT4_GROUP})")
 
 
 def _dtype(name: str | None):

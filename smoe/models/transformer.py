@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.config import MLAConfig, ModelConfig, QuantConfig
+from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
 from smoe.nn import MLA, MLP, Attention, KVCache, MLACache, RotaryEmbedding, init_weights, make_norm
 from smoe.quant.modules import quantize_modules
@@ -282,14 +282,12 @@ def build_model(config: ModelConfig) -> Transformer:
     return Transformer(config)
 
 
-DEFAULT_INT4_GROUP = 64
-
-
 def quantize(model: Transformer, scheme: str, group_size: int | None = None) -> Transformer:
     """Quantise ``model``'s weights in place for inference and return it: ``"int8"`` (per output channel) or
-    ``"int4"`` (per group of ``group_size`` inputs, one of smoe.config.INT4_GROUP_SIZES; DEFAULT_INT4_GROUP when None). Every
-    linear layer and the routed experts are quantised; embeddings, norms, routers, MLA's ``wkv_b`` and a tied head
-    stay as they are (docs/quantization.md). A model already quantised the same way is returned unchanged."""
+    ``"int4"`` (per group of ``group_size`` inputs: one of smoe.config.INT4_GROUP_SIZES, by default
+    DEFAULT_INT4_GROUP). Every linear layer and the routed experts are quantised; embeddings, norms, routers, MLA's
+    ``wkv_b`` and a tied head stay as they are (docs/quantization.md). A model already quantised the same way is
+    returned unchanged."""
     if scheme == "int4" and group_size is None:
         group_size = DEFAULT_INT4_GROUP
     config = QuantConfig(scheme, group_size)
