@@ -170,9 +170,9 @@ _INT8_LINEAR, _INT4_LINEAR = _compiled(_int8_linear), _compiled(_int4_linear)
 _INT8_EXPERTS, _INT4_EXPERTS = _compiled(_int8_experts), _compiled(_int4_experts)
 
 # Multiply-adds below which a call runs serially even when torch has several threads. A parallel region hands the
-# work to numba's thread pool on every call; on a busy CPU that hand-off waits for a time slice (6 ms per call of a
-# 64 x 64 linear, against 0.05 ms of work; a whole decode step of the benchmark's Mixtral-like model took 505 ms with
-# the parallel build on one thread against 204 ms serially, on a VM whose other jobs kept both cores busy).
+# work to numba's thread pool, whose threads wait or spin between calls and take the core the next torch op needs:
+# on one thread a decode step of the benchmark's Mixtral-like model took 35 ms with the parallel build against 18 ms
+# serially (557 against 68 ms under numba's OpenMP layer on a busy VM), and a call of a 64 x 64 linear 6 ms.
 SERIAL_BELOW = 2**18
 
 
