@@ -25,7 +25,7 @@ test: $(STAMP)
 # cores. Rerunning resumes: finished runs are skipped.
 demo: $(STAMP)
 	$(BIN)/smoe compare --suite seeds-debate --data stdlib --seeds 2 --steps 60 --batch-size 8 --seq-len 128 \
-		--eval-every 15 --eval-batches 4 --jobs 2 --out runs/demo
+		--eval-every 15 --eval-batches 4 --checkpoints 2 --jobs 2 --out runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

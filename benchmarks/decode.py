@@ -1,5 +1,5 @@
 """Decode throughput of smoe.generate vs transformers' generate on the same model and weights, in one run, and
-against the memory-bandwidth floor.
+against the roofline `smoe cost` predicts for this CPU.
 
 A Mixtral-like (GQA, 8 coarse experts top-2) and a DeepSeek-V3-like (MLA, 32 fine-grained experts top-4 + a shared
 one, a dense first layer) model of roughly 100-200M parameters are built as transformers models from
@@ -8,15 +8,16 @@ the same random prompts, with no stop token; decode time is t(N new tokens) - t(
 cancels, and contenders are interleaved round by round (medians) so load from other tenants hits all alike.
 transformers runs with each experts implementation; its best is the peer.
 
-The floor: per decode step the weights touched are read once: attention, norms, routers, shared and dense FFNs,
-the head, one embedding row per sequence, and the routed experts actually hit (top_k per MoE layer at batch 1; at
-batch 16 the distinct experts hit, counted during our run). Bytes / measured copy bandwidth is the shortest step
-time; batch / that is the tokens/s ceiling. The bandwidth is the best of copies timed between the rounds: other
-tenants of the machine only ever lower it.
+The prediction: `smoe cost`'s roofline (smoe.cost) for the same config, batch, precision and context on the
+`cpu-measured` profile, whose bandwidth is the best of copies timed between the rounds (other tenants of the
+machine only ever lower it) and whose fp32 matmul peak is measured once at the start. It assumes uniform routing;
+the experts our run actually hit per MoE layer are printed beside the uniform expectation. measured / predicted is
+the fraction of the roofline reached. The int8 column is the prediction for int8 weights on the same profile.
 
 With ``--quantize int8,int4`` our model also runs weight-only quantised (smoe.quantize) in the same rounds: one
 more line per scheme, against the same transformers peer and against the floor of its own bytes (int8/int4
-weights and their scales).
+weights and their scales, counted from the quantised model's tensors and the experts the run hit, at the same
+measured bandwidth).
 
     .venv/bin/python benchmarks/decode.py [--models mixtral,deepseek] [--batch-sizes 1,16] [--rounds 5] [--threads 1]
         [--quantize int8,int4]
@@ -30,12 +31,15 @@ import itertools
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 import smoe
 from smoe import presets
+from smoe.cost import CostSettings, estimate
+from smoe.hardware import copy_bandwidth, measure_cpu
 from smoe.interop.hf_config import config_to_hf
 from smoe.models import Transformer
 
@@ -50,15 +54,7 @@ MODELS = {
                                       "attention.kv_lora_rank": 128}, "deepseek_v3"),
 }
 HF_EXPERTS = ("eager", "grouped_mm")
-
-
-def copy_bandwidth(n_bytes: int = 256 * 2**20, repeats: int = 3) -> float:
-    """Bytes/s of a large tensor copy, counting the read and the write (best of ``repeats``)."""
-    src = torch.ones(n_bytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return 2 * n_bytes / best
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # also the weight formats smoe cost predicts for
 
 
 def _timed(fn) -> float:
@@ -136,16 +132,25 @@ def count_experts_hit(model: Transformer, prompts, new_tokens: int) -> dict[int,
     return {i: float(np.mean(v)) for i, v in hits.items()}
 
 
-def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype,
+def predicted(config, cpu, batch: int, context: int, weights: str):
+    """`smoe cost`'s decode step for one batch on the measured CPU profile ``cpu``."""
+    settings = CostSettings(hardware=(cpu.name,), batch=(batch,), weights=weights, context=context)
+    return estimate(config, cpu, settings).decode[0]
+
+
+def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype: str,
           schemes: list[str]) -> None:
-    config, ours, hf_models = build_pair(name, dtype)
+    config, ours, hf_models = build_pair(name, DTYPES[dtype])
+    cpu = measure_cpu()
     quantized = {f"smoe {s}": smoe.quantize(copy.deepcopy(ours), s) for s in schemes}
+    context = prompt_len + new_tokens // 2  # the mean context of the timed steps
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {config.n_layers} layers, dim {config.dim}, "
-          f"{config.moe.n_routed_experts} experts top-{config.moe.top_k}, {config.attention.kind}")
+          f"{config.moe.n_routed_experts} experts top-{config.moe.top_k}, {config.attention.kind}; "
+          f"predictions at context {context}, matmul peak {cpu.peak_flops['fp32'] / 1e9:.0f} GFLOP/s fp32")
     print(f"{'batch':>5} {'smoe tok/s':>10} " + " ".join(f"{'hf ' + k + ' tok/s':>20}" for k in hf_models)
-          + f" {'smoe/best hf':>12} {'MB/step':>8} {'GB/s':>5} {'floor tok/s':>11} {'smoe/floor':>10}"
-          + f" {'same tokens':>11}")
+          + f" {'smoe/best hf':>12} {'hit obs/unif':>12} {'MB/step':>8} {'GB/s':>5} {'pred tok/s':>10} {'bound':>7}"
+          + f" {'smoe/pred':>9} {'int8 pred':>9} {'same tokens':>11}")
     g = torch.Generator().manual_seed(0)
     for B in batch_sizes:
         ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
@@ -168,16 +173,19 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
         tok_s = {k: B * (new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
         best_hf = max(tok_s[k] for k in hf_models)
         hit = count_experts_hit(ours, ids, new_tokens)
-        step_bytes = weight_bytes_per_step(ours, B, hit)
-        floor = B * bandwidth / step_bytes
+        mean_hit = np.mean(list(hit.values()))
+        measured_cpu = replace(cpu, memory_bandwidth=max(bandwidth, cpu.memory_bandwidth))
+        pred, pred_int8 = (predicted(config, measured_cpu, B, context, w) for w in (dtype, "int8"))
         same = all(torch.equal(outputs["smoe"], outputs[k]) for k in hf_models)
         cells = " ".join(f"{tok_s[k]:>20.1f}" for k in hf_models)
-        print(f"{B:>5} {tok_s['smoe']:>10.1f} {cells} {tok_s['smoe'] / best_hf:>11.2f}x {step_bytes / 1e6:>8.1f} "
-              f"{bandwidth / 1e9:>5.1f} {floor:>11.1f} {tok_s['smoe'] / floor:>10.2f} {'yes' if same else 'no':>11}",
+        print(f"{B:>5} {tok_s['smoe']:>10.1f} {cells} {tok_s['smoe'] / best_hf:>11.2f}x "
+              f"{f'{mean_hit:.1f}/{pred.experts_hit:.1f}':>12} {pred.bytes / 1e6:>8.1f} "
+              f"{measured_cpu.memory_bandwidth / 1e9:>5.1f} {pred.tokens_per_s:>10.1f} {pred.bound:>7} "
+              f"{tok_s['smoe'] / pred.tokens_per_s:>9.2f} {pred_int8.tokens_per_s:>9.1f} {'yes' if same else 'no':>11}",
               flush=True)
         for key, model in quantized.items():
             q_bytes = weight_bytes_per_step(model, B, hit)
-            q_floor = B * bandwidth / q_bytes
+            q_floor = B * measured_cpu.memory_bandwidth / q_bytes
             agree = (outputs[key] == outputs["smoe"]).float().mean()
             print(f"{B:>5} {key:>10}: {tok_s[key]:.1f} tok/s, {tok_s[key] / best_hf:.2f}x best hf, "
                   f"{tok_s[key] / tok_s['smoe']:.2f}x smoe fp32, {q_bytes / 1e6:.1f} MB/step, floor {q_floor:.1f} "
@@ -191,18 +199,17 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quantize", default="", help="comma-separated schemes our model also runs in, e.g. int8,int4")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"greedy decode tokens/s, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in args.models.split(","):
         bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
-              dtype, [s for s in args.quantize.split(",") if s])
+              args.dtype, [s for s in args.quantize.split(",") if s])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 
 from smoe import presets
+from smoe.cost import routed_rows_sent
 from smoe.models import build_model
 from smoe.parallel import apply_expert_parallel, local_rows, max_ranks_per_token
 from smoe.parallel.data_parallel import clip_gradients, sync_gradients
@@ -93,11 +94,12 @@ def measure(args) -> list[dict]:
 def deepseek_v3_volume(ep: int = 64) -> dict:
     """Bytes one token sends off its rank per MoE layer at EP=ep, DeepSeek-V3 shapes (D 7168, top-8 of 256 experts,
     8 groups = nodes, 4 per token), uniform routing: each of the K rows leaves the rank with probability
-    (ep - 1) / ep. fp8 rows carry one fp32 scale per 128 elements (V3's 1x128 activation tiles)."""
+    (ep - 1) / ep (smoe.cost.routed_rows_sent). fp8 rows carry one fp32 scale per 128 elements (V3's 1x128
+    activation tiles)."""
     cfg = presets.get("deepseek-v3")
     D, K = cfg.dim, cfg.moe.top_k
     row = {"bf16": 2 * D, "fp8": D + 4 * (D // 128)}
-    remote = K * (ep - 1) / ep
+    remote = routed_rows_sent(cfg, ep)
     return {
         "dim": D, "top_k": K, "ep": ep, "ranks_per_token_max": max_ranks_per_token(cfg.moe, ep),
         "nodes_per_token_max": cfg.moe.topk_group,

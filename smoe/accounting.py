@@ -9,13 +9,17 @@ Conventions (those of shared/REFERENCES.md, which reproduce the published totals
 - active: what one token touches: everything but the routed experts, plus top_k of them per MoE layer.
   ``active_params`` counts the input embedding and the head; ``active_params_excl_embedding`` drops the input
   embedding (with tied embeddings the matrix is still used as the head, so it stays).
-- forward FLOPs per token: 2 x the matmul parameters a token touches (head included, embedding lookup, norms and
-  biases excluded) plus causal attention: 2 x heads x (qk_dim + v_dim) x average visible context, where the average
-  context at sequence length S (default: max_seq_len) is (S + 1) / 2, capped by a sliding window. Training =
-  3 x forward. MTP modules are left out, as in the parameter totals.
+- forward FLOPs per token: 2 x the matmul parameters a token touches (``matmul_flops_per_token``: head included,
+  embedding lookup, norms and biases excluded) plus causal attention: 2 x heads x (qk_dim + v_dim) x average visible
+  context, where the average context at sequence length S (default: max_seq_len) is (S + 1) / 2, capped by a
+  sliding window. Training = 3 x forward. MTP modules are left out, as in the parameter totals.
+- one decoded token at context C (``decode_attention_flops``): the same 2 x heads x (qk_dim + v_dim) x min(C, window),
+  except that MLA attends in the latent space, as smoe.generation decodes it (W_UK into the query, W_UV after the
+  values; DeepSeek-V2 §2.1.2): qk_dim = kv_lora_rank + qk_rope_head_dim, v_dim = kv_lora_rank. The absorbed
+  projections cost what W_kvb costs, so the matmul FLOPs are unchanged.
 - weight bytes: ``total_params`` at 4 / 2 / 1 bytes (fp32 / bf16 / fp8).
 - KV cache per token: GQA stores k and v (2 x kv_heads x head_dim); MLA stores the latent and the rotary key
-  (kv_lora_rank + qk_rope_head_dim), per layer.
+  (kv_lora_rank + qk_rope_head_dim), per layer; a sliding window caps the positions kept (``kv_cache_elements``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Accounting:
     active_by_component: dict[str, int]
     mtp_params: int
     seq_len: int
+    matmul_flops_per_token: float
     forward_flops_per_token: float
     train_flops_per_token: float
     weight_bytes: dict[str, int]
@@ -83,15 +88,48 @@ def _attention_matmul_params(config: ModelConfig) -> int:
     return 2 * d * attn.n_heads * hd + 2 * d * attn.n_kv_heads * hd
 
 
-def _attention_score_flops(config: ModelConfig, seq_len: int) -> float:
+def _attention_width(config: ModelConfig, latent: bool = False) -> int:
+    """heads x (qk_dim + v_dim) of one layer: the multiply-adds per visible position; ``latent``: MLA in the latent
+    space (module docstring)."""
     attn = config.attention
     if isinstance(attn, MLAConfig):
-        per_ctx = attn.n_heads * (attn.qk_head_dim + attn.v_head_dim)
-        window = None
+        if latent:
+            return attn.n_heads * (2 * attn.kv_lora_rank + attn.qk_rope_head_dim)
+        return attn.n_heads * (attn.qk_head_dim + attn.v_head_dim)
+    return attn.n_heads * 2 * attn.resolved_head_dim(config.dim)
+
+
+def _window(config: ModelConfig) -> int | None:
+    return None if isinstance(config.attention, MLAConfig) else config.attention.sliding_window
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def decode_attention_flops(config: ModelConfig, context: int) -> float:
+    """Attention FLOPs (scores and values, all layers) of one new token over ``context`` cached positions."""
+    _positive_int("context", context)
+    window = _window(config)
+    visible = context if window is None else min(context, window)
+    return 2.0 * config.n_layers * _attention_width(config, latent=True) * visible
+
+
+def kv_cache_elements(config: ModelConfig, context: int = 1) -> int:
+    """Cache elements (all layers) of one sequence holding ``context`` positions: GQA k and v, or MLA's latent and
+    rotary key; a sliding window keeps its last ``window`` positions."""
+    _positive_int("context", context)
+    attn, window = config.attention, _window(config)
+    if isinstance(attn, MLAConfig):
+        per_position = attn.kv_lora_rank + attn.qk_rope_head_dim
     else:
-        hd = attn.resolved_head_dim(config.dim)
-        per_ctx = attn.n_heads * 2 * hd
-        window = attn.sliding_window
+        per_position = 2 * attn.n_kv_heads * attn.resolved_head_dim(config.dim)
+    return config.n_layers * per_position * (context if window is None else min(context, window))
+
+
+def _attention_score_flops(config: ModelConfig, seq_len: int) -> float:
+    per_ctx, window = _attention_width(config), _window(config)
     context = (seq_len + 1) / 2
     if window is not None and window < seq_len:
         # positions < window see t+1 keys, later ones see window keys
@@ -131,8 +169,7 @@ def _add(into: dict[str, int], other: dict[str, int], times: int = 1) -> None:
 def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     config.validate()
     seq_len = config.max_seq_len if seq_len is None else seq_len
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"seq_len: must be a positive integer, got {seq_len!r}")
+    _positive_int("seq_len", seq_len)
     d, V = config.dim, config.vocab_size
     total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
     active = dict(total)
@@ -171,12 +208,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
     forward = 2 * matmul + config.n_layers * _attention_score_flops(config, seq_len)
 
-    attn = config.attention
-    if isinstance(attn, MLAConfig):
-        kv_elems = config.n_layers * (attn.kv_lora_rank + attn.qk_rope_head_dim)
-    else:
-        kv_elems = config.n_layers * 2 * attn.n_kv_heads * attn.resolved_head_dim(d)
-
+    kv_elems = kv_cache_elements(config)
     return Accounting(
         name=config.name,
         total_params=total_params,
@@ -186,6 +218,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
         active_by_component=active,
         mtp_params=total["mtp"],
         seq_len=seq_len,
+        matmul_flops_per_token=float(2 * matmul),
         forward_flops_per_token=float(forward),
         train_flops_per_token=float(3 * forward),
         weight_bytes={k: total_params * b for k, b in DTYPE_BYTES.items()},

@@ -11,6 +11,11 @@ from dataclasses import fields
 from typing import Any, Literal, Union
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its help text (the command line's flags are generated from these)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def fail(path: str, rule: str) -> None:
     raise ValueError(f"{path}: {rule}")
 

@@ -4,7 +4,7 @@ transformers itself builds (tests/test_hf_config.py)."""
 import pytest
 
 from smoe import presets
-from smoe.accounting import account, format_accounting
+from smoe.accounting import account, decode_attention_flops, format_accounting, kv_cache_elements
 from smoe.config import LayoutConfig, ModelConfig, override
 
 
@@ -130,3 +130,16 @@ def test_accounting_is_closed_form_in_the_layer_count(name):
     per_layer = more.total_params - acc.total_params
     assert huge.total_params == acc.total_params + (big - config.n_layers) * per_layer
     assert huge.n_moe_layers == acc.n_moe_layers + big - config.n_layers
+
+
+def test_kv_cache_per_token_is_the_latent_for_mla_and_k_plus_v_for_gqa():
+    assert kv_cache_elements(presets.get("deepseek-v3"), 4096) == 61 * (512 + 64) * 4096
+    assert kv_cache_elements(presets.get("mixtral-8x7b"), 4096) == 32 * 2 * 8 * 128 * 4096
+    windowed = override(presets.get("mixtral-8x7b"), {"attention.sliding_window": 1024})
+    assert kv_cache_elements(windowed, 4096) == 32 * 2 * 8 * 128 * 1024
+
+
+def test_decode_attention_of_mla_runs_in_the_latent_space():
+    # scores over 512 latent + 64 rotary dims, values over the 512-wide latent, per head, per position
+    assert decode_attention_flops(presets.get("deepseek-v3"), 1000) == 2 * 61 * 128 * (512 + 64 + 512) * 1000
+    assert decode_attention_flops(presets.get("mixtral-8x7b"), 1000) == 2 * 32 * 32 * (128 + 128) * 1000

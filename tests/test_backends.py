@@ -50,6 +50,17 @@ def test_backend_matches_reference_fp32(backend, counts, activation):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_idle_experts_get_exactly_zero_weight_gradients_on_recycled_memory(backend):
+    case = _case(COUNTS["uneven"])
+    for _ in range(4):  # leave NaN-filled blocks of the gradients' sizes for the allocator to hand out again
+        junk = [torch.full_like(w, float("nan")) for w in case[2:]]
+        del junk
+    _, (_, dw_gu, dw_down) = _run(backend, *case, "silu")
+    for e in (1, 4):  # the experts with no rows
+        assert not dw_gu[e].any() and not dw_down[e].any()
+
+
 @pytest.mark.parametrize("backend", FAST_BF16)
 def test_backend_matches_reference_bf16(backend):
     case = _case(COUNTS["uneven"], dtype=torch.bfloat16, F=16)  # bf16 rows of 16 elements: 32-byte aligned

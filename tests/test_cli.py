@@ -168,6 +168,7 @@ def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "run_suite", lambda suite, presets, settings, out, **kw: seen.update(
         settings=settings) or tmp_path / "report.html")
     assert main(["compare", "--suite", "shared", "--data", "stdlib", "--seeds", "2", "--steps", "7",
-                 "--tune-lr", "1e-3,2e-3", "--jobs", "2", "--out", str(tmp_path)]) == 0
+                 "--tune-lr", "1e-3,2e-3", "--checkpoints", "2", "--jobs", "2", "--out", str(tmp_path)]) == 0
     s = seen["settings"]
-    assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr) == ("stdlib", 2, 7, 25, (1e-3, 2e-3))
+    assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr, s.checkpoints) == \
+        ("stdlib", 2, 7, 25, (1e-3, 2e-3), 2)

@@ -152,7 +152,7 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
         assert (out / "plots" / name).is_file(), name
     html = report.read_text()
     for section in ("Compute ladder", "Redundancy: disabling each token", "chance: uniform / load-weighted",
-                    "Matched on activated parameters without the embedding"):
+                    "Matched on activated parameters without the embedding", "Per layer, with the chance level"):
         assert section in md and section in html, section
     assert re.search(r"\| moe \| (\d+\.\d\dx \[|[<>]\d|outside the ladder)", md)  # the multiplier, or its bound
     analyses = json.loads((out / "analysis.json").read_text())
@@ -232,7 +232,8 @@ def _fake_runs(losses: dict[str, list[float]], precision="bf16"):
                        "final": [{"val_loss": x, "val_bpb": x / 3} for x in per_seed],
                        "summaries": [{"peak_device_bytes": 2**20, "peak_rss_bytes": 0, "tokens_per_s": 10.0}] *
                        len(per_seed),
-                       "precision": [precision] * len(per_seed), "balance": ([1, 2], [0.0, 0.0]), "loads": {}}
+                       "precision": [precision] * len(per_seed), "balance": [([1, 2], [0.0, 0.0])] * len(per_seed),
+                       "loads": {}}
         matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9}
     return data, matched
 
@@ -243,7 +244,9 @@ def _fake_analysis(seed: int, shared: bool):
                              "any": 0.8, "any_uniform": 0.9}}
     knockout = {"top1_routed": 0.1 + 0.01 * seed, **({"shared": 0.3} if shared else {})}
     return {"loss": 2.0 + seed, "layers": {"0": layer}, "sources": ["s"], "knockout": knockout,
-            "saturation": {"5": 0.6, "10": 0.7}}
+            "saturation": {"5": 0.6, "10": 0.7},
+            "saturation_by_layer": {"5": {"0": {"overlap": 0.6, "chance": 0.2 + 0.01 * seed}},
+                                    "10": {"0": {"overlap": 0.7, "chance": 0.3}}}}
 
 
 def _document(losses, shared=("deepseekmoe",), precision="bf16"):
@@ -253,6 +256,16 @@ def _document(losses, shared=("deepseekmoe",), precision="bf16"):
                                       for label in losses if label != "dense"})
     settings = CompareSettings(train=TrainConfig(precision="auto"), seeds=seeds)
     return report.build_document("t", settings, matched, data, analyses)
+
+
+def test_an_architecture_without_traced_layers_does_not_stop_the_report():
+    # table-1's hash layers are not traced: its analysis has no layers, and the report still renders
+    data, matched = _fake_runs({"hash": [2.0, 2.1], "gshard": [1.9, 2.0]})
+    runs = {label: [_fake_analysis(s, False) for s in range(2)] for label in data}
+    for r in runs["hash"]:
+        r["layers"] = {}
+    doc = report.build_document("t", CompareSettings(seeds=2), matched, data, collect.analysis_json(runs))
+    assert "| gshard | 0 |" in report.to_markdown(doc)
 
 
 def test_knock_out_of_shared_experts_is_na_for_models_without_them():
@@ -341,13 +354,14 @@ def test_analyses_are_summarised_over_seeds():
     assert over["seeds"] == 3 and over["knockout"]["top1_routed"]["values"] == pytest.approx([0.1, 0.11, 0.12])
     assert over["layers"]["0"]["first"]["mean"] == pytest.approx(0.51)
     assert over["saturation"]["5"]["sd"] == 0.0
+    assert over["saturation_by_layer"]["5"]["0"]["chance"]["mean"] == pytest.approx(0.21)
     one = collect.over_seeds([_fake_analysis(0, shared=False)])
     assert one["loss"]["sd"] is None and "shared" not in one["knockout"]
 
 
 def test_runs_also_checkpoint_early_for_router_saturation():
     cfg = CompareSettings(train=TrainConfig(steps=300), checkpoints=4).run_config(seed=1)
-    assert (cfg.save_every, cfg.save_at, cfg.keep_last) == (75, (3, 30), 7)
+    assert (cfg.save_every, cfg.save_at, cfg.keep_last, cfg.keep_optimizer) == (75, (3, 30), 7, 1)
     # an early step that is already a regular checkpoint is not listed twice
     assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()
 
@@ -358,3 +372,29 @@ def test_a_bad_data_file_is_refused_before_the_suite_starts(tmp_path):
     with pytest.raises(ValueError, match=r"^data .*wiki\.tokens: unsupported file type '\.tokens'"):
         run_suite("seeds-debate", None, settings, tmp_path / "suite")
     assert not (tmp_path / "suite").exists()
+
+
+def test_balance_curve_is_the_mean_over_seeds_with_its_band(monkeypatch):
+    drawn = {}
+
+    class Axes:
+        lines = True
+
+        def plot(self, x, y, label):
+            drawn["mean"] = (list(x), list(y))
+
+        def fill_between(self, x, lo, hi, alpha):
+            drawn["band"] = (list(lo), list(hi))
+
+        def set_title(self, title):
+            drawn["title"] = title
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(plots, "_png", lambda fig: b"")
+    monkeypatch.setattr(plots, "_figure", lambda: type("P", (), {"subplots": lambda *a, **k: (None, Axes())}))
+    # seed 1 skipped step 2: only the steps every seed trained are drawn
+    plots.fig_balance({"moe": {"balance": [([1, 2, 3], [0.2, 0.4, 0.6]), ([1, 3], [0.4, 0.8])]}})
+    assert drawn["mean"] == ([1, 3], [pytest.approx(0.3), pytest.approx(0.7)])
+    assert drawn["band"][0][0] < 0.3 < drawn["band"][1][0] and "mean over 2 seeds" in drawn["title"]

@@ -321,3 +321,44 @@ def test_save_at_adds_checkpoints_and_survives_the_run_config_round_trip(text, t
     assert from_dict(TrainConfig, {"save_at": [1, 2]}, "run config").save_at == (1, 2)
     with pytest.raises(ValueError, match="save_at"):
         TrainConfig(save_at=(0,)).validate()
+
+
+def test_clipping_scales_only_gradients_over_the_limit():
+    from smoe.train.loop import _clip
+
+    model = torch.nn.Linear(4, 3)
+    for scale, want in ((10.0, 1.0), (0.1, None)):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, scale)
+        before = [p.grad.clone() for p in model.parameters()]
+        norm = _clip(model, 1.0)
+        assert norm == pytest.approx(scale * 15**0.5)
+        after = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if want is None:
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+        else:
+            assert float(after.norm()) == pytest.approx(want, rel=1e-5)
+
+
+def test_older_checkpoints_keep_only_the_model_and_still_load_and_resume_uses_the_newest(text, tmp_path):
+    run = tmp_path / "run"
+    _train(run, text, tmp_path, steps=6, eval_every=0, save_every=2, keep_last=5, keep_optimizer=1)
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [6]
+    older = ckpt.list_checkpoints(run, resumable=False)
+    assert [c.step for c in older] == [2, 4, 6]
+    assert not list(older[0].path.glob("optimizer*")) and ckpt.damage(older[0].path) is None
+    model, path = ckpt.load_model(older[0].path)
+    assert path == older[0].path
+    # resuming for more steps starts from the newest (the only resumable one) and prunes as before
+    _train(run, text, tmp_path, steps=8, eval_every=0, save_every=2, keep_last=5, keep_optimizer=1, resume=True)
+    assert [c.step for c in ckpt.list_checkpoints(run, resumable=False)] == [2, 4, 6, 8]
+    assert [c.step for c in ckpt.list_checkpoints(run)] == [8]
+
+
+def test_a_run_whose_checkpoints_are_all_model_only_still_loads(text, tmp_path):
+    run = tmp_path / "run"
+    _train(run, text, tmp_path, steps=4, eval_every=0, save_every=2, keep_last=5)
+    for c in ckpt.list_checkpoints(run):
+        ckpt.drop_optimizer(c.path)  # what a finished suite may do to save disk
+    model, path = ckpt.load_model(run)
+    assert path.name == "step_00000004"

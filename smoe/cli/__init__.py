@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli.flags import add_config_arguments, given, user_message
-from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
+from smoe.cli import compare
+from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
+from smoe.cost import CostSettings
 from smoe.errors import TrainingError
-from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -35,20 +35,43 @@ def _cmd_presets(args: argparse.Namespace) -> None:
               f"{cfg.n_layers:>6}  {experts:>11}  {attn}")
 
 
-def _cmd_inspect(args: argparse.Namespace) -> None:
+def _model_config(args: argparse.Namespace):
+    """The model a command names: a preset NAME, --hf-config PATH or --config FILE (exactly one)."""
     from smoe import presets
-    from smoe.accounting import account, format_accounting
 
-    if (args.name is None) == (args.hf_config is None):
-        raise ValueError("inspect: give a preset NAME or --hf-config PATH (exactly one)")
+    if sum(source is not None for source in (args.name, args.hf_config, args.config)) != 1:
+        raise ValueError(f"{args.command}: give a preset NAME, --hf-config PATH or --config FILE (exactly one)")
     if args.hf_config is not None:
         from smoe.interop.hf_config import load_hf_config
 
-        config = load_hf_config(args.hf_config)
-    else:
-        config = presets.get(args.name)
-    acc = account(config, seq_len=args.seq_len)
+        return load_hf_config(args.hf_config)
+    if args.config is not None:
+        from smoe.train.rundir import read_run_config
+
+        return read_run_config(args.config)[0]
+    return presets.get(args.name)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    from smoe.accounting import account, format_accounting
+
+    acc = account(_model_config(args), seq_len=args.seq_len)
     print(json.dumps(acc.to_dict(), indent=2) if args.json else format_accounting(acc))
+
+
+def _cmd_cost(args: argparse.Namespace) -> None:
+    from smoe.cost import CostSettings, check_model, estimate, format_cost
+    from smoe.hardware import HARDWARE, MEASURED_CPU, measure_cpu
+
+    settings = CostSettings(**given(args, CostSettings)).validate()
+    config = _model_config(args)
+    check_model(config, settings)  # before measuring anything
+    hardware = [measure_cpu() if name == MEASURED_CPU else HARDWARE[name] for name in settings.hardware]
+    reports = [estimate(config, hw, settings) for hw in hardware]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print("\n\n".join(format_cost(r) for r in reports))
 
 
 def _cmd_smoke(args: argparse.Namespace) -> None:
@@ -128,20 +151,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"bits/byte {result['val_bpb']:.4f} over {result['tokens']:,} tokens")
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from smoe.eval.compare import CompareSettings, run_suite
-
-    base = CompareSettings()
-    own = {k: v for k, v in given(args, CompareSettings).items() if k in ("seeds", "tune_lr")}  # not train/data
-    settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
-                       data=replace(base.data, **given(args, DataConfig)), **own)
-    report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
-                       jobs=args.jobs)
-    print(f"report: {report.resolve()}")
-
-
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from smoe.eval.analysis import analyze
     from smoe.io.checkpoint import list_checkpoints, load_model
@@ -157,7 +166,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
     seqs, sources = val_sequences(split, args.seq_len, args.sequences)
     batches = [(t[:, :-1], t[:, 1:]) for t in seqs.split(8)]
     # earlier checkpoints of the same run, for router saturation
-    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent)
+    earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(path.parent.parent, resumable=False)
                if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"
@@ -207,7 +216,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
-    _check_quantize_flags(args)
+    check_quantize_flags(args)
     model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
     if args.quantize:
         smoe.quantize(model, args.quantize, args.group_size)
@@ -240,20 +249,6 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _check_quantize_flags(args: argparse.Namespace) -> None:
-    if args.group_size is not None and args.quantize != "int4":
-        raise ValueError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
-
-
-def _add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--quantize", choices=["int8", "int4"],
-                   help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
-                        "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
-    sizes = ", ".join(map(str, INT4_GROUP_SIZES))
-    p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
-                                                  f"(default {DEFAULT_INT4_GROUP})")
-
-
 def _dtype(name: str | None):
     import torch
 
@@ -269,7 +264,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         raise ValueError("--model-type: only with --to hf")
     if args.quantize and args.to == "hf":
         raise ValueError("--quantize: only with --to smoe (transformers does not read smoe's int8/int4 format)")
-    _check_quantize_flags(args)
+    check_quantize_flags(args)
     sharded = sharded_checkpoint(args.path)
     if sharded is not None and args.to == "smoe" and args.dtype is None and not args.quantize:
         # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
@@ -304,6 +299,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
                          f"(pip install -U {err.name.split('.')[0]})") from None
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
+    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    p.add_argument("--config", metavar="FILE", help="a run config (JSON with model_config; a run's run.json is one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smoe", description="Sparse Mixture-of-Experts language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -312,11 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("inspect", help="parameters, FLOPs and memory of a preset or a Hugging Face config.json")
-    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
-    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    _model_arguments(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("cost", help="roofline inference cost: tokens/s, cache and all-to-all bytes, $ per M tokens",
+                       description="Decode and prefill tokens/s, cache, all-to-all and memory per device, $ per million"
+                                   " tokens, from a roofline: a step takes max(bytes / bandwidth, FLOPs / peak). "
+                                   "Formulas: smoe/cost.py, docs/cost.md.")
+    _model_arguments(p)
+    add_config_arguments(p, CostSettings)
+    p.add_argument("--json", action="store_true", help="print a JSON list, one report per hardware profile")
+    p.set_defaults(func=_cmd_cost)
 
     p = sub.add_parser("smoke", help="forward + backward of the tiny presets on CPU (a quick health check)")
     p.add_argument("--presets", help="comma-separated preset names (default: every *-tiny preset)")
@@ -351,17 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; or table-1 "
-                                         "(DeepSeekMoE Table 1 at equal total parameters, with a Hash Layer)")
-    p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
-                                           "embeddings matched within 2%%)")
-    add_config_arguments(p, DataConfig, only=("data", "val_data"))
-    add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=("seeds", "tune_lr"))
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
-    p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
-    p.set_defaults(func=_cmd_compare)
+    compare.add_parser(sub)
 
     p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
     p.add_argument("name", choices=["moe-layer"])
@@ -396,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
-    _add_quantize_arguments(p, "generate")
+    add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
@@ -410,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the one the model came from, else the first that fits)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
                                                                      "checkpoints become bf16)")
-    _add_quantize_arguments(p, "write a smoe checkpoint")
+    add_quantize_arguments(p, "write a smoe checkpoint")
     p.set_defaults(func=_cmd_convert)
     return parser
 

@@ -24,10 +24,12 @@ from smoe.train.data import prepare_data, val_sequences
 
 def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any]]:
     """Per architecture: eval curves, final metrics, summaries and the precision each run resolved (run.json
-    records ``auto`` already resolved), per seed; balance curves and loads of seed 0."""
+    records ``auto`` already resolved) and the load-imbalance curve (``balance``: steps, one list per seed), per
+    seed; the per-expert loads of seed 0 (expert identities differ between seeds, so loads are not pooled)."""
     data = {}
     for arch in archs:
-        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": []}
+        entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": [],
+                                 "balance": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
@@ -38,11 +40,11 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
             entry["precision"].append(read_json(run / "run.json")["train_config"]["precision"])
             mfu = [r["mfu"] for r in rows if r["kind"] == "train" and r.get("mfu") is not None]
             entry["mfu"].append(float(np.median(mfu)) if mfu else None)
+            train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
+            entry["balance"].append(([r["step"] for r in train],
+                                     [np.mean([v["load_cv"] for v in r["router"].values()]) if r["router"] else 0.0
+                                      for r in train]))
             if seed == 0:
-                train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
-                entry["balance"] = ([r["step"] for r in train],
-                                    [np.mean([v["load_cv"] for v in r["router"].values()]) if r["router"] else 0.0
-                                     for r in train])
                 layers = sorted(train[-1]["router"], key=int) if train and train[-1]["router"] else []
                 entry["loads"] = {layer: np.array([r["router"][layer]["load"] for r in train], dtype=np.float64)
                                   for layer in layers}
@@ -69,7 +71,7 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
                                     tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=seed)
             seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
             batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
-            earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run)[:-1]]
+            earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run, resumable=False)[:-1]]
             # source indices of val_sequences refer to the validation split, which --val-data may name differently
             results.setdefault(arch.label, []).append(
                 analyze(model, batches, sources, prepared.val.source_names, tokenizer, earlier))
@@ -113,6 +115,10 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     if first.get("saturation"):
         summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
                                  for step in first["saturation"]}
+        summary["saturation_by_layer"] = {
+            step: {layer: {key: _interval([r["saturation_by_layer"][step][layer][key] for r in per_seed])
+                           for key in ("overlap", "chance")} for layer in by_layer}
+            for step, by_layer in first.get("saturation_by_layer", {}).items()}
     return summary
 
 

@@ -52,17 +52,28 @@ def fig_curves(data) -> bytes:
 
 
 def fig_balance(data) -> bytes:
+    """Each architecture's load CV over training (a running mean over 1/30 of the run): the mean over seeds on
+    the steps every seed trained (none skipped), with the t band of the mean over seeds."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 3.5))
+    seeds = 0
     for label, entry in data.items():
-        steps, cv = entry.get("balance", ([], []))
-        if steps and any(cv):
-            window = max(1, len(cv) // 30)
-            smooth = np.convolve(cv, np.ones(window) / window, mode="valid")
-            ax.plot(steps[len(steps) - len(smooth):], smooth, label=label)
+        runs = [dict(zip(steps, cv)) for steps, cv in entry["balance"]]
+        steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
+        cv_SN = np.array([[r[s] for s in steps] for r in runs])
+        if not steps or not cv_SN.any():  # a dense model has no load
+            continue
+        window = max(1, len(steps) // 30)
+        smooth_SN = np.array([np.convolve(cv, np.ones(window) / window, mode="valid") for cv in cv_SN])
+        x = steps[len(steps) - smooth_SN.shape[1]:]
+        ax.plot(x, smooth_SN.mean(0), label=label)
+        if len(smooth_SN) > 1:
+            ax.fill_between(x, *band(smooth_SN), alpha=0.2)
+        seeds = len(smooth_SN)
     ax.set_xlabel("step")
     ax.set_ylabel("expert load CV (mean over layers)")
-    ax.set_title("Load imbalance during training (0 = perfectly balanced)")
+    ax.set_title("Load imbalance during training (0 = balanced)"
+                 + (f": mean over {seeds} seeds, 95% t band" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     if ax.lines:  # a suite of dense models has no load to plot
         ax.legend(fontsize=8)

@@ -178,10 +178,10 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                         *compute_ladder(data, matched, ladder, settings),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
                         Heading(3, "Expert load balance"),
-                        Figure("balance", "Expert load balance (seed 0)", fig_balance(data))]
+                        Figure("balance", "Expert load balance over seeds", fig_balance(data))]
     for label, entry in data.items():
         if entry.get("loads"):
-            title = f"{label}: expert load heatmap (seed 0)"
+            title = f"{label}: expert load heatmap (seed 0; expert identities differ between seeds)"
             doc += [Heading(3, title), Figure(f"load-{label}", title, fig_loads(label, entry["loads"]))]
     if analyses:
         doc += specialisation(analyses, settings.seeds)
@@ -308,9 +308,10 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                         Table(tuple(rows))]
     doc += redundancy_blocks(over, seeds)
 
-    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in over.items()}
-    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in over.items()}
-    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in over.items()}
+    traced = {label: o for label, o in over.items() if o["layers"]}  # hash layers are not traced (analysis.py)
+    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in traced.items()}
+    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in traced.items()}
+    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in traced.items()}
     title = "Consecutive tokens, same first-choice expert"
     doc += [Heading(3, title), Figure("consecutive", title, fig_bars(
         "Same first-choice expert for consecutive tokens (dashed: random)" + bar_title, "rate", consecutive,
@@ -338,7 +339,8 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                     errors={label: {k: _half(v) for k, v in o["knockout"].items()} for label, o in over.items()}
                     if seeds > 1 else None))]
 
-    with_affinity = {label: a for label, a in analyses.items() if "domain_affinity" in next(iter(a["layers"].values()))}
+    with_affinity = {label: a for label, a in analyses.items()
+                     if a["layers"] and "domain_affinity" in next(iter(a["layers"].values()))}
     if with_affinity:
         title = "Domain affinity (seed 0)"
         sources = next(iter(with_affinity.values()))["sources"]
@@ -359,14 +361,33 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
         table = [("architecture", *(f"step {s}" for s in steps))]
         table += [(label, *(_stat(v[s], 3) if s in v else "n/a" for s in steps)) for label, v in sat.items()]
         doc += [Heading(3, title),
-                Paragraph("Share of the final checkpoint's top-k choices that each earlier checkpoint already makes:"),
-                Table(tuple(table)),
+                Paragraph("Share of the final checkpoint's top-k choices that each earlier checkpoint already makes "
+                          "(OLMoE §5.1), mean over layers:"),
+                Table(tuple(table)), *_saturation_by_layer(over, steps),
                 Figure("saturation", title, fig_bars(
                     "Share of final top-k choices already made at step" + bar_title, "saturation",
                     {label: {s: x["mean"] for s, x in v.items()} for label, v in sat.items()}, legend="step",
                     errors={label: {s: _half(x) for s, x in v.items()} for label, v in sat.items()}
                     if seeds > 1 else None))]
     return doc
+
+
+def _saturation_by_layer(over: dict[str, dict[str, Any]], steps: list[str]) -> list[Block]:
+    """Per layer, each step's saturation beside its chance: the overlap two independent routings with the two
+    checkpoints' measured loads would show."""
+    rows = [("architecture", "layer", *(f"step {s}" for s in steps))]
+    for label, o in over.items():
+        by_step = o.get("saturation_by_layer", {})
+        layers = sorted({layer for v in by_step.values() for layer in v}, key=int)
+        for layer in layers:
+            rows.append((label, layer, *(f"{_stat(by_step[s][layer]['overlap'], 3)} (chance "
+                                         f"{by_step[s][layer]['chance']['mean']:.3f})"
+                                         if layer in by_step.get(s, {}) else "n/a" for s in steps)))
+    if len(rows) == 1:
+        return []
+    return [Paragraph("Per layer, with the chance level: the overlap that independent routings with the two "
+                      "checkpoints' measured loads would show (a saturation near it means nothing settled yet):"),
+            Table(tuple(rows))]
 
 
 def _fraction(value: float) -> str:

