@@ -10,7 +10,7 @@ import smoe
 LAYERS = [
     ("smoe.errors", "smoe.config_rules", "smoe.config", "smoe.accounting", "smoe.hardware", "smoe.cost",
      "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
-    ("smoe.nn", "smoe.kernels", "smoe.moe"),
+    ("smoe.nn", "smoe.kernels", "smoe.moe", "smoe.quant"),
     ("smoe.models",),
     ("smoe.io",),
     ("smoe.parallel",),

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli.flags import add_config_arguments, given, user_message
+from smoe.cli import compare
+from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
-from smoe.eval.suite import COMPARE_DEFAULTS, COMPARE_FIELDS, CompareSettings
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 
@@ -152,21 +152,6 @@ def _cmd_eval(args: argparse.Namespace) -> None:
               f"bits/byte {result['val_bpb']:.4f} over {result['tokens']:,} tokens")
 
 
-def _cmd_compare(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
-    from smoe.eval.compare import CompareSettings, run_suite
-
-    base = CompareSettings()
-    own = {k: v for k, v in given(args, CompareSettings).items()
-           if k in ("seeds", "checkpoints", "tune_lr")}  # not train/data
-    settings = replace(base, train=replace(base.train, **given(args, TrainConfig)),
-                       data=replace(base.data, **given(args, DataConfig)), **own)
-    report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
-                       jobs=args.jobs)
-    print(f"report: {report.resolve()}")
-
-
 def _cmd_analyze(args: argparse.Namespace) -> None:
     from smoe.eval.analysis import analyze
     from smoe.io.checkpoint import list_checkpoints, load_model
@@ -230,7 +215,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
+    check_quantize_flags(args)
     model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
+    if args.quantize:
+        smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
@@ -274,17 +262,24 @@ def _dtype(name: str | None):
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from smoe.interop import hf
+    from smoe.models import quantize
     from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")
+    if args.quantize and args.to == "hf":
+        raise ValueError("--quantize: only with --to smoe (transformers does not read smoe's int8/int4 format)")
+    check_quantize_flags(args)
     sharded = sharded_checkpoint(args.path)
-    if sharded is not None and args.to == "smoe" and args.dtype is None:
+    if sharded is not None and args.to == "smoe" and args.dtype is None and not args.quantize:
         # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
         out = consolidate(sharded, args.out)
         print(f"{sharded} -> {out}: single-file smoe training checkpoint")
         return
     model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype) or hf.stored_dtype(args.path))
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.quantize:
+        quantize(model, args.quantize, args.group_size)
     tokenizer_json = hf.read_tokenizer_json(args.path)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
@@ -292,8 +287,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         kind = f"Hugging Face {model_type}"
     else:
         out = hf.save_model_checkpoint(model, args.out, tokenizer_json=tokenizer_json)
-        kind = "smoe"
-    n_params = sum(p.numel() for p in model.parameters())
+        kind = "smoe" + (f" {args.quantize}" if args.quantize else "")
     print(f"{args.path} -> {out}: {kind} format, {n_params / 1e6:.1f}M parameters"
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
@@ -371,17 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; or table-1 "
-                                         "(DeepSeekMoE Table 1 at equal total parameters, with a Hash Layer)")
-    p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
-                                           "embeddings matched within 2%%)")
-    add_config_arguments(p, DataConfig, only=("data", "val_data"))
-    add_config_arguments(p, TrainConfig, only=COMPARE_FIELDS, shown_defaults=COMPARE_DEFAULTS)
-    add_config_arguments(p, CompareSettings, only=("seeds", "checkpoints", "tune_lr"))
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (e.g. several per GPU)")
-    p.add_argument("--out", required=True, help="suite directory (rerun the same command to resume)")
-    p.set_defaults(func=_cmd_compare)
+    compare.add_parser(sub)
 
     p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
     p.add_argument("name", choices=["moe-layer"])
@@ -416,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
+    add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching, streaming, /metrics",
@@ -440,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the one the model came from, else the first that fits)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
                                                                      "checkpoints become bf16)")
+    add_quantize_arguments(p, "write a smoe checkpoint")
     p.set_defaults(func=_cmd_convert)
     return parser
 

@@ -9,6 +9,7 @@ import re
 import typing
 from dataclasses import fields
 
+from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
 from smoe.serve.config import ServeConfig
@@ -86,3 +87,19 @@ def _numbers(kind):
 def given(args: argparse.Namespace, cls) -> dict:
     """The fields of ``cls`` given on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def check_quantize_flags(args: argparse.Namespace) -> None:
+    """--group-size belongs to --quantize int4 only."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--quantize and --group-size, for the commands that load a model to run it (``what`` it does with it)."""
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
+                        "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
+    sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+    p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
+                                                  f"(default {DEFAULT_INT4_GROUP})")

@@ -26,7 +26,13 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
-from smoe.interop.hf_config import TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
+from smoe.interop.hf_config import (
+    TRANSFORMERS_FAMILIES,
+    check_exportable,
+    config_from_hf,
+    config_to_hf,
+    load_hf_config,
+)
 from smoe.interop.keymaps import IGNORED, KEY_MAPS, Piece, pieces_for
 from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
@@ -288,6 +294,7 @@ assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
 def infer_model_type(config: ModelConfig) -> str:
     """The transformers family that expresses ``config``: the one it was imported from, else the first that fits
     (raises listing why each family does not)."""
+    check_exportable(config)
     if config.name in TRANSFORMERS_FAMILIES:
         return config.name
     reasons = []

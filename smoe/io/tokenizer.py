@@ -73,11 +73,10 @@ def read_chat_template(path: str | Path) -> tuple[str | None, dict[str, str]]:
 def _read_beside(path: str | Path, name: str) -> str | None:
     """The text of file ``name`` in a model directory or checkpoint (a run directory: its latest checkpoint's), or
     None when there is none."""
-    from smoe.io.checkpoint import list_checkpoints
+    from smoe.io.checkpoint import latest_checkpoint
 
     path = Path(path)
-    found = list_checkpoints(path, resumable=False) if path.is_dir() else []
-    latest = found[-1] if found else None
+    latest = latest_checkpoint(path, resumable=False) if path.is_dir() else None
     for candidate in (path, *([latest.path] if latest is not None else [])):
         file = candidate / name
         if file.is_file():

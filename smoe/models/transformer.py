@@ -14,15 +14,16 @@ Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.config import MLAConfig, ModelConfig
+from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
 from smoe.nn import MLA, MLP, Attention, KVCache, MLACache, RotaryEmbedding, init_weights, make_norm
+from smoe.quant.modules import quantize_modules
 
 IGNORE_INDEX = -100
 
@@ -123,6 +124,8 @@ class Transformer(nn.Module):
             rot_dim = attn.rotary_dim or attn.resolved_head_dim(config.dim)
         self.rope = RotaryEmbedding(rot_dim, attn.rope_theta, attn.rope_scaling)
         init_weights(self, config.init_std)
+        if config.quantization is not None:  # the structure a quantised checkpoint loads into
+            quantize_modules(self, config.quantization)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -150,7 +153,7 @@ class Transformer(nn.Module):
         return {i: b.ffn for i, b in blocks.items() if b.is_moe}
 
     def _logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        return F.linear(h_BTD, self.embed.weight if self.head is None else self.head.weight)
+        return F.linear(h_BTD, self.embed.weight) if self.head is None else self.head(h_BTD)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> DecodeCache:
@@ -271,3 +274,23 @@ def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
 def build_model(config: ModelConfig) -> Transformer:
     """Validate ``config`` and build the model on the current default device and dtype."""
     return Transformer(config)
+
+
+def quantize(model: Transformer, scheme: str, group_size: int | None = None) -> Transformer:
+    """Quantise ``model``'s weights in place for inference and return it: ``"int8"`` (per output channel) or
+    ``"int4"`` (per group of ``group_size`` inputs: one of smoe.config.INT4_GROUP_SIZES, by default
+    DEFAULT_INT4_GROUP). Every linear layer and the routed experts are quantised; embeddings, norms, routers, MLA's
+    ``wkv_b`` and a tied head stay as they are (docs/quantization.md). A model already quantised the same way is
+    returned unchanged."""
+    if scheme == "int4" and group_size is None:
+        group_size = DEFAULT_INT4_GROUP
+    config = QuantConfig(scheme, group_size)
+    config.validate()
+    if model.config.quantization is not None:
+        if model.config.quantization == config:
+            return model
+        raise ValueError(f"quantization: the model is already quantised ({model.config.quantization.scheme}); "
+                         f"quantise its full-precision checkpoint to {scheme} instead")
+    quantize_modules(model, config)
+    model.config = replace(model.config, quantization=config)
+    return model

@@ -331,7 +331,7 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
 def reuse_freed_memory() -> None:
     """Keep freed memory in the process for reuse (Linux glibc only). By default glibc maps every block over
     32 MiB fresh and returns freed memory to the OS, so each training step page-faults its large gradients and
-    activations in again: 14-24% of a step for the small models of `make demo` on CPU (docs/benchmarks.md).
+    activations in again: a visible share of a small model's step on CPU (docs/benchmarks.md).
     Raising the mmap and trim thresholds keeps them; the resident size stays at its peak, which every step
     reaches anyway."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
