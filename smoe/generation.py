@@ -8,7 +8,8 @@ tokens, and streaming (token ids per step; text deltas for a terminal).
 together one token per step in a forward over every row, and leave when done. ``generate`` and ``smoe serve`` both
 run it. A forward's shapes depend only on the engine's row count and the request itself (the other rows are
 padding to it, each row attends over its own keys, experts run in fixed-shape tiles), so a request's tokens are the
-same bit for bit whoever shares the engine with it.
+same bit for bit whoever shares the engine with it (offline ``generate`` gives up the tiles for speed unless asked
+for ``decode_rows``).
 
 Legend: B batch (prompts), T prompt length, N new tokens, V vocabulary.
 """
@@ -56,8 +57,11 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``. ``seed`` makes
     sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the global RNG is untouched).
     ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
-    per prompt) is the engine's row count: a prompt's tokens depend on it and on nothing else in the batch, so
-    ``smoe serve --max-batch R`` answers a request with ``generate(model, [prompt], decode_rows=R)``'s tokens.
+    per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
+    (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
+    ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
+    results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
+    rows on a CPU; docs/benchmarks.md).
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
@@ -72,7 +76,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     if T + max_new_tokens - 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
                          f"max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, rows, T + max_new_tokens - 1)
+    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None)
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
                         frozenset(stop)) for b, p in enumerate(token_lists)]
     for request in requests:
@@ -121,10 +125,12 @@ class Engine:
     prefill first; the server: chunks worth one chunk's tokens between decode steps, so newcomers hold up the others
     by one chunk at most).
     ``count_experts`` keeps ``expert_tokens``: tokens routed to each expert of each MoE layer so far.
+    ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend, where a row's result
+    may change in the last bits with its neighbours' routing (offline ``generate`` without ``decode_rows``).
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
-                 count_experts: bool = False):
+                 count_experts: bool = False, independent_rows: bool = True):
         _check_model(model)
         if rows < 1 or prefill_chunk < 1:
             raise ValueError(f"rows, prefill_chunk: must be >= 1, got {rows}, {prefill_chunk}")
@@ -135,7 +141,7 @@ class Engine:
         self.router_stats = "load" if count_experts else False
         self.expert_tokens: dict[int, torch.Tensor] = {}
         # One row decodes alone, so any expert backend computes it the same way; several need fixed shapes.
-        self.expert_backend = "tiled" if rows > 1 else None
+        self.expert_backend = "tiled" if rows > 1 and independent_rows else None
         self.device = model.embed.weight.device
 
     @property

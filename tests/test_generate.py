@@ -85,8 +85,11 @@ def test_a_row_decodes_bit_for_bit_the_same_whatever_the_other_rows_hold(case):
     assert torch.equal(run(neighbours=True), run(neighbours=False))
 
 
-def test_engine_requests_joining_and_leaving_get_what_each_gets_alone():
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize):
     model = _model("deepseek-v3-tiny")
+    if quantize:  # quantised experts keep the tiles' promise (QuantizedExperts._tiled)
+        smoe.quantize(model, quantize)
     g = torch.Generator().manual_seed(3)
     requests = [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, **sampling)
                 for n, m, sampling in [(9, 6, {}), (2, 9, {}), (14, 3, {}), (5, 7, {"temperature": 1.0, "seed": 4}),

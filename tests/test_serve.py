@@ -321,7 +321,29 @@ def test_chat_without_a_template_is_400(tmp_path):
                                                     "max_tokens": 2}).status_code == 200
 
 
+def test_quantize_serves_the_quantised_model(tmp_path):
+    from starlette.testclient import TestClient
+
+    from smoe.serve.app import create_app
+    from smoe.serve.config import ServeConfig
+    from smoe.serve.server import load_state
+
+    directory = make_model(tmp_path / "model")
+    state = load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32, quantize="int8"))
+    prompt = [5, 6, 7, 8]
+    quantised = smoe.quantize(smoe.load_pretrained(directory), "int8")
+    expected = smoe.generate(quantised, [prompt], max_new_tokens=4, decode_rows=2)[0].tolist()
+    with TestClient(create_app(state)) as client:
+        response = client.post("/v1/completions", json={"model": str(directory), "prompt": prompt, "max_tokens": 4,
+                                                        "temperature": 0})
+    assert state.worker.engine.model.config.quantization.scheme == "int8"
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["serve", "x", "--group-size", "32"], "--group-size: only with --quantize int4"),
+    (["serve", "x", "--quantize", "int4", "--group-size", "48"], "--group-size: int4 needs one of"),
     (["serve", "no/such/model", "--port", "0"], "no/such/model"),
     (["serve", "x", "--port", "70000"], "--port: must lie in [0, 65535]"),
     (["serve", "x", "--max-batch", "0"], "--max-batch: must be a positive number"),

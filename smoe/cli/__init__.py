@@ -11,11 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli import compare
+from smoe.cli import compare, serve
 from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
-from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -240,12 +239,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(text if len(rows) == 1 else f"[{i}] {text}")
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    from smoe.serve.server import serve
-
-    serve(args.path, ServeConfig(**given(args, ServeConfig)))
-
-
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",")]
@@ -403,16 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server: continuous batching, streaming, /metrics",
-                       description="Serve a model behind OpenAI's API: POST /v1/completions and /v1/chat/completions "
-                                   "(stream: true as server-sent events), GET /v1/models, /health and /metrics "
-                                   "(Prometheus, with tokens routed per expert). Requests are batched continuously "
-                                   "over --max-batch cache rows; a request's tokens never depend on the others. "
-                                   "Needs the serve extra (pip install 'smoe[serve]'). docs/serve.md")
-    p.add_argument("path", help="a Hugging Face model directory, a smoe checkpoint, or a run directory (its latest "
-                                "checkpoint); also the model name clients send")
-    add_config_arguments(p, ServeConfig)
-    p.set_defaults(func=_cmd_serve)
+    serve.add_parser(sub)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
                                        "an expert-parallel checkpoint -> one file")

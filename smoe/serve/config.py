@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES, QuantConfig, QuantScheme
 from smoe.config_rules import check_types, fail, non_negative, positive
 from smoe.train.config import option
 
@@ -27,6 +28,11 @@ class ServeConfig:
         None, "compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native GEMMs for "
               "them)")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    quantize: QuantScheme | None = option(None, "serve with weight-only quantised linear layers and experts (int8: a "
+                                                "scale per output channel; int4: per group of inputs; "
+                                                "docs/quantization.md)")
+    group_size: int | None = option(None, f"with `quantize` int4: inputs per group, one of "
+                                          f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {DEFAULT_INT4_GROUP})")
     api_key: str | None = option(None, f"require `Authorization: Bearer KEY` on every endpoint but /health "
                                        f"(default: ${API_KEY_ENV} if set, else no key)")
     shutdown_timeout: float = option(10.0, "seconds in-flight requests may take to finish after SIGTERM before "
@@ -44,4 +50,9 @@ class ServeConfig:
             fail("host", "must not be empty")
         if self.api_key is not None and not self.api_key:
             fail("api_key", "must not be empty")
+        if self.group_size is not None and self.quantize != "int4":
+            fail("group_size", "only with `quantize` int4 (int8 has one scale per output channel)")
+        if self.quantize is not None:
+            group = self.group_size or (DEFAULT_INT4_GROUP if self.quantize == "int4" else None)
+            QuantConfig(self.quantize, group).validate(prefix="")
         return self

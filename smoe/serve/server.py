@@ -46,6 +46,7 @@ def load_state(path: str, config: ServeConfig):
     from smoe.interop.hf import DTYPES, load_pretrained
     from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import TOKENIZER_FILE, find_tokenizer
+    from smoe.models import quantize
     from smoe.serve.app import ServerState
     from smoe.serve.chat import load_chat_template
     from smoe.serve.worker import Worker
@@ -57,6 +58,8 @@ def load_state(path: str, config: ServeConfig):
         raise ValueError(f"{Path(directory) / TOKENIZER_FILE}: not found; smoe serve needs the model's tokenizer")
     chat = load_chat_template(directory)
     model = load_pretrained(directory, dtype=DTYPES.get(config.dtype), device=resolve_device(config.device))
+    if config.quantize is not None:
+        quantize(model, config.quantize, config.group_size)
     context = config.max_seq_len or model.config.max_seq_len
     if context > model.config.max_seq_len:
         raise ValueError(f"max_seq_len: {context} exceeds the model's max_seq_len ({model.config.max_seq_len})")
