@@ -15,7 +15,7 @@ LAYERS = [
     ("smoe.io",),
     ("smoe.parallel",),
     ("smoe.interop", "smoe.generation", "smoe.train"),
-    ("smoe.eval", "smoe.bench"),
+    ("smoe.eval", "smoe.bench", "smoe.serve"),
     ("smoe.cli", "smoe.__main__", "smoe"),  # the package itself re-exports (lazily) from everywhere
 ]
 ROOT = Path(smoe.__file__).parent

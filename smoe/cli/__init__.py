@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli import compare
+from smoe.cli import compare, serve
 from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
@@ -199,7 +199,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
-    from smoe.io.checkpoint import resolve_checkpoint
+    from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import find_tokenizer
     from smoe.train.loop import resolve_device
 
@@ -207,9 +207,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
-    path = Path(args.path)
-    # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
-    directory = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    directory = model_directory(args.path)
     tokenizer = find_tokenizer(directory)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{directory / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
@@ -250,9 +248,9 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _dtype(name: str | None):
-    import torch
+    from smoe.interop.hf import DTYPES
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[name]
+    return DTYPES.get(name)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -397,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMMs for them)")
     add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
+
+    serve.add_parser(sub)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
                                        "an expert-parallel checkpoint -> one file")

@@ -1,5 +1,6 @@
-"""The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings), and the
-one place a field name becomes a flag: in help texts, in the parser, and in the library's error messages."""
+"""The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings,
+ServeConfig), and the one place a field name becomes a flag: in help texts, in the parser, and in the library's
+error messages."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import fields
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
+from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -22,7 +24,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings) for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig)
+               for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets"}
 
 
@@ -66,6 +69,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
             kind = None
         elif args:  # X | None
             kind = args[0]
+            if typing.get_origin(kind) is typing.Literal:
+                options["choices"] = list(typing.get_args(kind))
         parser.add_argument(flag(f.name), **{"type": kind if kind in (int, float) else str, **options})
 
 

@@ -215,6 +215,10 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
                 f.release(name)
 
 
+# The dtypes `--dtype` names (smoe generate, serve, convert).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
                     ) -> Transformer:
     """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
@@ -401,5 +405,5 @@ def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: s
     return Path(out)
 
 
-__all__ = ["KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
+__all__ = ["DTYPES", "KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
            "save_pretrained"]

@@ -99,6 +99,13 @@ def latest_intact(out_dir: str | Path, log: Callable[[str], None] | None = None)
     return None
 
 
+def model_directory(path: str | Path) -> Path:
+    """The directory a model PATH names: a Hugging Face model directory or a smoe checkpoint holds config.json; a
+    run directory means its latest checkpoint."""
+    path = Path(path)
+    return path if (path / "config.json").is_file() else resolve_checkpoint(path)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A (training or model) checkpoint directory, or a run directory (its latest checkpoint). Raises naming the
     path otherwise."""

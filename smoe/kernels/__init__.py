@@ -21,7 +21,8 @@ keeps the plain signature above.
 
 ``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
 else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
-expert), where its C++ loop beats a Python one.
+expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
+not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
 
 Quantised weights (smoe.quant) have their own kernels by name, a linear and the experts for each
 (``quantized(name, device)``): ``reference`` (dequantise, then the float maths: the spec, and the fallback) and
@@ -135,7 +136,7 @@ def expert_selector(device: torch.device):
     return None
 
 
-from smoe.kernels import expert_loop, grouped_mm, quantized_reference, reference  # noqa: E402,F401  (registration)
+from smoe.kernels import expert_loop, grouped_mm, quantized_reference, reference, tiled  # noqa: E402,F401  (registration)
 
 if importlib.util.find_spec("triton") is not None:
     from smoe.kernels import triton  # noqa: E402,F401

@@ -38,9 +38,11 @@ class QWeight(NamedTuple):
     def in_features(self) -> int:
         return self.qweight.shape[-1] * (1 if self.offset is None else 2)
 
-    def expert(self, e: int) -> "QWeight":
-        """Expert ``e``'s (O, I) slice of a stacked (E, O, I) weight (views, no copy)."""
-        return QWeight(self.qweight[e], self.scale[e], None if self.offset is None else self.offset[e],
+    def expert(self, e: int, keepdim: bool = False) -> "QWeight":
+        """Expert ``e``'s (O, I) slice of a stacked (E, O, I) weight, or its (1, O, I) stack of one with
+        ``keepdim`` (views, no copy)."""
+        pick = slice(e, e + 1) if keepdim else e
+        return QWeight(self.qweight[pick], self.scale[pick], None if self.offset is None else self.offset[pick],
                        self.group_size)
 
 

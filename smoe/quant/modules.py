@@ -12,10 +12,12 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from smoe import kernels
 from smoe.config import QuantConfig
+from smoe.kernels.tiled import TILE_ROWS
 from smoe.moe.experts import RoutedExperts
 from smoe.moe.layer import MoELayer
 from smoe.nn.mla import MLA
@@ -61,9 +63,29 @@ class QuantizedExperts(nn.Module):
         self.w_down = QuantizedTensor(quantize_weight(experts.w_down, config))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        if backend == "tiled":
+            return inference_only(self._tiled(x_RD.float(), counts_E).to(x_RD.dtype), x_RD)
         fn = kernels.quantized(backend, x_RD.device).experts
         y_RD = fn(x_RD.float(), counts_E, self.w_gate_up.value(), self.w_down.value(), self.activation)
         return inference_only(y_RD.to(x_RD.dtype), x_RD)
+
+    def _tiled(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The ``tiled`` backend's promise (smoe.kernels.tiled) for quantised weights: each expert's rows, padded
+        to whole tiles of TILE_ROWS, go to the kernel one tile per call, so every call has one shape and a row's
+        result does not depend on the rows routed beside it (the decode engine's steps)."""
+        fn = kernels.quantized("auto", x_RD.device).experts
+        one_tile = torch.tensor([TILE_ROWS])
+        w_gate_up, w_down = self.w_gate_up.value(), self.w_down.value()
+        y_RD = x_RD.new_zeros(x_RD.shape[0], w_down.qweight.shape[-2])
+        start = 0
+        for e, c in enumerate(counts_E.tolist()):
+            if c:
+                tiles = F.pad(x_RD[start : start + c], (0, 0, 0, -c % TILE_ROWS)).split(TILE_ROWS)
+                expert_gate_up, expert_down = w_gate_up.expert(e, keepdim=True), w_down.expert(e, keepdim=True)
+                y_RD[start : start + c] = torch.cat([fn(tile, one_tile, expert_gate_up, expert_down, self.activation)
+                                                     for tile in tiles])[:c]
+            start += c
+        return y_RD
 
 
 class _InferenceOnly(torch.autograd.Function):
