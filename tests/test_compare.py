@@ -398,3 +398,25 @@ def test_balance_curve_is_the_mean_over_seeds_with_its_band(monkeypatch):
     plots.fig_balance({"moe": {"balance": [([1, 2, 3], [0.2, 0.4, 0.6]), ([1, 3], [0.4, 0.8])]}})
     assert drawn["mean"] == ([1, 3], [pytest.approx(0.3), pytest.approx(0.7)])
     assert drawn["band"][0][0] < 0.3 < drawn["band"][1][0] and "mean over 2 seeds" in drawn["title"]
+
+
+def test_collect_reads_dropped_assignments_and_the_report_lists_only_architectures_that_drop(tmp_path):
+    arch = Arch("cf-1.0", "gshard")
+    run = tmp_path / "runs" / "cf-1.0" / "seed0"
+    run.mkdir(parents=True)
+    steps = [{"kind": "train", "step": s, "router": {"0": {"load_cv": 0.1, "load": [1, 1], "dropped_frac": d},
+                                                      "1": {"load_cv": 0.1, "load": [1, 1], "dropped_frac": 0.0}}}
+             for s, d in enumerate([0.4] * 10 + [0.2] * 10, start=1)]
+    rows = [*steps, {"kind": "eval", "step": 20, "val_loss": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"train_config": {"precision": "fp32"}}))
+    over_training, last_tenth = collect.collect(tmp_path, [arch], seeds=1)["cf-1.0"]["dropped"][0]
+    assert over_training == pytest.approx(0.15) and last_tenth == pytest.approx(0.1)  # layer mean: (d + 0) / 2
+
+    data, _ = _fake_runs({"dropless": [2.0, 2.1], "cf-1.0": [2.1, 2.2]})
+    data["dropless"]["dropped"] = [(0.0, 0.0)] * 2
+    data["cf-1.0"]["dropped"] = [(0.15, 0.1), (0.25, 0.1)]
+    md = report.to_markdown(report.dropped_blocks(data))
+    assert "| cf-1.0 | 20.00 ± 63.53% | 10.00 ± 0.00% |" in md and "dropless" not in md
+    assert report.dropped_blocks(_fake_runs({"dense": [2.0]})[0]) == []

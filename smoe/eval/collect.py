@@ -29,7 +29,7 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
     data = {}
     for arch in archs:
         entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": [],
-                                 "balance": []}
+                                 "balance": [], "dropped": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
@@ -44,12 +44,23 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
             entry["balance"].append(([r["step"] for r in train],
                                      [np.mean([v["load_cv"] for v in r["router"].values()]) if r["router"] else 0.0
                                       for r in train]))
+            entry["dropped"].append(_dropped(train))
             if seed == 0:
                 layers = sorted(train[-1]["router"], key=int) if train and train[-1]["router"] else []
                 entry["loads"] = {layer: np.array([r["router"][layer]["load"] for r in train], dtype=np.float64)
                                   for layer in layers}
         data[arch.label] = entry
     return data
+
+
+def _dropped(train: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """The share of expert assignments a capacity limit dropped, mean over MoE layers: over every training step and
+    over the last tenth of them; None when the run records none (dense models, runs before it was logged)."""
+    per_step = [np.mean([v["dropped_frac"] for v in r["router"].values()]) for r in train
+                if r["router"] and all("dropped_frac" in v for v in r["router"].values())]
+    if not per_step:
+        return None
+    return float(np.mean(per_step)), float(np.mean(per_step[-max(1, len(per_step) // 10):]))
 
 
 def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print

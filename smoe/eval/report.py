@@ -174,6 +174,7 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
                         Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
+                        *dropped_blocks(data),
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
@@ -233,6 +234,22 @@ def _mfu(per_seed: list[float | None] | None) -> str:
     bf16 peak on known GPUs, else a dense matmul measured at the start of each run)."""
     values = [v for v in per_seed or [] if v is not None]
     return f"{np.median(values):.1%}" if values else "n/a"
+
+
+def dropped_blocks(data: dict[str, dict[str, Any]]) -> list[Block]:
+    """What a capacity limit cost each architecture that has one: the share of its expert assignments dropped."""
+    rows = [("architecture", "dropped, over training", "dropped, last tenth of training")]
+    for label, entry in data.items():
+        per_seed = [d for d in entry.get("dropped", []) if d is not None]
+        if per_seed and any(d[0] > 0 for d in per_seed):
+            rows.append((label, *(_ci([100 * d[i] for d in per_seed], 2) + "%" for i in (0, 1))))
+    if len(rows) == 1:
+        return []
+    return [Heading(3, "Dropped assignments"),
+            Paragraph("Share of the (token, expert) assignments a capacity limit dropped (a dropped assignment "
+                      "adds nothing to its token's output), mean over MoE layers and over steps; architectures that "
+                      "dropped none are not listed."),
+            Table(tuple(rows))]
 
 
 def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> list[Block]:
