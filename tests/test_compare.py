@@ -40,6 +40,18 @@ def test_table_1_matches_total_parameters_as_deepseekmoe_does():
     assert active["deepseekmoe"] == pytest.approx(active["gshard"], rel=0.02)
 
 
+def test_seeds_debate_total_holds_the_seeds_debate_at_table_1s_budget():
+    suite, debate = SUITES["seeds-debate-total"], SUITES["seeds-debate"]
+    assert suite.matching == "total" and [a.label for a in suite.archs] == [a.label for a in debate.archs]
+    assert [a.label for a in suite.ladder] == [a.label for a in debate.ladder]
+    table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+    total_1 = check_matched(SUITES["table-1"].archs, seq_len=256, matching="total")
+    assert table["switch"]["total_non_embedding"] == total_1["switch"]["total_non_embedding"]
+    ffn = 4 * 3 * 256 * 1024  # one dense FFN in every layer
+    active = {k: v["active_non_embedding"] for k, v in table.items()}
+    assert active["mixtral-style"] - active["dense"] == pytest.approx(3 * ffn, rel=0.02)  # 2 experts of 2 FFNs
+
+
 def test_matching_excludes_the_embeddings(tmp_path):
     # The same FFN width on a vocabulary 4x larger: equal non-embedding parameters, far from equal in total.
     archs = [Arch("small-vocab", "dense"), Arch("big-vocab", "dense", {"vocab_size": 32768})]

@@ -14,8 +14,9 @@ OWN = ("seeds", "checkpoints", "tune_lr")  # CompareSettings' own fields, not tr
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; or table-1 "
-                                   "(DeepSeekMoE Table 1 at equal total parameters, with a Hash Layer)")
+    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; or, at equal total "
+                                   "parameters, table-1 (DeepSeekMoE Table 1, with a Hash Layer) or "
+                                   "seeds-debate-total")
     p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
                                      "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))

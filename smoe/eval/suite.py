@@ -74,6 +74,18 @@ SUITES: dict[str, Suite] = {
         Arch("gshard", "gshard", {"moe.expert_dim": 1024}),
         Arch("deepseekmoe", "deepseekmoe", _fine(63, 7, 256, **{"moe.n_shared_experts": 1})),
     ], matching="total"),
+    # The seeds-debate's architectures at table-1's total-parameter budget (16 x 1024 hidden units of experts):
+    # Mixtral's 8 experts are each twice the dense FFN, so it activates 4 FFN-equivalents; the fine-grained ones
+    # activate 2 of 256-wide experts (V3-style has 64 routed, not 63, so its 8 routing groups are equal: +1.6%).
+    "seeds-debate-total": Suite([
+        Arch("dense", "dense"),
+        Arch("switch", "switch"),
+        Arch("gshard", "gshard", {"moe.expert_dim": 1024}),
+        Arch("mixtral-style", "mixtral-style", {"moe.expert_dim": 2048}),
+        Arch("deepseekmoe", "deepseekmoe", _fine(63, 7, 256, **{"moe.n_shared_experts": 1})),
+        Arch("deepseek-v3-style", "deepseek-v3-style", _fine(64, 7, 256)),
+    ], matching="total", ladder=[Arch("dense-512", "dense", {"ffn_dim": 512}),
+                                 Arch("dense-2048", "dense", {"ffn_dim": 2048})]),
     "granularity": Suite([
         # Top-1 renormalised would fix every gate at 1 and cut the router off the LM loss: weight by p, as Switch.
         Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024, **{"moe.norm_topk_prob": False})),
