@@ -412,23 +412,32 @@ def test_balance_curve_is_the_mean_over_seeds_with_its_band(monkeypatch):
     assert drawn["band"][0][0] < 0.3 < drawn["band"][1][0] and "mean over 2 seeds" in drawn["title"]
 
 
-def test_collect_reads_dropped_assignments_and_the_report_lists_only_architectures_that_drop(tmp_path):
+def test_collect_reads_how_routing_ended_and_the_report_shows_drops_only_when_there_are_some(tmp_path):
     arch = Arch("cf-1.0", "gshard")
     run = tmp_path / "runs" / "cf-1.0" / "seed0"
     run.mkdir(parents=True)
-    steps = [{"kind": "train", "step": s, "router": {"0": {"load_cv": 0.1, "load": [1, 1], "dropped_frac": d},
-                                                      "1": {"load_cv": 0.1, "load": [1, 1], "dropped_frac": 0.0}}}
-             for s, d in enumerate([0.4] * 10 + [0.2] * 10, start=1)]
+
+    def layer(cv, hot, dropped):
+        return {"load_cv": cv, "max_mean": hot, "load": [1, 1], "dropped_frac": dropped}
+
+    steps = [{"kind": "train", "step": s, "router": {"0": layer(cv, 2.0, d), "1": layer(0.1, 3.0, 0.0)}}
+             for s, (cv, d) in enumerate([(0.9, 0.4)] * 18 + [(0.3, 0.2)] * 2, start=1)]
     rows = [*steps, {"kind": "eval", "step": 20, "val_loss": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "summary.json").write_text("{}")
     (run / "run.json").write_text(json.dumps({"train_config": {"precision": "fp32"}}))
-    over_training, last_tenth = collect.collect(tmp_path, [arch], seeds=1)["cf-1.0"]["dropped"][0]
-    assert over_training == pytest.approx(0.15) and last_tenth == pytest.approx(0.1)  # layer mean: (d + 0) / 2
+    end = collect.collect(tmp_path, [arch], seeds=1)["cf-1.0"]["routing_end"][0]
+    # the last tenth is the last 2 steps; the layer mean of the drops is (d + 0) / 2
+    assert end == pytest.approx({"load_cv": 0.2, "max_mean": 3.0, "dropped": 0.19, "dropped_end": 0.1})
 
-    data, _ = _fake_runs({"dropless": [2.0, 2.1], "cf-1.0": [2.1, 2.2]})
-    data["dropless"]["dropped"] = [(0.0, 0.0)] * 2
-    data["cf-1.0"]["dropped"] = [(0.15, 0.1), (0.25, 0.1)]
-    md = report.to_markdown(report.dropped_blocks(data))
-    assert "| cf-1.0 | 20.00 ± 63.53% | 10.00 ± 0.00% |" in md and "dropless" not in md
-    assert report.dropped_blocks(_fake_runs({"dense": [2.0]})[0]) == []
+    data, _ = _fake_runs({"dropless": [2.0, 2.1], "cf-1.0": [2.1, 2.2], "dense": [2.0, 2.0]})
+    data["dropless"]["routing_end"] = [{"load_cv": 0.2, "max_mean": 2.0, "dropped": 0.0, "dropped_end": 0.0}] * 2
+    data["cf-1.0"]["routing_end"] = [{"load_cv": 0.2, "max_mean": 2.0, "dropped": d, "dropped_end": 0.1}
+                                     for d in (0.15, 0.25)]
+    data["dense"]["routing_end"] = [None, None]
+    md = report.to_markdown(report.routing_end_blocks(data))
+    assert "| cf-1.0 | 0.200 ± 0.000 | 2.00 ± 0.00 | 20.00 ± 63.53% | 10.00 ± 0.00% |" in md
+    assert "| dropless | 0.200 ± 0.000 | 2.00 ± 0.00 | 0.00 ± 0.00% |" in md and "dense" not in md
+    data.pop("cf-1.0")
+    assert "dropped" not in report.to_markdown(report.routing_end_blocks(data))
+    assert report.routing_end_blocks(_fake_runs({"dense": [2.0]})[0]) == []

@@ -174,7 +174,7 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
                         Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
-                        *dropped_blocks(data),
+                        *routing_end_blocks(data),
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
@@ -236,19 +236,28 @@ def _mfu(per_seed: list[float | None] | None) -> str:
     return f"{np.median(values):.1%}" if values else "n/a"
 
 
-def dropped_blocks(data: dict[str, dict[str, Any]]) -> list[Block]:
-    """What a capacity limit cost each architecture that has one: the share of its expert assignments dropped."""
-    rows = [("architecture", "dropped, over training", "dropped, last tenth of training")]
-    for label, entry in data.items():
-        per_seed = [d for d in entry.get("dropped", []) if d is not None]
-        if per_seed and any(d[0] > 0 for d in per_seed):
-            rows.append((label, *(_ci([100 * d[i] for d in per_seed], 2) + "%" for i in (0, 1))))
-    if len(rows) == 1:
+def routing_end_blocks(data: dict[str, dict[str, Any]]) -> list[Block]:
+    """How balanced each MoE's routing ended training and, for architectures with a capacity limit, what it
+    dropped (collect.routing_end), mean ± t-interval over seeds."""
+    ends = {label: [e for e in entry.get("routing_end", []) if e is not None] for label, entry in data.items()}
+    ends = {label: per_seed for label, per_seed in ends.items() if per_seed}
+    if not ends:
         return []
-    return [Heading(3, "Dropped assignments"),
-            Paragraph("Share of the (token, expert) assignments a capacity limit dropped (a dropped assignment "
-                      "adds nothing to its token's output), mean over MoE layers and over steps; architectures that "
-                      "dropped none are not listed."),
+    drops = any(e["dropped"] > 0 for per_seed in ends.values() for e in per_seed)
+    rows = [("architecture", "load CV", "hottest expert / mean",
+             *(("dropped, over training", "dropped, last tenth") if drops else ()))]
+    for label, per_seed in ends.items():
+        cells = [_ci([e["load_cv"] for e in per_seed], 3), _ci([e["max_mean"] for e in per_seed], 2)]
+        if drops:
+            cells += [_ci([100 * e[key] for e in per_seed], 2) + "%" for key in ("dropped", "dropped_end")]
+        rows.append((label, *cells))
+    return [Heading(3, "Routing at the end of training"),
+            Paragraph("Over the last tenth of the training steps: the coefficient of variation of the experts' load "
+                      "(mean over MoE layers; 0 is perfectly even) and the busiest expert's load over the mean (the "
+                      "worst layer)" + ("; and the share of (token, expert) assignments a capacity limit dropped "
+                                        "(a dropped assignment adds nothing to its token's output), mean over "
+                                        "layers, over all of training and over its last tenth" if drops else "")
+                      + "."),
             Table(tuple(rows))]
 
 
