@@ -12,15 +12,22 @@ The prediction: `smoe cost`'s roofline (smoe.cost) for the same config, batch, p
 `cpu-measured` profile, whose bandwidth is the best of copies timed between the rounds (other tenants of the
 machine only ever lower it) and whose fp32 matmul peak is measured once at the start. It assumes uniform routing;
 the experts our run actually hit per MoE layer are printed beside the uniform expectation. measured / predicted is
-the fraction of the roofline reached. The int8 column is the prediction for int8 weights on the same profile, to
-compare with an int8 decode once smoe has one.
+the fraction of the roofline reached. The int8 column is the prediction for int8 weights on the same profile.
+
+With ``--quantize int8,int4`` our model also runs weight-only quantised (smoe.quantize) in the same rounds: one
+more line per scheme, against the same transformers peer and against the floor of its own bytes (int8/int4
+weights and their scales, counted from the quantised model's tensors and the experts the run hit, at the same
+measured bandwidth).
 
     .venv/bin/python benchmarks/decode.py [--models mixtral,deepseek] [--batch-sizes 1,16] [--rounds 5] [--threads 1]
+        [--quantize int8,int4]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import tempfile
 import time
 import warnings
@@ -87,6 +94,27 @@ def build_pair(name: str, dtype: torch.dtype):
     return config, ours, hf_models
 
 
+def weight_bytes_per_step(model: Transformer, batch: int, experts_hit: dict[int, float]) -> float:
+    """Bytes of weights one decode step of ``batch`` sequences reads; ``experts_hit``: routed experts touched per
+    MoE layer (its mean over the run)."""
+    total = 0
+    moe_layers = model.moe_layers_by_index()
+    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):  # quantised weights: buffers
+        if name.startswith("mtp."):
+            continue
+        if name == "embed.weight":
+            rows = min(batch, p.shape[0]) if model.head is not None else p.shape[0]  # a tied head reads it all
+            total += rows * p.shape[1] * p.element_size()
+            continue
+        if ".ffn.experts." in name:
+            layer = int(name.split(".")[1])
+            E = moe_layers[layer].config.n_routed_experts
+            total += p.numel() * p.element_size() * experts_hit[layer] / E
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
 def count_experts_hit(model: Transformer, prompts, new_tokens: int) -> dict[int, float]:
     """Mean distinct routed experts per MoE layer per decode step, observed with router hooks."""
     hits: dict[int, list[int]] = {i: [] for i in model.moe_layers_by_index()}
@@ -110,9 +138,11 @@ def predicted(config, cpu, batch: int, context: int, weights: str):
     return estimate(config, cpu, settings).decode[0]
 
 
-def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype: str) -> None:
+def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype: str,
+          schemes: list[str]) -> None:
     config, ours, hf_models = build_pair(name, DTYPES[dtype])
     cpu = measure_cpu()
+    quantized = {f"smoe {s}": smoe.quantize(copy.deepcopy(ours), s) for s in schemes}
     context = prompt_len + new_tokens // 2  # the mean context of the timed steps
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {config.n_layers} layers, dim {config.dim}, "
@@ -126,6 +156,8 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
         ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
         mask = torch.ones_like(ids)
         runners = {"smoe": lambda n: smoe.generate(ours, ids, max_new_tokens=n)}
+        for key, model in quantized.items():
+            runners[key] = lambda n, model=model: smoe.generate(model, ids, max_new_tokens=n)
         for impl, hf in hf_models.items():
             runners[impl] = lambda n, hf=hf: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                                          do_sample=False)[:, prompt_len:]
@@ -139,17 +171,25 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
                     times[key][1].append(_timed(lambda: run(new_tokens)))
                 bandwidth = max(bandwidth, copy_bandwidth())
         tok_s = {k: B * (new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
-        best_hf = max(v for k, v in tok_s.items() if k != "smoe")
-        hit = np.mean(list(count_experts_hit(ours, ids, new_tokens).values()))
+        best_hf = max(tok_s[k] for k in hf_models)
+        hit = count_experts_hit(ours, ids, new_tokens)
+        mean_hit = np.mean(list(hit.values()))
         measured_cpu = replace(cpu, memory_bandwidth=max(bandwidth, cpu.memory_bandwidth))
         pred, pred_int8 = (predicted(config, measured_cpu, B, context, w) for w in (dtype, "int8"))
-        same = all(torch.equal(outputs["smoe"], o) for k, o in outputs.items() if k != "smoe")
+        same = all(torch.equal(outputs["smoe"], outputs[k]) for k in hf_models)
         cells = " ".join(f"{tok_s[k]:>20.1f}" for k in hf_models)
         print(f"{B:>5} {tok_s['smoe']:>10.1f} {cells} {tok_s['smoe'] / best_hf:>11.2f}x "
-              f"{f'{hit:.1f}/{pred.experts_hit:.1f}':>12} {pred.bytes / 1e6:>8.1f} "
+              f"{f'{mean_hit:.1f}/{pred.experts_hit:.1f}':>12} {pred.bytes / 1e6:>8.1f} "
               f"{measured_cpu.memory_bandwidth / 1e9:>5.1f} {pred.tokens_per_s:>10.1f} {pred.bound:>7} "
               f"{tok_s['smoe'] / pred.tokens_per_s:>9.2f} {pred_int8.tokens_per_s:>9.1f} {'yes' if same else 'no':>11}",
               flush=True)
+        for key, model in quantized.items():
+            q_bytes = weight_bytes_per_step(model, B, hit)
+            q_floor = B * measured_cpu.memory_bandwidth / q_bytes
+            agree = (outputs[key] == outputs["smoe"]).float().mean()
+            print(f"{B:>5} {key:>10}: {tok_s[key]:.1f} tok/s, {tok_s[key] / best_hf:.2f}x best hf, "
+                  f"{tok_s[key] / tok_s['smoe']:.2f}x smoe fp32, {q_bytes / 1e6:.1f} MB/step, floor {q_floor:.1f} "
+                  f"tok/s, {tok_s[key] / q_floor:.2f} of it; {agree:.0%} of tokens as fp32", flush=True)
 
 
 def main() -> None:
@@ -161,6 +201,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quantize", default="", help="comma-separated schemes our model also runs in, e.g. int8,int4")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +209,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in args.models.split(","):
         bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
-              args.dtype)
+              args.dtype, [s for s in args.quantize.split(",") if s])
 
 
 if __name__ == "__main__":

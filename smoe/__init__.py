@@ -14,6 +14,7 @@ __all__ = [
     "build_model",
     "generate",
     "load_pretrained",
+    "quantize",
     "save_pretrained",
     "upcycle",
 ]
@@ -21,10 +22,10 @@ __all__ = [
 
 def __getattr__(name: str):
     # Torch-dependent entry points load lazily, so config-only commands (inspect, presets) start fast.
-    if name == "build_model":
-        from smoe.models import build_model
+    if name in ("build_model", "quantize"):
+        from smoe import models
 
-        return build_model
+        return getattr(models, name)
     if name == "generate":
         # The function lives in smoe.generation: a submodule named smoe.generate would replace this attribute
         # with the module as soon as anything imported it.

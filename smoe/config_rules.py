@@ -59,6 +59,9 @@ def matches(value: Any, hint: Any) -> bool:
     if origin is tuple:
         (item, _) = typing.get_args(hint)
         return isinstance(value, tuple) and all(matches(v, item) for v in value)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(matches(v, item) for v in value)
     if hint is type(None):
         return value is None
     if hint is float:
@@ -78,4 +81,6 @@ def type_name(hint: Any) -> str:
         return " | ".join(map(repr, typing.get_args(hint)))
     if origin is tuple:
         return f"tuple[{type_name(typing.get_args(hint)[0])}, ...]"
+    if origin is list:
+        return f"list[{type_name(typing.get_args(hint)[0])}]"
     return getattr(hint, "__name__", str(hint))

@@ -1,37 +1,45 @@
-"""Autoregressive generation: left-padded batched prompts, a static cache, greedy or sampled tokens, stop tokens,
-and streaming (token ids per step; text deltas for a terminal).
+"""Autoregressive generation: a continuous-batching engine over a static cache, greedy or sampled tokens, stop
+tokens, and streaming (token ids per step; text deltas for a terminal).
 
     new_BN = smoe.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16)            # greedy
     for ids_B in generate_stream(model, prompts, temperature=0.8, top_p=0.9, seed=0): ...
 
-Prompts of different lengths are left-padded, so slot s of the cache is step s of every row; positions count each
-row's real tokens and padding is never attended, so a row produces the same tokens as its prompt alone. A row that
-emits a stop token keeps emitting ``pad_id``; the loop ends when every row stopped or after ``max_new_tokens``.
+``Engine`` holds one request per cache row: requests join free rows, prefill alone in their row in chunks, decode
+together one token per step in a forward over every row, and leave when done. ``generate`` and ``smoe serve`` both
+run it. A forward's shapes depend only on the engine's row count and the request itself (the other rows are
+padding to it, each row attends over its own keys, experts run in fixed-shape tiles), so a request's tokens are the
+same bit for bit whoever shares the engine with it (offline ``generate`` gives up the tiles for speed unless asked
+for ``decode_rows``).
 
-Legend: B batch (prompts), T prompt length (padded), N new tokens, V vocabulary.
+Legend: B batch (prompts), T prompt length, N new tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
-from smoe.models.transformer import Transformer
+from smoe.models.transformer import ModelOutput, Transformer
+
+# Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
+PREFILL_CHUNK = 256
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, decode_rows: int | None = None) -> torch.Tensor:
     """The new tokens (B, N), N <= max_new_tokens; see ``generate_stream`` for the arguments."""
     steps = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-                                 attention_mask=attention_mask))
+                                 attention_mask=attention_mask, decode_rows=decode_rows))
     return torch.stack(steps, dim=1)
 
 
@@ -39,40 +47,206 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperatu
 def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-                    attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), once per step.
+                    attention_mask: torch.Tensor | None = None, decode_rows: int | None = None
+                    ) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,), once per step; a row that emitted a stop token yields ``pad_id``
+    after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
 
-    ``prompts``: a list of token-id lists (any lengths; left-padded here), or a (B, T) tensor, left-padded if
-    ``attention_mask`` (1 real, 0 pad) says so. ``temperature`` 0 is greedy; otherwise logits / temperature are
-    sampled after keeping the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``.
-    ``seed`` makes sampling reproducible (a private generator; the global RNG is untouched). ``pad_id`` (default:
-    the smallest stop token, else 0) pads prompts and follows a row's stop token.
+    ``prompts``: a list of token-id lists (any lengths), or a (B, T) tensor, left-padded if ``attention_mask``
+    (1 real, 0 pad) says so. ``temperature`` 0 is greedy; otherwise logits / temperature are sampled after keeping
+    the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``. ``seed`` makes
+    sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the global RNG is untouched).
+    ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
+    per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
+    (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
+    ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
+    results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
+    rows on a CPU; docs/benchmarks.md).
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
-    _check_model(model)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    device = model.embed.weight.device
-    input_ids_BT, mask_BT = _as_batch(prompts, attention_mask, pad_id, model.config.vocab_size, device)
-    B, T = input_ids_BT.shape
+    token_lists = _as_prompts(prompts, attention_mask, model.config.vocab_size)
+    if not 0 <= pad_id < model.config.vocab_size:
+        raise ValueError(f"pad_id: must lie in [0, {model.config.vocab_size}), got {pad_id}")
+    rows = decode_rows if decode_rows is not None else len(token_lists)
+    if rows < len(token_lists):
+        raise ValueError(f"decode_rows: {rows} rows cannot hold {len(token_lists)} prompts")
+    T = max(len(p) for p in token_lists)
     if T + max_new_tokens - 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
                          f"max_seq_len ({model.config.max_seq_len})")
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop_S = torch.tensor(stop, dtype=torch.long, device=device)
-    done_B = torch.zeros(B, dtype=torch.bool, device=device)
-    cache = model.new_cache(B, T + max_new_tokens - 1)
-    logits_BV = model(input_ids_BT, attention_mask=mask_BT, cache=cache, logits_to_keep=1, router_stats=False
-                      ).logits[:, -1]
+    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None)
+    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
+                        frozenset(stop)) for b, p in enumerate(token_lists)]
+    for request in requests:
+        engine.add(request)
+    while engine.prefilling:
+        engine.prefill()
+    device = model.embed.weight.device
     for step in range(max_new_tokens):
-        next_B = sample(logits_BV, temperature, top_k, top_p, generator)
-        next_B = next_B.masked_fill(done_B, pad_id)
-        done_B |= torch.isin(next_B, stop_S)
-        yield next_B
-        # One host sync per step, to end early; nothing in the layers waits on the host.
-        if step + 1 == max_new_tokens or bool(done_B.all()):
+        yield torch.tensor([r.tokens[step] if step < len(r.tokens) else pad_id for r in requests], device=device)
+        if all(r.done for r in requests):
             return
-        logits_BV = model(next_B[:, None], cache=cache, logits_to_keep=1, router_stats=False).logits[:, -1]
+        engine.decode()
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to continue and how, plus what the engine has made of it: ``tokens`` so far and, once done, the
+    ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``) or
+    "cancelled"."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_tokens: frozenset[int] = frozenset()
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    row: int | None = None  # the cache row it holds while the engine runs it
+    prefilled: int = 0  # prompt tokens in the cache
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Continuous batching over a static cache of ``rows`` rows, one request per row.
+
+    ``add`` puts a request in a free row; ``prefill`` runs the next chunk (``prefill_chunk`` tokens at most) of the
+    oldest request still prefilling, in its row alone; ``decode`` gives every request past its prefill its next
+    token in one forward over all rows, the others being padding, with the experts in fixed-shape tiles. A request
+    that finishes or is cancelled frees its row. The caller decides how to interleave the two (``generate``: every
+    prefill first; the server: chunks worth one chunk's tokens between decode steps, so newcomers hold up the others
+    by one chunk at most).
+    ``count_experts`` keeps ``expert_tokens``: tokens routed to each expert of each MoE layer so far.
+    ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend, where a row's result
+    may change in the last bits with its neighbours' routing (offline ``generate`` without ``decode_rows``).
+    """
+
+    def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
+                 count_experts: bool = False, independent_rows: bool = True):
+        _check_model(model)
+        if rows < 1 or prefill_chunk < 1:
+            raise ValueError(f"rows, prefill_chunk: must be >= 1, got {rows}, {prefill_chunk}")
+        self.model, self.prefill_chunk = model, prefill_chunk
+        self.cache = model.new_cache(rows, max_len)
+        self.slots: list[Request | None] = [None] * rows
+        self.prefilling: deque[Request] = deque()
+        self.router_stats = "load" if count_experts else False
+        self.expert_tokens: dict[int, torch.Tensor] = {}
+        # One row decodes alone, so any expert backend computes it the same way; several need fixed shapes.
+        self.expert_backend = "tiled" if rows > 1 and independent_rows else None
+        self.device = model.embed.weight.device
+
+    @property
+    def free_rows(self) -> int:
+        return self.slots.count(None)
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def next_chunk(self) -> int:
+        """Prompt tokens the next ``prefill`` runs (0 when none is prefilling). Chunks depend on the prompt alone."""
+        if not self.prefilling:
+            return 0
+        request = self.prefilling[0]
+        return min(self.prefill_chunk, len(request.prompt) - request.prefilled)
+
+    def add(self, request: Request) -> None:
+        """Give ``request`` a free row (ValueError if none is free or it cannot fit)."""
+        n, vocab = len(request.prompt), self.model.config.vocab_size
+        if not n:
+            raise ValueError("prompt: needs at least one token")
+        if not all(0 <= t < vocab for t in request.prompt):
+            raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        if n + request.max_new_tokens - 1 > self.cache.max_len:
+            raise ValueError(f"max_new_tokens: a {n}-token prompt plus {request.max_new_tokens} new tokens exceed "
+                             f"the {self.cache.max_len} tokens a row holds")
+        if None not in self.slots:
+            raise ValueError(f"rows: all {len(self.slots)} rows are taken")
+        request.row = self.slots.index(None)
+        request.prefilled = 0
+        if request.seed is not None:
+            request.generator = torch.Generator(self.device).manual_seed(request.seed)
+        self.cache.lengths_B[request.row] = 0
+        self.slots[request.row] = request
+        self.prefilling.append(request)
+
+    def prefill(self) -> list[Request]:
+        """The next prompt chunk of the oldest request still prefilling; [it] if that was its last chunk (it then
+        has its first token), else []."""
+        request = self.prefilling[0]
+        row, start = request.row, request.prefilled
+        chunk = request.prompt[start : start + self.prefill_chunk]
+        out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache.rows(row, row + 1),
+                         logits_to_keep=1, router_stats=self.router_stats)
+        self._count(out)
+        request.prefilled += len(chunk)
+        if request.prefilled < len(request.prompt):
+            return []
+        self.prefilling.popleft()
+        self._next_tokens([request], out.logits[:, -1])
+        return [request]
+
+    def decode(self) -> list[Request]:
+        """One token for every request past its prefill (the ones returned), in one forward over every row."""
+        decoding = [r for r in self.running if r.prefilled == len(r.prompt)]
+        if not decoding:
+            return []
+        ids_B1 = torch.zeros(len(self.slots), 1, dtype=torch.long)
+        real_B1 = torch.zeros(len(self.slots), 1, dtype=torch.bool)
+        for request in decoding:
+            ids_B1[request.row], real_B1[request.row] = request.tokens[-1], True
+        mask_B1 = None if len(decoding) == len(self.slots) else real_B1.to(self.device)  # no padding: no mask
+        out = self.model(ids_B1.to(self.device), attention_mask=mask_B1, cache=self.cache, logits_to_keep=1,
+                         router_stats=self.router_stats, expert_backend=self.expert_backend)
+        self._count(out)
+        self._next_tokens(decoding, out.logits[[r.row for r in decoding], -1])
+        return decoding
+
+    def cancel(self, request: Request) -> None:
+        """Stop ``request`` (if it still runs) and free its row."""
+        if not request.done:
+            request.finish_reason = "cancelled"
+        self._release(request)
+
+    def _next_tokens(self, requests: list[Request], logits_NV: torch.Tensor) -> None:
+        tokens = [0] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        if greedy:  # one argmax for them all: per row it is the same
+            for i, token in zip(greedy, logits_NV[greedy].argmax(-1).tolist()):
+                tokens[i] = token
+        for i, r in enumerate(requests):
+            if r.temperature != 0:
+                tokens[i] = int(sample(logits_NV[i : i + 1], r.temperature, r.top_k, r.top_p, r.generator))
+        for request, token in zip(requests, tokens):
+            request.tokens.append(token)
+            if token in request.stop_tokens:
+                request.finish_reason = "stop"
+            elif len(request.tokens) == request.max_new_tokens:
+                request.finish_reason = "length"
+            if request.done:
+                self._release(request)
+
+    def _release(self, request: Request) -> None:
+        if request.row is not None and self.slots[request.row] is request:
+            self.slots[request.row] = None
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+        request.row = None
+
+    def _count(self, out: ModelOutput) -> None:
+        for layer, stats in out.router_stats.items():
+            total = self.expert_tokens.get(layer)
+            self.expert_tokens[layer] = stats.load if total is None else total + stats.load
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -176,26 +350,25 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
 
 
-def _as_batch(prompts, attention_mask, pad_id: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _as_prompts(prompts, attention_mask, vocab_size: int) -> list[list[int]]:
+    """Each prompt's real tokens, checked."""
     if torch.is_tensor(prompts):
         ids = prompts if prompts.dim() == 2 else prompts[None]
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: shape {tuple(mask.shape)} differs from the prompts' "
                              f"{tuple(ids.shape)}")
+        token_lists = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
     else:
         if attention_mask is not None:
-            raise ValueError("attention_mask: only with a prompt tensor; lists of prompts are padded here")
-        prompts = [list(p) for p in prompts]
-        if not prompts:
-            raise ValueError("prompts: no prompt given")
-        ids, mask = pad_left(prompts, pad_id)
-    empty = [b for b in range(ids.shape[0]) if not mask[b].any()]
+            raise ValueError("attention_mask: only with a prompt tensor; a list gives each prompt's tokens exactly")
+        token_lists = [[int(t) for t in p] for p in prompts]
+    if not token_lists:
+        raise ValueError("prompts: no prompt given")
+    empty = [b for b, p in enumerate(token_lists) if not p]
     if empty:
         raise ValueError(f"prompts: row {empty[0]} has no token; every prompt needs at least one")
-    real = ids[mask.bool()]
-    if real.numel() and not (0 <= int(real.min()) and int(real.max()) < vocab_size):
-        raise ValueError(f"prompts: token ids must lie in [0, {vocab_size}), got {int(real.min())}..{int(real.max())}")
-    if not 0 <= pad_id < vocab_size:
-        raise ValueError(f"pad_id: must lie in [0, {vocab_size}), got {pad_id}")
-    return ids.to(device), mask.to(device)
+    real = [t for p in token_lists for t in p]
+    if not (0 <= min(real) and max(real) < vocab_size):
+        raise ValueError(f"prompts: token ids must lie in [0, {vocab_size}), got {min(real)}..{max(real)}")
+    return token_lists

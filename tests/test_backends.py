@@ -58,7 +58,7 @@ def test_idle_experts_get_exactly_zero_weight_gradients_on_recycled_memory(backe
         del junk
     _, (_, dw_gu, dw_down) = _run(backend, *case, "silu")
     for e in (1, 4):  # the experts with no rows
-        assert torch.equal(dw_gu[e], torch.zeros_like(dw_gu[e])) and torch.equal(dw_down[e], torch.zeros_like(dw_down[e]))
+        assert not dw_gu[e].any() and not dw_down[e].any()
 
 
 @pytest.mark.parametrize("backend", FAST_BF16)

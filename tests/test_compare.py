@@ -40,6 +40,18 @@ def test_table_1_matches_total_parameters_as_deepseekmoe_does():
     assert active["deepseekmoe"] == pytest.approx(active["gshard"], rel=0.02)
 
 
+def test_seeds_debate_total_holds_the_seeds_debate_at_table_1s_budget():
+    suite, debate = SUITES["seeds-debate-total"], SUITES["seeds-debate"]
+    assert suite.matching == "total" and [a.label for a in suite.archs] == [a.label for a in debate.archs]
+    assert [a.label for a in suite.ladder] == [a.label for a in debate.ladder]
+    table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+    total_1 = check_matched(SUITES["table-1"].archs, seq_len=256, matching="total")
+    assert table["switch"]["total_non_embedding"] == total_1["switch"]["total_non_embedding"]
+    ffn = 4 * 3 * 256 * 1024  # one dense FFN in every layer
+    active = {k: v["active_non_embedding"] for k, v in table.items()}
+    assert active["mixtral-style"] - active["dense"] == pytest.approx(3 * ffn, rel=0.02)  # 2 experts of 2 FFNs
+
+
 def test_matching_excludes_the_embeddings(tmp_path):
     # The same FFN width on a vocabulary 4x larger: equal non-embedding parameters, far from equal in total.
     archs = [Arch("small-vocab", "dense"), Arch("big-vocab", "dense", {"vocab_size": 32768})]
@@ -258,6 +270,16 @@ def _document(losses, shared=("deepseekmoe",), precision="bf16"):
     return report.build_document("t", settings, matched, data, analyses)
 
 
+def test_an_architecture_without_traced_layers_does_not_stop_the_report():
+    # table-1's hash layers are not traced: its analysis has no layers, and the report still renders
+    data, matched = _fake_runs({"hash": [2.0, 2.1], "gshard": [1.9, 2.0]})
+    runs = {label: [_fake_analysis(s, False) for s in range(2)] for label in data}
+    for r in runs["hash"]:
+        r["layers"] = {}
+    doc = report.build_document("t", CompareSettings(seeds=2), matched, data, collect.analysis_json(runs))
+    assert "| gshard | 0 |" in report.to_markdown(doc)
+
+
 def test_knock_out_of_shared_experts_is_na_for_models_without_them():
     md = report.to_markdown(_document({"gshard": [2.0, 2.1], "deepseekmoe": [1.9, 2.0]}))
     assert "| gshard | +0.1050 ± 0.0635 | n/a |" in md and "nan" not in md
@@ -388,3 +410,34 @@ def test_balance_curve_is_the_mean_over_seeds_with_its_band(monkeypatch):
     plots.fig_balance({"moe": {"balance": [([1, 2, 3], [0.2, 0.4, 0.6]), ([1, 3], [0.4, 0.8])]}})
     assert drawn["mean"] == ([1, 3], [pytest.approx(0.3), pytest.approx(0.7)])
     assert drawn["band"][0][0] < 0.3 < drawn["band"][1][0] and "mean over 2 seeds" in drawn["title"]
+
+
+def test_collect_reads_how_routing_ended_and_the_report_shows_drops_only_when_there_are_some(tmp_path):
+    arch = Arch("cf-1.0", "gshard")
+    run = tmp_path / "runs" / "cf-1.0" / "seed0"
+    run.mkdir(parents=True)
+
+    def layer(cv, hot, dropped):
+        return {"load_cv": cv, "max_mean": hot, "load": [1, 1], "dropped_frac": dropped}
+
+    steps = [{"kind": "train", "step": s, "router": {"0": layer(cv, 2.0, d), "1": layer(0.1, 3.0, 0.0)}}
+             for s, (cv, d) in enumerate([(0.9, 0.4)] * 18 + [(0.3, 0.2)] * 2, start=1)]
+    rows = [*steps, {"kind": "eval", "step": 20, "val_loss": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "summary.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"train_config": {"precision": "fp32"}}))
+    end = collect.collect(tmp_path, [arch], seeds=1)["cf-1.0"]["routing_end"][0]
+    # the last tenth is the last 2 steps; the layer mean of the drops is (d + 0) / 2
+    assert end == pytest.approx({"load_cv": 0.2, "max_mean": 3.0, "dropped": 0.19, "dropped_end": 0.1})
+
+    data, _ = _fake_runs({"dropless": [2.0, 2.1], "cf-1.0": [2.1, 2.2], "dense": [2.0, 2.0]})
+    data["dropless"]["routing_end"] = [{"load_cv": 0.2, "max_mean": 2.0, "dropped": 0.0, "dropped_end": 0.0}] * 2
+    data["cf-1.0"]["routing_end"] = [{"load_cv": 0.2, "max_mean": 2.0, "dropped": d, "dropped_end": 0.1}
+                                     for d in (0.15, 0.25)]
+    data["dense"]["routing_end"] = [None, None]
+    md = report.to_markdown(report.routing_end_blocks(data))
+    assert "| cf-1.0 | 0.200 ± 0.000 | 2.00 ± 0.00 | 20.00 ± 63.53% | 10.00 ± 0.00% |" in md
+    assert "| dropless | 0.200 ± 0.000 | 2.00 ± 0.00 | 0.00 ± 0.00% |" in md and "dense" not in md
+    data.pop("cf-1.0")
+    assert "dropped" not in report.to_markdown(report.routing_end_blocks(data))
+    assert report.routing_end_blocks(_fake_runs({"dense": [2.0]})[0]) == []

@@ -9,7 +9,7 @@ import smoe
 from smoe import presets
 from smoe.cli import main
 from smoe.config import RopeScaling
-from smoe.generation import TextStream, generate_stream, pad_left, sample
+from smoe.generation import Engine, Request, TextStream, generate_stream, pad_left, sample
 from smoe.models import build_model
 
 YARN = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
@@ -53,6 +53,74 @@ def test_prefill_chunk_and_decode_steps_match_one_forward(case):
         parts = [model(ids[:, :9], cache=cache).logits, model(ids[:, 9:12], cache=cache).logits]
         parts += [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_a_row_decodes_bit_for_bit_the_same_whatever_the_other_rows_hold(case):
+    # The engine's guarantee: a decode forward always has the same rows; row 1 runs one sequence while its
+    # neighbours are padding (free rows) in one run and other sequences, at other lengths, in the other.
+    preset, changes = CACHE_CASES[case]
+    model = _model(preset, **changes)
+    g = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+
+    def run(neighbours: bool) -> torch.Tensor:
+        cache = model.new_cache(4, 32)
+        with torch.no_grad():
+            model(torch.arange(3, 10)[None], cache=cache.rows(1, 2))
+            if neighbours:
+                for row, n in ((0, 11), (3, 3)):
+                    model(torch.randint(0, V, (1, n), generator=g), cache=cache.rows(row, row + 1))
+            logits, token = [], 5
+            for _ in range(6):
+                ids = torch.randint(0, V, (4, 1), generator=g)
+                ids[1] = token
+                real = torch.tensor([[neighbours], [True], [False], [neighbours]])
+                step = model(ids, attention_mask=real, cache=cache, logits_to_keep=1, router_stats=False,
+                             expert_backend="tiled").logits[1, -1]
+                logits.append(step)
+                token = int(step.argmax())
+        return torch.stack(logits)
+
+    assert torch.equal(run(neighbours=True), run(neighbours=False))
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize):
+    model = _model("deepseek-v3-tiny")
+    if quantize:  # quantised experts keep the tiles' promise (QuantizedExperts._tiled)
+        smoe.quantize(model, quantize)
+    g = torch.Generator().manual_seed(3)
+    requests = [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, **sampling)
+                for n, m, sampling in [(9, 6, {}), (2, 9, {}), (14, 3, {}), (5, 7, {"temperature": 1.0, "seed": 4}),
+                                       (1, 5, {}), (7, 8, {"temperature": 0.7, "top_p": 0.9, "seed": 1}),
+                                       (11, 4, {})]]
+    engine = Engine(model, rows=3, max_len=24)
+    waiting = list(requests)
+    with torch.inference_mode():
+        while waiting or engine.running:  # as the server runs it: newcomers join between decode steps
+            while waiting and engine.free_rows:
+                engine.add(waiting.pop(0))
+            if engine.prefilling:
+                engine.prefill()
+            engine.decode()
+    for r in requests:
+        alone = smoe.generate(model, [r.prompt], max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                              top_p=r.top_p, seed=r.seed, decode_rows=3)
+        assert r.tokens == alone[0].tolist() and r.finish_reason == "length"
+
+
+def test_padding_reaches_no_expert_and_the_load_counts_real_tokens():
+    model = _model("mixtral-tiny")
+    ids, real = pad_left([[5, 6, 7, 8], [3]], pad_id=0)
+    with torch.no_grad():
+        full = model(ids, attention_mask=real)
+        load = model(ids, attention_mask=real, router_stats="load", logits_to_keep=1)
+    top_k = model.config.moe.top_k
+    for layer, stats in load.router_stats.items():
+        assert int(stats.load.sum()) == 5 * top_k and stats.aux_loss is None
+        assert torch.equal(stats.load, full.router_stats[layer].load)
+    assert load.aux_loss == 0
 
 
 def test_inference_mode_keeps_the_last_logits_and_skips_router_statistics():

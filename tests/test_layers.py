@@ -10,12 +10,12 @@ import smoe
 LAYERS = [
     ("smoe.errors", "smoe.config_rules", "smoe.config", "smoe.accounting", "smoe.hardware", "smoe.cost",
      "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
-    ("smoe.nn", "smoe.kernels", "smoe.moe"),
+    ("smoe.nn", "smoe.kernels", "smoe.moe", "smoe.quant"),
     ("smoe.models",),
     ("smoe.io",),
     ("smoe.parallel",),
     ("smoe.interop", "smoe.generation", "smoe.train", "smoe.upcycling"),
-    ("smoe.eval", "smoe.bench"),
+    ("smoe.eval", "smoe.bench", "smoe.serve"),
     ("smoe.cli", "smoe.__main__", "smoe"),  # the package itself re-exports (lazily) from everywhere
 ]
 ROOT = Path(smoe.__file__).parent

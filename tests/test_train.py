@@ -353,3 +353,12 @@ def test_older_checkpoints_keep_only_the_model_and_still_load_and_resume_uses_th
     _train(run, text, tmp_path, steps=8, eval_every=0, save_every=2, keep_last=5, keep_optimizer=1, resume=True)
     assert [c.step for c in ckpt.list_checkpoints(run, resumable=False)] == [2, 4, 6, 8]
     assert [c.step for c in ckpt.list_checkpoints(run)] == [8]
+
+
+def test_a_run_whose_checkpoints_are_all_model_only_still_loads(text, tmp_path):
+    run = tmp_path / "run"
+    _train(run, text, tmp_path, steps=4, eval_every=0, save_every=2, keep_last=5)
+    for c in ckpt.list_checkpoints(run):
+        ckpt.drop_optimizer(c.path)  # what a finished suite may do to save disk
+    model, path = ckpt.load_model(run)
+    assert path.name == "step_00000004"

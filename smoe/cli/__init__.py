@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli import compare, upcycle
-from smoe.cli.flags import add_config_arguments, given, user_message
+from smoe.cli import compare, serve, upcycle
+from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
 from smoe.train.config import DataConfig, TrainConfig
@@ -203,7 +203,7 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
-    from smoe.io.checkpoint import resolve_checkpoint
+    from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import find_tokenizer
     from smoe.train.loop import resolve_device
 
@@ -211,16 +211,17 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompt_ids = [_parse_ids(p) for p in args.prompt_ids]
-    path = Path(args.path)
-    # A Hugging Face directory or a smoe checkpoint holds config.json; a run directory means its latest checkpoint.
-    directory = path if (path / "config.json").is_file() else resolve_checkpoint(path)
+    directory = model_directory(args.path)
     tokenizer = find_tokenizer(directory)
     if args.prompt and tokenizer is None:
         raise ValueError(f"{directory / 'tokenizer.json'}: not found, so --prompt text cannot be tokenized; "
                          "pass token ids with --prompt-ids 1,2,3")
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
+    check_quantize_flags(args)
     model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
+    if args.quantize:
+        smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
@@ -251,24 +252,31 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _dtype(name: str | None):
-    import torch
+    from smoe.interop.hf import DTYPES
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[name]
+    return DTYPES.get(name)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from smoe.interop import hf
+    from smoe.models import quantize
     from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")
+    if args.quantize and args.to == "hf":
+        raise ValueError("--quantize: only with --to smoe (transformers does not read smoe's int8/int4 format)")
+    check_quantize_flags(args)
     sharded = sharded_checkpoint(args.path)
-    if sharded is not None and args.to == "smoe" and args.dtype is None:
+    if sharded is not None and args.to == "smoe" and args.dtype is None and not args.quantize:
         # An expert-parallel run's per-rank files become one resumable single-file checkpoint, optimizer included.
         out = consolidate(sharded, args.out)
         print(f"{sharded} -> {out}: single-file smoe training checkpoint")
         return
     model = hf.load_pretrained(args.path, dtype=_dtype(args.dtype) or hf.stored_dtype(args.path))
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.quantize:
+        quantize(model, args.quantize, args.group_size)
     tokenizer_json = hf.read_tokenizer_json(args.path)
     if args.to == "hf":
         model_type = args.model_type or hf.infer_model_type(model.config)
@@ -276,8 +284,7 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         kind = f"Hugging Face {model_type}"
     else:
         out = hf.save_model_checkpoint(model, args.out, tokenizer_json=tokenizer_json)
-        kind = "smoe"
-    n_params = sum(p.numel() for p in model.parameters())
+        kind = "smoe" + (f" {args.quantize}" if args.quantize else "")
     print(f"{args.path} -> {out}: {kind} format, {n_params / 1e6:.1f}M parameters"
           + ("" if tokenizer_json else " (no tokenizer.json: token ids only)"))
 
@@ -392,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"],
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
+    add_quantize_arguments(p, "generate")
     p.set_defaults(func=_cmd_generate)
+
+    serve.add_parser(sub)
 
     p = sub.add_parser("convert", help="Hugging Face model directory <-> smoe checkpoint (logit parity both ways); "
                                        "an expert-parallel checkpoint -> one file")
@@ -405,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the one the model came from, else the first that fits)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as stored; FP8 "
                                                                      "checkpoints become bf16)")
+    add_quantize_arguments(p, "write a smoe checkpoint")
     p.set_defaults(func=_cmd_convert)
     return parser
 

@@ -12,10 +12,10 @@ from smoe.train.config import DataConfig, TrainConfig
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
-    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; table-1 (DeepSeekMoE "
-                                   "Table 1 at equal total parameters, with a Hash Layer); or upcycling (a dense "
-                                   "trunk, then dense continued / upcycled by copy and split / the MoEs from "
-                                   "scratch, compared by training compute)")
+    p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; at equal total "
+                                   "parameters, table-1 (DeepSeekMoE Table 1, with a Hash Layer) or "
+                                   "seeds-debate-total; or upcycling (a dense trunk, then dense continued / upcycled "
+                                   "by copy and split / the MoEs from scratch, compared by training compute)")
     p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
                                      "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))

@@ -1,6 +1,6 @@
 """The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
-UpcycleSpec), and the
-one place a field name becomes a flag: in help texts, in the parser, and in the library's error messages."""
+ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
+library's error messages."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import re
 import typing
 from dataclasses import fields
 
+from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
+from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
 
@@ -23,7 +25,7 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, UpcycleSpec)
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
                for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets"}
 
@@ -69,6 +71,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
             kind = None
         elif args:  # X | None
             kind = args[0]
+            if typing.get_origin(kind) is typing.Literal:
+                options["choices"] = list(typing.get_args(kind))
         parser.add_argument(flag(f.name), **{"type": kind if kind in (int, float) else str, **options})
 
 
@@ -85,3 +89,19 @@ def _numbers(kind):
 def given(args: argparse.Namespace, cls) -> dict:
     """The fields of ``cls`` given on the command line."""
     return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def check_quantize_flags(args: argparse.Namespace) -> None:
+    """--group-size belongs to --quantize int4 only."""
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """--quantize and --group-size, for the commands that load a model to run it (``what`` it does with it)."""
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
+                        "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
+    sizes = ", ".join(map(str, INT4_GROUP_SIZES))
+    p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
+                                                  f"(default {DEFAULT_INT4_GROUP})")

@@ -29,7 +29,7 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
     data = {}
     for arch in archs:
         entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": [],
-                                 "balance": []}
+                                 "balance": [], "routing_end": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
@@ -44,12 +44,28 @@ def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any
             entry["balance"].append(([r["step"] for r in train],
                                      [np.mean([v["load_cv"] for v in r["router"].values()]) if r["router"] else 0.0
                                       for r in train]))
+            entry["routing_end"].append(routing_end(train))
             if seed == 0:
                 layers = sorted(train[-1]["router"], key=int) if train and train[-1]["router"] else []
                 entry["loads"] = {layer: np.array([r["router"][layer]["load"] for r in train], dtype=np.float64)
                                   for layer in layers}
         data[arch.label] = entry
     return data
+
+
+def routing_end(train: list[dict[str, Any]]) -> dict[str, float] | None:
+    """How the routers ended training, from the rows' router statistics (None for a model without them): over the
+    last tenth of the steps, the load's coefficient of variation (mean over MoE layers) and the hottest expert's load
+    over the mean (worst layer); the share of expert assignments a capacity limit dropped (mean over layers), over
+    every step and over the last tenth."""
+    rows = [r["router"] for r in train if r["router"]]
+    if not rows:
+        return None
+    last = rows[-max(1, len(rows) // 10):]
+    dropped = [np.mean([v.get("dropped_frac", 0.0) for v in r.values()]) for r in rows]
+    return {"load_cv": float(np.mean([np.mean([v["load_cv"] for v in r.values()]) for r in last])),
+            "max_mean": float(np.mean([max(v["max_mean"] for v in r.values()) for r in last])),
+            "dropped": float(np.mean(dropped)), "dropped_end": float(np.mean(dropped[-len(last):]))}
 
 
 def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from smoe.eval.collect import analysis_json, collect, ladder_rungs, run_analyses
+from smoe.eval.collect import analysis_json, collect, run_analyses
 from smoe.eval.document import (
     Block,
     Bullets,
@@ -31,8 +31,8 @@ from smoe.eval.document import (
     to_html,
     to_markdown,
 )
-from smoe.eval.ladder import multiplier
-from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_ladder, fig_loads, fig_redundancy
+from smoe.eval.ladder import compute_ladder
+from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_loads, fig_redundancy
 from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
 from smoe.eval.suite import MATCH_TOLERANCE, CompareSettings, Suite, read_learning_rates
 from smoe.eval.upcycling import TwoPhase
@@ -100,7 +100,8 @@ def verdict(losses: dict[str, list[float]], results: list[Paired]) -> list[Block
         how = ((f" Each line below is the mean over the {n} seeds of the paired difference in final validation "
                f"loss (seed s gives every architecture the same data order and validation split), with a "
                f"t-interval on {n - 1} degree{'s' if n > 2 else ''} of freedom, Holm-corrected over the "
-               f"m = {len(results)} comparison{'s' if len(results) > 1 else ''} of this report (each architecture against the best, and the papers' orders below) at a "
+               f"m = {len(results)} comparison{'s' if len(results) > 1 else ''} of this report (each architecture "
+               f"against the best, and the papers' orders below) at a "
                f"family-wise {_pct(ALPHA)}. A gap is resolved only when its corrected interval excludes 0. "
                f"\"Detectable\" is the smallest true gap this many seeds would resolve with {_pct(POWER)} power at "
                f"the same level, from the observed spread of the differences."),)
@@ -173,11 +174,14 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                    ) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
-    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data, two_phase is not None)),
+    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"),
+                        Paragraph(setup_line(suite, settings, data, two_phase is not None)),
                         Paragraph(matching_line(matching, matched)),
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
-                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched, matching),
+                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)),
+                        results_table(data, matched, matching),
+                        *routing_end_blocks(data),
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
                         *(two_phase.blocks(data) if two_phase else []),
@@ -250,6 +254,31 @@ def _mfu(per_seed: list[float | None] | None) -> str:
     return f"{np.median(values):.1%}" if values else "n/a"
 
 
+def routing_end_blocks(data: dict[str, dict[str, Any]]) -> list[Block]:
+    """How balanced each MoE's routing ended training and, for architectures with a capacity limit, what it
+    dropped (collect.routing_end), mean ± t-interval over seeds."""
+    ends = {label: [e for e in entry.get("routing_end", []) if e is not None] for label, entry in data.items()}
+    ends = {label: per_seed for label, per_seed in ends.items() if per_seed}
+    if not ends:
+        return []
+    drops = any(e["dropped"] > 0 for per_seed in ends.values() for e in per_seed)
+    rows = [("architecture", "load CV", "hottest expert / mean",
+             *(("dropped, over training", "dropped, last tenth") if drops else ()))]
+    for label, per_seed in ends.items():
+        cells = [_ci([e["load_cv"] for e in per_seed], 3), _ci([e["max_mean"] for e in per_seed], 2)]
+        if drops:
+            cells += [_ci([100 * e[key] for e in per_seed], 2) + "%" for key in ("dropped", "dropped_end")]
+        rows.append((label, *cells))
+    return [Heading(3, "Routing at the end of training"),
+            Paragraph("Over the last tenth of the training steps: the coefficient of variation of the experts' load "
+                      "(mean over MoE layers; 0 is perfectly even) and the busiest expert's load over the mean (the "
+                      "worst layer)" + ("; and the share of (token, expert) assignments a capacity limit dropped "
+                                        "(a dropped assignment adds nothing to its token's output), mean over "
+                                        "layers, over all of training and over its last tenth" if drops else "")
+                      + "."),
+            Table(tuple(rows))]
+
+
 def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> list[Block]:
     """What --tune-lr tried and chose per architecture (lr.json)."""
     if not learning_rates:
@@ -262,36 +291,6 @@ def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> li
             Paragraph("Each architecture was trained once (seed 0) at every rate; every seed then trained at the "
                       "rate with the lowest validation loss, so one shared rate does not decide the ranking."),
             Table(tuple(rows))]
-
-
-def compute_ladder(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, Any]],
-                   ladder: dict[str, dict[str, Any]] | None, settings: CompareSettings) -> list[Block]:
-    """Each MoE's effective compute multiplier (smoe.eval.ladder) from the dense models of the suite and its
-    ladder, per seed, with the interval over seeds taken on its logarithm."""
-    if not ladder:
-        return []
-    t = settings.train
-    tokens = t.steps * t.batch_size * t.seq_len
-    dense = {label: e for label, e in data.items() if not matched[label].get("moe", False)}
-    rungs = ladder_rungs({**dense, **ladder}, tokens)
-    moes = ladder_rungs({label: e for label, e in data.items() if label not in dense}, tokens)
-    rows = [("architecture", "multiplier (95% CI)", "per seed")]
-    for label, points in moes.items():
-        per_seed = [multiplier(f, loss, [r[s] for r in rungs.values()]) for s, (f, loss) in enumerate(points)]
-        if any(m.bound for m in per_seed) or len(per_seed) < 2:
-            summary = "outside the ladder on some seed: bounds only" if any(m.bound for m in per_seed) else \
-                f"{per_seed[0]} (one seed: no interval)"
-        else:
-            iv = interval([float(np.log(m.value)) for m in per_seed])
-            summary = f"{np.exp(iv.mean):.2f}x [{np.exp(iv.low):.2f}, {np.exp(iv.high):.2f}]"
-        rows.append((label, summary, ", ".join(str(m) for m in per_seed)))
-    return [Heading(3, "Compute ladder"),
-            Paragraph(f"Dense models of {len(rungs)} widths ({', '.join(rungs)}) trained on the same {tokens:,} "
-                      "tokens give loss against training FLOPs; an MoE's effective compute multiplier is the dense "
-                      "training compute that reaches its loss, over its own (interpolated in log-FLOPs between the "
-                      "two bracketing rungs of the same seed; Clark et al. 2022). Outside the ladder only a bound "
-                      "(> or <) is known."),
-            Table(tuple(rows)), Figure("ladder", "Loss against training compute", fig_ladder(rungs, moes))]
 
 
 def _stat(summary: dict[str, Any], digits: int, sign: str = "") -> str:
@@ -323,9 +322,10 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                         Table(tuple(rows))]
     doc += redundancy_blocks(over, seeds)
 
-    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in over.items()}
-    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in over.items()}
-    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in over.items()}
+    traced = {label: o for label, o in over.items() if o["layers"]}  # hash layers are not traced (analysis.py)
+    consecutive = {label: {k: v["first"]["mean"] for k, v in o["layers"].items()} for label, o in traced.items()}
+    uniform = {label: next(iter(o["layers"].values()))["first_uniform"] for label, o in traced.items()}
+    errors = {label: {k: _half(v["first"]) for k, v in o["layers"].items()} for label, o in traced.items()}
     title = "Consecutive tokens, same first-choice expert"
     doc += [Heading(3, title), Figure("consecutive", title, fig_bars(
         "Same first-choice expert for consecutive tokens (dashed: random)" + bar_title, "rate", consecutive,
@@ -353,7 +353,8 @@ def specialisation(analyses: dict[str, dict[str, Any]], seeds: int) -> list[Bloc
                     errors={label: {k: _half(v) for k, v in o["knockout"].items()} for label, o in over.items()}
                     if seeds > 1 else None))]
 
-    with_affinity = {label: a for label, a in analyses.items() if "domain_affinity" in next(iter(a["layers"].values()))}
+    with_affinity = {label: a for label, a in analyses.items()
+                     if a["layers"] and "domain_affinity" in next(iter(a["layers"].values()))}
     if with_affinity:
         title = "Domain affinity (seed 0)"
         sources = next(iter(with_affinity.values()))["sources"]

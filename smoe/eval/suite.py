@@ -93,6 +93,18 @@ SUITES: dict[str, Suite] = {
         Arch("gshard", "gshard", {"moe.expert_dim": 1024}),
         Arch("deepseekmoe", "deepseekmoe", _fine(63, 7, 256, **{"moe.n_shared_experts": 1})),
     ], matching="total"),
+    # The seeds-debate's architectures at table-1's total-parameter budget (16 x 1024 hidden units of experts):
+    # Mixtral's 8 experts are each twice the dense FFN, so it activates 4 FFN-equivalents; the fine-grained ones
+    # activate 2 of 256-wide experts (V3-style has 64 routed, not 63, so its 8 routing groups are equal: +1.6%).
+    "seeds-debate-total": Suite([
+        Arch("dense", "dense"),
+        Arch("switch", "switch"),
+        Arch("gshard", "gshard", {"moe.expert_dim": 1024}),
+        Arch("mixtral-style", "mixtral-style", {"moe.expert_dim": 2048}),
+        Arch("deepseekmoe", "deepseekmoe", _fine(63, 7, 256, **{"moe.n_shared_experts": 1})),
+        Arch("deepseek-v3-style", "deepseek-v3-style", _fine(64, 7, 256)),
+    ], matching="total", ladder=[Arch("dense-512", "dense", {"ffn_dim": 512}),
+                                 Arch("dense-2048", "dense", {"ffn_dim": 2048})]),
     "granularity": Suite([
         # Top-1 renormalised would fix every gate at 1 and cut the router off the LM loss: weight by p, as Switch.
         Arch("E8-k1", "mixtral-style", _fine(8, 1, 1024, **{"moe.norm_topk_prob": False})),
@@ -135,7 +147,8 @@ SUITES: dict[str, Suite] = {
 # from a single run's (longer runs, denser validation curves).
 COMPARE_FIELDS = ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "precision", "device")
 COMPARE_DEFAULTS = {"steps": 300, "eval_every": 25}
-COMPARE_OWN = ("seeds", "checkpoints", "tune_lr", "trunk_steps")  # the CompareSettings fields `smoe compare` takes as flags
+# The CompareSettings fields `smoe compare` takes as flags.
+COMPARE_OWN = ("seeds", "checkpoints", "tune_lr", "trunk_steps")
 # Fractions of training at which every run also saves a checkpoint: OLMoE §5.1 reads router saturation from 1% of
 # training on, where most of the change happens.
 EARLY_CHECKPOINTS = (0.01, 0.1)
@@ -183,7 +196,8 @@ class CompareSettings:
         newest keeps its optimizer state (to resume): the analyses read the others' models."""
         steps = self.train.steps if steps is None else steps
         every = max(1, steps // self.checkpoints)
-        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - set(range(every, steps + 1, every))))
+        regular = set(range(every, steps + 1, every))
+        early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - regular))
         return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, steps=steps, save_every=every,
                        save_at=early, keep_last=self.checkpoints + len(early) + 1, keep_optimizer=1,
                        save_every_minutes=0.0)

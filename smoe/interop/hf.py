@@ -26,7 +26,13 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
-from smoe.interop.hf_config import TRANSFORMERS_FAMILIES, config_from_hf, config_to_hf, load_hf_config
+from smoe.interop.hf_config import (
+    TRANSFORMERS_FAMILIES,
+    check_exportable,
+    config_from_hf,
+    config_to_hf,
+    load_hf_config,
+)
 from smoe.interop.keymaps import IGNORED, KEY_MAPS, Piece, pieces_for
 from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
@@ -209,6 +215,10 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
                 f.release(name)
 
 
+# The dtypes `--dtype` names (smoe generate, serve, convert).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
                     ) -> Transformer:
     """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
@@ -285,6 +295,7 @@ assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
 def infer_model_type(config: ModelConfig) -> str:
     """The transformers family that expresses ``config``: the one it was imported from, else the first that fits
     (raises listing why each family does not)."""
+    check_exportable(config)
     if config.name in TRANSFORMERS_FAMILIES:
         return config.name
     reasons = []
@@ -406,5 +417,5 @@ def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: s
     return Path(out)
 
 
-__all__ = ["KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
+__all__ = ["DTYPES", "KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
            "save_pretrained"]

@@ -152,6 +152,13 @@ def _require(model_type: str, ok: bool, path: str, why: str) -> None:
         _unsupported(model_type, path, why)
 
 
+def check_exportable(config: ModelConfig) -> None:
+    """What no family can express: smoe's int8/int4 weights."""
+    if config.quantization is not None:
+        raise ValueError(f"quantization: a {config.quantization.scheme} model is stored in smoe's own format, which "
+                         "transformers does not read; export the full-precision checkpoint")
+
+
 def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     """The Hugging Face config.json of ``model_type`` describing ``config``; raises naming the field that the
     family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults, and a
@@ -159,6 +166,7 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     c, m, lay = config, config.moe, config.layout
     if model_type not in TRANSFORMERS_FAMILIES:
         raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
+    check_exportable(c)
     out = _base_out(c, model_type)
     if model_type in DENSE_FAMILIES:
         return {**out, **_dense_out(c, model_type)}

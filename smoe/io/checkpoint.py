@@ -24,7 +24,8 @@ longer matches it, ``damage`` says which and how, and a resume falls back to the
 (``latest_intact``). A *model* checkpoint (``smoe convert`` writes them) has only ``model.safetensors`` and
 ``config.json`` (and ``tokenizer.json``, ``manifest.json``): enough to evaluate, analyse and generate, not to
 resume. A run keeps older checkpoints as model checkpoints (``keep_optimizer``): ``drop_optimizer`` deletes their
-optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
+optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors,
+the rest from JSON.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def list_checkpoints(out_dir: str | Path, resumable: bool = True) -> list[Checkp
     return sorted(found, key=lambda c: c.step)
 
 
-def latest_checkpoint(out_dir: str | Path) -> Checkpoint | None:
-    found = list_checkpoints(out_dir)
+def latest_checkpoint(out_dir: str | Path, resumable: bool = True) -> Checkpoint | None:
+    found = list_checkpoints(out_dir, resumable)
     return found[-1] if found else None
 
 
@@ -98,6 +99,13 @@ def latest_intact(out_dir: str | Path, log: Callable[[str], None] | None = None)
     return None
 
 
+def model_directory(path: str | Path) -> Path:
+    """The directory a model PATH names: a Hugging Face model directory or a smoe checkpoint holds config.json; a
+    run directory means its latest checkpoint."""
+    path = Path(path)
+    return path if (path / "config.json").is_file() else resolve_checkpoint(path)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A (training or model) checkpoint directory, or a run directory (its latest checkpoint). Raises naming the
     path otherwise."""
@@ -106,7 +114,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
     if is_complete(path) or all((path / f).is_file() for f in MODEL_FILES):
         return path
-    latest = latest_checkpoint(path)
+    latest = latest_checkpoint(path, resumable=False)  # a model checkpoint evaluates and analyses as well
     if latest is None:
         raise ValueError(f"{path}: not a checkpoint (missing one of {', '.join(MODEL_FILES)}) and holds none")
     return latest.path
@@ -351,6 +359,24 @@ def _float_dtype(header: SafetensorsFile) -> torch.dtype:
     return next((header.dtype(n) for n in header.keys() if header.dtype(n).is_floating_point), torch.float32)
 
 
+_QUANTIZED_DTYPES = {torch.int8: "int8", torch.uint8: "int4"}
+
+
+def _check_quantization(header: SafetensorsFile, config: ModelConfig) -> None:
+    """The weights' quantisation (smoe.quant: ``*.qweight`` tensors, int8 or packed int4) against config.json's
+    ``quantization`` entry, named before any key-by-key comparison would bury it."""
+    stored = {_QUANTIZED_DTYPES.get(header.dtype(n), str(header.dtype(n))) for n in header.keys()
+              if n.endswith(".qweight")}
+    wanted = config.quantization.scheme if config.quantization is not None else None
+    if stored and wanted is None:
+        raise ValueError(f"{header.path}: holds {'/'.join(sorted(stored))} quantised weights, but the config.json "
+                         "beside it has no quantization entry")
+    if wanted is not None and stored != {wanted}:
+        found = "/".join(sorted(stored)) + " quantised" if stored else "full-precision"
+        raise ValueError(f"{header.path}: holds {found} weights, but the config.json beside it says quantization "
+                         f"{wanted}")
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None) -> tuple[Transformer, Path]:
     """The model of a smoe checkpoint (training or model, either layout) or a run directory's latest, in eval
@@ -369,6 +395,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         load_model_state(path, model)
         return model.eval(), path
     header = SafetensorsFile(path / MODEL_FILE)
+    _check_quantization(header, config)
     with torch.device("meta"):
         expected = build_model(config).state_dict()
     missing, unexpected = sorted(expected.keys() - header.keys()), sorted(header.keys() - expected.keys())
@@ -378,6 +405,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         if header.shape(name) != tuple(tensor.shape):
             raise ValueError(f"{header.path}: {name} has shape {list(header.shape(name))}, the config.json beside "
                              f"it describes {list(tensor.shape)}")
+        if not tensor.is_floating_point() and header.dtype(name) != tensor.dtype:  # copy_ would convert silently
+            raise ValueError(f"{header.path}: {name} has dtype {header.dtype(name)}, the config.json beside it "
+                             f"describes {tensor.dtype}")
     model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device)
     state = model.state_dict()
     with header as f:

@@ -1,13 +1,18 @@
-"""Tokenizer files: the end-of-text token smoe trains with, and loading a ``tokenizer.json`` from a file, a model
-directory or a checkpoint."""
+"""Tokenizer files: the end-of-text token smoe trains with, loading a ``tokenizer.json`` from a file, a model
+directory or a checkpoint, and the chat template beside it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from smoe.io.files import parse_json
+
 # smoe's byte-level BPE both separates and ends documents with this special token (GPT-2's spelling).
 EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+# Hugging Face keeps a tokenizer's chat template in tokenizer_config.json (`chat_template`) or, since 2025, in a file
+# of its own.
+TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
 
 
 def tokenizer_from_str(text: str, where: str | Path):
@@ -40,12 +45,40 @@ def load_tokenizer(path: str | Path):
 def read_tokenizer_json(path: str | Path) -> str | None:
     """The text of the ``tokenizer.json`` of a model directory or checkpoint (a run directory: its latest
     checkpoint's), or None when there is none."""
+    return _read_beside(path, TOKENIZER_FILE)
+
+
+def read_chat_template(path: str | Path) -> tuple[str | None, dict[str, str]]:
+    """The chat template (Jinja source) of a model directory or checkpoint, or None when it has none, and the
+    special tokens templates refer to (``bos_token``, ``eos_token``, ... as strings) from tokenizer_config.json."""
+    text = _read_beside(path, TOKENIZER_CONFIG_FILE)
+    config = parse_json(text, str(Path(path) / TOKENIZER_CONFIG_FILE)) if text is not None else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{Path(path) / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of named "
+                         f"templates")
+    template = template if template is not None else _read_beside(path, CHAT_TEMPLATE_FILE)
+    special = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token  # older files: {"content": ...}
+        if isinstance(token, str):
+            special[name] = token
+    return template, special
+
+
+def _read_beside(path: str | Path, name: str) -> str | None:
+    """The text of file ``name`` in a model directory or checkpoint (a run directory: its latest checkpoint's), or
+    None when there is none."""
     from smoe.io.checkpoint import latest_checkpoint
 
     path = Path(path)
-    latest = latest_checkpoint(path) if path.is_dir() else None
+    latest = latest_checkpoint(path, resumable=False) if path.is_dir() else None
     for candidate in (path, *([latest.path] if latest is not None else [])):
-        file = candidate / TOKENIZER_FILE
+        file = candidate / name
         if file.is_file():
             try:
                 return file.read_text(encoding="utf-8")

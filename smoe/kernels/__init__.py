@@ -21,7 +21,13 @@ keeps the plain signature above.
 
 ``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
 else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
-expert), where its C++ loop beats a Python one.
+expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
+not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
+
+Quantised weights (smoe.quant) have their own kernels by name, a linear and the experts for each
+(``quantized(name, device)``): ``reference`` (dequantise, then the float maths: the spec, and the fallback) and
+``numba`` (CPU, when numba is installed; imported on first use, since importing numba takes about a second).
+``auto`` is numba where it can run, else the reference.
 """
 
 from __future__ import annotations
@@ -34,15 +40,20 @@ from smoe.kernels.registry import (
     _AVAILABLE,
     _BACKENDS,
     _FUSED,
+    _QUANTIZED,
     ExpertBackend,
+    QuantizedKernels,
     load_dtype,
     native_low_precision,
     register,
     register_fused,
 )
 
-__all__ = ["ExpertBackend", "available", "choose", "expert_selector", "get", "get_fused", "load_dtype",
-           "names", "native_low_precision", "register", "register_fused", "resolve"]
+__all__ = ["ExpertBackend", "QuantizedKernels", "available", "choose", "expert_selector", "get", "get_fused",
+           "load_dtype", "names", "native_low_precision", "quantized", "quantized_names", "register",
+           "register_fused", "resolve"]
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 
 def available(name: str, device: torch.device) -> bool:
@@ -95,6 +106,26 @@ def get_fused(name: str, device: torch.device, dtype: torch.dtype = torch.float3
     return _FUSED.get(resolve(name, device, dtype))
 
 
+def quantized_names() -> list[str]:
+    return ["auto", "reference", *(["numba"] if HAS_NUMBA else [])]
+
+
+def quantized(name: str, device: torch.device) -> QuantizedKernels:
+    """The quantised-weight kernels ``name`` stands for on ``device`` (``auto``: numba on a CPU where it is
+    installed, else the reference)."""
+    numba_runs = HAS_NUMBA and device.type == "cpu"
+    if name == "auto":
+        name = "numba" if numba_runs else "reference"
+    if name not in quantized_names()[1:]:
+        raise ValueError(f"backend: unknown backend {name!r} for quantised weights; known: "
+                         f"{', '.join(quantized_names())}")
+    if name == "numba":
+        if not numba_runs:
+            raise ValueError(f"backend: 'numba' runs on the CPU only, not on {device.type}")
+        from smoe.kernels import numba_quant  # noqa: F401  (registers itself; numba is slow to import)
+    return _QUANTIZED[name]
+
+
 def expert_selector(device: torch.device):
     """The router's top-k selection kernel for ``device`` (Triton on CUDA), or None: the router's torch code,
     which is the spec it is tested against."""
@@ -105,7 +136,7 @@ def expert_selector(device: torch.device):
     return None
 
 
-from smoe.kernels import expert_loop, grouped_mm, reference  # noqa: E402,F401  (registration side effect)
+from smoe.kernels import expert_loop, grouped_mm, quantized_reference, reference, tiled  # noqa: E402,F401  (registration)
 
 if importlib.util.find_spec("triton") is not None:
     from smoe.kernels import triton  # noqa: E402,F401

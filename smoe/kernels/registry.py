@@ -4,9 +4,12 @@ them (smoe.kernels), so a backend module imports this one and never its own pack
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from smoe.quant.format import QWeight
 
 
 class ExpertBackend(Protocol):
@@ -20,9 +23,18 @@ class ExpertBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
+class QuantizedKernels(NamedTuple):
+    """A backend for quantised weights (smoe.quant.format): a linear layer and the routed experts, on fp32 rows.
+    The experts take the plain seam's arguments with ``QWeight`` stacks in place of the weight tensors."""
+
+    linear: Callable[[torch.Tensor, "QWeight"], torch.Tensor]  # (x_BI, w) -> y_BO
+    experts: Callable[[torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor]
+
+
 _BACKENDS: dict[str, ExpertBackend] = {}
 _FUSED: dict[str, Callable[..., torch.Tensor]] = {}
 _AVAILABLE: dict[str, Callable[[torch.device], bool]] = {}
+_QUANTIZED: dict[str, QuantizedKernels] = {}
 
 
 def register(name: str, available: Callable[[torch.device], bool] = lambda device: True):
@@ -34,6 +46,11 @@ def register(name: str, available: Callable[[torch.device], bool] = lambda devic
         return fn
 
     return wrap
+
+
+def register_quantized(name: str, kernels: QuantizedKernels) -> None:
+    """Add the quantised-weight kernels ``name`` (smoe.kernels.quantized says where each can run)."""
+    _QUANTIZED[name] = kernels
 
 
 def register_fused(name: str):

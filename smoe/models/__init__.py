@@ -1,5 +1,5 @@
 """Models built from a ModelConfig."""
 
-from smoe.models.transformer import IGNORE_INDEX, DecodeCache, ModelOutput, Transformer, build_model
+from smoe.models.transformer import IGNORE_INDEX, DecodeCache, ModelOutput, Transformer, build_model, quantize
 
-__all__ = ["IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model"]
+__all__ = ["IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model", "quantize"]

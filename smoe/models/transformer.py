@@ -4,24 +4,26 @@ Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a den
 an MoE layer plus a dense MLP in parallel. Attention is GQA or MLA per the config. Model code is single-device
 math: parallelism and compilation are applied from outside.
 
-Decoding (smoe.generate) passes a ``DecodeCache``: per-layer key/value (GQA) or latent (MLA) caches plus which
-slots hold real tokens. Rows of a batch are left-padded so that slot s is step s of every row; each row's positions
-count only its real tokens, and pad slots are never attended.
+Decoding (smoe.generation) passes a ``DecodeCache``: per-layer key/value (GQA) or latent (MLA) caches plus the
+tokens each row holds. Each row keeps its own length (slot s is its position s), so rows at different points of
+their sequences decode together and each attends over its own keys only; left padding in the input is never
+cached, attended or routed to an expert.
 
 Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe.config import MLAConfig, ModelConfig
+from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
 from smoe.nn import MLA, MLP, Attention, KVCache, MLACache, RotaryEmbedding, init_weights, make_norm
+from smoe.quant.modules import quantize_modules
 
 IGNORE_INDEX = -100
 
@@ -38,16 +40,20 @@ class ModelOutput:
 
 @dataclass
 class DecodeCache:
-    """The state a decode step carries besides the weights; ``Transformer.new_cache`` builds it."""
+    """The state a decode step carries besides the weights; ``Transformer.new_cache`` builds it. Row b holds its
+    tokens in slots 0 .. lengths_B[b] - 1 of every layer's buffers; a forward's real tokens are appended to their
+    row. ``rows(start, stop)`` is a cache of some rows that writes through (a request's prefill in its own row)."""
 
     layers: list[KVCache | MLACache]  # one per block
-    valid_BS: torch.Tensor  # bool: slot s of row b holds a real token (False: padding, never attended)
-    next_pos_B: torch.Tensor  # int64: the position of each row's next real token
-    length: int = 0  # slots written so far, the same for every row
+    lengths_B: torch.Tensor  # int64 on the CPU: the tokens each row holds (set a row's to 0 to reuse it)
 
     @property
     def max_len(self) -> int:
-        return self.valid_BS.shape[1]
+        layer = self.layers[0]
+        return (layer.k_BGSK if isinstance(layer, KVCache) else layer.latent_BSX).shape[-2]
+
+    def rows(self, start: int, stop: int) -> DecodeCache:
+        return DecodeCache([layer.rows(start, stop) for layer in self.layers], self.lengths_B[start:stop])
 
 
 class Block(nn.Module):
@@ -68,12 +74,13 @@ class Block(nn.Module):
             self.residual_norm = make_norm(config.norm, dim, eps)
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, start: int = 0, token_ids_BT=None,
-                router_stats: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, start)
+    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
+                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None
+                ) -> tuple[torch.Tensor, RouterStats | None]:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, spans)
         stats = None
         if self.is_moe:
-            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT, router_stats)
+            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT, router_stats, keep_BT, expert_backend)
         else:
             ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
         if self.residual_ffn is not None:
@@ -117,6 +124,8 @@ class Transformer(nn.Module):
             rot_dim = attn.rotary_dim or attn.resolved_head_dim(config.dim)
         self.rope = RotaryEmbedding(rot_dim, attn.rope_theta, attn.rope_scaling)
         init_weights(self, config.init_std)
+        if config.quantization is not None:  # the structure a quantised checkpoint loads into
+            quantize_modules(self, config.quantization)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -144,7 +153,7 @@ class Transformer(nn.Module):
         return {i: b.ffn for i, b in blocks.items() if b.is_moe}
 
     def _logits(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        return F.linear(h_BTD, self.embed.weight if self.head is None else self.head.weight)
+        return F.linear(h_BTD, self.embed.weight) if self.head is None else self.head(h_BTD)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                   device: torch.device | None = None) -> DecodeCache:
@@ -155,43 +164,59 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         layers = [block.attn.new_cache(batch_size, max_len, dtype, device) for block in self.layers]
-        valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        return DecodeCache(layers, valid, torch.zeros(batch_size, dtype=torch.long, device=device))
+        return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,
-                logits_to_keep: int = 0, router_stats: bool = True) -> ModelOutput:
+                logits_to_keep: int = 0, router_stats: bool | str = True,
+                expert_backend: str | None = None) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
         IGNORE_INDEX (-100) positions do not count.
 
-        ``attention_mask`` (B, T), 1 for real tokens and 0 for (left) padding: positions count real tokens only and
-        padding is never attended. ``cache``: ``input_ids`` continue the cached tokens, which the cache records.
+        ``attention_mask`` (B, T), 1 for real tokens and 0 for (left) padding: positions count real tokens only;
+        padding is never attended, cached or routed to an expert. ``cache``: each row's real tokens continue the
+        tokens the cache holds for that row, which it records (a row of padding only is left as it was).
 
         Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
-        the head is the largest matmul of a short model), and ``router_stats=False`` skips the router statistics
-        (``router_stats`` stays empty, ``aux_loss`` zero)."""
+        the head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
+        (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a
+        bincount the dispatch makes anyway). ``expert_backend`` overrides the MoE layers' backend for this call
+        (the decode engine runs ``"tiled"``, whose per-row results do not depend on the other rows)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
-        mask_B1TS, start = None, 0
-        if attention_mask is None and cache is None:
-            cos, sin = self.rope(torch.arange(T, device=input_ids.device))
-        else:
-            if labels is not None:
-                raise ValueError("labels: not supported together with attention_mask or cache (training takes "
-                                 "unpadded batches)")
-            start = cache.length if cache is not None else 0
-            positions_BT, mask_B1TS = self._positions_and_mask(input_ids, attention_mask, cache)
+        if labels is not None and (attention_mask is not None or cache is not None):
+            raise ValueError("labels: not supported together with attention_mask or cache (training takes "
+                             "unpadded batches)")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
+                             f"{tuple(input_ids.shape)}")
+        real_BT = attention_mask.bool() if attention_mask is not None else None
+        mask_B1TS = spans = None
+        if cache is not None:
+            spans, positions_BT = self._spans(real_BT, cache, B, T, input_ids.device)
             cos, sin = self.rope(positions_BT)
+        elif real_BT is not None:
+            # As transformers computes position ids from the mask: real tokens count 0, 1, 2, ... per row.
+            cos, sin = self.rope((real_BT.long().cumsum(1) - 1).clamp_min(0))
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            window = getattr(self.config.attention, "sliding_window", None)
+            if window is not None:
+                causal_TT = causal_TT.triu(1 - window)
+            # A pad query attends to itself: no row is fully masked (its softmax would be NaN, and NaN pad values
+            # would leak into real rows as 0 * NaN).
+            mask_B1TS = (real_BT[:, None, None, :] & causal_TT) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        else:
+            cos, sin = self.rope(torch.arange(T, device=input_ids.device))
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, start, input_ids,
-                         router_stats)
+            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, spans, input_ids,
+                         router_stats, real_BT, expert_backend)
             if s is not None:
                 stats[i] = s
         if cache is not None:
-            cache.length += T
+            cache.lengths_B += torch.tensor([n for _, n in spans])
         if logits_to_keep < 0 or (logits_to_keep and labels is not None):
             raise ValueError(f"logits_to_keep: must be 0 (every position) or a positive count without labels, got "
                              f"{logits_to_keep}{' with labels' if labels is not None else ''}")
@@ -201,7 +226,7 @@ class Transformer(nn.Module):
             out.lm_loss = _cross_entropy(logits, labels)
             if len(self.mtp):
                 out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats)
-        if stats:
+        if stats and router_stats is True:
             out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
         if out.lm_loss is not None:
             out.loss = out.lm_loss + out.aux_loss
@@ -209,49 +234,21 @@ class Transformer(nn.Module):
                 out.loss = out.loss + self.config.layout.mtp_loss_coef * out.mtp_loss
         return out
 
-    def _positions_and_mask(self, input_ids, attention_mask, cache: DecodeCache | None):
-        """Per-row positions (B, T) and the boolean attention mask (B, 1, T, S) over every slot so far."""
-        B, T = input_ids.shape
-        device = input_ids.device
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"input_ids: {start} cached + {T} new tokens exceed the cache's max_len "
-                             f"({cache.max_len})")
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
-                             f"{tuple(input_ids.shape)}")
-        window = getattr(self.config.attention, "sliding_window", None)
-        if cache is not None and attention_mask is None:
-            # The decode step: every new token is real, so positions advance by one and, without a window, the
-            # mask is a view of the validity buffer: nothing is allocated per step beyond the rope angles.
-            cache.valid_BS[:, start : start + T] = True
-            positions_BT = cache.next_pos_B[:, None] + torch.arange(T, device=device)
-            cache.next_pos_B += T
-            if T == 1 and window is None:
-                return positions_BT, cache.valid_BS[:, None, None, : start + 1]
-            valid_BS = cache.valid_BS[:, : start + T]
-        else:
-            real_BT = (attention_mask.bool() if attention_mask is not None
-                       else torch.ones_like(input_ids, dtype=torch.bool))
-            # As transformers computes position ids from the mask: real tokens count 0, 1, 2, ... per row.
-            positions_BT = real_BT.long().cumsum(1) - 1
-            if cache is not None:
-                cache.valid_BS[:, start : start + T] = real_BT
-                positions_BT = positions_BT + cache.next_pos_B[:, None]
-                cache.next_pos_B += real_BT.sum(1)
-                valid_BS = cache.valid_BS[:, : start + T]
-            else:
-                valid_BS = real_BT
-            positions_BT = positions_BT.clamp_min(0)
-        q_T1 = torch.arange(start, start + T, device=device)[:, None]
-        k_S = torch.arange(start + T, device=device)
-        allowed_TS = k_S <= q_T1
-        if window is not None:
-            allowed_TS &= q_T1 - k_S < window
-        # A pad query attends to itself: no row is fully masked (its softmax would be NaN, and NaN pad values
-        # would leak into real rows as 0 * NaN).
-        mask_B1TS = (valid_BS[:, None, None, :] & allowed_TS) | (k_S == q_T1)
-        return positions_BT, mask_B1TS
+    @staticmethod
+    def _spans(real_BT, cache: DecodeCache, B: int, T: int, device) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Per row (tokens cached, new real tokens), and the new tokens' positions (B, T): each row continues
+        from its own length, and its real tokens are the last ones of the row (left padding)."""
+        if cache.lengths_B.shape[0] != B:
+            raise ValueError(f"cache: holds {cache.lengths_B.shape[0]} rows, input_ids has {B}")
+        cached_B = cache.lengths_B.tolist()
+        new_B = real_BT.sum(1).tolist() if real_BT is not None else [T] * B
+        for b, (cached, new) in enumerate(zip(cached_B, new_B)):
+            if cached + new > cache.max_len:
+                raise ValueError(f"input_ids: row {b}'s {cached} cached + {new} new tokens exceed the cache's "
+                                 f"max_len ({cache.max_len})")
+        counts_BT = real_BT.long().cumsum(1) if real_BT is not None else torch.arange(1, T + 1, device=device)
+        positions_BT = (cache.lengths_B.to(device)[:, None] + counts_BT - 1).clamp_min(0)
+        return list(zip(cached_B, new_B)), positions_BT
 
     def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats) -> torch.Tensor:
         # Depth d sees positions t < T - d, the ones whose token t+d is in the batch: its input is input_ids[t+d]
@@ -277,3 +274,23 @@ def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
 def build_model(config: ModelConfig) -> Transformer:
     """Validate ``config`` and build the model on the current default device and dtype."""
     return Transformer(config)
+
+
+def quantize(model: Transformer, scheme: str, group_size: int | None = None) -> Transformer:
+    """Quantise ``model``'s weights in place for inference and return it: ``"int8"`` (per output channel) or
+    ``"int4"`` (per group of ``group_size`` inputs: one of smoe.config.INT4_GROUP_SIZES, by default
+    DEFAULT_INT4_GROUP). Every linear layer and the routed experts are quantised; embeddings, norms, routers, MLA's
+    ``wkv_b`` and a tied head stay as they are (docs/quantization.md). A model already quantised the same way is
+    returned unchanged."""
+    if scheme == "int4" and group_size is None:
+        group_size = DEFAULT_INT4_GROUP
+    config = QuantConfig(scheme, group_size)
+    config.validate()
+    if model.config.quantization is not None:
+        if model.config.quantization == config:
+            return model
+        raise ValueError(f"quantization: the model is already quantised ({model.config.quantization.scheme}); "
+                         f"quantise its full-precision checkpoint to {scheme} instead")
+    quantize_modules(model, config)
+    model.config = replace(model.config, quantization=config)
+    return model

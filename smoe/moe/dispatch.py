@@ -36,25 +36,33 @@ def token_choice_capacity(n_tokens: int, top_k: int, n_experts: int, capacity_fa
 
 
 def permute(expert_ids_A: torch.Tensor, n_experts: int, capacity: int | None, top_k: int = 1,
-            priority: CapacityPriority = "choice") -> Dispatch:
+            priority: CapacityPriority = "choice", keep_A: torch.Tensor | None = None) -> Dispatch:
     """Stable sort by expert, so within an expert the rows are in token order.
 
     With a ``capacity``, an expert keeps its first ``capacity`` assignments in ``priority`` order (MoEConfig's
     capacity_priority): "choice" ranks every token's first choice before any second choice, "token" ranks by token.
     Token-choice assignments are token-major with ``top_k`` per token (row t*K + j); at top_k 1 both agree.
+    ``keep_A`` (bool) leaves out the assignments of padding tokens: no row, no load, no capacity taken.
     """
     A = expert_ids_A.numel()
+    if keep_A is not None:
+        # Padding goes to a bucket past the last expert, which sorts last and is never computed.
+        expert_ids_A = expert_ids_A.masked_fill(~keep_A, n_experts)
     order_A = torch.argsort(expert_ids_A, stable=True)
-    counts_E = torch.bincount(expert_ids_A, minlength=n_experts)
+    counts_E = torch.bincount(expert_ids_A, minlength=n_experts + 1)[:n_experts]
     if capacity is None:
-        return Dispatch(order_A, _inverse(order_A, A), counts_E, counts_E, counts_E.new_zeros(()))
+        order_R = order_A if keep_A is None else order_A[: int(counts_E.sum())]
+        return Dispatch(order_R, _inverse(order_R, A), counts_E, counts_E, counts_E.new_zeros(()))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     by_expert_A = order_A  # assignments by expert, in the order they claim a slot
     if priority == "choice" and top_k > 1:
         choice_major_A = torch.arange(A, device=expert_ids_A.device).view(-1, top_k).t().reshape(-1)
         by_expert_A = choice_major_A[torch.argsort(expert_ids_A[choice_major_A], stable=True)]
-    rank_A = torch.arange(A, device=expert_ids_A.device) - starts_E[expert_ids_A[by_expert_A]]
-    kept_A = torch.empty(A, dtype=torch.bool, device=expert_ids_A.device).scatter_(0, by_expert_A, rank_A < capacity)
+    by_expert_ids = expert_ids_A[by_expert_A]
+    real = by_expert_ids < n_experts
+    rank_A = torch.arange(A, device=expert_ids_A.device) - starts_E[by_expert_ids.clamp(max=n_experts - 1)]
+    kept_A = torch.empty(A, dtype=torch.bool, device=expert_ids_A.device).scatter_(0, by_expert_A,
+                                                                                  (rank_A < capacity) & real)
     order_R = order_A[kept_A[order_A]]  # the kept rows, still in token order within each expert
     kept_counts_E = counts_E.clamp(max=capacity)
     return Dispatch(order_R, _inverse(order_R, A), kept_counts_E, counts_E, counts_E.sum() - kept_counts_E.sum())

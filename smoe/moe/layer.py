@@ -22,14 +22,15 @@ from smoe.nn.mlp import MLP
 
 @dataclass(frozen=True)
 class RouterStats:
-    """What one MoE layer reports per forward: values, never globals. All but ``aux_loss`` are detached."""
+    """What one MoE layer reports per forward: values, never globals. All but ``aux_loss`` are detached. With
+    ``stats="load"`` (serving's expert counters) only ``load`` is computed and the rest are None."""
 
     load: torch.Tensor  # (E,) int64 assignments routed to each expert (before capacity drops)
-    dropped: torch.Tensor  # () int64 assignments dropped over capacity
-    aux_loss: torch.Tensor  # () weighted sum of this layer's balance and z terms, with gradient
-    load_balance: torch.Tensor  # () Switch aux value E * sum f_i P_i (1.0 = uniform), whatever the strategy
-    z_loss: torch.Tensor  # () router z-loss value
-    entropy: torch.Tensor  # () mean router entropy in nats
+    dropped: torch.Tensor | None = None  # () int64 assignments dropped over capacity
+    aux_loss: torch.Tensor | None = None  # () weighted sum of this layer's balance and z terms, with gradient
+    load_balance: torch.Tensor | None = None  # () Switch aux value E * sum f_i P_i (1.0 = uniform), any strategy
+    z_loss: torch.Tensor | None = None  # () router z-loss value
+    entropy: torch.Tensor | None = None  # () mean router entropy in nats
 
 
 class MoELayer(nn.Module):
@@ -58,27 +59,35 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         init_weights(self, init_std)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, stats: bool = True
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, stats: bool | str = True,
+                keep: torch.Tensor | None = None, backend: str | None = None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them.
-        ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None."""
+        ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None;
+        ``"load"`` returns only ``load``. ``keep`` (the shape of ``token_ids``, bool): tokens to route; the others
+        (padding) reach no expert. ``backend`` overrides ``self.backend`` for this call."""
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         cfg = self.config
+        backend = backend or self.backend
         routing = self.router(x_ND, token_ids)
         capacity = None
         if cfg.capacity_factor is not None and cfg.routing != "expert_choice":
             capacity = token_choice_capacity(B * T, cfg.top_k, cfg.n_routed_experts, cfg.capacity_factor)
-        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k, cfg.capacity_priority)
+        keep_A = None
+        if keep is not None and routing.token_major:
+            keep_A = keep.reshape(-1).repeat_interleave(routing.expert_ids_A.numel() // (B * T))
+        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k, cfg.capacity_priority,
+                           keep_A)
         # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses
         # it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
-        fused = self.experts.fused_for(self.backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
+        fused = self.experts.fused_for(backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
         if fused is not None and routing.token_major:
             y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R, dispatch.counts_E)
         else:
             x_RD = gather(x_ND, routing, dispatch)
-            y_RD = self.experts(x_RD, dispatch.counts_E, self.backend)
+            y_RD = self.experts(x_RD, dispatch.counts_E, backend)
             y_ND = combine(y_RD, routing, dispatch, B * T)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
@@ -87,6 +96,8 @@ class MoELayer(nn.Module):
             y_ND = y_ND + shared_ND
         if not stats:
             return y_ND.view(x.shape), None
+        if stats == "load":
+            return y_ND.view(x.shape), RouterStats(load=dispatch.load_E)
         return y_ND.view(x.shape), self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
 
     def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:

@@ -38,21 +38,55 @@ def attend(q_BHTK, k_BGSK, v_BGSV, window: int | None, scale: float | None = Non
     )
 
 
+def chunk_mask(cached: int, n: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Which of ``cached + n`` keys each of ``n`` new queries (at key slots cached .. cached + n - 1) may attend:
+    a (1, 1, n, cached + n) boolean mask (causal, within the window)."""
+    q_T1 = torch.arange(cached, cached + n, device=device)[:, None]
+    k_S = torch.arange(cached + n, device=device)
+    allowed_TS = k_S <= q_T1
+    if window is not None:
+        allowed_TS &= q_T1 - k_S < window
+    return allowed_TS[None, None]
+
+
 class KVCache:
     """Keys and values of one GQA layer for decoding: static (B, G, S_max, K) buffers written in place, so a decode
-    step allocates nothing. Slot s holds the token fed at step s of every row (left padding aligns the rows)."""
+    step allocates nothing. Row b holds its tokens' keys in slots 0 .. length - 1 (slot = position, no padding), so
+    rows of different lengths share the buffers and each attends over exactly its own keys."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor):
+        self.k_BGSK, self.v_BGSK = k_BGSK, v_BGSK
+
+    @classmethod
+    def empty(cls, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device) -> KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k_BGSK = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_BGSK = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
-    def update(self, k_BGTK: torch.Tensor, v_BGTK: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new keys/values at slots [start, start + T); return views of every slot up to there."""
-        end = start + k_BGTK.shape[2]
-        self.k_BGSK[:, :, start:end] = k_BGTK
-        self.v_BGSK[:, :, start:end] = v_BGTK
-        return self.k_BGSK[:, :, :end], self.v_BGSK[:, :, :end]
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop): views, written through."""
+        return KVCache(self.k_BGSK[start:stop], self.v_BGSK[start:stop])
+
+    def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
+        """Row b's last n new tokens (``spans[b] == (cached, n)``; the columns before them are padding) are written
+        at slots [cached, cached + n) and attend over that row's keys alone, so its arithmetic has the same shapes
+        whatever the other rows hold. Padding queries get zeros."""
+        T = q_BHTK.shape[2]
+        gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
+        out_BHTK = q_BHTK.new_zeros(q_BHTK.shape)
+        for b, (cached, n) in enumerate(spans):
+            if not n:
+                continue
+            end = cached + n
+            self.k_BGSK[b, :, cached:end] = k_BGTK[b, :, T - n :]
+            self.v_BGSK[b, :, cached:end] = v_BGTK[b, :, T - n :]
+            # Keys older than the window are invisible to every new query: leave them out of the call. A single
+            # query then sees every key it is given and needs no mask.
+            first = 0 if window is None else max(0, cached + 1 - window)
+            mask = None if n == 1 else chunk_mask(cached - first, n, window, q_BHTK.device)
+            out_BHTK[b : b + 1, :, T - n :] = F.scaled_dot_product_attention(
+                q_BHTK[b : b + 1, :, T - n :], self.k_BGSK[b : b + 1, :, first:end],
+                self.v_BGSK[b : b + 1, :, first:end], attn_mask=mask, enable_gqa=gqa)
+        return out_BHTK
 
 
 class Attention(nn.Module):
@@ -72,12 +106,12 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(q_dim, norm_eps), RMSNorm(kv_dim, norm_eps)
 
     def new_cache(self, batch_size: int, max_len: int, dtype, device) -> KVCache:
-        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+        return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Without a cache: causal attention within x (``mask_B1TS`` replaces it when given, e.g. for padding).
-        With one: x is the tokens at slots [start, start + T) and ``mask_B1TS`` covers slots [0, start + T)."""
+        With one: row b's last ``n`` tokens continue its ``cached`` ones, ``spans[b] == (cached, n)``."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
@@ -91,8 +125,9 @@ class Attention(nn.Module):
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            k, v = cache.update(k, v, start)
-        out = attend(q.transpose(1, 2), k, v, cfg.sliding_window, mask_B1TS=mask_B1TS)
+            out = cache.attend(q, k, v, spans, cfg.sliding_window)
+        else:
+            out = attend(q, k, v, cfg.sliding_window, mask_B1TS=mask_B1TS)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))

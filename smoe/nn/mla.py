@@ -21,33 +21,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import MLAConfig
-from smoe.nn.attention import attend
+from smoe.nn.attention import attend, chunk_mask
 from smoe.nn.norm import RMSNorm
 from smoe.nn.rope import apply_rope, yarn_mscale
 
 
 class MLACache:
     """One MLA layer's cache: a static (B, S_max, C + R) buffer whose rows are [normalised c_kv | rotated k_rope].
-    Keeping both in one row makes the latent itself the (shared) key of the absorbed attention, with no copy."""
+    Keeping both in one row makes the latent itself the (shared) key of the absorbed attention, with no copy. Row b
+    holds its tokens in slots 0 .. length - 1 (slot = position), as ``KVCache`` does."""
 
-    def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device):
-        self.kv_lora_rank = kv_lora_rank
-        self.latent_BSX = torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+    def __init__(self, latent_BSX: torch.Tensor, kv_lora_rank: int):
+        self.latent_BSX, self.kv_lora_rank = latent_BSX, kv_lora_rank
 
-    @property
-    def ckv_BSC(self) -> torch.Tensor:
-        return self.latent_BSX[..., : self.kv_lora_rank]
+    @classmethod
+    def empty(cls, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype, device) -> MLACache:
+        return cls(torch.zeros(batch_size, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device), kv_lora_rank)
 
-    @property
-    def k_rope_BSR(self) -> torch.Tensor:
-        return self.latent_BSX[..., self.kv_lora_rank :]
+    def rows(self, start: int, stop: int) -> MLACache:
+        """Rows [start, stop): views, written through."""
+        return MLACache(self.latent_BSX[start:stop], self.kv_lora_rank)
 
-    def update(self, ckv_BTC: torch.Tensor, k_rope_BTR: torch.Tensor, start: int) -> torch.Tensor:
-        """Write slots [start, start + T); return the latent rows of every slot up to there."""
-        end = start + ckv_BTC.shape[1]
-        self.ckv_BSC[:, start:end] = ckv_BTC
-        self.k_rope_BSR[:, start:end] = k_rope_BTR
-        return self.latent_BSX[:, :end]
+    def append(self, b: int, ckv_TC: torch.Tensor, k_rope_TR: torch.Tensor, cached: int) -> torch.Tensor:
+        """Write row b's new tokens at slots [cached, cached + T); return its latent rows up to there, (1, S, X)."""
+        end = cached + ckv_TC.shape[0]
+        self.latent_BSX[b, cached:end, : self.kv_lora_rank] = ckv_TC
+        self.latent_BSX[b, cached:end, self.kv_lora_rank :] = k_rope_TR
+        return self.latent_BSX[b : b + 1, :end]
 
 
 class MLA(nn.Module):
@@ -73,12 +73,13 @@ class MLA(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int, dtype, device) -> MLACache:
         cfg = self.config
-        return MLACache(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        return MLACache.empty(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: MLACache | None = None, start: int = 0) -> torch.Tensor:
-        """As ``Attention.forward``. With a cache, the first chunk (start == 0, its own keys only) takes the
-        expanded path, which is cheaper for many queries; later chunks attend in the latent space."""
+                cache: MLACache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """As ``Attention.forward``. With a cache, each row attends over its own latents: a row's first chunk
+        (nothing cached, its own keys only) takes the expanded path, cheaper for many queries; later chunks attend
+        in the latent space."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -88,18 +89,38 @@ class MLA(nn.Module):
         ckv_BTC = self.kv_norm(ckv_BTC)
         q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin, interleaved=cfg.rope_interleave)
         k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave).view(B, T, R)
-        if cache is not None:
-            latent_BSX = cache.update(ckv_BTC, k_rope_BTR, start)
-            if start > 0:
-                return self._absorbed(q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS)
+        if cache is None:
+            out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
+        else:
+            out_BTHV = q_nope_BTHN.new_zeros(B, T, H, V)  # padding queries get zeros
+            for b, (cached, n) in enumerate(spans):
+                if not n:
+                    continue
+                new = slice(T - n, T)
+                latent_1SX = cache.append(b, ckv_BTC[b, new], k_rope_BTR[b, new], cached)
+                if cached == 0:
+                    out_BTHV[b, new] = self._expanded(q_nope_BTHN[b : b + 1, new], q_rope_BTHR[b : b + 1, new],
+                                                      ckv_BTC[b : b + 1, new], k_rope_BTR[b : b + 1, new], None)[0]
+                else:
+                    mask = None if n == 1 else chunk_mask(cached, n, None, x_BTD.device)
+                    out_BTHV[b, new] = self._absorbed(q_nope_BTHN[b : b + 1, new], q_rope_BTHR[b : b + 1, new],
+                                                      latent_1SX, mask)[0]
+        return self.wo(out_BTHV.reshape(B, T, H * V))
+
+    def _expanded(self, q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS) -> torch.Tensor:
+        """Attention over the chunk's own keys and values, expanded from its latents: (B, T, H, V)."""
+        cfg = self.config
+        B, T, H, N = q_nope_BTHN.shape
+        R, V = cfg.qk_rope_head_dim, cfg.v_head_dim
         k_nope_BTHN, v_BTHV = self.wkv_b(ckv_BTC).view(B, T, H, N + V).split([N, V], dim=-1)
         q = torch.cat([q_nope_BTHN, q_rope_BTHR], dim=-1)
         k = torch.cat([k_nope_BTHN, k_rope_BTR[:, :, None].expand(B, T, H, R)], dim=-1)
         out = attend(q.transpose(1, 2), k.transpose(1, 2), v_BTHV.transpose(1, 2), None, scale=self.scale,
                      mask_B1TS=mask_B1TS)
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * V))
+        return out.transpose(1, 2)
 
     def _absorbed(self, q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS) -> torch.Tensor:
+        """Attention in the latent space over the cached latent rows (``mask_B1TS`` None: every slot): (B, T, H, V)."""
         cfg = self.config
         B, T, H, N = q_nope_BTHN.shape
         C, V, S = cfg.kv_lora_rank, cfg.v_head_dim, latent_BSX.shape[1]
@@ -109,9 +130,10 @@ class MLA(nn.Module):
         # Every head shares the one latent key/value row per slot: multi-query attention, so the heads fold into
         # the query axis and each row is one (T*H, X) x (X, S) product.
         q_B1QX = q_BTHX.reshape(B, 1, T * H, C + q_rope_BTHR.shape[-1])
-        mask_B1QS = mask_B1TS[:, :, :, None, :].expand(B, 1, T, H, S).reshape(B, 1, T * H, S)
+        mask_B1QS = None
+        if mask_B1TS is not None:
+            mask_B1QS = mask_B1TS[:, :, :, None, :].expand(-1, 1, T, H, S).reshape(-1, 1, T * H, S)
         latent_B1SX = latent_BSX[:, None]
         out_B1QC = F.scaled_dot_product_attention(q_B1QX, latent_B1SX, latent_B1SX[..., :C], attn_mask=mask_B1QS,
                                                   scale=self.scale)
-        out_BTHV = torch.einsum("bthc,hvc->bthv", out_B1QC.view(B, T, H, C), w_uv_HVC)
-        return self.wo(out_BTHV.reshape(B, T, H * V))
+        return torch.einsum("bthc,hvc->bthv", out_B1QC.view(B, T, H, C), w_uv_HVC)

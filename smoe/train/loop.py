@@ -150,8 +150,8 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             if _every(trainer.step, cfg.eval_every) or final:
                 result.final_eval = trainer.evaluate()
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
-            if _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final or _minutes_due(saved_at, cfg.save_every_minutes, mesh,
-                                                                             trainer.device):
+            due = _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final
+            if due or _minutes_due(saved_at, cfg.save_every_minutes, mesh, trainer.device):
                 trainer.save()
                 saved_at = time.monotonic()
     result.step, result.skipped_steps, result.checkpoint = trainer.step, trainer.skipped, trainer.last_saved
@@ -342,7 +342,7 @@ def _clip(model: torch.nn.Module, max_norm: float) -> float:
 def reuse_freed_memory() -> None:
     """Keep freed memory in the process for reuse (Linux glibc only). By default glibc maps every block over
     32 MiB fresh and returns freed memory to the OS, so each training step page-faults its large gradients and
-    activations in again: 14-24% of a step for the small models of `make demo` on CPU (docs/benchmarks.md).
+    activations in again: a visible share of a small model's step on CPU (docs/benchmarks.md).
     Raising the mmap and trim thresholds keeps them; the resident size stays at its peak, which every step
     reaches anyway."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":

@@ -20,8 +20,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float):
     """AdamW, fused on CPU and CUDA: one vectorised pass per tensor instead of the for-loop implementation's ten
-    or so. An MoE holds several times its activated parameters, so the update weighs: switch (55.6M parameters,
-    8.4M active) trained at 1,026 ms a step fused against 1,590 for the loop (docs/benchmarks.md)."""
+    or so. An MoE holds several times its activated parameters, so the update weighs (profile and the before/after
+    measurement of a training step: docs/benchmarks.md)."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
 

@@ -1,0 +1,58 @@
+"""What ``smoe serve`` is asked to do, written once: each field carries its help text and the command line's flags
+are generated from it (smoe.cli.flags). No torch import."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES, QuantConfig, QuantScheme
+from smoe.config_rules import check_types, fail, non_negative, positive
+from smoe.train.config import option
+
+# The environment variable that sets `api_key` when the flag is not given (a key on the command line shows in ps).
+API_KEY_ENV = "SMOE_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = option("127.0.0.1", "address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every "
+                                    "interface)")
+    port: int = option(8000, "port to listen on (0: any free port; the one chosen is printed)")
+    max_batch: int = option(16, "requests decoded together: the cache's rows. Every decode step runs all of them, "
+                                "so a request's tokens never depend on the others")
+    max_seq_len: int | None = option(None, "context of each request, prompt + new tokens (default: the model's "
+                                           "max_seq_len); the cache holds `max_batch` times this")
+    max_queue: int = option(64, "requests waiting for a row beyond `max_batch`; more are refused with 429")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = option(
+        None, "compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native GEMMs for "
+              "them)")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    quantize: QuantScheme | None = option(None, "serve with weight-only quantised linear layers and experts (int8: a "
+                                                "scale per output channel; int4: per group of inputs; "
+                                                "docs/quantization.md)")
+    group_size: int | None = option(None, f"with `quantize` int4: inputs per group, one of "
+                                          f"{', '.join(map(str, INT4_GROUP_SIZES))} (default {DEFAULT_INT4_GROUP})")
+    api_key: str | None = option(None, f"require `Authorization: Bearer KEY` on every endpoint but /health "
+                                       f"(default: ${API_KEY_ENV} if set, else no key)")
+    shutdown_timeout: float = option(10.0, "seconds in-flight requests may take to finish after SIGTERM before "
+                                           "they are aborted")
+
+    def validate(self) -> ServeConfig:
+        check_types(self, "")
+        positive("max_batch", self.max_batch)
+        positive("max_seq_len", self.max_seq_len, allow_none=True)
+        non_negative("max_queue", self.max_queue)
+        non_negative("shutdown_timeout", self.shutdown_timeout)
+        if not 0 <= self.port <= 65535:
+            fail("port", f"must lie in [0, 65535], got {self.port}")
+        if not self.host:
+            fail("host", "must not be empty")
+        if self.api_key is not None and not self.api_key:
+            fail("api_key", "must not be empty")
+        if self.group_size is not None and self.quantize != "int4":
+            fail("group_size", "only with `quantize` int4 (int8 has one scale per output channel)")
+        if self.quantize is not None:
+            group = self.group_size or (DEFAULT_INT4_GROUP if self.quantize == "int4" else None)
+            QuantConfig(self.quantize, group).validate(prefix="")
+        return self

@@ -1,0 +1,35 @@
+"""/metrics in Prometheus' text format: requests, tokens in and out, tokens/s, queue depth, batch occupancy, and
+the MoE view: tokens routed to each expert of each MoE layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from smoe.serve.worker import Worker
+
+_GAUGES = {  # name: (type, help)
+    "prompt_tokens_total": ("counter", "Prompt tokens prefilled."),
+    "generation_tokens_total": ("counter", "Tokens generated."),
+    "generation_tokens_per_second": ("gauge", "Tokens generated per second over the last 10 s."),
+    "queue_depth": ("gauge", "Requests waiting for a row."),
+    "running_requests": ("gauge", "Requests holding a row (prefilling or decoding)."),
+    "batch_rows": ("gauge", "Rows of the engine (--max-batch): every decode step computes all of them."),
+    "batch_occupancy": ("gauge", "Share of the rows held by requests."),
+}
+
+
+def render(worker: Worker, requests: Counter) -> str:
+    """``requests``: responses by (endpoint, status code)."""
+    lines = ["# HELP smoe_requests_total HTTP responses, by endpoint and status code.",
+             "# TYPE smoe_requests_total counter"]
+    lines += [f'smoe_requests_total{{endpoint="{endpoint}",code="{code}"}} {n}'
+              for (endpoint, code), n in sorted(requests.items())]
+    for name, value in worker.gauges().items():
+        kind, text = _GAUGES[name]
+        shown = value if isinstance(value, int) else f"{value:.6g}"
+        lines += [f"# HELP smoe_{name} {text}", f"# TYPE smoe_{name} {kind}", f"smoe_{name} {shown}"]
+    lines += ["# HELP smoe_expert_routed_tokens_total Tokens routed to each expert of each MoE layer (prefill and "
+              "decode; padding excluded).", "# TYPE smoe_expert_routed_tokens_total counter"]
+    for layer, counts in worker.expert_tokens().items():
+        lines += [f'smoe_expert_routed_tokens_total{{layer="{layer}",expert="{e}"}} {n}' for e, n in enumerate(counts)]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,229 @@
+"""Weight-only quantisation (smoe.quant, smoe.kernels' quantised backends): the format and its error bound, each
+fast kernel against the dequantise-then-matmul spec, the fallback without numba, checkpoints, generation, errors."""
+
+import json
+
+import pytest
+import torch
+
+import smoe
+from smoe import kernels, presets
+from smoe.cli import main
+from smoe.config import QuantConfig
+from smoe.interop.hf import save_model_checkpoint
+from smoe.models import build_model
+from smoe.quant.format import dequantize, int4_group, pack_int4, quantize_weight, unpack_int4
+from smoe.quant.modules import QuantizedLinear
+
+CPU = torch.device("cpu")
+SCHEMES = {"int8": QuantConfig("int8"), "int4-g32": QuantConfig("int4", 32), "int4-g64": QuantConfig("int4", 64)}
+needs_numba = pytest.mark.skipif(not kernels.HAS_NUMBA, reason="numba is not installed (the fast path is optional)")
+TINY = {"dim": 64, "n_layers": 2, "ffn_dim": 128, "vocab_size": 256, "moe.expert_dim": 64, "max_seq_len": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls; a second thread only waits on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(preset="mixtral-tiny", **changes):
+    torch.manual_seed(0)
+    return build_model(presets.get(preset, **{**TINY, **changes})).eval()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantised_weights_lie_within_half_a_step(scheme):
+    config = SCHEMES[scheme]
+    w = torch.randn(3, 24, 128) * torch.rand(3, 24, 1)  # stacked like experts, rows of different ranges
+    w[0, 0] = 0  # an all-zero row: scale 0, still exact
+    q = quantize_weight(w, config)
+    step = q.scale[..., None] if config.scheme == "int8" else q.scale.repeat_interleave(config.group_size, dim=-1)
+    assert ((dequantize(q) - w).abs() <= step / 2 + 1e-6).all()
+    assert dequantize(q)[0, 0].eq(0).all()
+    assert q.qweight.dtype == (torch.int8 if config.scheme == "int8" else torch.uint8)
+    assert q.qweight.shape[-1] == 128 // (1 if config.scheme == "int8" else 2)
+
+
+def test_int4_packing_is_its_own_inverse_and_groups_fit_odd_widths():
+    q = torch.randint(0, 16, (5, 4, 64), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q), 64), q)
+    assert pack_int4(q)[0, 0] == q[0, 0, 0] | (q[0, 0, 32] << 4)  # byte j: inputs j and j + G/2
+    assert int4_group(256, 64) == 64 and int4_group(96, 64) == 48 and int4_group(40, 128) == 40
+    with pytest.raises(ValueError, match="even number of inputs; got 33"):
+        int4_group(33, 64)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_linear_error_is_within_the_format_bound(scheme):
+    config = SCHEMES[scheme]
+    linear = torch.nn.Linear(128, 40, bias=True)
+    x = torch.randn(3, 5, 128)
+    q = QuantizedLinear(linear, config)
+    # |x . (w_q - w)| <= sum_i |x_i| * step_i / 2, per output
+    step = q.scale[:, None].expand(40, 128) if config.scheme == "int8" else q.scale.repeat_interleave(
+        config.group_size, dim=-1)
+    bound = x.abs() @ (step / 2).t()
+    with torch.no_grad():
+        err = (q(x) - linear(x)).abs()
+    assert (err <= bound + 1e-4).all() and err.max() > 0
+
+
+@needs_numba
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows,outputs", [(1, 64), (3, 66), (16, 7), (5, 1)])  # tails of the 4 x 4 tile
+def test_numba_linear_matches_the_reference(scheme, rows, outputs):
+    g = torch.Generator().manual_seed(rows * outputs)
+    w = quantize_weight(torch.randn(outputs, 128, generator=g), SCHEMES[scheme])
+    x = torch.randn(rows, 128, generator=g)
+    want = kernels.quantized("reference", CPU).linear(x, w)
+    torch.testing.assert_close(kernels.quantized("numba", CPU).linear(x, w), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("counts", [[3, 0, 1, 6, 2], [0, 0, 9, 0, 0], [0, 0, 0, 0, 0]])
+def test_numba_experts_match_the_reference(scheme, activation, counts):
+    g = torch.Generator().manual_seed(sum(counts))
+    E, D, F = 5, 64, 96
+    gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g) / 8, SCHEMES[scheme])
+    down = quantize_weight(torch.randn(E, D, F, generator=g) / 8, SCHEMES[scheme])
+    counts_E = torch.tensor(counts)
+    x = torch.randn(int(counts_E.sum()), D, generator=g)
+    want = kernels.quantized("reference", CPU).experts(x, counts_E, gate_up, down, activation)
+    got = kernels.quantized("numba", CPU).experts(x, counts_E, gate_up, down, activation)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_numba
+@pytest.mark.parametrize("scheme", ["int8", "int4-g64"])
+def test_numba_parallel_build_matches_the_reference(scheme):
+    # two threads and enough multiply-adds take the parallel build (smoe.kernels.numba_quant._build)
+    g = torch.Generator().manual_seed(3)
+    w = quantize_weight(torch.randn(520, 512, generator=g), SCHEMES[scheme])
+    gate_up = quantize_weight(torch.randn(3, 256, 512, generator=g) / 8, SCHEMES[scheme])
+    down = quantize_weight(torch.randn(3, 512, 128, generator=g) / 8, SCHEMES[scheme])
+    x, counts_E = torch.randn(6, 512, generator=g), torch.tensor([2, 0, 4])
+    torch.set_num_threads(2)
+    try:
+        linear = kernels.quantized("numba", CPU).linear(x, w)
+        experts = kernels.quantized("numba", CPU).experts(x, counts_E, gate_up, down, "silu")
+    finally:
+        torch.set_num_threads(1)
+    reference = kernels.quantized("reference", CPU)
+    torch.testing.assert_close(linear, reference.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(experts, reference.experts(x, counts_E, gate_up, down, "silu"), rtol=1e-4, atol=1e-4)
+
+
+def test_without_numba_the_reference_runs_the_same_model(monkeypatch):
+    model = smoe.quantize(_model(), "int8")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = model(ids).logits
+        monkeypatch.setattr(kernels, "HAS_NUMBA", False)
+        assert kernels.quantized("auto", CPU) is kernels.quantized("reference", CPU)
+        assert "numba" not in kernels.quantized_names()
+        torch.testing.assert_close(model(ids).logits, fast, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme,bound", [("int8", 0.02), ("int4", 0.15)])
+def test_quantized_logits_stay_close_to_full_precision(scheme, bound):
+    # A dense model, so no routing decision can flip; each matmul's error is bounded by half a step per weight
+    # (1/254 of a row's largest weight for int8, 1/30 of a group's range for int4), and over two blocks the
+    # logits move by a few times that, relative to their size.
+    model = _model(moe=None)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        quantized = smoe.quantize(model, scheme)(ids).logits
+    assert 0 < (quantized - full).norm() / full.norm() < bound
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantised_checkpoint_loads_with_the_same_logits(scheme, tmp_path):
+    model = smoe.quantize(_model("deepseek-v3-tiny", **{"layout.n_mtp_modules": 0}), scheme)
+    save_model_checkpoint(model, tmp_path / "q")
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert saved["quantization"]["scheme"] == scheme
+    loaded = smoe.load_pretrained(tmp_path / "q")
+    assert loaded.config == model.config
+    assert loaded.layers[1].ffn.experts.w_gate_up.qweight.dtype == model.layers[1].ffn.experts.w_gate_up.qweight.dtype
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])  # KV cache, MLA latent cache
+def test_quantised_greedy_generation_matches_the_full_forward(preset):
+    model = smoe.quantize(_model(preset, **{"layout.n_mtp_modules": 0}), "int8")
+    prompts = [[5, 6, 7, 8], [9, 10]]  # the second left-padded
+    new = smoe.generate(model, prompts, max_new_tokens=5)
+    with torch.no_grad():
+        for prompt, row in zip(prompts, new.tolist()):
+            # teacher-forced without a cache: each generated token is the argmax after the tokens before it
+            logits = model(torch.tensor([prompt + row[:-1]])).logits[0, len(prompt) - 1 :]
+            assert logits.argmax(-1).tolist() == row
+
+
+def test_bad_schemes_and_group_sizes_are_refused():
+    with pytest.raises(ValueError, match="quantization.scheme: must be of type 'int8' | 'int4', got 'int3'"):
+        smoe.quantize(_model(), "int3")
+    with pytest.raises(ValueError, match="quantization.group_size: int4 needs one of 32, 64, 128, got 48"):
+        smoe.quantize(_model(), "int4", 48)
+    with pytest.raises(ValueError, match="quantization.group_size: int8 has one scale per output channel"):
+        smoe.quantize(_model(), "int8", 64)
+    with pytest.raises(ValueError, match=r"even number of inputs; got 33 \(head\)"):
+        smoe.quantize(_model(**{"attention.head_dim": 8, "dim": 33, "attention.n_heads": 4}), "int4")
+    model = smoe.quantize(_model(), "int8")
+    assert smoe.quantize(model, "int8") is model
+    with pytest.raises(ValueError, match="already quantised"):
+        smoe.quantize(model, "int4")
+
+
+def test_a_backward_through_quantised_weights_is_refused():
+    model = smoe.quantize(_model(), "int8").train()
+    ids = torch.randint(0, 256, (1, 8))
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    with pytest.raises(RuntimeError, match="inference only"):
+        out.loss.backward()
+
+
+def test_loading_into_a_mismatched_config_is_refused(tmp_path):
+    save_model_checkpoint(smoe.quantize(_model(), "int8"), tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    refusals = {None: "holds int8 quantised weights, but the config.json beside it has no quantization entry",
+                "int4": "holds int8 quantised weights, but the config.json beside it says quantization int4"}
+    for scheme, message in refusals.items():
+        quantization = scheme and {"scheme": scheme, "group_size": 64}
+        (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "quantization": quantization}))
+        (tmp_path / "q" / "manifest.json").unlink(missing_ok=True)
+        with pytest.raises(ValueError, match=message):
+            smoe.load_pretrained(tmp_path / "q")
+    save_model_checkpoint(_model(), tmp_path / "full")
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "full" / "config.json").write_text(json.dumps({**config, "quantization": {"scheme": "int8"}}))
+    with pytest.raises(ValueError, match="holds full-precision weights, but the config.json beside it says "
+                                         "quantization int8"):
+        smoe.load_pretrained(tmp_path / "full")
+    with pytest.raises(ValueError, match="quantization: a int8 model is stored in smoe's own format"):
+        smoe.save_pretrained(smoe.quantize(_model(), "int8"), tmp_path / "hf")
+
+
+def test_cli_converts_to_int4_and_generates_from_it(tmp_path, capsys):
+    save_model_checkpoint(_model(), tmp_path / "full")
+    assert main(["convert", str(tmp_path / "full"), "--quantize", "int4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "smoe int4 format" in capsys.readouterr().out
+    argv = ["--prompt-ids", "5,6,7", "--max-new-tokens", "4"]
+    assert main(["generate", str(tmp_path / "q"), *argv]) == 0
+    from_file = capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "full"), "--quantize", "int4", "--group-size", "32", *argv]) == 0
+    assert capsys.readouterr().out == from_file
+    assert main(["generate", str(tmp_path / "full"), "--quantize", "int8", "--group-size", "32", *argv]) == 2
+    assert "--group-size: only with --quantize int4" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "full"), "--to", "hf", "--quantize", "int8", "--out",
+                 str(tmp_path / "hf")]) == 2
+    assert "--quantize: only with --to smoe" in capsys.readouterr().err
