@@ -16,6 +16,7 @@ __all__ = [
     "load_pretrained",
     "quantize",
     "save_pretrained",
+    "upcycle",
 ]
 
 
@@ -35,4 +36,8 @@ def __getattr__(name: str):
         from smoe.interop import hf
 
         return getattr(hf, name)
+    if name == "upcycle":  # in smoe.upcycling.weights, for the reason generate lives in smoe.generation
+        from smoe.upcycling.weights import upcycle
+
+        return upcycle
     raise AttributeError(f"module 'smoe' has no attribute {name!r}")

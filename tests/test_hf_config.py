@@ -104,6 +104,12 @@ MINIMAX_M2 = {  # MiniMaxAI/MiniMax-M2
     "rms_norm_eps": 1e-6, "qk_norm_type": "per_layer", "scoring_func": "sigmoid", "use_routing_bias": True,
     "use_mtp": True, "num_mtp_modules": 3, "tie_word_embeddings": False,
 }
+LLAMA_2_7B = {  # meta-llama/Llama-2-7b-hf: 6,738,415,616 parameters (its model card's 6.74B)
+    "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+    "attention_bias": False,
+}
 OFFICIAL = {
     "mixtral-8x7b": MIXTRAL_8X7B, "mixtral-8x22b": MIXTRAL_8X22B, "deepseek-moe-16b": DEEPSEEK_MOE_16B,
     "deepseek-v2": DEEPSEEK_V2, "deepseek-v2-lite": DEEPSEEK_V2_LITE, "deepseek-v3": DEEPSEEK_V3, "kimi-k2": KIMI_K2,
@@ -134,6 +140,32 @@ def test_published_configs_reproduce_published_counts(hf, total, active):
     acc = account(config_from_hf(hf))
     assert abs(acc.total_params / total - 1) < 0.005
     assert abs(acc.active_params / active - 1) < 0.005
+
+
+def test_dense_llama_2_7b_maps_to_its_exact_count():
+    config = config_from_hf(LLAMA_2_7B)
+    assert config.moe is None and config.attention.n_kv_heads == 32 and config.norm_eps == 1e-5
+    assert account(config).total_params == 6_738_415_616
+
+
+@pytest.mark.parametrize("hf, field, value", [
+    ({**LLAMA_2_7B, "model_type": "mistral"}, "sliding_window", 4096),  # MistralConfig's default when absent
+    ({**LLAMA_2_7B, "model_type": "mistral", "sliding_window": None}, "sliding_window", None),  # v0.2 on
+    ({**LLAMA_2_7B, "model_type": "qwen2"}, "qkv_bias", True),
+    ({**LLAMA_2_7B, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0, "sliding_window": 64},
+     "sliding_window", 64),
+])
+def test_dense_family_attention_defaults(hf, field, value):
+    assert getattr(config_from_hf(hf).attention, field) == value
+
+
+def test_dense_family_refuses_what_it_cannot_hold():
+    with pytest.raises(ValueError, match=r"config\.json: attention_bias=True is not supported"):
+        config_from_hf({**LLAMA_2_7B, "attention_bias": True})
+    with pytest.raises(ValueError, match=r"use_sliding_window=true with full attention on some layers"):
+        config_from_hf({**LLAMA_2_7B, "model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 4})
+    with pytest.raises(ValueError, match=r"rope scaling type 'llama3' is not supported"):
+        config_from_hf({**LLAMA_2_7B, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
 
 def test_published_configs_reproduce_counts_without_embedding():
@@ -204,8 +236,8 @@ def test_inspect_of_a_config_claiming_a_billion_layers_fails_fast(tmp_path, caps
 
 
 def test_unsupported_model_type_lists_supported():
-    with pytest.raises(ValueError, match=r"config\.json: unsupported model_type 'llama'; supported: mixtral, "):
-        config_from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"config\.json: unsupported model_type 'llama4'; supported: mixtral, "):
+        config_from_hf({"model_type": "llama4"})
 
 
 def test_missing_required_key_names_file_and_key():
@@ -257,6 +289,9 @@ TINY_HF = {
                         topk_group=2),
     "olmoe": dict(SMALL, num_experts=8, num_experts_per_tok=2),
     "minimax_m2": dict(SMALL, num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8),
+    "llama": dict(SMALL),
+    "mistral": dict(SMALL, sliding_window=16),
+    "qwen2": dict(SMALL, tie_word_embeddings=True),
     "dbrx": dict(d_model=64, n_heads=4, n_layers=2, vocab_size=128,
                  attn_config=dict(kv_n_heads=2, clip_qkv=8, rope_theta=10000.0),
                  ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2)),
@@ -284,7 +319,7 @@ def test_every_transformers_family_has_a_cross_check():
 ROUND_TRIP = {"mixtral-tiny": "mixtral", "qwen2-moe-tiny": "qwen2_moe", "qwen3-moe-tiny": "qwen3_moe",
               "deepseek-v2-tiny": "deepseek_v2", "deepseek-v3-tiny": "deepseek_v3", "olmoe-tiny": "olmoe",
               "minimax-tiny": "minimax_m2", "dbrx-tiny": "dbrx", "deepseek-v3": "deepseek_v3",
-              "qwen3-30b-a3b": "qwen3_moe", "mixtral-8x7b": "mixtral"}
+              "qwen3-30b-a3b": "qwen3_moe", "mixtral-8x7b": "mixtral", "dense": "llama"}
 
 
 @pytest.mark.parametrize("preset, model_type", ROUND_TRIP.items())
@@ -302,6 +337,12 @@ def test_config_to_hf_names_what_the_family_cannot_express():
         config_to_hf(presets.get("deepseek-moe-tiny"), "mixtral")
     with pytest.raises(ValueError, match=r"attention: cannot be expressed as a Hugging Face deepseek_v3"):
         config_to_hf(presets.get("mixtral-tiny"), "deepseek_v3")
+    with pytest.raises(ValueError, match=r"moe: cannot be expressed as a Hugging Face llama config \(a dense family"):
+        config_to_hf(presets.get("mixtral-tiny"), "llama")
+    with pytest.raises(ValueError, match=r"moe: cannot be expressed as a Hugging Face mixtral config \(a dense model"):
+        config_to_hf(presets.get("dense"), "mixtral")
+    with pytest.raises(ValueError, match=r"attention\.qkv_bias: cannot be expressed as a Hugging Face llama"):
+        config_to_hf(presets.get("dense", **{"attention.qkv_bias": True}), "llama")
     top1 = presets.get("deepseek-v2-tiny", **{"moe.top_k": 1, "moe.norm_topk_prob": True})
     with pytest.raises(ValueError, match=r"moe\.norm_topk_prob: cannot be expressed as a Hugging Face deepseek_v2"):
         config_to_hf(top1, "deepseek_v2")

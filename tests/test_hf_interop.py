@@ -34,6 +34,11 @@ CASES = {
     "mixtral-top1": ("mixtral-tiny", {"moe.top_k": 1}, {}),
     "dbrx": ("dbrx-tiny", {}, {}),  # fused Wqkv and experts, clip_qkv, LayerNorm
     "minimax_m2": ("minimax-tiny", {}, {}),  # sigmoid + selection bias, partial rotary
+    # the dense Llama family, which smoe.upcycle starts from
+    "llama": ("dense", {"attention.n_kv_heads": 2}, {}),  # GQA
+    "llama-head-dim": ("dense", {"attention.head_dim": 32}, {}),  # head_dim != dim / heads
+    "mistral": ("dense", {"attention.sliding_window": 16}, {}),  # the window is shorter than the 24 tokens
+    "qwen2": ("dense", {"attention.qkv_bias": True, "tie_embeddings": True}, {}),
 }
 IDS = torch.randint(0, 8192, (2, 24), generator=torch.Generator().manual_seed(1))
 

@@ -14,7 +14,7 @@ LAYERS = [
     ("smoe.models",),
     ("smoe.io",),
     ("smoe.parallel",),
-    ("smoe.interop", "smoe.generation", "smoe.train"),
+    ("smoe.interop", "smoe.generation", "smoe.train", "smoe.upcycling"),
     ("smoe.eval", "smoe.bench", "smoe.serve"),
     ("smoe.cli", "smoe.__main__", "smoe"),  # the package itself re-exports (lazily) from everywhere
 ]

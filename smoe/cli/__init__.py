@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from smoe.cli import compare, serve
+from smoe.cli import compare, serve, upcycle
 from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
@@ -117,15 +117,19 @@ def parse_assignments(items: list[str]) -> dict:
 def _cmd_train(args: argparse.Namespace) -> None:
     from smoe.parallel import is_main_process
     from smoe.train import train_model
+    from smoe.train.checkpoint import initial_config
     from smoe.train.rundir import read_run_config
 
-    if (args.preset is None) == (args.config is None):
-        raise ValueError("train: give --preset NAME or --config FILE (exactly one)")
+    given_model = [m for m in (args.preset, args.config) if m is not None]
+    if len(given_model) > 1 or not given_model and args.init_from is None:
+        raise ValueError("train: give --preset NAME or --config FILE (exactly one), or --init-from DIR alone to "
+                         "continue training its model")
     if args.config is not None:
         model, train_config, data_config = read_run_config(args.config)
-        name = model.name
-    else:
-        model, train_config, data_config, name = args.preset, TrainConfig(), DataConfig(), args.preset
+    else:  # a preset, or the model of the checkpoint --init-from names
+        model = args.preset if args.preset is not None else initial_config(args.init_from)
+        train_config, data_config = TrainConfig(), DataConfig()
+    name = model if isinstance(model, str) else model.name
     data = {**vars(data_config), **given(args, DataConfig)}
     train = {**vars(train_config), **given(args, TrainConfig)}
     result = train_model(
@@ -332,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_smoke)
 
     p = sub.add_parser("train", help="train a preset on text data (checkpoints, metrics.jsonl, exact --resume)",
-                       description="Train a preset (or the configs of a run config file) on text data. Every "
-                                   "option below --quiet is a field of TrainConfig or DataConfig (smoe/train/config.py)"
-                                   "; with --config, the options given override the file's values.")
+                       description="Train a preset (or the configs of a run config file, or --init-from's model) "
+                                   "on text data. Every option below --quiet is a field of TrainConfig or DataConfig "
+                                   "(smoe/train/config.py); with --config, the options given override the file's.")
     p.add_argument("--preset", help="preset name (see `smoe presets`)")
     p.add_argument("--config", metavar="FILE", help="a run config: JSON with model_config and optionally "
                                                     "train_config and data_config (a run's run.json is one)")
@@ -359,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     compare.add_parser(sub)
+
+    upcycle.add_parser(sub)
 
     p = sub.add_parser("bench", help="a benchmark from benchmarks/ (moe-layer: smoe vs transformers' MoE block)")
     p.add_argument("name", choices=["moe-layer"])

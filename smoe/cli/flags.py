@@ -1,6 +1,6 @@
-"""The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings,
-ServeConfig), and the one place a field name becomes a flag: in help texts, in the parser, and in the library's
-error messages."""
+"""The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
+ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
+library's error messages."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from smoe.cost import CostSettings
 from smoe.eval.suite import CompareSettings
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
+from smoe.upcycling.spec import UpcycleSpec
 
 
 def flag(name: str) -> str:
@@ -24,7 +25,7 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig)
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
                for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets"}
 
@@ -45,10 +46,11 @@ def user_message(err: Exception) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, ...] | None = None,
-                         shown_defaults: dict | None = None) -> None:
+                         shown_defaults: dict | None = None, required: tuple[str, ...] = ()) -> None:
     """One flag per field of the dataclass ``cls`` (or of the fields in ``only``), typed from its annotation, with
     its help text. A flag not given is None, which means "the default of the settings it fills"; where that differs
-    from the field's own default, ``shown_defaults`` says so in the help."""
+    from the field's own default, ``shown_defaults`` says so in the help. The fields in ``required`` must be
+    given."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if only is not None and f.name not in only:
@@ -57,7 +59,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, only: tuple[str, 
         text = as_flags(f.metadata["help"])
         if f.name in (shown_defaults or {}):
             text += f" (default here: {shown_defaults[f.name]})"
-        options: dict = {"default": None, "help": text.replace("%", "%%")}
+        options: dict = {"default": None, "help": text.replace("%", "%%"), "required": f.name in required}
         if kind is bool:
             parser.add_argument(flag(f.name), action="store_true", **options)
             continue

@@ -4,6 +4,11 @@ Each run is a child ``smoe train`` process (its peak memory is its own, and a cr
 ``OUT/runs/<arch>/seed<k>``. Every architecture sees the same data order and token count for a given seed, with
 the same optimizer and schedule. An interrupted suite resumes: finished runs are skipped, unfinished ones
 continue from their last checkpoint.
+
+A two-phase suite (upcycling) trains its dense trunk first, once per seed; seed s's trunk then starts seed s's
+branches (continued as it is, or upcycled by smoe.upcycling into ``OUT/init/<arch>/seed<k>``), which continue its
+data order and learning-rate schedule from the step the trunk stopped at, while its from-scratch runs train the
+trunk's steps and the branches' on the same schedule.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from smoe.errors import TrainingError
@@ -22,9 +27,11 @@ from smoe.eval.suite import (
     LR_FILE,
     Arch,
     CompareSettings,
+    Suite,
     check_matched,
     fingerprint,
     finished,
+    init_dir,
     read_summary,
     resolve_suite,
     run_dir,
@@ -34,6 +41,7 @@ from smoe.eval.suite import (
 from smoe.io.files import read_json, write_json
 from smoe.train.config import TrainConfig
 from smoe.train.data.spec import parse_spec
+from smoe.upcycling.weights import upcycle_checkpoint
 
 RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
 
@@ -56,7 +64,7 @@ def _train_all(jobs: list[Job], settings: CompareSettings, parallel: int, log) -
     """Train every job not finished earlier, ``parallel`` at a time; a failed child stops the others."""
     pending = []
     for job in jobs:
-        if finished(job[3], settings.train.steps):
+        if finished(job[3], job[2].steps):
             log(f"{job[0]}: done earlier")
         else:
             pending.append(job)
@@ -134,8 +142,12 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     name, spec = resolve_suite(suite, preset_list)
     archs = spec.archs
     matched = check_matched(archs, settings.train.seq_len, spec.matching)
-    for arch in spec.ladder:  # built here too, so a bad ladder fails before any training
+    for arch in [*spec.ladder, *([spec.trunk] if spec.trunk else [])]:  # built here too, so a bad one fails first
         check_matched([arch], settings.train.seq_len)
+    if spec.trunk is None and settings.trunk_steps is not None:
+        raise ValueError(f"trunk_steps: only with a two-phase suite (upcycling), not {name!r}")
+    if spec.trunk is not None and settings.tune_lr:
+        raise ValueError(f"tune_lr: not with the two-phase suite {name!r}, whose runs start from one trunk")
     out = Path(out)
     definition = suite_definition(name, spec, settings)
     suite_file = out / "suite.json"
@@ -147,9 +159,39 @@ def run_suite(suite: str | None, preset_list: str | None, settings: CompareSetti
     else:
         write_json(suite_file, {**definition, "fingerprint": fingerprint(definition), "matched": matched})
 
-    chosen = _tune_learning_rates(out, spec.runs(), settings, jobs, log) if settings.tune_lr else {}
-    _train_all([(f"{arch.label} seed {seed}", arch, settings.run_config(seed, chosen.get(arch.label)),
-                 run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in spec.runs()],
-               settings, jobs, log)
-
+    if spec.trunk is not None:
+        _train_two_phase(out, spec, settings, jobs, log)
+    else:
+        chosen = _tune_learning_rates(out, spec.runs(), settings, jobs, log) if settings.tune_lr else {}
+        _train_all([(f"{arch.label} seed {seed}", arch, settings.run_config(seed, chosen.get(arch.label)),
+                     run_dir(out, arch, seed)) for seed in range(settings.seeds) for arch in spec.runs()],
+                   settings, jobs, log)
     return write_report(out, name, spec, settings, matched, log=log)
+
+
+def _train_two_phase(out: Path, spec: Suite, settings: CompareSettings, parallel: int, log) -> None:
+    """The trunk of every seed, then each seed's branches from its trunk's final checkpoint (upcycled here once,
+    into init/) beside the from-scratch runs, which train as many steps as the trunk and a branch together."""
+    start, seeds, total = settings.trunk_length, range(settings.seeds), settings.trunk_length + settings.train.steps
+    # Every run follows one warmup + cosine schedule over trunk + branch steps: the trunk stops at its start, the
+    # branches continue it (start_step), so the dense continuation is the uninterrupted dense run but for its
+    # fresh optimizer state.
+    _train_all([(f"trunk seed {seed}", spec.trunk, replace(settings.run_config(seed, steps=start),
+                                                           schedule_steps=total),
+                 run_dir(out, spec.trunk, seed)) for seed in seeds], settings, parallel, log)
+    jobs: list[Job] = []
+    for seed in seeds:
+        for arch in spec.runs():
+            if not arch.from_trunk:
+                config = settings.run_config(seed, steps=total)
+                jobs.append((f"{arch.label} seed {seed}", arch, config, run_dir(out, arch, seed)))
+                continue
+            origin = run_dir(out, spec.trunk, seed)
+            if arch.upcycle is not None:
+                origin, trunk = init_dir(out, arch, seed), origin
+                if not origin.exists():  # written atomically: present means complete
+                    log(f"{arch.label} seed {seed}: upcycling the trunk ({arch.upcycle.method})")
+                    upcycle_checkpoint(trunk, origin, replace(arch.upcycle, seed=seed))
+            config = replace(settings.run_config(seed), init_from=str(origin), start_step=start)
+            jobs.append((f"{arch.label} seed {seed}", arch, config, run_dir(out, arch, seed)))
+    _train_all(jobs, settings, parallel, log)

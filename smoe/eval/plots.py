@@ -33,7 +33,8 @@ def curves_title(seeds: int) -> str:
     return f"Validation loss: mean over {seeds} seeds, band = 95% t-interval of the mean"
 
 
-def fig_curves(data) -> bytes:
+def fig_curves(data, xlabel: str = "step") -> bytes:
+    """Each entry's validation curve (``curves``: per seed, x and loss), the mean over seeds with its t band."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, entry in data.items():
@@ -43,7 +44,7 @@ def fig_curves(data) -> bytes:
         ax.plot(steps[:n], losses.mean(0), label=label)
         if len(losses) > 1:
             ax.fill_between(steps[:n], *band(losses), alpha=0.2)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(curves_title(min(len(e["curves"]) for e in data.values())))
     ax.grid(alpha=0.3)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from smoe.eval.collect import analysis_json, collect, ladder_rungs, run_analyses
+from smoe.eval.collect import analysis_json, collect, run_analyses
 from smoe.eval.document import (
     Block,
     Bullets,
@@ -31,10 +31,11 @@ from smoe.eval.document import (
     to_html,
     to_markdown,
 )
-from smoe.eval.ladder import multiplier
-from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_ladder, fig_loads, fig_redundancy
+from smoe.eval.ladder import compute_ladder
+from smoe.eval.plots import fig_affinity, fig_balance, fig_bars, fig_curves, fig_loads, fig_redundancy
 from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
 from smoe.eval.suite import MATCH_TOLERANCE, CompareSettings, Suite, read_learning_rates
+from smoe.eval.upcycling import TwoPhase
 from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
 
 # Published validation losses whose order a suite can check, by architecture label.
@@ -99,7 +100,8 @@ def verdict(losses: dict[str, list[float]], results: list[Paired]) -> list[Block
         how = ((f" Each line below is the mean over the {n} seeds of the paired difference in final validation "
                f"loss (seed s gives every architecture the same data order and validation split), with a "
                f"t-interval on {n - 1} degree{'s' if n > 2 else ''} of freedom, Holm-corrected over the "
-               f"m = {len(results)} comparison{'s' if len(results) > 1 else ''} of this report (each architecture against the best, and the papers' orders below) at a "
+               f"m = {len(results)} comparison{'s' if len(results) > 1 else ''} of this report (each architecture "
+               f"against the best, and the papers' orders below) at a "
                f"family-wise {_pct(ALPHA)}. A gap is resolved only when its corrected interval excludes 0. "
                f"\"Detectable\" is the smallest true gap this many seeds would resolve with {_pct(POWER)} power at "
                f"the same level, from the observed spread of the differences."),)
@@ -153,8 +155,10 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
     data = collect(out, spec.archs, settings.seeds)
     analyses = analysis_json(run_analyses(out, spec.archs, settings, log=log))
     ladder = collect(out, spec.ladder, settings.seeds) if spec.ladder else None
+    two_phase = None if spec.trunk is None else TwoPhase(spec.archs, collect(out, [spec.trunk], settings.seeds)[
+        spec.trunk.label], settings)
     doc = build_document(suite, settings, matched, data, analyses, matching=spec.matching, ladder=ladder,
-                         learning_rates=read_learning_rates(out))
+                         learning_rates=read_learning_rates(out), two_phase=two_phase)
     write_json(out / "analysis.json", analyses, indent=1)
     for block in doc:
         if isinstance(block, Figure):
@@ -166,18 +170,24 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
 def build_document(suite: str, settings: CompareSettings, matched: dict[str, dict[str, float]],
                    data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], *,
                    matching: str = "active", ladder: dict[str, dict[str, Any]] | None = None,
-                   learning_rates: dict[str, dict[str, Any]] | None = None) -> list[Block]:
+                   learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None
+                   ) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
-    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"), Paragraph(setup_line(suite, settings, data)),
+    doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"),
+                        Paragraph(setup_line(suite, settings, data, two_phase is not None)),
                         Paragraph(matching_line(matching, matched)),
                         Heading(2, "Verdict"), *verdict(losses, results),
                         Heading(2, "Against the papers"), *against_papers(claims),
-                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)), results_table(data, matched),
+                        Heading(2, "Results"), Paragraph(_spread_note(settings.seeds)),
+                        results_table(data, matched, matching),
                         *routing_end_blocks(data),
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
-                        Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(data)),
+                        *(two_phase.blocks(data) if two_phase else []),
+                        Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(
+                            two_phase.on_data_order(data) if two_phase else data,
+                            xlabel="step of the data order" if two_phase else "step")),
                         Heading(3, "Expert load balance"),
                         Figure("balance", "Expert load balance over seeds", fig_balance(data))]
     for label, entry in data.items():
@@ -189,19 +199,26 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
     return doc
 
 
-def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, Any]]) -> Text:
+def setup_line(suite: str, settings: CompareSettings, data: dict[str, dict[str, Any]], two_phase: bool = False
+               ) -> Text:
     t, d = settings.train, settings.data
     # run.json holds the precision each run resolved ("auto" becomes bf16 or fp32 for its device)
     used = sorted({p for entry in data.values() for p in entry["precision"]})
     precision = used[0] if len(used) == 1 else f"{'/'.join(used)} (differs between runs)"
     val = (" (validation ", Code(d.val_data), ")") if d.val_data else ()
+    steps, same = t.steps, "Same data order, optimizer and schedule for all."
+    if two_phase:  # the upcycling section describes the two phases
+        steps, same = settings.trunk_length + t.steps, "Same data order and tokens for all, in two phases (below)."
     return ("Suite ", Code(suite), " on ", Code(d.data), *val,
-            (f": {t.steps} steps x {t.batch_size} x {t.seq_len} tokens ({t.steps * t.batch_size * t.seq_len:,} "
-             f"tokens per run), lr {t.lr}, {precision}, {settings.seeds} seed(s). Same data order, optimizer and "
-             f"schedule for all."))
+            (f": {steps} steps x {t.batch_size} x {t.seq_len} tokens ({steps * t.batch_size * t.seq_len:,} "
+             f"tokens per run), lr {t.lr}, {precision}, {settings.seeds} seed(s). {same}"))
 
 
 def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
+    if matching == "none":
+        return ("Not matched on parameters: the MoEs here are made from (or shaped like) the dense model and cost "
+                "more or less per token, so they are compared by training compute (below); the table's Δ matched "
+                "is n/a.")
     what = {"active": "activated", "total": "total"}[matching]
     line = (f"Matched on {what} parameters without the embedding and head, within {MATCH_TOLERANCE:.0%} of the "
             "reference (the table's Δ matched)")
@@ -213,14 +230,15 @@ def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
     return line + (f" (reference: {reference[0]})." if reference else ".")
 
 
-def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]]) -> Table:
+def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, float]],
+                  matching: str = "active") -> Table:
     rows = [("architecture", "val loss", "BPB", "params total", "active", "Δ matched", "GFLOPs/token",
              "train tok/s", "MFU", "peak mem")]
     for label, entry in data.items():
         s, m = entry["summaries"], matched[label]
         peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
         delta = (f"{m.get('matched_vs_reference', m['active_vs_first']):+.1%}" if m.get("matched", True)
-                 else "reference")
+                 else "reference" if matching == "total" else "n/a")
         rows.append((
             label, _ci([f["val_loss"] for f in entry["final"]]), _ci([f["val_bpb"] for f in entry["final"]]),
             f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", delta,
@@ -273,36 +291,6 @@ def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> li
             Paragraph("Each architecture was trained once (seed 0) at every rate; every seed then trained at the "
                       "rate with the lowest validation loss, so one shared rate does not decide the ranking."),
             Table(tuple(rows))]
-
-
-def compute_ladder(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, Any]],
-                   ladder: dict[str, dict[str, Any]] | None, settings: CompareSettings) -> list[Block]:
-    """Each MoE's effective compute multiplier (smoe.eval.ladder) from the dense models of the suite and its
-    ladder, per seed, with the interval over seeds taken on its logarithm."""
-    if not ladder:
-        return []
-    t = settings.train
-    tokens = t.steps * t.batch_size * t.seq_len
-    dense = {label: e for label, e in data.items() if not matched[label].get("moe", False)}
-    rungs = ladder_rungs({**dense, **ladder}, tokens)
-    moes = ladder_rungs({label: e for label, e in data.items() if label not in dense}, tokens)
-    rows = [("architecture", "multiplier (95% CI)", "per seed")]
-    for label, points in moes.items():
-        per_seed = [multiplier(f, loss, [r[s] for r in rungs.values()]) for s, (f, loss) in enumerate(points)]
-        if any(m.bound for m in per_seed) or len(per_seed) < 2:
-            summary = "outside the ladder on some seed: bounds only" if any(m.bound for m in per_seed) else \
-                f"{per_seed[0]} (one seed: no interval)"
-        else:
-            iv = interval([float(np.log(m.value)) for m in per_seed])
-            summary = f"{np.exp(iv.mean):.2f}x [{np.exp(iv.low):.2f}, {np.exp(iv.high):.2f}]"
-        rows.append((label, summary, ", ".join(str(m) for m in per_seed)))
-    return [Heading(3, "Compute ladder"),
-            Paragraph(f"Dense models of {len(rungs)} widths ({', '.join(rungs)}) trained on the same {tokens:,} "
-                      "tokens give loss against training FLOPs; an MoE's effective compute multiplier is the dense "
-                      "training compute that reaches its loss, over its own (interpolated in log-FLOPs between the "
-                      "two bracketing rungs of the same seed; Clark et al. 2022). Outside the ladder only a bound "
-                      "(> or <) is known."),
-            Table(tuple(rows)), Figure("ladder", "Loss against training compute", fig_ladder(rungs, moes))]
 
 
 def _stat(summary: dict[str, Any], digits: int, sign: str = "") -> str:

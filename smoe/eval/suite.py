@@ -4,7 +4,8 @@ it) all take it from here.
 A suite is a list of architectures (``Arch``) matched within ``MATCH_TOLERANCE`` activated parameters, trained
 under one ``CompareSettings``. Its directory holds ``suite.json`` (the definition and its fingerprint) and one run
 per architecture and seed under ``runs/<arch>/seed<k>``, each with the ``metrics.jsonl`` and ``summary.json`` that
-``smoe train`` writes.
+``smoe train`` writes. A two-phase suite (``upcycling``) first trains a dense trunk (``runs/trunk/seed<k>``); the
+architectures marked ``from_trunk`` start from its checkpoint (upcycled into ``init/<arch>/seed<k>``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from smoe.config import ModelConfig, override
 from smoe.config_rules import check_types, fail, option, positive
 from smoe.io.files import parse_json, read_json
 from smoe.train.config import DataConfig, TrainConfig
+from smoe.upcycling.spec import UpcycleSpec
 
 # Matched parameters (embedding and head excluded) may differ by at most 2% from the suite's reference: with the
 # embeddings counted, 5% let the FFNs of a small model differ by about 10%.
@@ -32,9 +34,22 @@ class Arch:
     label: str
     preset: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Two-phase suites: the MoE smoe.upcycle makes of this dense architecture, and whether the run starts from the
+    # suite trunk's checkpoint (upcycled by ``upcycle``, else continued as it is) or from scratch.
+    upcycle: UpcycleSpec | None = None
+    from_trunk: bool = False
 
     def config(self) -> ModelConfig:
-        return override(presets.get(self.preset), self.overrides) if self.overrides else presets.get(self.preset)
+        config = override(presets.get(self.preset), self.overrides) if self.overrides else presets.get(self.preset)
+        return self.upcycle.config(config) if self.upcycle is not None else config
+
+    def definition(self) -> dict[str, Any]:
+        """Its fields, the two-phase ones only where set: suites defined before them keep their fingerprint."""
+        fields_ = asdict(self)
+        for name, unset in (("upcycle", None), ("from_trunk", False)):
+            if fields_[name] == unset:
+                del fields_[name]
+        return fields_
 
 
 def _fine(n_experts: int, k: int, width: int, **extra) -> dict[str, Any]:
@@ -48,10 +63,14 @@ class Suite:
     architectures, activated parameters differing and shown; a dense model is the activated-size reference)."""
 
     archs: list[Arch]
-    matching: Literal["active", "total"] = "active"
+    matching: Literal["active", "total", "none"] = "active"
     # Dense models at other widths, trained on the same tokens and seeds: with the suite's own dense models they are
     # the compute ladder each MoE's effective compute multiplier is read from (smoe.eval.ladder). Not matched.
     ladder: list[Arch] = field(default_factory=list)
+    # Two-phase suites: a dense model trained first, for ``trunk_steps`` (CompareSettings); the architectures
+    # marked from_trunk start from its checkpoint and train `steps` more on the data order after it, the others
+    # train trunk_steps + `steps` from scratch, so every run sees the same tokens.
+    trunk: Arch | None = None
 
     def runs(self) -> list[Arch]:
         """Every architecture trained: the compared ones, then the ladder's."""
@@ -110,6 +129,17 @@ SUITES: dict[str, Suite] = {
         Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
         Arch("dropless", "gshard", {"moe.capacity_factor": None}),
     ]),
+    # Komatsuzaki et al. 2023's question at this size: after a dense trunk, is upcycling (copy: 8 copies of the FFN,
+    # top-2; split: LLaMA-MoE's 16 groups of its hidden units, top-4) better than training the dense model on, for
+    # the same extra compute? And than the same MoEs trained from scratch on the same tokens? Not matched on
+    # parameters: the report compares by training compute.
+    "upcycling": Suite([
+        Arch("dense", "dense", from_trunk=True),
+        Arch("upcycled-copy", "dense", upcycle=UpcycleSpec("copy", 8, 2), from_trunk=True),
+        Arch("upcycled-split", "dense", upcycle=UpcycleSpec("split", 16, 4), from_trunk=True),
+        Arch("scratch-copy", "dense", upcycle=UpcycleSpec("copy", 8, 2)),
+        Arch("scratch-split", "dense", upcycle=UpcycleSpec("split", 16, 4)),
+    ], matching="none", trunk=Arch("trunk", "dense")),
 }
 
 
@@ -117,6 +147,8 @@ SUITES: dict[str, Suite] = {
 # from a single run's (longer runs, denser validation curves).
 COMPARE_FIELDS = ("steps", "batch_size", "seq_len", "lr", "eval_every", "eval_batches", "precision", "device")
 COMPARE_DEFAULTS = {"steps": 300, "eval_every": 25}
+# The CompareSettings fields `smoe compare` takes as flags.
+COMPARE_OWN = ("seeds", "checkpoints", "tune_lr", "trunk_steps")
 # Fractions of training at which every run also saves a checkpoint: OLMoE §5.1 reads router saturation from 1% of
 # training on, where most of the change happens.
 EARLY_CHECKPOINTS = (0.01, 0.1)
@@ -135,6 +167,9 @@ class CompareSettings:
     tune_lr: tuple[float, ...] = option(
         (), "learning rates to try per architecture, e.g. 1e-3,2e-3,4e-3: each is trained once (seed 0) and the "
             "one with the lowest validation loss trains every seed, so one shared rate does not decide the ranking")
+    trunk_steps: int | None = option(
+        None, "two-phase suites (upcycling): steps the dense trunk trains before the runs that start from it train "
+              "`steps` more (default: as many as `steps`)")
 
     def validate(self) -> "CompareSettings":
         self.train.validate()
@@ -146,18 +181,24 @@ class CompareSettings:
             fail("tune_lr", f"must be two or more different learning rates, got {self.tune_lr}")
         for lr in self.tune_lr:
             positive("tune_lr", lr)
+        positive("trunk_steps", self.trunk_steps, allow_none=True)
         return self
 
-    def run_config(self, seed: int, lr: float | None = None) -> TrainConfig:
-        """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate),
-        ``checkpoints`` evenly spaced checkpoints and early ones (EARLY_CHECKPOINTS); no time-based ones, so every
-        architecture is analysed at the same steps. Only the newest keeps its optimizer state (to resume): the
-        analyses read the others' models."""
-        steps = self.train.steps
+    @property
+    def trunk_length(self) -> int:
+        """Steps of a two-phase suite's trunk, the data-order step its branches start at."""
+        return self.trunk_steps if self.trunk_steps is not None else self.train.steps
+
+    def run_config(self, seed: int, lr: float | None = None, steps: int | None = None) -> TrainConfig:
+        """The TrainConfig of one run: the suite's, with the seed (and the architecture's tuned learning rate, and
+        its own length in a two-phase suite), ``checkpoints`` evenly spaced checkpoints and early ones
+        (EARLY_CHECKPOINTS); no time-based ones, so every architecture is analysed at the same steps. Only the
+        newest keeps its optimizer state (to resume): the analyses read the others' models."""
+        steps = self.train.steps if steps is None else steps
         every = max(1, steps // self.checkpoints)
         regular = set(range(every, steps + 1, every))
         early = tuple(sorted({max(1, round(f * steps)) for f in EARLY_CHECKPOINTS} - regular))
-        return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, save_every=every,
+        return replace(self.train, seed=seed, lr=self.train.lr if lr is None else lr, steps=steps, save_every=every,
                        save_at=early, keep_last=self.checkpoints + len(early) + 1, keep_optimizer=1,
                        save_every_minutes=0.0)
 
@@ -175,6 +216,8 @@ class CompareSettings:
                      if f.name not in kept and getattr(self.data, f.name) != f.default})
         if self.tune_lr:
             kept["tune_lr"] = list(self.tune_lr)
+        if self.trunk_steps is not None:
+            kept["trunk_steps"] = self.trunk_steps
         return kept
 
 
@@ -214,6 +257,11 @@ def check_matched(archs: list[Arch], seq_len: int, matching: str = "active") -> 
                              "active_non_embedding": acc.active_params - embedding,
                              "total_non_embedding": acc.total_params - embedding,
                              "flops_per_token": acc.forward_flops_per_token, "moe": config.moe is not None}
+    if matching == "none":  # compared by training compute instead (the upcycling suite)
+        first = table[archs[0].label]["active_params"]
+        for row in table.values():
+            row.update(matched=False, active_vs_first=row["active_params"] / first - 1)
+        return table
     key = {"active": "active_non_embedding", "total": "total_non_embedding"}[matching]
     matched = [label for label, row in table.items() if matching == "active" or row["moe"]]
     if not matched:
@@ -234,11 +282,13 @@ def check_matched(archs: list[Arch], seq_len: int, matching: str = "active") -> 
 def suite_definition(suite: str, spec: Suite, settings: CompareSettings) -> dict[str, Any]:
     """What makes runs comparable (CompareSettings.definition); suite.json records its fingerprint. The matching
     is named only when it is not the default, so suites defined before it existed keep their fingerprint."""
-    definition = {"suite": suite, "archs": [asdict(a) for a in spec.archs], "settings": settings.definition()}
+    definition = {"suite": suite, "archs": [a.definition() for a in spec.archs], "settings": settings.definition()}
     if spec.matching != "active":
         definition["matching"] = spec.matching
     if spec.ladder:
-        definition["ladder"] = [asdict(a) for a in spec.ladder]
+        definition["ladder"] = [a.definition() for a in spec.ladder]
+    if spec.trunk is not None:
+        definition["trunk"] = spec.trunk.definition()
     return definition
 
 
@@ -248,6 +298,11 @@ def fingerprint(definition: dict[str, Any]) -> str:
 
 def run_dir(out: Path, arch: Arch, seed: int) -> Path:
     return out / "runs" / arch.label / f"seed{seed}"
+
+
+def init_dir(out: Path, arch: Arch, seed: int) -> Path:
+    """Where a two-phase suite writes the upcycled trunk checkpoint that ``arch``'s run of ``seed`` starts from."""
+    return out / "init" / arch.label / f"seed{seed}"
 
 
 def tune_dir(out: Path, arch: Arch, lr: float) -> Path:

@@ -287,7 +287,8 @@ def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, 
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "dbrx": "DbrxForCausalLM",
                   "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                  "minimax_m2": "MiniMaxM2ForCausalLM"}
+                  "minimax_m2": "MiniMaxM2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM"}
 assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
 
 
@@ -315,7 +316,7 @@ def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | No
     model_type = model_type or infer_model_type(config)
     hf_config = config_to_hf(config, model_type)  # raises naming the field the family cannot express
     out = check_fresh_dir(out)  # before the export work; atomic_directory checks again when it starts
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    state = _fold_routed_scale(config, model_type, {k: v.detach() for k, v in model.state_dict().items()})
     tensors = _export_tensors(pieces_for(config, model_type, state), state)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
     hf_config.update(architectures=[_ARCHITECTURES[model_type]], dtype=str(dtype).removeprefix("torch."))
@@ -329,6 +330,17 @@ def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | No
             (tmp / "tokenizer.json").write_text(tokenizer_json)
             (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json), indent=2))
     return out
+
+
+def _fold_routed_scale(config: ModelConfig, model_type: str, state: dict[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor]:
+    """``state`` for a family without a routed_scaling_factor (all but DeepSeek-V2/V3): the factor multiplied into
+    the routed experts' down projections, which gives the same outputs (an expert's output is linear in its down
+    projection). The scaled tensors are new; the model's own are untouched."""
+    scale = config.moe.routed_scaling_factor if config.moe is not None else 1.0
+    if scale == 1.0 or model_type in ("deepseek_v2", "deepseek_v3"):
+        return state
+    return {k: v * scale if k.endswith("ffn.experts.w_down") else v for k, v in state.items()}
 
 
 def _export_tensors(pieces: list[Piece], state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

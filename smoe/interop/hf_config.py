@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smoe.config import AttentionConfig, MLAConfig, ModelConfig
-from smoe.interop.hf_families import FAMILIES, TRANSFORMERS_FAMILIES, Reader
+from smoe.interop.hf_families import DENSE_FAMILIES, FAMILIES, TRANSFORMERS_FAMILIES, Reader
 from smoe.io.files import read_json
 
 # Upper bounds on the integers of a config.json, checked before anything is built from them: some work (the layer
@@ -96,16 +96,19 @@ def _rope_out(attn) -> dict[str, Any]:
 
 
 def _base_out(c: ModelConfig, model_type: str) -> dict[str, Any]:
-    if c.moe is None:
-        _unsupported(model_type, "moe", "a dense model")
+    dense = model_type in DENSE_FAMILIES
+    if (c.moe is None) != dense:
+        _unsupported(model_type, "moe", "a dense family: no experts" if dense else "a dense model")
     if c.activation != "silu":
         _unsupported(model_type, "activation", f"{c.activation!r}; the family uses silu")
     if c.norm != "rmsnorm" and model_type != "dbrx":
         _unsupported(model_type, "norm", "the family uses RMSNorm")
-    if c.layout.dense_residual:
-        _unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
     m = c.moe
-    if m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias:
+    if dense and c.layout.n_mtp_modules:
+        _unsupported(model_type, "layout.n_mtp_modules", "no multi-token prediction in this family")
+    elif not dense and c.layout.dense_residual:
+        _unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
+    elif not dense and (m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias):
         _unsupported(model_type, "moe", "only dropless token-choice routing without a router logit bias")
     return {"model_type": model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
             "num_hidden_layers": c.n_layers, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
@@ -128,6 +131,22 @@ def _gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None) -
             "head_dim": a.resolved_head_dim(c.dim), **_rope_out(a)}
 
 
+def _dense_out(c: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The keys of a dense Llama-family config.json beyond _base_out's (Qwen2 biases q, k and v; Llama and Mistral
+    nothing; only Mistral and Qwen2 slide, every layer or none)."""
+    window = c.attention.sliding_window if isinstance(c.attention, AttentionConfig) else None
+    _require(model_type, window is None or model_type != "llama", "attention.sliding_window",
+             "Llama has no sliding window")
+    out = {**_gqa_out(c, model_type, "none", model_type == "qwen2"), "intermediate_size": c.ffn_dim}
+    if model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    elif model_type == "mistral":
+        out["sliding_window"] = window
+    else:  # Qwen2 slides on the layers from max_window_layers on: all of them, or none
+        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0)
+    return out
+
+
 def _require(model_type: str, ok: bool, path: str, why: str) -> None:
     if not ok:
         _unsupported(model_type, path, why)
@@ -142,16 +161,21 @@ def check_exportable(config: ModelConfig) -> None:
 
 def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
     """The Hugging Face config.json of ``model_type`` describing ``config``; raises naming the field that the
-    family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults)."""
+    family cannot express. ``config_from_hf(config_to_hf(c, t))`` gives ``c`` back (up to name and defaults, and a
+    routed_scaling_factor the family lacks, which the exported weights carry instead)."""
     c, m, lay = config, config.moe, config.layout
     if model_type not in TRANSFORMERS_FAMILIES:
         raise ValueError(f"model_type: unsupported {model_type!r}; supported: {', '.join(TRANSFORMERS_FAMILIES)}")
     check_exportable(c)
     out = _base_out(c, model_type)
+    if model_type in DENSE_FAMILIES:
+        return {**out, **_dense_out(c, model_type)}
     # transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099999...
     hf_aux = float(f"{m.aux_loss_coef * max(c.n_moe_layers, 1) / m.top_k:.12g}")
     plain_layout = lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None
-    softmax_plain = m.score_func == "softmax" and m.n_group == 1 and m.routed_scaling_factor == 1.0
+    # A routed_scaling_factor the family lacks is folded into the experts' down projections on export
+    # (smoe.interop.hf.save_pretrained), so it is not refused here.
+    softmax_plain = m.score_func == "softmax" and m.n_group == 1
     no_shared = m.n_shared_experts == 0
     if model_type in ("mixtral", "qwen3_moe", "olmoe", "minimax_m2", "dbrx"):
         _require(model_type, no_shared, "moe.n_shared_experts", "no shared experts in this family")
@@ -167,7 +191,7 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
                    num_local_experts=m.n_routed_experts, num_experts_per_tok=k,
                    router_aux_loss_coef=hf_aux, sliding_window=c.attention.sliding_window)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
-        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups")
         qwen2 = model_type == "qwen2_moe"
         out.update(_gqa_out(c, model_type, "none" if qwen2 else "head", None if qwen2 else False),
                    intermediate_size=c.ffn_dim,
@@ -214,14 +238,14 @@ def config_to_hf(config: ModelConfig, model_type: str) -> dict[str, Any]:
         if v3:
             out["num_nextn_predict_layers"] = lay.n_mtp_modules
     elif model_type == "olmoe":
-        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups or scaling")
+        _require(model_type, softmax_plain, "moe.score_func", "softmax routing without groups")
         out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
                    num_experts=m.n_routed_experts, num_experts_per_tok=k, norm_topk_prob=m.norm_topk_prob,
                    router_aux_loss_coef=hf_aux, router_z_loss_coef=m.z_loss_coef, attention_bias=False,
                    clip_qkv=c.attention.clip_qkv)
     elif model_type == "minimax_m2":
         _require(model_type, m.score_func == "sigmoid" and m.balance == "aux_free" and m.norm_topk_prob
-                 and m.n_group == 1 and m.routed_scaling_factor == 1.0, "moe",
+                 and m.n_group == 1, "moe",
                  "sigmoid scores with a selection bias, renormalised, no groups")
         out.update(_gqa_out(c, model_type, "full", False), intermediate_size=m.expert_dim,
                    num_local_experts=m.n_routed_experts, num_experts_per_tok=k,

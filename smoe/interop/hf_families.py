@@ -1,5 +1,7 @@
 """Hugging Face ``config.json`` -> ModelConfig: one reading function per family, keyed by ``model_type``
-(smoe.interop.hf_config dispatches, bounds-checks first, and writes the other direction). No torch import.
+(smoe.interop.hf_config dispatches, bounds-checks first, and writes the other direction). No torch import. The MoE
+families, and the dense Llama family (``DENSE_FAMILIES``: Llama, Mistral, Qwen2), which dense-to-MoE upcycling
+starts from (smoe.upcycling).
 
 Reading: the keys that fix a model's size (``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
 ``num_attention_heads``; DBRX's ``d_model``, ``n_layers``, ``n_heads``) are required; any other absent key takes the
@@ -112,13 +114,14 @@ def _with_hf_aux(config: ModelConfig, hf_coef: float) -> ModelConfig:
     return replace(config, moe=replace(config.moe, aux_loss_coef=hf_coef * config.moe.top_k / n_moe))
 
 
-def _sliding(r: Reader, *, qwen2: bool = False) -> int | None:
+def _sliding(r: Reader, slides: Callable[[int], bool] | None = None) -> int | None:
+    """The window of ``use_sliding_window``. ``slides(i)``: whether layer i slides when config.json lists no
+    ``layer_types`` (the family's rule, from its transformers config class); None: every layer does."""
     if not r.opt("use_sliding_window", False):
         return None
-    if qwen2:  # Qwen2-MoE slides on every other layer below max_window_layers: a per-layer choice we cannot hold
+    if slides is not None:  # a per-layer choice we cannot hold unless it picks every layer
         n = int(r.req("num_hidden_layers"))
-        types = r.opt("layer_types") or ["sliding_attention" if (i + 1) % 2 and i < int(r.opt("max_window_layers", 28))
-                                         else "full_attention" for i in range(n)]
+        types = r.opt("layer_types") or ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
         if any(t != "sliding_attention" for t in types):
             raise ValueError(f"{r.source}: use_sliding_window=true with full attention on some layers is not "
                              "supported (one sliding window for every layer only)")
@@ -158,7 +161,8 @@ def _qwen2_moe(r: Reader) -> ModelConfig:
         attention=AttentionConfig(n_heads=int(r.req("num_attention_heads")),
                                   n_kv_heads=int(r.opt("num_key_value_heads", 16)), rope_theta=theta,
                                   rope_scaling=scaling, qkv_bias=bool(r.opt("qkv_bias", True)),
-                                  sliding_window=_sliding(r, qwen2=True)),
+                                  sliding_window=_sliding(r, lambda i: bool((i + 1) % 2) and i < int(
+                                      r.opt("max_window_layers", 28)))),  # every other layer, below it
         moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 60)),
                       top_k=int(r.opt("num_experts_per_tok", 4)), expert_dim=int(r.opt("moe_intermediate_size", 1408)),
                       n_shared_experts=1 if shared else 0, shared_expert_dim=shared or None,
@@ -302,6 +306,39 @@ def _minimax_m2(r: Reader) -> ModelConfig:
     )
 
 
+def _dense(r: Reader, *, ffn_dim: int, kv_heads: int | None, max_pos: int, qkv_bias: bool = False,
+           sliding: int | None = None) -> ModelConfig:
+    """The dense Llama family (Llama, Mistral, Qwen2): GQA with RoPE and a SwiGLU FFN in every layer, no MoE.
+    ``kv_heads`` None: as many as the query heads (Llama's default)."""
+    theta, scaling = _rope(r)
+    heads = int(r.req("num_attention_heads"))
+    return ModelConfig(
+        **_common(r, eps=1e-6, max_pos=max_pos),
+        ffn_dim=int(r.opt("intermediate_size", ffn_dim)),
+        attention=AttentionConfig(n_heads=heads, n_kv_heads=int(r.opt("num_key_value_heads", kv_heads or heads)),
+                                  head_dim=_head_dim(r, heads), rope_theta=theta, rope_scaling=scaling,
+                                  qkv_bias=qkv_bias, sliding_window=sliding),
+        moe=None,
+    )
+
+
+def _llama(r: Reader) -> ModelConfig:
+    r.reject("attention_bias", "mlp_bias", why="Llama's optional biases (ours: on q, k, v only, none on the MLP)")
+    return _dense(r, ffn_dim=11008, kv_heads=None, max_pos=2048)
+
+
+def _mistral(r: Reader) -> ModelConfig:
+    # MistralConfig's sliding_window defaults to 4096 when the key is absent; null (v0.2 on) turns it off.
+    window = r.data["sliding_window"] if "sliding_window" in r.data else 4096
+    return _dense(r, ffn_dim=14336, kv_heads=8, max_pos=4096 * 32, sliding=None if window is None else int(window))
+
+
+def _qwen2(r: Reader) -> ModelConfig:
+    # Qwen2 always biases q, k and v (not o); its sliding layers are those from max_window_layers on.
+    window = _sliding(r, lambda i: i >= int(r.opt("max_window_layers", 28)))
+    return _dense(r, ffn_dim=22016, kv_heads=32, max_pos=32768, qkv_bias=True, sliding=window)
+
+
 FAMILIES: dict[str, Callable[[Reader], ModelConfig]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,
@@ -313,5 +350,9 @@ FAMILIES: dict[str, Callable[[Reader], ModelConfig]] = {
     "olmoe": _olmoe,
     "dbrx": _dbrx,
     "minimax_m2": _minimax_m2,
+    "llama": _llama,  # the dense families: what smoe.upcycle starts from
+    "mistral": _mistral,
+    "qwen2": _qwen2,
 }
+DENSE_FAMILIES = ("llama", "mistral", "qwen2")
 TRANSFORMERS_FAMILIES = tuple(t for t in FAMILIES if t not in ("deepseek", "kimi_k2"))  # built into transformers

@@ -63,6 +63,7 @@ _QWEN2_MOE = replace(_QWEN3_MOE, block={
 _DEEPSEEK_V1 = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_GQA, **_DEEPSEEK_MOE}, _MLP_EXPERTS)
 _DEEPSEEK_V3 = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_MLA, **_DEEPSEEK_MOE}, _MLP_EXPERTS,
                       mtp=_DEEPSEEK_MTP)
+_LLAMA = KeyMap(_LLAMA_TOP, "model.layers.{i}.", {**_NORMS, **_GQA, **_DENSE_MLP})  # dense: Llama, Mistral, Qwen2
 _MINIMAX_M2 = replace(_MIXTRAL, block={**_MIXTRAL.block,
                                        "ffn.router.expert_bias": "block_sparse_moe.e_score_correction_bias"})
 
@@ -105,6 +106,9 @@ KEY_MAPS: dict[str, KeyMap] = {
     "kimi_k2": _DEEPSEEK_V3,
     "dbrx": _DBRX,
     "minimax_m2": _MINIMAX_M2,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
 }
 assert KEY_MAPS.keys() == FAMILIES.keys()
 # Tensors some checkpoints carry that hold no weights (old transformers saved RoPE's cache).

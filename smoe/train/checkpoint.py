@@ -21,13 +21,65 @@ from smoe.io.checkpoint import (
     CHECKPOINT_DIR,
     ShardRanges,
     begin_checkpoint,
+    check_intact,
+    load_config,
     model_tensors,
     publish_checkpoint,
     read_tensors,
+    resolve_checkpoint,
     take_slices,
 )
 from smoe.io.files import read_json
 from smoe.io.safetensors import save_tensors
+
+
+def initial_checkpoint(model_config: ModelConfig, init_from: str) -> Path:
+    """The checkpoint ``init_from`` names (a run directory: its latest), checked before any training: its model
+    files against their manifest, and its model config against this run's (names aside). Raises naming the first
+    fields that differ."""
+    path = _resolve_init(init_from)
+    check_intact(path, lambda name: not name.startswith("optimizer"))
+    differ = _differences(load_config(path).to_dict(), model_config.to_dict())
+    if differ:
+        raise ValueError(f"init_from {path}: its model config differs from this run's ({'; '.join(differ[:4])}), so "
+                         "its weights cannot start this run; drop the model options or give its config")
+    return path
+
+
+def initial_tokenizer(init_from: str) -> Path | None:
+    """The tokenizer.json of the checkpoint ``init_from`` names, or None when it has none."""
+    file = _resolve_init(init_from) / "tokenizer.json"
+    return file if file.is_file() else None
+
+
+def initial_config(init_from: str) -> ModelConfig:
+    """The model config of the checkpoint ``init_from`` names: a run continued from it without one of its own."""
+    return load_config(_resolve_init(init_from))
+
+
+def _resolve_init(init_from: str) -> Path:
+    try:
+        path = resolve_checkpoint(init_from)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"init_from {err}") from None
+    if "model_type" in read_json(path / "config.json"):
+        raise ValueError(f"init_from {path}: a Hugging Face model directory; convert it first (`smoe convert "
+                         f"{path} --out DIR`) and start from DIR")
+    return path
+
+
+def _differences(saved: dict[str, Any], ours: dict[str, Any], prefix: str = "") -> list[str]:
+    """``path: X in the checkpoint, Y here`` for every config field that differs, ``name`` aside."""
+    out = []
+    for key in sorted(saved.keys() | ours.keys()):
+        a, b = saved.get(key), ours.get(key)
+        if key == "name" and not prefix or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} here")
+    return out
 
 
 def save_checkpoint(

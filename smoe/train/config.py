@@ -23,13 +23,24 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per step (divides `batch_size`)")
     lr: float = option(2e-3, "peak learning rate (warmup then cosine)")
     min_lr_ratio: float = option(0.1, "the cosine schedule ends at lr times this")
-    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of `steps`)")
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5% of the schedule, normally `steps`)")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (norms, biases and the router bias exempt)")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     eps: float = option(1e-8, "AdamW epsilon")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
     seed: int = option(0, "seeds the weights and the data order")
+    init_from: str | None = option(
+        None, "a checkpoint or run directory whose weights start this run (continued training, e.g. of what `smoe "
+              "upcycle` writes): its model config must be this run's; the optimizer starts fresh (`start_step` "
+              "continues a schedule), and its tokenizer.json is used unless `tokenizer` names one")
+    start_step: int = option(
+        0, "the step of a longer run that this run continues: its step s reads that run's batch s + `start_step` "
+           "and takes its learning rate there, so a run continued (`init_from`) from step N of a run with the same "
+           "seed, data and schedule passes N and sees the batches and learning rates that run had not")
+    schedule_steps: int | None = option(
+        None, "steps the warmup + cosine schedule spans, from the longer run's step 0 (default: `start_step` + "
+              "`steps`): a run that stops before its schedule ends, as the upcycling suite's dense trunk does")
     precision: Literal["auto", "bf16", "fp32"] = option(
         "auto", "auto (default): bf16 autocast on GPUs with native bf16 and CPUs with AMX tiles, else fp32")
     compile: bool = option(False, "torch.compile the model")
@@ -59,8 +70,12 @@ class TrainConfig:
                          "compile", "ep", "dp", "dist_timeout")
 
     @property
+    def schedule_length(self) -> int:
+        return self.schedule_steps if self.schedule_steps is not None else self.start_step + self.steps
+
+    @property
     def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 20)
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.schedule_length // 20)
 
     def validate(self) -> "TrainConfig":
         check_types(self, "")
@@ -69,7 +84,8 @@ class TrainConfig:
             positive(name, getattr(self, name))
         for name in ("dp", "peak_tflops", "keep_optimizer"):
             positive(name, getattr(self, name), allow_none=True)
-        for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes"):
+        for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes",
+                     "start_step"):
             non_negative(name, getattr(self, name))
         if self.warmup_steps is not None:
             non_negative("warmup_steps", self.warmup_steps)
@@ -78,6 +94,11 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 fail(name, f"must lie in [0, 1], got {getattr(self, name)!r}")
+        if self.schedule_steps is not None and self.schedule_steps < self.start_step + self.steps:
+            fail("schedule_steps", f"must cover start_step + steps ({self.start_step + self.steps}), got "
+                                   f"{self.schedule_steps}")
+        if self.init_from is not None and not self.init_from:
+            fail("init_from", "must name a checkpoint or run directory, got an empty path")
         if self.batch_size % self.grad_accum:
             fail("grad_accum", f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         return self

@@ -78,12 +78,15 @@ class TrainResult:
 
 
 def checked_configs(model_config: ModelConfig, train_config: TrainConfig) -> TrainConfig:
-    """Validate both configs once, and return ``train_config`` with its precision resolved for its device."""
+    """Validate both configs once (and the checkpoint ``init_from`` names against the model config), and return
+    ``train_config`` with its precision resolved for its device."""
     model_config.validate()
     train_config = with_resolved_precision(train_config.validate())
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {train_config.seq_len}: exceeds the model's max_seq_len "
                          f"({model_config.max_seq_len})")
+    if train_config.init_from is not None:
+        ckpt.initial_checkpoint(model_config, train_config.init_from)
     return train_config
 
 
@@ -116,6 +119,12 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
         trainer.restore(start.path)
         if main:
             log(f"resuming from {start.path} (step {trainer.step})")
+    elif cfg.init_from is not None:
+        path = ckpt.initial_checkpoint(model_config, cfg.init_from)
+        load_model_state(path, trainer.model, trainer.shards)  # weights only: optimizer and schedule start fresh
+        if main:
+            log(f"starting from the weights of {path}" + (f", continuing at step {cfg.start_step}"
+                                                           if cfg.start_step else ""))
     result = TrainResult(out_dir=run_dir.path, step=trainer.step)
     sinks = MetricsSinks(run_dir.metrics_file, run_dir.path / "tensorboard", progress, cfg.steps, trainer.step) \
         if main else NoSinks()
@@ -192,9 +201,11 @@ class _Trainer:
         non-finite loss or gradient, and nothing was updated)."""
         cfg, mesh = self.cfg, self.mesh
         t0 = time.perf_counter()
-        lr = lr_at(self.step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        # A continued run (start_step) takes the longer run's batch and learning rate at the same step.
+        lr = lr_at(cfg.start_step + self.step, lr=cfg.lr, warmup=cfg.warmup, total=cfg.schedule_length,
+                   min_ratio=cfg.min_lr_ratio)
         set_lr(self.optimizer, lr)
-        batch = self.data.batch(self.step)
+        batch = self.data.batch(cfg.start_step + self.step)
         if mesh is not None:
             batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
         stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh)

@@ -19,6 +19,7 @@ from smoe.io.checkpoint import load_config, load_model, resolve_checkpoint
 from smoe.io.tokenizer import load_tokenizer
 from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
 from smoe.parallel.launch import world_size_from_env
+from smoe.train.checkpoint import initial_tokenizer
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.train.data import BatchSampler, prepare_data, token_byte_lengths, tokenize_documents, val_batches
 from smoe.train.loop import (
@@ -63,11 +64,14 @@ def train_model(
     config = resolve_model_config(model, overrides)
     data_config = DataConfig(data=data, val_data=val_data, tokenizer=None if tokenizer is None else str(tokenizer),
                              text_field=text_field).validate()
-    train_config = checked_configs(config, TrainConfig(**train_options))
+    train_config = TrainConfig(**train_options).validate()
+    if tokenizer is None and train_config.init_from is not None:  # continued training keeps the model's token ids
+        tokenizer = initial_tokenizer(train_config.init_from)
     if tokenizer is not None:
         vocab = load_tokenizer(tokenizer).get_vocab_size()
         if vocab > config.vocab_size:  # the tokenizer decides: the embedding must cover its ids
             config = override(config, {"vocab_size": vocab})
+    train_config = checked_configs(config, train_config)
     out = Path(out)
     dp = check_layout(config, train_config.ep, train_config.dp, world_size_from_env(), train_config.batch_size,
                       train_config.grad_accum)
