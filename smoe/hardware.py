@@ -48,6 +48,12 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
     Hardware("mi300x", 5.3e12, {"fp32": 163.4e12, "bf16": 1307.4e12, "fp8": 2614.9e12, "int8": 2614.9e12}, "bf16",
              192e9, 448e9, "AMD Instinct MI300X data sheet: 192 GB HBM3 at 5.3 TB/s, dense bf16 1,307.4, fp8 and "
              "int8 2,614.9, fp32 matrix 163.4 TF/s, Infinity Fabric 7 links x 128 GB/s = 896 GB/s"),
+    Hardware("l4", 300e9, {"fp32": 30.3e12, "bf16": 121e12, "fp8": 242e12, "int8": 242e12}, "bf16", 24e9, None,
+             "NVIDIA L4 Tensor Core GPU datasheet: 24 GB GDDR6 at 300 GB/s, bf16 242, fp8 and int8 485 TF/s with "
+             "sparsity, fp32 30.3 TF/s; PCIe"),
+    Hardware("rtx-4090", 1008e9, {"fp32": 82.6e12, "bf16": 165.2e12, "fp8": 330.3e12, "int8": 330.3e12}, "bf16",
+             24e9, None, "NVIDIA Ada Lovelace architecture whitepaper, GeForce RTX 4090: 24 GB GDDR6X at 1,008 GB/s, "
+                         "bf16 with fp32 accumulate 165.2 TF/s dense, fp8 and int8 330.3 dense, fp32 82.6; PCIe"),
     Hardware("desktop-ddr5", 89.6e9, {"fp32": 2.304e12}, "fp32", 64e9, None,
              "a typical desktop: JEDEC DDR5-5600 in 2 channels of 8 bytes = 89.6 GB/s, 64 GB; AMD Ryzen 9 7950X "
              "product page (16 cores, 4.5 GHz base) x 32 fp32 FLOP/cycle (Zen 4: two 256-bit FMA pipes)"),
@@ -56,6 +62,16 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in (
 
 def hardware_names() -> list[str]:
     return [*HARDWARE, MEASURED_CPU]
+
+
+# What torch.cuda.get_device_name() contains, for each profile a GPU can be recognised by.
+_DEVICE_NAMES = {"H100": "h100-sxm", "H200": "h200", "A100": "a100-80gb", "B200": "b200", "MI300X": "mi300x",
+                 "L4": "l4", "4090": "rtx-4090"}
+
+
+def profile_of(device_name: str) -> Hardware | None:
+    """The datasheet profile of a GPU by its device name (``torch.cuda.get_device_name()``), or None."""
+    return next((HARDWARE[profile] for key, profile in _DEVICE_NAMES.items() if key in device_name), None)
 
 
 def _best_seconds(fn: Callable[[], object], repeats: int) -> float:

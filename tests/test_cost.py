@@ -138,3 +138,12 @@ def test_bad_settings_are_named_before_any_measurement(argv, message, monkeypatc
     monkeypatch.setattr("smoe.hardware.measure_cpu", lambda: pytest.fail("measured before checking"))
     assert main(["cost", "mixtral-8x7b", *argv, *([] if "--hardware" in argv else ["--hardware", MEASURED_CPU])]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_gpu_is_recognised_by_its_device_name_for_the_training_mfu():
+    from smoe.hardware import profile_of
+
+    assert profile_of("NVIDIA H100 80GB HBM3").name == "h100-sxm"
+    assert profile_of("NVIDIA H200").name == "h200" and profile_of("NVIDIA GeForce RTX 4090").name == "rtx-4090"
+    assert profile_of("NVIDIA L4").peak_flops["bf16"] == 121e12
+    assert profile_of("Tesla T4") is None

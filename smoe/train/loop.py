@@ -31,7 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
-from smoe.hardware import matmul_flops
+from smoe.hardware import matmul_flops, profile_of
 from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
@@ -396,14 +396,11 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-_VENDOR_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
 def _peak_flops(device: torch.device, cfg: TrainConfig) -> float | None:
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in _VENDOR_PEAK_BF16.items() if k in name), None)
+        profile = profile_of(torch.cuda.get_device_name(device))  # the datasheet's dense bf16 peak
+        return profile.peak_flops["bf16"] if profile is not None else None
     # a quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'
     return matmul_flops("bf16" if cfg.precision == "bf16" else "fp32")
