@@ -16,6 +16,7 @@ from smoe.io.safetensors import SafetensorsFile
 from smoe.models import build_model
 
 transformers = pytest.importorskip("transformers")
+from hf_helpers import hf_logits  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 # model_type -> (preset, our overrides, extra transformers config keys)
@@ -61,14 +62,6 @@ def _hf_model(case: str):
     return model
 
 
-def _hf_logits(path) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_import_matches_transformers_and_export_round_trips(case, tmp_path):
     hf = _hf_model(case)
@@ -79,7 +72,7 @@ def test_import_matches_transformers_and_export_round_trips(case, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
     save_pretrained(ours, tmp_path / "back")
-    torch.testing.assert_close(_hf_logits(tmp_path / "back"), want, rtol=0, atol=0)  # the same weights, bit for bit
+    torch.testing.assert_close(hf_logits(tmp_path / "back", IDS), want, rtol=0, atol=0)  # the same weights, bit for bit
 
 
 def test_mixtral_case_really_is_sharded(tmp_path):
@@ -102,7 +95,7 @@ def test_deepseek_v3_mtp_layer_is_kept_both_ways(tmp_path):
     for name, tensor in ours.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
     with torch.no_grad():  # transformers skips the MTP layer and computes the same logits
-        torch.testing.assert_close(_hf_logits(tmp_path / "hf"), ours(IDS).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hf_logits(tmp_path / "hf", IDS), ours(IDS).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_mtp_announced_but_absent_is_dropped(tmp_path):
@@ -194,7 +187,7 @@ def test_smoe_checkpoint_loads_and_converts_through_the_cli(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "smoe"), "--to", "hf", "--out", str(tmp_path / "back")]) == 0
     assert "Hugging Face qwen3_moe" in capsys.readouterr().out
     with torch.no_grad():
-        torch.testing.assert_close(_hf_logits(tmp_path / "back"), hf(IDS).logits, rtol=0, atol=0)
+        torch.testing.assert_close(hf_logits(tmp_path / "back", IDS), hf(IDS).logits, rtol=0, atol=0)
         torch.testing.assert_close(load_pretrained(tmp_path / "smoe")(IDS).logits, hf(IDS).logits, rtol=1e-4,
                                    atol=1e-5)
 

@@ -137,6 +137,7 @@ def test_an_moe_source_is_refused():
 # --- through files: transformers' Llama -> `smoe upcycle` -> load, export, continue --------------------------------
 
 transformers = pytest.importorskip("transformers")
+from hf_helpers import hf_logits  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +159,6 @@ def llama(tmp_path_factory):
     return path, want
 
 
-def _hf_logits(path) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        return model(IDS).logits
-
-
 @pytest.mark.parametrize("args, family", [
     (["--method", "copy", "--experts", "4", "--top-k", "2"], "mixtral"),
     (["--method", "split", "--experts", "4", "--top-k", "4", "--partition", "clustering"], "mixtral"),
@@ -181,14 +174,14 @@ def test_smoe_upcycle_of_a_transformers_llama_loads_and_exports_with_its_logits(
     assert main(["convert", str(tmp_path / "moe"), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
     # split's routed_scaling_factor, which these families lack, travels in the exported down projections
-    torch.testing.assert_close(_hf_logits(tmp_path / "hf"), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", IDS), want, rtol=1e-4, atol=1e-5)
 
 
 def test_scaled_experts_export_with_the_same_logits_at_top_k_below_experts(llama, tmp_path):
     moe = smoe.upcycle(smoe.load_pretrained(llama[0]), method="split", experts=4, top_k=2, seed=1)
     assert moe.config.moe.routed_scaling_factor == 4.0
     save_pretrained(moe, tmp_path / "hf")
-    torch.testing.assert_close(_hf_logits(tmp_path / "hf"), _logits(moe), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hf_logits(tmp_path / "hf", IDS), _logits(moe), rtol=1e-4, atol=1e-5)
 
 
 def test_refusals_come_before_any_weight_is_read_and_leave_out_untouched(llama, tmp_path, monkeypatch, capsys):
