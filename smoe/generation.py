@@ -125,8 +125,9 @@ class Engine:
     prefill first; the server: chunks worth one chunk's tokens between decode steps, so newcomers hold up the others
     by one chunk at most).
     ``count_experts`` keeps ``expert_tokens``: tokens routed to each expert of each MoE layer so far.
-    ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend, where a row's result
-    may change in the last bits with its neighbours' routing (offline ``generate`` without ``decode_rows``).
+    ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend and attends for every
+    row in one call per decode step, where a row's result may change in the last bits with its neighbours'
+    routing and lengths (offline ``generate`` without ``decode_rows``).
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
@@ -135,7 +136,7 @@ class Engine:
         if rows < 1 or prefill_chunk < 1:
             raise ValueError(f"rows, prefill_chunk: must be >= 1, got {rows}, {prefill_chunk}")
         self.model, self.prefill_chunk = model, prefill_chunk
-        self.cache = model.new_cache(rows, max_len)
+        self.cache = model.new_cache(rows, max_len, independent_rows=independent_rows)
         self.slots: list[Request | None] = [None] * rows
         self.prefilling: deque[Request] = deque()
         self.router_stats = "load" if count_experts else False

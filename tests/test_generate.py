@@ -85,6 +85,29 @@ def test_a_row_decodes_bit_for_bit_the_same_whatever_the_other_rows_hold(case):
     assert torch.equal(run(neighbours=True), run(neighbours=False))
 
 
+@pytest.mark.parametrize("preset, changes", [("mixtral-tiny", {"attention.sliding_window": 5}),
+                                             ("deepseek-v3-tiny", {})])
+def test_batched_decode_steps_attend_as_a_call_per_row_does(preset, changes):
+    # independent_rows=False: one attention call over every row, each masked to its own keys; rows of different
+    # lengths, one row padding this step
+    model = _model(preset, **changes)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (9, 3, 6)]
+    steps = torch.randint(0, V, (4, 3, 1), generator=g)
+    logits = {}
+    with torch.no_grad():
+        for independent in (True, False):
+            cache = model.new_cache(3, 16, independent_rows=independent)
+            for row, prompt in enumerate(prompts):
+                model(prompt, cache=cache.rows(row, row + 1))
+            real = torch.tensor([[True], [False], [True]])
+            logits[independent] = [model(ids, attention_mask=real, cache=cache, router_stats=False).logits
+                                   for ids in steps]
+    for per_row, at_once in zip(logits[True], logits[False]):
+        torch.testing.assert_close(at_once[[0, 2]], per_row[[0, 2]], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize):
     model = _model("deepseek-v3-tiny")

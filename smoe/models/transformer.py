@@ -156,14 +156,17 @@ class Transformer(nn.Module):
         return F.linear(h_BTD, self.embed.weight) if self.head is None else self.head(h_BTD)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> DecodeCache:
+                  device: torch.device | None = None, independent_rows: bool = True) -> DecodeCache:
         """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + generated), in the
-        weights' dtype and device unless given."""
+        weights' dtype and device unless given. ``independent_rows=False`` lets a decode step attend for every row
+        in one call (KVCache.batched): faster at large batches, but a row's last bits then depend on the others."""
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len: {max_len} tokens exceed the model's max_seq_len ({self.config.max_seq_len})")
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         layers = [block.attn.new_cache(batch_size, max_len, dtype, device) for block in self.layers]
+        for layer in layers:
+            layer.batched = not independent_rows
         return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -52,7 +52,13 @@ def chunk_mask(cached: int, n: int, window: int | None, device: torch.device) ->
 class KVCache:
     """Keys and values of one GQA layer for decoding: static (B, G, S_max, K) buffers written in place, so a decode
     step allocates nothing. Row b holds its tokens' keys in slots 0 .. length - 1 (slot = position, no padding), so
-    rows of different lengths share the buffers and each attends over exactly its own keys."""
+    rows of different lengths share the buffers and each attends over exactly its own keys.
+
+    ``batched`` (set by ``Transformer.new_cache(independent_rows=False)``): a step of one new token per row attends
+    for every row in one call over the longest row's slots, each row masked to its own keys. Faster than a call per
+    row at large batches, but a row's arithmetic then depends on how long the longest row is."""
+
+    batched = False
 
     def __init__(self, k_BGSK: torch.Tensor, v_BGSK: torch.Tensor):
         self.k_BGSK, self.v_BGSK = k_BGSK, v_BGSK
@@ -72,6 +78,8 @@ class KVCache:
         whatever the other rows hold. Padding queries get zeros."""
         T = q_BHTK.shape[2]
         gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
+        if self.batched and T == 1:
+            return self._attend_at_once(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         out_BHTK = q_BHTK.new_zeros(q_BHTK.shape)
         for b, (cached, n) in enumerate(spans):
             if not n:
@@ -87,6 +95,35 @@ class KVCache:
                 q_BHTK[b : b + 1, :, T - n :], self.k_BGSK[b : b + 1, :, first:end],
                 self.v_BGSK[b : b + 1, :, first:end], attn_mask=mask, enable_gqa=gqa)
         return out_BHTK
+
+    def _attend_at_once(self, q_BH1K, k_BG1K, v_BG1K, spans: list[tuple[int, int]], window: int | None,
+                        gqa: bool) -> torch.Tensor:
+        """``attend`` for one new token per row (or none: padding, zeros) in a single call (``batched``)."""
+        written = [b for b, (_, n) in enumerate(spans) if n]
+        cached_B = torch.tensor([cached for cached, _ in spans], device=q_BH1K.device)
+        self.k_BGSK[written, :, cached_B[written]] = k_BG1K[written, :, 0]
+        self.v_BGSK[written, :, cached_B[written]] = v_BG1K[written, :, 0]
+        mask_B11S = visible_slots(cached_B, max(cached + n for cached, n in spans), window)
+        out_BH1K = F.scaled_dot_product_attention(q_BH1K, self.k_BGSK[:, :, : mask_B11S.shape[-1]],
+                                                  self.v_BGSK[:, :, : mask_B11S.shape[-1]], attn_mask=mask_B11S,
+                                                  enable_gqa=gqa)
+        return out_BH1K * rows_with_a_token(spans, out_BH1K)
+
+
+def visible_slots(cached_B: torch.Tensor, end: int, window: int | None) -> torch.Tensor:
+    """A (B, 1, 1, end) mask of the slots each row's new token, at slot ``cached_B[b]``, may attend (causal, within
+    the window). Slot 0 is always visible, so no row's softmax is empty."""
+    slots_S = torch.arange(max(end, 1), device=cached_B.device)
+    visible_BS = slots_S <= cached_B[:, None]
+    if window is not None:
+        visible_BS &= cached_B[:, None] - slots_S < window
+    return visible_BS[:, None, None, :]
+
+
+def rows_with_a_token(spans: list[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    """1 for the rows with a new token, 0 for padding rows, shaped to scale a (B, ...) output."""
+    keep_B = torch.tensor([float(n > 0) for _, n in spans], dtype=like.dtype, device=like.device)
+    return keep_B.view(-1, *[1] * (like.dim() - 1))
 
 
 class Attention(nn.Module):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import MLAConfig
-from smoe.nn.attention import attend, chunk_mask
+from smoe.nn.attention import attend, chunk_mask, rows_with_a_token, visible_slots
 from smoe.nn.norm import RMSNorm
 from smoe.nn.rope import apply_rope, yarn_mscale
 
@@ -29,7 +29,10 @@ from smoe.nn.rope import apply_rope, yarn_mscale
 class MLACache:
     """One MLA layer's cache: a static (B, S_max, C + R) buffer whose rows are [normalised c_kv | rotated k_rope].
     Keeping both in one row makes the latent itself the (shared) key of the absorbed attention, with no copy. Row b
-    holds its tokens in slots 0 .. length - 1 (slot = position), as ``KVCache`` does."""
+    holds its tokens in slots 0 .. length - 1 (slot = position), as ``KVCache`` does, and ``batched`` means what it
+    means there."""
+
+    batched = False
 
     def __init__(self, latent_BSX: torch.Tensor, kv_lora_rank: int):
         self.latent_BSX, self.kv_lora_rank = latent_BSX, kv_lora_rank
@@ -91,6 +94,14 @@ class MLA(nn.Module):
         k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave).view(B, T, R)
         if cache is None:
             out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
+        elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
+            written = [b for b, (_, n) in enumerate(spans) if n]
+            cached_B = torch.tensor([cached for cached, _ in spans], device=x_BTD.device)
+            cache.latent_BSX[written, cached_B[written]] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[written, 0]
+            mask_B11S = visible_slots(cached_B, max(cached + n for cached, n in spans), None)
+            out_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache.latent_BSX[:, : mask_B11S.shape[-1]],
+                                      mask_B11S)
+            out_BTHV = out_BTHV * rows_with_a_token(spans, out_BTHV)
         else:
             out_BTHV = q_nope_BTHN.new_zeros(B, T, H, V)  # padding queries get zeros
             for b, (cached, n) in enumerate(spans):
