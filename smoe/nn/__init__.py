@@ -1,7 +1,8 @@
-"""Dense building blocks: norms, rotary embeddings, attention (GQA and MLA), gated MLP."""
+"""Dense building blocks: norms, rotary embeddings, attention (GQA and MLA), linear-attention recurrences, gated MLP."""
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
@@ -17,6 +18,8 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rope",
+    "chunked_gated_delta_rule",
+    "gated_delta_rule",
     "init_weights",
     "make_norm",
 ]

@@ -1,0 +1,97 @@
+"""Linear-attention recurrences of the hybrid MoE models (issue 15): a fixed-size state per head instead of a KV
+cache, so decoding costs the same at every context length.
+
+Legend: B batch, T time, H heads, K key dim, V value dim, C chunk length, N chunks.
+
+Each recurrence has a plain token-by-token form, the spec, and a chunked form for training (a few matmuls per chunk
+and a scan over chunks) tested against it forward and backward (tests/test_linear_attention.py). Both take and
+return the state S (B, H, K, V), so a prefill's state continues into decoding. Queries are scaled by ``scale``
+(default K^-0.5); computation is in fp32 whatever the inputs' dtype.
+
+- **Decayed linear attention** (the recurrence of MiniMax-01's lightning attention, whose per-head decay is a fixed
+  slope): S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, with a_t = exp(g_t), g_t <= 0 per head and token.
+- **Gated delta rule** (Gated DeltaNet; Qwen3-Next's linear layers): the state first decays, then moves its
+  prediction for k_t towards v_t by the write strength beta_t:
+  S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T,  o_t = S_t^T q_t.
+
+Chunked gated delta rule (the WY/UT form of DeltaNet, Yang et al. 2024): with gamma_i the cumulative log decay
+inside a chunk and S0 the state at its start, the corrections u_i = beta_i (v_i - k_i^T S_{i-1}) solve the lower
+unitriangular system (I + A) u = beta (V - (K * exp gamma) S0), A_ij = beta_i (k_i . k_j) exp(gamma_i - gamma_j)
+for j < i. Then o_i = exp(gamma_i) q_i^T S0 + sum_{j<=i} exp(gamma_i - gamma_j) (q_i . k_j) u_j, and the state
+leaves the chunk as exp(gamma_C) S0 + sum_j exp(gamma_C - gamma_j) k_j u_j^T. Without the delta (A = 0, beta = 1)
+it is the chunked decayed linear attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _prepare(q_BTHK, k_BTHK, v_BTHV, scale: float | None, state_BHKV):
+    B, T, H, K = q_BTHK.shape
+    q, k, v = (x.float().transpose(1, 2) for x in (q_BTHK, k_BTHK, v_BTHV))  # (B, H, T, .)
+    q = q * (K**-0.5 if scale is None else scale)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state_BHKV is None else state_BHKV.float()
+    return q, k, v, S
+
+
+def gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, g_BTH: torch.Tensor,
+                     beta_BTH: torch.Tensor | None, state_BHKV: torch.Tensor | None = None,
+                     scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrent form (the spec): outputs (B, T, H, V) and the final state (B, H, K, V). ``g_BTH``: log decay
+    (<= 0); ``beta_BTH``: write strength, or None for decayed linear attention (no delta, every write whole)."""
+    q, k, v, S = _prepare(q_BTHK, k_BTHK, v_BTHV, scale, state_BHKV)
+    a_BHT = g_BTH.float().transpose(1, 2).exp()
+    out = []
+    for t in range(q.shape[2]):
+        S = S * a_BHT[:, :, t, None, None]
+        write_BHV = v[:, :, t]
+        if beta_BTH is not None:
+            predicted_BHV = torch.einsum("bhk,bhkv->bhv", k[:, :, t], S)
+            write_BHV = beta_BTH[:, t, :, None].float() * (write_BHV - predicted_BHV)
+        S = S + k[:, :, t, :, None] * write_BHV[:, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, :, t], S))
+    return torch.stack(out, dim=1), S
+
+
+def chunked_gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor,
+                             g_BTH: torch.Tensor, beta_BTH: torch.Tensor | None,
+                             state_BHKV: torch.Tensor | None = None, scale: float | None = None,
+                             chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gated_delta_rule`` in chunks of ``chunk`` tokens (the module docstring's algorithm); the same results."""
+    if chunk < 1:
+        raise ValueError(f"chunk: must be a positive number of tokens, got {chunk}")
+    T = q_BTHK.shape[1]
+    q, k, v, S = _prepare(q_BTHK, k_BTHK, v_BTHV, scale, state_BHKV)
+    g = g_BTH.float().transpose(1, 2)  # (B, H, T)
+    beta = None if beta_BTH is None else beta_BTH.float().transpose(1, 2)
+    pad = -T % chunk  # padding tokens write nothing (beta 0, or k = v = 0) and do not decay (g 0)
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    g = F.pad(g, (0, pad))
+    beta = None if beta is None else F.pad(beta, (0, pad))
+    B, H, Tp, K = q.shape
+    N = Tp // chunk
+    q, k, v = (x.reshape(B, H, N, chunk, x.shape[-1]) for x in (q, k, v))
+    gamma_BHNC = g.reshape(B, H, N, chunk).cumsum(-1)
+    # exp(gamma_i - gamma_j) for j <= i, 0 above the diagonal (masked before exp: no overflow)
+    causal_CC = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay_BHNCC = (gamma_BHNC[..., :, None] - gamma_BHNC[..., None, :]).masked_fill(~causal_CC, float("-inf")).exp()
+    scores_BHNCC = (q @ k.transpose(-1, -2)) * decay_BHNCC
+    if beta is None:  # no delta: every token writes its value whole, whatever the state predicts
+        u_BHNCV, w_BHNCK = v, None
+    else:
+        b = beta.reshape(B, H, N, chunk)[..., None]
+        A = ((b * k) @ k.transpose(-1, -2)) * decay_BHNCC  # its diagonal is ignored: the system is unitriangular
+        k_decayed = k * gamma_BHNC.exp()[..., None]  # k_j * exp(gamma_j): reads S0 through the chunk's decay so far
+        u_BHNCV = torch.linalg.solve_triangular(A, b * v, upper=False, unitriangular=True)
+        w_BHNCK = torch.linalg.solve_triangular(A, b * k_decayed, upper=False, unitriangular=True)
+    q_decayed = q * gamma_BHNC.exp()[..., None]
+    k_to_end = k * (gamma_BHNC[..., -1:] - gamma_BHNC).exp()[..., None]
+    out = []
+    for n in range(N):
+        corrections_BHCV = u_BHNCV[:, :, n] if w_BHNCK is None else u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ S
+        out.append(q_decayed[:, :, n] @ S + scores_BHNCC[:, :, n] @ corrections_BHCV)
+        S = S * gamma_BHNC[:, :, n, -1].exp()[..., None, None] + k_to_end[:, :, n].transpose(-1, -2) @ corrections_BHCV
+    o_BHTV = torch.cat(out, dim=2)[:, :, :T]
+    return o_BHTV.transpose(1, 2), S
