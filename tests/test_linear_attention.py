@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import GatedDeltaNet, chunked_gated_delta_rule, gated_delta_rule
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -65,3 +65,52 @@ def test_the_gated_delta_rule_matches_transformers_qwen3_next():
 def test_a_bad_chunk_is_refused():
     with pytest.raises(ValueError, match="^chunk: "):
         chunked_gated_delta_rule(*_inputs(4)[:5], chunk=0)
+
+
+def _hf_gated_deltanet():
+    """transformers' Qwen3-Next linear-attention layer on a tiny config, and ours with its weights."""
+    qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    from transformers import Qwen3NextConfig
+
+    Hk, Hv, Kd, Vd, D, W = 2, 4, 8, 6, 32, 4
+    config = Qwen3NextConfig(hidden_size=D, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
+                             linear_key_head_dim=Kd, linear_value_head_dim=Vd, linear_conv_kernel_dim=W,
+                             num_hidden_layers=4, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    theirs = qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    ours = GatedDeltaNet(D, Hk, Hv, Kd, Vd, conv_kernel=W, chunk=4)
+    r = Hv // Hk
+    # transformers interleaves q, k, v, z (and b, a) per key head: [q_g, k_g, v_g (r heads), z_g (r heads)] for g
+    qkvz = theirs.in_proj_qkvz.weight.view(Hk, 2 * Kd + 2 * r * Vd, D)
+    q, k, v, z = qkvz.split([Kd, Kd, r * Vd, r * Vd], dim=1)
+    b, a = theirs.in_proj_ba.weight.view(Hk, 2 * r, D).split([r, r], dim=1)
+    with torch.no_grad():
+        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v), (ours.wz, z), (ours.wb, b), (ours.wa, a)):
+            mine.weight.copy_(w.reshape(-1, D))
+        ours.conv_weight.copy_(theirs.conv1d.weight[:, 0])
+        ours.dt_bias.copy_(theirs.dt_bias)
+        ours.A_log.copy_(theirs.A_log)
+        ours.norm_weight.copy_(theirs.norm.weight)
+        ours.wo.weight.copy_(theirs.out_proj.weight)
+    return theirs, ours
+
+
+def test_gated_deltanet_layer_matches_transformers_qwen3_next():
+    theirs, ours = _hf_gated_deltanet()
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+def test_gated_deltanet_decodes_from_its_state_as_one_forward_computes():
+    _, ours = _hf_gated_deltanet()
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = ours(x)
+        state = ours.new_state(2)
+        steps = [ours(x[:, :6], state)] + [ours(x[:, t : t + 1], state) for t in range(6, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert state.conv_BCW.shape == (2, ours.conv_channels, 3) and state.state_BHKV.shape == (2, 4, 8, 6)

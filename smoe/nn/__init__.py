@@ -2,7 +2,7 @@
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import GatedDeltaNet, RecurrentState, chunked_gated_delta_rule, gated_delta_rule
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
@@ -12,6 +12,8 @@ __all__ = [
     "MLA",
     "MLACache",
     "MLP",
+    "GatedDeltaNet",
+    "RecurrentState",
     "Attention",
     "KVCache",
     "LayerNorm",

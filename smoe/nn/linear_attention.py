@@ -24,8 +24,11 @@ it is the chunked decayed linear attention.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _prepare(q_BTHK, k_BTHK, v_BTHV, scale: float | None, state_BHKV):
@@ -95,3 +98,82 @@ def chunked_gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV:
         S = S * gamma_BHNC[:, :, n, -1].exp()[..., None, None] + k_to_end[:, :, n].transpose(-1, -2) @ corrections_BHCV
     o_BHTV = torch.cat(out, dim=2)[:, :, :T]
     return o_BHTV.transpose(1, 2), S
+
+
+class RecurrentState:
+    """What a linear-attention layer carries between calls: the last ``kernel - 1`` inputs of its short convolution
+    (B, channels, kernel - 1) and the recurrent state (B, H, K, V). Both are constant in the context length."""
+
+    def __init__(self, conv_BCW: torch.Tensor, state_BHKV: torch.Tensor):
+        self.conv_BCW, self.state_BHKV = conv_BCW, state_BHKV
+
+
+class GatedDeltaNet(nn.Module):
+    """Qwen3-Next's linear-attention layer: Gated DeltaNet (Yang et al. 2024, "Gated Delta Networks").
+
+    q, k, v are projected, pass a causal depthwise convolution of ``conv_kernel`` taps with SiLU, and q and k are
+    L2-normalised per head; each value head has a decay a_t = exp(-exp(A_log) softplus(a_t + dt_bias)) and a write
+    strength beta_t = sigmoid(b_t); the gated delta rule runs with ``n_v_heads`` heads (each key head serves
+    n_v_heads / n_k_heads of them); each head's output is RMS-normalised, scaled by ``norm_weight`` and gated by
+    SiLU(z_t), then projected back. Transformers' checkpoints fuse q, k, v, z (and b, a) into one projection
+    interleaved per key head; here they are separate (the importer will split them).
+    """
+
+    def __init__(self, dim: int, n_k_heads: int, n_v_heads: int, k_dim: int, v_dim: int, conv_kernel: int = 4,
+                 norm_eps: float = 1e-6, chunk: int = 64):
+        super().__init__()
+        if n_v_heads % n_k_heads:
+            raise ValueError(f"n_v_heads: must be a multiple of n_k_heads ({n_k_heads}), got {n_v_heads}")
+        self.n_k_heads, self.n_v_heads, self.k_dim, self.v_dim = n_k_heads, n_v_heads, k_dim, v_dim
+        self.norm_eps, self.chunk = norm_eps, chunk
+        self.wq = nn.Linear(dim, n_k_heads * k_dim, bias=False)
+        self.wk = nn.Linear(dim, n_k_heads * k_dim, bias=False)
+        self.wv = nn.Linear(dim, n_v_heads * v_dim, bias=False)
+        self.wz = nn.Linear(dim, n_v_heads * v_dim, bias=False)  # the output gate
+        self.wb = nn.Linear(dim, n_v_heads, bias=False)  # write strength
+        self.wa = nn.Linear(dim, n_v_heads, bias=False)  # decay
+        self.conv_weight = nn.Parameter(torch.randn(self.conv_channels, conv_kernel) / conv_kernel)
+        self.dt_bias = nn.Parameter(torch.ones(n_v_heads))
+        self.A_log = nn.Parameter(torch.empty(n_v_heads).uniform_(1, 16).log())
+        self.norm_weight = nn.Parameter(torch.ones(v_dim))
+        self.wo = nn.Linear(n_v_heads * v_dim, dim, bias=False)
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
+
+    def new_state(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
+        dtype = dtype or self.wq.weight.dtype
+        device = device or self.wq.weight.device
+        conv = torch.zeros(batch_size, self.conv_channels, self.conv_weight.shape[1] - 1, dtype=dtype, device=device)
+        state = torch.zeros(batch_size, self.n_v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)
+        return RecurrentState(conv, state)
+
+    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place)."""
+        B, T, _ = x_BTD.shape
+        qkv_BCT = torch.cat([self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)], dim=-1).transpose(1, 2)
+        W = self.conv_weight.shape[1]
+        history_BCW = qkv_BCT.new_zeros(B, qkv_BCT.shape[1], W - 1) if state is None else state.conv_BCW
+        padded_BCT = torch.cat([history_BCW.to(qkv_BCT.dtype), qkv_BCT], dim=-1)
+        if state is not None:
+            state.conv_BCW = padded_BCT[:, :, padded_BCT.shape[-1] - (W - 1) :].detach()
+        conv_BCT = F.silu(F.conv1d(padded_BCT, self.conv_weight[:, None, :], groups=qkv_BCT.shape[1]))
+        Hk, Hv, K, V = self.n_k_heads, self.n_v_heads, self.k_dim, self.v_dim
+        q, k, v = conv_BCT.transpose(1, 2).split([Hk * K, Hk * K, Hv * V], dim=-1)
+        q, k = (_l2norm(x.view(B, T, Hk, K)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
+        g_BTH = -self.A_log.float().exp() * F.softplus(self.wa(x_BTD).float() + self.dt_bias)
+        beta_BTH = torch.sigmoid(self.wb(x_BTD))
+        run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
+        o_BTHV, final = run(q, k, v.view(B, T, Hv, V), g_BTH, beta_BTH, None if state is None else state.state_BHKV)
+        if state is not None:
+            state.state_BHKV = final.detach()
+        o = o_BTHV * torch.rsqrt(o_BTHV.square().mean(-1, keepdim=True) + self.norm_eps)
+        o = o.to(x_BTD.dtype) * self.norm_weight * F.silu(self.wz(x_BTD).view(B, T, Hv, V).float()).to(x_BTD.dtype)
+        return self.wo(o.reshape(B, T, Hv * V))
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps), in fp32 (as Gated DeltaNet's kernels normalise q and k)."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
