@@ -114,3 +114,12 @@ def test_gated_deltanet_decodes_from_its_state_as_one_forward_computes():
         steps = [ours(x[:, :6], state)] + [ours(x[:, t : t + 1], state) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert state.conv_BCW.shape == (2, ours.conv_channels, 3) and state.state_BHKV.shape == (2, 4, 8, 6)
+
+
+def test_a_left_padded_row_computes_what_it_computes_alone():
+    _, ours = _hf_gated_deltanet()
+    x = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(4))
+    padded = torch.cat([torch.randn(1, 3, 32), x], dim=1)  # 3 padding tokens of noise before the row
+    real = torch.tensor([[False] * 3 + [True] * 7])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(padded, real_BT=real)[:, 3:], ours(x), rtol=1e-5, atol=1e-5)

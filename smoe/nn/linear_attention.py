@@ -149,9 +149,14 @@ class GatedDeltaNet(nn.Module):
         state = torch.zeros(batch_size, self.n_v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)
         return RecurrentState(conv, state)
 
-    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
-        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place)."""
+    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None,
+                real_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place). ``real_BT`` (bool)
+        marks real tokens in a left-padded batch: padding is zeroed before the projections (as transformers does)
+        and neither decays nor writes the state, so a padded row computes what it computes alone."""
         B, T, _ = x_BTD.shape
+        if real_BT is not None:
+            x_BTD = x_BTD * real_BT[..., None].to(x_BTD.dtype)
         qkv_BCT = torch.cat([self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)], dim=-1).transpose(1, 2)
         W = self.conv_weight.shape[1]
         history_BCW = qkv_BCT.new_zeros(B, qkv_BCT.shape[1], W - 1) if state is None else state.conv_BCW
@@ -164,6 +169,8 @@ class GatedDeltaNet(nn.Module):
         q, k = (_l2norm(x.view(B, T, Hk, K)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
         g_BTH = -self.A_log.float().exp() * F.softplus(self.wa(x_BTD).float() + self.dt_bias)
         beta_BTH = torch.sigmoid(self.wb(x_BTD))
+        if real_BT is not None:  # padding: no decay, no write
+            g_BTH, beta_BTH = g_BTH * real_BT[..., None], beta_BTH * real_BT[..., None]
         run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
         o_BTHV, final = run(q, k, v.view(B, T, Hv, V), g_BTH, beta_BTH, None if state is None else state.state_BHKV)
         if state is not None:
