@@ -62,6 +62,35 @@ def test_the_gated_delta_rule_matches_transformers_qwen3_next():
         torch.testing.assert_close(ours_state, theirs_state, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T, chunk", [(13, 4), (6, 1), (9, 16)])
+def test_a_decay_per_key_channel_chunks_as_its_recurrence_forward_and_backward(T, chunk):
+    # Kimi Delta Attention: g is (B, T, H, K), each row of the state decaying on its own
+    q, k, v, _, beta, state = _inputs(T, seed=6)
+    g = -torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for name, fn, kwargs in (("spec", gated_delta_rule, {}), ("chunked", chunked_gated_delta_rule, {"chunk": chunk})):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, state)]
+        out, final = fn(*leaves[:5], state_BHKV=leaves[5], **kwargs)
+        (out.square().sum() + final.square().sum()).backward()
+        results[name] = (out, final, [x.grad for x in leaves])
+    (out, final, grads), (out_c, final_c, grads_c) = results["spec"], results["chunked"]
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final_c, final, rtol=1e-4, atol=1e-4)
+    for grad_c, grad in zip(grads_c, grads):
+        torch.testing.assert_close(grad_c, grad, rtol=1e-3, atol=1e-3)
+
+
+def test_a_decay_per_key_channel_matches_transformers_kimi_linear():
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    q, k, v, _, beta, state = _inputs(10, seed=8)
+    g = -torch.rand(B, 10, H, K, generator=torch.Generator().manual_seed(9))
+    ours, ours_state = gated_delta_rule(q, k, v, g, beta, state)
+    for fn, kwargs in ((kimi.recurrent_kimi_delta_attention, {}), (kimi.chunk_kimi_delta_attention, {"chunk_size": 4})):
+        theirs, theirs_state = fn(q, k, v, g, beta, initial_state=state, output_final_state=True, **kwargs)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_state, theirs_state, rtol=1e-5, atol=1e-5)
+
+
 def test_a_bad_chunk_is_refused():
     with pytest.raises(ValueError, match="^chunk: "):
         chunked_gated_delta_rule(*_inputs(4)[:5], chunk=0)

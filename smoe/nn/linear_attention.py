@@ -13,6 +13,8 @@ return the state S (B, H, K, V), so a prefill's state continues into decoding. Q
 - **Gated delta rule** (Gated DeltaNet; Qwen3-Next's linear layers): the state first decays, then moves its
   prediction for k_t towards v_t by the write strength beta_t:
   S_t = a_t S_{t-1} + beta_t k_t (v_t - a_t S_{t-1}^T k_t)^T,  o_t = S_t^T q_t.
+- **Kimi Delta Attention** (Kimi Linear): the gated delta rule with a decay per key channel, a_t a K-vector
+  scaling the rows of S (diag(a_t) S_{t-1} in place of a_t S_{t-1}); pass g as (B, T, H, K).
 
 Chunked gated delta rule (the WY/UT form of DeltaNet, Yang et al. 2024): with gamma_i the cumulative log decay
 inside a chunk and S0 the state at its start, the corrections u_i = beta_i (v_i - k_i^T S_{i-1}) solve the lower
@@ -43,12 +45,13 @@ def gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.T
                      beta_BTH: torch.Tensor | None, state_BHKV: torch.Tensor | None = None,
                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrent form (the spec): outputs (B, T, H, V) and the final state (B, H, K, V). ``g_BTH``: log decay
-    (<= 0); ``beta_BTH``: write strength, or None for decayed linear attention (no delta, every write whole)."""
+    (<= 0), one per head, or (B, T, H, K) one per key channel (Kimi Delta Attention: row k of S decays by its own
+    a); ``beta_BTH``: write strength, or None for decayed linear attention (no delta, every write whole)."""
     q, k, v, S = _prepare(q_BTHK, k_BTHK, v_BTHV, scale, state_BHKV)
-    a_BHT = g_BTH.float().transpose(1, 2).exp()
+    a_BHTG = _log_decay(g_BTH).exp()
     out = []
     for t in range(q.shape[2]):
-        S = S * a_BHT[:, :, t, None, None]
+        S = S * a_BHTG[:, :, t, :, None]
         write_BHV = v[:, :, t]
         if beta_BTH is not None:
             predicted_BHV = torch.einsum("bhk,bhkv->bhv", k[:, :, t], S)
@@ -62,42 +65,58 @@ def chunked_gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV:
                              g_BTH: torch.Tensor, beta_BTH: torch.Tensor | None,
                              state_BHKV: torch.Tensor | None = None, scale: float | None = None,
                              chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """``gated_delta_rule`` in chunks of ``chunk`` tokens (the module docstring's algorithm); the same results."""
+    """``gated_delta_rule`` in chunks of ``chunk`` tokens (the module docstring's algorithm); the same results.
+    With a decay per key channel the pairwise decays are a (chunk, chunk, K) tensor per chunk and head: a reference
+    for testing and small models (flash-linear-attention's KDA kernel sub-chunks instead)."""
     if chunk < 1:
         raise ValueError(f"chunk: must be a positive number of tokens, got {chunk}")
     T = q_BTHK.shape[1]
     q, k, v, S = _prepare(q_BTHK, k_BTHK, v_BTHV, scale, state_BHKV)
-    g = g_BTH.float().transpose(1, 2)  # (B, H, T)
+    g = _log_decay(g_BTH)  # (B, H, T, G): G is 1 (per head) or K (per key channel)
     beta = None if beta_BTH is None else beta_BTH.float().transpose(1, 2)
     pad = -T % chunk  # padding tokens write nothing (beta 0, or k = v = 0) and do not decay (g 0)
-    q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    g = F.pad(g, (0, pad))
+    q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
     beta = None if beta is None else F.pad(beta, (0, pad))
     B, H, Tp, K = q.shape
     N = Tp // chunk
-    q, k, v = (x.reshape(B, H, N, chunk, x.shape[-1]) for x in (q, k, v))
-    gamma_BHNC = g.reshape(B, H, N, chunk).cumsum(-1)
+    q, k, v, g = (x.reshape(B, H, N, chunk, x.shape[-1]) for x in (q, k, v, g))
+    gamma_BHNCG = g.cumsum(-2)
     # exp(gamma_i - gamma_j) for j <= i, 0 above the diagonal (masked before exp: no overflow)
-    causal_CC = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    decay_BHNCC = (gamma_BHNC[..., :, None] - gamma_BHNC[..., None, :]).masked_fill(~causal_CC, float("-inf")).exp()
-    scores_BHNCC = (q @ k.transpose(-1, -2)) * decay_BHNCC
+    causal_CC1 = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()[..., None]
+    decay_BHNCCG = (gamma_BHNCG[..., :, None, :] - gamma_BHNCG[..., None, :, :]).masked_fill(
+        ~causal_CC1, float("-inf")).exp()
+    scores_BHNCC = _decayed_products(q, k, decay_BHNCCG)
     if beta is None:  # no delta: every token writes its value whole, whatever the state predicts
         u_BHNCV, w_BHNCK = v, None
     else:
         b = beta.reshape(B, H, N, chunk)[..., None]
-        A = ((b * k) @ k.transpose(-1, -2)) * decay_BHNCC  # its diagonal is ignored: the system is unitriangular
-        k_decayed = k * gamma_BHNC.exp()[..., None]  # k_j * exp(gamma_j): reads S0 through the chunk's decay so far
+        A = _decayed_products(b * k, k, decay_BHNCCG)  # its diagonal is ignored: the system is unitriangular
+        k_decayed = k * gamma_BHNCG.exp()  # k_j * exp(gamma_j): reads S0 through the chunk's decay so far
         u_BHNCV = torch.linalg.solve_triangular(A, b * v, upper=False, unitriangular=True)
         w_BHNCK = torch.linalg.solve_triangular(A, b * k_decayed, upper=False, unitriangular=True)
-    q_decayed = q * gamma_BHNC.exp()[..., None]
-    k_to_end = k * (gamma_BHNC[..., -1:] - gamma_BHNC).exp()[..., None]
+    q_decayed = q * gamma_BHNCG.exp()
+    k_to_end = k * (gamma_BHNCG[..., -1:, :] - gamma_BHNCG).exp()
     out = []
     for n in range(N):
         corrections_BHCV = u_BHNCV[:, :, n] if w_BHNCK is None else u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ S
         out.append(q_decayed[:, :, n] @ S + scores_BHNCC[:, :, n] @ corrections_BHCV)
-        S = S * gamma_BHNC[:, :, n, -1].exp()[..., None, None] + k_to_end[:, :, n].transpose(-1, -2) @ corrections_BHCV
+        S = S * gamma_BHNCG[:, :, n, -1].exp()[..., None] + k_to_end[:, :, n].transpose(-1, -2) @ corrections_BHCV
     o_BHTV = torch.cat(out, dim=2)[:, :, :T]
     return o_BHTV.transpose(1, 2), S
+
+
+def _log_decay(g: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) or (B, T, H, K) log decays as (B, H, T, G), G 1 or K, in fp32."""
+    g = g.float()
+    return (g[..., None] if g.dim() == 3 else g).transpose(1, 2)
+
+
+def _decayed_products(x_CK: torch.Tensor, y_CK: torch.Tensor, decay_CCG: torch.Tensor) -> torch.Tensor:
+    """sum_k x_ik y_jk decay_ijk over the last dim (over leading batch dims); a decay per head (G = 1) is one
+    matmul."""
+    if decay_CCG.shape[-1] == 1:
+        return (x_CK @ y_CK.transpose(-1, -2)) * decay_CCG[..., 0]
+    return torch.einsum("...ik,...jk,...ijk->...ij", x_CK, y_CK, decay_CCG)
 
 
 class RecurrentState:
