@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.nn.linear_attention import GatedDeltaNet, chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import GatedDeltaNet, LightningAttention, chunked_gated_delta_rule, gated_delta_rule
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -152,3 +152,33 @@ def test_a_left_padded_row_computes_what_it_computes_alone():
     real = torch.tensor([[False] * 3 + [True] * 7])
     with torch.no_grad():
         torch.testing.assert_close(ours(padded, real_BT=real)[:, 3:], ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lightning_attention_matches_transformers_minimax():
+    minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
+    from transformers import MiniMaxConfig
+
+    H_, D_, dim, layers = 4, 8, 32, 8
+    config = MiniMaxConfig(hidden_size=dim, num_attention_heads=H_, head_dim=D_, num_hidden_layers=layers,
+                           block_size=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    theirs = minimax.MiniMaxLightningAttention(config, layer_idx=2).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    ours = LightningAttention(dim, H_, D_, layer=2, n_layers=layers, chunk=3)
+    q, k, v = theirs.qkv_proj.weight.view(H_, 3, D_, dim).unbind(1)  # fused, interleaved per head
+    with torch.no_grad():
+        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v)):
+            mine.weight.copy_(w.reshape(-1, dim))
+        ours.w_gate.weight.copy_(theirs.output_gate.weight)
+        ours.norm_weight.copy_(theirs.norm.weight)
+        ours.wo.weight.copy_(theirs.out_proj.weight)
+    torch.testing.assert_close(ours.slope.float(), theirs.slope_rate.flatten())
+    x = torch.randn(2, 10, dim, generator=torch.Generator().manual_seed(1))  # 10 tokens: a partial last block
+    with torch.no_grad():
+        want, _ = theirs(x, position_embeddings=None, attention_mask=None)
+        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
+        state = ours.new_state(2)
+        steps = [ours(x[:, :7], state)] + [ours(x[:, t : t + 1], state) for t in range(7, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,13 @@
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
-from smoe.nn.linear_attention import GatedDeltaNet, RecurrentState, chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import (
+    GatedDeltaNet,
+    LightningAttention,
+    RecurrentState,
+    chunked_gated_delta_rule,
+    gated_delta_rule,
+)
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
@@ -13,6 +19,7 @@ __all__ = [
     "MLACache",
     "MLP",
     "GatedDeltaNet",
+    "LightningAttention",
     "RecurrentState",
     "Attention",
     "KVCache",

@@ -121,10 +121,52 @@ def _decayed_products(x_CK: torch.Tensor, y_CK: torch.Tensor, decay_CCG: torch.T
 
 class RecurrentState:
     """What a linear-attention layer carries between calls: the last ``kernel - 1`` inputs of its short convolution
-    (B, channels, kernel - 1) and the recurrent state (B, H, K, V). Both are constant in the context length."""
+    (B, channels, kernel - 1; None for a layer without one) and the recurrent state (B, H, K, V). Both are constant
+    in the context length."""
 
-    def __init__(self, conv_BCW: torch.Tensor, state_BHKV: torch.Tensor):
+    def __init__(self, conv_BCW: torch.Tensor | None, state_BHKV: torch.Tensor):
         self.conv_BCW, self.state_BHKV = conv_BCW, state_BHKV
+
+
+class LightningAttention(nn.Module):
+    """MiniMax-01's linear-attention layer ("lightning attention", MiniMax-01 report §2.2): q, k, v projected and
+    passed through SiLU, decayed linear attention with a fixed per-head decay exp(-slope_h) and no query scaling,
+    RMS-normalised over all heads, gated by sigmoid(W_g x), projected back. The slopes are MiniMax's: the ALiBi-style
+    2^(-8 (h + 1) / H) for head h, scaled by 1 - layer / (n_layers - 1) (+1e-5 both), so later layers forget slower.
+    transformers' checkpoints fuse q, k, v into one projection, interleaved per head; here they are separate.
+    """
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, layer: int, n_layers: int, norm_eps: float = 1e-6,
+                 chunk: int = 64):
+        super().__init__()
+        self.n_heads, self.head_dim, self.norm_eps, self.chunk = n_heads, head_dim, norm_eps, chunk
+        self.wq, self.wk, self.wv = (nn.Linear(dim, n_heads * head_dim, bias=False) for _ in range(3))
+        self.w_gate = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.norm_weight = nn.Parameter(torch.ones(n_heads * head_dim))
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        base = 2 ** (-8 / n_heads)
+        depth = 1 - layer / (n_layers - 1 + 1e-5) + 1e-5
+        self.register_buffer("slope", base ** torch.arange(1, n_heads + 1, dtype=torch.float64) * depth,
+                             persistent=False)
+
+    def new_state(self, batch_size: int, device=None) -> RecurrentState:
+        device = device or self.wq.weight.device
+        D = self.head_dim
+        return RecurrentState(None, torch.zeros(batch_size, self.n_heads, D, D, dtype=torch.float32, device=device))
+
+    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place)."""
+        B, T, _ = x_BTD.shape
+        H, D = self.n_heads, self.head_dim
+        q, k, v = (F.silu(w(x_BTD)).view(B, T, H, D) for w in (self.wq, self.wk, self.wv))
+        g_BTH = (-self.slope.float()).expand(B, T, H)
+        run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
+        o_BTHD, final = run(q, k, v, g_BTH, None, None if state is None else state.state_BHKV, scale=1.0)
+        if state is not None:
+            state.state_BHKV = final.detach()
+        o = o_BTHD.reshape(B, T, H * D)
+        o = (o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm_eps)).to(x_BTD.dtype) * self.norm_weight
+        return self.wo(torch.sigmoid(self.w_gate(x_BTD)) * o)
 
 
 class GatedDeltaNet(nn.Module):
