@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.nn.linear_attention import GatedDeltaNet, LightningAttention, chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import (
+    GatedDeltaNet,
+    KimiDeltaAttention,
+    LightningAttention,
+    chunked_gated_delta_rule,
+    gated_delta_rule,
+)
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -181,4 +187,36 @@ def test_lightning_attention_matches_transformers_minimax():
         torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
         state = ours.new_state(2)
         steps = [ours(x[:, :7], state)] + [ours(x[:, t : t + 1], state) for t in range(7, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kimi_delta_attention_layer_matches_transformers_kimi_linear():
+    kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    from transformers import KimiLinearConfig
+
+    H_, D_, dim = 2, 8, 32
+    config = KimiLinearConfig(hidden_size=dim, linear_num_heads=H_, linear_head_dim=D_, linear_conv_kernel_dim=4,
+                              num_hidden_layers=4, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    theirs = kimi.KimiLinearDeltaAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    ours = KimiDeltaAttention(dim, H_, D_, conv_kernel=4, chunk=4)
+    pairs = {"wq": theirs.q_proj, "wk": theirs.k_proj, "wv": theirs.v_proj, "wb": theirs.b_proj, "wo": theirs.o_proj,
+             "wf_a": theirs.forget_gate.f_a_proj, "wf_b": theirs.forget_gate.f_b_proj, "wg_a": theirs.g_a_proj,
+             "wg_b": theirs.g_b_proj}
+    with torch.no_grad():
+        for name, module in pairs.items():
+            getattr(ours, name).weight.copy_(module.weight)
+        ours.conv_weight.copy_(theirs.conv1d.weight[:, 0])
+        ours.dt_bias.copy_(theirs.forget_gate.dt_bias)
+        ours.A_log.copy_(theirs.forget_gate.A_log.flatten())
+        ours.norm_weight.copy_(theirs.o_norm.weight)
+    x = torch.randn(2, 9, dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(x)
+        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
+        state = ours.new_state(2)
+        steps = [ours(x[:, :5], state)] + [ours(x[:, t : t + 1], state) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)

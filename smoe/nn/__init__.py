@@ -4,6 +4,7 @@ from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
 from smoe.nn.linear_attention import (
     GatedDeltaNet,
+    KimiDeltaAttention,
     LightningAttention,
     RecurrentState,
     chunked_gated_delta_rule,
@@ -19,6 +20,7 @@ __all__ = [
     "MLACache",
     "MLP",
     "GatedDeltaNet",
+    "KimiDeltaAttention",
     "LightningAttention",
     "RecurrentState",
     "Attention",

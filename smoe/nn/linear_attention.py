@@ -228,17 +228,48 @@ class GatedDeltaNet(nn.Module):
         Hk, Hv, K, V = self.n_k_heads, self.n_v_heads, self.k_dim, self.v_dim
         q, k, v = conv_BCT.transpose(1, 2).split([Hk * K, Hk * K, Hv * V], dim=-1)
         q, k = (_l2norm(x.view(B, T, Hk, K)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
-        g_BTH = -self.A_log.float().exp() * F.softplus(self.wa(x_BTD).float() + self.dt_bias)
-        beta_BTH = torch.sigmoid(self.wb(x_BTD))
+        g, beta_BTH = self.log_decay(x_BTD), torch.sigmoid(self.wb(x_BTD))
         if real_BT is not None:  # padding: no decay, no write
-            g_BTH, beta_BTH = g_BTH * real_BT[..., None], beta_BTH * real_BT[..., None]
+            g, beta_BTH = g * real_BT.view(B, T, *[1] * (g.dim() - 2)), beta_BTH * real_BT[..., None]
         run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
-        o_BTHV, final = run(q, k, v.view(B, T, Hv, V), g_BTH, beta_BTH, None if state is None else state.state_BHKV)
+        o_BTHV, final = run(q, k, v.view(B, T, Hv, V), g, beta_BTH, None if state is None else state.state_BHKV)
         if state is not None:
             state.state_BHKV = final.detach()
         o = o_BTHV * torch.rsqrt(o_BTHV.square().mean(-1, keepdim=True) + self.norm_eps)
-        o = o.to(x_BTD.dtype) * self.norm_weight * F.silu(self.wz(x_BTD).view(B, T, Hv, V).float()).to(x_BTD.dtype)
+        o = o.to(x_BTD.dtype) * self.norm_weight * self.output_gate(x_BTD).view(B, T, Hv, V).to(x_BTD.dtype)
         return self.wo(o.reshape(B, T, Hv * V))
+
+    def log_decay(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The log decay per value head, (B, T, H): -exp(A_log) softplus(W_a x + dt_bias)."""
+        return -self.A_log.float().exp() * F.softplus(self.wa(x_BTD).float() + self.dt_bias)
+
+    def output_gate(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """What the normalised output is multiplied by: SiLU(W_z x)."""
+        return F.silu(self.wz(x_BTD).float())
+
+
+class KimiDeltaAttention(GatedDeltaNet):
+    """Kimi Linear's linear-attention layer (Kimi Delta Attention): Gated DeltaNet with as many key as value heads,
+    a decay per key channel, -exp(A_log_h) softplus(W_fb W_fa x + dt_bias) of shape (B, T, H, K) through a low-rank
+    (rank K) projection, and a low-rank output gate sigmoid(W_gb W_ga x) in place of SiLU(W_z x)."""
+
+    def __init__(self, dim: int, n_heads: int, head_dim: int, conv_kernel: int = 4, norm_eps: float = 1e-6,
+                 chunk: int = 64):
+        super().__init__(dim, n_heads, n_heads, head_dim, head_dim, conv_kernel, norm_eps, chunk)
+        del self.wa, self.wz
+        self.wf_a = nn.Linear(dim, head_dim, bias=False)
+        self.wf_b = nn.Linear(head_dim, n_heads * head_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.zeros(n_heads * head_dim))
+        self.wg_a = nn.Linear(dim, head_dim, bias=False)
+        self.wg_b = nn.Linear(head_dim, n_heads * head_dim, bias=False)
+
+    def log_decay(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        g = (self.wf_b(self.wf_a(x_BTD)).float() + self.dt_bias.float()).view(B, T, self.n_v_heads, self.k_dim)
+        return -self.A_log.float().exp()[:, None] * F.softplus(g)
+
+    def output_gate(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.wg_b(self.wg_a(x_BTD)).float())
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
