@@ -27,14 +27,12 @@ def _inputs(T: int, seed: int = 0, delta: bool = True):
     return q, k, v, log_decay, beta, state
 
 
-@pytest.mark.parametrize("delta", [True, False], ids=["gated-delta", "decayed-linear"])
-@pytest.mark.parametrize("T, chunk", [(13, 4), (16, 16), (7, 1), (5, 64)])
-def test_chunked_form_equals_the_recurrence_forward_and_backward(delta, T, chunk):
-    inputs = _inputs(T, delta=delta)
+def _chunked_equals_spec(inputs, chunk: int) -> None:
+    """The chunked form against the spec on ``inputs`` (q, k, v, g, beta or None, state): outputs, final state and
+    every input's gradient."""
     results = {}
-    for name, fn in (("spec", gated_delta_rule), ("chunked", chunked_gated_delta_rule)):
+    for name, fn, kwargs in (("spec", gated_delta_rule, {}), ("chunked", chunked_gated_delta_rule, {"chunk": chunk})):
         leaves = [x.clone().requires_grad_() if x is not None else None for x in inputs]
-        kwargs = {"chunk": chunk} if name == "chunked" else {}
         out, state = fn(*leaves[:5], state_BHKV=leaves[5], **kwargs)
         (out.square().sum() + state.square().sum()).backward()
         results[name] = (out, state, [x.grad for x in leaves if x is not None])
@@ -43,6 +41,12 @@ def test_chunked_form_equals_the_recurrence_forward_and_backward(delta, T, chunk
     torch.testing.assert_close(state_c, state, rtol=1e-4, atol=1e-4)
     for grad_c, grad in zip(grads_c, grads):
         torch.testing.assert_close(grad_c, grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["gated-delta", "decayed-linear"])
+@pytest.mark.parametrize("T, chunk", [(13, 4), (16, 16), (7, 1), (5, 64)])
+def test_chunked_form_equals_the_recurrence_forward_and_backward(delta, T, chunk):
+    _chunked_equals_spec(_inputs(T, delta=delta), chunk)
 
 
 def test_a_prefills_state_continues_into_token_by_token_decoding():
@@ -73,17 +77,7 @@ def test_a_decay_per_key_channel_chunks_as_its_recurrence_forward_and_backward(T
     # Kimi Delta Attention: g is (B, T, H, K), each row of the state decaying on its own
     q, k, v, _, beta, state = _inputs(T, seed=6)
     g = -torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(7))
-    results = {}
-    for name, fn, kwargs in (("spec", gated_delta_rule, {}), ("chunked", chunked_gated_delta_rule, {"chunk": chunk})):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, state)]
-        out, final = fn(*leaves[:5], state_BHKV=leaves[5], **kwargs)
-        (out.square().sum() + final.square().sum()).backward()
-        results[name] = (out, final, [x.grad for x in leaves])
-    (out, final, grads), (out_c, final_c, grads_c) = results["spec"], results["chunked"]
-    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(final_c, final, rtol=1e-4, atol=1e-4)
-    for grad_c, grad in zip(grads_c, grads):
-        torch.testing.assert_close(grad_c, grad, rtol=1e-3, atol=1e-3)
+    _chunked_equals_spec((q, k, v, g, beta, state), chunk)
 
 
 def test_a_decay_per_key_channel_matches_transformers_kimi_linear():
@@ -102,6 +96,16 @@ def test_a_bad_chunk_is_refused():
         chunked_gated_delta_rule(*_inputs(4)[:5], chunk=0)
 
 
+def _random_weights(module):
+    """``module`` in eval mode with every parameter drawn from N(0, 0.3) (transformers' init leaves norms at 1 and
+    some projections at 0, which would hide a mismatch)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    return module.eval()
+
+
 def _hf_gated_deltanet():
     """transformers' Qwen3-Next linear-attention layer on a tiny config, and ours with its weights."""
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
@@ -111,11 +115,7 @@ def _hf_gated_deltanet():
     config = Qwen3NextConfig(hidden_size=D, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
                              linear_key_head_dim=Kd, linear_value_head_dim=Vd, linear_conv_kernel_dim=W,
                              num_hidden_layers=4, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    theirs = qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 0.3)
+    theirs = _random_weights(qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0))
     ours = GatedDeltaNet(D, Hk, Hv, Kd, Vd, conv_kernel=W, chunk=4)
     r = Hv // Hk
     # transformers interleaves q, k, v, z (and b, a) per key head: [q_g, k_g, v_g (r heads), z_g (r heads)] for g
@@ -167,11 +167,7 @@ def test_lightning_attention_matches_transformers_minimax():
     H_, D_, dim, layers = 4, 8, 32, 8
     config = MiniMaxConfig(hidden_size=dim, num_attention_heads=H_, head_dim=D_, num_hidden_layers=layers,
                            block_size=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    theirs = minimax.MiniMaxLightningAttention(config, layer_idx=2).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 0.3)
+    theirs = _random_weights(minimax.MiniMaxLightningAttention(config, layer_idx=2))
     ours = LightningAttention(dim, H_, D_, layer=2, n_layers=layers, chunk=3)
     q, k, v = theirs.qkv_proj.weight.view(H_, 3, D_, dim).unbind(1)  # fused, interleaved per head
     with torch.no_grad():
@@ -197,11 +193,7 @@ def test_kimi_delta_attention_layer_matches_transformers_kimi_linear():
     H_, D_, dim = 2, 8, 32
     config = KimiLinearConfig(hidden_size=dim, linear_num_heads=H_, linear_head_dim=D_, linear_conv_kernel_dim=4,
                               num_hidden_layers=4, rms_norm_eps=1e-6)
-    torch.manual_seed(0)
-    theirs = kimi.KimiLinearDeltaAttention(config, layer_idx=0).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.normal_(0, 0.3)
+    theirs = _random_weights(kimi.KimiLinearDeltaAttention(config, layer_idx=0))
     ours = KimiDeltaAttention(dim, H_, D_, conv_kernel=4, chunk=4)
     pairs = {"wq": theirs.q_proj, "wk": theirs.k_proj, "wv": theirs.v_proj, "wb": theirs.b_proj, "wo": theirs.o_proj,
              "wf_a": theirs.forget_gate.f_a_proj, "wf_b": theirs.forget_gate.f_b_proj, "wg_a": theirs.g_a_proj,
