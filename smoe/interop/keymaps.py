@@ -44,7 +44,7 @@ _MLA = {"attn.wq": "self_attn.q_proj", "attn.wq_a": "self_attn.q_a_proj", "attn.
         "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
         "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj", "attn.wo": "self_attn.o_proj"}
 _DENSE_MLP = {"ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj", "ffn.down": "mlp.down_proj"}
-_MLP_EXPERTS = ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight", "mlp.experts.{e}.down_proj.weight")
+_MLP_EXPERTS = tuple(f"mlp.experts.{{e}}.{w}_proj.weight" for w in ("gate", "up", "down"))
 _W_EXPERTS = tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))
 _DEEPSEEK_MOE = {**_DENSE_MLP, "ffn.router": "mlp.gate", "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
                  "ffn.shared.gate": "mlp.shared_experts.gate_proj", "ffn.shared.up": "mlp.shared_experts.up_proj",
