@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from smoe.config import ModelConfig
-from smoe.interop.hf_families import FAMILIES
+from smoe.interop.families import FAMILIES
 
 
 @dataclass(frozen=True)

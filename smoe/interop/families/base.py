@@ -1,0 +1,221 @@
+"""What several Hugging Face families share: ``Family`` (what a family module defines), ``Reader`` and the readers of
+keys many families spell alike, and the writers and checks of the other direction. No torch import.
+
+Balance coefficients: transformers' Switch-style loss (``router_aux_loss_coef``, DBRX ``moe_loss_weight``) pools the
+router statistics of all L MoE layers into one loss and counts f_i per token, so it is top_k times our per-layer
+loss and spread over L layers, while ours is summed over layers (smoe.moe.balance). ``aux_loss_coef =
+router_aux_loss_coef * top_k / L`` gives every router the same gradient (``with_hf_aux``, ``pooled_aux_coef``).
+DeepSeek's ``aux_loss_alpha`` is already per layer and per assignment, so it maps unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from smoe.config import AttentionConfig, ModelConfig, MoEConfig, RopeScaling
+
+
+@dataclass(frozen=True)
+class Family:
+    """One Hugging Face ``model_type``: ``read`` maps its config.json (through a ``Reader``) to a ModelConfig;
+    ``write`` maps a ModelConfig back, raising naming the field the family cannot express (None: transformers has
+    no such model, so nothing is exported as it)."""
+
+    model_type: str
+    read: Callable[["Reader"], ModelConfig]
+    write: Callable[[ModelConfig], dict[str, Any]] | None = None
+
+
+# --- config.json -> ModelConfig ----------------------------------------------------------------------------------
+
+
+class Reader:
+    """Reads keys from one config dict; a missing required key raises naming the file and the key."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        self.data, self.source = data, source
+
+    def req(self, key: str) -> Any:
+        if self.data.get(key) is None:
+            raise ValueError(f"{self.source}: missing required key {key!r} for model_type "
+                             f"{self.data.get('model_type')!r}")
+        return self.data[key]
+
+    def opt(self, key: str, default: Any = None) -> Any:
+        value = self.data.get(key)
+        return default if value is None else value
+
+    def first(self, keys: tuple[str, ...], default: Any = None) -> Any:
+        """The first present key among aliases (transformers versions save some keys under other names)."""
+        return next((self.data[k] for k in keys if self.data.get(k) is not None), default)
+
+    def sub(self, key: str) -> "Reader":
+        return Reader(self.opt(key, {}), f"{self.source} [{key}]")
+
+    def reject(self, *keys: str, why: str) -> None:
+        """Raise if any of ``keys`` is set truthy: a feature our config does not have."""
+        for key in keys:
+            if self.opt(key, False):
+                raise ValueError(f"{self.source}: {key}={self.data[key]!r} is not supported ({why})")
+
+
+O_BIAS = "our attention has biases on q, k, v only, not on the output projection"
+
+
+def read_rope(r: Reader, default_theta: float = 10000.0) -> tuple[float, RopeScaling | None]:
+    params = r.opt("rope_parameters", {}) or {}
+    theta = float(r.opt("rope_theta", params.get("rope_theta", default_theta)))
+    scaling = r.opt("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling(type="linear", factor=float(scaling["factor"]))
+    if kind == "yarn":
+        return theta, RopeScaling(
+            type="yarn", factor=float(scaling["factor"]),
+            original_max_seq_len=int(scaling.get("original_max_position_embeddings", 4096)),
+            beta_fast=float(scaling.get("beta_fast", 32.0)), beta_slow=float(scaling.get("beta_slow", 1.0)),
+            mscale=float(scaling.get("mscale", 1.0)), mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)),
+        )
+    raise ValueError(f"{r.source}: rope scaling type {kind!r} is not supported (supported: default, linear, yarn)")
+
+
+def read_common(r: Reader, *, eps: float, max_pos: int) -> dict[str, Any]:
+    """The fields every GQA/MLA family spells the same way; ``eps`` and ``max_pos`` are the family's defaults."""
+    return dict(
+        vocab_size=int(r.req("vocab_size")),
+        dim=int(r.req("hidden_size")),
+        n_layers=int(r.req("num_hidden_layers")),
+        norm_eps=float(r.opt("rms_norm_eps", eps)),
+        tie_embeddings=bool(r.opt("tie_word_embeddings", False)),
+        init_std=float(r.opt("initializer_range", 0.02)),
+        max_seq_len=int(r.opt("max_position_embeddings", max_pos)),
+        activation=read_activation(r.opt("hidden_act", "silu"), r.source),
+        name=r.data["model_type"],
+    )
+
+
+def read_head_dim(r: Reader, heads: int) -> int | None:
+    """head_dim as our config holds it: None when it is simply hidden_size / heads."""
+    head_dim = r.opt("head_dim")
+    return None if head_dim is None or head_dim * heads == r.req("hidden_size") else int(head_dim)
+
+
+def read_activation(act: str, source: str) -> str:
+    if act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported (silu, gelu)")
+    return "silu" if act in ("silu", "swish") else "gelu"
+
+
+def read_sliding(r: Reader, slides: Callable[[int], bool] | None = None) -> int | None:
+    """The window of ``use_sliding_window``. ``slides(i)``: whether layer i slides when config.json lists no
+    ``layer_types`` (the family's rule, from its transformers config class); None: every layer does."""
+    if not r.opt("use_sliding_window", False):
+        return None
+    if slides is not None:  # a per-layer choice we cannot hold unless it picks every layer
+        n = int(r.req("num_hidden_layers"))
+        types = r.opt("layer_types") or ["sliding_attention" if slides(i) else "full_attention" for i in range(n)]
+        if any(t != "sliding_attention" for t in types):
+            raise ValueError(f"{r.source}: use_sliding_window=true with full attention on some layers is not "
+                             "supported (one sliding window for every layer only)")
+    return int(r.opt("sliding_window", 4096))
+
+
+def with_hf_aux(config: ModelConfig, hf_coef: float) -> ModelConfig:
+    """Set aux_loss_coef from transformers' pooled Switch loss coefficient (see the module docstring)."""
+    n_moe = max(config.n_moe_layers, 1)
+    return replace(config, moe=replace(config.moe, aux_loss_coef=hf_coef * config.moe.top_k / n_moe))
+
+
+# --- ModelConfig -> config.json ----------------------------------------------------------------------------------
+
+
+def unsupported(model_type: str, path: str, why: str) -> None:
+    raise ValueError(f"{path}: cannot be expressed as a Hugging Face {model_type} config ({why})")
+
+
+def require(model_type: str, ok: bool, path: str, why: str) -> None:
+    if not ok:
+        unsupported(model_type, path, why)
+
+
+def rope_out(attn) -> dict[str, Any]:
+    out: dict[str, Any] = {"rope_theta": attn.rope_theta}
+    s = attn.rope_scaling
+    if s is not None and s.type != "default":
+        scaling: dict[str, Any] = {"rope_type": s.type, "type": s.type, "factor": s.factor}
+        if s.type == "yarn":
+            scaling.update(original_max_position_embeddings=s.original_max_seq_len, beta_fast=s.beta_fast,
+                           beta_slow=s.beta_slow, mscale=s.mscale, mscale_all_dim=s.mscale_all_dim)
+        out["rope_scaling"] = scaling
+    return out
+
+
+def base_out(c: ModelConfig, model_type: str, *, dense: bool = False, rms_norm: bool = True) -> dict[str, Any]:
+    """The keys every Llama-style config.json has, after refusing what no family here expresses. ``rms_norm``
+    False: the family checks its norm itself (DBRX's LayerNorm)."""
+    if (c.moe is None) != dense:
+        unsupported(model_type, "moe", "a dense family: no experts" if dense else "a dense model")
+    if c.activation != "silu":
+        unsupported(model_type, "activation", f"{c.activation!r}; the family uses silu")
+    if c.norm != "rmsnorm" and rms_norm:
+        unsupported(model_type, "norm", "the family uses RMSNorm")
+    m = c.moe
+    if dense and c.layout.n_mtp_modules:
+        unsupported(model_type, "layout.n_mtp_modules", "no multi-token prediction in this family")
+    elif not dense and c.layout.dense_residual:
+        unsupported(model_type, "layout.dense_residual", "no dense residual FFN in this family")
+    elif not dense and (m.routing != "token_choice" or m.capacity_factor is not None or m.router_bias):
+        unsupported(model_type, "moe", "only dropless token-choice routing without a router logit bias")
+    return {"model_type": model_type, "vocab_size": c.vocab_size, "hidden_size": c.dim,
+            "num_hidden_layers": c.n_layers, "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+            "initializer_range": c.init_std, "max_position_embeddings": c.max_seq_len, "hidden_act": "silu"}
+
+
+def moe_out(c: ModelConfig, model_type: str, *, shared_experts: bool = False, dense_layers: bool = False,
+            aux_free: bool = False, rms_norm: bool = True) -> dict[str, Any]:
+    """``base_out`` for an MoE family, refusing next what the family lacks unless allowed: shared experts, dense
+    layers among the MoE ones, the aux-free selection bias."""
+    out = base_out(c, model_type, rms_norm=rms_norm)
+    m, lay = c.moe, c.layout
+    if not shared_experts:
+        require(model_type, m.n_shared_experts == 0, "moe.n_shared_experts", "no shared experts in this family")
+    if not dense_layers:
+        require(model_type, lay.first_k_dense == 0 and lay.moe_layer_freq == 1 and lay.moe_layers is None,
+                "layout", "every layer is MoE in this family")
+    if not aux_free:
+        require(model_type, m.balance != "aux_free", "moe.balance", "no expert selection bias in this family")
+    return out
+
+
+def gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None, *, clip_qkv: bool = False,
+            partial_rotary: bool = False) -> dict[str, Any]:
+    """The attention keys of a GQA family; ``bias`` None: either; ``clip_qkv``, ``partial_rotary``: the family
+    has them."""
+    a = c.attention
+    if not isinstance(a, AttentionConfig):
+        unsupported(model_type, "attention", "the family uses GQA, not MLA")
+    if a.qk_norm != qk_norm:
+        unsupported(model_type, "attention.qk_norm", f"the family uses {qk_norm!r}")
+    if bias is not None and a.qkv_bias != bias:
+        unsupported(model_type, "attention.qkv_bias", f"the family uses {bias}")
+    if a.clip_qkv is not None and not clip_qkv:
+        unsupported(model_type, "attention.clip_qkv", "not in this family")
+    if a.rotary_dim is not None and not partial_rotary:
+        unsupported(model_type, "attention.rotary_dim", "partial rotary is not in this family")
+    return {"num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
+            "head_dim": a.resolved_head_dim(c.dim), **rope_out(a)}
+
+
+def pooled_aux_coef(c: ModelConfig) -> float:
+    """transformers' pooled loss coefficient (module docstring); 12 digits keep 0.001 from printing as 0.00099..."""
+    return float(f"{c.moe.aux_loss_coef * max(c.n_moe_layers, 1) / c.moe.top_k:.12g}")
+
+
+def softmax_plain(m: MoEConfig) -> bool:
+    """Softmax routing without expert groups."""
+    return m.score_func == "softmax" and m.n_group == 1
