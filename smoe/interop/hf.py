@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> smoe models, through the family key maps of smoe.interop.keymaps, streamed.
+"""Hugging Face checkpoints <-> smoe models, through the family key maps of smoe.interop.families, streamed.
 
     model = load_pretrained("path/to/Mixtral-8x7B", dtype=torch.bfloat16)   # a Hugging Face model directory
     model = load_pretrained("runs/v3")                                     # or a smoe checkpoint / run directory
@@ -26,6 +26,7 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
+from smoe.interop.families import FAMILIES
 from smoe.interop.hf_config import (
     TRANSFORMERS_FAMILIES,
     check_exportable,
@@ -33,7 +34,7 @@ from smoe.interop.hf_config import (
     config_to_hf,
     load_hf_config,
 )
-from smoe.interop.keymaps import IGNORED, KEY_MAPS, Piece, pieces_for
+from smoe.interop.pieces import IGNORED, Piece, pieces_for
 from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
 from smoe.io.files import atomic_directory, check_fresh_dir, read_json
@@ -240,7 +241,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     fp8_block = _fp8_block(hf, str(path / "config.json")) if fp8 else None
     with torch.device("meta"):
         state = build_model(config).state_dict()
-    plan = _plan(ckpt, pieces_for(config, hf["model_type"], state), state, fp8_block)
+    plan = _plan(ckpt, pieces_for(config, FAMILIES[hf["model_type"]].key_map, state), state, fp8_block)
     model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device)
     _fill(model, ckpt, plan, fp8_block)
     return model.eval()
@@ -260,7 +261,7 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
     """Keep the MTP layers the checkpoint holds: transformers saves none even when config.json announces them."""
     if not config.layout.n_mtp_modules:
         return config
-    prefix = KEY_MAPS[model_type].layer
+    prefix = FAMILIES[model_type].key_map.layer
     present = 0
     while present < config.layout.n_mtp_modules and \
             prefix.format(i=config.n_layers + present) + "eh_proj.weight" in ckpt.where:
@@ -271,7 +272,7 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
 def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, source: str) -> None:
     """config.json's layer count against the checkpoint's (its highest layer index), before a model of the claimed
     size is built: a small file may claim far more layers than the weights hold."""
-    before, _, after = KEY_MAPS[model_type].layer.partition("{i}")
+    before, _, after = FAMILIES[model_type].key_map.layer.partition("{i}")
     pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
     held = 1 + max((int(m.group(1)) for name in ckpt.where if (m := pattern.match(name))), default=-1)
     mtp = config.layout.n_mtp_modules
@@ -282,14 +283,6 @@ def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, 
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
-
-
-_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM", "dbrx": "DbrxForCausalLM",
-                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
-                  "minimax_m2": "MiniMaxM2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM"}
-assert _ARCHITECTURES.keys() == set(TRANSFORMERS_FAMILIES)
 
 
 def infer_model_type(config: ModelConfig) -> str:
@@ -316,10 +309,13 @@ def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | No
     model_type = model_type or infer_model_type(config)
     hf_config = config_to_hf(config, model_type)  # raises naming the field the family cannot express
     out = check_fresh_dir(out)  # before the export work; atomic_directory checks again when it starts
-    state = _fold_routed_scale(config, model_type, {k: v.detach() for k, v in model.state_dict().items()})
-    tensors = _export_tensors(pieces_for(config, model_type, state), state)
+    family = FAMILIES[model_type]
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if "routed_scaling_factor" not in hf_config:
+        state = _fold_routed_scale(config, state)
+    tensors = _export_tensors(pieces_for(config, family.key_map, state), state)
     dtype = next(v.dtype for v in state.values() if v.is_floating_point())
-    hf_config.update(architectures=[_ARCHITECTURES[model_type]], dtype=str(dtype).removeprefix("torch."))
+    hf_config.update(architectures=[family.architecture], dtype=str(dtype).removeprefix("torch."))
     eos = _special_ids(tokenizer_json)
     hf_config.update(eos)
     with atomic_directory(out) as tmp:  # plain writes inside: the directory fsyncs every file before it appears
@@ -332,13 +328,12 @@ def save_pretrained(model: Transformer, out: str | Path, *, model_type: str | No
     return out
 
 
-def _fold_routed_scale(config: ModelConfig, model_type: str, state: dict[str, torch.Tensor]
-                      ) -> dict[str, torch.Tensor]:
-    """``state`` for a family without a routed_scaling_factor (all but DeepSeek-V2/V3): the factor multiplied into
-    the routed experts' down projections, which gives the same outputs (an expert's output is linear in its down
-    projection). The scaled tensors are new; the model's own are untouched."""
+def _fold_routed_scale(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` for a family whose config.json has no routed_scaling_factor (all but DeepSeek-V2/V3): the factor
+    multiplied into the routed experts' down projections, which gives the same outputs (an expert's output is linear
+    in its down projection). The scaled tensors are new; the model's own are untouched."""
     scale = config.moe.routed_scaling_factor if config.moe is not None else 1.0
-    if scale == 1.0 or model_type in ("deepseek_v2", "deepseek_v3"):
+    if scale == 1.0:
         return state
     return {k: v * scale if k.endswith("ffn.experts.w_down") else v for k, v in state.items()}
 
@@ -417,5 +412,5 @@ def save_model_checkpoint(model: Transformer, out: str | Path, tokenizer_json: s
     return Path(out)
 
 
-__all__ = ["DTYPES", "KEY_MAPS", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
+__all__ = ["DTYPES", "infer_model_type", "load_hf_config", "load_pretrained", "save_model_checkpoint",
            "save_pretrained"]

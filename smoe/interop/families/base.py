@@ -1,30 +1,95 @@
-"""What several Hugging Face families share: ``Family`` (what a family module defines), ``Reader`` and the readers of
-keys many families spell alike, and the writers and checks of the other direction. No torch import.
+"""What several Hugging Face families share: ``Family`` (what a family module defines); ``Reader`` and the readers
+of keys many families spell alike; the writers and checks of the other direction; ``KeyMap``, ``Piece`` and the
+tensor names many families share. No torch import.
 
 Balance coefficients: transformers' Switch-style loss (``router_aux_loss_coef``, DBRX ``moe_loss_weight``) pools the
 router statistics of all L MoE layers into one loss and counts f_i per token, so it is top_k times our per-layer
 loss and spread over L layers, while ours is summed over layers (smoe.moe.balance). ``aux_loss_coef =
 router_aux_loss_coef * top_k / L`` gives every router the same gradient (``with_hf_aux``, ``pooled_aux_coef``).
 DeepSeek's ``aux_loss_alpha`` is already per layer and per assignment, so it maps unchanged.
+
+Tensors: every tensor of our model is assembled from *pieces*: a piece copies one Hugging Face tensor (or a view of
+it: a row block of a fused QKV, an expert of a fused expert tensor, a transposed expert) into a region of one of our
+tensors. Importing runs the pieces forwards, exporting backwards (smoe.interop.pieces, smoe.interop.hf), so the two
+directions cannot disagree. The pieces come from a family's ``KeyMap``: renames of modules or tensors inside a
+block, the block prefix, and the per-expert names that are stacked into our ``w_gate_up (E, 2F, D)`` (gate rows
+first) and ``w_down (E, D, F)``.
+
+Legend: E routed experts, F expert hidden dim, D model dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig, RopeScaling
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
 class Family:
     """One Hugging Face ``model_type``: ``read`` maps its config.json (through a ``Reader``) to a ModelConfig;
-    ``write`` maps a ModelConfig back, raising naming the field the family cannot express (None: transformers has
-    no such model, so nothing is exported as it)."""
+    ``key_map`` names its tensors; ``write`` maps a ModelConfig back, raising naming the field the family cannot
+    express, and ``architecture`` is transformers' class for it (both None: transformers has no such model, so
+    nothing is exported as it)."""
 
     model_type: str
-    read: Callable[["Reader"], ModelConfig]
+    read: Callable[[Reader], ModelConfig]
+    key_map: KeyMap
     write: Callable[[ModelConfig], dict[str, Any]] | None = None
+    architecture: str | None = None
+
+
+# --- tensor names ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How one family names its tensors. ``block`` maps our module (or tensor) names inside a transformer block to
+    theirs, the longest matching prefix wins; ``experts`` are the per-expert tensor names (gate, up, down) with
+    ``{e}``; ``fused`` builds pieces for tensors that are not plain renames (DBRX)."""
+
+    top: dict[str, str]
+    layer: str  # the block prefix, with {i}
+    block: dict[str, str]
+    experts: tuple[str, str, str] | None = None
+    mtp: dict[str, str] = field(default_factory=dict)  # DeepSeek-V3 multi-token-prediction extras, per MTP layer
+    fused: Callable[[ModelConfig, int, str], list[Piece]] | None = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``ours[index]`` <-> ``view(theirs)``: the unit both directions of a conversion are made of."""
+
+    hf: str
+    ours: str
+    index: tuple = ()
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None
+    load: bool = True  # False: a duplicate the checkpoint repeats (DeepSeek-V3's MTP embedding and head)
+    shape: tuple[int, ...] | None = None  # theirs, when it is not ours[index]'s (a view's source, for export)
+
+    def source(self, t: torch.Tensor) -> torch.Tensor:
+        return self.view(t) if self.view is not None else t
+
+
+NORMS = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+GQA = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+       "attn.wo": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+DENSE_MLP = {"ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj", "ffn.down": "mlp.down_proj"}
+ROUTED_MLP = {**DENSE_MLP, "ffn.router": "mlp.gate"}  # dense layers' FFN and MoE layers' router, both under mlp.
+MLP_EXPERTS = tuple(f"mlp.experts.{{e}}.{w}_proj.weight" for w in ("gate", "up", "down"))
+W_EXPERTS = tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))  # Mixtral's
+
+
+def llama_key_map(attention: dict[str, str], ffn: dict[str, str], experts: tuple[str, str, str] | None = None,
+                  mtp: dict[str, str] | None = None) -> KeyMap:
+    """Llama's names (``model.embed_tokens``, ``model.layers.{i}.`` with its two norms, ``lm_head``), which every
+    family here but DBRX keeps, around the family's attention and FFN names."""
+    return KeyMap({"embed": "model.embed_tokens", "norm": "model.norm", "head": "lm_head"}, "model.layers.{i}.",
+                  {**NORMS, **attention, **ffn}, experts, mtp or {})
 
 
 # --- config.json -> ModelConfig ----------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
-"""DBRX (``dbrx``): bias-free LayerNorm, q/k/v clip, its keys nested in ``attn_config`` and ``ffn_config``.
-Defaults: transformers' DbrxConfig."""
+"""DBRX (``dbrx``): bias-free LayerNorm, q/k/v clip, its keys nested in ``attn_config`` and ``ffn_config``; fused
+``Wqkv`` and per-projection expert matrices, split into pieces. Defaults: transformers' DbrxConfig.
+
+Legend: E routed experts, F expert hidden dim, D model dim.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from typing import Any
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
     Family,
+    KeyMap,
+    Piece,
     Reader,
     gqa_out,
     moe_out,
@@ -58,4 +63,30 @@ def write(c: ModelConfig) -> dict[str, Any]:
                            "moe_loss_weight": pooled_aux_coef(c)}}
 
 
-FAMILIES = (Family("dbrx", read, write),)
+def _fused(config: ModelConfig, i: int, prefix: str) -> list[Piece]:
+    """DBRX fuses q, k, v into one ``Wqkv`` and stores each expert projection as one (E*F, D) matrix, the down
+    projection transposed."""
+    attn, moe, D = config.attention, config.moe, config.dim
+    q, kv = attn.n_heads * attn.resolved_head_dim(D), attn.n_kv_heads * attn.resolved_head_dim(D)
+    E, F = moe.n_routed_experts, moe.expert_dim
+    wqkv, mlp, ours = f"{prefix}norm_attn_norm.attn.Wqkv.weight", f"{prefix}ffn.experts.mlp.", f"layers.{i}."
+    qkv_shape, expert_shape = (q + 2 * kv, D), (E * F, D)
+    return [
+        Piece(wqkv, ours + "attn.wq.weight", view=lambda t: t[:q], shape=qkv_shape),
+        Piece(wqkv, ours + "attn.wk.weight", view=lambda t: t[q:q + kv], shape=qkv_shape),
+        Piece(wqkv, ours + "attn.wv.weight", view=lambda t: t[q + kv:], shape=qkv_shape),
+        Piece(mlp + "w1", ours + "ffn.experts.w_gate_up", (slice(None), slice(0, F)), lambda t: t.view(E, F, D),
+              shape=expert_shape),
+        Piece(mlp + "v1", ours + "ffn.experts.w_gate_up", (slice(None), slice(F, None)), lambda t: t.view(E, F, D),
+              shape=expert_shape),
+        Piece(mlp + "w2", ours + "ffn.experts.w_down", view=lambda t: t.view(E, F, D).transpose(1, 2),
+              shape=expert_shape),
+    ]
+
+
+KEY_MAP = KeyMap({"embed": "transformer.wte", "norm": "transformer.norm_f", "head": "lm_head"},
+                 "transformer.blocks.{i}.",
+                 {"attn_norm": "norm_attn_norm.norm_1", "ffn_norm": "norm_attn_norm.norm_2",
+                  "attn.wo": "norm_attn_norm.attn.out_proj", "ffn.router": "ffn.router.layer"},
+                 fused=_fused)
+FAMILIES = (Family("dbrx", read, KEY_MAP, write, "DbrxForCausalLM"),)

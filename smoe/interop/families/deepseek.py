@@ -13,7 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig
-from smoe.interop.families.base import Family, Reader, moe_out, read_common, read_rope, require, rope_out
+from smoe.interop.families.base import (
+    GQA,
+    MLP_EXPERTS,
+    ROUTED_MLP,
+    Family,
+    Reader,
+    llama_key_map,
+    moe_out,
+    read_common,
+    read_rope,
+    require,
+    rope_out,
+)
 
 
 def read(r: Reader, version: int, renorm_top1: bool = False) -> ModelConfig:
@@ -100,9 +112,23 @@ def write(c: ModelConfig, model_type: str) -> dict[str, Any]:
     return out
 
 
+MLA = {"attn.wq": "self_attn.q_proj", "attn.wq_a": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
+       "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
+       "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj", "attn.wo": "self_attn.o_proj"}
+MOE = {**ROUTED_MLP, "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
+       "ffn.shared.gate": "mlp.shared_experts.gate_proj", "ffn.shared.up": "mlp.shared_experts.up_proj",
+       "ffn.shared.down": "mlp.shared_experts.down_proj"}
+# V3's MTP layer L = n_layers + d holds a whole block plus these; its embed_tokens and shared_head.head repeat the
+# model's embedding and head.
+MTP = {"hidden_norm": "hnorm", "embed_norm": "enorm", "norm": "shared_head.norm", "proj": "eh_proj"}
+V1_KEYS = llama_key_map(GQA, MOE, MLP_EXPERTS)
+V3_KEYS = llama_key_map(MLA, MOE, MLP_EXPERTS, mtp=MTP)  # V2's too: it has no MTP layer to name
+
 FAMILIES = (
-    Family("deepseek", lambda r: read(r, version=1)),  # DeepSeekMoE 16B (remote code)
-    Family("deepseek_v2", lambda r: read(r, version=2), lambda c: write(c, "deepseek_v2")),
-    Family("deepseek_v3", lambda r: read(r, version=3, renorm_top1=True), lambda c: write(c, "deepseek_v3")),
-    Family("kimi_k2", lambda r: read(r, version=3)),  # remote code with V3's architecture
+    Family("deepseek", lambda r: read(r, version=1), V1_KEYS),  # DeepSeekMoE 16B (remote code)
+    Family("deepseek_v2", lambda r: read(r, version=2), V3_KEYS, lambda c: write(c, "deepseek_v2"),
+           "DeepseekV2ForCausalLM"),
+    Family("deepseek_v3", lambda r: read(r, version=3, renorm_top1=True), V3_KEYS, lambda c: write(c, "deepseek_v3"),
+           "DeepseekV3ForCausalLM"),
+    Family("kimi_k2", lambda r: read(r, version=3), V3_KEYS),  # remote code with V3's architecture
 )

@@ -8,10 +8,13 @@ from typing import Any
 
 from smoe.config import AttentionConfig, ModelConfig
 from smoe.interop.families.base import (
+    DENSE_MLP,
+    GQA,
     Family,
     Reader,
     base_out,
     gqa_out,
+    llama_key_map,
     read_common,
     read_head_dim,
     read_rope,
@@ -68,6 +71,7 @@ def write(c: ModelConfig, model_type: str) -> dict[str, Any]:
     return out
 
 
-FAMILIES = (Family("llama", read_llama, lambda c: write(c, "llama")),
-            Family("mistral", read_mistral, lambda c: write(c, "mistral")),
-            Family("qwen2", read_qwen2, lambda c: write(c, "qwen2")))
+KEY_MAP = llama_key_map(GQA, DENSE_MLP)
+FAMILIES = (Family("llama", read_llama, KEY_MAP, lambda c: write(c, "llama"), "LlamaForCausalLM"),
+            Family("mistral", read_mistral, KEY_MAP, lambda c: write(c, "mistral"), "MistralForCausalLM"),
+            Family("qwen2", read_qwen2, KEY_MAP, lambda c: write(c, "qwen2"), "Qwen2ForCausalLM"))

@@ -6,7 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
-from smoe.interop.families.base import Family, Reader, gqa_out, moe_out, read_common, read_rope, require
+from smoe.interop.families.base import (
+    GQA,
+    W_EXPERTS,
+    Family,
+    Reader,
+    gqa_out,
+    llama_key_map,
+    moe_out,
+    read_common,
+    read_rope,
+    require,
+)
 
 
 def read(r: Reader) -> ModelConfig:
@@ -40,4 +51,7 @@ def write(c: ModelConfig) -> dict[str, Any]:
             "rotary_dim": c.attention.rotary_dim or c.attention.resolved_head_dim(c.dim)}
 
 
-FAMILIES = (Family("minimax_m2", read, write),)
+# Mixtral's names, and the selection bias
+KEY_MAP = llama_key_map(GQA, {"ffn.router": "block_sparse_moe.gate",
+                              "ffn.router.expert_bias": "block_sparse_moe.e_score_correction_bias"}, W_EXPERTS)
+FAMILIES = (Family("minimax_m2", read, KEY_MAP, write, "MiniMaxM2ForCausalLM"),)

@@ -7,9 +7,12 @@ from typing import Any
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
+    GQA,
+    W_EXPERTS,
     Family,
     Reader,
     gqa_out,
+    llama_key_map,
     moe_out,
     pooled_aux_coef,
     read_common,
@@ -44,4 +47,5 @@ def write(c: ModelConfig) -> dict[str, Any]:
             "router_aux_loss_coef": pooled_aux_coef(c), "sliding_window": c.attention.sliding_window}
 
 
-FAMILIES = (Family("mixtral", read, write),)
+KEY_MAP = llama_key_map(GQA, {"ffn.router": "block_sparse_moe.gate"}, W_EXPERTS)
+FAMILIES = (Family("mixtral", read, KEY_MAP, write, "MixtralForCausalLM"),)

@@ -7,10 +7,14 @@ from typing import Any
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
+    GQA,
+    MLP_EXPERTS,
     O_BIAS,
+    ROUTED_MLP,
     Family,
     Reader,
     gqa_out,
+    llama_key_map,
     moe_out,
     pooled_aux_coef,
     read_common,
@@ -47,4 +51,5 @@ def write(c: ModelConfig) -> dict[str, Any]:
             "attention_bias": False, "clip_qkv": c.attention.clip_qkv}
 
 
-FAMILIES = (Family("olmoe", read, write),)
+KEY_MAP = llama_key_map(GQA, ROUTED_MLP, MLP_EXPERTS)
+FAMILIES = (Family("olmoe", read, KEY_MAP, write, "OlmoeForCausalLM"),)

@@ -8,10 +8,14 @@ from typing import Any
 
 from smoe.config import AttentionConfig, LayoutConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
+    GQA,
+    MLP_EXPERTS,
     O_BIAS,
+    ROUTED_MLP,
     Family,
     Reader,
     gqa_out,
+    llama_key_map,
     moe_out,
     pooled_aux_coef,
     read_common,
@@ -91,5 +95,12 @@ def write(c: ModelConfig, model_type: str) -> dict[str, Any]:
     return out
 
 
-FAMILIES = (Family("qwen2_moe", read_qwen2_moe, lambda c: write(c, "qwen2_moe")),
-            Family("qwen3_moe", read_qwen3_moe, lambda c: write(c, "qwen3_moe")))
+QWEN2_MOE_KEYS = llama_key_map(GQA, {**ROUTED_MLP, "ffn.shared.gate": "mlp.shared_expert.gate_proj",
+                                     "ffn.shared.up": "mlp.shared_expert.up_proj",
+                                     "ffn.shared.down": "mlp.shared_expert.down_proj",
+                                     "ffn.shared_gate": "mlp.shared_expert_gate"}, MLP_EXPERTS)
+QWEN3_MOE_KEYS = llama_key_map(GQA, ROUTED_MLP, MLP_EXPERTS)
+FAMILIES = (
+    Family("qwen2_moe", read_qwen2_moe, QWEN2_MOE_KEYS, lambda c: write(c, "qwen2_moe"), "Qwen2MoeForCausalLM"),
+    Family("qwen3_moe", read_qwen3_moe, QWEN3_MOE_KEYS, lambda c: write(c, "qwen3_moe"), "Qwen3MoeForCausalLM"),
+)
