@@ -7,6 +7,7 @@ import pytest
 
 from smoe import presets
 from smoe.accounting import account
+from smoe.interop.families import FAMILIES
 from smoe.interop.hf_config import TRANSFORMERS_FAMILIES, config_from_hf, load_hf_config
 
 # The published configs' keys that matter (https://huggingface.co/<repo>/blob/main/config.json); absent keys take
@@ -312,6 +313,13 @@ def test_accounting_is_exact_on_models_transformers_builds(model_type):
 
 def test_every_transformers_family_has_a_cross_check():
     assert set(TRANSFORMERS_FAMILIES) == set(TINY_HF)
+
+
+@pytest.mark.parametrize("model_type", TINY_HF)
+def test_export_names_the_class_transformers_builds(model_type):
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.AutoConfig.for_model(model_type, **TINY_HF[model_type])
+    assert transformers.MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)].__name__ == FAMILIES[model_type].architecture
 
 
 # --- our config -> config.json --------------------------------------------------------------------------------------

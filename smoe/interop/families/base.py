@@ -42,6 +42,10 @@ class Family:
     write: Callable[[ModelConfig], dict[str, Any]] | None = None
     architecture: str | None = None
 
+    def __post_init__(self):
+        if (self.write is None) != (self.architecture is None):  # a family-module bug, not a user error
+            raise AssertionError(f"{self.model_type}: write and architecture come together (export writes both)")
+
 
 # --- tensor names ------------------------------------------------------------------------------------------------
 
