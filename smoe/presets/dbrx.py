@@ -1,7 +1,7 @@
 """DBRX (Databricks): 16 experts top-4, bias-free LayerNorm, q/k/v clipped to [-8, 8].
 
 aux_loss_coef is config.json's moe_loss_weight converted from transformers' pooled loss to our per-layer one
-(x top_k / n_layers, see smoe.interop.hf_config).
+(x top_k / n_layers, see smoe.interop.families.base).
 """
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig

@@ -1,7 +1,7 @@
 """Mixtral (Jiang et al. 2024, arXiv 2401.04088): 8 large SwiGLU experts, softmax top-2 renormalised, GQA.
 
 The paper gives no balance coefficient; aux_loss_coef is config.json's router_aux_loss_coef converted from
-transformers' pooled loss to our per-layer one (x top_k / n_layers, see smoe.interop.hf_config).
+transformers' pooled loss to our per-layer one (x top_k / n_layers, see smoe.interop.families.base).
 """
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig

@@ -2,7 +2,7 @@
 all heads, load-balancing loss 0.01 and z-loss 0.001 (§2).
 
 The load-balancing weight is config.json's router_aux_loss_coef (0.01) converted from transformers' pooled loss to
-our per-layer one (x top_k / n_layers, see smoe.interop.hf_config); the z-loss weight is the paper's, per layer.
+our per-layer one (x top_k / n_layers, see smoe.interop.families.base); the z-loss weight is the paper's, per layer.
 """
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig

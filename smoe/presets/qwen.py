@@ -2,7 +2,7 @@
 per-head qk-norm, no shared expert).
 
 aux_loss_coef is config.json's router_aux_loss_coef converted from transformers' pooled loss to our per-layer one
-(x top_k / n_layers, see smoe.interop.hf_config).
+(x top_k / n_layers, see smoe.interop.families.base).
 """
 
 from smoe.config import AttentionConfig, ModelConfig, MoEConfig
