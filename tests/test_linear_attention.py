@@ -5,13 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.nn.linear_attention import (
-    GatedDeltaNet,
-    KimiDeltaAttention,
-    LightningAttention,
-    chunked_gated_delta_rule,
-    gated_delta_rule,
-)
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention
 
 B, H, K, V = 2, 3, 8, 6
 
