@@ -1,6 +1,8 @@
 """The linear-attention recurrences: chunked form against the token-by-token spec, forward and backward, and the
 gated delta rule against transformers' own torch implementations (Qwen3-Next)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,7 +142,7 @@ def test_gated_deltanet_decodes_from_its_state_as_one_forward_computes():
     x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = ours(x)
-        state = ours.new_state(2)
+        state = ours.new_cache(2)
         steps = [ours(x[:, :6], state)] + [ours(x[:, t : t + 1], state) for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     assert state.conv_BCW.shape == (2, ours.conv_channels, 3) and state.state_BHKV.shape == (2, 4, 8, 6)
@@ -176,7 +178,7 @@ def test_lightning_attention_matches_transformers_minimax():
     with torch.no_grad():
         want, _ = theirs(x, position_embeddings=None, attention_mask=None)
         torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
-        state = ours.new_state(2)
+        state = ours.new_cache(2)
         steps = [ours(x[:, :7], state)] + [ours(x[:, t : t + 1], state) for t in range(7, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
 
@@ -204,6 +206,41 @@ def test_kimi_delta_attention_layer_matches_transformers_kimi_linear():
     with torch.no_grad():
         want = theirs(x)
         torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
-        state = ours.new_state(2)
+        state = ours.new_cache(2)
         steps = [ours(x[:, :5], state)] + [ours(x[:, t : t + 1], state) for t in range(5, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
+
+
+D = 32  # the layers' model dim
+LAYERS = {
+    "qwen3-next": lambda chunk: GatedDeltaNet(D, n_k_heads=2, n_v_heads=4, k_dim=8, v_dim=6, chunk=chunk),
+    "kimi-linear": lambda chunk: KimiDeltaAttention(D, n_heads=2, head_dim=8, chunk=chunk),
+    "minimax": lambda chunk: LightningAttention(D, n_heads=4, head_dim=8, layer=2, n_layers=8, chunk=chunk),
+}
+
+
+@pytest.mark.parametrize("family", list(LAYERS))
+def test_the_chunked_layer_equals_its_spec_forward_and_backward(family):
+    chunked = _random_weights(LAYERS[family](3))
+    spec = copy.deepcopy(chunked)
+    spec.chunk = None
+    x = torch.randn(2, 11, D, generator=torch.Generator().manual_seed(3))
+    cache = chunked.new_cache(2)
+    g = torch.Generator().manual_seed(4)
+    cache.state_BHKV = torch.randn(cache.state_BHKV.shape, generator=g)
+    if cache.conv_BCW is not None:
+        cache.conv_BCW = torch.randn(cache.conv_BCW.shape, generator=g)
+    results = []
+    for layer in (spec, chunked):
+        leaf, state = x.clone().requires_grad_(), copy.deepcopy(cache)
+        out = layer(leaf, state)
+        out.square().sum().backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        results.append((out, state, leaf.grad, grads))
+    (out, state, x_grad, grads), (out_c, state_c, x_grad_c, grads_c) = results
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state_c.state_BHKV, state.state_BHKV, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-4, atol=1e-4)
+    assert grads_c.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -2,6 +2,9 @@
 smoe/nn/linear_attention.py: MiniMax-01's lightning attention, Qwen3-Next's Gated DeltaNet and Kimi Linear's Kimi
 Delta Attention, each with a ``RecurrentState`` that decoding continues.
 
+``chunk`` is the chunked recurrence's chunk length; ``chunk=None`` runs the token-by-token spec instead, which is what
+the layers' parity tests hold the chunked form to.
+
 Legend: B batch, T time, D model dim, C channels of the short convolution, W its history (kernel - 1 inputs),
 H heads, K key dim, V value dim.
 """
@@ -35,7 +38,7 @@ class LightningAttention(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, layer: int, n_layers: int, norm_eps: float = 1e-6,
-                 chunk: int = 64):
+                 chunk: int | None = 64):
         super().__init__()
         self.n_heads, self.head_dim, self.norm_eps, self.chunk = n_heads, head_dim, norm_eps, chunk
         self.wq, self.wk, self.wv = (nn.Linear(dim, n_heads * head_dim, bias=False) for _ in range(3))
@@ -47,7 +50,7 @@ class LightningAttention(nn.Module):
         self.register_buffer("slope", base ** torch.arange(1, n_heads + 1, dtype=torch.float64) * depth,
                              persistent=False)
 
-    def new_state(self, batch_size: int, device=None) -> RecurrentState:
+    def new_cache(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
         device = device or self.wq.weight.device
         D = self.head_dim
         return RecurrentState(None, torch.zeros(batch_size, self.n_heads, D, D, dtype=torch.float32, device=device))
@@ -58,7 +61,8 @@ class LightningAttention(nn.Module):
         H, D = self.n_heads, self.head_dim
         q, k, v = (F.silu(w(x_BTD)).view(B, T, H, D) for w in (self.wq, self.wk, self.wv))
         g_BTH = (-self.slope.float()).expand(B, T, H)
-        run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
+        # the spec for a decode step (nothing to chunk) or where asked for (chunk None: the parity tests' reference)
+        run = gated_delta_rule if T == 1 or self.chunk is None else partial(chunked_gated_delta_rule, chunk=self.chunk)
         o_BTHD, final = run(q, k, v, g_BTH, None, None if state is None else state.state_BHKV, scale=1.0)
         if state is not None:
             state.state_BHKV = final.detach()
@@ -79,7 +83,7 @@ class GatedDeltaNet(nn.Module):
     """
 
     def __init__(self, dim: int, n_k_heads: int, n_v_heads: int, k_dim: int, v_dim: int, conv_kernel: int = 4,
-                 norm_eps: float = 1e-6, chunk: int = 64):
+                 norm_eps: float = 1e-6, chunk: int | None = 64):
         super().__init__()
         if n_v_heads % n_k_heads:
             raise ValueError(f"n_v_heads: must be a multiple of n_k_heads ({n_k_heads}), got {n_v_heads}")
@@ -101,7 +105,7 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> int:
         return 2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
 
-    def new_state(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
+    def new_cache(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
         dtype = dtype or self.wq.weight.dtype
         device = device or self.wq.weight.device
         conv = torch.zeros(batch_size, self.conv_channels, self.conv_weight.shape[1] - 1, dtype=dtype, device=device)
@@ -129,7 +133,8 @@ class GatedDeltaNet(nn.Module):
         g, beta_BTH = self.log_decay(x_BTD), torch.sigmoid(self.wb(x_BTD))
         if real_BT is not None:  # padding: no decay, no write
             g, beta_BTH = g * real_BT.view(B, T, *[1] * (g.dim() - 2)), beta_BTH * real_BT[..., None]
-        run = gated_delta_rule if T == 1 else partial(chunked_gated_delta_rule, chunk=self.chunk)
+        # the spec for a decode step (nothing to chunk) or where asked for (chunk None: the parity tests' reference)
+        run = gated_delta_rule if T == 1 or self.chunk is None else partial(chunked_gated_delta_rule, chunk=self.chunk)
         o_BTHV, final = run(q, k, v.view(B, T, Hv, V), g, beta_BTH, None if state is None else state.state_BHKV)
         if state is not None:
             state.state_BHKV = final.detach()
@@ -152,7 +157,7 @@ class KimiDeltaAttention(GatedDeltaNet):
     (rank K) projection, and a low-rank output gate sigmoid(W_gb W_ga x) in place of SiLU(W_z x)."""
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, conv_kernel: int = 4, norm_eps: float = 1e-6,
-                 chunk: int = 64):
+                 chunk: int | None = 64):
         super().__init__(dim, n_heads, n_heads, head_dim, head_dim, conv_kernel, norm_eps, chunk)
         del self.wa, self.wz
         self.wf_a = nn.Linear(dim, head_dim, bias=False)
