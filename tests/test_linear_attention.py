@@ -1,17 +1,15 @@
-"""The linear-attention recurrences: chunked form against the token-by-token spec, forward and backward, and the
-gated delta rule against transformers' own torch implementations (Qwen3-Next)."""
+"""The linear-attention recurrences and the layers around them: the chunked form against the token-by-token spec,
+forward and backward; decoding from a cache against one forward; left padding; and parity with transformers' own
+torch recurrences and attention modules (Qwen3-Next, Kimi Linear, MiniMax-01) on tiny random weights."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe.nn.linear_attention import (
-    GatedDeltaNet,
-    KimiDeltaAttention,
-    LightningAttention,
-    chunked_gated_delta_rule,
-    gated_delta_rule,
-)
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -106,17 +104,35 @@ def _random_weights(module):
     return module.eval()
 
 
-def _hf_gated_deltanet():
-    """transformers' Qwen3-Next linear-attention layer on a tiny config, and ours with its weights."""
+D = 32  # the layers' model dim
+# Our layer of each family on a tiny shape; the chunk of 3 divides none of the tests' lengths.
+LAYERS = {
+    "qwen3-next": lambda chunk: GatedDeltaNet(D, n_k_heads=2, n_v_heads=4, k_dim=8, v_dim=6, chunk=chunk),
+    "kimi-linear": lambda chunk: KimiDeltaAttention(D, n_heads=2, head_dim=8, chunk=chunk),
+    "minimax": lambda chunk: LightningAttention(D, n_heads=4, head_dim=8, layer=2, n_layers=8, chunk=chunk),
+}
+FAMILIES = pytest.mark.parametrize("family", list(LAYERS))
+
+
+def _layer(family: str, chunk: int | None = 3):
+    return _random_weights(LAYERS[family](chunk))
+
+
+def _x(T: int, seed: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, T, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _qwen3_next_twin(ours: GatedDeltaNet):
+    """transformers' Qwen3NextGatedDeltaNet shaped as ``ours``, with random weights that are copied into ours."""
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     from transformers import Qwen3NextConfig
 
-    Hk, Hv, Kd, Vd, D, W = 2, 4, 8, 6, 32, 4
+    Hk, Hv, Kd, Vd = ours.n_k_heads, ours.n_v_heads, ours.k_dim, ours.v_dim
     config = Qwen3NextConfig(hidden_size=D, linear_num_key_heads=Hk, linear_num_value_heads=Hv,
-                             linear_key_head_dim=Kd, linear_value_head_dim=Vd, linear_conv_kernel_dim=W,
-                             num_hidden_layers=4, rms_norm_eps=1e-6)
+                             linear_key_head_dim=Kd, linear_value_head_dim=Vd,
+                             linear_conv_kernel_dim=ours.conv_weight.shape[1], num_hidden_layers=4,
+                             rms_norm_eps=ours.norm_eps)
     theirs = _random_weights(qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0))
-    ours = GatedDeltaNet(D, Hk, Hv, Kd, Vd, conv_kernel=W, chunk=4)
     r = Hv // Hk
     # transformers interleaves q, k, v, z (and b, a) per key head: [q_g, k_g, v_g (r heads), z_g (r heads)] for g
     qkvz = theirs.in_proj_qkvz.weight.view(Hk, 2 * Kd + 2 * r * Vd, D)
@@ -130,71 +146,18 @@ def _hf_gated_deltanet():
         ours.A_log.copy_(theirs.A_log)
         ours.norm_weight.copy_(theirs.norm.weight)
         ours.wo.weight.copy_(theirs.out_proj.weight)
-    return theirs, ours
+    return lambda x, mask=None: theirs(x, attention_mask=mask)
 
 
-def test_gated_deltanet_layer_matches_transformers_qwen3_next():
-    theirs, ours = _hf_gated_deltanet()
-    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
-
-
-def test_gated_deltanet_decodes_from_its_state_as_one_forward_computes():
-    _, ours = _hf_gated_deltanet()
-    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        full = ours(x)
-        state = ours.new_state(2)
-        steps = [ours(x[:, :6], state)] + [ours(x[:, t : t + 1], state) for t in range(6, 10)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert state.conv_BCW.shape == (2, ours.conv_channels, 3) and state.state_BHKV.shape == (2, 4, 8, 6)
-
-
-def test_a_left_padded_row_computes_what_it_computes_alone():
-    _, ours = _hf_gated_deltanet()
-    x = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(4))
-    padded = torch.cat([torch.randn(1, 3, 32), x], dim=1)  # 3 padding tokens of noise before the row
-    real = torch.tensor([[False] * 3 + [True] * 7])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(padded, real_BT=real)[:, 3:], ours(x), rtol=1e-5, atol=1e-5)
-
-
-def test_lightning_attention_matches_transformers_minimax():
-    minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
-    from transformers import MiniMaxConfig
-
-    H_, D_, dim, layers = 4, 8, 32, 8
-    config = MiniMaxConfig(hidden_size=dim, num_attention_heads=H_, head_dim=D_, num_hidden_layers=layers,
-                           block_size=4, num_key_value_heads=2)
-    theirs = _random_weights(minimax.MiniMaxLightningAttention(config, layer_idx=2))
-    ours = LightningAttention(dim, H_, D_, layer=2, n_layers=layers, chunk=3)
-    q, k, v = theirs.qkv_proj.weight.view(H_, 3, D_, dim).unbind(1)  # fused, interleaved per head
-    with torch.no_grad():
-        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v)):
-            mine.weight.copy_(w.reshape(-1, dim))
-        ours.w_gate.weight.copy_(theirs.output_gate.weight)
-        ours.norm_weight.copy_(theirs.norm.weight)
-        ours.wo.weight.copy_(theirs.out_proj.weight)
-    torch.testing.assert_close(ours.slope.float(), theirs.slope_rate.flatten())
-    x = torch.randn(2, 10, dim, generator=torch.Generator().manual_seed(1))  # 10 tokens: a partial last block
-    with torch.no_grad():
-        want, _ = theirs(x, position_embeddings=None, attention_mask=None)
-        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
-        state = ours.new_state(2)
-        steps = [ours(x[:, :7], state)] + [ours(x[:, t : t + 1], state) for t in range(7, 10)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
-
-
-def test_kimi_delta_attention_layer_matches_transformers_kimi_linear():
+def _kimi_linear_twin(ours: KimiDeltaAttention):
+    """transformers' KimiLinearDeltaAttention shaped as ``ours``, its random weights copied into ours."""
     kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
     from transformers import KimiLinearConfig
 
-    H_, D_, dim = 2, 8, 32
-    config = KimiLinearConfig(hidden_size=dim, linear_num_heads=H_, linear_head_dim=D_, linear_conv_kernel_dim=4,
-                              num_hidden_layers=4, rms_norm_eps=1e-6)
+    config = KimiLinearConfig(hidden_size=D, linear_num_heads=ours.n_v_heads, linear_head_dim=ours.k_dim,
+                              linear_conv_kernel_dim=ours.conv_weight.shape[1], num_hidden_layers=4,
+                              rms_norm_eps=ours.norm_eps)
     theirs = _random_weights(kimi.KimiLinearDeltaAttention(config, layer_idx=0))
-    ours = KimiDeltaAttention(dim, H_, D_, conv_kernel=4, chunk=4)
     pairs = {"wq": theirs.q_proj, "wk": theirs.k_proj, "wv": theirs.v_proj, "wb": theirs.b_proj, "wo": theirs.o_proj,
              "wf_a": theirs.forget_gate.f_a_proj, "wf_b": theirs.forget_gate.f_b_proj, "wg_a": theirs.g_a_proj,
              "wg_b": theirs.g_b_proj}
@@ -205,10 +168,136 @@ def test_kimi_delta_attention_layer_matches_transformers_kimi_linear():
         ours.dt_bias.copy_(theirs.forget_gate.dt_bias)
         ours.A_log.copy_(theirs.forget_gate.A_log.flatten())
         ours.norm_weight.copy_(theirs.o_norm.weight)
-    x = torch.randn(2, 9, dim, generator=torch.Generator().manual_seed(1))
+    return lambda x, mask=None: theirs(x, attention_mask=mask)
+
+
+def _minimax_twin(ours: LightningAttention):
+    """transformers' MiniMaxLightningAttention shaped as ``ours`` (layer 2 of 8, blocks of 4 tokens), its random
+    weights copied into ours."""
+    minimax = pytest.importorskip("transformers.models.minimax.modeling_minimax")
+    from transformers import MiniMaxConfig
+
+    H_, D_ = ours.n_heads, ours.head_dim
+    config = MiniMaxConfig(hidden_size=D, num_attention_heads=H_, head_dim=D_, num_hidden_layers=8, block_size=4,
+                           num_key_value_heads=2)
+    theirs = _random_weights(minimax.MiniMaxLightningAttention(config, layer_idx=2))
+    q, k, v = theirs.qkv_proj.weight.view(H_, 3, D_, D).unbind(1)  # fused, interleaved per head
     with torch.no_grad():
-        want = theirs(x)
-        torch.testing.assert_close(ours(x), want, rtol=1e-4, atol=1e-5)
-        state = ours.new_state(2)
-        steps = [ours(x[:, :5], state)] + [ours(x[:, t : t + 1], state) for t in range(5, 9)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
+        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v)):
+            mine.weight.copy_(w.reshape(-1, D))
+        ours.w_gate.weight.copy_(theirs.output_gate.weight)
+        ours.norm_weight.copy_(theirs.norm.weight)
+        ours.wo.weight.copy_(theirs.out_proj.weight)
+    torch.testing.assert_close(ours.slope.float(), theirs.slope_rate.flatten())
+    return lambda x, mask=None: theirs(x, position_embeddings=None, attention_mask=mask)[0]
+
+
+TWINS = {"qwen3-next": _qwen3_next_twin, "kimi-linear": _kimi_linear_twin, "minimax": _minimax_twin}
+
+
+@FAMILIES
+def test_the_layer_matches_transformers(family):
+    ours = _layer(family)
+    theirs = TWINS[family](ours)
+    x = _x(10, seed=1)  # 10 tokens: a partial last chunk (ours, 3) and block (MiniMax's, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+
+
+@FAMILIES
+def test_the_layer_matches_transformers_on_a_left_padded_batch(family):
+    ours = _layer(family)
+    theirs = TWINS[family](ours)
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[0, :4] = False
+    x = _x(10, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, real_BT=real)[real], theirs(x, real)[real], rtol=1e-4, atol=1e-5)
+
+
+def _random_cache(layer, batch: int, seed: int):
+    """A cache as a prefill might leave it: random state and convolution history."""
+    cache = layer.new_cache(batch)
+    g = torch.Generator().manual_seed(seed)
+    cache.state_BHKV = torch.randn(cache.state_BHKV.shape, generator=g)
+    if cache.conv_BCW is not None:
+        cache.conv_BCW = torch.randn(cache.conv_BCW.shape, generator=g)
+    return cache
+
+
+@FAMILIES
+def test_the_chunked_layer_equals_its_spec_forward_and_backward(family):
+    chunked = _layer(family, chunk=3)
+    spec = copy.deepcopy(chunked)
+    spec.chunk = None
+    x, cache = _x(11, seed=3), _random_cache(chunked, 2, seed=4)
+    results = []
+    for layer in (spec, chunked):
+        leaf, state = x.clone().requires_grad_(), copy.deepcopy(cache)
+        out = layer(leaf, state)
+        out.square().sum().backward()
+        grads = {name: p.grad for name, p in layer.named_parameters()}
+        results.append((out, state, leaf.grad, grads))
+    (out, state, x_grad, grads), (out_c, state_c, x_grad_c, grads_c) = results
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state_c.state_BHKV, state.state_BHKV, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-4, atol=1e-4)
+    assert grads_c.keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@FAMILIES
+def test_decoding_from_the_cache_equals_one_forward(family):
+    layer = _layer(family)
+    x = _x(10, seed=5)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2)
+        steps = [layer(x[:, :7], cache)] + [layer(x[:, t : t + 1], cache) for t in range(7, 10)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def _assert_row_cache(cache, row: int, want) -> None:
+    """Row ``row`` of ``cache`` against ``want``, a cache of one row."""
+    torch.testing.assert_close(cache.state_BHKV[row : row + 1], want.state_BHKV, rtol=1e-5, atol=1e-5)
+    if want.conv_BCW is not None:
+        torch.testing.assert_close(cache.conv_BCW[row : row + 1], want.conv_BCW, rtol=1e-5, atol=1e-5)
+
+
+@FAMILIES
+def test_a_left_padded_batch_computes_each_row_as_alone(family):
+    layer = _layer(family)
+    x = _x(9, seed=6)
+    real = torch.ones(2, 9, dtype=torch.bool)
+    real[0, :4] = False  # row 0: 4 padding tokens, then 5 real ones
+    with torch.no_grad():
+        cache, alone = layer.new_cache(2), layer.new_cache(1)
+        out = layer(x, cache, real_BT=real)
+        torch.testing.assert_close(out[:1, 4:], layer(x[:1, 4:], alone), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1:], layer(x[1:]), rtol=1e-5, atol=1e-5)
+    _assert_row_cache(cache, 0, alone)
+
+
+@FAMILIES
+def test_padding_leaves_a_continuing_rows_cache_untouched(family):
+    # after a shared prefill, row 0 has one real token behind two padding ones, then sits out a decode step; it
+    # must compute what it computes on its real tokens alone, and row 1 what it computes unpadded
+    layer = _layer(family)
+    x = _x(10, seed=7)
+    with torch.no_grad():
+        cache = layer.new_cache(2)
+        layer(x[:, :6], cache)
+        chunk = layer(x[:, 6:9], cache, real_BT=torch.tensor([[False, False, True], [True, True, True]]))
+        step = layer(x[:, 9:], cache, real_BT=torch.tensor([[False], [True]]))
+        alone = layer.new_cache(1)
+        row0 = layer(torch.cat([x[:1, :6], x[:1, 8:9]], dim=1), alone)
+        row1 = layer(x[1:])
+    torch.testing.assert_close(chunk[0, 2], row0[0, 6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([chunk[1:], step[1:]], dim=1), row1[:, 6:], rtol=1e-5, atol=1e-5)
+    _assert_row_cache(cache, 0, alone)
+
+
+def test_padding_after_a_real_token_is_refused():
+    with pytest.raises(ValueError, match="^real_BT: "):
+        _layer("qwen3-next")(_x(3, seed=8, batch=1), real_BT=torch.tensor([[True, True, False]]))

@@ -2,14 +2,8 @@
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
-from smoe.nn.linear_attention import (
-    GatedDeltaNet,
-    KimiDeltaAttention,
-    LightningAttention,
-    RecurrentState,
-    chunked_gated_delta_rule,
-    gated_delta_rule,
-)
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention, RecurrentState
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
