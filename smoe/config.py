@@ -4,8 +4,11 @@ No torch import here: configs are read by the CLI, accounting and interop withou
 
     ModelConfig
       attention: AttentionConfig (GQA/MHA) | MLAConfig (DeepSeek-V2/V3 multi-head latent attention)
+      linear_attention: LinearAttentionConfig | None (the linear layers of a hybrid model: MiniMax-01, Qwen3-Next,
+                 Kimi Linear; layout.layer_types says which layers)
       moe:       MoEConfig | None (None: a dense model)
-      layout:    LayoutConfig (which layers are MoE, Arctic's dense residual, DeepSeek-V3 MTP modules)
+      layout:    LayoutConfig (which layers are MoE or linear attention, Arctic's dense residual, DeepSeek-V3 MTP)
+      residual:  ResidualConfig | None (MiniMax-01's scaled residual on the normalised input)
       quantization: QuantConfig | None (weight-only int8/int4 for inference; None: full precision)
 
 Every ``validate()`` raises ``ValueError`` naming the field and the rule it broke. ``ModelConfig.validate()``
@@ -20,6 +23,15 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+from smoe.config_attention import (  # noqa: F401 (re-exported: smoe.config is where configs are imported from)
+    AttentionConfig,
+    LinearAttentionConfig,
+    LinearKind,
+    MLAConfig,
+    QKNorm,
+    RopeScaling,
+    RopeType,
+)
 from smoe.config_rules import check_types, fail, non_negative, one_of, positive
 
 ScoreFunc = Literal["softmax", "sigmoid"]
@@ -29,111 +41,10 @@ CapacityPriority = Literal["choice", "token"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu"]
 Norm = Literal["rmsnorm", "layernorm"]
-QKNorm = Literal["none", "head", "full"]
-RopeType = Literal["default", "linear", "yarn"]
 QuantScheme = Literal["int8", "int4"]
+LayerType = Literal["full_attention", "linear_attention"]
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP = 64  # within 0.5% perplexity of fp32 on the trained models of docs/quantization.md
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Context extension of rotary embeddings. ``yarn`` follows Peng et al. 2023 as DeepSeek-V2/V3 use it."""
-
-    type: RopeType = "yarn"
-    factor: float = 1.0
-    original_max_seq_len: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
-
-    def validate(self, prefix: str = "rope_scaling.") -> None:
-        check_types(self, prefix)
-        one_of(prefix + "type", self.type, typing.get_args(RopeType))
-        positive(prefix + "factor", self.factor)
-        positive(prefix + "original_max_seq_len", self.original_max_seq_len)
-        positive(prefix + "beta_slow", self.beta_slow)
-        if self.beta_fast < self.beta_slow:  # equal is legal: Kimi K2 ships beta_fast = beta_slow = 1
-            fail(prefix + "beta_fast", f"must be >= beta_slow ({self.beta_slow}), got {self.beta_fast}")
-        non_negative(prefix + "mscale", self.mscale)
-        non_negative(prefix + "mscale_all_dim", self.mscale_all_dim)
-
-
-@dataclass(frozen=True)
-class AttentionConfig:
-    """Grouped-query attention (MHA when n_kv_heads == n_heads)."""
-
-    kind: Literal["gqa"] = "gqa"
-    n_heads: int = 8
-    n_kv_heads: int = 8
-    head_dim: int | None = None  # None: dim // n_heads
-    rotary_dim: int | None = None  # None: the whole head is rotated (MiniMax-M2 rotates a part)
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    sliding_window: int | None = None
-    qkv_bias: bool = False
-    qk_norm: QKNorm = "none"  # "head": RMSNorm per head (Qwen3); "full": over all heads (OLMoE, MiniMax-M2)
-    clip_qkv: float | None = None  # DBRX clamps q, k, v to [-clip, clip]
-
-    def resolved_head_dim(self, dim: int) -> int:
-        return self.head_dim if self.head_dim is not None else dim // self.n_heads
-
-    def validate(self, dim: int, prefix: str = "attention.") -> None:
-        check_types(self, prefix)
-        positive(prefix + "n_heads", self.n_heads)
-        positive(prefix + "n_kv_heads", self.n_kv_heads)
-        if self.n_heads % self.n_kv_heads:
-            fail(prefix + "n_kv_heads", f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
-        if self.head_dim is None and dim % self.n_heads:
-            fail(prefix + "n_heads", f"must divide dim ({dim}) when head_dim is not set, got {self.n_heads}")
-        positive(prefix + "head_dim", self.head_dim, allow_none=True)
-        head_dim = self.resolved_head_dim(dim)
-        if head_dim % 2:
-            fail(prefix + "head_dim", f"must be even for rotary embeddings, got {head_dim}")
-        if self.rotary_dim is not None:
-            if not 0 < self.rotary_dim <= head_dim or self.rotary_dim % 2:
-                fail(prefix + "rotary_dim", f"must be even and in (0, head_dim={head_dim}], got {self.rotary_dim}")
-        positive(prefix + "rope_theta", self.rope_theta)
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate(prefix + "rope_scaling.")
-        positive(prefix + "sliding_window", self.sliding_window, allow_none=True)
-        one_of(prefix + "qk_norm", self.qk_norm, typing.get_args(QKNorm))
-        positive(prefix + "clip_qkv", self.clip_qkv, allow_none=True)
-
-
-@dataclass(frozen=True)
-class MLAConfig:
-    """Multi-head latent attention (DeepSeek-V2 §2.1): keys and values through a low-rank latent."""
-
-    kind: Literal["mla"] = "mla"
-    n_heads: int = 8
-    q_lora_rank: int | None = None  # None: queries are projected directly (DeepSeek-V2-Lite)
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    rope_interleave: bool = True  # DeepSeek checkpoints store rotary pairs interleaved
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    def validate(self, dim: int, prefix: str = "attention.") -> None:
-        check_types(self, prefix)
-        positive(prefix + "n_heads", self.n_heads)
-        positive(prefix + "q_lora_rank", self.q_lora_rank, allow_none=True)
-        positive(prefix + "kv_lora_rank", self.kv_lora_rank)
-        positive(prefix + "qk_nope_head_dim", self.qk_nope_head_dim)
-        positive(prefix + "qk_rope_head_dim", self.qk_rope_head_dim)
-        if self.qk_rope_head_dim % 2:
-            fail(prefix + "qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
-        positive(prefix + "v_head_dim", self.v_head_dim)
-        positive(prefix + "rope_theta", self.rope_theta)
-        if self.rope_scaling is not None:
-            self.rope_scaling.validate(prefix + "rope_scaling.")
 
 
 @dataclass(frozen=True)
@@ -253,6 +164,13 @@ class LayoutConfig:
     dense_residual: bool = False  # a dense FFN in parallel with every MoE FFN (Snowflake Arctic)
     n_mtp_modules: int = 0  # DeepSeek-V3 multi-token prediction depth
     mtp_loss_coef: float = 0.3  # lambda of the MTP loss (DeepSeek-V3 §2.2 uses 0.3, then 0.1)
+    # Each layer's token mixer, as transformers spells it: "full_attention" (the attention config: GQA or MLA) or
+    # "linear_attention" (ModelConfig.linear_attention). None: full attention everywhere. hybrid_layer_types builds
+    # the usual patterns.
+    layer_types: tuple[LayerType, ...] | None = None
+
+    def is_linear(self, layer: int) -> bool:
+        return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
 
     def is_moe(self, layer: int) -> bool:
         if self.moe_layers is not None:
@@ -280,6 +198,38 @@ class LayoutConfig:
                 fail(prefix + "moe_layers", "must not repeat a layer")
         non_negative(prefix + "n_mtp_modules", self.n_mtp_modules)
         non_negative(prefix + "mtp_loss_coef", self.mtp_loss_coef)
+        if self.layer_types is not None:
+            if len(self.layer_types) != n_layers:
+                fail(prefix + "layer_types", f"needs one entry per layer ({n_layers}), got {len(self.layer_types)}")
+            for kind in self.layer_types:
+                one_of(prefix + "layer_types", kind, typing.get_args(LayerType))
+
+
+def hybrid_layer_types(n_layers: int, full_every: int) -> tuple[LayerType, ...]:
+    """Every ``full_every``-th layer full attention and the others linear, ending on a full one when n_layers is a
+    multiple (MiniMax-01: 8, Qwen3-Next: 4). ``full_every=1`` is full attention everywhere."""
+    if full_every < 1:
+        fail("full_every", f"must be >= 1, got {full_every}")
+    return tuple("full_attention" if (i + 1) % full_every == 0 else "linear_attention" for i in range(n_layers))
+
+
+@dataclass(frozen=True)
+class ResidualConfig:
+    """MiniMax-01's residual: a sublayer f adds to its normalised input, x <- alpha * norm(x) + beta * f(norm(x)),
+    instead of x <- x + f(norm(x)), with (alpha, beta) per kind of sublayer (MiniMax-Text-01 sets every alpha to
+    (2 n_layers)^(1/4), DeepNet's scaling, and every beta to 1)."""
+
+    attention_alpha: float = 1.0
+    attention_beta: float = 1.0
+    linear_attention_alpha: float = 1.0
+    linear_attention_beta: float = 1.0
+    ffn_alpha: float = 1.0
+    ffn_beta: float = 1.0
+
+    def validate(self, prefix: str = "residual.") -> None:
+        check_types(self, prefix)
+        for f in fields(self):
+            positive(prefix + f.name, getattr(self, f.name))
 
 
 @dataclass(frozen=True)
@@ -315,8 +265,10 @@ class ModelConfig:
     init_std: float = 0.02
     max_seq_len: int = 2048
     attention: AttentionConfig | MLAConfig = field(default_factory=AttentionConfig)
+    linear_attention: LinearAttentionConfig | None = None  # the layers layout.layer_types makes linear
     moe: MoEConfig | None = field(default_factory=MoEConfig)
     layout: LayoutConfig = field(default_factory=LayoutConfig)
+    residual: ResidualConfig | None = None  # None: pre-norm, x + f(norm(x))
     quantization: QuantConfig | None = None
     name: str = "custom"
 
@@ -348,6 +300,16 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         self.layout.validate(self.n_layers)
+        n_linear = sum(map(self.layout.is_linear, range(self.n_layers)))
+        if n_linear and self.linear_attention is None:
+            fail("linear_attention", f"must be set: layout.layer_types makes {n_linear} layers linear attention")
+        if self.linear_attention is not None:
+            if not n_linear:
+                fail("linear_attention", "is set but no layer uses it: layout.layer_types names no "
+                                         "'linear_attention' layer")
+            self.linear_attention.validate()
+        if self.residual is not None:
+            self.residual.validate()
         if self.layout.dense_residual and self.moe is None:
             fail("layout.dense_residual", "needs an MoE config")
         if self.quantization is not None:
@@ -380,7 +342,7 @@ def _to_dict(obj: Any) -> Any:
 
 
 _NESTED = {"attention": None, "moe": MoEConfig, "layout": LayoutConfig, "rope_scaling": RopeScaling,
-           "quantization": QuantConfig}
+           "quantization": QuantConfig, "linear_attention": LinearAttentionConfig, "residual": ResidualConfig}
 
 
 def _from_dict(cls: type, data: Any, prefix: str) -> Any:

@@ -177,7 +177,7 @@ class Engine:
         request.prefilled = 0
         if request.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(request.seed)
-        self.cache.lengths_B[request.row] = 0
+        self.cache.clear(request.row)
         self.slots[request.row] = request
         self.prefilling.append(request)
 

@@ -1,13 +1,15 @@
 """The MoE transformer: embedding, blocks chosen per layer from the config, final norm, head, optional MTP.
 
 Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a dense MLP, an MoE layer, or (Arctic)
-an MoE layer plus a dense MLP in parallel. Attention is GQA or MLA per the config. Model code is single-device
-math: parallelism and compilation are applied from outside.
+an MoE layer plus a dense MLP in parallel; MiniMax-01 adds to the normalised input instead (config.residual). The
+token mixer is GQA or MLA per the attention config, or, in the layers layout.layer_types makes linear, a
+linear-attention layer (smoe.nn.linear_layers). Model code is single-device math: parallelism and compilation are
+applied from outside.
 
-Decoding (smoe.generation) passes a ``DecodeCache``: per-layer key/value (GQA) or latent (MLA) caches plus the
-tokens each row holds. Each row keeps its own length (slot s is its position s), so rows at different points of
-their sequences decode together and each attends over its own keys only; left padding in the input is never
-cached, attended or routed to an expert.
+Decoding (smoe.generation) passes a ``DecodeCache``: per-layer key/value (GQA), latent (MLA) or recurrent (linear
+attention) caches plus the tokens each row holds. Each row keeps its own length (slot s is its position s), so rows
+at different points of their sequences decode together and each attends over its own keys only; left padding in
+the input is never cached, attended, written into a recurrent state or routed to an expert.
 
 Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V vocabulary.
 """
@@ -22,7 +24,18 @@ from torch import nn
 
 from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
-from smoe.nn import MLA, MLP, Attention, KVCache, MLACache, RotaryEmbedding, init_weights, make_norm
+from smoe.nn import (
+    MLA,
+    MLP,
+    Attention,
+    KVCache,
+    MLACache,
+    RecurrentState,
+    RotaryEmbedding,
+    init_weights,
+    make_linear_attention,
+    make_norm,
+)
 from smoe.quant.modules import quantize_modules
 
 IGNORE_INDEX = -100
@@ -41,28 +54,55 @@ class ModelOutput:
 @dataclass
 class DecodeCache:
     """The state a decode step carries besides the weights; ``Transformer.new_cache`` builds it. Row b holds its
-    tokens in slots 0 .. lengths_B[b] - 1 of every layer's buffers; a forward's real tokens are appended to their
-    row. ``rows(start, stop)`` is a cache of some rows that writes through (a request's prefill in its own row)."""
+    tokens in slots 0 .. lengths_B[b] - 1 of every attention layer's buffers, and the state after them in every
+    linear-attention layer's; a forward's real tokens are appended to their row. ``rows(start, stop)`` is a cache of
+    some rows that writes through (a request's prefill in its own row)."""
 
-    layers: list[KVCache | MLACache]  # one per block
-    lengths_B: torch.Tensor  # int64 on the CPU: the tokens each row holds (set a row's to 0 to reuse it)
-
-    @property
-    def max_len(self) -> int:
-        layer = self.layers[0]
-        return (layer.k_BGSK if isinstance(layer, KVCache) else layer.latent_BSX).shape[-2]
+    layers: list[KVCache | MLACache | RecurrentState]  # one per block
+    lengths_B: torch.Tensor  # int64 on the CPU: the tokens each row holds (``clear`` a row to reuse it)
+    max_len: int  # the tokens a row can hold
 
     def rows(self, start: int, stop: int) -> DecodeCache:
-        return DecodeCache([layer.rows(start, stop) for layer in self.layers], self.lengths_B[start:stop])
+        return DecodeCache([layer.rows(start, stop) for layer in self.layers], self.lengths_B[start:stop], self.max_len)
+
+    def clear(self, row: int) -> None:
+        """Row ``row`` starts a new sequence (attention layers' slots are overwritten as it grows again)."""
+        self.lengths_B[row] = 0
+        for layer in self.layers:
+            if isinstance(layer, RecurrentState):
+                layer.clear(row)
+
+    @property
+    def nbytes(self) -> int:
+        """The cache's memory: key/value or latent buffers at max_len, plus the recurrent states."""
+        return sum(t.nbytes for t in _tensors(self.layers))
+
+
+def _tensors(layers: list[KVCache | MLACache | RecurrentState]) -> list[torch.Tensor]:
+    names = ("k_BGSK", "v_BGSK", "latent_BSX", "conv_BCW", "state_BHKV")
+    return [t for layer in layers for t in (getattr(layer, n, None) for n in names) if t is not None]
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, moe: bool):
+    """Layer ``layer`` of the model (None: an MTP module's block, full attention)."""
+
+    def __init__(self, config: ModelConfig, moe: bool, layer: int | None = None):
         super().__init__()
         dim, eps = config.dim, config.norm_eps
         self.attn_norm = make_norm(config.norm, dim, eps)
         attn = config.attention
-        self.attn = MLA(dim, attn, eps) if isinstance(attn, MLAConfig) else Attention(dim, attn, eps)
+        self.is_linear = layer is not None and config.layout.is_linear(layer)
+        if self.is_linear:
+            self.attn = make_linear_attention(dim, config.linear_attention, layer, config.n_layers, eps)
+        else:
+            self.attn = MLA(dim, attn, eps) if isinstance(attn, MLAConfig) else Attention(dim, attn, eps)
+        res = config.residual
+        # (alpha, beta) of each sublayer's residual, None for the plain x + f(norm(x))
+        self.attn_scale = self.ffn_scale = None
+        if res is not None:
+            self.attn_scale = ((res.linear_attention_alpha, res.linear_attention_beta) if self.is_linear
+                               else (res.attention_alpha, res.attention_beta))
+            self.ffn_scale = (res.ffn_alpha, res.ffn_beta)
         self.ffn_norm = make_norm(config.norm, dim, eps)
         self.is_moe = moe
         if moe:
@@ -77,15 +117,29 @@ class Block(nn.Module):
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
                 router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask_B1TS, cache, spans)
-        stats = None
-        if self.is_moe:
-            ffn_BTD, stats = self.ffn(self.ffn_norm(x_BTD), token_ids_BT, router_stats, keep_BT, expert_backend)
+        h_BTD = self.attn_norm(x_BTD)
+        if self.is_linear:
+            mixed_BTD = self.attn(h_BTD, cache, keep_BT)
         else:
-            ffn_BTD = self.ffn(self.ffn_norm(x_BTD))
+            mixed_BTD = self.attn(h_BTD, cos, sin, mask_B1TS, cache, spans)
+        x_BTD = _residual(x_BTD, h_BTD, mixed_BTD, self.attn_scale)
+        stats = None
+        h_BTD = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            ffn_BTD, stats = self.ffn(h_BTD, token_ids_BT, router_stats, keep_BT, expert_backend)
+        else:
+            ffn_BTD = self.ffn(h_BTD)
         if self.residual_ffn is not None:
             ffn_BTD = ffn_BTD + self.residual_ffn(self.residual_norm(x_BTD))
-        return x_BTD + ffn_BTD, stats
+        return _residual(x_BTD, h_BTD, ffn_BTD, self.ffn_scale), stats
+
+
+def _residual(x_BTD, normed_BTD, out_BTD, scale: tuple[float, float] | None) -> torch.Tensor:
+    """x + f(norm(x)), or with MiniMax-01's scale (alpha, beta): alpha * norm(x) + beta * f(norm(x))."""
+    if scale is None:
+        return x_BTD + out_BTD
+    alpha, beta = scale
+    return alpha * normed_BTD + beta * out_BTD
 
 
 class MTPModule(nn.Module):
@@ -112,7 +166,7 @@ class Transformer(nn.Module):
         config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, config.layout.is_moe(i) and config.moe is not None)
+        self.layers = nn.ModuleList(Block(config, config.layout.is_moe(i) and config.moe is not None, i)
                                     for i in range(config.n_layers))
         self.norm = make_norm(config.norm, config.dim, config.norm_eps)
         self.head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -164,10 +218,14 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len: {max_len} tokens exceed the model's max_seq_len ({self.config.max_seq_len})")
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        layers = [block.attn.new_cache(batch_size, max_len, dtype, device) for block in self.layers]
-        for layer in layers:
-            layer.batched = not independent_rows
-        return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long))
+        layers = []
+        for block in self.layers:
+            if block.is_linear:  # constant in max_len
+                layers.append(block.attn.new_cache(batch_size, dtype, device))
+            else:
+                layers.append(block.attn.new_cache(batch_size, max_len, dtype, device))
+                layers[-1].batched = not independent_rows
+        return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long), max_len)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,

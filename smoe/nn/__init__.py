@@ -3,7 +3,13 @@
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
 from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
-from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention, RecurrentState
+from smoe.nn.linear_layers import (
+    GatedDeltaNet,
+    KimiDeltaAttention,
+    LightningAttention,
+    RecurrentState,
+    make_linear_attention,
+)
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
@@ -26,5 +32,6 @@ __all__ = [
     "chunked_gated_delta_rule",
     "gated_delta_rule",
     "init_weights",
+    "make_linear_attention",
     "make_norm",
 ]

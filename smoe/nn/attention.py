@@ -1,7 +1,7 @@
 """Grouped-query attention via scaled_dot_product_attention (causal, optional sliding window), and its decode cache.
 
 Legend: B batch, T new tokens (queries), S keys (cached slots + new), D model dim, H query heads, G key/value heads,
-K head dim.
+K head dim, Q = H x K (the heads' outputs side by side).
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(dim, kv_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(q_dim, dim, bias=False)
+        if config.output_gate:
+            self.wg = nn.Linear(dim, q_dim, bias=config.qkv_bias)
         if config.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, norm_eps), RMSNorm(self.head_dim, norm_eps)
         elif config.qk_norm == "full":
@@ -167,4 +169,7 @@ class Attention(nn.Module):
             out = cache.attend(q, k, v, spans, cfg.sliding_window)
         else:
             out = attend(q, k, v, cfg.sliding_window, mask_B1TS=mask_B1TS)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        out_BTQ = out.transpose(1, 2).reshape(B, T, -1)
+        if cfg.output_gate:
+            out_BTQ = out_BTQ * torch.sigmoid(self.wg(x_BTD))
+        return self.wo(out_BTQ)

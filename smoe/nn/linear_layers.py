@@ -15,19 +15,38 @@ positions are meaningless (finite: padding is zeroed before the projections, as 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe.config import LinearAttentionConfig
 from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
 
 
 class RecurrentState:
     """What a linear-attention layer carries between calls: the last W inputs of its short convolution (None for a
-    layer without one) and the recurrent state, fp32. Both are constant in the context length."""
+    layer without one) and the recurrent state, fp32. Both are constant in the context length. A call writes them
+    in place, so ``rows`` views write through (a request's prefill in its own row of a batch's state)."""
 
     def __init__(self, conv_BCW: torch.Tensor | None, state_BHKV: torch.Tensor):
         self.conv_BCW, self.state_BHKV = conv_BCW, state_BHKV
+
+    def rows(self, start: int, stop: int) -> RecurrentState:
+        """Rows [start, stop): views, written through."""
+        conv = None if self.conv_BCW is None else self.conv_BCW[start:stop]
+        return RecurrentState(conv, self.state_BHKV[start:stop])
+
+    def clear(self, row: int) -> None:
+        """Row ``row`` starts a new sequence."""
+        self.state_BHKV[row] = 0
+        if self.conv_BCW is not None:
+            self.conv_BCW[row] = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.conv_BCW, self.state_BHKV) if t is not None)
 
 
 def causal_conv(x_BTC: torch.Tensor, weight: torch.Tensor, history_BCW: torch.Tensor | None,
@@ -73,13 +92,15 @@ def _recur(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, g_B
         g_BTH = torch.where(real_BT.view(*real_BT.shape, *[1] * (g_BTH.dim() - 2)), g_BTH, 0)
         beta_BTH = None if beta_BTH is None else torch.where(real_BT[..., None], beta_BTH, 0)
     initial_BHKV = None if state is None else state.state_BHKV
+    if initial_BHKV is not None and torch.is_grad_enabled():  # autograd keeps it, and the state is written in place
+        initial_BHKV = initial_BHKV.clone()
     if chunk is None or q_BTHK.shape[1] == 1:
         o_BTHV, final_BHKV = gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_BHKV, scale)
     else:
         o_BTHV, final_BHKV = chunked_gated_delta_rule(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_BHKV, scale,
                                                       chunk=chunk)
     if state is not None:  # detached: a decoding loop must not grow one autograd graph across its steps
-        state.state_BHKV = final_BHKV.detach()
+        state.state_BHKV.copy_(final_BHKV.detach())
     return o_BTHV
 
 
@@ -106,10 +127,16 @@ class LightningAttention(nn.Module):
         self.w_gate = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.norm_weight = nn.Parameter(torch.ones(n_heads * head_dim))
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.reset_parameters()
         base = 2 ** (-8 / n_heads)
         depth = 1 - layer / (n_layers - 1 + 1e-5) + 1e-5
         self.register_buffer("slope", base ** torch.arange(1, n_heads + 1, dtype=torch.float64) * depth,
                              persistent=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layer's own parameter (its projections are plain linears): a unit output norm."""
+        self.norm_weight.fill_(1.0)
 
     def new_cache(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
         """An empty state for ``batch_size`` sequences (``dtype`` is accepted for the layers' common signature: the
@@ -156,11 +183,22 @@ class GatedDeltaNet(nn.Module):
         self.wz = nn.Linear(dim, n_v_heads * v_dim, bias=False)  # the output gate
         self.wb = nn.Linear(dim, n_v_heads, bias=False)  # write strength
         self.wa = nn.Linear(dim, n_v_heads, bias=False)  # decay
-        self.conv_weight = nn.Parameter(torch.randn(self.conv_channels, conv_kernel) / conv_kernel)
-        self.dt_bias = nn.Parameter(torch.ones(n_v_heads))
-        self.A_log = nn.Parameter(torch.empty(n_v_heads).uniform_(1, 16).log())
-        self.norm_weight = nn.Parameter(torch.ones(v_dim))
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_channels, conv_kernel))
+        self.dt_bias = nn.Parameter(torch.empty(n_v_heads))
+        self.A_log = nn.Parameter(torch.empty(n_v_heads))
+        self.norm_weight = nn.Parameter(torch.empty(v_dim))
         self.wo = nn.Linear(n_v_heads * v_dim, dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layer's own parameters (its projections are plain linears): the convolution as nn.Conv1d initialises
+        a depthwise one, decay rates exp(A_log) uniform in [1, 16], the softplus bias at 1, a unit output norm."""
+        bound = self.conv_weight.shape[1] ** -0.5
+        self.conv_weight.uniform_(-bound, bound)
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        self.dt_bias.fill_(1.0)
+        self.norm_weight.fill_(1.0)
 
     @property
     def conv_channels(self) -> int:
@@ -184,7 +222,7 @@ class GatedDeltaNet(nn.Module):
         qkv_BTC, history_BCW = causal_conv(qkv_BTC, self.conv_weight, None if state is None else state.conv_BCW,
                                            real_BT)
         if state is not None:
-            state.conv_BCW = history_BCW.detach()
+            state.conv_BCW.copy_(history_BCW.detach())
         q, k, v = F.silu(qkv_BTC).split([Hk * K, Hk * K, Hv * V], dim=-1)
         q, k = (_l2norm(x.view(B, T, Hk, K)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
         beta_BTH = torch.sigmoid(self.wb(x_BTD))
@@ -213,9 +251,19 @@ class KimiDeltaAttention(GatedDeltaNet):
         del self.wa, self.wz
         self.wf_a = nn.Linear(dim, head_dim, bias=False)
         self.wf_b = nn.Linear(head_dim, n_heads * head_dim, bias=False)
-        self.dt_bias = nn.Parameter(torch.zeros(n_heads * head_dim))
+        self.dt_bias = nn.Parameter(torch.empty(n_heads * head_dim))
         self.wg_a = nn.Linear(dim, head_dim, bias=False)
         self.wg_b = nn.Linear(head_dim, n_heads * head_dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """As Gated DeltaNet's, but the softplus bias puts each channel's step softplus(dt_bias) log-uniform in
+        [1e-3, 1e-1] (Kimi Linear's initialisation, after Mamba's)."""
+        super().reset_parameters()
+        if hasattr(self, "wf_a"):  # the base constructor runs this before the decay projection exists
+            step = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+            self.dt_bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus^-1
 
     def log_decay(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -230,3 +278,15 @@ def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(|x|^2 + eps), in fp32 (as Gated DeltaNet's kernels normalise q and k)."""
     x = x.float()
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + eps)
+
+
+def make_linear_attention(dim: int, config: LinearAttentionConfig, layer: int, n_layers: int,
+                          norm_eps: float) -> LightningAttention | GatedDeltaNet | KimiDeltaAttention:
+    """The linear-attention layer ``config`` describes, as layer ``layer`` of ``n_layers`` (lightning's decay
+    depends on the depth)."""
+    if config.kind == "lightning":
+        return LightningAttention(dim, config.n_heads, config.head_dim, layer, n_layers, norm_eps, config.chunk)
+    if config.kind == "kda":
+        return KimiDeltaAttention(dim, config.n_heads, config.head_dim, config.conv_kernel, norm_eps, config.chunk)
+    return GatedDeltaNet(dim, config.resolved_n_k_heads, config.n_heads, config.head_dim, config.resolved_v_head_dim,
+                         config.conv_kernel, norm_eps, config.chunk)

@@ -90,8 +90,10 @@ class MLA(nn.Module):
         q_nope_BTHN, q_rope_BTHR = q.view(B, T, H, N + R).split([N, R], dim=-1)
         ckv_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([cfg.kv_lora_rank, R], dim=-1)
         ckv_BTC = self.kv_norm(ckv_BTC)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin, interleaved=cfg.rope_interleave)
-        k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave).view(B, T, R)
+        if cfg.rotary:
+            q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin, interleaved=cfg.rope_interleave)
+            k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave)
+            k_rope_BTR = k_rope_BTR.view(B, T, R)
         if cache is None:
             out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
         elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
