@@ -19,14 +19,20 @@ Conventions (those of shared/REFERENCES.md, which reproduce the published totals
   projections cost what W_kvb costs, so the matmul FLOPs are unchanged.
 - weight bytes: ``total_params`` at 4 / 2 / 1 bytes (fp32 / bf16 / fp8).
 - KV cache per token: GQA stores k and v (2 x kv_heads x head_dim); MLA stores the latent and the rotary key
-  (kv_lora_rank + qk_rope_head_dim), per layer; a sliding window caps the positions kept (``kv_cache_elements``).
+  (kv_lora_rank + qk_rope_head_dim), per full-attention layer; a sliding window caps the positions kept
+  (``kv_cache_elements``).
+- linear-attention layers (hybrid models, layout.layer_types): their projections and short convolution count as
+  matmul weights; the recurrence costs 2 x heads x key_dim x value_dim x n per token at any context, n = 2 for
+  lightning (write k v^T, read q S) and 3 for the delta rules (also read S^T k), in its token-by-token form. Each
+  keeps a state per sequence, constant in the context (``recurrent_state_bytes``): heads x key_dim x value_dim in
+  fp32 (as smoe and the reference kernels keep it) plus the convolution's last kernel - 1 inputs in the cache dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from smoe.config import MLAConfig, ModelConfig
+from smoe.config import LinearAttentionConfig, MLAConfig, ModelConfig
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp8": 1}
 
@@ -49,6 +55,8 @@ class Accounting:
     weight_bytes: dict[str, int]
     kv_cache_bytes_per_token: dict[str, int]
     n_moe_layers: int
+    n_linear_layers: int = 0
+    recurrent_state_bytes: dict[str, int] | None = None  # per sequence, all linear layers, by cache dtype
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,11 +77,62 @@ def attention_params(config: ModelConfig) -> int:
     params = d * q_dim + 2 * d * kv_dim + q_dim * d
     if attn.qkv_bias:
         params += q_dim + 2 * kv_dim
+    if attn.output_gate:
+        params += d * q_dim + (q_dim if attn.qkv_bias else 0)
     if attn.qk_norm == "head":
         params += 2 * hd
     elif attn.qk_norm == "full":
         params += q_dim + kv_dim
     return params
+
+
+def linear_attention_params(config: ModelConfig) -> int:
+    """Parameters of one linear-attention layer (smoe.nn.linear_layers)."""
+    la, d = config.linear_attention, config.dim
+    H, K = la.n_heads, la.head_dim
+    if la.kind == "lightning":
+        return 5 * d * H * K + H * K  # q, k, v, output gate, output; the output norm
+    matmul = _linear_matmul_params(config.dim, la)
+    if la.kind == "kda":
+        return matmul + H + H * K + K  # A_log, dt_bias per channel, the output norm
+    return matmul + 2 * H + la.resolved_v_head_dim  # A_log, dt_bias, the output norm
+
+
+def _conv_channels(la: LinearAttentionConfig) -> int:
+    return 2 * la.resolved_n_k_heads * la.head_dim + la.n_heads * la.resolved_v_head_dim
+
+
+def _linear_matmul_params(d: int, la: LinearAttentionConfig) -> int:
+    """A linear-attention layer's matmul weights and convolution taps, for FLOPs."""
+    H, K = la.n_heads, la.head_dim
+    if la.kind == "lightning":
+        return 5 * d * H * K
+    conv = _conv_channels(la) * la.conv_kernel
+    if la.kind == "kda":  # q, k, v, beta, output; the low-rank decay and gate (d -> K -> H K)
+        return 4 * d * H * K + d * H + 2 * (d * K + K * H * K) + conv
+    Hk, V = la.resolved_n_k_heads, la.resolved_v_head_dim
+    return 2 * d * Hk * K + 3 * d * H * V + 2 * d * H + conv  # q, k; v, z, output; b, a
+
+
+def _recurrence_flops(la: LinearAttentionConfig) -> float:
+    """One token's recurrence in one linear layer (module docstring)."""
+    return 2.0 * la.n_heads * la.head_dim * la.resolved_v_head_dim * (2 if la.kind == "lightning" else 3)
+
+
+def recurrent_state_bytes(config: ModelConfig, dtype: str = "bf16") -> int:
+    """One sequence's recurrent state over all linear layers: fp32 states plus convolution histories in ``dtype``
+    (0 for a model without linear layers)."""
+    la = config.linear_attention
+    if la is None:
+        return 0
+    state = 4 * la.n_heads * la.head_dim * la.resolved_v_head_dim
+    conv = 0 if la.kind == "lightning" else _conv_channels(la) * (la.conv_kernel - 1) * DTYPE_BYTES[dtype]
+    return _n_linear(config) * (state + conv)
+
+
+def _n_linear(config: ModelConfig) -> int:
+    types = config.layout.layer_types
+    return 0 if types is None else types.count("linear_attention")
 
 
 def _attention_matmul_params(config: ModelConfig) -> int:
@@ -85,7 +144,7 @@ def _attention_matmul_params(config: ModelConfig) -> int:
         return (q + d * (attn.kv_lora_rank + attn.qk_rope_head_dim)
                 + attn.kv_lora_rank * H * (attn.qk_nope_head_dim + attn.v_head_dim) + H * attn.v_head_dim * d)
     hd = attn.resolved_head_dim(d)
-    return 2 * d * attn.n_heads * hd + 2 * d * attn.n_kv_heads * hd
+    return (3 if attn.output_gate else 2) * d * attn.n_heads * hd + 2 * d * attn.n_kv_heads * hd
 
 
 def _attention_width(config: ModelConfig, latent: bool = False) -> int:
@@ -109,23 +168,28 @@ def _positive_int(name: str, value) -> None:
 
 
 def decode_attention_flops(config: ModelConfig, context: int) -> float:
-    """Attention FLOPs (scores and values, all layers) of one new token over ``context`` cached positions."""
+    """Attention FLOPs (scores and values, all layers) of one new token over ``context`` cached positions; a
+    linear layer's recurrence, the same at every context."""
     _positive_int("context", context)
     window = _window(config)
     visible = context if window is None else min(context, window)
-    return 2.0 * config.n_layers * _attention_width(config, latent=True) * visible
+    n_linear = _n_linear(config)
+    recurrence = n_linear * _recurrence_flops(config.linear_attention) if n_linear else 0.0
+    return 2.0 * (config.n_layers - n_linear) * _attention_width(config, latent=True) * visible + recurrence
 
 
 def kv_cache_elements(config: ModelConfig, context: int = 1) -> int:
-    """Cache elements (all layers) of one sequence holding ``context`` positions: GQA k and v, or MLA's latent and
-    rotary key; a sliding window keeps its last ``window`` positions."""
+    """Cache elements (all full-attention layers) of one sequence holding ``context`` positions: GQA k and v, or
+    MLA's latent and rotary key; a sliding window keeps its last ``window`` positions. Linear layers keep a state
+    instead (``recurrent_state_bytes``)."""
     _positive_int("context", context)
     attn, window = config.attention, _window(config)
     if isinstance(attn, MLAConfig):
         per_position = attn.kv_lora_rank + attn.qk_rope_head_dim
     else:
         per_position = 2 * attn.n_kv_heads * attn.resolved_head_dim(config.dim)
-    return config.n_layers * per_position * (context if window is None else min(context, window))
+    n_full = config.n_layers - _n_linear(config)
+    return n_full * per_position * (context if window is None else min(context, window))
 
 
 def _attention_score_flops(config: ModelConfig, seq_len: int) -> float:
@@ -137,10 +201,12 @@ def _attention_score_flops(config: ModelConfig, seq_len: int) -> float:
     return 2 * per_ctx * context
 
 
-def _block_components(config: ModelConfig, moe_layer: bool) -> tuple[dict[str, int], dict[str, int]]:
+def _block_components(config: ModelConfig, moe_layer: bool, linear: bool = False
+                      ) -> tuple[dict[str, int], dict[str, int]]:
     """(all parameters, active parameters) of one block, by component."""
     d = config.dim
-    total = {"attention": attention_params(config), "norms": 2 * d}
+    total = {"linear_attention": linear_attention_params(config)} if linear else {"attention": attention_params(config)}
+    total["norms"] = 2 * d
     if not moe_layer:
         total["dense_ffn"] = 3 * d * config.ffn_dim
         return total, dict(total)
@@ -173,17 +239,11 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     d, V = config.dim, config.vocab_size
     total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
     active = dict(total)
-    n_moe = config.n_moe_layers
-    # One block of each kind times its count (not a loop over layers: a config may claim millions). The kind of
-    # layer 0 goes first so that the components keep the order in which the layers introduce them.
-    kinds = [(False, config.n_layers - n_moe), (True, n_moe)]
-    if config.moe is not None and config.layout.is_moe(0):
-        kinds.reverse()
-    for moe_layer, count in kinds:
-        if count:
-            block_total, block_active = _block_components(config, moe_layer)
-            _add(total, block_total, count)
-            _add(active, block_active, count)
+    n_moe, n_linear = config.n_moe_layers, _n_linear(config)
+    for (moe_layer, linear), count in _layer_kinds(config).items():
+        block_total, block_active = _block_components(config, moe_layer, linear)
+        _add(total, block_total, count)
+        _add(active, block_active, count)
     for key in ("attention", "dense_ffn", "routed_experts", "shared_experts", "router"):
         total.setdefault(key, 0)
         active.setdefault(key, 0)
@@ -199,14 +259,18 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     excl = active_params - (total["embedding"] if not config.tie_embeddings else 0)
 
     # FLOPs: matmul weights a token touches, plus attention over its context.
-    attn_mm = _attention_matmul_params(config) * config.n_layers
+    attn_mm = _attention_matmul_params(config) * (config.n_layers - n_linear)
+    if n_linear:
+        attn_mm += _linear_matmul_params(d, config.linear_attention) * n_linear
     ffn_mm = active["dense_ffn"] + active["routed_experts"] + active["shared_experts"] + active["router"]
     if config.moe is not None:
         # the router's logit bias and the aux-free selection bias are additions, not matmul weights
         ffn_mm -= n_moe * ((config.moe.n_routed_experts if config.moe.router_bias else 0)
                                 + (config.moe.n_routed_experts if config.moe.has_expert_bias else 0))
     matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
-    forward = 2 * matmul + config.n_layers * _attention_score_flops(config, seq_len)
+    forward = 2 * matmul + (config.n_layers - n_linear) * _attention_score_flops(config, seq_len)
+    if n_linear:
+        forward += n_linear * _recurrence_flops(config.linear_attention)
 
     kv_elems = kv_cache_elements(config)
     return Accounting(
@@ -224,7 +288,27 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
         weight_bytes={k: total_params * b for k, b in DTYPE_BYTES.items()},
         kv_cache_bytes_per_token={k: kv_elems * b for k, b in DTYPE_BYTES.items() if k != "fp32"},
         n_moe_layers=n_moe,
+        n_linear_layers=n_linear,
+        recurrent_state_bytes={k: recurrent_state_bytes(config, k) for k in DTYPE_BYTES if k != "fp32"}
+        if n_linear else None,
     )
+
+
+def _layer_kinds(config: ModelConfig) -> dict[tuple[bool, bool], int]:
+    """How many layers of each (MoE, linear attention) kind, the kind of layer 0 first so that the components keep
+    the order in which the layers introduce them. Counted without visiting each layer unless layer_types lists them
+    (a config may claim millions of layers)."""
+    n_moe = config.n_moe_layers
+    if config.layout.layer_types is None:
+        kinds = [((False, False), config.n_layers - n_moe), ((True, False), n_moe)]
+        if config.moe is not None and config.layout.is_moe(0):
+            kinds.reverse()
+        return {kind: count for kind, count in kinds if count}
+    counts: dict[tuple[bool, bool], int] = {}
+    for i in range(config.n_layers):
+        kind = (config.moe is not None and config.layout.is_moe(i), config.layout.is_linear(i))
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def human(n: float) -> str:
@@ -266,4 +350,8 @@ def format_accounting(acc: Accounting) -> str:
         "  weights               " + ", ".join(f"{k} {_bytes(v)}" for k, v in acc.weight_bytes.items()),
         "  KV cache / token      " + ", ".join(f"{k} {_bytes(v)}" for k, v in acc.kv_cache_bytes_per_token.items()),
     ]
+    if acc.recurrent_state_bytes:  # the convolution history in the cache dtype, the state in fp32
+        states = ", ".join(f"{k} {_bytes(v)}" for k, v in acc.recurrent_state_bytes.items())
+        lines.append(f"  recurrent state / seq {states}  ({acc.n_linear_layers} linear-attention layers, constant "
+                     f"in the context)")
     return "\n".join(lines)

@@ -30,7 +30,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from smoe.accounting import DTYPE_BYTES, Accounting, account, decode_attention_flops, human, kv_cache_elements
+from smoe.accounting import (
+    DTYPE_BYTES,
+    Accounting,
+    account,
+    decode_attention_flops,
+    human,
+    kv_cache_elements,
+    recurrent_state_bytes,
+)
 from smoe.config import ModelConfig
 from smoe.config_rules import check_types, fail, option, positive
 from smoe.hardware import Hardware, hardware_names
@@ -202,10 +210,11 @@ def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostR
     p = Precision.of(hw, settings.weights, settings.kv_dtype)
     acc, at_prompt = account(config), account(config, seq_len=settings.prompt)
     kv = DTYPE_BYTES[p.cache]
-    per_sequence = kv_cache_elements(config, settings.context) * kv
+    state = recurrent_state_bytes(config, p.cache)  # linear-attention layers: the same at every context
+    per_sequence = kv_cache_elements(config, settings.context) * kv + state
     decode_flops = acc.matmul_flops_per_token + decode_attention_flops(config, settings.context)
     decode = [_step(config, hw, settings, p, acc, B, B, B * decode_flops, B * per_sequence) for B in settings.batch]
-    prompt_cache = kv_cache_elements(config, settings.prompt) * kv
+    prompt_cache = kv_cache_elements(config, settings.prompt) * kv + state
     prefill = [_step(config, hw, settings, p, acc, B, B * settings.prompt,
                      B * settings.prompt * at_prompt.forward_flops_per_token, B * prompt_cache)
                for B in settings.batch]
@@ -213,7 +222,7 @@ def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostR
         model=config.name, total_params=acc.total_params, active_params=acc.active_params, hardware=hw,
         settings=settings, precision=p, weight_bytes=acc.total_params * WEIGHT_BYTES[p.weights],
         cache_bytes_per_sequence=per_sequence,
-        cache_elements_per_token_layer=kv_cache_elements(config) // config.n_layers,
+        cache_elements_per_token_layer=kv_cache_elements(config) // max(1, config.n_layers - acc.n_linear_layers),
         all_to_all_bytes_per_token=_all_to_all_per_token(config, settings.devices, p), decode=decode,
         prefill=prefill)
 
