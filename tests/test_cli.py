@@ -19,6 +19,21 @@ def test_inspect_text_shows_deepseek_v3_total(capsys):
     assert "671.0B" in capsys.readouterr().out
 
 
+def test_inspect_shows_a_hybrids_recurrent_state_beside_its_kv_cache(capsys):
+    outputs = {}
+    for seq_len in ("1024", "65536"):
+        assert main(["inspect", "qwen3-next-80b-a3b", "--seq-len", seq_len]) == 0
+        outputs[seq_len] = capsys.readouterr().out
+    out = outputs["1024"]
+    assert "KV cache / token      bf16 24.00 KiB" in out  # 12 gated-attention layers x 2 KV heads x 256 x k, v
+    assert "recurrent state / seq bf16 73.69 MiB" in out and "36 linear-attention layers" in out
+    state = [line for line in out.splitlines() if "recurrent state" in line]
+    assert state == [line for line in outputs["65536"].splitlines() if "recurrent state" in line]
+    assert main(["inspect", "qwen3-next-80b-a3b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n_linear_layers"] == 36 and report["recurrent_state_bytes"]["bf16"] == 77_266_944
+
+
 def test_presets_lists_every_preset(capsys):
     from smoe import presets
 

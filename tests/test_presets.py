@@ -9,13 +9,14 @@ TINY = [n for n in presets.names() if n.endswith("-tiny")]
 ABLATION = ["dense", "switch", "gshard", "mixtral-style", "deepseekmoe", "deepseek-v3-style"]
 REAL = ["mixtral-8x7b", "mixtral-8x22b", "deepseek-moe-16b", "deepseek-v2", "deepseek-v2-lite", "deepseek-v3",
         "kimi-k2", "qwen1.5-moe-a2.7b", "qwen3-30b-a3b", "grok-1", "dbrx", "arctic", "minimax-m2", "olmoe-1b-7b",
-        "llama-moe-3.5b"]
+        "llama-moe-3.5b", "minimax-text-01", "qwen3-next-80b-a3b", "kimi-linear-48b-a3b"]
 
 
 def test_every_named_preset_exists():
     assert set(REAL + ABLATION) <= set(presets.names())
     assert {"mixtral", "deepseek-moe", "deepseek-v2", "deepseek-v3", "qwen2-moe", "qwen3-moe", "grok", "dbrx",
-            "arctic", "minimax", "olmoe", "llama-moe"} == {n.removesuffix("-tiny") for n in TINY}
+            "arctic", "minimax", "olmoe", "llama-moe", "minimax-text-01", "qwen3-next", "kimi-linear"} == {
+        n.removesuffix("-tiny") for n in TINY}
 
 
 @pytest.mark.parametrize("name", presets.names())

@@ -10,10 +10,10 @@ import difflib
 from typing import Any, Callable
 
 from smoe.config import ModelConfig, override
-from smoe.presets import ablation, arctic, dbrx, deepseek, grok, llama_moe, minimax, mixtral, olmoe, qwen
+from smoe.presets import ablation, arctic, dbrx, deepseek, grok, kimi, llama_moe, minimax, mixtral, olmoe, qwen
 
 _REGISTRY: dict[str, Callable[[], ModelConfig]] = {}
-for _module in (mixtral, deepseek, qwen, grok, dbrx, arctic, minimax, olmoe, llama_moe, ablation):
+for _module in (mixtral, deepseek, qwen, grok, dbrx, arctic, minimax, olmoe, llama_moe, kimi, ablation):
     for _name, _fn in _module.PRESETS.items():
         assert _name not in _REGISTRY, _name
         _REGISTRY[_name] = _fn

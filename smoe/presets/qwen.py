@@ -1,11 +1,12 @@
-"""Qwen-MoE: Qwen1.5-MoE (a sigmoid-gated shared expert beside 60 routed ones) and Qwen3-MoE (128 experts top-8,
-per-head qk-norm, no shared expert).
+"""Qwen-MoE: Qwen1.5-MoE (a sigmoid-gated shared expert beside 60 routed ones), Qwen3-MoE (128 experts top-8,
+per-head qk-norm, no shared expert) and Qwen3-Next (Gated DeltaNet in three layers of four, output-gated attention
+with RoPE on a quarter of each head in the fourth, 512 experts top-10 plus a gated shared expert).
 
 aux_loss_coef is config.json's router_aux_loss_coef converted from transformers' pooled loss to our per-layer one
 (x top_k / n_layers, see smoe.interop.families.base).
 """
 
-from smoe.config import AttentionConfig, ModelConfig, MoEConfig
+from smoe.config import AttentionConfig, LayoutConfig, LinearAttentionConfig, ModelConfig, MoEConfig, hybrid_layer_types
 
 
 def qwen15_moe_a27b() -> ModelConfig:
@@ -24,6 +25,23 @@ def qwen3_30b_a3b() -> ModelConfig:
         name="qwen3-30b-a3b", vocab_size=151936, dim=2048, n_layers=48, ffn_dim=6144, max_seq_len=40960,
         attention=AttentionConfig(n_heads=32, n_kv_heads=4, head_dim=128, rope_theta=1e6, qk_norm="head"),
         moe=MoEConfig(n_routed_experts=128, top_k=8, expert_dim=768, norm_topk_prob=True, aux_loss_coef=0.001 * 8 / 48),
+    )
+
+
+def qwen3_next_80b_a3b() -> ModelConfig:
+    """https://huggingface.co/Qwen/Qwen3-Next-80B-A3B-Instruct/blob/main/config.json (as transformers'
+    Qwen3NextConfig defaults: 48 layers, d 2048, full_attention_interval 4, attention 16 heads / 2 KV heads of 256
+    with partial_rotary_factor 0.25, Gated DeltaNet 32 value heads / 16 key heads of 128 with a 4-tap convolution,
+    512 experts of 512 top-10 and a shared one of 512). Its RMSNorms scale by (1 + w); the importer stores 1 + w."""
+    n_layers = 48
+    return ModelConfig(
+        name="qwen3-next-80b-a3b", vocab_size=151936, dim=2048, n_layers=n_layers, ffn_dim=5120, max_seq_len=262144,
+        attention=AttentionConfig(n_heads=16, n_kv_heads=2, head_dim=256, rotary_dim=64, rope_theta=1e7,
+                                  qk_norm="head", output_gate=True),
+        linear_attention=LinearAttentionConfig(kind="gated_delta", n_heads=32, n_k_heads=16, head_dim=128),
+        moe=MoEConfig(n_routed_experts=512, top_k=10, expert_dim=512, n_shared_experts=1, shared_expert_gate=True,
+                      norm_topk_prob=True, aux_loss_coef=0.001 * 10 / n_layers),
+        layout=LayoutConfig(layer_types=hybrid_layer_types(n_layers, 4)),
     )
 
 
@@ -46,9 +64,24 @@ def qwen3_moe_tiny() -> ModelConfig:
     )
 
 
+def qwen3_next_tiny() -> ModelConfig:
+    """Qwen3-Next's structure at CPU size: 8 layers (every 4th output-gated attention), Gated DeltaNet with half as
+    many key heads as value heads, 32 experts top-4 and a gated shared expert."""
+    return ModelConfig(
+        name="qwen3-next-tiny", vocab_size=8192, dim=256, n_layers=8, ffn_dim=512, max_seq_len=4096,
+        attention=AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=64, rotary_dim=16, rope_theta=1e7,
+                                  qk_norm="head", output_gate=True),
+        linear_attention=LinearAttentionConfig(kind="gated_delta", n_heads=4, n_k_heads=2, head_dim=64),
+        moe=MoEConfig(n_routed_experts=32, top_k=4, expert_dim=64, n_shared_experts=1, shared_expert_gate=True),
+        layout=LayoutConfig(layer_types=hybrid_layer_types(8, 4)),
+    )
+
+
 PRESETS = {
     "qwen1.5-moe-a2.7b": qwen15_moe_a27b,
     "qwen3-30b-a3b": qwen3_30b_a3b,
+    "qwen3-next-80b-a3b": qwen3_next_80b_a3b,
     "qwen2-moe-tiny": qwen2_moe_tiny,
     "qwen3-moe-tiny": qwen3_moe_tiny,
+    "qwen3-next-tiny": qwen3_next_tiny,
 }
