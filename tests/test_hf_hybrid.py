@@ -158,11 +158,14 @@ def test_kimi_dense_ffn_loads_under_either_name_but_not_both(saved, tmp_path):
     ("qwen3_next", {"hidden_act": "gelu"}, "hidden_act"),
     ("qwen3_next", {"layer_types": ["linear_attention", "sliding_attention", "linear_attention", "full_attention"]},
      "layer_types"),
+    ("qwen3_next", {"layer_types": None, "full_attention_interval": 0}, "full_attention_interval"),
     ("minimax", {"rotary_dim": 4}, "rotary_dim"),
     ("kimi_linear", {"mla_use_nope": False}, "mla_use_nope"),
     ("kimi_linear", {"moe_router_activation_func": "softmax"}, "moe_router_activation_func"),
     ("kimi_linear", {"moe_layer_freq": 2}, "moe_layer_freq"),
     ("kimi_linear", {"mlp_layer_types": ["dense", "moe", "sparse", "sparse"]}, "mlp_layer_types"),
+    ("kimi_linear", {"linear_attn_config": {"num_heads": 10**9}}, r"linear_attn_config\.num_heads = 1000000000 is "
+     "outside"),  # bounded before anything is built
 ])
 def test_a_key_we_cannot_express_is_refused_naming_it(family, change, key, saved):
     hf = {**saved[family][0].config.to_dict(), **change}

@@ -173,7 +173,7 @@ class GatedDeltaNet(nn.Module):
     strength beta_t = sigmoid(b_t); the gated delta rule runs with ``n_v_heads`` heads (each key head serves
     n_v_heads / n_k_heads of them); each head's output is RMS-normalised, scaled by ``norm_weight`` and gated by
     SiLU(z_t), then projected back. Transformers' checkpoints fuse q, k, v, z (and b, a) into one projection
-    interleaved per key head; here they are separate (the importer will split them).
+    interleaved per key head; here they are separate (smoe.interop.families.qwen3_next splits them).
     """
 
     def __init__(self, dim: int, n_k_heads: int, n_v_heads: int, k_dim: int, v_dim: int, conv_kernel: int = 4,

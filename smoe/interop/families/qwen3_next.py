@@ -51,7 +51,10 @@ def read(r: Reader) -> ModelConfig:
     partial = float((r.opt("rope_parameters", {}) or {}).get("partial_rotary_factor",
                                                               r.opt("partial_rotary_factor", 0.25)))
     rotary_dim = int(head_dim * partial)
-    types = read_layer_types(r, n, lambda i: (i + 1) % int(r.opt("full_attention_interval", 4)) == 0)
+    interval = r.opt("full_attention_interval", 4)
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"{r.source}: full_attention_interval must be a positive integer, got {interval!r}")
+    types = read_layer_types(r, n, lambda i: (i + 1) % interval == 0)
     k_heads, v_heads = int(r.opt("linear_num_key_heads", 16)), int(r.opt("linear_num_value_heads", 32))
     k_dim, v_dim = int(r.opt("linear_key_head_dim", 128)), int(r.opt("linear_value_head_dim", 128))
     linear = None if types is None else LinearAttentionConfig(
