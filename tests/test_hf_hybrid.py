@@ -145,9 +145,9 @@ def test_kimi_dense_ffn_loads_under_either_name_but_not_both(saved, tmp_path):
 
     save_pretrained(load_pretrained(saved["kimi_linear"][1]), tmp_path / "moonshot")  # Moonshot's `mlp.` names
     tensors = load_file(tmp_path / "moonshot" / "model.safetensors")
-    assert "model.layers.0.mlp.gate_proj.weight" in tensors
-    assert "model.layers.0.block_sparse_moe.gate_proj.weight" in load_file(saved["kimi_linear"][1] / "model.safetensors")
-    tensors["model.layers.0.block_sparse_moe.gate_proj.weight"] = tensors["model.layers.0.mlp.gate_proj.weight"].clone()
+    moonshot, theirs = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.block_sparse_moe.gate_proj.weight"
+    assert moonshot in tensors and theirs in load_file(saved["kimi_linear"][1] / "model.safetensors")
+    tensors[theirs] = tensors[moonshot].clone()
     save_file(tensors, tmp_path / "moonshot" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"holds both .*two spellings of one tensor"):
         load_pretrained(tmp_path / "moonshot")
