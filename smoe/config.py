@@ -300,7 +300,8 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         self.layout.validate(self.n_layers)
-        n_linear = sum(map(self.layout.is_linear, range(self.n_layers)))
+        # counted from the list, not per layer: a config may claim 10^9 layers (validated before it is refused)
+        n_linear = (self.layout.layer_types or ()).count("linear_attention")
         if n_linear and self.linear_attention is None:
             fail("linear_attention", f"must be set: layout.layer_types makes {n_linear} layers linear attention")
         if self.linear_attention is not None:

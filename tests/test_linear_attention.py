@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smoe.interop.families.minimax import lightning_pieces
+from smoe.interop.families.qwen3_next import gated_delta_pieces
 from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
 from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention
 
@@ -122,6 +124,14 @@ def _x(T: int, seed: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, T, D, generator=torch.Generator().manual_seed(seed))
 
 
+def _copy_pieces(pieces, theirs, ours) -> None:
+    """Fill ``ours`` from the transformers module ``theirs`` through the importer's pieces (smoe.interop)."""
+    mine, src = ours.state_dict(), theirs.state_dict()
+    with torch.no_grad():
+        for p in pieces:
+            mine[p.ours][p.index].copy_(p.source(src[p.hf]))
+
+
 def _qwen3_next_twin(ours: GatedDeltaNet):
     """transformers' Qwen3NextGatedDeltaNet shaped as ``ours``, with random weights that are copied into ours."""
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
@@ -133,19 +143,8 @@ def _qwen3_next_twin(ours: GatedDeltaNet):
                              linear_conv_kernel_dim=ours.conv_weight.shape[1], num_hidden_layers=4,
                              rms_norm_eps=ours.norm_eps)
     theirs = _random_weights(qwen3_next.Qwen3NextGatedDeltaNet(config, layer_idx=0))
-    r = Hv // Hk
-    # transformers interleaves q, k, v, z (and b, a) per key head: [q_g, k_g, v_g (r heads), z_g (r heads)] for g
-    qkvz = theirs.in_proj_qkvz.weight.view(Hk, 2 * Kd + 2 * r * Vd, D)
-    q, k, v, z = qkvz.split([Kd, Kd, r * Vd, r * Vd], dim=1)
-    b, a = theirs.in_proj_ba.weight.view(Hk, 2 * r, D).split([r, r], dim=1)
-    with torch.no_grad():
-        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v), (ours.wz, z), (ours.wb, b), (ours.wa, a)):
-            mine.weight.copy_(w.reshape(-1, D))
-        ours.conv_weight.copy_(theirs.conv1d.weight[:, 0])
-        ours.dt_bias.copy_(theirs.dt_bias)
-        ours.A_log.copy_(theirs.A_log)
-        ours.norm_weight.copy_(theirs.norm.weight)
-        ours.wo.weight.copy_(theirs.out_proj.weight)
+    # the importer's split of the fused q, k, v, z and b, a projections (interleaved per key head)
+    _copy_pieces(gated_delta_pieces(D, Hk, Hv, Kd, Vd, ours.conv_weight.shape[1], "", ""), theirs, ours)
     return lambda x, mask=None: theirs(x, attention_mask=mask)
 
 
@@ -181,13 +180,7 @@ def _minimax_twin(ours: LightningAttention):
     config = MiniMaxConfig(hidden_size=D, num_attention_heads=H_, head_dim=D_, num_hidden_layers=8, block_size=4,
                            num_key_value_heads=2)
     theirs = _random_weights(minimax.MiniMaxLightningAttention(config, layer_idx=2))
-    q, k, v = theirs.qkv_proj.weight.view(H_, 3, D_, D).unbind(1)  # fused, interleaved per head
-    with torch.no_grad():
-        for mine, w in ((ours.wq, q), (ours.wk, k), (ours.wv, v)):
-            mine.weight.copy_(w.reshape(-1, D))
-        ours.w_gate.weight.copy_(theirs.output_gate.weight)
-        ours.norm_weight.copy_(theirs.norm.weight)
-        ours.wo.weight.copy_(theirs.out_proj.weight)
+    _copy_pieces(lightning_pieces(D, H_, D_, "", ""), theirs, ours)  # the importer's split of the fused q, k, v
     torch.testing.assert_close(ours.slope.float(), theirs.slope_rate.flatten())
     return lambda x, mask=None: theirs(x, position_embeddings=None, attention_mask=mask)[0]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from smoe import kernels
 from smoe.config import ModelConfig
 from smoe.interop.families import FAMILIES
+from smoe.interop.families.base import KeyMap
 from smoe.interop.hf_config import (
     TRANSFORMERS_FAMILIES,
     check_exportable,
@@ -34,7 +35,7 @@ from smoe.interop.hf_config import (
     config_to_hf,
     load_hf_config,
 )
-from smoe.interop.pieces import IGNORED, Piece, pieces_for
+from smoe.interop.pieces import Piece, ignored, pieces_for
 from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
 from smoe.io.files import atomic_directory, check_fresh_dir, read_json
@@ -58,6 +59,7 @@ class _Checkpoint:
     files: dict[str, SafetensorsFile]  # file name -> opened header
     where: dict[str, str]  # tensor name -> file name
     listing: Path  # the file that lists the tensors: the index, or the single file
+    stored: dict[str, str] = field(default_factory=dict)  # a renamed tensor (KeyMap.aliases) -> its name in the file
 
     @classmethod
     def single(cls, root: Path, file: str) -> "_Checkpoint":
@@ -65,10 +67,25 @@ class _Checkpoint:
         return cls(root, {file: header}, {k: file for k in header.keys()}, root / file)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.files[self.where[name]].shape(name)
+        return self.files[self.where[name]].shape(self.stored.get(name, name))
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.files[self.where[name]].dtype(name)
+        return self.files[self.where[name]].dtype(self.stored.get(name, name))
+
+    def aliased(self, aliases: tuple[tuple[str, str], ...]) -> "_Checkpoint":
+        """The tensors under the names the key map uses (``KeyMap.aliases``); two spellings of one are refused."""
+        where, stored = {}, {}
+        for name, file in self.where.items():
+            new = name
+            for pattern, replacement in aliases:
+                new = re.sub(pattern, replacement, new)
+            if new in where:
+                raise ValueError(f"{self.listing}: holds both {stored.get(new, new)!r} and {name!r}, two spellings "
+                                 "of one tensor")
+            where[new] = file
+            if new != name:
+                stored[new] = name
+        return replace(self, where=where, stored=stored)
 
     def describe(self, name: str) -> str:
         return str(self.root / self.where[name])
@@ -116,10 +133,10 @@ def _read_weight_map(index: Path, root: Path) -> dict[str, str]:
     return weight_map
 
 
-def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor],
+def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor], km: KeyMap,
           fp8_block: tuple[int, int] | None = None) -> dict[str, list[Piece]]:
     """Check every piece against the headers (fp8 weights against their block scales, ``fp8_block`` tiles each);
-    returns the pieces to load, by Hugging Face name."""
+    every other tensor must be one ``km`` ignores. Returns the pieces to load, by Hugging Face name."""
     by_name: dict[str, list[Piece]] = defaultdict(list)
     for p in pieces:
         by_name[p.hf].append(p)
@@ -139,7 +156,7 @@ def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor]
             _check_fp8_scale(ckpt, name, fp8_block)
     consumed = set(by_name) | {n + "_scale_inv" for n in by_name if ckpt.dtype(n).itemsize == 1}
     for name in ckpt.where:
-        if name not in consumed and not IGNORED.match(name):
+        if name not in consumed and not ignored(km, name):
             raise ValueError(f"{ckpt.describe(name)}: unexpected key {name!r} (not part of the model "
                              "config.json describes)")
     return {name: [p for p in group if p.load] for name, group in by_name.items()}
@@ -201,19 +218,24 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
         for name, file in ckpt.where.items():
             if name.endswith("_scale_inv"):
                 with ckpt.files[file] as f:
-                    scales[name] = f.view(name).clone()
+                    scales[name] = f.view(ckpt.stored.get(name, name)).clone()
+    renamed = {stored: name for name, stored in ckpt.stored.items()}
     for file, header in ckpt.files.items():
         with header as f:
-            for name in header.keys():  # file order; _open_checkpoint made sure the index maps each one to this file
+            for stored in header.keys():  # file order; _open_checkpoint made sure the index maps each to this file
+                name = renamed.get(stored, stored)
                 group = plan.get(name)
                 if not group:
                     continue
-                src = f.view(name)
+                src = f.view(stored)
                 if src.dtype.itemsize == 1 and src.dtype.is_floating_point:  # scale checked by _plan
                     src = _dequantize_fp8(src, scales[name + "_scale_inv"], fp8_block)
                 for p in group:
-                    state[p.ours][p.index].copy_(p.source(src))
-                f.release(name)
+                    ours = state[p.ours][p.index]
+                    ours.copy_(p.source(src))
+                    if p.offset:
+                        ours.add_(p.offset)
+                f.release(stored)
 
 
 # The dtypes `--dtype` names (smoe generate, serve, convert).
@@ -234,14 +256,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if hf is None or "model_type" not in hf:
         return load_model(path, dtype, device)[0]
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
-    ckpt = _open_checkpoint(path)
+    key_map = FAMILIES[hf["model_type"]].key_map
+    ckpt = _open_checkpoint(path).aliased(key_map.aliases)
     config = _with_present_mtp(config, hf["model_type"], ckpt)
     _check_layer_count(config, hf["model_type"], ckpt, str(path / "config.json"))
     fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
     fp8_block = _fp8_block(hf, str(path / "config.json")) if fp8 else None
     with torch.device("meta"):
         state = build_model(config).state_dict()
-    plan = _plan(ckpt, pieces_for(config, FAMILIES[hf["model_type"]].key_map, state), state, fp8_block)
+    plan = _plan(ckpt, pieces_for(config, key_map, state), state, key_map, fp8_block)
     model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device)
     _fill(model, ckpt, plan, fp8_block)
     return model.eval()
@@ -345,13 +368,14 @@ def _export_tensors(pieces: list[Piece], state: dict[str, torch.Tensor]) -> list
         by_name[p.hf].append(p)
     out = []
     for name, group in by_name.items():
-        if len(group) == 1 and group[0].view is None:
+        if len(group) == 1 and group[0].view is None and not group[0].offset:
             p = group[0]
             out.append((name, state[p.ours][p.index]))
             continue
-        t = torch.empty(group[0].shape, dtype=state[group[0].ours].dtype)
+        first = group[0]  # a view's source has its own shape; a shifted tensor (KeyMap.shifted) is ours'
+        t = torch.empty(first.shape or state[first.ours][first.index].shape, dtype=state[first.ours].dtype)
         for p in group:
-            p.source(t).copy_(state[p.ours][p.index])
+            p.source(t).copy_(state[p.ours][p.index] - p.offset if p.offset else state[p.ours][p.index])
         out.append((name, t))
     return out
 

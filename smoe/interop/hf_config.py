@@ -17,20 +17,25 @@ from smoe.io.files import read_json
 # lists of a layout, the pieces of a checkpoint, a model on the meta device) grows with them, so a tiny file claiming
 # 10^9 layers must be refused, not obeyed. Each bound is many times the largest published model's (about 128 layers,
 # Kimi K2's 384 routed experts, 16384-wide models and 53248-wide FFNs, vocabularies of 256k, contexts of 10M tokens),
-# so no plausible model hits one. DBRX nests some of its keys in attn_config / ffn_config; rope_scaling holds one.
+# so no plausible model hits one. DBRX nests some of its keys in attn_config / ffn_config, Kimi Linear in
+# linear_attn_config; rope_scaling holds one.
 _LAYERS, _EXPERTS, _WIDTH, _VOCAB, _POSITIONS = 1024, 2**16, 2**20, 2**24, 2**24
 _BOUNDS = {
     **dict.fromkeys(("num_hidden_layers", "n_layers", "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step",
                      "num_nextn_predict_layers", "num_mtp_layers"), _LAYERS),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok",
                      "moe_top_k", "n_shared_experts", "n_group", "topk_group", "num_attention_heads", "n_heads",
-                     "num_key_value_heads", "kv_n_heads"), _EXPERTS),
+                     "num_key_value_heads", "kv_n_heads", "num_experts_per_token", "num_shared_experts",
+                     "num_expert_group", "linear_num_key_heads", "linear_num_value_heads", "linear_num_heads",
+                     "num_heads"), _EXPERTS),
     **dict.fromkeys(("hidden_size", "d_model", "intermediate_size", "moe_intermediate_size", "ffn_hidden_size",
                      "shared_expert_intermediate_size", "head_dim", "rotary_dim", "q_lora_rank", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), _WIDTH),
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_head_dim", "linear_conv_kernel_dim", "short_conv_kernel_size"),
+                    _WIDTH),
     "vocab_size": _VOCAB,
-    **dict.fromkeys(("max_position_embeddings", "max_seq_len", "sliding_window", "original_max_position_embeddings"),
-                    _POSITIONS),
+    **dict.fromkeys(("max_position_embeddings", "max_seq_len", "sliding_window", "original_max_position_embeddings",
+                     "model_max_length"), _POSITIONS),
 }
 
 

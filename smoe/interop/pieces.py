@@ -5,6 +5,7 @@ the Hugging Face tensors it is copied from, for import (forwards) and export (ba
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 
@@ -50,7 +51,15 @@ def pieces_for(config: ModelConfig, km: KeyMap, state: dict[str, torch.Tensor]) 
         pieces.append(Piece(prefix + "embed_tokens.weight", "embed.weight", load=False))
         head = "embed.weight" if config.tie_embeddings else "head.weight"
         pieces.append(Piece(prefix + "shared_head.head.weight", head, load=False))
+    if km.shifted is not None:
+        shifted = re.compile(km.shifted)
+        pieces = [replace(p, offset=1.0) if shifted.search(p.ours) else p for p in pieces]
     return pieces
+
+
+def ignored(km: KeyMap, name: str) -> bool:
+    """A checkpoint tensor that holds no weights of ours (IGNORED, or the family's ``KeyMap.ignore``)."""
+    return bool(IGNORED.match(name) or (km.ignore is not None and re.search(km.ignore, name)))
 
 
 def _block_pieces(km: KeyMap, hf_index: int, ours_prefix: str, inner: str, tensor: torch.Tensor) -> list[Piece]:

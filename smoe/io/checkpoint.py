@@ -45,6 +45,7 @@ from smoe.config import ModelConfig
 from smoe.io.files import atomic_write_text, fsync, read_json, sha256_file
 from smoe.io.safetensors import SafetensorsFile, load_tensors
 from smoe.models import Transformer, build_model
+from smoe.nn.linear_layers import LightningAttention
 from smoe.nn.rope import RotaryEmbedding
 
 CHECKPOINT_DIR = "checkpoints"
@@ -342,8 +343,8 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
     for p in model.parameters():
         p.data = p.data.to(dtype)
     model.to_empty(device=device)
-    for m in model.modules():
-        if isinstance(m, RotaryEmbedding):
+    for m in model.modules():  # the buffers computed from the config, not stored
+        if isinstance(m, (RotaryEmbedding, LightningAttention)):
             m.reset_buffers()
     return model
 

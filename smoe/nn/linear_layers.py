@@ -128,10 +128,16 @@ class LightningAttention(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(n_heads * head_dim))
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
         self.reset_parameters()
-        base = 2 ** (-8 / n_heads)
-        depth = 1 - layer / (n_layers - 1 + 1e-5) + 1e-5
-        self.register_buffer("slope", base ** torch.arange(1, n_heads + 1, dtype=torch.float64) * depth,
-                             persistent=False)
+        self.layer, self.n_layers = layer, n_layers
+        self.register_buffer("slope", torch.empty(n_heads, dtype=torch.float64), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the decay slopes, e.g. after ``to_empty()`` on a model built on the meta device."""
+        base = 2 ** (-8 / self.n_heads)
+        depth = 1 - self.layer / (self.n_layers - 1 + 1e-5) + 1e-5
+        slope = base ** torch.arange(1, self.n_heads + 1, dtype=torch.float64) * depth
+        self.slope = slope.to(self.slope.device)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -167,7 +173,7 @@ class GatedDeltaNet(nn.Module):
     strength beta_t = sigmoid(b_t); the gated delta rule runs with ``n_v_heads`` heads (each key head serves
     n_v_heads / n_k_heads of them); each head's output is RMS-normalised, scaled by ``norm_weight`` and gated by
     SiLU(z_t), then projected back. Transformers' checkpoints fuse q, k, v, z (and b, a) into one projection
-    interleaved per key head; here they are separate (the importer will split them).
+    interleaved per key head; here they are separate (smoe.interop.families.qwen3_next splits them).
     """
 
     def __init__(self, dim: int, n_k_heads: int, n_v_heads: int, k_dim: int, v_dim: int, conv_kernel: int = 4,
@@ -285,7 +291,8 @@ def make_linear_attention(dim: int, config: LinearAttentionConfig, layer: int, n
     """The linear-attention layer ``config`` describes, as layer ``layer`` of ``n_layers`` (lightning's decay
     depends on the depth)."""
     if config.kind == "lightning":
-        return LightningAttention(dim, config.n_heads, config.head_dim, layer, n_layers, norm_eps, config.chunk)
+        # MiniMax-01's output norm keeps RMSNorm's default eps whatever the model's norm_eps (1e-5 in its config)
+        return LightningAttention(dim, config.n_heads, config.head_dim, layer, n_layers, 1e-6, config.chunk)
     if config.kind == "kda":
         return KimiDeltaAttention(dim, config.n_heads, config.head_dim, config.conv_kernel, norm_eps, config.chunk)
     return GatedDeltaNet(dim, config.resolved_n_k_heads, config.n_heads, config.head_dim, config.resolved_v_head_dim,

@@ -53,6 +53,11 @@ class MLACache:
         return self.latent_BSX[b : b + 1, :end]
 
 
+# The latent norms keep RMSNorm's default eps whatever the model's norm_eps, as DeepSeek's and Kimi Linear's code (and
+# transformers') builds them; Kimi Linear's norm_eps of 1e-5 there would move its logits by about 1e-4.
+LATENT_NORM_EPS = 1e-6
+
+
 class MLA(nn.Module):
     def __init__(self, dim: int, config: MLAConfig, norm_eps: float):
         super().__init__()
@@ -62,10 +67,10 @@ class MLA(nn.Module):
             self.wq = nn.Linear(dim, H * qk, bias=False)
         else:
             self.wq_a = nn.Linear(dim, config.q_lora_rank, bias=False)
-            self.q_norm = RMSNorm(config.q_lora_rank, norm_eps)
+            self.q_norm = RMSNorm(config.q_lora_rank, LATENT_NORM_EPS)
             self.wq_b = nn.Linear(config.q_lora_rank, H * qk, bias=False)
         self.wkv_a = nn.Linear(dim, config.kv_lora_rank + config.qk_rope_head_dim, bias=False)
-        self.kv_norm = RMSNorm(config.kv_lora_rank, norm_eps)
+        self.kv_norm = RMSNorm(config.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(config.kv_lora_rank, H * (config.qk_nope_head_dim + config.v_head_dim), bias=False)
         self.wo = nn.Linear(H * config.v_head_dim, dim, bias=False)
         self.scale = qk**-0.5

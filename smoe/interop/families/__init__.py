@@ -15,12 +15,24 @@ then a constant. We keep that exactly, for logit parity, though the LM loss cann
 
 from __future__ import annotations
 
-from smoe.interop.families import dbrx, deepseek, llama, minimax_m2, mixtral, olmoe, qwen_moe
+from smoe.interop.families import (
+    dbrx,
+    deepseek,
+    kimi_linear,
+    llama,
+    minimax,
+    minimax_m2,
+    mixtral,
+    olmoe,
+    qwen3_next,
+    qwen_moe,
+)
 from smoe.interop.families.base import Family
 
 # In this order an unsupported model_type's error lists them, and export tries them for a config of no family.
 FAMILIES: dict[str, Family] = {
-    f.model_type: f for module in (mixtral, qwen_moe, deepseek, olmoe, dbrx, minimax_m2, llama)
+    f.model_type: f
+    for module in (mixtral, qwen_moe, deepseek, olmoe, dbrx, minimax_m2, llama, qwen3_next, minimax, kimi_linear)
     for f in module.FAMILIES
 }
 TRANSFORMERS_FAMILIES = tuple(t for t, f in FAMILIES.items() if f.write is not None)  # built into transformers

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
-from smoe.config import AttentionConfig, ModelConfig, MoEConfig, RopeScaling
+from smoe.config import AttentionConfig, LayoutConfig, ModelConfig, MoEConfig, RopeScaling
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +62,9 @@ class KeyMap:
     experts: tuple[str, str, str] | None = None
     mtp: dict[str, str] = field(default_factory=dict)  # DeepSeek-V3 multi-token-prediction extras, per MTP layer
     fused: Callable[[ModelConfig, int, str], list[Piece]] | None = None
+    shifted: str | None = None
+    ignore: str | None = None
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Piece:
     view: Callable[[torch.Tensor], torch.Tensor] | None = None
     load: bool = True  # False: a duplicate the checkpoint repeats (DeepSeek-V3's MTP embedding and head)
     shape: tuple[int, ...] | None = None  # theirs, when it is not ours[index]'s (a view's source, for export)
+    offset: float = 0.0  # ours = theirs + offset (KeyMap.shifted)
 
     def source(self, t: torch.Tensor) -> torch.Tensor:
         return self.view(t) if self.view is not None else t
@@ -84,8 +88,25 @@ GQA = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": 
        "attn.wo": "self_attn.o_proj", "attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
 DENSE_MLP = {"ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj", "ffn.down": "mlp.down_proj"}
 ROUTED_MLP = {**DENSE_MLP, "ffn.router": "mlp.gate"}  # dense layers' FFN and MoE layers' router, both under mlp.
+MLA = {"attn.wq": "self_attn.q_proj", "attn.wq_a": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
+       "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
+       "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj", "attn.wo": "self_attn.o_proj"}
 MLP_EXPERTS = tuple(f"mlp.experts.{{e}}.{w}_proj.weight" for w in ("gate", "up", "down"))
 W_EXPERTS = tuple(f"block_sparse_moe.experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))  # Mixtral's
+
+
+def interleaved(hf: str, parts: tuple[tuple[str, int], ...], groups: int, cols: tuple[int, ...]) -> list[Piece]:
+    """The pieces of a fused weight whose rows repeat ``parts`` (our tensor, rows) once per group, in order: group
+    g's rows of part ``(ours, n)`` are rows g n .. (g + 1) n of ``ours`` (Qwen3-Next's query and gate per head, its
+    q, k, v, z and b, a per key head; MiniMax-01's q, k, v per head). ``cols``: the weight's other dims."""
+    width = sum(n for _, n in parts)
+    shape, pieces, start = (groups * width, *cols), [], 0
+    for g in range(groups):
+        for ours, n in parts:
+            pieces.append(Piece(hf, ours, (slice(g * n, (g + 1) * n),), lambda t, a=start, b=start + n: t[a:b],
+                                shape=shape))
+            start += n
+    return pieces
 
 
 def llama_key_map(attention: dict[str, str], ffn: dict[str, str], experts: tuple[str, str, str] | None = None,
@@ -194,6 +215,34 @@ def read_sliding(r: Reader, slides: Callable[[int], bool] | None = None) -> int 
     return int(r.opt("sliding_window", 4096))
 
 
+def sparse_step_layout(r: Reader, n_layers: int) -> LayoutConfig:
+    """Qwen's MoE layers: every ``decoder_sparse_step``-th, except ``mlp_only_layers``."""
+    step = int(r.opt("decoder_sparse_step", 1))
+    dense = set(r.opt("mlp_only_layers", []))
+    if step == 1 and not dense:
+        return LayoutConfig()
+    return LayoutConfig(moe_layers=tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0))
+
+
+def read_layer_types(r: Reader, n_layers: int, default: Callable[[int], bool]) -> tuple[str, ...] | None:
+    """``layer_types`` (transformers' spelling), else layer i is full attention where ``default(i)``; None when no
+    layer is linear (our config then holds no linear-attention settings)."""
+    types = r.opt("layer_types") or ["full_attention" if default(i) else "linear_attention" for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ValueError(f"{r.source}: layer_types must list one type per layer ({n_layers}), got {types!r}")
+    for kind in types:
+        if kind not in ("full_attention", "linear_attention"):
+            raise ValueError(f"{r.source}: layer_types entry {kind!r} is not supported (full_attention, "
+                             "linear_attention)")
+    return tuple(types) if "linear_attention" in types else None
+
+
+def read_silu(r: Reader, why: str) -> None:
+    """Families whose linear layers apply SiLU whatever ``hidden_act`` names (ours always do)."""
+    if r.opt("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"{r.source}: hidden_act={r.data['hidden_act']!r} is not supported ({why})")
+
+
 def with_hf_aux(config: ModelConfig, hf_coef: float) -> ModelConfig:
     """Set aux_loss_coef from transformers' pooled Switch loss coefficient (see the module docstring)."""
     n_moe = max(config.n_moe_layers, 1)
@@ -224,15 +273,21 @@ def rope_out(attn) -> dict[str, Any]:
     return out
 
 
-def base_out(c: ModelConfig, model_type: str, *, dense: bool = False, rms_norm: bool = True) -> dict[str, Any]:
+def base_out(c: ModelConfig, model_type: str, *, dense: bool = False, rms_norm: bool = True, hybrid: bool = False
+             ) -> dict[str, Any]:
     """The keys every Llama-style config.json has, after refusing what no family here expresses. ``rms_norm``
-    False: the family checks its norm itself (DBRX's LayerNorm)."""
+    False: the family checks its norm itself (DBRX's LayerNorm); ``hybrid``: the family has linear-attention layers
+    and checks them, and its residual, itself."""
     if (c.moe is None) != dense:
         unsupported(model_type, "moe", "a dense family: no experts" if dense else "a dense model")
     if c.activation != "silu":
         unsupported(model_type, "activation", f"{c.activation!r}; the family uses silu")
     if c.norm != "rmsnorm" and rms_norm:
         unsupported(model_type, "norm", "the family uses RMSNorm")
+    if not hybrid and (c.linear_attention is not None or c.layout.layer_types is not None):
+        unsupported(model_type, "linear_attention", "no linear-attention layers in this family")
+    if not hybrid and c.residual is not None:
+        unsupported(model_type, "residual", "the family's residual is the plain pre-norm one")
     m = c.moe
     if dense and c.layout.n_mtp_modules:
         unsupported(model_type, "layout.n_mtp_modules", "no multi-token prediction in this family")
@@ -246,10 +301,10 @@ def base_out(c: ModelConfig, model_type: str, *, dense: bool = False, rms_norm: 
 
 
 def moe_out(c: ModelConfig, model_type: str, *, shared_experts: bool = False, dense_layers: bool = False,
-            aux_free: bool = False, rms_norm: bool = True) -> dict[str, Any]:
+            aux_free: bool = False, rms_norm: bool = True, hybrid: bool = False) -> dict[str, Any]:
     """``base_out`` for an MoE family, refusing next what the family lacks unless allowed: shared experts, dense
     layers among the MoE ones, the aux-free selection bias."""
-    out = base_out(c, model_type, rms_norm=rms_norm)
+    out = base_out(c, model_type, rms_norm=rms_norm, hybrid=hybrid)
     m, lay = c.moe, c.layout
     if not shared_experts:
         require(model_type, m.n_shared_experts == 0, "moe.n_shared_experts", "no shared experts in this family")
@@ -262,9 +317,9 @@ def moe_out(c: ModelConfig, model_type: str, *, shared_experts: bool = False, de
 
 
 def gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None, *, clip_qkv: bool = False,
-            partial_rotary: bool = False) -> dict[str, Any]:
-    """The attention keys of a GQA family; ``bias`` None: either; ``clip_qkv``, ``partial_rotary``: the family
-    has them."""
+            partial_rotary: bool = False, output_gate: bool = False) -> dict[str, Any]:
+    """The attention keys of a GQA family; ``bias`` None: either; ``clip_qkv``, ``partial_rotary``, ``output_gate``:
+    the family has them."""
     a = c.attention
     if not isinstance(a, AttentionConfig):
         unsupported(model_type, "attention", "the family uses GQA, not MLA")
@@ -276,8 +331,19 @@ def gqa_out(c: ModelConfig, model_type: str, qk_norm: str, bias: bool | None, *,
         unsupported(model_type, "attention.clip_qkv", "not in this family")
     if a.rotary_dim is not None and not partial_rotary:
         unsupported(model_type, "attention.rotary_dim", "partial rotary is not in this family")
+    if a.output_gate != output_gate:
+        unsupported(model_type, "attention.output_gate",
+                    "the family gates the attention output" if output_gate else "no output gate in this family")
     return {"num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads,
             "head_dim": a.resolved_head_dim(c.dim), **rope_out(a)}
+
+
+def hybrid_out(c: ModelConfig, model_type: str, kind: str) -> dict[str, Any]:
+    """``layer_types``, after refusing linear layers of another kind than the family's."""
+    la = c.linear_attention
+    if la is not None and la.kind != kind:
+        unsupported(model_type, "linear_attention.kind", f"the family's linear layers are {kind!r}")
+    return {"layer_types": list(c.layout.layer_types or ("full_attention",) * c.n_layers)}
 
 
 def pooled_aux_coef(c: ModelConfig) -> float:

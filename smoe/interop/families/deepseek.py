@@ -15,6 +15,7 @@ from typing import Any
 from smoe.config import AttentionConfig, LayoutConfig, MLAConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
     GQA,
+    MLA,
     MLP_EXPERTS,
     ROUTED_MLP,
     Family,
@@ -83,7 +84,7 @@ def write(c: ModelConfig, model_type: str) -> dict[str, Any]:
     v3 = model_type == "deepseek_v3"
     out = moe_out(c, model_type, shared_experts=True, dense_layers=True, aux_free=v3)
     a, m, lay = c.attention, c.moe, c.layout
-    require(model_type, isinstance(a, MLAConfig), "attention", "the family uses MLA")
+    require(model_type, isinstance(a, MLAConfig) and a.rotary, "attention", "the family uses MLA with rotary keys")
     require(model_type, lay.moe_layers is None, "layout.moe_layers", "layout is first_k_dense + frequency")
     require(model_type, not m.shared_expert_gate and m.shared_expert_dim in (None, m.expert_dim),
             "moe.shared_expert_dim", "shared experts are ungated and as wide as routed ones")
@@ -112,9 +113,6 @@ def write(c: ModelConfig, model_type: str) -> dict[str, Any]:
     return out
 
 
-MLA = {"attn.wq": "self_attn.q_proj", "attn.wq_a": "self_attn.q_a_proj", "attn.q_norm": "self_attn.q_a_layernorm",
-       "attn.wq_b": "self_attn.q_b_proj", "attn.wkv_a": "self_attn.kv_a_proj_with_mqa",
-       "attn.kv_norm": "self_attn.kv_a_layernorm", "attn.wkv_b": "self_attn.kv_b_proj", "attn.wo": "self_attn.o_proj"}
 MOE = {**ROUTED_MLP, "ffn.router.expert_bias": "mlp.gate.e_score_correction_bias",
        "ffn.shared.gate": "mlp.shared_experts.gate_proj", "ffn.shared.up": "mlp.shared_experts.up_proj",
        "ffn.shared.down": "mlp.shared_experts.down_proj"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smoe.config import AttentionConfig, LayoutConfig, ModelConfig, MoEConfig
+from smoe.config import AttentionConfig, ModelConfig, MoEConfig
 from smoe.interop.families.base import (
     GQA,
     MLP_EXPERTS,
@@ -24,16 +24,9 @@ from smoe.interop.families.base import (
     read_sliding,
     require,
     softmax_plain,
+    sparse_step_layout,
     with_hf_aux,
 )
-
-
-def _layout(r: Reader, n_layers: int) -> LayoutConfig:
-    step = int(r.opt("decoder_sparse_step", 1))
-    dense = set(r.opt("mlp_only_layers", []))
-    if step == 1 and not dense:
-        return LayoutConfig()
-    return LayoutConfig(moe_layers=tuple(i for i in range(n_layers) if i not in dense and (i + 1) % step == 0))
 
 
 def read_qwen2_moe(r: Reader) -> ModelConfig:
@@ -52,7 +45,7 @@ def read_qwen2_moe(r: Reader) -> ModelConfig:
                       top_k=int(r.opt("num_experts_per_tok", 4)), expert_dim=int(r.opt("moe_intermediate_size", 1408)),
                       n_shared_experts=1 if shared else 0, shared_expert_dim=shared or None,
                       shared_expert_gate=bool(shared), norm_topk_prob=bool(r.opt("norm_topk_prob", False))),
-        layout=_layout(r, common["n_layers"]),
+        layout=sparse_step_layout(r, common["n_layers"]),
     )
     return with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
 
@@ -71,7 +64,7 @@ def read_qwen3_moe(r: Reader) -> ModelConfig:
         moe=MoEConfig(n_routed_experts=int(r.first(("num_experts", "num_local_experts"), 128)),
                       top_k=int(r.opt("num_experts_per_tok", 8)), expert_dim=int(r.opt("moe_intermediate_size", 768)),
                       norm_topk_prob=bool(r.opt("norm_topk_prob", False))),
-        layout=_layout(r, common["n_layers"]),
+        layout=sparse_step_layout(r, common["n_layers"]),
     )
     return with_hf_aux(config, float(r.opt("router_aux_loss_coef", 0.001)))
 
