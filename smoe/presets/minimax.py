@@ -30,7 +30,8 @@ def minimax_text_01() -> ModelConfig:
     with 8 KV heads and RoPE on half of each head, softmax attention at every 8th layer, 32 experts of 9216 top-2,
     vocabulary 200,064; layernorm_*_alpha 3.5566 = (2 x 80)^(1/4), betas 1). The published 45.9B active parameters
     leave out the embedding and the head (smoe inspect: 46.0B without them); max_seq_len is the report's 4M-token
-    inference context."""
+    inference context. transformers' MiniMax rotates whole heads, so this config (and its twin) does not export to
+    that family: the export refuses attention.rotary_dim by name."""
     n_layers = 80
     return ModelConfig(
         name="minimax-text-01", vocab_size=200064, dim=6144, n_layers=n_layers, ffn_dim=9216, norm_eps=1e-5,
