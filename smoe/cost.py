@@ -153,7 +153,8 @@ class CostReport:
     precision: Precision
     weight_bytes: float
     cache_bytes_per_sequence: float  # at the context
-    cache_elements_per_token_layer: int
+    cache_elements_per_token_layer: int  # per full-attention layer
+    state_bytes_per_sequence: float  # the linear-attention layers' recurrent state, in the cache bytes
     all_to_all_bytes_per_token: float  # dispatch + combine, every MoE layer
     decode: list[Step]
     prefill: list[Step]
@@ -221,7 +222,7 @@ def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostR
     return CostReport(
         model=config.name, total_params=acc.total_params, active_params=acc.active_params, hardware=hw,
         settings=settings, precision=p, weight_bytes=acc.total_params * WEIGHT_BYTES[p.weights],
-        cache_bytes_per_sequence=per_sequence,
+        cache_bytes_per_sequence=per_sequence, state_bytes_per_sequence=state,
         cache_elements_per_token_layer=kv_cache_elements(config) // max(1, config.n_layers - acc.n_linear_layers),
         all_to_all_bytes_per_token=_all_to_all_per_token(config, settings.devices, p), decode=decode,
         prefill=prefill)
@@ -261,9 +262,12 @@ def format_cost(report: CostReport) -> str:
         f"  {hw.name}: {_num(hw.memory_bandwidth / 1e9)} GB/s, {_num(hw.peak_flops[p.matmul] / 1e12)} TFLOP/s "
         f"{p.matmul} matmuls, {hw.memory_bytes / 1e9:,.0f} GB, {link}",
         f"  source: {hw.source}",
-        f"  cache: {r.cache_elements_per_token_layer:,} elements per token per layer, "
+        f"  cache: {r.cache_elements_per_token_layer:,} elements per token per "
+        f"{'full-attention ' if r.state_bytes_per_sequence else ''}layer, "
         f"{r.cache_bytes_per_sequence / 1e6:,.1f} MB per sequence at {s.context:,} tokens",
     ]
+    if r.state_bytes_per_sequence:
+        lines[-1] += f" (of which {r.state_bytes_per_sequence / 1e6:,.1f} MB recurrent state, the same at any context)"
     if r.all_to_all_bytes_per_token:
         lines.append(f"  all-to-all over {s.devices} devices: {r.all_to_all_bytes_per_token / 1e6:.3g} MB per token "
                      "(dispatch + combine, every MoE layer, uniform routing)")

@@ -49,6 +49,21 @@ def test_deepseek_v3_decode_flops_and_cache_bytes():
     assert step.bytes == pytest.approx(routed + non_routed + cache)  # fp8: one byte a weight
 
 
+def test_a_hybrid_reads_its_recurrent_state_beside_a_kv_cache_of_its_full_layers_only():
+    # Qwen3-Next-80B-A3B: 12 gated-attention layers x 2 KV heads x 256 x (k, v) per token, and 36 Gated DeltaNet
+    # states of 32 x 128 x 128 fp32 plus a 3-input convolution history of 8,192 channels in bf16, at any context.
+    state = 36 * (32 * 128 * 128 * 4 + 8192 * 3 * 2)
+    for context in (1024, 8192):
+        report = _decode("qwen3-next-80b-a3b", batch=(2,), context=context)
+        assert report.state_bytes_per_sequence == state
+        assert report.cache_bytes_per_sequence == 12 * 2 * 2 * 256 * context * 2 + state
+        assert report.cache_elements_per_token_layer == 1024
+        acc = account(presets.get("qwen3-next-80b-a3b"))
+        recurrence = 36 * 2 * 32 * 128 * 128 * 3  # read S^T k, write, read q S: the same at any context
+        attention = 12 * 2 * 16 * 2 * 256 * context
+        assert report.decode[0].flops == 2 * (acc.matmul_flops_per_token + attention + recurrence)
+
+
 def test_a_large_batch_becomes_compute_bound_and_prefill_is_compute_bound():
     report = _decode("mixtral-8x7b", batch=(1, 4096), context=16, prompt_len=2048)
     assert [s.bound for s in report.decode] == ["memory", "compute"]  # at long contexts the caches keep it memory
