@@ -300,7 +300,9 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         self.layout.validate(self.n_layers)
-        n_linear = sum(map(self.layout.is_linear, range(self.n_layers)))
+        # counted from the list, not layer by layer: a config may claim 10^9 layers (test_accounting's closed form)
+        types = self.layout.layer_types
+        n_linear = 0 if types is None else types.count("linear_attention")
         if n_linear and self.linear_attention is None:
             fail("linear_attention", f"must be set: layout.layer_types makes {n_linear} layers linear attention")
         if self.linear_attention is not None:
