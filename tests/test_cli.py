@@ -19,19 +19,38 @@ def test_inspect_text_shows_deepseek_v3_total(capsys):
     assert "671.0B" in capsys.readouterr().out
 
 
-def test_inspect_shows_a_hybrids_recurrent_state_beside_its_kv_cache(capsys):
-    outputs = {}
+# Each hybrid: its softmax layers' cache per token (bf16 keys and values, or MLA's latent and rope key) and its linear
+# layers' state per sequence (fp32 (heads x key dim x value dim) + bf16 convolution history of (kernel - 1) taps).
+HYBRIDS = [
+    ("qwen3-next-80b-a3b", 12 * 2 * 2 * 256 * 2, 36 * (32 * 128 * 128 * 4 + (2048 + 2048 + 4096) * 3 * 2),
+     "KV cache / token      bf16 24.00 KiB", "recurrent state / seq bf16 73.69 MiB", 36),
+    ("minimax-text-01", 10 * 2 * 8 * 128 * 2, 70 * 64 * 128 * 128 * 4,
+     "KV cache / token      bf16 40.00 KiB", "recurrent state / seq bf16 280.00 MiB", 70),
+    ("kimi-linear-48b-a3b", 7 * (512 + 64) * 2, 20 * (32 * 128 * 128 * 4 + 3 * 4096 * 3 * 2),
+     "KV cache / token      bf16 7.88 KiB", "recurrent state / seq bf16 41.41 MiB", 20),
+]
+
+
+@pytest.mark.parametrize("name, kv_per_token, state, kv_line, state_line, n_linear", HYBRIDS)
+def test_inspect_shows_a_hybrids_recurrent_state_per_sequence_beside_its_kv_cache_per_token(
+        capsys, name, kv_per_token, state, kv_line, state_line, n_linear):
+    text, reports = {}, {}
     for seq_len in ("1024", "65536"):
-        assert main(["inspect", "qwen3-next-80b-a3b", "--seq-len", seq_len]) == 0
-        outputs[seq_len] = capsys.readouterr().out
-    out = outputs["1024"]
-    assert "KV cache / token      bf16 24.00 KiB" in out  # 12 gated-attention layers x 2 KV heads x 256 x k, v
-    assert "recurrent state / seq bf16 73.69 MiB" in out and "36 linear-attention layers" in out
-    state = [line for line in out.splitlines() if "recurrent state" in line]
-    assert state == [line for line in outputs["65536"].splitlines() if "recurrent state" in line]
-    assert main(["inspect", "qwen3-next-80b-a3b", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["n_linear_layers"] == 36 and report["recurrent_state_bytes"]["bf16"] == 77_266_944
+        assert main(["inspect", name, "--seq-len", seq_len]) == 0
+        text[seq_len] = capsys.readouterr().out
+        assert main(["inspect", name, "--seq-len", seq_len, "--json"]) == 0
+        reports[seq_len] = json.loads(capsys.readouterr().out)
+    out = text["1024"]
+    assert kv_line in out and state_line in out and f"({n_linear} linear-attention layers" in out
+    # Neither figure depends on the context: the state is per sequence, the KV figure per token of it.
+    figures = {n: [line for line in text[n].splitlines() if "recurrent state" in line or "KV cache" in line]
+               for n in text}
+    assert len(figures["1024"]) == 2 and figures["1024"] == figures["65536"]
+    for report in reports.values():
+        assert report["n_linear_layers"] == n_linear
+        assert report["kv_cache_bytes_per_token"]["bf16"] == kv_per_token
+        assert report["recurrent_state_bytes"]["bf16"] == state
+    assert [r["seq_len"] for r in reports.values()] == [1024, 65536]  # the flag did reach the accounting
 
 
 def test_presets_lists_every_preset(capsys):

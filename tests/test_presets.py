@@ -1,3 +1,5 @@
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -71,3 +73,31 @@ def test_unknown_preset_lists_close_names():
 def test_bad_override_names_the_field():
     with pytest.raises(ValueError, match=r"moe\.top_k: must not exceed n_routed_experts"):
         presets.get("mixtral-tiny", **{"moe.top_k": 99})
+
+
+def _hybrid_structure(config) -> dict:
+    """What a tiny twin keeps of its flagship: the mixers and their pattern, the gates, the residual, the MoE style."""
+    types, attn, moe = config.layout.layer_types, config.attention, config.moe
+    n_full = types.count("full_attention")
+    residual = config.residual
+    return {
+        "mixers": (attn.kind, config.linear_attention.kind, config.linear_attention.chunk),
+        "linear per full layer": round((len(types) - n_full) / n_full), "last layer": types[-1],
+        "fewer key heads": config.linear_attention.resolved_n_k_heads < config.linear_attention.n_heads,
+        "attention": (getattr(attn, "output_gate", False), getattr(attn, "qk_norm", None),
+                      getattr(attn, "rotary", True), getattr(attn, "rotary_dim", None) is not None),
+        "residual": None if residual is None else {  # each alpha (2 n_layers)^(1/4), each beta as it is
+            k: round(v ** 4 / (2 * config.n_layers), 12) if k.endswith("alpha") else v
+            for k, v in asdict(residual).items()},
+        "moe": (moe.score_func, moe.balance, moe.norm_topk_prob, moe.n_shared_experts, moe.shared_expert_gate,
+                moe.routed_scaling_factor, config.layout.first_k_dense, config.layout.n_mtp_modules),
+    }
+
+
+@pytest.mark.parametrize("flagship, twin", [("minimax-text-01", "minimax-text-01-tiny"),
+                                            ("qwen3-next-80b-a3b", "qwen3-next-tiny"),
+                                            ("kimi-linear-48b-a3b", "kimi-linear-tiny")])
+def test_hybrid_tiny_twin_keeps_its_flagships_structure(flagship, twin):
+    big, small = presets.get(flagship), presets.get(twin)
+    assert _hybrid_structure(small) == _hybrid_structure(big)
+    assert 4 <= small.n_layers <= 8

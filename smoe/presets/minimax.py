@@ -26,18 +26,23 @@ def _residual(n_layers: int) -> ResidualConfig:
 
 
 def minimax_text_01() -> ModelConfig:
-    """https://huggingface.co/MiniMaxAI/MiniMax-Text-01/blob/main/config.json (80 layers, d 6144, 64 heads of 128
-    with 8 KV heads and RoPE on half of each head, softmax attention at every 8th layer, 32 experts of 9216 top-2,
-    vocabulary 200,064; layernorm_*_alpha 3.5566 = (2 x 80)^(1/4), betas 1). The published 45.9B active parameters
-    leave out the embedding and the head (smoe inspect: 46.0B without them); max_seq_len is the report's 4M-token
-    inference context. transformers' MiniMax rotates whole heads, so this config (and its twin) does not export to
-    that family: the export refuses attention.rotary_dim by name."""
+    """https://huggingface.co/MiniMaxAI/MiniMax-Text-01/blob/main/config.json (80 layers, d 6144; attn_type_list
+    a softmax layer at every 8th, 64 heads of 128 with 8 KV heads and rotary_dim 64, rope_theta 1e7; lightning
+    attention 64 heads of 128; 32 experts of 9216 top-2, no shared expert; vocabulary 200,064, untied;
+    layernorm_*_alpha 3.5566 = (2 x 80)^(1/4), betas 1, postnorm: the residual is the normalised input). The same
+    values are in MiniMax-M1's config.json, which keeps Text-01's architecture. transformers' MiniMaxConfig defaults
+    are a small model, not this one.
+
+    Counts: 456.09B total, as transformers' MiniMaxForCausalLM builds it from these values, against the report's
+    456B; the report's 45.9B activated leaves out the embedding and the head (45.95B here; 48.40B with them).
+    max_seq_len is the report's 4M-token inference context. transformers' MiniMax rotates whole heads, so this config
+    (and its twin) does not export to that family: the export refuses attention.rotary_dim by name."""
     n_layers = 80
     return ModelConfig(
         name="minimax-text-01", vocab_size=200064, dim=6144, n_layers=n_layers, ffn_dim=9216, norm_eps=1e-5,
         max_seq_len=4 * 1024 * 1024,
         attention=AttentionConfig(n_heads=64, n_kv_heads=8, head_dim=128, rotary_dim=64, rope_theta=1e7),
-        linear_attention=LinearAttentionConfig(kind="lightning", n_heads=64, head_dim=128),
+        linear_attention=LinearAttentionConfig(kind="lightning", n_heads=64, head_dim=128, chunk=64),
         moe=MoEConfig(n_routed_experts=32, top_k=2, expert_dim=9216, aux_loss_coef=0.001 * 2 / n_layers),
         layout=LayoutConfig(layer_types=hybrid_layer_types(n_layers, 8)),
         residual=_residual(n_layers),
@@ -52,7 +57,7 @@ def minimax_text_01_tiny() -> ModelConfig:
         name="minimax-text-01-tiny", vocab_size=8192, dim=256, n_layers=n_layers, ffn_dim=512, norm_eps=1e-5,
         max_seq_len=4096,
         attention=AttentionConfig(n_heads=4, n_kv_heads=2, head_dim=64, rotary_dim=32, rope_theta=1e7),
-        linear_attention=LinearAttentionConfig(kind="lightning", n_heads=4, head_dim=64),
+        linear_attention=LinearAttentionConfig(kind="lightning", n_heads=4, head_dim=64, chunk=64),
         moe=MoEConfig(n_routed_experts=8, top_k=2, expert_dim=256),
         layout=LayoutConfig(layer_types=hybrid_layer_types(n_layers, 8)),
         residual=_residual(n_layers),
