@@ -14,8 +14,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="matched-compute head-to-head of architectures, with an HTML report")
     p.add_argument("--suite", help="seeds-debate, granularity, shared, balance or capacity; at equal total "
                                    "parameters, table-1 (DeepSeekMoE Table 1, with a Hash Layer) or "
-                                   "seeds-debate-total; or upcycling (a dense trunk, then dense continued / upcycled "
-                                   "by copy and split / the MoEs from scratch, compared by training compute)")
+                                   "seeds-debate-total; upcycling (a dense trunk, then dense continued / upcycled "
+                                   "by copy and split / the MoEs from scratch, compared by training compute); or "
+                                   "hybrid (full attention against 3:1 and 7:1 Gated DeltaNet hybrids, with "
+                                   "decoding measured at --long-context tokens)")
     p.add_argument("--presets", help="or: comma-separated presets to compare (activated parameters without "
                                      "embeddings matched within 2%%)")
     add_config_arguments(p, DataConfig, only=("data", "val_data"))

@@ -3,9 +3,10 @@
 
 The report is built once as a document (smoe.eval.document) and rendered to both files, so they cannot say
 different things. Its sections: the verdict (paired differences over seeds, Holm-corrected; smoe.eval.stats), the
-papers' orderings checked against the same intervals, the final table and curves, balance and load over
-training, and the specialisation analyses (smoe.eval.analysis) of every seed, summarised over seeds. The data
-come from smoe.eval.collect and the figures from smoe.eval.plots.
+papers' orderings checked against the same intervals, the final table and curves (with decoding at long context
+where the architectures' layer types differ: smoe.eval.long_context), balance and load over training, and the
+specialisation analyses (smoe.eval.analysis) of every seed, summarised over seeds. The data come from
+smoe.eval.collect and the figures from smoe.eval.plots.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from smoe.eval import long_context
 from smoe.eval.collect import analysis_json, collect, run_analyses
 from smoe.eval.document import (
     Block,
@@ -37,6 +39,7 @@ from smoe.eval.stats import ALPHA, POWER, Paired, compare_pairs, interval
 from smoe.eval.suite import MATCH_TOLERANCE, CompareSettings, Suite, read_learning_rates
 from smoe.eval.upcycling import TwoPhase
 from smoe.io.files import atomic_write_bytes, atomic_write_text, write_json
+from smoe.train.loop import resolve_device
 
 # Published validation losses whose order a suite can check, by architecture label.
 PAPERS = {
@@ -157,8 +160,10 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
     ladder = collect(out, spec.ladder, settings.seeds) if spec.ladder else None
     two_phase = None if spec.trunk is None else TwoPhase(spec.archs, collect(out, [spec.trunk], settings.seeds)[
         spec.trunk.label], settings)
+    decoding = long_context.measure_suite(out, spec.archs, settings, str(resolve_device(settings.train.device)),
+                                          log) if long_context.differs_in_layer_types(spec.archs) else None
     doc = build_document(suite, settings, matched, data, analyses, matching=spec.matching, ladder=ladder,
-                         learning_rates=read_learning_rates(out), two_phase=two_phase)
+                         learning_rates=read_learning_rates(out), two_phase=two_phase, decoding=decoding)
     write_json(out / "analysis.json", analyses, indent=1)
     for block in doc:
         if isinstance(block, Figure):
@@ -170,8 +175,8 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
 def build_document(suite: str, settings: CompareSettings, matched: dict[str, dict[str, float]],
                    data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], *,
                    matching: str = "active", ladder: dict[str, dict[str, Any]] | None = None,
-                   learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None
-                   ) -> list[Block]:
+                   learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None,
+                   decoding: dict[str, Any] | None = None) -> list[Block]:
     losses = {label: [f["val_loss"] for f in entry["final"]] for label, entry in data.items()}
     results, claims = comparisons(losses)
     doc: list[Block] = [Heading(1, f"smoe head-to-head: {suite}"),
@@ -185,6 +190,7 @@ def build_document(suite: str, settings: CompareSettings, matched: dict[str, dic
                         *learning_rate_blocks(learning_rates),
                         *compute_ladder(data, matched, ladder, settings),
                         *(two_phase.blocks(data) if two_phase else []),
+                        *(long_context.blocks(decoding) if decoding else []),
                         Heading(3, "Validation loss"), Figure("curves", "Validation loss", fig_curves(
                             two_phase.on_data_order(data) if two_phase else data,
                             xlabel="step of the data order" if two_phase else "step")),

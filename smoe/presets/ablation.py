@@ -10,9 +10,17 @@ same 1024 hidden units per token (the dense FFN's width) so activated parameters
 
 Balance: aux 0.01 for the softmax routers (DeepSeekMoE §4.1 uses 0.01 at this scale); V3-style uses the bias with
 its complementary sequence-wise loss at 1e-4. All dropless, so capacity is not a confound.
+
+The hybrid suite's models are mixtral-style at 8 layers, some of whose attention layers are Qwen3-Next's Gated
+DeltaNet (docs/linear_attention.md), so that 3:1 and 7:1 are exact:
+
+    hybrid-3to1        layers 4 and 8 full attention, the others Gated DeltaNet (Qwen3-Next's 3:1)
+    hybrid-7to1        layer 8 full attention, the others Gated DeltaNet (MiniMax-01's 7:1)
 """
 
-from smoe.config import AttentionConfig, ModelConfig, MoEConfig
+from dataclasses import replace
+
+from smoe.config import AttentionConfig, LayoutConfig, LinearAttentionConfig, ModelConfig, MoEConfig, hybrid_layer_types
 
 
 def _base(name: str, moe: MoEConfig | None) -> ModelConfig:
@@ -49,6 +57,26 @@ def deepseek_v3_style() -> ModelConfig:
         topk_group=4, balance="aux_free", seq_aux_loss_coef=1e-4))
 
 
+# Qwen3-Next's Gated DeltaNet shape (config.json of Qwen/Qwen3-Next-80B-A3B-Instruct: 16 key heads, 32 value heads,
+# both of head dim 128, a 4-tap convolution) at this width: half as many key heads as value heads, of the attention's
+# head dim 64. Its q, k (2 x 256 x 128), v, output gate and output (3 x 256 x 256), decay and write projections and
+# convolution hold 266,312 parameters against the 262,144 of the 4-head attention it replaces (+1.6%).
+GATED_DELTA = LinearAttentionConfig(kind="gated_delta", n_heads=4, n_k_heads=2, head_dim=64, conv_kernel=4)
+
+
+def _hybrid(name: str, full_every: int) -> ModelConfig:
+    return replace(mixtral_style(), name=name, n_layers=8, linear_attention=GATED_DELTA,
+                   layout=LayoutConfig(layer_types=hybrid_layer_types(8, full_every)))
+
+
+def hybrid_3to1() -> ModelConfig:
+    return _hybrid("hybrid-3to1", 4)
+
+
+def hybrid_7to1() -> ModelConfig:
+    return _hybrid("hybrid-7to1", 8)
+
+
 PRESETS = {
     "dense": dense,
     "switch": switch,
@@ -56,4 +84,6 @@ PRESETS = {
     "mixtral-style": mixtral_style,
     "deepseekmoe": deepseekmoe,
     "deepseek-v3-style": deepseek_v3_style,
+    "hybrid-3to1": hybrid_3to1,
+    "hybrid-7to1": hybrid_7to1,
 }
