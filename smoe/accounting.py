@@ -127,12 +127,8 @@ def recurrent_state_bytes(config: ModelConfig, dtype: str = "bf16") -> int:
         return 0
     state = 4 * la.n_heads * la.head_dim * la.resolved_v_head_dim
     conv = 0 if la.kind == "lightning" else _conv_channels(la) * (la.conv_kernel - 1) * DTYPE_BYTES[dtype]
-    return _n_linear(config) * (state + conv)
+    return config.layout.n_linear * (state + conv)
 
-
-def _n_linear(config: ModelConfig) -> int:
-    types = config.layout.layer_types
-    return 0 if types is None else types.count("linear_attention")
 
 
 def _attention_matmul_params(config: ModelConfig) -> int:
@@ -173,7 +169,7 @@ def decode_attention_flops(config: ModelConfig, context: int) -> float:
     _positive_int("context", context)
     window = _window(config)
     visible = context if window is None else min(context, window)
-    n_linear = _n_linear(config)
+    n_linear = config.layout.n_linear
     recurrence = n_linear * _recurrence_flops(config.linear_attention) if n_linear else 0.0
     return 2.0 * (config.n_layers - n_linear) * _attention_width(config, latent=True) * visible + recurrence
 
@@ -188,7 +184,7 @@ def kv_cache_elements(config: ModelConfig, context: int = 1) -> int:
         per_position = attn.kv_lora_rank + attn.qk_rope_head_dim
     else:
         per_position = 2 * attn.n_kv_heads * attn.resolved_head_dim(config.dim)
-    n_full = config.n_layers - _n_linear(config)
+    n_full = config.n_layers - config.layout.n_linear
     return n_full * per_position * (context if window is None else min(context, window))
 
 
@@ -239,7 +235,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     d, V = config.dim, config.vocab_size
     total = {"embedding": V * d, "head": 0 if config.tie_embeddings else V * d, "norms": d}
     active = dict(total)
-    n_moe, n_linear = config.n_moe_layers, _n_linear(config)
+    n_moe, n_linear = config.n_moe_layers, config.layout.n_linear
     for (moe_layer, linear), count in _layer_kinds(config).items():
         block_total, block_active = _block_components(config, moe_layer, linear)
         _add(total, block_total, count)

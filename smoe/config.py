@@ -172,6 +172,11 @@ class LayoutConfig:
     def is_linear(self, layer: int) -> bool:
         return self.layer_types is not None and self.layer_types[layer] == "linear_attention"
 
+    @property
+    def n_linear(self) -> int:
+        """How many layers are linear attention (counted from the list: a config may claim 10^9 layers)."""
+        return 0 if self.layer_types is None else self.layer_types.count("linear_attention")
+
     def is_moe(self, layer: int) -> bool:
         if self.moe_layers is not None:
             return layer in self.moe_layers
@@ -300,8 +305,7 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate()
         self.layout.validate(self.n_layers)
-        # counted from the list, not per layer: a config may claim 10^9 layers (validated before it is refused)
-        n_linear = (self.layout.layer_types or ()).count("linear_attention")
+        n_linear = self.layout.n_linear
         if n_linear and self.linear_attention is None:
             fail("linear_attention", f"must be set: layout.layer_types makes {n_linear} layers linear attention")
         if self.linear_attention is not None:

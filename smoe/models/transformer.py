@@ -75,12 +75,7 @@ class DecodeCache:
     @property
     def nbytes(self) -> int:
         """The cache's memory: key/value or latent buffers at max_len, plus the recurrent states."""
-        return sum(t.nbytes for t in _tensors(self.layers))
-
-
-def _tensors(layers: list[KVCache | MLACache | RecurrentState]) -> list[torch.Tensor]:
-    names = ("k_BGSK", "v_BGSK", "latent_BSX", "conv_BCW", "state_BHKV")
-    return [t for layer in layers for t in (getattr(layer, n, None) for n in names) if t is not None]
+        return sum(layer.nbytes for layer in self.layers)
 
 
 class Block(nn.Module):

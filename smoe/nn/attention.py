@@ -72,6 +72,10 @@ class KVCache:
         """Rows [start, stop): views, written through."""
         return KVCache(self.k_BGSK[start:stop], self.v_BGSK[start:stop])
 
+    @property
+    def nbytes(self) -> int:
+        return self.k_BGSK.nbytes + self.v_BGSK.nbytes
+
     def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
         """Row b's last n new tokens (``spans[b] == (cached, n)``; the columns before them are padding) are written
         at slots [cached, cached + n) and attend over that row's keys alone, so its arithmetic has the same shapes

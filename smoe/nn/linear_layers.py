@@ -267,9 +267,8 @@ class KimiDeltaAttention(GatedDeltaNet):
         """As Gated DeltaNet's, but the softplus bias puts each channel's step softplus(dt_bias) log-uniform in
         [1e-3, 1e-1] (Kimi Linear's initialisation, after Mamba's)."""
         super().reset_parameters()
-        if hasattr(self, "wf_a"):  # the base constructor runs this before the decay projection exists
-            step = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
-            self.dt_bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus^-1
+        step = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+        self.dt_bias.copy_(step + torch.log(-torch.expm1(-step)))  # softplus^-1
 
     def log_decay(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape

@@ -45,6 +45,10 @@ class MLACache:
         """Rows [start, stop): views, written through."""
         return MLACache(self.latent_BSX[start:stop], self.kv_lora_rank)
 
+    @property
+    def nbytes(self) -> int:
+        return self.latent_BSX.nbytes
+
     def append(self, b: int, ckv_TC: torch.Tensor, k_rope_TR: torch.Tensor, cached: int) -> torch.Tensor:
         """Write row b's new tokens at slots [cached, cached + T); return its latent rows up to there, (1, S, X)."""
         end = cached + ckv_TC.shape[0]
