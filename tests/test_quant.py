@@ -1,5 +1,6 @@
 """Weight-only quantisation (smoe.quant, smoe.kernels' quantised backends): the format and its error bound, each
-fast kernel against the dequantise-then-matmul spec, the fallback without numba, checkpoints, generation, errors."""
+fast kernel (C++, numba) against the dequantise-then-matmul spec, the fallbacks without them, checkpoints,
+generation, errors."""
 
 import json
 
@@ -11,6 +12,7 @@ from smoe import kernels, presets
 from smoe.cli import main
 from smoe.config import QuantConfig
 from smoe.interop.hf import save_model_checkpoint
+from smoe.kernels import cpp_quant
 from smoe.models import build_model
 from smoe.quant.format import dequantize, int4_group, pack_int4, quantize_weight, unpack_int4
 from smoe.quant.modules import QuantizedLinear
@@ -71,22 +73,29 @@ def test_quantized_linear_error_is_within_the_format_bound(scheme):
     assert (err <= bound + 1e-4).all() and err.max() > 0
 
 
-@needs_numba
+@pytest.fixture(params=["cpp", pytest.param("numba", marks=needs_numba)])
+def fast(request):
+    """A fast CPU backend for quantised weights (the C++ one skips where it cannot be built)."""
+    if request.param == "cpp" and (reason := cpp_quant.build()) is not None:
+        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
+    return kernels.quantized(request.param, CPU)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("rows,outputs", [(1, 64), (3, 66), (16, 7), (5, 1)])  # tails of the 4 x 4 tile
-def test_numba_linear_matches_the_reference(scheme, rows, outputs):
+@pytest.mark.parametrize("rows,outputs,inputs", [(1, 64, 128), (3, 66, 128), (16, 7, 128), (5, 1, 128),
+                                                 (6, 10, 36)])  # tile tails; 36: an int8 tail, int4 groups of 12
+def test_fast_linear_matches_the_reference(fast, scheme, rows, outputs, inputs):
     g = torch.Generator().manual_seed(rows * outputs)
-    w = quantize_weight(torch.randn(outputs, 128, generator=g), SCHEMES[scheme])
-    x = torch.randn(rows, 128, generator=g)
+    w = quantize_weight(torch.randn(outputs, inputs, generator=g), SCHEMES[scheme])
+    x = torch.randn(rows, inputs, generator=g)
     want = kernels.quantized("reference", CPU).linear(x, w)
-    torch.testing.assert_close(kernels.quantized("numba", CPU).linear(x, w), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast.linear(x, w), want, rtol=1e-5, atol=1e-4)
 
 
-@needs_numba
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 1, 6, 2], [0, 0, 9, 0, 0], [0, 0, 0, 0, 0]])
-def test_numba_experts_match_the_reference(scheme, activation, counts):
+def test_fast_experts_match_the_reference(fast, scheme, activation, counts):
     g = torch.Generator().manual_seed(sum(counts))
     E, D, F = 5, 64, 96
     gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g) / 8, SCHEMES[scheme])
@@ -94,14 +103,13 @@ def test_numba_experts_match_the_reference(scheme, activation, counts):
     counts_E = torch.tensor(counts)
     x = torch.randn(int(counts_E.sum()), D, generator=g)
     want = kernels.quantized("reference", CPU).experts(x, counts_E, gate_up, down, activation)
-    got = kernels.quantized("numba", CPU).experts(x, counts_E, gate_up, down, activation)
+    got = fast.experts(x, counts_E, gate_up, down, activation)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@needs_numba
 @pytest.mark.parametrize("scheme", ["int8", "int4-g64"])
-def test_numba_parallel_build_matches_the_reference(scheme):
-    # two threads and enough multiply-adds take the parallel build (smoe.kernels.numba_quant._build)
+def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
+    # two threads and enough multiply-adds split the work (numba's parallel build, the C++ kernels' parallel_for)
     g = torch.Generator().manual_seed(3)
     w = quantize_weight(torch.randn(520, 512, generator=g), SCHEMES[scheme])
     gate_up = quantize_weight(torch.randn(3, 256, 512, generator=g) / 8, SCHEMES[scheme])
@@ -109,8 +117,8 @@ def test_numba_parallel_build_matches_the_reference(scheme):
     x, counts_E = torch.randn(6, 512, generator=g), torch.tensor([2, 0, 4])
     torch.set_num_threads(2)
     try:
-        linear = kernels.quantized("numba", CPU).linear(x, w)
-        experts = kernels.quantized("numba", CPU).experts(x, counts_E, gate_up, down, "silu")
+        linear = fast.linear(x, w)
+        experts = fast.experts(x, counts_E, gate_up, down, "silu")
     finally:
         torch.set_num_threads(1)
     reference = kernels.quantized("reference", CPU)
@@ -118,14 +126,34 @@ def test_numba_parallel_build_matches_the_reference(scheme):
     torch.testing.assert_close(experts, reference.experts(x, counts_E, gate_up, down, "silu"), rtol=1e-4, atol=1e-4)
 
 
-def test_without_numba_the_reference_runs_the_same_model(monkeypatch):
+def test_cpp_kernels_refuse_malformed_weights():
+    if (reason := cpp_quant.build()) is not None:
+        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
+    w = quantize_weight(torch.randn(8, 64), SCHEMES["int8"])
+    with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
+        cpp_quant.linear(torch.randn(2, 32), w)
+    with pytest.raises(RuntimeError, match="int8 weights are int8"):
+        cpp_quant.linear(torch.randn(2, 64), w._replace(qweight=w.qweight.view(torch.uint8)))
+    with pytest.raises(RuntimeError, match="offs must run from 0 to the row count"):
+        stack = quantize_weight(torch.randn(2, 8, 64), SCHEMES["int8"])
+        torch.ops.smoe_quant.experts(torch.randn(3, 64), torch.tensor([0, 1, 2]), stack.qweight, stack.scale, None,
+                                     0, stack.qweight, stack.scale, None, 0, False)
+
+
+@pytest.mark.parametrize("numba", [pytest.param(True, marks=needs_numba), False])
+def test_without_the_cpp_kernels_auto_falls_back_with_a_warning_and_the_same_model(monkeypatch, numba):
     model = smoe.quantize(_model(), "int8")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast = model(ids).logits
-        monkeypatch.setattr(kernels, "HAS_NUMBA", False)
-        assert kernels.quantized("auto", CPU) is kernels.quantized("reference", CPU)
-        assert "numba" not in kernels.quantized_names()
+        monkeypatch.setattr(cpp_quant, "build", lambda: "RuntimeError: no C++ compiler (a test's stand-in)")
+        monkeypatch.setattr(kernels, "HAS_NUMBA", numba)
+        fallback = "numba" if numba else "reference"
+        with pytest.warns(UserWarning, match=f"could not be built .*no C\\+\\+ compiler.*running the {fallback}"):
+            assert kernels.quantized("auto", CPU) is kernels.quantized(fallback, CPU)
+        with pytest.raises(ValueError, match="'cpp' kernels could not be built here"):
+            kernels.quantized("cpp", CPU)
+        assert ("numba" in kernels.quantized_names()) == numba
         torch.testing.assert_close(model(ids).logits, fast, rtol=1e-4, atol=1e-4)
 
 

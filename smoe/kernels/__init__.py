@@ -25,14 +25,16 @@ expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fix
 not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
 
 Quantised weights (smoe.quant) have their own kernels by name, a linear and the experts for each
-(``quantized(name, device)``): ``reference`` (dequantise, then the float maths: the spec, and the fallback) and
-``numba`` (CPU, when numba is installed; imported on first use, since importing numba takes about a second).
-``auto`` is numba where it can run, else the reference.
+(``quantized(name, device)``): ``reference`` (dequantise, then the float maths: the spec, and the fallback),
+``cpp`` (CPU, compiled on first use; cpp_quant.py) and ``numba`` (CPU, when numba is installed; imported on first
+use, since importing numba takes about a second). ``auto`` is cpp on a CPU where it builds, else numba where it
+runs, else the reference.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import torch
 
@@ -107,23 +109,45 @@ def get_fused(name: str, device: torch.device, dtype: torch.dtype = torch.float3
 
 
 def quantized_names() -> list[str]:
-    return ["auto", "reference", *(["numba"] if HAS_NUMBA else [])]
+    return ["auto", "reference", "cpp", *(["numba"] if HAS_NUMBA else [])]
 
 
 def quantized(name: str, device: torch.device) -> QuantizedKernels:
-    """The quantised-weight kernels ``name`` stands for on ``device`` (``auto``: numba on a CPU where it is
-    installed, else the reference)."""
-    numba_runs = HAS_NUMBA and device.type == "cpu"
+    """The quantised-weight kernels ``name`` stands for on ``device`` (``auto``: on a CPU the C++ kernels, else
+    numba where it is installed, else the reference; elsewhere the reference)."""
     if name == "auto":
-        name = "numba" if numba_runs else "reference"
+        name = _auto_quantized() if device.type == "cpu" else "reference"
     if name not in quantized_names()[1:]:
         raise ValueError(f"backend: unknown backend {name!r} for quantised weights; known: "
                          f"{', '.join(quantized_names())}")
+    if name in ("cpp", "numba") and device.type != "cpu":
+        raise ValueError(f"backend: {name!r} runs on the CPU only, not on {device.type}")
+    if name == "cpp":
+        from smoe.kernels import cpp_quant
+
+        if (reason := cpp_quant.build()) is not None:
+            raise ValueError(f"backend: the 'cpp' kernels could not be built here ({reason})")
     if name == "numba":
-        if not numba_runs:
-            raise ValueError(f"backend: 'numba' runs on the CPU only, not on {device.type}")
         from smoe.kernels import numba_quant  # noqa: F401  (registers itself; numba is slow to import)
     return _QUANTIZED[name]
+
+
+def _auto_quantized() -> str:
+    """The CPU's ``auto`` for quantised weights: ``cpp`` if it builds, else numba or the reference, with a warning
+    saying why (once per process)."""
+    from smoe.kernels import cpp_quant
+
+    if (reason := cpp_quant.build()) is None:
+        return "cpp"
+    fallback = "numba" if HAS_NUMBA else "reference"
+    if (reason, fallback) not in _WARNED:
+        _WARNED.add((reason, fallback))
+        warnings.warn(f"quantization: the C++ kernels could not be built ({reason}); running the {fallback} "
+                      f"kernels instead", stacklevel=3)
+    return fallback
+
+
+_WARNED: set[tuple[str, str]] = set()
 
 
 def expert_selector(device: torch.device):

@@ -1,0 +1,290 @@
+// Weight-only int8 / int4 kernels for CPU decode: the `cpp` backend of smoe.kernels.quantized, built on first use
+// by smoe/kernels/cpp_quant.py and registered as torch.ops.smoe_quant.*. Every kernel computes
+// x @ dequantize(w).T (smoe/quant/format.py is the layout and the spec; tests/test_quant.py checks the parity).
+//
+// Decode multiplies a few rows by each weight, so its time is the weight bytes read. The weights stay packed in
+// memory and become fp32 in registers: int8 lanes are widened and converted, int4 nibbles masked and shifted out
+// of their bytes and multiplied by their group's scale (a group's offset multiplies the row's sum over the group,
+// computed once per row). A tile converts each weight vector once for up to four rows. Work splits over output
+// channels with at::parallel_for, on torch's own thread pool: no second pool competes with the next torch op for
+// the cores. Without AVX2 and FMA (or for an int4 group whose half is not a multiple of 8) the scalar loops run.
+//
+// Legend: B rows, I inputs, O outputs, G group size, N groups per row (I / G), R rows sorted by expert,
+// D model dim, F expert hidden dim.
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SMOE_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kChannels = 4;        // output channels per parallel task
+constexpr int64_t kTaskMacs = 1 << 15;  // multiply-adds below which a parallel split costs more than it saves
+
+// One quantised (O, I) matrix as the kernels read it: int8 with a scale per channel, or int4 (two inputs a byte)
+// with a scale and an offset per group of G inputs.
+struct QMatrix {
+  const void* q;
+  const float* scale;
+  const float* offset;  // nullptr for int8
+  int64_t in, group;    // group: G for int4, I for int8
+  int64_t row_bytes() const { return offset ? in / 2 : in; }
+  int64_t groups() const { return in / group; }
+};
+
+// Scalar dot products of row x with channel c: the portable path, and the tails the vector tiles leave (int8 from
+// input i0 on). xsum: the row's group sums.
+float int8_dot(const float* x, const QMatrix& m, int64_t c, int64_t i0 = 0) {
+  const int8_t* w = static_cast<const int8_t*>(m.q) + c * m.in;
+  float dot = 0.f;
+  for (int64_t i = i0; i < m.in; ++i) dot += x[i] * float(w[i]);
+  return dot;
+}
+
+float int4_dot(const float* x, const float* xsum, const QMatrix& m, int64_t c) {
+  const int64_t G = m.group, H = G / 2, N = m.groups();
+  const uint8_t* row = static_cast<const uint8_t*>(m.q) + c * m.row_bytes();
+  float total = 0.f;
+  for (int64_t g = 0; g < N; ++g) {
+    const uint8_t* b = row + g * H;
+    const float* xg = x + g * G;
+    float dot = 0.f;
+    for (int64_t k = 0; k < H; ++k) dot += float(b[k] & 15) * xg[k] + float(b[k] >> 4) * xg[H + k];
+    total += m.scale[c * N + g] * dot + m.offset[c * N + g] * xsum[g];
+  }
+  return total;
+}
+
+#ifdef SMOE_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Ask for the cache line at p (the tile after next's weights: streaming them from memory at one thread's request
+// rate alone, the hardware prefetcher leaves half the bandwidth unused). Never faults, even past the end.
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+// Eight bytes at p, widened to 32-bit lanes (signed for int8, unsigned for packed int4).
+inline __m256i widen_i8(const void* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
+}
+inline __m256i widen_u8(const void* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
+}
+
+// The R x C tile out[r, c0 + c] of rows x[r] (stride ldx) and int8 channels c0 .. c0 + C - 1: each weight vector,
+// converted once, feeds R rows; each row vector C channels; R * C + C + 1 <= 16 registers.
+template <int R, int C>
+void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
+  const int64_t I = m.in, I8 = I / 8 * 8;
+  const int8_t* w = static_cast<const int8_t*>(m.q) + c0 * I;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < I8; i += 8) {
+    __m256 wv[C];
+    if (i % 64 == 0)
+      for (int c = 0; c < C; ++c) prefetch(w + (2 * C + c) * I + i);
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_cvtepi32_ps(widen_i8(w + c * I + i));
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      out[r * ldo + c0 + c] = (hsum(acc[r][c]) + int8_dot(x + r * ldx, m, c0 + c, I8)) * m.scale[c0 + c];
+}
+
+// The same for int4 channels whose group half H is a multiple of 8: eight bytes hold eight inputs of the group's
+// first half (low nibbles) and the eight H later (high nibbles), scaled in registers by the group's scale.
+template <int R, int C>
+void int4_tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m, int64_t c0, float* out,
+               int64_t ldo) {
+  const int64_t G = m.group, H = G / 2, N = m.groups(), bytes = m.row_bytes();
+  const uint8_t* q = static_cast<const uint8_t*>(m.q) + c0 * bytes;
+  const __m256i nibble = _mm256_set1_epi32(15);
+  __m256 acc[R][C];
+  float offsets[R][C] = {};
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < N; ++g) {
+    __m256 scale[C];
+    for (int c = 0; c < C; ++c) scale[c] = _mm256_set1_ps(m.scale[(c0 + c) * N + g]);
+    for (int64_t k = 0; k < H; k += 8) {
+      __m256 low[C], high[C];
+      if ((g * H + k) % 64 == 0)
+        for (int c = 0; c < C; ++c) prefetch(q + (2 * C + c) * bytes + g * H + k);
+      for (int c = 0; c < C; ++c) {
+        const __m256i v = widen_u8(q + c * bytes + g * H + k);
+        low[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), scale[c]);
+        high[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale[c]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* xg = x + r * ldx + g * G + k;
+        const __m256 xl = _mm256_loadu_ps(xg), xh = _mm256_loadu_ps(xg + H);
+        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xh, high[c], _mm256_fmadd_ps(xl, low[c], acc[r][c]));
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) offsets[r][c] += m.offset[(c0 + c) * N + g] * xsum[r * N + g];
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * ldo + c0 + c] = hsum(acc[r][c]) + offsets[r][c];
+}
+
+template <int R, int C>
+void tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
+  if (m.offset)
+    int4_tile<R, C>(x, ldx, xsum, m, c0, out, ldo);
+  else
+    int8_tile<R, C>(x, ldx, m, c0, out, ldo);
+}
+#endif
+
+// out[r, c] = x[r] . dequantize(m)[c] for rows [r0, r1) and channels [c0, c1); xsum: every row's group sums (int4).
+void matmul_block(const float* x, int64_t ldx, int64_t r0, int64_t r1, const QMatrix& m, const float* xsum,
+                  int64_t c0, int64_t c1, float* out, int64_t ldo) {
+  const int64_t N = m.groups();
+  int64_t c = c0;
+#ifdef SMOE_AVX2
+  if (!m.offset || (m.group / 2) % 8 == 0) {
+    for (; c + kChannels <= c1; c += kChannels) {
+      int64_t r = r0;
+      for (; r + 4 <= r1; r += 4)
+        for (int64_t half = 0; half < kChannels; half += 2)
+          tile<4, 2>(x + r * ldx, ldx, xsum + r * N, m, c + half, out + r * ldo, ldo);
+      for (; r < r1; ++r) tile<1, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+    }
+  }
+#endif
+  for (; c < c1; ++c)
+    for (int64_t r = r0; r < r1; ++r)
+      out[r * ldo + c] =
+          m.offset ? int4_dot(x + r * ldx, xsum + r * N, m, c) : int8_dot(x + r * ldx, m, c) * m.scale[c];
+}
+
+// The (B, N) group sums of x's B rows, which int4's offsets multiply; empty for int8.
+std::vector<float> group_sums(const float* x, int64_t B, const QMatrix& m) {
+  if (!m.offset) return {};
+  const int64_t N = m.groups();
+  std::vector<float> sums(B * N, 0.f);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t g = 0; g < N; ++g)
+      for (int64_t k = 0; k < m.group; ++k) sums[r * N + g] += x[r * m.in + g * m.group + k];
+  return sums;
+}
+
+// Tasks (blocks of kChannels channels over `rows` rows of `in` inputs) per parallel chunk.
+int64_t grain(int64_t rows, int64_t in) {
+  return std::max<int64_t>(1, kTaskMacs / std::max<int64_t>(1, rows * in * kChannels));
+}
+
+// Matrix `expert` of a stacked (E, O, I) weight, or the (O, I) weight itself (expert -1).
+QMatrix matrix(const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& offset, int64_t group,
+               int64_t expert = -1) {
+  const bool int4 = offset.has_value();
+  const int64_t in = q.size(-1) * (int4 ? 2 : 1), per_q = q.size(-2) * q.size(-1);
+  const int64_t per_scale = scale.numel() / std::max<int64_t>(1, expert < 0 ? 1 : scale.size(0));
+  const int64_t e = std::max<int64_t>(expert, 0);
+  return {static_cast<const char*>(q.const_data_ptr()) + e * per_q, scale.const_data_ptr<float>() + e * per_scale,
+          int4 ? offset->const_data_ptr<float>() + e * per_scale : nullptr, in, int4 ? group : in};
+}
+
+void check(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const std::optional<at::Tensor>& offset,
+           int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous fp32 (B, I)");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && scale.scalar_type() == at::kFloat,
+              "weights and scales must be contiguous, scales fp32");
+  TORCH_CHECK(q.scalar_type() == (offset ? at::kByte : at::kChar), "int8 weights are int8, int4 weights uint8");
+  TORCH_CHECK(!offset || (group > 0 && group % 2 == 0 && (2 * q.size(-1)) % group == 0),
+              "int4 group must be even and divide the inputs");
+}
+
+at::Tensor linear(const at::Tensor& x_BI, const at::Tensor& q, const at::Tensor& scale,
+                  const std::optional<at::Tensor>& offset, int64_t group) {
+  check(x_BI, q, scale, offset, group);
+  const QMatrix m = matrix(q, scale, offset, group);
+  TORCH_CHECK(x_BI.size(1) == m.in, "x has ", x_BI.size(1), " inputs, the weight ", m.in);
+  const int64_t B = x_BI.size(0), O = q.size(0);
+  at::Tensor out = at::empty({B, O}, x_BI.options());
+  const float* x = x_BI.const_data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const std::vector<float> sums = group_sums(x, B, m);
+  at::parallel_for(0, (O + kChannels - 1) / kChannels, grain(B, m.in), [&](int64_t t0, int64_t t1) {
+    matmul_block(x, m.in, 0, B, m, sums.data(), t0 * kChannels, std::min(O, t1 * kChannels), y, O);
+  });
+  return out;
+}
+
+// Every expert's gated FFN on rows sorted by expert (offs: the E + 1 row offsets): the gate/up projection of the
+// experts with rows as one parallel loop over (expert, channel block), the activation, then the down projection.
+at::Tensor experts(const at::Tensor& x_RD, const at::Tensor& offs, const at::Tensor& gu_q, const at::Tensor& gu_s,
+                   const std::optional<at::Tensor>& gu_z, int64_t gu_group, const at::Tensor& down_q,
+                   const at::Tensor& down_s, const std::optional<at::Tensor>& down_z, int64_t down_group, bool gelu) {
+  check(x_RD, gu_q, gu_s, gu_z, gu_group);
+  TORCH_CHECK(offs.scalar_type() == at::kLong && offs.is_contiguous() && offs.numel() == gu_q.size(0) + 1,
+              "offs must hold E + 1 int64 row offsets");
+  const int64_t R = x_RD.size(0), F2 = gu_q.size(1), F = F2 / 2, D = down_q.size(1);
+  const int64_t* off = offs.const_data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[offs.numel() - 1] == R, "offs must run from 0 to the row count");
+  std::vector<int64_t> active;
+  std::vector<QMatrix> up, down;
+  for (int64_t e = 0; e + 1 < offs.numel(); ++e)
+    if (off[e + 1] > off[e]) {
+      active.push_back(e);
+      up.push_back(matrix(gu_q, gu_s, gu_z, gu_group, e));
+      down.push_back(matrix(down_q, down_s, down_z, down_group, e));
+    }
+  at::Tensor h = at::empty({R, F2}, x_RD.options()), a = at::empty({R, F}, x_RD.options());
+  at::Tensor out = at::empty({R, D}, x_RD.options());
+  if (active.empty()) return out;
+  TORCH_CHECK(x_RD.size(1) == up[0].in && down[0].in == F, "x and the expert weights disagree in shape");
+  check(a, down_q, down_s, down_z, down_group);
+
+  // One parallel loop over (expert with rows, channel block) of a projection of `in` (R rows) into `to`.
+  auto project = [&](const std::vector<QMatrix>& ms, const float* in, int64_t width, float* to) {
+    const std::vector<float> sums = group_sums(in, R, ms[0]);
+    const int64_t blocks = (width + kChannels - 1) / kChannels, n = int64_t(ms.size());
+    at::parallel_for(0, blocks * n, grain(std::max<int64_t>(1, R / n), ms[0].in), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k = t / blocks, c = (t % blocks) * kChannels, e = active[k];
+        matmul_block(in, ms[k].in, off[e], off[e + 1], ms[k], sums.data(), c, std::min(width, c + kChannels), to,
+                     width);
+      }
+    });
+  };
+  float *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>();
+  project(up, x_RD.const_data_ptr<float>(), F2, hp);
+  for (int64_t r = 0; r < R; ++r)  // act(gate) * up: silu, or gelu's tanh approximation
+    for (int64_t j = 0; j < F; ++j) {
+      const float g = hp[r * F2 + j];
+      const float act = gelu ? 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+                             : g / (1.f + std::exp(-g));
+      ap[r * F + j] = act * hp[r * F2 + F + j];
+    }
+  project(down, ap, D, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(smoe_quant, m) {
+  m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor? offset, int group) -> Tensor", &linear);
+  m.def("experts(Tensor x, Tensor offs, Tensor gu_q, Tensor gu_s, Tensor? gu_z, int gu_group, Tensor down_q, "
+        "Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor",
+        &experts);
+}

@@ -1,0 +1,63 @@
+"""The ``cpp`` backend of ``smoe.kernels.quantized``: weight-only int8 / int4 kernels in C++ (cpp_quant.cpp, whose
+header says how they work), compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja;
+about 10 s once, then loaded from torch's extension cache) and registered as ``torch.ops.smoe_quant``.
+
+Why a compiled op (docs/quantization.md has the numbers): its loops run on torch's own thread pool
+(``at::parallel_for``), so several threads speed up decode instead of competing with the next torch op for the
+cores as numba's pool does; it prefetches the next channels' weights, which doubles the rate at which one thread
+streams them from memory; and it unpacks int4 nibbles in registers instead of into a scratch buffer.
+
+``build()`` compiles or loads it and returns None, or says why it cannot (no compiler, a failed build): then
+``auto`` runs numba or the reference (smoe.kernels.quantized).
+
+Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from smoe.kernels.registry import QuantizedKernels, register_quantized
+from smoe.quant.format import QWeight
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+
+
+@functools.cache
+def build() -> str | None:
+    """Compile (or load the cached build of) the kernels for this CPU; None when they are ready, else the reason
+    they are not. AVX2 + FMA builds get the vector tiles; any other CPU the portable loops."""
+    from torch.utils import cpp_extension
+
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    try:
+        cpp_extension.load(f"smoe_quant_{'avx2' if vector else 'portable'}", [str(SOURCE)], extra_cflags=flags,
+                           extra_ldflags=["-fopenmp"], is_python_module=False)
+    except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or the build failed
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else err}"
+    return None
+
+
+def _offset(w: QWeight) -> tuple[torch.Tensor | None, int]:
+    return w.offset, w.group_size or 0
+
+
+def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
+    return torch.ops.smoe_quant.linear(x_BI.contiguous(), w.qweight, w.scale, *_offset(w))
+
+
+def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_down: QWeight, activation: str
+            ) -> torch.Tensor:
+    offs = torch.zeros(counts_E.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(counts_E.cpu(), 0, out=offs[1:])
+    return torch.ops.smoe_quant.experts(x_RD.contiguous(), offs, w_gate_up.qweight, w_gate_up.scale,
+                                        *_offset(w_gate_up), w_down.qweight, w_down.scale, *_offset(w_down),
+                                        activation == "gelu")
+
+
+register_quantized("cpp", QuantizedKernels(linear, experts))
