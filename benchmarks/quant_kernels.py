@@ -2,7 +2,8 @@
 candidate torch offers and in smoe's kernels, against fp32 ``linear`` on the same weights, in one run.
 
 Candidates: fp32 ``F.linear`` (the peer); torch's ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``;
-dequantise + ``linear`` (smoe's reference, the fallback); smoe's numba int8 and int4 kernels. Calls are interleaved
+dequantise + ``linear`` (smoe's reference, the last fallback); smoe's C++ int8 and int4 kernels (``auto`` where
+they build) and its numba ones (the fallback without a compiler). Calls are interleaved
 round by round and each contender's median is reported, as time per call, as weight bytes read per second, and as
 a speed-up over fp32 (> 1: faster).
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from smoe import kernels
 from smoe.config import QuantConfig
+from smoe.kernels import cpp_quant
 from smoe.quant.format import dequantize, quantize_weight, unpack_int4
 
 
@@ -38,6 +40,10 @@ def contenders(x: torch.Tensor, w: torch.Tensor, group: int) -> dict[str, tuple]
            "torch int4pack_mm": (lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero),
                                  int4_bytes),
            "dequantise+linear int8": (lambda: F.linear(x, dequantize(q8)), O * I)}
+    if cpp_quant.build() is None:
+        cpp = kernels.quantized("cpp", torch.device("cpu"))
+        out["smoe cpp int8"] = (lambda: cpp.linear(x, q8), O * I)
+        out["smoe cpp int4"] = (lambda: cpp.linear(x, q4), int4_bytes)
     if kernels.HAS_NUMBA:
         numba = kernels.quantized("numba", torch.device("cpu"))
         out["smoe numba int8"] = (lambda: numba.linear(x, q8), O * I)
@@ -52,24 +58,31 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--streamed", type=int, default=0, metavar="MB",
+                        help="cycle through distinct copies of each weight, at least MB of fp32 weights in all, so "
+                             "every call reads its weight from memory as in a model's step, not from cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"median us per call (GB/s of weights, speed-up over fp32 linear), {args.threads} threads, "
+          f"{f'weights streamed from {args.streamed} MB of copies' if args.streamed else 'weights hot in cache'}, "
           f"torch {torch.__version__}")
     for B in [int(b) for b in args.rows.split(",")]:
         for shape in args.shapes.split(","):
             O, I = (int(n) for n in shape.split("x"))
-            w, x = torch.randn(O, I), torch.randn(B, I)
-            calls = contenders(x, w, args.group_size)
+            x = torch.randn(B, I)
+            copies = [contenders(x, torch.randn(O, I), args.group_size)
+                      for _ in range(max(1, -(-args.streamed * 2**20 // (4 * O * I))))]
+            calls = copies[0]
             times: dict[str, list[float]] = {k: [] for k in calls}
-            repeat = max(3, int(5e7 / (4 * O * I)))
+            repeat = max(3, int(5e7 / (4 * O * I)), len(copies))
             for fn, _ in calls.values():
                 fn()
             for _ in range(args.rounds):
-                for key, (fn, _) in calls.items():
+                for key in calls:
+                    fns = [copy[key][0] for copy in copies]
                     start = time.perf_counter()
-                    for _ in range(repeat):
-                        fn()
+                    for i in range(repeat):
+                        fns[i % len(fns)]()
                     times[key].append((time.perf_counter() - start) / repeat)
             med = {k: statistics.median(v) for k, v in times.items()}
             cells = [f"{k} {med[k] * 1e6:.0f} ({calls[k][1] / med[k] / 1e9:.1f}, {med['fp32 linear'] / med[k]:.2f}x)"

@@ -14,6 +14,7 @@ from smoe.config import QuantConfig
 from smoe.interop.hf import save_model_checkpoint
 from smoe.kernels import cpp_quant
 from smoe.models import build_model
+from smoe.moe import MoELayer
 from smoe.quant.format import dequantize, int4_group, pack_int4, quantize_weight, unpack_int4
 from smoe.quant.modules import QuantizedLinear
 
@@ -73,12 +74,16 @@ def test_quantized_linear_error_is_within_the_format_bound(scheme):
     assert (err <= bound + 1e-4).all() and err.max() > 0
 
 
+def _cpp_kernels():
+    if (reason := cpp_quant.build()) is not None:
+        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
+    return kernels.quantized("cpp", CPU)
+
+
 @pytest.fixture(params=["cpp", pytest.param("numba", marks=needs_numba)])
 def fast(request):
     """A fast CPU backend for quantised weights (the C++ one skips where it cannot be built)."""
-    if request.param == "cpp" and (reason := cpp_quant.build()) is not None:
-        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
-    return kernels.quantized(request.param, CPU)
+    return _cpp_kernels() if request.param == "cpp" else kernels.quantized(request.param, CPU)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -107,6 +112,50 @@ def test_fast_experts_match_the_reference(fast, scheme, activation, counts):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
+    fast = _cpp_kernels()  # numba has no moe kernel: the layer sorts for it
+    g = torch.Generator().manual_seed(tokens)
+    E, K, D, F = 6, 3, 64, 48
+    gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g) / 8, SCHEMES[scheme])
+    down = quantize_weight(torch.randn(E, D, F, generator=g) / 8, SCHEMES[scheme])
+    x = torch.randn(tokens, D, generator=g)
+    ids_NK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    ids_NK[0, 1] = -1  # padding's assignments route nowhere
+    weights_NK = torch.rand(tokens, K, generator=g)
+    reference = kernels.quantized("reference", CPU).moe
+    want = reference(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu")
+    torch.testing.assert_close(fast.moe(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu"), want,
+                               rtol=1e-4, atol=1e-4)
+    # the spec itself, against the experts' seam on rows sorted by expert: token 0's kept choices
+    kept = [int(e) for e in ids_NK[0] if e >= 0]
+    by_expert = sorted(range(len(kept)), key=lambda j: kept[j])
+    rows = kernels.quantized("reference", CPU).experts(
+        x[:1].expand(len(kept), D), torch.bincount(torch.tensor(sorted(kept)), minlength=E), gate_up, down, "silu")
+    weights_0 = weights_NK[0][ids_NK[0] >= 0]
+    torch.testing.assert_close(want[0], sum(weights_0[j] * rows[i] for i, j in enumerate(by_expert)), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])
+def test_inference_takes_the_kernels_moe_and_matches_the_layers_own_dispatch(preset):
+    model = smoe.quantize(_model(preset, **({"layout.n_mtp_modules": 0} if "v3" in preset else {})), "int8")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: its tokens reach no expert on either path
+    calls = []
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in moe_layers:
+        layer.experts.register_forward_hook(lambda *args: calls.append(1))  # the seam: only the sorting path
+    with torch.no_grad():
+        direct = model(ids, attention_mask=mask, router_stats=False).logits
+        assert not calls
+        sorted_path = model(ids, attention_mask=mask).logits
+        assert len(calls) == len(moe_layers)
+    torch.testing.assert_close(direct, sorted_path, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4-g64"])
 def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
     # two threads and enough multiply-adds split the work (numba's parallel build, the C++ kernels' parallel_for)
@@ -127,8 +176,7 @@ def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
 
 
 def test_cpp_kernels_refuse_malformed_weights():
-    if (reason := cpp_quant.build()) is not None:
-        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
+    _cpp_kernels()
     w = quantize_weight(torch.randn(8, 64), SCHEMES["int8"])
     with pytest.raises(RuntimeError, match="x has 32 inputs, the weight 64"):
         cpp_quant.linear(torch.randn(2, 32), w)

@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -230,30 +231,36 @@ at::Tensor linear(const at::Tensor& x_BI, const at::Tensor& q, const at::Tensor&
   return out;
 }
 
-// Every expert's gated FFN on rows sorted by expert (offs: the E + 1 row offsets): the gate/up projection of the
-// experts with rows as one parallel loop over (expert, channel block), the activation, then the down projection.
-at::Tensor experts(const at::Tensor& x_RD, const at::Tensor& offs, const at::Tensor& gu_q, const at::Tensor& gu_s,
-                   const std::optional<at::Tensor>& gu_z, int64_t gu_group, const at::Tensor& down_q,
-                   const at::Tensor& down_s, const std::optional<at::Tensor>& down_z, int64_t down_group, bool gelu) {
-  check(x_RD, gu_q, gu_s, gu_z, gu_group);
-  TORCH_CHECK(offs.scalar_type() == at::kLong && offs.is_contiguous() && offs.numel() == gu_q.size(0) + 1,
-              "offs must hold E + 1 int64 row offsets");
-  const int64_t R = x_RD.size(0), F2 = gu_q.size(1), F = F2 / 2, D = down_q.size(1);
-  const int64_t* off = offs.const_data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[offs.numel() - 1] == R, "offs must run from 0 to the row count");
+// The stacked expert weights of one MoE layer.
+struct ExpertWeights {
+  const at::Tensor &gu_q, &gu_s;
+  const std::optional<at::Tensor>& gu_z;
+  int64_t gu_group;
+  const at::Tensor &down_q, &down_s;
+  const std::optional<at::Tensor>& down_z;
+  int64_t down_group;
+  bool gelu;
+};
+
+// Every expert's gated FFN on the R rows of x_RD sorted by expert (off: the E + 1 row offsets) into y_RD: the
+// gate/up projection of the experts with rows as one parallel loop over (expert, channel block), the activation,
+// then the down projection.
+void ffn(const at::Tensor& x_RD, const std::vector<int64_t>& off, const ExpertWeights& w, at::Tensor& y_RD) {
+  const int64_t R = x_RD.size(0), F2 = w.gu_q.size(1), F = F2 / 2, D = w.down_q.size(1);
+  check(x_RD, w.gu_q, w.gu_s, w.gu_z, w.gu_group);
   std::vector<int64_t> active;
   std::vector<QMatrix> up, down;
-  for (int64_t e = 0; e + 1 < offs.numel(); ++e)
+  for (int64_t e = 0; e + 1 < int64_t(off.size()); ++e)
     if (off[e + 1] > off[e]) {
       active.push_back(e);
-      up.push_back(matrix(gu_q, gu_s, gu_z, gu_group, e));
-      down.push_back(matrix(down_q, down_s, down_z, down_group, e));
+      up.push_back(matrix(w.gu_q, w.gu_s, w.gu_z, w.gu_group, e));
+      down.push_back(matrix(w.down_q, w.down_s, w.down_z, w.down_group, e));
     }
+  if (active.empty()) return;
   at::Tensor h = at::empty({R, F2}, x_RD.options()), a = at::empty({R, F}, x_RD.options());
-  at::Tensor out = at::empty({R, D}, x_RD.options());
-  if (active.empty()) return out;
-  TORCH_CHECK(x_RD.size(1) == up[0].in && down[0].in == F, "x and the expert weights disagree in shape");
-  check(a, down_q, down_s, down_z, down_group);
+  TORCH_CHECK(x_RD.size(1) == up[0].in && down[0].in == F && y_RD.size(1) == D,
+              "x and the expert weights disagree in shape");
+  check(a, w.down_q, w.down_s, w.down_z, w.down_group);
 
   // One parallel loop over (expert with rows, channel block) of a projection of `in` (R rows) into `to`.
   auto project = [&](const std::vector<QMatrix>& ms, const float* in, int64_t width, float* to) {
@@ -272,12 +279,68 @@ at::Tensor experts(const at::Tensor& x_RD, const at::Tensor& offs, const at::Ten
   for (int64_t r = 0; r < R; ++r)  // act(gate) * up: silu, or gelu's tanh approximation
     for (int64_t j = 0; j < F; ++j) {
       const float g = hp[r * F2 + j];
-      const float act = gelu ? 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)))
-                             : g / (1.f + std::exp(-g));
+      const float act = w.gelu ? 0.5f * g * (1.f + std::tanh(0.7978845608028654f * (g + 0.044715f * g * g * g)))
+                               : g / (1.f + std::exp(-g));
       ap[r * F + j] = act * hp[r * F2 + F + j];
     }
-  project(down, ap, D, out.data_ptr<float>());
-  return out;
+  project(down, ap, D, y_RD.data_ptr<float>());
+}
+
+// The experts' seam: rows sorted by expert in (offs: E + 1 int64 row offsets), their outputs out.
+at::Tensor experts(const at::Tensor& x_RD, const at::Tensor& offs, const at::Tensor& gu_q, const at::Tensor& gu_s,
+                   const std::optional<at::Tensor>& gu_z, int64_t gu_group, const at::Tensor& down_q,
+                   const at::Tensor& down_s, const std::optional<at::Tensor>& down_z, int64_t down_group, bool gelu) {
+  TORCH_CHECK(offs.scalar_type() == at::kLong && offs.is_contiguous() && offs.numel() == gu_q.size(0) + 1,
+              "offs must hold E + 1 int64 row offsets");
+  const int64_t* o = offs.const_data_ptr<int64_t>();
+  const std::vector<int64_t> off(o, o + offs.numel());
+  TORCH_CHECK(off.front() == 0 && off.back() == x_RD.size(0), "offs must run from 0 to the row count");
+  at::Tensor y_RD = at::empty({x_RD.size(0), down_q.size(1)}, x_RD.options());
+  ffn(x_RD, off, {gu_q, gu_s, gu_z, gu_group, down_q, down_s, down_z, down_group, gelu}, y_RD);
+  return y_RD;
+}
+
+// The routed experts from unsorted tokens (decode): x_ND's N tokens, each with K expert ids (token-major, N * K;
+// an id outside [0, E) routes nowhere, as padding does) and weights. A counting sort groups the assignments by
+// expert (tokens in order within an expert), the rows are gathered, the FFN runs as in `experts`, and each token's
+// output is the weighted sum of its rows, added in the order of its K choices.
+at::Tensor moe(const at::Tensor& x_ND, const at::Tensor& ids_A, const at::Tensor& weights_A, const at::Tensor& gu_q,
+               const at::Tensor& gu_s, const std::optional<at::Tensor>& gu_z, int64_t gu_group,
+               const at::Tensor& down_q, const at::Tensor& down_s, const std::optional<at::Tensor>& down_z,
+               int64_t down_group, bool gelu) {
+  TORCH_CHECK(x_ND.dim() == 2 && x_ND.scalar_type() == at::kFloat && x_ND.is_contiguous(),
+              "x must be contiguous fp32 (N, D)");
+  TORCH_CHECK(ids_A.scalar_type() == at::kLong && ids_A.is_contiguous() && weights_A.scalar_type() == at::kFloat &&
+                  weights_A.is_contiguous() && weights_A.numel() == ids_A.numel(),
+              "expert ids must be int64 and weights fp32, one each per assignment");
+  const int64_t N = x_ND.size(0), D = x_ND.size(1), A = ids_A.numel(), E = gu_q.size(0);
+  TORCH_CHECK(N > 0 ? A % N == 0 : A == 0, "assignments must be K per token");
+  const int64_t* ids = ids_A.const_data_ptr<int64_t>();
+  const float* wa = weights_A.const_data_ptr<float>();
+  std::vector<int64_t> off(E + 1, 0), row_A(A, -1);
+  for (int64_t i = 0; i < A; ++i)
+    if (ids[i] >= 0 && ids[i] < E) ++off[ids[i] + 1];
+  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  std::vector<int64_t> next(off.begin(), off.end() - 1);
+  const int64_t R = off[E];
+  at::Tensor x_RD = at::empty({R, D}, x_ND.options());
+  const float* x = x_ND.const_data_ptr<float>();
+  float* xr = x_RD.data_ptr<float>();
+  for (int64_t i = 0; i < A; ++i)
+    if (ids[i] >= 0 && ids[i] < E) {
+      row_A[i] = next[ids[i]]++;
+      std::copy(x + (i / (A / N)) * D, x + (i / (A / N) + 1) * D, xr + row_A[i] * D);
+    }
+  at::Tensor y_RD = at::empty({R, down_q.size(1)}, x_ND.options());
+  ffn(x_RD, off, {gu_q, gu_s, gu_z, gu_group, down_q, down_s, down_z, down_group, gelu}, y_RD);
+  const int64_t O = y_RD.size(1);
+  at::Tensor y_ND = at::zeros({N, O}, x_ND.options());
+  const float* yr = y_RD.const_data_ptr<float>();
+  float* y = y_ND.data_ptr<float>();
+  for (int64_t i = 0; i < A; ++i)
+    if (row_A[i] >= 0)
+      for (int64_t j = 0; j < O; ++j) y[(i / (A / N)) * O + j] += wa[i] * yr[row_A[i] * O + j];
+  return y_ND;
 }
 
 }  // namespace
@@ -287,4 +350,7 @@ TORCH_LIBRARY(smoe_quant, m) {
   m.def("experts(Tensor x, Tensor offs, Tensor gu_q, Tensor gu_s, Tensor? gu_z, int gu_group, Tensor down_q, "
         "Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor",
         &experts);
+  m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor? gu_z, int gu_group, "
+        "Tensor down_q, Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor",
+        &moe);
 }

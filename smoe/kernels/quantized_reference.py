@@ -3,7 +3,8 @@ fallback wherever the fast path cannot run (numba not installed, a GPU). On a CP
 fp32, since every call writes and reads the dequantised fp32 weight (docs/quantization.md has the numbers); the
 experts dequantise only the experts that have rows.
 
-Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim.
+Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, N tokens, K experts per token,
+A = N * K assignments.
 """
 
 from __future__ import annotations
@@ -32,4 +33,19 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
     return y_RD
 
 
-register_quantized("reference", QuantizedKernels(linear, experts))
+def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor, w_gate_up: QWeight, w_down: QWeight,
+        activation: str) -> torch.Tensor:
+    """Each token's weighted sum of its experts' outputs, expert by expert (the spec of a backend's ``moe``)."""
+    N, E = x_ND.shape[0], w_gate_up.qweight.shape[0]
+    ids_NK, weights_NK = expert_ids_A.view(N, -1), weights_A.view(N, -1)
+    y_ND = x_ND.new_zeros(N, w_down.qweight.shape[-2])
+    for e in expert_ids_A.unique().tolist():
+        if 0 <= e < E:
+            n, k = (ids_NK == e).nonzero(as_tuple=True)
+            y_e = experts(x_ND[n], torch.tensor([n.numel()]), w_gate_up.expert(e, keepdim=True),
+                          w_down.expert(e, keepdim=True), activation)
+            y_ND.index_add_(0, n, y_e * weights_NK[n, k, None].to(y_e.dtype))
+    return y_ND
+
+
+register_quantized("reference", QuantizedKernels(linear, experts, moe))

@@ -25,10 +25,14 @@ class ExpertBackend(Protocol):
 
 class QuantizedKernels(NamedTuple):
     """A backend for quantised weights (smoe.quant.format): a linear layer and the routed experts, on fp32 rows.
-    The experts take the plain seam's arguments with ``QWeight`` stacks in place of the weight tensors."""
+    The experts take the plain seam's arguments with ``QWeight`` stacks in place of the weight tensors. ``moe``,
+    where a backend has it, starts from the unsorted tokens instead (inference without capacity limits): token-major
+    expert ids and weights in, each token's weighted sum out, the dispatch and combine inside the kernel."""
 
     linear: Callable[[torch.Tensor, "QWeight"], torch.Tensor]  # (x_BI, w) -> y_BO
     experts: Callable[[torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor]
+    # (x_ND, expert_ids_A, weights_A, w_gate_up, w_down, activation) -> y_ND; an id outside [0, E) routes nowhere
+    moe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor] | None = None
 
 
 _BACKENDS: dict[str, ExpertBackend] = {}

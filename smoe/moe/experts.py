@@ -11,7 +11,17 @@ from torch import nn
 from smoe import kernels
 
 
-class RoutedExperts(nn.Module):
+class Experts(nn.Module):
+    """What MoELayer computes its routed experts with. ``forward(x_RD, counts_E, backend)`` is the seam (rows
+    sorted by expert). A module whose kernel can also start from the unsorted tokens returns it from ``direct``:
+    ``(x_ND, expert_ids_A, weights_A) -> y_ND`` with the dispatch and combine inside, which the layer calls when
+    nothing else needs the dispatch (inference: no capacity, no statistics)."""
+
+    def direct(self, backend: str, x: torch.Tensor):
+        return None
+
+
+class RoutedExperts(Experts):
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, activation: str = "silu"):
         super().__init__()
         self.activation = activation

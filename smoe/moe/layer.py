@@ -14,7 +14,7 @@ from torch import nn
 from smoe.config import MoEConfig
 from smoe.moe import balance
 from smoe.moe.dispatch import combine, gather, permute, token_choice_capacity
-from smoe.moe.experts import RoutedExperts
+from smoe.moe.experts import Experts, RoutedExperts
 from smoe.moe.router import Router, Routing
 from smoe.nn.init import init_weights
 from smoe.nn.mlp import MLP
@@ -78,17 +78,25 @@ class MoELayer(nn.Module):
         keep_A = None
         if keep is not None and routing.token_major:
             keep_A = keep.reshape(-1).repeat_interleave(routing.expert_ids_A.numel() // (B * T))
-        dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k, cfg.capacity_priority,
-                           keep_A)
-        # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism subclasses
-        # it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
-        fused = self.experts.fused_for(backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
-        if fused is not None and routing.token_major:
-            y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R, dispatch.counts_E)
+        direct = None
+        if not stats and capacity is None and routing.token_major and isinstance(self.experts, Experts):
+            direct = self.experts.direct(backend, x_ND)
+        if direct is not None:  # the experts' kernel dispatches and combines itself; padding routes nowhere
+            ids_A = routing.expert_ids_A
+            y_ND = direct(x_ND, ids_A if keep_A is None else ids_A.masked_fill(~keep_A, -1), routing.weights_A)
         else:
-            x_RD = gather(x_ND, routing, dispatch)
-            y_RD = self.experts(x_RD, dispatch.counts_E, backend)
-            y_ND = combine(y_RD, routing, dispatch, B * T)
+            dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k,
+                               cfg.capacity_priority, keep_A)
+            # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism
+            # subclasses it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
+            fused = self.experts.fused_for(backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
+            if fused is not None and routing.token_major:
+                y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R,
+                                                   dispatch.counts_E)
+            else:
+                x_RD = gather(x_ND, routing, dispatch)
+                y_RD = self.experts(x_RD, dispatch.counts_E, backend)
+                y_ND = combine(y_RD, routing, dispatch, B * T)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:

@@ -13,9 +13,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        fp32 = x.dtype == torch.float32  # skip the no-op casts: decode calls this a few dozen times a step
+        x32 = x if fp32 else x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 if fp32 else x32.to(x.dtype))
 
 
 class LayerNorm(nn.Module):

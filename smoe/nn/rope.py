@@ -76,10 +76,13 @@ def apply_rope(x_BTHR: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor,
     """Rotate the first R = cos.shape[-1] channels of each head; the rest pass through (partial rotary).
     cos/sin are (T, R), or (B, T, R) when each row has its own positions."""
     rot = cos_TR.shape[-1]
-    x_rot, x_pass = x_BTHR[..., :rot], x_BTHR[..., rot:]
+    partial = rot < x_BTHR.shape[-1]
+    x_rot = x_BTHR[..., :rot] if partial else x_BTHR
     if interleaved:
         *lead, r = x_rot.shape
         x_rot = x_rot.reshape(*lead, r // 2, 2).transpose(-1, -2).reshape(*lead, r)
-    cos, sin = cos_TR[..., None, :].to(x_BTHR.dtype), sin_TR[..., None, :].to(x_BTHR.dtype)
+    cos, sin = cos_TR[..., None, :], sin_TR[..., None, :]
+    if cos.dtype != x_BTHR.dtype:
+        cos, sin = cos.to(x_BTHR.dtype), sin.to(x_BTHR.dtype)
     x_rot = x_rot * cos + _rotate_half(x_rot) * sin
-    return torch.cat([x_rot, x_pass], dim=-1) if x_pass.shape[-1] else x_rot
+    return torch.cat([x_rot, x_BTHR[..., rot:]], dim=-1) if partial else x_rot

@@ -18,7 +18,7 @@ from torch import nn
 from smoe import kernels
 from smoe.config import QuantConfig
 from smoe.kernels.tiled import TILE_ROWS
-from smoe.moe.experts import RoutedExperts
+from smoe.moe.experts import Experts, RoutedExperts
 from smoe.moe.layer import MoELayer
 from smoe.nn.mla import MLA
 from smoe.quant.format import QWeight, int4_group, quantize_weight
@@ -45,16 +45,17 @@ class QuantizedLinear(QuantizedTensor):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_BI = x.reshape(-1, self.in_features).float()
+        x_BI = _as(x.reshape(-1, self.in_features), torch.float32)
         y_BO = kernels.quantized("auto", x.device).linear(x_BI, self.value())
         if self.bias is not None:
             y_BO = y_BO + self.bias
-        return inference_only(y_BO.view(*x.shape[:-1], self.out_features).to(x.dtype), x)
+        return inference_only(_as(y_BO.view(*x.shape[:-1], self.out_features), x.dtype), x)
 
 
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(Experts):
     """``RoutedExperts``' seam (rows sorted by expert in, rows out) over quantised ``w_gate_up`` and ``w_down``;
-    ``backend`` names quantised kernels (``smoe.kernels.quantized_names``)."""
+    ``backend`` names quantised kernels (``smoe.kernels.quantized_names``). Where those kernels have a ``moe``,
+    ``direct`` hands it to the layer, which then skips its own sort, gather and combine."""
 
     def __init__(self, experts: RoutedExperts, config: QuantConfig):
         super().__init__()
@@ -68,6 +69,20 @@ class QuantizedExperts(nn.Module):
         fn = kernels.quantized(backend, x_RD.device).experts
         y_RD = fn(x_RD.float(), counts_E, self.w_gate_up.value(), self.w_down.value(), self.activation)
         return inference_only(y_RD.to(x_RD.dtype), x_RD)
+
+    def direct(self, backend: str, x: torch.Tensor):
+        if backend == "tiled":  # the engine's row-independence promise goes through the fixed-shape tiles
+            return None
+        moe = kernels.quantized(backend, x.device).moe
+        if moe is None:
+            return None
+
+        def run(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor) -> torch.Tensor:
+            y_ND = moe(_as(x_ND, torch.float32), expert_ids_A, weights_A, self.w_gate_up.value(),
+                       self.w_down.value(), self.activation)
+            return inference_only(_as(y_ND, x_ND.dtype), x_ND)
+
+        return run
 
     def _tiled(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The ``tiled`` backend's promise (smoe.kernels.tiled) for quantised weights: each expert's rows, padded
@@ -97,6 +112,11 @@ class _InferenceOnly(torch.autograd.Function):
     def backward(ctx, grad):
         raise RuntimeError("quantization: quantised weights are for inference only and have no backward pass; "
                            "train or fine-tune the full-precision model, then quantise it")
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without a call when it already is (decode runs thousands of these a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def inference_only(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
