@@ -175,6 +175,23 @@ def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
     torch.testing.assert_close(experts, reference.experts(x, counts_E, gate_up, down, "silu"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_cpp_ops_pass_torch_opcheck(scheme):
+    # schema, fake (shape) kernels and dispatch as torch.compile and fake tensors see them
+    _cpp_kernels()
+    g = torch.Generator().manual_seed(5)
+    w = quantize_weight(torch.randn(12, 64, generator=g), SCHEMES[scheme])
+    gate_up = quantize_weight(torch.randn(3, 32, 64, generator=g), SCHEMES[scheme])
+    down = quantize_weight(torch.randn(3, 64, 16, generator=g), SCHEMES[scheme])
+    x, group = torch.randn(4, 64, generator=g), w.group_size or 0
+    stacks = (gate_up.qweight, gate_up.scale, gate_up.offset, group, down.qweight, down.scale, down.offset,
+              down.group_size or 0, False)
+    torch.library.opcheck(torch.ops.smoe_quant.linear, (x, w.qweight, w.scale, w.offset, group))
+    torch.library.opcheck(torch.ops.smoe_quant.experts, (x, torch.tensor([0, 1, 1, 4]), *stacks))
+    torch.library.opcheck(torch.ops.smoe_quant.moe, (x, torch.tensor([0, 2, 1, 0, 2, 1, -1, 0]),
+                                                     torch.rand(8, generator=g), *stacks))
+
+
 def test_cpp_kernels_refuse_malformed_weights():
     _cpp_kernels()
     w = quantize_weight(torch.randn(8, 64), SCHEMES["int8"])

@@ -168,7 +168,14 @@ void matmul_block(const float* x, int64_t ldx, int64_t r0, int64_t r1, const QMa
       for (; r + 4 <= r1; r += 4)
         for (int64_t half = 0; half < kChannels; half += 2)
           tile<4, 2>(x + r * ldx, ldx, xsum + r * N, m, c + half, out + r * ldo, ldo);
-      for (; r < r1; ++r) tile<1, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+      if (r1 - r == 3) {  // the last rows share each converted weight too (an expert gets a few rows at decode)
+        for (int64_t half = 0; half < kChannels; half += 2)
+          tile<3, 2>(x + r * ldx, ldx, xsum + r * N, m, c + half, out + r * ldo, ldo);
+      } else if (r1 - r == 2) {
+        tile<2, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+      } else if (r1 - r == 1) {
+        tile<1, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+      }
     }
   }
 #endif
@@ -345,12 +352,17 @@ at::Tensor moe(const at::Tensor& x_ND, const at::Tensor& ids_A, const at::Tensor
 
 }  // namespace
 
+// Schemas here, CPU kernels below: cpp_quant.py registers the shapes (fake kernels) that torch.compile traces with.
 TORCH_LIBRARY(smoe_quant, m) {
-  m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor? offset, int group) -> Tensor", &linear);
+  m.def("linear(Tensor x, Tensor q, Tensor scale, Tensor? offset, int group) -> Tensor");
   m.def("experts(Tensor x, Tensor offs, Tensor gu_q, Tensor gu_s, Tensor? gu_z, int gu_group, Tensor down_q, "
-        "Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor",
-        &experts);
+        "Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor");
   m.def("moe(Tensor x, Tensor ids, Tensor weights, Tensor gu_q, Tensor gu_s, Tensor? gu_z, int gu_group, "
-        "Tensor down_q, Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor",
-        &moe);
+        "Tensor down_q, Tensor down_s, Tensor? down_z, int down_group, bool gelu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(smoe_quant, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("experts", &experts);
+  m.impl("moe", &moe);
 }

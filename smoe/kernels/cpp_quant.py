@@ -40,7 +40,23 @@ def build() -> str | None:
     except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or the build failed
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0] if lines else err}"
+    _register_shapes()
     return None
+
+
+def _register_shapes() -> None:
+    """Output shapes of the ops for tracing (torch.compile, fake tensors); the kernels stay opaque to it."""
+    @torch.library.register_fake("smoe_quant::linear")
+    def _(x, q, scale, offset, group):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("smoe_quant::experts")
+    def _(x, offs, gu_q, gu_s, gu_z, gu_group, down_q, down_s, down_z, down_group, gelu):
+        return x.new_empty(x.shape[0], down_q.shape[1])
+
+    @torch.library.register_fake("smoe_quant::moe")
+    def _(x, ids, weights, gu_q, gu_s, gu_z, gu_group, down_q, down_s, down_z, down_group, gelu):
+        return x.new_empty(x.shape[0], down_q.shape[1])
 
 
 def _offset(w: QWeight) -> tuple[torch.Tensor | None, int]:
