@@ -65,7 +65,9 @@ class MoELayer(nn.Module):
         """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them.
         ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None;
         ``"load"`` returns only ``load``. ``keep`` (the shape of ``token_ids``, bool): tokens to route; the others
-        (padding) reach no expert. ``backend`` overrides ``self.backend`` for this call."""
+        (padding) reach no expert. ``backend`` overrides ``self.backend`` for this call. With ``stats=False`` and no
+        capacity limit, experts whose kernel takes the unsorted tokens (``Experts.direct``: quantised experts on
+        the C++ backend) get them, and the layer's own sort, gather and combine are skipped."""
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
