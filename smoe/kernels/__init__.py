@@ -33,6 +33,7 @@ runs, else the reference.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 
@@ -140,14 +141,14 @@ def _auto_quantized() -> str:
     if (reason := cpp_quant.build()) is None:
         return "cpp"
     fallback = "numba" if HAS_NUMBA else "reference"
-    if (reason, fallback) not in _WARNED:
-        _WARNED.add((reason, fallback))
-        warnings.warn(f"quantization: the C++ kernels could not be built ({reason}); running the {fallback} "
-                      f"kernels instead", stacklevel=3)
+    _warn_once(f"quantization: the C++ kernels could not be built ({reason}); running the {fallback} kernels "
+               f"instead")
     return fallback
 
 
-_WARNED: set[tuple[str, str]] = set()
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def expert_selector(device: torch.device):

@@ -78,9 +78,10 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
 
 def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor, w_gate_up: QWeight, w_down: QWeight,
         activation: str) -> torch.Tensor:
-    return torch.ops.smoe_quant.moe(x_ND.contiguous(), expert_ids_A.contiguous(), weights_A.to(torch.float32).contiguous(),
-                                    w_gate_up.qweight, w_gate_up.scale, *_offset(w_gate_up), w_down.qweight,
-                                    w_down.scale, *_offset(w_down), activation == "gelu")
+    weights_A = weights_A.to(torch.float32).contiguous()
+    return torch.ops.smoe_quant.moe(x_ND.contiguous(), expert_ids_A.contiguous(), weights_A, w_gate_up.qweight,
+                                    w_gate_up.scale, *_offset(w_gate_up), w_down.qweight, w_down.scale,
+                                    *_offset(w_down), activation == "gelu")
 
 
 register_quantized("cpp", QuantizedKernels(linear, experts, moe))
