@@ -16,6 +16,8 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E exp
 from __future__ import annotations
 
 import functools
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,14 +36,34 @@ def build() -> str | None:
 
     vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    name = f"smoe_quant_{'avx2' if vector else 'portable'}"
     try:
-        cpp_extension.load(f"smoe_quant_{'avx2' if vector else 'portable'}", [str(SOURCE)], extra_cflags=flags,
-                           extra_ldflags=["-fopenmp"], is_python_module=False)
+        _clear_stale_lock(name)
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
     except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or the build failed
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0] if lines else err}"
     _register_shapes()
     return None
+
+
+# A build takes seconds to a minute; a lock file older than this was left by a build that was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove the lock file a killed build left in the extension's build directory. torch waits for it to go away
+    and would otherwise wait forever (the directory is torch's: ``TORCH_EXTENSIONS_DIR`` or its cache)."""
+    from torch.utils import cpp_extension
+
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: absent in some torch, skip
+    if build_directory is None:
+        return
+    lock = Path(build_directory(name, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        warnings.warn(f"quantization: removing {lock}, left by a build of the C++ kernels that did not finish",
+                      stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def _register_shapes() -> None:
