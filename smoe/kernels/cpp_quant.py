@@ -16,6 +16,7 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E exp
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 import warnings
 from pathlib import Path
@@ -36,11 +37,12 @@ def build() -> str | None:
 
     vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
-    name = f"smoe_quant_{'avx2' if vector else 'portable'}"
     try:
+        # Named by the source's hash: checkouts of different versions never rebuild or replace each other's library.
+        name = f"smoe_quant_{'avx2' if vector else 'portable'}_{hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]}"
         _clear_stale_lock(name)
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
-    except (OSError, RuntimeError, ImportError) as err:  # no compiler or ninja, or the build failed
+    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0] if lines else err}"
     _register_shapes()
