@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import smoe
-from smoe import presets
+from smoe import kernels, presets
 from smoe.cli import main
 from smoe.config import RopeScaling
 from smoe.generation import Engine, Request, TextStream, generate_stream, pad_left, sample
+from smoe.kernels import cpp_quant
 from smoe.models import build_model
 
 YARN = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
@@ -108,11 +109,15 @@ def test_batched_decode_steps_attend_as_a_call_per_row_does(preset, changes):
         torch.testing.assert_close(at_once[[0, 2]], per_row[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize):
+@pytest.mark.parametrize("quantize", [None, "int8", "int8 without the C++ kernels"])
+@pytest.mark.filterwarnings("ignore:quantization. the C\\+\\+ kernels could not be built")
+def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize, monkeypatch):
     model = _model("deepseek-v3-tiny")
-    if quantize:  # quantised experts keep the tiles' promise (QuantizedExperts._tiled)
-        smoe.quantize(model, quantize)
+    if quantize:  # quantised experts keep the promise: the C++ kernels by themselves, others in fixed-shape tiles
+        if quantize.endswith("without the C++ kernels"):
+            monkeypatch.setattr(cpp_quant, "build", lambda: "RuntimeError: a test's stand-in")
+            assert not kernels.quantized("auto", torch.device("cpu")).row_independent
+        smoe.quantize(model, "int8")
     g = torch.Generator().manual_seed(3)
     requests = [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, **sampling)
                 for n, m, sampling in [(9, 6, {}), (2, 9, {}), (14, 3, {}), (5, 7, {"temperature": 1.0, "seed": 4}),

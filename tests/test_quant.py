@@ -177,6 +177,32 @@ def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
     torch.testing.assert_close(experts, reference.experts(x, counts_E, gate_up, down, "silu"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(scheme, threads):
+    # row_independent: what lets the decode engine's `tiled` promise skip the fixed-shape tiles
+    fast = _cpp_kernels()
+    assert fast.row_independent
+    g = torch.Generator().manual_seed(7)
+    E, K, D, F = 8, 2, 128, 96  # 128 inputs: every tile shape (4, 3, 2 and 1 rows) meets every row below
+    gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g), SCHEMES[scheme])
+    down = quantize_weight(torch.randn(E, D, F, generator=g), SCHEMES[scheme])
+    w = quantize_weight(torch.randn(70, D, generator=g), SCHEMES[scheme])
+    x = torch.randn(11, D, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(11)]).flatten()
+    ids[4:8] = torch.tensor([3, 5, 3, 5])  # experts shared by several rows
+    weights = torch.rand(11 * K, generator=g)
+    torch.set_num_threads(threads)
+    try:
+        together = fast.moe(x, ids, weights, gate_up, down, "silu"), fast.linear(x, w)
+        for n in range(11):
+            alone = (fast.moe(x[n : n + 1], ids[n * K : (n + 1) * K], weights[n * K : (n + 1) * K], gate_up, down,
+                              "silu"), fast.linear(x[n : n + 1], w))
+            assert torch.equal(alone[0][0], together[0][n]) and torch.equal(alone[1][0], together[1][n])
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
 def test_cpp_ops_pass_torch_opcheck(scheme):
     # schema, fake (shape) kernels and dispatch as torch.compile and fake tensors see them

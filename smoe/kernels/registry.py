@@ -33,6 +33,9 @@ class QuantizedKernels(NamedTuple):
     experts: Callable[[torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor]
     # (x_ND, expert_ids_A, weights_A, w_gate_up, w_down, activation) -> y_ND; an id outside [0, E) routes nowhere
     moe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor] | None = None
+    # Every row's result is bitwise the same whatever other rows a call holds: the promise the `tiled` expert
+    # backend keeps by fixing the GEMM shape (smoe.kernels.tiled), kept here by the kernels themselves.
+    row_independent: bool = False
 
 
 _BACKENDS: dict[str, ExpertBackend] = {}

@@ -55,7 +55,9 @@ class QuantizedLinear(QuantizedTensor):
 class QuantizedExperts(Experts):
     """``RoutedExperts``' seam (rows sorted by expert in, rows out) over quantised ``w_gate_up`` and ``w_down``;
     ``backend`` names quantised kernels (``smoe.kernels.quantized_names``). Where those kernels have a ``moe``,
-    ``direct`` hands it to the layer, which then skips its own sort, gather and combine."""
+    ``direct`` hands it to the layer, which then skips its own sort, gather and combine. ``tiled`` (the decode
+    engine's promise that a row's result does not depend on the other rows) runs fixed-shape tiles (``_tiled``)
+    unless the kernels keep that promise themselves (``row_independent``: the C++ ones)."""
 
     def __init__(self, experts: RoutedExperts, config: QuantConfig):
         super().__init__()
@@ -64,18 +66,19 @@ class QuantizedExperts(Experts):
         self.w_down = QuantizedTensor(quantize_weight(experts.w_down, config))
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        if backend == "tiled":
-            return inference_only(self._tiled(x_RD.float(), counts_E).to(x_RD.dtype), x_RD)
+        if backend == "tiled":  # the decode engine's promise: a row's result does not depend on the other rows
+            if not kernels.quantized("auto", x_RD.device).row_independent:
+                return inference_only(self._tiled(x_RD.float(), counts_E).to(x_RD.dtype), x_RD)
+            backend = "auto"  # these kernels keep it by themselves
         fn = kernels.quantized(backend, x_RD.device).experts
         y_RD = fn(x_RD.float(), counts_E, self.w_gate_up.value(), self.w_down.value(), self.activation)
         return inference_only(y_RD.to(x_RD.dtype), x_RD)
 
     def direct(self, backend: str, x: torch.Tensor):
-        if backend == "tiled":  # the engine's row-independence promise goes through the fixed-shape tiles
+        quantized = kernels.quantized("auto" if backend == "tiled" else backend, x.device)
+        if quantized.moe is None or (backend == "tiled" and not quantized.row_independent):
             return None
-        moe = kernels.quantized(backend, x.device).moe
-        if moe is None:
-            return None
+        moe = quantized.moe
 
         def run(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor) -> torch.Tensor:
             y_ND = moe(_as(x_ND, torch.float32), expert_ids_A, weights_A, self.w_gate_up.value(),
