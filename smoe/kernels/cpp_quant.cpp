@@ -4,8 +4,8 @@
 //
 // Decode multiplies a few rows by each weight, so its time is the weight bytes read. The weights stay packed in
 // memory and become fp32 in registers: int8 lanes are widened and converted, int4 nibbles masked and shifted out
-// of their bytes and multiplied by their group's scale (a group's offset multiplies the row's sum over the group,
-// computed once per row). A tile converts each weight vector once for up to four rows. Work splits over output
+// of their bytes; a group's dot product is multiplied by its scale once (its offset multiplies the row's sum over
+// the group, computed once per row). A tile converts each weight vector once for up to four rows. Work splits over output
 // channels with at::parallel_for, on torch's own thread pool: no second pool competes with the next torch op for
 // the cores. Without AVX2 and FMA (or for an int4 group whose half is not a multiple of 8) the scalar loops run.
 //
@@ -111,7 +111,8 @@ void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float*
 }
 
 // The same for int4 channels whose group half H is a multiple of 8: eight bytes hold eight inputs of the group's
-// first half (low nibbles) and the eight H later (high nibbles), scaled in registers by the group's scale.
+// first half (low nibbles) and the eight H later (high nibbles). A group's dot products of the unscaled nibbles are
+// summed in registers, then multiplied by the group's scale once (its offset multiplies the row's group sum).
 template <int R, int C>
 void int4_tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m, int64_t c0, float* out,
                int64_t ldo) {
@@ -123,25 +124,29 @@ void int4_tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m,
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   for (int64_t g = 0; g < N; ++g) {
-    __m256 scale[C];
-    for (int c = 0; c < C; ++c) scale[c] = _mm256_set1_ps(m.scale[(c0 + c) * N + g]);
+    __m256 dot[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) dot[r][c] = _mm256_setzero_ps();
     for (int64_t k = 0; k < H; k += 8) {
       __m256 low[C], high[C];
       if ((g * H + k) % 64 == 0)
         for (int c = 0; c < C; ++c) prefetch(q + (2 * C + c) * bytes + g * H + k);
       for (int c = 0; c < C; ++c) {
         const __m256i v = widen_u8(q + c * bytes + g * H + k);
-        low[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, nibble)), scale[c]);
-        high[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), scale[c]);
+        low[c] = _mm256_cvtepi32_ps(_mm256_and_si256(v, nibble));
+        high[c] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));
       }
       for (int r = 0; r < R; ++r) {
         const float* xg = x + r * ldx + g * G + k;
         const __m256 xl = _mm256_loadu_ps(xg), xh = _mm256_loadu_ps(xg + H);
-        for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xh, high[c], _mm256_fmadd_ps(xl, low[c], acc[r][c]));
+        for (int c = 0; c < C; ++c) dot[r][c] = _mm256_fmadd_ps(xh, high[c], _mm256_fmadd_ps(xl, low[c], dot[r][c]));
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) offsets[r][c] += m.offset[(c0 + c) * N + g] * xsum[r * N + g];
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = _mm256_fmadd_ps(dot[r][c], _mm256_set1_ps(m.scale[(c0 + c) * N + g]), acc[r][c]);
+        offsets[r][c] += m.offset[(c0 + c) * N + g] * xsum[r * N + g];
+      }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) out[r * ldo + c0 + c] = hsum(acc[r][c]) + offsets[r][c];
