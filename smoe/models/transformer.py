@@ -219,7 +219,9 @@ class Transformer(nn.Module):
                 layers.append(block.attn.new_cache(batch_size, dtype, device))
             else:
                 layers.append(block.attn.new_cache(batch_size, max_len, dtype, device))
-                layers[-1].batched = not independent_rows
+                # One row gains nothing from the batched call: the per-row path is the same call without its
+                # index tensors and mask.
+                layers[-1].batched = not independent_rows and batch_size > 1
         return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long), max_len)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -82,7 +82,7 @@ class KVCache:
         whatever the other rows hold. Padding queries get zeros."""
         T = q_BHTK.shape[2]
         gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
-        if self.batched and T == 1 and len(spans) > 1:  # one row: the loop below is the same call, leaner
+        if self.batched and T == 1:
             return self._attend_at_once(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         out_BHTK = q_BHTK.new_zeros(q_BHTK.shape)
         for b, (cached, n) in enumerate(spans):

@@ -105,8 +105,7 @@ class MLA(nn.Module):
             k_rope_BTR = k_rope_BTR.view(B, T, R)
         if cache is None:
             out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
-        elif cache.batched and T == 1 and B > 1:  # every row's new token in one call, each masked to its own
-            # latents (one row takes the loop below: the same call without the index tensors)
+        elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
             written = [b for b, (_, n) in enumerate(spans) if n]
             cached_B = torch.tensor([cached for cached, _ in spans], device=x_BTD.device)
             cache.latent_BSX[written, cached_B[written]] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[written, 0]
