@@ -1,11 +1,15 @@
 """Every expert backend matches the reference loop, forward and backward."""
 
 import os
+import time
 
 import pytest
 import torch
 
 from smoe import kernels
+from smoe.config import MoEConfig
+from smoe.kernels import cpp_build, cpp_experts
+from smoe.moe import MoELayer
 
 E, D, F = 6, 16, 12
 CPU = torch.device("cpu")
@@ -77,9 +81,116 @@ def test_auto_resolves_to_a_registered_backend():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_auto_on_cpu_loops_over_experts_but_decodes_with_grouped_mm(dtype):
-    assert kernels.resolve("auto", CPU, dtype, n_rows=4096, n_experts=64) == "expert_loop"
-    assert kernels.resolve("auto", CPU, dtype, n_rows=8, n_experts=64) == "grouped_mm"
+def test_auto_on_cpu_runs_the_cpp_kernels_for_fp32_and_otherwise_decodes_with_grouped_mm(dtype):
+    cpp = dtype == torch.float32 and cpp_experts.build() is None
+    assert kernels.resolve("auto", CPU, dtype, n_rows=4096, n_experts=64) == ("cpp" if cpp else "expert_loop")
+    assert kernels.resolve("auto", CPU, dtype, n_rows=8, n_experts=64) == ("cpp" if cpp else "grouped_mm")
+
+
+def test_auto_falls_back_to_expert_loop_with_a_warning_when_the_cpp_kernels_cannot_build(monkeypatch):
+    monkeypatch.setattr(cpp_experts, "build", lambda: "RuntimeError: no C++ compiler (a test's stand-in)")
+    kernels._warn_once.cache_clear()
+    with pytest.warns(UserWarning, match="could not be built .*no C\\+\\+ compiler.*running expert_loop"):
+        assert kernels.resolve("auto", CPU, n_rows=4096, n_experts=64) == "expert_loop"
+
+
+CPP = pytest.mark.skipif(cpp_experts.build() is not None, reason="the C++ kernels do not build here")
+
+
+@CPP
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_experts_share_many_uneven_experts_over_threads(threads):
+    """Dozens of experts taken by the threads in turn, one too large to share out (run alone): the reference's
+    results, forward and backward, on 1 and 2 threads."""
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, 9, (40,), generator=g)
+    counts[7] = 200  # more than a thread's share of the rows
+    x = torch.randn(int(counts.sum()), D, generator=g).requires_grad_()
+    w_gate_up = (torch.randn(40, 2 * F, D, generator=g) * 0.2).requires_grad_()
+    w_down = (torch.randn(40, D, F, generator=g) * 0.2).requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, g_cpp = _run("cpp", x, counts, w_gate_up, w_down, "silu")
+    finally:
+        torch.set_num_threads(before)
+    y_ref, g_ref = _run("reference", x, counts, w_gate_up, w_down, "silu")
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g_cpp, g_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@CPP
+def test_cpp_experts_compute_only_the_gradients_asked_for():
+    x, counts_E, w_gate_up, w_down = _case(COUNTS["uneven"])
+    w_down = w_down.detach()  # frozen
+    y = kernels.get("cpp", CPU)(x, counts_E, w_gate_up, w_down, "silu")
+    dx, dw_gu = torch.autograd.grad(y.square().sum(), (x, w_gate_up))
+    y_ref = kernels.get("reference", CPU)(x, counts_E, w_gate_up, w_down, "silu")
+    dx_ref, dw_gu_ref = torch.autograd.grad(y_ref.square().sum(), (x, w_gate_up))
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw_gu, dw_gu_ref, rtol=1e-5, atol=1e-5)
+
+
+LAYERS = {
+    "top2": (MoEConfig(n_routed_experts=6, top_k=2, expert_dim=12), "silu"),
+    "capacity_drops": (MoEConfig(n_routed_experts=6, top_k=3, expert_dim=12, capacity_factor=0.5), "silu"),
+    "sigmoid_groups_shared_gelu": (MoEConfig(n_routed_experts=8, top_k=2, expert_dim=12, score_func="sigmoid",
+                                             n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                                             n_shared_experts=1), "gelu"),
+}
+
+
+@CPP
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("case", LAYERS.values(), ids=LAYERS.keys())
+def test_cpp_fused_layer_matches_the_reference_layer(case, padding):
+    """The layer's fused path (unsorted tokens in, the weighted combine out, in C++) against the reference experts
+    with the layer's own gather and combine: output, and the gradients of the input, router and experts."""
+    cfg, activation = case
+    torch.manual_seed(0)
+    layer = MoELayer(D, cfg, activation=activation, init_std=0.3)
+    x = torch.randn(2, 9, D)
+    keep = (torch.arange(9) < 6).expand(2, 9) if padding else None
+
+    def run(backend):
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_()
+        y, stats = layer(leaf, keep=keep, backend=backend)
+        (y.square().mean() + stats.aux_loss).backward()
+        return [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    assert layer.experts.fused_for("cpp", x) is not None
+    for got, want in zip(run("cpp"), run("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@CPP
+def test_cpp_expert_ops_pass_torch_library_checks():
+    """Schemas, fake kernels (shapes for torch.compile) and the ops' behaviour agree (torch.library.opcheck)."""
+    x, counts_E, w_gate_up, w_down = (t.detach() for t in _case(COUNTS["uneven"]))
+    offs = torch.cat([counts_E.new_zeros(1), counts_E.cumsum(0)])
+    y, h = torch.ops.smoe_experts.forward(x, offs, w_gate_up, w_down, False)
+    torch.library.opcheck(torch.ops.smoe_experts.forward, (x, offs, w_gate_up, w_down, False))
+    torch.library.opcheck(torch.ops.smoe_experts.backward,
+                          (torch.randn_like(y), x, h, offs, w_gate_up, w_down, False, True, False, True))
+    x_ND, weights_A = x[:8], torch.rand(16)  # 8 tokens, 2 assignments each; one of them dropped
+    order_R = torch.randperm(16, generator=torch.Generator().manual_seed(0))[:15]
+    offs = torch.tensor([0, 3, 3, 9, 10, 10, 15])
+    y_ND, h, y_RD = torch.ops.smoe_experts.forward_tokens(x_ND, weights_A, order_R, offs, w_gate_up, w_down, True)
+    torch.library.opcheck(torch.ops.smoe_experts.forward_tokens, (x_ND, weights_A, order_R, offs, w_gate_up, w_down,
+                                                                  True))
+    torch.library.opcheck(torch.ops.smoe_experts.backward_tokens,
+                          (torch.randn_like(y_ND), x_ND, weights_A, order_R, offs, h, y_RD, w_gate_up, w_down, True,
+                           True, True, False, True))
+
+
+@CPP
+def test_cpp_experts_reject_offsets_that_do_not_cover_the_rows():
+    x, counts_E, w_gate_up, w_down = (t.detach() for t in _case(COUNTS["uneven"]))
+    offs = torch.tensor([0, 3, 2, 9, 10, 10, 16])  # decreasing at expert 1
+    with pytest.raises(RuntimeError, match="offs: non-decreasing row offsets"):
+        torch.ops.smoe_experts.forward(x, offs, w_gate_up, w_down, False)
 
 
 def test_unknown_backend_lists_known_ones():
@@ -101,9 +212,6 @@ def test_backend_under_bf16_autocast_with_fp32_weights(backend):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton's CPU interpreter computes bf16 tl.dot wrongly (a 16x16 dot is off by 1e10); the gpu test "
                     "covers bf16")
-    from smoe.config import MoEConfig
-    from smoe.moe import MoELayer
-
     torch.manual_seed(0)
     layer = MoELayer(32, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=16))
     x = torch.randn(2, 24, 32)
@@ -121,3 +229,17 @@ def test_backend_under_bf16_autocast_with_fp32_weights(backend):
     torch.testing.assert_close(y, y_ref, rtol=3e-2, atol=3e-2)
     for got, want in zip(g, g_ref):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's build directory is then tmp_path / name
+    (tmp_path / "k").mkdir()
+    lock = tmp_path / "k" / "lock"
+    lock.touch()
+    cpp_build._clear_stale_lock("k")  # a build running now: its lock stays
+    assert lock.exists()
+    old = time.time() - cpp_build.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="left by a build of the C\\+\\+ kernels that did not finish"):
+        cpp_build._clear_stale_lock("k")
+    assert not lock.exists()

@@ -3,8 +3,6 @@ fast kernel (C++, numba) against the dequantise-then-matmul spec, the fallbacks 
 generation, errors."""
 
 import json
-import os
-import time
 
 import pytest
 import torch
@@ -218,20 +216,6 @@ def test_cpp_ops_pass_torch_opcheck(scheme):
     torch.library.opcheck(torch.ops.smoe_quant.experts, (x, torch.tensor([0, 1, 1, 4]), *stacks))
     torch.library.opcheck(torch.ops.smoe_quant.moe, (x, torch.tensor([0, 2, 1, 0, 2, 1, -1, 0]),
                                                      torch.rand(8, generator=g), *stacks))
-
-
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's build directory is then tmp_path / name
-    (tmp_path / "k").mkdir()
-    lock = tmp_path / "k" / "lock"
-    lock.touch()
-    cpp_quant._clear_stale_lock("k")  # a build running now: its lock stays
-    assert lock.exists()
-    old = time.time() - cpp_quant.STALE_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
-    with pytest.warns(UserWarning, match="left by a build of the C\\+\\+ kernels that did not finish"):
-        cpp_quant._clear_stale_lock("k")
-    assert not lock.exists()
 
 
 def test_cpp_kernels_refuse_malformed_weights():

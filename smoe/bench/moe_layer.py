@@ -10,7 +10,8 @@ interleaved rounds (one call of each per round, medians), so load from other ten
 Printed: smoe tokens/s, useful GF/s (routed expert FLOPs only: 6*T*K*D*F per forward, x3 for fwd+bwd), the
 ratio smoe / best transformers, R_dense = dense time / smoe time, and smoe's activation memory saved for the
 backward against the 2TD + 4TKF-element minimum (SonicMoE). The first call checks both sides compute the same
-function (max |diff| column).
+function (max |diff| column). The process keeps freed memory for reuse, as `smoe train` does
+(smoe.train.loop.reuse_freed_memory), for every contender: otherwise each call page-faults its large buffers in.
 
     smoe bench moe-layer [--shapes qwen3,mixtral,deepseek-v3] [--tokens 1,16,256,2048]
         [--dtypes bf16,fp32] [--modes fwd,fwd+bwd] [--backend auto] [--rounds 5] [--threads 2]
@@ -30,6 +31,7 @@ import torch
 from smoe.config import MoEConfig
 from smoe.moe import MoELayer
 from smoe.nn.mlp import MLP
+from smoe.train.loop import reuse_freed_memory
 
 HF_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 BATCHED_MM_LIMIT = 2**28  # batched_mm copies one weight set per assignment: skip it past this many elements
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="intra-op threads (1 is steadier when other tenants busy the cores)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    reuse_freed_memory()
     unknown = set(args.shapes.split(",")) - set(SHAPES)
     if unknown:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; known: {', '.join(SHAPES)}")

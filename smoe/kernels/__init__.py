@@ -20,8 +20,9 @@ only for token-choice routing with the stock ``RoutedExperts``; a replaced exper
 keeps the plain signature above.
 
 ``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
-else Triton when installed; on CPU ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a few rows per
-expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
+else Triton when installed; on CPU ``cpp`` for fp32 where it builds (the experts in C++, each expert a task on one
+thread, with a fused variant: cpp_experts.py), else ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a
+few rows per expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
 not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
 
 Quantised weights (smoe.quant) have their own kernels by name, a linear and the experts for each
@@ -76,12 +77,17 @@ def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int
            n_experts: int | None = None) -> str:
     """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts. On CUDA: grouped_mm for bf16 on sm90+
     (verified on an H100), else the Triton kernels when installed (so far verified in Triton's interpreter only,
-    which is why they do not outrank grouped_mm), else the reference loop. On CPU, expert_loop unless the call is
-    decode-sized."""
+    which is why they do not outrank grouped_mm), else the reference loop. On CPU: fp32 runs the C++ kernels
+    (``cpp``, at every size: they beat grouped_mm at decode too) where they build, with a warning once where they
+    do not; other dtypes run expert_loop, or grouped_mm for decode-sized calls."""
     if device.type == "cuda":
         if dtype == torch.bfloat16 and _AVAILABLE["grouped_mm"](device):
             return "grouped_mm"
         return "triton" if "triton" in _BACKENDS else "reference"
+    if dtype == torch.float32:
+        if (reason := cpp_experts.build()) is None:
+            return "cpp"
+        _warn_once(f"backend: the C++ expert kernels could not be built ({reason}); running expert_loop instead")
     if n_rows is not None and n_experts and n_rows < LOOP_MIN_ROWS_PER_EXPERT * n_experts:
         return "grouped_mm" if _AVAILABLE["grouped_mm"](device) else "expert_loop"
     return "expert_loop"
@@ -161,7 +167,8 @@ def expert_selector(device: torch.device):
     return None
 
 
-from smoe.kernels import expert_loop, grouped_mm, quantized_reference, reference, tiled  # noqa: E402,F401  (registration)
+# The backends register themselves on import.
+from smoe.kernels import cpp_experts, expert_loop, grouped_mm, quantized_reference, reference, tiled  # noqa: E402,F401
 
 if importlib.util.find_spec("triton") is not None:
     from smoe.kernels import triton  # noqa: E402,F401

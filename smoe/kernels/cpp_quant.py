@@ -1,13 +1,13 @@
 """The ``cpp`` backend of ``smoe.kernels.quantized``: weight-only int8 / int4 kernels in C++ (cpp_quant.cpp, whose
-header says how they work), compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja;
-about 10 s once, then loaded from torch's extension cache) and registered as ``torch.ops.smoe_quant``.
+header says how they work), compiled on first use with the other C++ kernels (cpp_build.py) and registered as
+``torch.ops.smoe_quant``.
 
 Why a compiled op (docs/quantization.md has the numbers): its loops run on torch's own thread pool
 (``at::parallel_for``), so several threads speed up decode instead of competing with the next torch op for the
 cores as numba's pool does; it prefetches the next channels' weights, which doubles the rate at which one thread
 streams them from memory; and it unpacks int4 nibbles in registers instead of into a scratch buffer.
 
-``build()`` compiles or loads it and returns None, or says why it cannot (no compiler, a failed build): then
+``build()`` compiles or loads them and returns None, or says why it cannot (no compiler, a failed build): then
 ``auto`` runs numba or the reference (smoe.kernels.quantized).
 
 Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E experts.
@@ -16,58 +16,20 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E exp
 from __future__ import annotations
 
 import functools
-import hashlib
-import time
-import warnings
-from pathlib import Path
 
 import torch
 
+from smoe.kernels import cpp_build
 from smoe.kernels.registry import QuantizedKernels, register_quantized
 from smoe.quant.format import QWeight
-
-SOURCE = Path(__file__).with_suffix(".cpp")
 
 
 @functools.cache
 def build() -> str | None:
-    """Compile (or load the cached build of) the kernels for this CPU; None when they are ready, else the reason
-    they are not. AVX2 + FMA builds get the vector tiles; any other CPU the portable loops."""
-    from torch.utils import cpp_extension
-
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    # No contraction of the scalar maths into FMAs, which the compiler would choose per tile shape: every tile then
-    # computes a row bitwise alike, so a row's result never depends on the rows beside it (row_independent).
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
-    try:
-        # Named by the source's hash: checkouts of different versions never rebuild or replace each other's library.
-        name = f"smoe_quant_{'avx2' if vector else 'portable'}_{hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]}"
-        _clear_stale_lock(name)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
-    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0] if lines else err}"
-    _register_shapes()
-    return None
-
-
-# A build takes seconds to a minute; a lock file older than this was left by a build that was killed.
-STALE_LOCK_SECONDS = 600
-
-
-def _clear_stale_lock(name: str) -> None:
-    """Remove the lock file a killed build left in the extension's build directory. torch waits for it to go away
-    and would otherwise wait forever (the directory is torch's: ``TORCH_EXTENSIONS_DIR`` or its cache)."""
-    from torch.utils import cpp_extension
-
-    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: absent in some torch, skip
-    if build_directory is None:
-        return
-    lock = Path(build_directory(name, verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        warnings.warn(f"quantization: removing {lock}, left by a build of the C++ kernels that did not finish",
-                      stacklevel=3)
-        lock.unlink(missing_ok=True)
+    """Compile (or load) the C++ kernels (smoe.kernels.cpp_build); None when these ops are ready, else why not."""
+    if (reason := cpp_build.build()) is None:
+        _register_shapes()
+    return reason
 
 
 def _register_shapes() -> None:

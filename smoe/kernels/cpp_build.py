@@ -1,0 +1,62 @@
+"""The C++ kernels (every ``*.cpp`` beside this file) as one library, compiled on first use with
+``torch.utils.cpp_extension`` (a C++ compiler and ninja; a few seconds to a minute once, then loaded from torch's
+extension cache). Each source registers its own ops (``torch.ops.smoe_quant``, ``torch.ops.smoe_experts``); the
+module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing and the Python entry points.
+
+``build()`` returns None when the library is loaded, or says why it cannot be (no compiler or ninja, a failed
+build); then each caller falls back to its Python kernels, with a warning saying why (smoe.kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+
+
+@functools.cache
+def build() -> str | None:
+    """Compile (or load the cached build of) the library for this CPU; None when it is loaded, else the reason it
+    is not. AVX2 + FMA builds get the vector tiles; any other CPU the portable loops."""
+    from torch.utils import cpp_extension
+
+    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    # No contraction of the scalar maths into FMAs, which the compiler would choose per tile shape: every quantised
+    # tile then computes a row bitwise alike, so a row's result never depends on the rows beside it (row_independent).
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    try:
+        # Named by the sources' hash: checkouts of different versions never rebuild or replace each other's library.
+        digest = hashlib.sha1(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES)).hexdigest()[:10]
+        name = f"smoe_kernels_{'avx2' if vector else 'portable'}_{digest}"
+        _clear_stale_lock(name)
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           is_python_module=False)
+    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else err}"
+    return None
+
+
+# A build takes seconds to a minute; a lock file older than this was left by a build that was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove the lock file a killed build left in the extension's build directory. torch waits for it to go away
+    and would otherwise wait forever (the directory is torch's: ``TORCH_EXTENSIONS_DIR`` or its cache)."""
+    from torch.utils import cpp_extension
+
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: absent in some torch, skip
+    if build_directory is None:
+        return
+    lock = Path(build_directory(name, verbose=False)) / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        warnings.warn(f"kernels: removing {lock}, left by a build of the C++ kernels that did not finish",
+                      stacklevel=3)
+        lock.unlink(missing_ok=True)
