@@ -22,8 +22,8 @@ keeps the plain signature above.
 ``auto`` picks per call from the device, dtype and shape (``choose``): on CUDA ``grouped_mm`` for bf16 on sm90,
 else Triton when installed; on CPU ``cpp`` for fp32 where it builds (the experts in C++, each expert a task on one
 thread, with a fused variant: cpp_experts.py), else ``expert_loop``, or ``grouped_mm`` for decode-sized calls (a
-few rows per expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's result does
-not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
+few rows per expert), where its C++ loop beats a Python one. ``tiled`` (every GEMM of one fixed shape, so a row's
+result does not depend on the other rows) is never chosen by ``auto``: the decode engine asks for it by name.
 
 Quantised weights (smoe.quant) have their own kernels by name, a linear and the experts for each
 (``quantized(name, device)``): ``reference`` (dequantise, then the float maths: the spec, and the fallback),

@@ -57,7 +57,8 @@ class TrainConfig:
               "to evaluate and analyse, not to resume, at a third of the size under AdamW (default: all)")
     max_bad_steps: int = option(5, "consecutive non-finite steps before stopping")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
-    expert_backend: str = option("auto", "expert kernel: auto (default), reference, expert_loop, grouped_mm, triton")
+    expert_backend: str = option("auto",
+                                 "expert kernel: auto (default), reference, cpp, expert_loop, grouped_mm, triton")
     peak_tflops: float | None = option(None, "device peak for MFU (default: known GPUs, else measured)")
     ep: int = option(1, "expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
     dp: int | None = option(None, "data-parallel replicas of each expert shard (default: processes / `ep`)")
