@@ -166,6 +166,24 @@ def test_cpp_fused_layer_matches_the_reference_layer(case, padding):
 
 
 @CPP
+def test_torch_compile_traces_the_cpp_layer_in_one_graph():
+    """The ops' fake kernels let torch.compile trace the fused layer, forward and backward, without a graph break."""
+    torch.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(n_routed_experts=E, top_k=2, expert_dim=F), backend="cpp")
+    x = torch.randn(2, 9, D)
+
+    def run(fn):
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_()
+        y, stats = fn(leaf)
+        (y.square().mean() + stats.aux_loss).backward()
+        return [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    for got, want in zip(run(torch.compile(layer, fullgraph=True)), run(layer)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@CPP
 def test_cpp_expert_ops_pass_torch_library_checks():
     """Schemas, fake kernels (shapes for torch.compile) and the ops' behaviour agree (torch.library.opcheck)."""
     x, counts_E, w_gate_up, w_down = (t.detach() for t in _case(COUNTS["uneven"]))

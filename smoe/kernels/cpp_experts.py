@@ -7,7 +7,8 @@ to back, and the threads share the experts out, instead of every small GEMM bein
 barrier each and every op being a Python call. Other dtypes are computed in fp32 and cast back (on a CPU with native
 bf16 GEMMs ``auto`` keeps ``expert_loop``, which uses them).
 
-Legend: R rows sorted by expert, D model dim, E experts, F expert hidden dim.
+Legend: N tokens, A = N*K token-major assignments, R rows sorted by expert, D model dim, E experts, F expert hidden
+dim.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ from smoe.kernels import cpp_build
 from smoe.kernels.registry import register, register_fused
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into the build
 def build() -> str | None:
     """Compile (or load) the C++ kernels (smoe.kernels.cpp_build); None when these ops are ready, else why not."""
+    return _build()
+
+
+@functools.cache
+def _build() -> str | None:
     if (reason := cpp_build.build()) is None:
         _register_shapes()
     return reason

@@ -24,9 +24,14 @@ from smoe.kernels.registry import QuantizedKernels, register_quantized
 from smoe.quant.format import QWeight
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into the build
 def build() -> str | None:
     """Compile (or load) the C++ kernels (smoe.kernels.cpp_build); None when these ops are ready, else why not."""
+    return _build()
+
+
+@functools.cache
+def _build() -> str | None:
     if (reason := cpp_build.build()) is None:
         _register_shapes()
     return reason
