@@ -1,7 +1,8 @@
 """The C++ kernels (every ``*.cpp`` beside this file) as one library, compiled on first use with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja; a few seconds to a minute once, then loaded from torch's
 extension cache). Each source registers its own ops (``torch.ops.smoe_quant``, ``torch.ops.smoe_experts``); the
-module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing and the Python entry points.
+module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing (through ``ops_builder``) and the
+Python entry points.
 
 ``build()`` returns None when the library is loaded, or says why it cannot be (no compiler or ninja, a failed
 build); then each caller falls back to its Python kernels, with a warning saying why (smoe.kernels).
@@ -14,6 +15,7 @@ import hashlib
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,6 +43,24 @@ def build() -> str | None:
         lines = str(err).strip().splitlines()
         return f"{type(err).__name__}: {lines[0] if lines else err}"
     return None
+
+
+def ops_builder(register_shapes: Callable[[], None]) -> Callable[[], str | None]:
+    """The ``build()`` of one source's ops: compiles (or loads) the library once, then registers those ops' shapes
+    for tracing once; it returns None when they are ready, else why they are not. torch.compile calls it while
+    tracing, as a constant, instead of tracing into the build."""
+
+    @functools.cache
+    def once() -> str | None:
+        if (reason := build()) is None:
+            register_shapes()
+        return reason
+
+    @torch.compiler.assume_constant_result
+    def ready() -> str | None:
+        return once()
+
+    return ready
 
 
 # A build takes seconds to a minute; a lock file older than this was left by a build that was killed.

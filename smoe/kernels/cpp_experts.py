@@ -13,25 +13,10 @@ dim.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from smoe.kernels import cpp_build
 from smoe.kernels.registry import register, register_fused
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into the build
-def build() -> str | None:
-    """Compile (or load) the C++ kernels (smoe.kernels.cpp_build); None when these ops are ready, else why not."""
-    return _build()
-
-
-@functools.cache
-def _build() -> str | None:
-    if (reason := cpp_build.build()) is None:
-        _register_shapes()
-    return reason
 
 
 def _register_shapes() -> None:
@@ -56,6 +41,10 @@ def _register_shapes() -> None:
         return (x.new_empty(x.shape if need_x else (0,)), x.new_empty(weights.shape if need_weights else (0,)),
                 x.new_empty(w_gate_up.shape if need_gate_up else (0,)),
                 x.new_empty(w_down.shape if need_down else (0,)))
+
+
+# Compiles (or loads) the C++ kernels on first call (smoe.kernels.cpp_build); None when these ops are ready.
+build = cpp_build.ops_builder(_register_shapes)
 
 
 class _CppExperts(torch.autograd.Function):

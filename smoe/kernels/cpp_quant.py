@@ -15,26 +15,11 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, E exp
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from smoe.kernels import cpp_build
 from smoe.kernels.registry import QuantizedKernels, register_quantized
 from smoe.quant.format import QWeight
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing into the build
-def build() -> str | None:
-    """Compile (or load) the C++ kernels (smoe.kernels.cpp_build); None when these ops are ready, else why not."""
-    return _build()
-
-
-@functools.cache
-def _build() -> str | None:
-    if (reason := cpp_build.build()) is None:
-        _register_shapes()
-    return reason
 
 
 def _register_shapes() -> None:
@@ -50,6 +35,10 @@ def _register_shapes() -> None:
     @torch.library.register_fake("smoe_quant::moe")
     def _(x, ids, weights, gu_q, gu_s, gu_z, gu_group, down_q, down_s, down_z, down_group, gelu):
         return x.new_empty(x.shape[0], down_q.shape[1])
+
+
+# Compiles (or loads) the C++ kernels on first call (smoe.kernels.cpp_build); None when these ops are ready.
+build = cpp_build.ops_builder(_register_shapes)
 
 
 def _offset(w: QWeight) -> tuple[torch.Tensor | None, int]:
