@@ -261,3 +261,12 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, 
     with pytest.warns(UserWarning, match="left by a build of the C\\+\\+ kernels that did not finish"):
         cpp_build._clear_stale_lock("k")
     assert not lock.exists()
+
+
+@CPP  # a compiler to fail with
+def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    (tmp_path / "broken.cpp").write_text("int f() { return not_declared_here; }\n")
+    monkeypatch.setattr(cpp_build, "SOURCES", [tmp_path / "broken.cpp"])
+    reason = cpp_build.build.__wrapped__()  # past the cache of the real library's result
+    assert reason.startswith("RuntimeError: ") and "error:" in reason and "not_declared_here" in reason

@@ -40,8 +40,10 @@ def build() -> str | None:
         cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            is_python_module=False)
     except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
-        lines = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {lines[0] if lines else err}"
+        lines = str(err).strip().splitlines() or [repr(err)]
+        # A failed build's first line is the compiler's command; the line that says what went wrong comes later.
+        cause = next((line.strip() for line in lines[1:] if "error:" in line), None)
+        return f"{type(err).__name__}: {lines[0][:200]}" + (f" ... {cause}" if cause else "")
     return None
 
 
