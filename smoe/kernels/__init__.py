@@ -84,7 +84,7 @@ def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int
         if dtype == torch.bfloat16 and _AVAILABLE["grouped_mm"](device):
             return "grouped_mm"
         return "triton" if "triton" in _BACKENDS else "reference"
-    if dtype == torch.float32:
+    if device.type == "cpu" and dtype == torch.float32:
         if (reason := cpp_experts.build()) is None:
             return "cpp"
         _warn_once(f"backend: the C++ expert kernels could not be built ({reason}); running expert_loop instead")
