@@ -1,6 +1,7 @@
 """Every expert backend matches the reference loop, forward and backward."""
 
 import os
+import shutil
 import time
 
 import pytest
@@ -270,3 +271,11 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     monkeypatch.setattr(cpp_build, "SOURCES", [tmp_path / "broken.cpp"])
     reason = cpp_build.build.__wrapped__()  # past the cache of the real library's result
     assert reason.startswith("RuntimeError: ") and "error:" in reason and "not_declared_here" in reason
+
+
+def test_the_ninja_package_is_found_for_a_build_without_an_activated_environment(monkeypatch, tmp_path):
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no ninja here
+    with cpp_build._ninja_on_path():
+        assert shutil.which("ninja") is not None and os.environ["PATH"].startswith(ninja.BIN_DIR)
+    assert os.environ["PATH"] == str(tmp_path)

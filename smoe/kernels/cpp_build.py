@@ -1,6 +1,6 @@
 """The C++ kernels (every ``*.cpp`` beside this file) as one library, compiled on first use with
-``torch.utils.cpp_extension`` (a C++ compiler and ninja; a few seconds to a minute once, then loaded from torch's
-extension cache). Each source registers its own ops (``torch.ops.smoe_quant``, ``torch.ops.smoe_experts``); the
+``torch.utils.cpp_extension`` (a C++ compiler and ninja, which the ``ninja`` dependency provides; a few seconds to a
+minute once, then loaded from torch's extension cache). Each source registers its own ops (``torch.ops.smoe_quant``, ``torch.ops.smoe_experts``); the
 module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing (through ``ops_builder``) and the
 Python entry points.
 
@@ -10,8 +10,11 @@ build); then each caller falls back to its Python kernels, with a warning saying
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,8 +40,9 @@ def build() -> str | None:
         digest = hashlib.sha1(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES)).hexdigest()[:10]
         name = f"smoe_kernels_{'avx2' if vector else 'portable'}_{digest}"
         _clear_stale_lock(name)
-        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           is_python_module=False)
+        with _ninja_on_path():
+            cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               is_python_module=False)
     except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
         lines = str(err).strip().splitlines() or [repr(err)]
         # A failed build's first line is the compiler's command; the line that says what went wrong comes later.
@@ -63,6 +67,28 @@ def ops_builder(register_shapes: Callable[[], None]) -> Callable[[], str | None]
         return once()
 
     return ready
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """PATH with the ``ninja`` package's binary for the duration of a build, when no other ninja is on it: the
+    package installs it into the environment's bin directory, which is on PATH only once the environment is
+    activated (``.venv/bin/python`` alone does not)."""
+    before = os.environ.get("PATH")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            pass
+        else:
+            os.environ["PATH"] = os.pathsep.join(p for p in (ninja.BIN_DIR, before) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 # A build takes seconds to a minute; a lock file older than this was left by a build that was killed.
