@@ -1,8 +1,8 @@
 """The C++ kernels (every ``*.cpp`` beside this file) as one library, compiled on first use with
 ``torch.utils.cpp_extension`` (a C++ compiler and ninja, which the ``ninja`` dependency provides; a few seconds to a
-minute once, then loaded from torch's extension cache). Each source registers its own ops (``torch.ops.smoe_quant``, ``torch.ops.smoe_experts``); the
-module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing (through ``ops_builder``) and the
-Python entry points.
+minute once, then loaded from torch's extension cache). Each source registers its own ops (``torch.ops.smoe_quant``,
+``torch.ops.smoe_experts``); the module beside it (cpp_quant.py, cpp_experts.py) adds their shapes for tracing
+(through ``ops_builder``) and the Python entry points; ``row_offsets`` is the offsets both take.
 
 ``build()`` returns None when the library is loaded, or says why it cannot be (no compiler or ninja, a failed
 build); then each caller falls back to its Python kernels, with a warning saying why (smoe.kernels).
@@ -89,6 +89,14 @@ def _ninja_on_path():
             os.environ.pop("PATH", None)
         else:
             os.environ["PATH"] = before
+
+
+def row_offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    """The (E + 1,) int64 CPU row offsets the ops take for rows sorted by expert: expert e owns rows
+    offs[e] to offs[e + 1]."""
+    offs_E1 = torch.zeros(counts_E.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(counts_E.cpu(), 0, out=offs_E1[1:])
+    return offs_E1
 
 
 # A build takes seconds to a minute; a lock file older than this was left by a build that was killed.

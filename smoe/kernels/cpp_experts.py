@@ -82,12 +82,6 @@ class _CppExpertsTokens(torch.autograd.Function):
         return *(g if need else None for g, need in zip(grads, needs)), None, None, None
 
 
-def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
-    offs_E1 = torch.zeros(counts_E.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(counts_E.cpu(), 0, out=offs_E1[1:])
-    return offs_E1
-
-
 def _ready() -> None:
     if (reason := build()) is not None:
         raise ValueError(f"backend: the 'cpp' expert kernels could not be built here ({reason})")
@@ -101,12 +95,12 @@ def _available(device: torch.device) -> bool:
 def cpp_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     _ready()
     fp32 = [t.float().contiguous() for t in (x_RD, w_gate_up_E2FD, w_down_EDF)]
-    return _CppExperts.apply(*fp32, _offsets(counts_E), activation == "gelu").to(x_RD.dtype)
+    return _CppExperts.apply(*fp32, cpp_build.row_offsets(counts_E), activation == "gelu").to(x_RD.dtype)
 
 
 @register_fused("cpp")
 def cpp_fused_experts(x_ND, weights_A, order_R, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     _ready()
     fp32 = [t.float().contiguous() for t in (x_ND, weights_A, w_gate_up_E2FD, w_down_EDF)]
-    return _CppExpertsTokens.apply(*fp32, order_R.contiguous(), _offsets(counts_E), activation == "gelu"
+    return _CppExpertsTokens.apply(*fp32, order_R.contiguous(), cpp_build.row_offsets(counts_E), activation == "gelu"
                                    ).to(x_ND.dtype)

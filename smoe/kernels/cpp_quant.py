@@ -51,11 +51,9 @@ def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
 
 def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_down: QWeight, activation: str
             ) -> torch.Tensor:
-    offs = torch.zeros(counts_E.shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(counts_E.cpu(), 0, out=offs[1:])
-    return torch.ops.smoe_quant.experts(x_RD.contiguous(), offs, w_gate_up.qweight, w_gate_up.scale,
-                                        *_offset(w_gate_up), w_down.qweight, w_down.scale, *_offset(w_down),
-                                        activation == "gelu")
+    return torch.ops.smoe_quant.experts(x_RD.contiguous(), cpp_build.row_offsets(counts_E), w_gate_up.qweight,
+                                        w_gate_up.scale, *_offset(w_gate_up), w_down.qweight, w_down.scale,
+                                        *_offset(w_down), activation == "gelu")
 
 
 def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor, w_gate_up: QWeight, w_down: QWeight,
