@@ -17,10 +17,11 @@ the fraction of the roofline reached. The int8 column is the prediction for int8
 With ``--quantize int8,int4`` our model also runs weight-only quantised (smoe.quantize) in the same rounds: one
 more line per scheme, against the same transformers peer and against the floor of its own bytes (int8/int4
 weights and their scales, counted from the quantised model's tensors and the experts the run hit, at the same
-measured bandwidth).
+measured bandwidth). With ``--compile`` each of our models also decodes with ``generate(compile=True)`` (each
+step one torch.compile graph), one more line each; the compilation happens in the warm-up, untimed.
 
     .venv/bin/python benchmarks/decode.py [--models mixtral,deepseek] [--batch-sizes 1,16] [--rounds 5] [--threads 1]
-        [--quantize int8,int4]
+        [--quantize int8,int4] [--compile]
 """
 
 from __future__ import annotations
@@ -139,10 +140,14 @@ def predicted(config, cpu, batch: int, context: int, weights: str):
 
 
 def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype: str,
-          schemes: list[str]) -> None:
+          schemes: list[str], compiled: bool) -> None:
     config, ours, hf_models = build_pair(name, DTYPES[dtype])
     cpu = measure_cpu()
-    quantized = {f"smoe {s}": smoe.quantize(copy.deepcopy(ours), s) for s in schemes}
+    # our other contenders: name -> (model, compile, weight format)
+    variants = {f"smoe {s}": (smoe.quantize(copy.deepcopy(ours), s), False, s) for s in schemes}
+    if compiled:
+        variants.update({f"{key} compiled": (model, True, weights) for key, (model, _, weights) in
+                         [("smoe", (ours, False, dtype)), *variants.items()]})
     context = prompt_len + new_tokens // 2  # the mean context of the timed steps
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"\n{name}: {n_params / 1e6:.0f}M parameters, {config.n_layers} layers, dim {config.dim}, "
@@ -156,8 +161,9 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
         ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
         mask = torch.ones_like(ids)
         runners = {"smoe": lambda n: smoe.generate(ours, ids, max_new_tokens=n)}
-        for key, model in quantized.items():
-            runners[key] = lambda n, model=model: smoe.generate(model, ids, max_new_tokens=n)
+        for key, (model, compile, _) in variants.items():
+            runners[key] = lambda n, model=model, compile=compile: smoe.generate(model, ids, max_new_tokens=n,
+                                                                                 compile=compile)
         for impl, hf in hf_models.items():
             runners[impl] = lambda n, hf=hf: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                                          do_sample=False)[:, prompt_len:]
@@ -183,13 +189,15 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
               f"{measured_cpu.memory_bandwidth / 1e9:>5.1f} {pred.tokens_per_s:>10.1f} {pred.bound:>7} "
               f"{tok_s['smoe'] / pred.tokens_per_s:>9.2f} {pred_int8.tokens_per_s:>9.1f} {'yes' if same else 'no':>11}",
               flush=True)
-        for key, model in quantized.items():
+        for key, (model, _, weights) in variants.items():
             q_bytes = weight_bytes_per_step(model, B, hit)
             q_floor = B * measured_cpu.memory_bandwidth / q_bytes
             agree = (outputs[key] == outputs["smoe"]).float().mean()
+            pred_w = predicted(config, measured_cpu, B, context, weights).tokens_per_s
             print(f"{B:>5} {key:>10}: {tok_s[key]:.1f} tok/s, {tok_s[key] / best_hf:.2f}x best hf, "
-                  f"{tok_s[key] / tok_s['smoe']:.2f}x smoe fp32, {q_bytes / 1e6:.1f} MB/step, floor {q_floor:.1f} "
-                  f"tok/s, {tok_s[key] / q_floor:.2f} of it; {agree:.0%} of tokens as fp32", flush=True)
+                  f"{tok_s[key] / tok_s['smoe']:.2f}x smoe {dtype}, {q_bytes / 1e6:.1f} MB/step, floor {q_floor:.1f} "
+                  f"tok/s, {tok_s[key] / q_floor:.2f} of it, {tok_s[key] / pred_w:.2f} of smoe cost's {weights} "
+                  f"prediction; {agree:.0%} of tokens as {dtype}", flush=True)
 
 
 def main() -> None:
@@ -202,14 +210,17 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--quantize", default="", help="comma-separated schemes our model also runs in, e.g. int8,int4")
+    parser.add_argument("--compile", action="store_true", help="also decode each of our models with compile=True")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Each (model, batch size) is a graph of Transformer.decode_step: allow them all (Dynamo's default is 8).
+    torch._dynamo.config.recompile_limit = 64
     print(f"greedy decode tokens/s, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in args.models.split(","):
         bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
-              args.dtype, [s for s in args.quantize.split(",") if s])
+              args.dtype, [s for s in args.quantize.split(",") if s], args.compile)
 
 
 if __name__ == "__main__":

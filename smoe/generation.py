@@ -26,6 +26,7 @@ import torch
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import ModelOutput, Transformer
+from smoe.nn import KVCache
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
@@ -35,11 +36,12 @@ PREFILL_CHUNK = 256
 def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-             attention_mask: torch.Tensor | None = None, decode_rows: int | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
+             compile: bool = False) -> torch.Tensor:
     """The new tokens (B, N), N <= max_new_tokens; see ``generate_stream`` for the arguments."""
     steps = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-                                 attention_mask=attention_mask, decode_rows=decode_rows))
+                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile))
     return torch.stack(steps, dim=1)
 
 
@@ -47,8 +49,8 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperatu
 def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-                    attention_mask: torch.Tensor | None = None, decode_rows: int | None = None
-                    ) -> Iterator[torch.Tensor]:
+                    attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), once per step; a row that emitted a stop token yields ``pad_id``
     after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
 
@@ -61,7 +63,9 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
     ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
     results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
-    rows on a CPU; docs/benchmarks.md).
+    rows on a CPU; docs/benchmarks.md). ``compile`` (not with ``decode_rows``) runs each decode step as one
+    torch.compile graph (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on
+    the same model and row count reuse it.
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
@@ -76,7 +80,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     if T + max_new_tokens - 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
                          f"max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None)
+    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile)
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
                         frozenset(stop)) for b, p in enumerate(token_lists)]
     for request in requests:
@@ -131,7 +135,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
-                 count_experts: bool = False, independent_rows: bool = True):
+                 count_experts: bool = False, independent_rows: bool = True, compile: bool = False):
         _check_model(model)
         if rows < 1 or prefill_chunk < 1:
             raise ValueError(f"rows, prefill_chunk: must be >= 1, got {rows}, {prefill_chunk}")
@@ -144,6 +148,15 @@ class Engine:
         # One row decodes alone, so any expert backend computes it the same way; several need fixed shapes.
         self.expert_backend = "tiled" if rows > 1 and independent_rows else None
         self.device = model.embed.weight.device
+        self.compiled_step = None
+        if compile:
+            _check_compilable(model, self.expert_backend is not None, count_experts)
+            self.compiled_step = torch.compile(model.decode_step, fullgraph=True)
+            for layer in self.cache.layers:  # one graph for every cache length
+                slot_dims = [(layer.k_BGSK, 2), (layer.v_BGSK, 2)] if isinstance(layer, KVCache) else [
+                    (layer.latent_BSX, 1)]
+                for tensor, dim in slot_dims:
+                    torch._dynamo.mark_dynamic(tensor, dim)
 
     @property
     def free_rows(self) -> int:
@@ -206,12 +219,25 @@ class Engine:
         real_B1 = torch.zeros(len(self.slots), 1, dtype=torch.bool)
         for request in decoding:
             ids_B1[request.row], real_B1[request.row] = request.tokens[-1], True
-        mask_B1 = None if len(decoding) == len(self.slots) else real_B1.to(self.device)  # no padding: no mask
-        out = self.model(ids_B1.to(self.device), attention_mask=mask_B1, cache=self.cache, logits_to_keep=1,
-                         router_stats=self.router_stats, expert_backend=self.expert_backend)
-        self._count(out)
-        self._next_tokens(decoding, out.logits[[r.row for r in decoding], -1])
+        if self.compiled_step is not None:
+            logits_BV = self._compiled_decode(ids_B1.to(self.device), real_B1.to(self.device))
+        else:
+            mask_B1 = None if len(decoding) == len(self.slots) else real_B1.to(self.device)  # no padding: no mask
+            out = self.model(ids_B1.to(self.device), attention_mask=mask_B1, cache=self.cache, logits_to_keep=1,
+                             router_stats=self.router_stats, expert_backend=self.expert_backend)
+            self._count(out)
+            logits_BV = out.logits[:, -1]
+        self._next_tokens(decoding, logits_BV[[r.row for r in decoding]])
         return decoding
+
+    def _compiled_decode(self, ids_B1: torch.Tensor, real_B1: torch.Tensor) -> torch.Tensor:
+        """``Transformer.decode_step``, compiled: every row attends over all of its cache's slots, masked to its own
+        keys (``generate`` sizes the cache to the request)."""
+        cache = self.cache
+        slots_B = cache.lengths_B.clamp(max=cache.max_len - 1)  # a full row is free: it cannot be decoding
+        logits_BV = self.compiled_step(ids_B1, slots_B.to(self.device), cache.layers, real_B1)
+        cache.lengths_B += real_B1[:, 0].cpu()
+        return logits_BV
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` (if it still runs) and free its row."""
@@ -337,6 +363,18 @@ def _check_model(model: Transformer) -> None:
     if moe is not None and moe.routing == "expert_choice":
         raise ValueError("moe.routing: 'expert_choice' cannot decode: each expert picks its tokens from the whole "
                          "batch, later positions included, so a token's output depends on tokens not yet generated")
+
+
+def _check_compilable(model: Transformer, independent_rows: bool, count_experts: bool) -> None:
+    """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
+    if any(block.is_linear for block in model.layers):
+        raise ValueError("compile: a model with linear-attention layers decodes eagerly (its recurrent states are "
+                         "not in the compiled step)")
+    if count_experts:
+        raise ValueError("compile: counting the tokens routed to each expert needs the eager decode step")
+    if independent_rows:
+        raise ValueError("compile: decode_rows promises rows independent of their neighbours, which needs the "
+                         "eager step (a call per row and fixed-shape expert tiles); leave decode_rows unset")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -109,6 +109,65 @@ def test_batched_decode_steps_attend_as_a_call_per_row_does(preset, changes):
         torch.testing.assert_close(at_once[[0, 2]], per_row[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
+    # Transformer.decode_step, eager: rows of different lengths, one row padding for a few steps;
+    # the padding row's stray key must not reach its later real tokens.
+    preset, changes = CACHE_CASES[case]
+    model = _model(preset, **changes)
+    V = model.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, V, (1, n), generator=g) for n in (9, 3, 6)]
+    steps = torch.randint(0, V, (5, 3, 1), generator=g)
+    real_B1 = torch.tensor([[True], [False], [True]])
+    caches, logits = [model.new_cache(3, 24) for _ in range(2)], {}
+    with torch.no_grad():
+        for static, cache in zip((False, True), caches):
+            for row, prompt in enumerate(prompts):
+                model(prompt, cache=cache.rows(row, row + 1))
+            logits[static] = []
+            for t, ids in enumerate(steps):
+                real = real_B1 if t < 3 else torch.ones_like(real_B1)  # row 1 joins the later steps
+                if static:
+                    out = model.decode_step(ids, cache.lengths_B.clone(), cache.layers, real)
+                    cache.lengths_B += real[:, 0]
+                else:
+                    out = model(ids, attention_mask=real, cache=cache, router_stats=False).logits[:, -1]
+                logits[static].append(out[real[:, 0]])
+    for per_row, static in zip(logits[False], logits[True]):
+        torch.testing.assert_close(static, per_row, rtol=1e-5, atol=1e-5)
+    assert torch.equal(caches[0].lengths_B, caches[1].lengths_B)
+
+
+@pytest.mark.parametrize("preset, quantize", [("mixtral-tiny", None), ("deepseek-v3-tiny", "int8")])
+def test_compiled_decode_steps_give_the_eager_tokens(preset, quantize):
+    # One graph per step, for every cache length; prompts of different lengths, and a stop token that turns one
+    # row into padding early.
+    model = _model(preset)
+    if quantize:
+        smoe.quantize(model, quantize)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in (7, 2, 11)]
+    eager = smoe.generate(model, prompts, max_new_tokens=10)
+    stop = [int(eager[1, 3])]
+    eager = smoe.generate(model, prompts, max_new_tokens=10, stop_tokens=stop)
+    assert torch.equal(smoe.generate(model, prompts, max_new_tokens=10, stop_tokens=stop, compile=True), eager)
+    longer = [p * 2 for p in prompts]  # in a new engine with a longer cache: the same graph, no recompile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = smoe.generate(model, longer, max_new_tokens=6, compile=True)
+    assert torch.equal(compiled, smoe.generate(model, longer, max_new_tokens=6))
+
+
+@pytest.mark.parametrize("preset, kw, message", [
+    ("qwen3-next-tiny", {}, "linear-attention"),
+    ("mixtral-tiny", {"decode_rows": 2}, "decode_rows"),
+])
+def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(preset, kw, message):
+    model = build_model(presets.get(preset)).eval()
+    with pytest.raises(ValueError, match=f"compile: .*{message}"):
+        smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8", "int8 without the C++ kernels"])
 @pytest.mark.filterwarnings("ignore:quantization. the C\\+\\+ kernels could not be built")
 def test_engine_requests_joining_and_leaving_get_what_each_gets_alone(quantize, monkeypatch):
@@ -307,12 +366,14 @@ def trained(tmp_path_factory):
     return result.checkpoint
 
 
-def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, capsys):
+@pytest.mark.parametrize("flags", [[], ["--compile"]])
+def test_cli_generate_streams_the_greedy_continuation_of_a_trained_run(trained, flags, capsys):
     from smoe.generation import default_stop_tokens
     from smoe.io.checkpoint import load_model
     from smoe.io.tokenizer import find_tokenizer as load_tokenizer
 
-    assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8"]) == 0
+    assert main(["generate", str(trained.parent.parent), "--prompt", "once upon", "--max-new-tokens", "8",
+                 *flags]) == 0
     out = capsys.readouterr().out
     tokenizer = load_tokenizer(trained)
     model, _ = load_model(trained)

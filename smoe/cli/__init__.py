@@ -224,7 +224,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
     steps = generate_stream(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop, compile=args.compile)
     if args.prompt and len(prompt_ids) == 1:
         # One prompt: stream its continuation as it comes.
         stream = TextStream(tokenizer)
@@ -400,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native "
                         "GEMMs for them)")
     add_quantize_arguments(p, "generate")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile graph: 1.2-1.9x the tokens/s of eager decoding "
+                        "on a CPU (docs/benchmarks.md), after compiling for tens of seconds; pays off for long "
+                        "generations")
     p.set_defaults(func=_cmd_generate)
 
     serve.add_parser(sub)

@@ -76,12 +76,15 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k_BGSK.nbytes + self.v_BGSK.nbytes
 
-    def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
+    def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]] | torch.Tensor, window: int | None
+               ) -> torch.Tensor:
         """Row b's last n new tokens (``spans[b] == (cached, n)``; the columns before them are padding) are written
         at slots [cached, cached + n) and attend over that row's keys alone, so its arithmetic has the same shapes
-        whatever the other rows hold. Padding queries get zeros."""
+        whatever the other rows hold. Padding queries get zeros. ``spans`` a (B,) tensor of slots: ``step``."""
         T = q_BHTK.shape[2]
         gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
+        if torch.is_tensor(spans):
+            return self.step(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         if self.batched and T == 1:
             return self._attend_at_once(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         out_BHTK = q_BHTK.new_zeros(q_BHTK.shape)
@@ -99,6 +102,17 @@ class KVCache:
                 q_BHTK[b : b + 1, :, T - n :], self.k_BGSK[b : b + 1, :, first:end],
                 self.v_BGSK[b : b + 1, :, first:end], attn_mask=mask, enable_gqa=gqa)
         return out_BHTK
+
+    def step(self, q_BH1K, k_BG1K, v_BG1K, slots_B: torch.Tensor, window: int | None, gqa: bool) -> torch.Tensor:
+        """One token per row with static shapes and no host sync (the compiled decode step, smoe.generation): row
+        b's token is written at slot ``slots_B[b]`` and attends over the slots up to it (within the window) among
+        the buffers' S, every row in one call. A padding row writes too, at its row's next free slot, which that
+        row's next real token overwrites; its output is the caller's to ignore."""
+        rows_B = torch.arange(q_BH1K.shape[0], device=q_BH1K.device)
+        self.k_BGSK[rows_B, :, slots_B] = k_BG1K[:, :, 0]
+        self.v_BGSK[rows_B, :, slots_B] = v_BG1K[:, :, 0]
+        mask_B11S = visible_slots(slots_B, self.k_BGSK.shape[2], window)
+        return F.scaled_dot_product_attention(q_BH1K, self.k_BGSK, self.v_BGSK, attn_mask=mask_B11S, enable_gqa=gqa)
 
     def _attend_at_once(self, q_BH1K, k_BG1K, v_BG1K, spans: list[tuple[int, int]], window: int | None,
                         gqa: bool) -> torch.Tensor:
@@ -152,9 +166,11 @@ class Attention(nn.Module):
         return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: KVCache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, spans: list[tuple[int, int]] | torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Without a cache: causal attention within x (``mask_B1TS`` replaces it when given, e.g. for padding).
-        With one: row b's last ``n`` tokens continue its ``cached`` ones, ``spans[b] == (cached, n)``."""
+        With one: row b's last ``n`` tokens continue its ``cached`` ones, ``spans[b] == (cached, n)``; or, one
+        token per row, at slot ``spans[b]`` of a (B,) tensor (``KVCache.step``)."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)

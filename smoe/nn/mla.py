@@ -88,10 +88,11 @@ class MLA(nn.Module):
         return MLACache.empty(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
 
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: MLACache | None = None, spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                cache: MLACache | None = None, spans: list[tuple[int, int]] | torch.Tensor | None = None
+                ) -> torch.Tensor:
         """As ``Attention.forward``. With a cache, each row attends over its own latents: a row's first chunk
         (nothing cached, its own keys only) takes the expanded path, cheaper for many queries; later chunks attend
-        in the latent space."""
+        in the latent space. ``spans`` a (B,) tensor of slots: a static-shape step, as ``KVCache.step``."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -105,6 +106,11 @@ class MLA(nn.Module):
             k_rope_BTR = k_rope_BTR.view(B, T, R)
         if cache is None:
             out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
+        elif torch.is_tensor(spans):  # a static-shape step: row b's token at slot spans[b] (KVCache.step)
+            rows_B = torch.arange(B, device=x_BTD.device)
+            cache.latent_BSX[rows_B, spans] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[:, 0]
+            mask_B11S = visible_slots(spans, cache.latent_BSX.shape[1], None)
+            out_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache.latent_BSX, mask_B11S)
         elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
             written = [b for b, (_, n) in enumerate(spans) if n]
             cached_B = torch.tensor([cached for cached, _ in spans], device=x_BTD.device)
