@@ -143,6 +143,18 @@ def test_cli_measures_the_cpu_only_when_asked(monkeypatch, capsys):
     assert step["seconds"] == pytest.approx(step["bytes"] / 10e9)
 
 
+def test_quantised_weights_on_the_measured_cpu_are_priced_at_their_kernels_rate():
+    # smoe's int8 kernels widen each weight to fp32 before the multiply-add: slower than fp32 GEMM per FLOP, so a
+    # 16-row decode of int8 weights is compute-bound on a CPU where fp32 would be memory-bound.
+    from smoe.hardware import quantized_matmul_flops
+
+    cpu = Hardware(MEASURED_CPU, 12e9, {"fp32": 1.6e11, "int8": 0.6e11}, "fp32", 16e9, None, "test")
+    fp32, int8 = (_decode("mixtral-tiny", cpu, batch=(16,), weights=w, context=64).decode[0] for w in ("fp32", "int8"))
+    assert int8.seconds == pytest.approx(max(int8.bytes / 12e9, int8.flops / 0.6e11))
+    assert fp32.seconds == pytest.approx(max(fp32.bytes / 12e9, fp32.flops / 1.6e11))
+    assert quantized_matmul_flops("int4", size=256, seconds=0.01) > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--hardware", "h100"], "--hardware: unknown profile 'h100'"),
     (["--batch", "0"], "--batch: must be a positive number"),
