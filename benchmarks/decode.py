@@ -40,9 +40,10 @@ import torch
 import smoe
 from smoe import presets
 from smoe.cost import CostSettings, estimate
-from smoe.hardware import copy_bandwidth, measure_cpu
+from smoe.hardware import copy_bandwidth
 from smoe.interop.hf_config import config_to_hf
 from smoe.models import Transformer
+from smoe.quant.measure import cpu_profile
 
 # (preset, overrides, transformers model type): sized so that weights, not per-op overhead, dominate a decode step
 # on a few CPU cores, with a realistic 32k vocabulary.
@@ -142,7 +143,7 @@ def predicted(config, cpu, batch: int, context: int, weights: str):
 def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, rounds: int, dtype: str,
           schemes: list[str], compiled: bool) -> None:
     config, ours, hf_models = build_pair(name, DTYPES[dtype])
-    cpu = measure_cpu()
+    cpu = cpu_profile()
     # our other contenders: name -> (model, compile, weight format)
     variants = {f"smoe {s}": (smoe.quantize(copy.deepcopy(ours), s), False, s) for s in schemes}
     if compiled:

@@ -14,9 +14,11 @@ next-token logits are compared with ours (max |diff|), which checks the conversi
 
 Timing: decode time is t(N new tokens) - t(1 new token) with the prompt evaluated in both, contenders interleaved
 round by round (medians), as in benchmarks/decode.py. Each side's loop is Python around one forward per token
-(smoe.generate; llama-cpp-python's ``eval`` and an argmax over its logits).
+(smoe.generate; llama-cpp-python's ``eval`` and an argmax over its logits). ``--compile`` decodes ours with
+``generate(compile=True)``, each step one compiled graph as llama.cpp's is (compiled in the warm-up, untimed).
 
     .venv/bin/python benchmarks/llamacpp.py [--quantize int8,int4] [--rounds 5] [--new-tokens 64] [--threads 2]
+        [--compile]
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (medians)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compile", action="store_true", help="decode ours with generate(compile=True)")
     args = parser.parse_args()
     try:
         import gguf  # noqa: F401
@@ -165,7 +168,8 @@ def main() -> None:
     ours = Transformer(presets.get(preset, **overrides)).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"greedy decode tokens/s at batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} "
-          f"threads; torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}; mixtral-like, "
+          f"threads{', smoe compiled' if args.compile else ''}; torch {torch.__version__}, llama-cpp-python "
+          f"{llama_cpp.__version__}; mixtral-like, "
           f"{n_params / 1e6:.0f}M parameters")
     prompt = torch.randint(3, ours.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     ids = prompt[0].tolist()
@@ -183,7 +187,8 @@ def main() -> None:
                 diff = np.abs(peer.next_logits(ids) - logits).max()
                 print(f"conversion check: F32 GGUF vs smoe fp32 next-token logits, max |diff| {diff:.2e} "
                       f"(logits up to {np.abs(logits).max():.2f})")
-            runners[f"smoe {scheme}"] = lambda n, m=model: smoe.generate(m, prompt, max_new_tokens=n)[0].tolist()
+            runners[f"smoe {scheme}"] = lambda n, m=model: smoe.generate(m, prompt, max_new_tokens=n,
+                                                                         compile=args.compile)[0].tolist()
             runners[f"llama.cpp {GGUF_TYPES[scheme]}"] = lambda n, p=peer: p.generate(ids, n)
         times = {k: ([], []) for k in runners}
         with torch.inference_mode():

@@ -22,8 +22,8 @@ MEASURED_CPU = "cpu-measured"
 class Hardware:
     name: str
     memory_bandwidth: float  # bytes/s
-    # dense FLOP/s of a matmul in each dtype the hardware multiplies natively (the measured CPU: also smoe's
-    # weight-only int8 / int4 kernels, which widen the weights and multiply in fp32)
+    # dense FLOP/s of a matmul in each dtype the hardware multiplies natively (this CPU as smoe.quant.measure
+    # profiles it: also smoe's weight-only int8 / int4 kernels, which widen the weights and multiply in fp32)
     peak_flops: dict[str, float]
     base_dtype: str  # activations, and matmuls of weight formats without a peak of their own
     memory_bytes: float
@@ -115,41 +115,14 @@ def matmul_flops(dtype: str = "fp32", size: int = 512, seconds: float = 0.1, win
     return best
 
 
-def quantized_matmul_flops(scheme: str, rows: int = 16, size: int = 1024, seconds: float = 0.1,
-                           windows: int = 5) -> float:
-    """FLOP/s of ``rows`` fp32 rows times a ``size`` x ``size`` weight quantised to ``scheme`` (int8, or int4 in
-    groups of 64) with the kernels ``smoe.quantize`` runs here (smoe.kernels.quantized): a weight small enough to
-    stay in cache, so the multiply-adds and the widening of the weights bound it, not memory. Best window, as
-    ``matmul_flops``."""
-    import torch
-
-    from smoe.config import QuantConfig
-    from smoe.kernels import quantized
-    from smoe.quant.format import quantize_weight
-
-    w = quantize_weight(torch.randn(size, size), QuantConfig(scheme, 64 if scheme == "int4" else None))
-    x = torch.randn(rows, size)
-    linear = quantized("auto", x.device).linear
-    best = 0.0
-    for window in range(windows + 1):
-        reps, start = 0, time.perf_counter()
-        while reps == 0 or time.perf_counter() - start < seconds / windows:
-            linear(x, w)
-            reps += 1
-        if window:
-            best = max(best, 2 * rows * size**2 * reps / (time.perf_counter() - start))
-    return best
-
-
 def measure_cpu() -> Hardware:
     """This machine as measured (about a second): copy bandwidth, an fp32 matmul peak at torch's thread count, the
-    rate of the int8 and int4 weight-only kernels on a 16-row decode batch (``quantized_matmul_flops``), the
-    physical memory. fp32 is its base dtype: other formats are priced at the fp32 peak."""
+    physical memory. fp32 is its base dtype: other formats are priced at the fp32 peak (smoe.quant.measure adds
+    the rates of smoe's quantised kernels)."""
     import torch
 
     bandwidth, flops = copy_bandwidth(), matmul_flops("fp32", size=1024, seconds=0.3)
-    peaks = {"fp32": flops, **{scheme: quantized_matmul_flops(scheme) for scheme in ("int8", "int4")}}
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware(MEASURED_CPU, bandwidth, peaks, "fp32", memory, None,
-                    f"measured: 256 MiB tensor copy (read + write), a 1024^3 fp32 matmul, and 16 rows x 1024^2 "
-                    f"int8 / int4 weights through smoe's quantised kernels, {torch.get_num_threads()} threads")
+    return Hardware(MEASURED_CPU, bandwidth, {"fp32": flops}, "fp32", memory, None,
+                    f"measured: 256 MiB tensor copy (read + write) and a 1024^3 fp32 matmul, "
+                    f"{torch.get_num_threads()} threads")

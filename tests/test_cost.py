@@ -146,7 +146,7 @@ def test_cli_measures_the_cpu_only_when_asked(monkeypatch, capsys):
 def test_quantised_weights_on_the_measured_cpu_are_priced_at_their_kernels_rate():
     # smoe's int8 kernels widen each weight to fp32 before the multiply-add: slower than fp32 GEMM per FLOP, so a
     # 16-row decode of int8 weights is compute-bound on a CPU where fp32 would be memory-bound.
-    from smoe.hardware import quantized_matmul_flops
+    from smoe.quant.measure import quantized_matmul_flops
 
     cpu = Hardware(MEASURED_CPU, 12e9, {"fp32": 1.6e11, "int8": 0.6e11}, "fp32", 16e9, None, "test")
     fp32, int8 = (_decode("mixtral-tiny", cpu, batch=(16,), weights=w, context=64).decode[0] for w in ("fp32", "int8"))

@@ -61,12 +61,13 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
 def _cmd_cost(args: argparse.Namespace) -> None:
     from smoe.cost import CostSettings, check_model, estimate, format_cost
-    from smoe.hardware import HARDWARE, MEASURED_CPU, measure_cpu
+    from smoe.hardware import HARDWARE, MEASURED_CPU
+    from smoe.quant.measure import cpu_profile
 
     settings = CostSettings(**given(args, CostSettings)).validate()
     config = _model_config(args)
     check_model(config, settings)  # before measuring anything
-    hardware = [measure_cpu() if name == MEASURED_CPU else HARDWARE[name] for name in settings.hardware]
+    hardware = [cpu_profile() if name == MEASURED_CPU else HARDWARE[name] for name in settings.hardware]
     reports = [estimate(config, hw, settings) for hw in hardware]
     if args.json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMMs for them)")
     add_quantize_arguments(p, "generate")
     p.add_argument("--compile", action="store_true",
-                   help="run each decode step as one torch.compile graph: 1.2-1.9x the tokens/s of eager decoding "
+                   help="run each decode step as one torch.compile graph: 1.1-2.1x the tokens/s of eager decoding "
                         "on a CPU (docs/benchmarks.md), after compiling for tens of seconds; pays off for long "
                         "generations")
     p.set_defaults(func=_cmd_generate)

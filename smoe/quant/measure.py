@@ -1,0 +1,44 @@
+"""This CPU as ``smoe cost`` prices it: smoe.hardware's measurements plus the rates of smoe's weight-only int8 / int4
+kernels, which widen every weight to fp32 before the multiply-add and so run below the fp32 GEMM's peak: a 16-row
+int8 decode step is compute-bound on a CPU where fp32's is memory-bound (docs/cost.md)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import torch
+
+from smoe import hardware
+from smoe.config import QuantConfig
+from smoe.kernels import quantized
+from smoe.quant.format import quantize_weight
+
+
+def quantized_matmul_flops(scheme: str, rows: int = 16, size: int = 1024, seconds: float = 0.1,
+                           windows: int = 5) -> float:
+    """FLOP/s of ``rows`` fp32 rows times a ``size`` x ``size`` weight quantised to ``scheme`` (int8, or int4 in
+    groups of 64) with the kernels ``smoe.quantize`` runs here (smoe.kernels.quantized): a weight small enough to
+    stay in cache, so the multiply-adds and the widening of the weights bound it, not memory. The best of
+    ``windows`` windows after a warm-up one, as ``smoe.hardware.matmul_flops``."""
+    w = quantize_weight(torch.randn(size, size), QuantConfig(scheme, 64 if scheme == "int4" else None))
+    x = torch.randn(rows, size)
+    linear = quantized("auto", x.device).linear
+    best = 0.0
+    for window in range(windows + 1):
+        reps, start = 0, time.perf_counter()
+        while reps == 0 or time.perf_counter() - start < seconds / windows:
+            linear(x, w)
+            reps += 1
+        if window:
+            best = max(best, 2 * rows * size**2 * reps / (time.perf_counter() - start))
+    return best
+
+
+def cpu_profile() -> hardware.Hardware:
+    """``smoe.hardware.measure_cpu()`` with the int8 and int4 rates of a 16-row decode batch through smoe's
+    kernels (``quantized_matmul_flops``) among its peaks."""
+    cpu = hardware.measure_cpu()
+    peaks = {**cpu.peak_flops, **{scheme: quantized_matmul_flops(scheme) for scheme in ("int8", "int4")}}
+    return replace(cpu, peak_flops=peaks, source=f"{cpu.source}; 16 rows x 1024^2 int8 / int4 weights through "
+                                                    f"smoe's quantised kernels")
