@@ -49,7 +49,9 @@ def permute(expert_ids_A: torch.Tensor, n_experts: int, capacity: int | None, to
         # Padding goes to a bucket past the last expert, which sorts last and is never computed.
         expert_ids_A = expert_ids_A.masked_fill(~keep_A, n_experts)
     order_A = torch.argsort(expert_ids_A, stable=True)
-    counts_E = torch.bincount(expert_ids_A, minlength=n_experts + 1)[:n_experts]
+    # A scatter-add, not bincount: Inductor compiles it into the graph (bincount would be an opaque call).
+    counts_E = expert_ids_A.new_zeros(n_experts + 1).scatter_add_(0, expert_ids_A, torch.ones_like(expert_ids_A))
+    counts_E = counts_E[:n_experts]
     if capacity is None:
         order_R = order_A if keep_A is None else order_A[: int(counts_E.sum())]
         return Dispatch(order_R, _inverse(order_R, A), counts_E, counts_E, counts_E.new_zeros(()))
