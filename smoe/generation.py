@@ -150,7 +150,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.compiled_step = None
         if compile:
-            _check_compilable(model, self.expert_backend is not None, count_experts)
+            _check_compilable(model, self.expert_backend is not None, count_experts, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(model.decode_step, fullgraph=True, options={"cpp_wrapper": True})
             for layer in self.cache.layers:  # one graph for every cache length
@@ -366,8 +366,20 @@ def _check_model(model: Transformer) -> None:
                          "batch, later positions included, so a token's output depends on tokens not yet generated")
 
 
-def _check_compilable(model: Transformer, independent_rows: bool, count_experts: bool) -> None:
+def _check_compilable(model: Transformer, independent_rows: bool, count_experts: bool, device: torch.device
+                      ) -> None:
     """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
+    if device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+        except ImportError:  # another torch: its compile says for itself what it lacks
+            get_cpp_compiler = None
+        if get_cpp_compiler is not None:
+            try:
+                get_cpp_compiler()
+            except Exception as err:  # Inductor's own error types, which differ between releases
+                raise ValueError(f"compile: torch.compile builds the CPU graph with a C++ compiler, and none was "
+                                 f"found ({type(err).__name__}: {err}); install one (g++) or decode eagerly") from None
     if any(block.is_linear for block in model.layers):
         raise ValueError("compile: a model with linear-attention layers decodes eagerly (its recurrent states are "
                          "not in the compiled step)")

@@ -161,8 +161,13 @@ def test_compiled_decode_steps_give_the_eager_tokens(preset, quantize):
 @pytest.mark.parametrize("preset, kw, message", [
     ("qwen3-next-tiny", {}, "linear-attention"),
     ("mixtral-tiny", {"decode_rows": 2}, "decode_rows"),
+    ("mixtral-tiny", {}, "C\\+\\+ compiler"),
 ])
-def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(preset, kw, message):
+def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(preset, kw, message, monkeypatch):
+    if "compiler" in message:
+        def none_found():
+            raise RuntimeError("no C++ compiler among ('g++',)")
+        monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", none_found)
     model = build_model(presets.get(preset)).eval()
     with pytest.raises(ValueError, match=f"compile: .*{message}"):
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
