@@ -131,7 +131,8 @@ class Engine:
     ``count_experts`` keeps ``expert_tokens``: tokens routed to each expert of each MoE layer so far.
     ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend and attends for every
     row in one call per decode step, where a row's result may change in the last bits with its neighbours'
-    routing and lengths (offline ``generate`` without ``decode_rows``).
+    routing and lengths (offline ``generate`` without ``decode_rows``). ``compile`` runs each decode step as
+    one compiled graph (``Transformer.decode_step``; docs/generation.md), for one row or dependent rows.
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,

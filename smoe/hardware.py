@@ -104,14 +104,20 @@ def matmul_flops(dtype: str = "fp32", size: int = 512, seconds: float = 0.1, win
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     a, b = torch.randn(size, size, dtype=torch_dtype), torch.randn(size, size, dtype=torch_dtype)
+    return best_rate(lambda: a @ b, 2 * size**3, seconds, windows)
+
+
+def best_rate(fn: Callable[[], object], work: float, seconds: float, windows: int) -> float:
+    """``work`` per call of ``fn`` over the time a call takes, in the best of ``windows`` equal windows of
+    ``seconds`` in all, after one warm-up window."""
     best = 0.0
     for window in range(windows + 1):
         reps, start = 0, time.perf_counter()
         while reps == 0 or time.perf_counter() - start < seconds / windows:
-            a @ b
+            fn()
             reps += 1
         if window:  # the first window warms up
-            best = max(best, 2 * size**3 * reps / (time.perf_counter() - start))
+            best = max(best, work * reps / (time.perf_counter() - start))
     return best
 
 

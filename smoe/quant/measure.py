@@ -4,7 +4,6 @@ int8 decode step is compute-bound on a CPU where fp32's is memory-bound (docs/co
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import torch
@@ -19,20 +18,12 @@ def quantized_matmul_flops(scheme: str, rows: int = 16, size: int = 1024, second
                            windows: int = 5) -> float:
     """FLOP/s of ``rows`` fp32 rows times a ``size`` x ``size`` weight quantised to ``scheme`` (int8, or int4 in
     groups of 64) with the kernels ``smoe.quantize`` runs here (smoe.kernels.quantized): a weight small enough to
-    stay in cache, so the multiply-adds and the widening of the weights bound it, not memory. The best of
-    ``windows`` windows after a warm-up one, as ``smoe.hardware.matmul_flops``."""
+    stay in cache, so the multiply-adds and the widening of the weights bound it, not memory. The best window, as
+    ``smoe.hardware.matmul_flops``."""
     w = quantize_weight(torch.randn(size, size), QuantConfig(scheme, 64 if scheme == "int4" else None))
     x = torch.randn(rows, size)
     linear = quantized("auto", x.device).linear
-    best = 0.0
-    for window in range(windows + 1):
-        reps, start = 0, time.perf_counter()
-        while reps == 0 or time.perf_counter() - start < seconds / windows:
-            linear(x, w)
-            reps += 1
-        if window:
-            best = max(best, 2 * rows * size**2 * reps / (time.perf_counter() - start))
-    return best
+    return hardware.best_rate(lambda: linear(x, w), 2 * rows * size**2, seconds, windows)
 
 
 def cpu_profile() -> hardware.Hardware:
