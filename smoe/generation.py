@@ -26,7 +26,7 @@ import torch
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import ModelOutput, Transformer
-from smoe.nn import KVCache
+from smoe.nn import KVCache, MLACache
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
@@ -154,9 +154,9 @@ class Engine:
             _check_compilable(model, self.expert_backend is not None, count_experts, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(model.decode_step, fullgraph=True, options={"cpp_wrapper": True})
-            for layer in self.cache.layers:  # one graph for every cache length
-                slot_dims = [(layer.k_BGSK, 2), (layer.v_BGSK, 2)] if isinstance(layer, KVCache) else [
-                    (layer.latent_BSX, 1)]
+            for layer in self.cache.layers:  # one graph for every cache length (recurrent states have none)
+                slot_dims = ([(layer.k_BGSK, 2), (layer.v_BGSK, 2)] if isinstance(layer, KVCache) else
+                             [(layer.latent_BSX, 1)] if isinstance(layer, MLACache) else [])
                 for tensor, dim in slot_dims:
                     torch._dynamo.mark_dynamic(tensor, dim)
 
@@ -381,9 +381,6 @@ def _check_compilable(model: Transformer, independent_rows: bool, count_experts:
             except Exception as err:  # Inductor's own error types, which differ between releases
                 raise ValueError(f"compile: torch.compile builds the CPU graph with a C++ compiler, and none was "
                                  f"found ({type(err).__name__}: {err}); install one (g++) or decode eagerly") from None
-    if any(block.is_linear for block in model.layers):
-        raise ValueError("compile: a model with linear-attention layers decodes eagerly (its recurrent states are "
-                         "not in the compiled step)")
     if count_experts:
         raise ValueError("compile: counting the tokens routed to each expert needs the eager decode step")
     if independent_rows:

@@ -109,11 +109,14 @@ def test_batched_decode_steps_attend_as_a_call_per_row_does(preset, changes):
         torch.testing.assert_close(at_once[[0, 2]], per_row[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", CACHE_CASES)
+HYBRID = {"layout.layer_types": ("linear_attention", "full_attention")}  # a recurrent state and a KV cache
+
+
+@pytest.mark.parametrize("case", [*CACHE_CASES, "hybrid"])
 def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
-    # Transformer.decode_step, eager: rows of different lengths, one row padding for a few steps;
-    # the padding row's stray key must not reach its later real tokens.
-    preset, changes = CACHE_CASES[case]
+    # Transformer.decode_step, eager: rows of different lengths, one row padding for a few steps; the padding
+    # row's stray key must not reach its later real tokens, nor its token the row's recurrent state.
+    preset, changes = CACHE_CASES[case] if case != "hybrid" else ("qwen3-next-tiny", HYBRID)
     model = _model(preset, **changes)
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(2)
@@ -139,11 +142,12 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
     assert torch.equal(caches[0].lengths_B, caches[1].lengths_B)
 
 
-@pytest.mark.parametrize("preset, quantize", [("mixtral-tiny", None), ("deepseek-v3-tiny", "int8")])
-def test_compiled_decode_steps_give_the_eager_tokens(preset, quantize):
+@pytest.mark.parametrize("preset, changes, quantize", [("mixtral-tiny", {}, None), ("deepseek-v3-tiny", {}, "int8"),
+                                                      ("qwen3-next-tiny", HYBRID, None)])
+def test_compiled_decode_steps_give_the_eager_tokens(preset, changes, quantize):
     # One graph per step, for every cache length; prompts of different lengths, and a stop token that turns one
     # row into padding early.
-    model = _model(preset)
+    model = _model(preset, **changes)
     if quantize:
         smoe.quantize(model, quantize)
     g = torch.Generator().manual_seed(4)
@@ -158,17 +162,13 @@ def test_compiled_decode_steps_give_the_eager_tokens(preset, quantize):
     assert torch.equal(compiled, smoe.generate(model, longer, max_new_tokens=6))
 
 
-@pytest.mark.parametrize("preset, kw, message", [
-    ("qwen3-next-tiny", {}, "linear-attention"),
-    ("mixtral-tiny", {"decode_rows": 2}, "decode_rows"),
-    ("mixtral-tiny", {}, "C\\+\\+ compiler"),
-])
-def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(preset, kw, message, monkeypatch):
+@pytest.mark.parametrize("kw, message", [({"decode_rows": 2}, "decode_rows"), ({}, "C\\+\\+ compiler")])
+def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(kw, message, monkeypatch):
     if "compiler" in message:
         def none_found():
             raise RuntimeError("no C++ compiler among ('g++',)")
         monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", none_found)
-    model = build_model(presets.get(preset)).eval()
+    model = _model("mixtral-tiny")
     with pytest.raises(ValueError, match=f"compile: .*{message}"):
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
 
