@@ -110,7 +110,7 @@ class MLA(nn.Module):
             rows_B = torch.arange(B, device=x_BTD.device)
             cache.latent_BSX[rows_B, spans] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[:, 0]
             mask_B11S = visible_slots(spans, cache.latent_BSX.shape[1], None)
-            out_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache.latent_BSX, mask_B11S)
+            out_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache.latent_BSX, mask_B11S, whole_rows=True)
         elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
             written = [b for b, (_, n) in enumerate(spans) if n]
             cached_B = torch.tensor([cached for cached, _ in spans], device=x_BTD.device)
@@ -147,8 +147,11 @@ class MLA(nn.Module):
                      mask_B1TS=mask_B1TS)
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS) -> torch.Tensor:
-        """Attention in the latent space over the cached latent rows (``mask_B1TS`` None: every slot): (B, T, H, V)."""
+    def _absorbed(self, q_nope_BTHN, q_rope_BTHR, latent_BSX, mask_B1TS, whole_rows: bool = False) -> torch.Tensor:
+        """Attention in the latent space over the cached latent rows (``mask_B1TS`` None: every slot): (B, T, H, V).
+        ``whole_rows``: the value is the whole latent row, of which the first C outputs are kept. The same sums,
+        for a (C + R) / C wider product: compiled, attention takes a value slice as a contiguous copy, of the whole
+        cache every step (the compiled decode step uses it)."""
         cfg = self.config
         B, T, H, N = q_nope_BTHN.shape
         C, V, S = cfg.kv_lora_rank, cfg.v_head_dim, latent_BSX.shape[1]
@@ -162,6 +165,7 @@ class MLA(nn.Module):
         if mask_B1TS is not None:
             mask_B1QS = mask_B1TS[:, :, :, None, :].expand(-1, 1, T, H, S).reshape(-1, 1, T * H, S)
         latent_B1SX = latent_BSX[:, None]
-        out_B1QC = F.scaled_dot_product_attention(q_B1QX, latent_B1SX, latent_B1SX[..., :C], attn_mask=mask_B1QS,
-                                                  scale=self.scale)
-        return torch.einsum("bthc,hvc->bthv", out_B1QC.view(B, T, H, C), w_uv_HVC)
+        value_B1SX = latent_B1SX if whole_rows else latent_B1SX[..., :C]
+        out_B1QC = F.scaled_dot_product_attention(q_B1QX, latent_B1SX, value_B1SX, attn_mask=mask_B1QS,
+                                                  scale=self.scale)[..., :C]
+        return torch.einsum("bthc,hvc->bthv", out_B1QC.reshape(B, T, H, C), w_uv_HVC)
