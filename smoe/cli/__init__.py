@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMMs for them)")
     add_quantize_arguments(p, "generate")
     p.add_argument("--compile", action="store_true",
-                   help="run each decode step as one torch.compile graph: 1.1-2.1x the tokens/s of eager decoding "
+                   help="run each decode step as one torch.compile graph: 1.1-2.4x the tokens/s of eager decoding "
                         "on a CPU (docs/benchmarks.md), after compiling for tens of seconds; pays off for long "
                         "generations")
     p.set_defaults(func=_cmd_generate)
