@@ -26,7 +26,6 @@ import torch
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import ModelOutput, Transformer
-from smoe.nn import KVCache, MLACache
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
@@ -154,11 +153,9 @@ class Engine:
             _check_compilable(model, self.expert_backend is not None, count_experts, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(_step_and_argmax, fullgraph=True, options={"cpp_wrapper": True})
-            for layer in self.cache.layers:  # one graph for every cache length (recurrent states have none)
-                slot_dims = ([(layer.k_BGSK, 2), (layer.v_BGSK, 2)] if isinstance(layer, KVCache) else
-                             [(layer.latent_BSX, 1)] if isinstance(layer, MLACache) else [])
-                for tensor, dim in slot_dims:
-                    torch._dynamo.mark_dynamic(tensor, dim)
+            for layer in self.cache.layers:  # one graph for every cache length
+                for tensor, axis in layer.slot_axes:
+                    torch._dynamo.mark_dynamic(tensor, axis)
 
     @property
     def free_rows(self) -> int:

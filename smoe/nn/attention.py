@@ -76,6 +76,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k_BGSK.nbytes + self.v_BGSK.nbytes
 
+    @property
+    def slot_axes(self) -> list[tuple[torch.Tensor, int]]:
+        """Each buffer with its slot axis (what a compiled step marks dynamic)."""
+        return [(self.k_BGSK, 2), (self.v_BGSK, 2)]
+
     def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]] | torch.Tensor, window: int | None
                ) -> torch.Tensor:
         """Row b's last n new tokens (``spans[b] == (cached, n)``; the columns before them are padding) are written

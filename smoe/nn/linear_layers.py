@@ -48,6 +48,11 @@ class RecurrentState:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.conv_BCW, self.state_BHKV) if t is not None)
 
+    @property
+    def slot_axes(self) -> list[tuple[torch.Tensor, int]]:
+        """None: the state is constant in the context length (``KVCache.slot_axes``)."""
+        return []
+
 
 def causal_conv(x_BTC: torch.Tensor, weight: torch.Tensor, history_BCW: torch.Tensor | None,
                 real_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,11 @@ class MLACache:
     def nbytes(self) -> int:
         return self.latent_BSX.nbytes
 
+    @property
+    def slot_axes(self) -> list[tuple[torch.Tensor, int]]:
+        """The buffer with its slot axis, as ``KVCache.slot_axes``."""
+        return [(self.latent_BSX, 1)]
+
     def append(self, b: int, ckv_TC: torch.Tensor, k_rope_TR: torch.Tensor, cached: int) -> torch.Tensor:
         """Write row b's new tokens at slots [cached, cached + T); return its latent rows up to there, (1, S, X)."""
         end = cached + ckv_TC.shape[0]
