@@ -23,7 +23,8 @@ class Hardware:
     name: str
     memory_bandwidth: float  # bytes/s
     # dense FLOP/s of a matmul in each dtype the hardware multiplies natively (this CPU as smoe.quant.measure
-    # profiles it: also smoe's weight-only int8 / int4 kernels, which widen the weights and multiply in fp32)
+    # profiles it: also smoe's int8 / int4 kernels, which widen int8 weights to fp32 and multiply int4 ones by
+    # int8 activations)
     peak_flops: dict[str, float]
     base_dtype: str  # activations, and matmuls of weight formats without a peak of their own
     memory_bytes: float

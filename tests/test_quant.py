@@ -15,7 +15,15 @@ from smoe.interop.hf import save_model_checkpoint
 from smoe.kernels import cpp_quant
 from smoe.models import build_model
 from smoe.moe import MoELayer
-from smoe.quant.format import dequantize, int4_group, pack_int4, quantize_weight, unpack_int4
+from smoe.quant.format import (
+    dequantize,
+    int4_group,
+    int8_activations,
+    pack_int4,
+    quantize_activations,
+    quantize_weight,
+    unpack_int4,
+)
 from smoe.quant.modules import QuantizedLinear
 
 CPU = torch.device("cpu")
@@ -69,9 +77,42 @@ def test_quantized_linear_error_is_within_the_format_bound(scheme):
     step = q.scale[:, None].expand(40, 128) if config.scheme == "int8" else q.scale.repeat_interleave(
         config.group_size, dim=-1)
     bound = x.abs() @ (step / 2).t()
+    if config.scheme == "int4":  # the activations' rounding: |(x~ - x) . w_q| <= |x~ - x| . |w_q|
+        bound += (quantize_activations(x, config.group_size) - x).abs() @ dequantize(q.value()).abs().t()
     with torch.no_grad():
         err = (q(x) - linear(x)).abs()
     assert (err <= bound + 1e-4).all() and err.max() > 0
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_activations_round_to_int8_per_block_of_the_bytes_a_kernel_reads(group):
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    x[1, 40:] = 0  # a block of zeros stays zero
+    got = quantize_activations(x, group)
+    H = group // 2
+    for b in range(256 // 64):  # block b: the inputs of packed bytes 32b .. 32b + 31, two per byte (j and j + G/2)
+        inputs = [p // H * group + p % H + half for p in range(32 * b, 32 * b + 32) for half in (0, H)]
+        step = x[:, inputs].abs().amax(-1, keepdim=True) / 127
+        levels = got[:, inputs] / step.clamp_min(1e-30)
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+        assert ((got[:, inputs] - x[:, inputs]).abs() <= step / 2 * (1 + 1e-6)).all()
+    spike = x.clone()  # group 128: block 0 holds inputs 0-31 and 64-95, so a spike at input 64 coarsens those only
+    spike[0, 64] = 1000.0
+    changed = (quantize_activations(spike, 128) != quantize_activations(x, 128))[0].nonzero().flatten().tolist()
+    assert set(changed) <= set(range(32)) | set(range(64, 96)) and 0 in changed
+
+
+def test_int4_weights_multiply_int8_activations_where_the_format_says():
+    def weight(inputs, group):
+        return quantize_weight(torch.randn(8, inputs), QuantConfig("int4", group))
+
+    assert int8_activations(weight(128, 32)) and int8_activations(weight(192, 64))
+    assert not int8_activations(weight(96, 64))  # groups of 48
+    assert not int8_activations(weight(160, 32))  # 160 inputs: not whole blocks of 64
+    assert not int8_activations(quantize_weight(torch.randn(8, 128), QuantConfig("int8")))
+    w, x = weight(128, 64), torch.randn(2, 128)
+    torch.testing.assert_close(kernels.quantized("reference", CPU).linear(x, w),
+                               quantize_activations(x, 64) @ dequantize(w).t())
 
 
 def _cpp_kernels():
@@ -84,6 +125,15 @@ def _cpp_kernels():
 def fast(request):
     """A fast CPU backend for quantised weights (the C++ one skips where it cannot be built)."""
     return _cpp_kernels() if request.param == "cpp" else kernels.quantized(request.param, CPU)
+
+
+def test_cpp_int4_blocks_that_straddle_groups_match_the_reference():
+    # 192 inputs at group 128 quantise in groups of 96: the second block of 64 starts in one group and ends in the next
+    w = quantize_weight(torch.randn(9, 192), QuantConfig("int4", 128))
+    assert w.group_size == 96 and int8_activations(w)
+    x = torch.randn(5, 192)
+    torch.testing.assert_close(_cpp_kernels().linear(x, w), kernels.quantized("reference", CPU).linear(x, w),
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -5,7 +5,11 @@
 // Decode multiplies a few rows by each weight, so its time is the weight bytes read. The weights stay packed in
 // memory and become fp32 in registers: int8 lanes are widened and converted, int4 nibbles masked and shifted out
 // of their bytes; a group's dot product is multiplied by its scale once (its offset multiplies the row's sum over
-// the group, computed once per row). A tile converts each weight vector once for up to four rows. Work splits over output
+// the group, computed once per row). int4 weights whose groups are whole multiples of 32 inputs (and whose rows
+// are a multiple of 64) multiply int8 activations instead: each row is quantised once per call, per block of 64
+// inputs in the order the tile reads the nibbles (smoe/quant/format.py: quantize_activations, the spec), and
+// vpmaddubsw multiplies 32 nibbles by 32 int8 activations in one instruction, where widening every nibble to fp32
+// cost more than reading it. A tile converts each weight vector once for up to four rows. Work splits over output
 // channels with at::parallel_for, on torch's own thread pool: no second pool competes with the next torch op for
 // the cores. Without AVX2 and FMA (or for an int4 group whose half is not a multiple of 8) the scalar loops run.
 //
@@ -32,6 +36,7 @@ namespace {
 
 constexpr int64_t kChannels = 4;        // output channels per parallel task
 constexpr int64_t kTaskMacs = 1 << 15;  // multiply-adds below which a parallel split costs more than it saves
+constexpr int64_t kActivationBlock = 64;  // inputs per int8 activation scale: 32 bytes of int4 weights
 
 // One quantised (O, I) matrix as the kernels read it: int8 with a scale per channel, or int4 (two inputs a byte)
 // with a scale and an offset per group of G inputs.
@@ -42,6 +47,20 @@ struct QMatrix {
   int64_t in, group;    // group: G for int4, I for int8
   int64_t row_bytes() const { return offset ? in / 2 : in; }
   int64_t groups() const { return in / group; }
+  // int4 with int8 activations: every 32 bytes of a row (64 inputs) lie in one group or fill two whole ones.
+  bool int8_activations() const { return offset && group % 32 == 0 && in % kActivationBlock == 0; }
+};
+
+// The rows a call multiplies as the kernels read them: fp32 (ldx apart), each row's group sums (int4: the offsets
+// multiply them) and, for int4 with int8 activations, the rows quantised: row r's block b (inputs of packed bytes
+// 32b .. 32b + 31: their 32 low nibbles' inputs, then their 32 high nibbles') at q[(r * S + b) * 64], its scale at
+// qscale[r * S + b], S = I / 64.
+struct Rows {
+  const float* x;
+  int64_t ldx;
+  std::vector<float> sums;
+  std::vector<int8_t> q;
+  std::vector<float> qscale;
 };
 
 // Scalar dot products of row x with channel c: the portable path, and the tails the vector tiles leave (int8 from
@@ -64,6 +83,27 @@ float int4_dot(const float* x, const float* xsum, const QMatrix& m, int64_t c) {
     for (int64_t k = 0; k < H; ++k) dot += float(b[k] & 15) * xg[k] + float(b[k] >> 4) * xg[H + k];
     total += m.scale[c * N + g] * dot + m.offset[c * N + g] * xsum[g];
   }
+  return total;
+}
+
+// Row r of `rows` with int4 channel c through int8 activations: each block's exact integer dot product per group,
+// times the block's scale and the group's, plus the offsets times the row's group sums.
+float int4_a8_dot(const Rows& rows, int64_t r, const QMatrix& m, int64_t c) {
+  const int64_t H = m.group / 2, N = m.groups(), S = m.in / kActivationBlock;
+  const uint8_t* row = static_cast<const uint8_t*>(m.q) + c * m.row_bytes();
+  float total = 0.f;
+  for (int64_t b = 0; b < S; ++b) {
+    const int8_t* xq = rows.q.data() + (r * S + b) * kActivationBlock;
+    for (int64_t half = 0; half < 32; half += 16) {  // bytes of one group (two when G is 32)
+      int32_t dot = 0;
+      for (int64_t k = half; k < half + 16; ++k) {
+        const uint8_t byte = row[32 * b + k];
+        dot += int32_t(byte & 15) * xq[k] + int32_t(byte >> 4) * xq[32 + k];
+      }
+      total += float(dot) * rows.qscale[r * S + b] * m.scale[c * N + (32 * b + half) / H];
+    }
+  }
+  for (int64_t g = 0; g < N; ++g) total += m.offset[c * N + g] * rows.sums[r * N + g];
   return total;
 }
 
@@ -152,53 +192,133 @@ void int4_tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m,
     for (int c = 0; c < C; ++c) out[r * ldo + c0 + c] = hsum(acc[r][c]) + offsets[r][c];
 }
 
+// The R x C tile of int4 channels with int8 activations, rows r0 .. r0 + R - 1: 32 bytes of a channel are masked
+// and shifted into 32 low and 32 high nibbles; vpmaddubsw multiplies each run by the row's 32 int8 activations
+// into 16-bit pairs (at most 2 * 15 * 127, and two runs' sum 7,620: no saturation), vpmaddwd sums them into eight
+// 32-bit lanes of four bytes each, and the lanes, converted once per block, are scaled by the block's activation
+// scale and their group's weight scale (lanes 0-3 and 4-7 lie in different groups when G is 32).
 template <int R, int C>
-void tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
-  if (m.offset)
-    int4_tile<R, C>(x, ldx, xsum, m, c0, out, ldo);
+void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
+  const int64_t H = m.group / 2, N = m.groups(), S = m.in / kActivationBlock, bytes = m.row_bytes();
+  const uint8_t* q = static_cast<const uint8_t*>(m.q) + c0 * bytes;
+  const __m256i nibble = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t g0 = 0, g1 = 16 / H, at0 = 0, at1 = 16 % H;  // the groups of the block's two 16-byte halves, and where
+  for (int64_t b = 0; b < S; ++b) {                      // in them the halves start (no division in the loop)
+    if (b % 2 == 0)
+      for (int c = 0; c < C; ++c) prefetch(q + (2 * C + c) * bytes + 32 * b);
+    for (int c = 0; c < C; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * bytes + 32 * b));
+      const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      const float* scale = m.scale + (c0 + c) * N;
+      const __m256 sw = g0 == g1 ? _mm256_set1_ps(scale[g0])
+                                 : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scale[g0])),
+                                                        _mm_set1_ps(scale[g1]), 1);
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = rows.q.data() + ((r0 + r) * S + b) * kActivationBlock;
+        const __m256i pairs =
+            _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
+                             _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))));
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
+                                         _mm256_set1_ps(rows.qscale[(r0 + r) * S + b]));
+        acc[r][c] = _mm256_fmadd_ps(dot, sw, acc[r][c]);
+      }
+    }
+    for (int64_t* at : {&at0, &at1}) *at += 32;
+    for (; at0 >= H; at0 -= H) ++g0;
+    for (; at1 >= H; at1 -= H) ++g1;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float offsets = 0.f;
+      for (int64_t g = 0; g < N; ++g) offsets += m.offset[(c0 + c) * N + g] * rows.sums[(r0 + r) * N + g];
+      out[(r0 + r) * ldo + c0 + c] = hsum(acc[r][c]) + offsets;
+    }
+}
+
+template <int R, int C>
+void tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
+  const float* x = rows.x + r0 * rows.ldx;
+  if (m.int8_activations())
+    int4_a8_tile<R, C>(rows, r0, m, c0, out, ldo);
+  else if (m.offset)
+    int4_tile<R, C>(x, rows.ldx, rows.sums.data() + r0 * m.groups(), m, c0, out + r0 * ldo, ldo);
   else
-    int8_tile<R, C>(x, ldx, m, c0, out, ldo);
+    int8_tile<R, C>(x, rows.ldx, m, c0, out + r0 * ldo, ldo);
 }
 #endif
 
-// out[r, c] = x[r] . dequantize(m)[c] for rows [r0, r1) and channels [c0, c1); xsum: every row's group sums (int4).
-void matmul_block(const float* x, int64_t ldx, int64_t r0, int64_t r1, const QMatrix& m, const float* xsum,
-                  int64_t c0, int64_t c1, float* out, int64_t ldo) {
-  const int64_t N = m.groups();
+// out[r, c] = x[r] . dequantize(m)[c] for rows [r0, r1) and channels [c0, c1) (int4 with int8 activations: the
+// rows as quantised).
+void matmul_block(const Rows& rows, int64_t r0, int64_t r1, const QMatrix& m, int64_t c0, int64_t c1, float* out,
+                  int64_t ldo) {
   int64_t c = c0;
 #ifdef SMOE_AVX2
   if (!m.offset || (m.group / 2) % 8 == 0) {
     for (; c + kChannels <= c1; c += kChannels) {
       int64_t r = r0;
       for (; r + 4 <= r1; r += 4)
-        for (int64_t half = 0; half < kChannels; half += 2)
-          tile<4, 2>(x + r * ldx, ldx, xsum + r * N, m, c + half, out + r * ldo, ldo);
+        for (int64_t half = 0; half < kChannels; half += 2) tile<4, 2>(rows, r, m, c + half, out, ldo);
       if (r1 - r == 3) {  // the last rows share each converted weight too (an expert gets a few rows at decode)
-        for (int64_t half = 0; half < kChannels; half += 2)
-          tile<3, 2>(x + r * ldx, ldx, xsum + r * N, m, c + half, out + r * ldo, ldo);
+        for (int64_t half = 0; half < kChannels; half += 2) tile<3, 2>(rows, r, m, c + half, out, ldo);
       } else if (r1 - r == 2) {
-        tile<2, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+        tile<2, 4>(rows, r, m, c, out, ldo);
       } else if (r1 - r == 1) {
-        tile<1, 4>(x + r * ldx, ldx, xsum + r * N, m, c, out + r * ldo, ldo);
+        tile<1, 4>(rows, r, m, c, out, ldo);
       }
     }
+    if (m.int8_activations())  // the last channels through the same instructions, so that no row's result varies
+      for (; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) tile<1, 1>(rows, r, m, c, out, ldo);
   }
 #endif
   for (; c < c1; ++c)
-    for (int64_t r = r0; r < r1; ++r)
-      out[r * ldo + c] =
-          m.offset ? int4_dot(x + r * ldx, xsum + r * N, m, c) : int8_dot(x + r * ldx, m, c) * m.scale[c];
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = rows.x + r * rows.ldx;
+      out[r * ldo + c] = m.int8_activations() ? int4_a8_dot(rows, r, m, c)
+                         : m.offset           ? int4_dot(x, rows.sums.data() + r * m.groups(), m, c)
+                                              : int8_dot(x, m, c) * m.scale[c];
+    }
 }
 
-// The (B, N) group sums of x's B rows, which int4's offsets multiply; empty for int8.
-std::vector<float> group_sums(const float* x, int64_t B, const QMatrix& m) {
-  if (!m.offset) return {};
-  const int64_t N = m.groups();
-  std::vector<float> sums(B * N, 0.f);
+// The B rows of x (I apart) as the kernels of m read them: for int4, their group sums; with int8 activations,
+// each block of 64 inputs in the tile's order quantised to int8 with scale max|x| / 127, rounded to nearest (even
+// on ties) in the spec's fp32 arithmetic (smoe/quant/format.py: quantize_activations), so the integer dot products
+// match it exactly, and the group sums are those of the rounded activations.
+Rows prepare(const float* x, int64_t B, const QMatrix& m) {
+  Rows rows{x, m.in, {}, {}, {}};
+  if (!m.offset) return rows;
+  const int64_t G = m.group, H = G / 2, N = m.groups();
+  rows.sums.assign(B * N, 0.f);
+  if (!m.int8_activations()) {
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t g = 0; g < N; ++g)
+        for (int64_t k = 0; k < G; ++k) rows.sums[r * N + g] += x[r * m.in + g * G + k];
+    return rows;
+  }
+  const int64_t S = m.in / kActivationBlock;
+  rows.q.resize(B * m.in);
+  rows.qscale.resize(B * S);
   for (int64_t r = 0; r < B; ++r)
-    for (int64_t g = 0; g < N; ++g)
-      for (int64_t k = 0; k < m.group; ++k) sums[r * N + g] += x[r * m.in + g * m.group + k];
-  return sums;
+    for (int64_t b = 0; b < S; ++b) {
+      float block[kActivationBlock], top = 0.f;
+      for (int64_t k = 0; k < 32; ++k) {  // packed byte p = 32b + k holds inputs gG + j and gG + H + j
+        const int64_t p = 32 * b + k, at = r * m.in + p / H * G + p % H;
+        block[k] = x[at];
+        block[32 + k] = x[at + H];
+      }
+      for (float v : block) top = std::max(top, std::fabs(v));
+      const float inverse = top > 0.f ? 127.f / top : 0.f, scale = top / 127.f;
+      int8_t* q = rows.q.data() + (r * S + b) * kActivationBlock;
+      for (int64_t k = 0; k < kActivationBlock; ++k) {
+        q[k] = int8_t(std::nearbyint(block[k] * inverse));
+        rows.sums[r * N + (32 * b + k % 32) / H] += float(q[k]) * scale;
+      }
+      rows.qscale[r * S + b] = scale;
+    }
+  return rows;
 }
 
 // Tasks (blocks of kChannels channels over `rows` rows of `in` inputs) per parallel chunk.
@@ -236,9 +356,9 @@ at::Tensor linear(const at::Tensor& x_BI, const at::Tensor& q, const at::Tensor&
   at::Tensor out = at::empty({B, O}, x_BI.options());
   const float* x = x_BI.const_data_ptr<float>();
   float* y = out.data_ptr<float>();
-  const std::vector<float> sums = group_sums(x, B, m);
+  const Rows rows = prepare(x, B, m);
   at::parallel_for(0, (O + kChannels - 1) / kChannels, grain(B, m.in), [&](int64_t t0, int64_t t1) {
-    matmul_block(x, m.in, 0, B, m, sums.data(), t0 * kChannels, std::min(O, t1 * kChannels), y, O);
+    matmul_block(rows, 0, B, m, t0 * kChannels, std::min(O, t1 * kChannels), y, O);
   });
   return out;
 }
@@ -276,13 +396,12 @@ void ffn(const at::Tensor& x_RD, const std::vector<int64_t>& off, const ExpertWe
 
   // One parallel loop over (expert with rows, channel block) of a projection of `in` (R rows) into `to`.
   auto project = [&](const std::vector<QMatrix>& ms, const float* in, int64_t width, float* to) {
-    const std::vector<float> sums = group_sums(in, R, ms[0]);
+    const Rows rows = prepare(in, R, ms[0]);
     const int64_t blocks = (width + kChannels - 1) / kChannels, n = int64_t(ms.size());
     at::parallel_for(0, blocks * n, grain(std::max<int64_t>(1, R / n), ms[0].in), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t k = t / blocks, c = (t % blocks) * kChannels, e = active[k];
-        matmul_block(in, ms[k].in, off[e], off[e + 1], ms[k], sums.data(), c, std::min(width, c + kChannels), to,
-                     width);
+        matmul_block(rows, off[e], off[e + 1], ms[k], c, std::min(width, c + kChannels), to, width);
       }
     });
   };

@@ -10,7 +10,8 @@ int8 weights at about copy bandwidth, as fast as the same loop built as a C++ op
 The tile: four output channels times four rows per pass over the inputs, so each weight loaded feeds four rows
 and each input four channels; int8 weights become fp32 in registers and a channel's scale is applied once, at the
 end. int4 rows are first dequantised (scale and offset per group) into an fp32 scratch of four rows, which the same
-tile reads: the unpacking is paid once per weight, not once per row. With several torch threads, large calls split
+tile reads: the unpacking is paid once per weight, not once per row; the activations int4 multiplies are rounded
+to int8 per block first where the format says so (smoe.quant.format.int8_activations), as the spec does. With several torch threads, large calls split
 the blocks of four output channels over as many numba threads (``_build``); otherwise a serial build runs.
 
 Legend: B rows, I inputs, O outputs, G group size, E experts, F expert hidden dim, R rows sorted by expert.
@@ -27,7 +28,7 @@ import torch
 from numba import float32, njit, prange
 
 from smoe.kernels.registry import QuantizedKernels, register_quantized
-from smoe.quant.format import QWeight
+from smoe.quant.format import QWeight, int8_activations, quantize_activations
 
 # Reassociation lets LLVM vectorise the dot products; no "nnan"/"ninf", so silu's exp may still overflow to inf.
 _JIT = {"fastmath": {"reassoc", "contract", "nsz", "arcp"}, "nogil": True, "cache": True}
@@ -145,7 +146,30 @@ def _int8_experts(x_RD, offs, gu_q, gu_s, down_q, down_s, gelu, h_R2F, a_RF, y_R
             _tile(a_RF, r0, r1, down_q[e, o : o + TILE], down_s[e, o : o + TILE], y_RD, o)
 
 
-def _int4_experts(x_RD, offs, gu_q, gu_s, gu_z, gu_G, down_q, down_s, down_z, down_G, gelu, h_R2F, a_RF, y_RD):
+@njit(**_JIT)
+def _round_activations(x_RI, r0, r1, G):
+    """Rows [r0, r1) of x rounded to int8 per block of 64 inputs in place (smoe.quant.format.quantize_activations,
+    the spec: block b holds the inputs of packed bytes 32b .. 32b + 31, low nibbles' then high nibbles')."""
+    H = G // 2
+    for r in range(r0, r1):
+        for b in range(x_RI.shape[1] // 64):
+            top = float32(0.0)
+            for k in range(32):
+                p = 32 * b + k
+                at = p // H * G + p % H
+                top = max(top, abs(x_RI[r, at]), abs(x_RI[r, at + H]))
+            if top == 0:
+                continue
+            inverse, scale = float32(127.0) / top, top / float32(127.0)
+            for k in range(32):
+                p = 32 * b + k
+                at = p // H * G + p % H
+                x_RI[r, at] = np.rint(x_RI[r, at] * inverse) * scale
+                x_RI[r, at + H] = np.rint(x_RI[r, at + H] * inverse) * scale
+
+
+def _int4_experts(x_RD, offs, gu_q, gu_s, gu_z, gu_G, down_q, down_s, down_z, down_G, gelu, h_R2F, a_RF, y_RD,
+                  round_down):
     ones = np.ones(TILE, np.float32)
     for e in range(offs.shape[0] - 1):
         r0, r1 = offs[e], offs[e + 1]
@@ -154,6 +178,8 @@ def _int4_experts(x_RD, offs, gu_q, gu_s, gu_z, gu_G, down_q, down_s, down_z, do
         for block in prange((gu_q.shape[1] + TILE - 1) // TILE):
             _int4_block(x_RD, r0, r1, gu_q[e], gu_s[e], gu_z[e], gu_G, h_R2F, block * TILE, ones)
         _gated(h_R2F, r0, r1, gelu, a_RF)
+        if round_down:
+            _round_activations(a_RF, r0, r1, down_G)
         for block in prange((down_q.shape[1] + TILE - 1) // TILE):
             _int4_block(a_RF, r0, r1, down_q[e], down_s[e], down_z[e], down_G, y_RD, block * TILE, ones)
 
@@ -190,14 +216,19 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _rounded(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """x as int4 weight w multiplies it: rounded to int8 per block where the format says so."""
+    return quantize_activations(x_BI, w.group_size) if int8_activations(w) else x_BI
+
+
 def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
     out_BO = torch.empty(x_BI.shape[0], w.qweight.shape[0])
     macs = out_BO.numel() * x_BI.shape[1]
     if w.offset is None:
         _build(_INT8_LINEAR, macs)(_np(x_BI), _np(w.qweight), _np(w.scale), out_BO.numpy())
     else:
-        _build(_INT4_LINEAR, macs)(_np(x_BI), _np(w.qweight), _np(w.scale), _np(w.offset), w.group_size,
-                                   out_BO.numpy())
+        _build(_INT4_LINEAR, macs)(_np(_rounded(x_BI, w)), _np(w.qweight), _np(w.scale), _np(w.offset),
+                                   w.group_size, out_BO.numpy())
     return out_BO
 
 
@@ -214,10 +245,10 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
         _build(_INT8_EXPERTS, macs)(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale),
                                     _np(w_down.qweight), _np(w_down.scale), gelu, h_R2F, a_RF, y_RD.numpy())
     else:
-        _build(_INT4_EXPERTS, macs)(_np(x_RD), offs, _np(w_gate_up.qweight), _np(w_gate_up.scale),
-                                    _np(w_gate_up.offset), w_gate_up.group_size, _np(w_down.qweight),
-                                    _np(w_down.scale), _np(w_down.offset), w_down.group_size, gelu, h_R2F, a_RF,
-                                    y_RD.numpy())
+        _build(_INT4_EXPERTS, macs)(_np(_rounded(x_RD, w_gate_up)), offs, _np(w_gate_up.qweight),
+                                    _np(w_gate_up.scale), _np(w_gate_up.offset), w_gate_up.group_size,
+                                    _np(w_down.qweight), _np(w_down.scale), _np(w_down.offset), w_down.group_size,
+                                    gelu, h_R2F, a_RF, y_RD.numpy(), int8_activations(w_down))
     return y_RD
 
 

@@ -1,7 +1,8 @@
-"""The spec of the quantised-weight kernels: dequantise (smoe.quant.format), then the float maths. Also the
-fallback wherever the fast path cannot run (numba not installed, a GPU). On a CPU it is several times slower than
-fp32, since every call writes and reads the dequantised fp32 weight (docs/quantization.md has the numbers); the
-experts dequantise only the experts that have rows.
+"""The spec of the quantised-weight kernels: dequantise (smoe.quant.format), round the activations an int4 weight
+multiplies to int8 where the format says so (``int8_activations``), then the float maths. Also the fallback
+wherever the fast path cannot run (numba not installed, a GPU). On a CPU it is several times slower than fp32,
+since every call writes and reads the dequantised fp32 weight (docs/quantization.md has the numbers); the experts
+dequantise only the experts that have rows.
 
 Legend: B rows, I inputs, O outputs, R rows sorted by expert, D model dim, N tokens, K experts per token,
 A = N * K assignments.
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 
 from smoe.kernels.registry import QuantizedKernels, register_quantized
 from smoe.nn.mlp import gated_act
-from smoe.quant.format import QWeight, dequantize
+from smoe.quant.format import QWeight, dequantize, int8_activations, quantize_activations
 
 
 def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
+    if int8_activations(w):
+        x_BI = quantize_activations(x_BI, w.group_size).to(x_BI.dtype)
     return F.linear(x_BI, dequantize(w))
 
 

@@ -9,7 +9,12 @@ int4: asymmetric per group of G consecutive inputs (the configured group size, o
       byte (uint8): byte j of a group holds input j in its low nibble and input j + G/2 in its high nibble, so a
       kernel unpacks a group's two halves from one contiguous run of bytes into two contiguous runs of inputs.
 
-Scales and offsets are fp32. ``dequantize`` is the spec: every kernel computes ``x @ dequantize(w).T``.
+Scales and offsets are fp32. ``dequantize`` is the spec of the weights: every kernel computes
+``x @ dequantize(w).T``, where for int4 weights whose group is a multiple of 32 inputs and whose input count a
+multiple of 64 (``int8_activations``: all but odd shapes) ``x`` is first rounded to int8 per block of 64 inputs
+(``quantize_activations``), as llama.cpp's Q4_0 dot product does: the C++ kernel then multiplies nibbles by int8
+activations with one instruction per 32 (smoe/kernels/cpp_quant.cpp), where widening each nibble to fp32 cost
+more than reading it. A block's rounding error is at most ``max|x_block| / 254`` per input.
 
 Legend: O outputs, I inputs, G group size, ... leading dims (E experts for stacked expert weights).
 """
@@ -24,6 +29,7 @@ from smoe.config import QuantConfig
 
 INT8_MAX = 127
 INT4_LEVELS = 15
+ACTIVATION_BLOCK = 64  # inputs per int8 activation scale: the 32 bytes of int4 weights the C++ tile reads at once
 
 
 class QWeight(NamedTuple):
@@ -93,3 +99,26 @@ def dequantize(w: QWeight) -> torch.Tensor:
     q_NG = unpack_int4(w.qweight, w.group_size).float()
     return (q_NG * w.scale[..., None] + w.offset[..., None]).flatten(-2)
 
+
+
+def int8_activations(w: QWeight) -> bool:
+    """Whether the kernels multiply int4 weight ``w`` by int8 activations (``quantize_activations``): groups of a
+    multiple of 32 inputs, so that every 32 bytes of a row hold one group or two whole ones, and rows of a multiple
+    of 64 inputs."""
+    return w.offset is not None and w.group_size % 32 == 0 and w.in_features % ACTIVATION_BLOCK == 0
+
+
+def quantize_activations(x_BI: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``x`` as int4 kernels with int8 activations multiply it: each row, in blocks of 64 inputs, rounded to the
+    nearest of 255 levels, ``round(x * (127 / m)) * (m / 127)`` with ``m = max|x_block|`` (ties to even), in fp32.
+    A block is the inputs of 32 consecutive packed bytes (their low nibbles', then their high nibbles'), the run a
+    kernel reads at once; in fp32 arithmetic exactly as the C++ kernel rounds, so its integer dot products match."""
+    I, H = x_BI.shape[-1], group_size // 2
+    byte = torch.arange(I // 2, device=x_BI.device)
+    low = byte // H * group_size + byte % H  # input in the low nibble of each packed byte
+    order = torch.stack([low.view(-1, 32), low.view(-1, 32) + H], dim=1).flatten()
+    x_block = x_BI.float()[..., order].unflatten(-1, (-1, ACTIVATION_BLOCK))
+    top = x_block.abs().amax(-1, keepdim=True)
+    inverse = torch.where(top > 0, INT8_MAX / top, 0)
+    rounded = ((x_block * inverse).round() * (top / INT8_MAX)).flatten(-2)
+    return torch.empty_like(rounded).index_copy_(-1, order, rounded)

@@ -1,6 +1,7 @@
-"""This CPU as ``smoe cost`` prices it: smoe.hardware's measurements plus the rates of smoe's weight-only int8 / int4
-kernels, which widen every weight to fp32 before the multiply-add and so run below the fp32 GEMM's peak: a 16-row
-int8 decode step is compute-bound on a CPU where fp32's is memory-bound (docs/cost.md)."""
+"""This CPU as ``smoe cost`` prices it: smoe.hardware's measurements plus the rates of smoe's int8 / int4 kernels,
+which run below the fp32 GEMM's peak (int8 widens every weight to fp32 before the multiply-add, int4 unpacks its
+nibbles and scales every block): a 16-row int8 decode step is compute-bound on a CPU where fp32's is memory-bound
+(docs/cost.md)."""
 
 from __future__ import annotations
 
