@@ -10,9 +10,10 @@ int8 weights at about copy bandwidth, as fast as the same loop built as a C++ op
 The tile: four output channels times four rows per pass over the inputs, so each weight loaded feeds four rows
 and each input four channels; int8 weights become fp32 in registers and a channel's scale is applied once, at the
 end. int4 rows are first dequantised (scale and offset per group) into an fp32 scratch of four rows, which the same
-tile reads: the unpacking is paid once per weight, not once per row; the activations int4 multiplies are rounded
-to int8 per block first where the format says so (smoe.quant.format.int8_activations), as the spec does. With several torch threads, large calls split
-the blocks of four output channels over as many numba threads (``_build``); otherwise a serial build runs.
+tile reads: the unpacking is paid once per weight, not once per row. The activations int4 multiplies are first
+rounded to int8 per block where the format says so (smoe.quant.format.int8_activations), as the spec does. With
+several torch threads, large calls split the blocks of four output channels over as many numba threads
+(``_build``); otherwise a serial build runs.
 
 Legend: B rows, I inputs, O outputs, G group size, E experts, F expert hidden dim, R rows sorted by expert.
 """
