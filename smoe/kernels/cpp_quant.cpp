@@ -231,10 +231,14 @@ void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, fl
     for (; at1 >= H; at1 -= H) ++g1;
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float offsets = 0.f;
-      for (int64_t g = 0; g < N; ++g) offsets += m.offset[(c0 + c) * N + g] * rows.sums[(r0 + r) * N + g];
-      out[(r0 + r) * ldo + c0 + c] = hsum(acc[r][c]) + offsets;
+    for (int c = 0; c < C; ++c) {  // plus the offsets times the row's group sums, eight groups at a time
+      const float *offset = m.offset + (c0 + c) * N, *sums = rows.sums.data() + (r0 + r) * N;
+      __m256 dot = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= N; g += 8) dot = _mm256_fmadd_ps(_mm256_loadu_ps(offset + g), _mm256_loadu_ps(sums + g), dot);
+      float total = hsum(_mm256_add_ps(acc[r][c], dot));
+      for (; g < N; ++g) total += offset[g] * sums[g];
+      out[(r0 + r) * ldo + c0 + c] = total;
     }
 }
 
