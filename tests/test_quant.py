@@ -127,6 +127,14 @@ def fast(request):
     return _cpp_kernels() if request.param == "cpp" else kernels.quantized(request.param, CPU)
 
 
+def test_cpp_int4_activations_carry_inf_and_nan_through_as_the_spec_does():
+    w = quantize_weight(torch.randn(9, 128), QuantConfig("int4", 64))
+    x = torch.randn(3, 128)
+    x[0, 5], x[1, 100] = float("nan"), float("inf")
+    got, want = _cpp_kernels().linear(x, w), kernels.quantized("reference", CPU).linear(x, w)
+    assert torch.equal(got.isnan(), want.isnan()) and got[:2].isnan().all() and not got[2].isnan().any()
+
+
 def test_cpp_int4_blocks_that_straddle_groups_match_the_reference():
     # 192 inputs at group 128 quantise in groups of 96: the second block of 64 starts in one group and ends in the next
     w = quantize_weight(torch.randn(9, 192), QuantConfig("int4", 128))

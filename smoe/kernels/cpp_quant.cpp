@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -313,8 +314,14 @@ Rows prepare(const float* x, int64_t B, const QMatrix& m) {
         block[k] = x[at];
         block[32 + k] = x[at + H];
       }
-      for (float v : block) top = std::max(top, std::fabs(v));
-      const float inverse = top > 0.f ? 127.f / top : 0.f, scale = top / 127.f;
+      bool finite = true;
+      for (float v : block) {
+        top = std::max(top, std::fabs(v));
+        finite = finite && std::isfinite(v);
+      }
+      // A block holding inf or NaN scales by NaN, so the outputs it touches are NaN, as in the spec.
+      const float inverse = finite && top > 0.f ? 127.f / top : 0.f;
+      const float scale = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
       int8_t* q = rows.q.data() + (r * S + b) * kActivationBlock;
       for (int64_t k = 0; k < kActivationBlock; ++k) {
         q[k] = int8_t(std::nearbyint(block[k] * inverse));
