@@ -112,7 +112,8 @@ def quantize_activations(x_BI: torch.Tensor, group_size: int) -> torch.Tensor:
     """``x`` as int4 kernels with int8 activations multiply it: each row, in blocks of 64 inputs, rounded to the
     nearest of 255 levels, ``round(x * (127 / m)) * (m / 127)`` with ``m = max|x_block|`` (ties to even), in fp32.
     A block is the inputs of 32 consecutive packed bytes (their low nibbles', then their high nibbles'), the run a
-    kernel reads at once; in fp32 arithmetic exactly as the C++ kernel rounds, so its integer dot products match."""
+    kernel reads at once; in fp32 arithmetic exactly as the C++ kernel rounds, so its integer dot products match.
+    A block holding inf or NaN becomes NaN throughout."""
     I, H = x_BI.shape[-1], group_size // 2
     byte = torch.arange(I // 2, device=x_BI.device)
     low = byte // H * group_size + byte % H  # input in the low nibble of each packed byte
