@@ -227,7 +227,8 @@ void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, fl
         acc[r][c] = _mm256_fmadd_ps(dot, sw, acc[r][c]);
       }
     }
-    for (int64_t* at : {&at0, &at1}) *at += 32;
+    at0 += 32;
+    at1 += 32;
     for (; at0 >= H; at0 -= H) ++g0;
     for (; at1 >= H; at1 -= H) ++g1;
   }
