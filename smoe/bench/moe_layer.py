@@ -95,11 +95,15 @@ def _copy_weights(ours: MoELayer, hf) -> None:
                 getattr(hf.shared_experts, theirs).weight.copy_(getattr(ours.shared, mine).weight)
 
 
-def _step(fn, x, backward: bool):
-    """One call: forward under inference_mode, or forward + backward of a scalar loss."""
+def _step(fn, x, backward: bool, params=()):
+    """One call: forward under inference_mode, or forward + backward of a scalar loss from no gradients, as a
+    training step after ``zero_grad(set_to_none=True)`` runs it (otherwise each call adds its weight gradients into
+    the last call's: a pass over every expert's weights that no training step makes)."""
     if not backward:
         with torch.inference_mode():
             return fn(x)
+    for t in (x, *params):
+        t.grad = None
 
     def run():
         y = fn(x)
@@ -131,6 +135,7 @@ def bench_point(shape: Shape, T: int, dtype: torch.dtype, backward: bool, backen
     dense = MLP(D, m.top_k * m.expert_dim + m.n_shared_experts * m.resolved_shared_expert_dim).to(dtype)
     x = torch.randn(T, D, dtype=dtype, requires_grad=backward)
     contenders = {"smoe": lambda x: ours(x)[0], "dense": dense}
+    params = {"smoe": list(ours.parameters()), "dense": list(dense.parameters())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for impl in HF_IMPLEMENTATIONS:
@@ -139,16 +144,17 @@ def bench_point(shape: Shape, T: int, dtype: torch.dtype, backward: bool, backen
             hf = _hf_block(shape, impl).to(dtype)
             _copy_weights(ours, hf)
             contenders[f"hf {impl}"] = lambda x, hf=hf: hf(x.view(1, T, D)).view(T, D)
+            params[f"hf {impl}"] = list(hf.parameters())
     with torch.no_grad():
         want = contenders["smoe"](x)
         diff = max((contenders[k](x) - want).abs().max().item() for k in contenders if k.startswith("hf"))
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for k, fn in contenders.items():  # warm-up
-        _step(fn, x, backward)
+        _step(fn, x, backward, params[k])
     for _ in range(rounds):
         for k, fn in contenders.items():
             start = time.perf_counter()
-            _step(fn, x, backward)
+            _step(fn, x, backward, params[k])
             times[k].append(time.perf_counter() - start)
     t = {k: statistics.median(v) for k, v in times.items()}
     hf_best = min((k for k in t if k.startswith("hf")), key=t.get)
