@@ -2,7 +2,10 @@
 
 import os
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,3 +282,24 @@ def test_the_ninja_package_is_found_for_a_build_without_an_activated_environment
     with cpp_build._ninja_on_path():
         assert shutil.which("ninja") is not None and os.environ["PATH"].startswith(ninja.BIN_DIR)
     assert os.environ["PATH"] == str(tmp_path)
+
+
+# The parity tests of every C++ kernel, quantised and training, as a child process runs them for a lower build.
+CPP_PARITY = ("fast_linear_matches or fast_experts_match or same_bits or straddle or inf_and_nan or moe_from_unsorted"
+              " or two_threads or cpp_experts_share or gradients_asked or fused_layer_matches")
+
+
+@CPP
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_the_builds_for_lower_instruction_sets_match_the_reference(capability):
+    """The other tests check the build for this CPU; the AVX2 (256-bit tiles) and portable (scalar loops) builds
+    run the same parity tests in a child process whose torch capability is lowered, which lowers the build too."""
+    ranks = ["DEFAULT", "AVX2", "AVX512"]
+    if ranks.index(capability.upper()) >= ranks.index(torch.backends.cpu.get_cpu_capability()):
+        pytest.skip("this CPU's own build, which the other tests check")
+    root = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-k", CPP_PARITY,
+                          str(root / "test_quant.py"), str(root / "test_backends.py")],
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, capture_output=True, text=True,
+                         cwd=root.parent)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]  # 0: tests ran and passed (5: none ran)

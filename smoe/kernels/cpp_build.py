@@ -25,20 +25,33 @@ import torch
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 
 
+# Compiler flags per instruction set. torch's capability AVX512 means AVX-512 F, BW, VL and DQ with FMA, AVX2 means
+# AVX2 with FMA; below that the portable loops run.
+ISA_FLAGS = {"avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+             "avx2": ["-mavx2", "-mfma"], "portable": []}
+
+
+def instruction_set() -> str:
+    """The instruction set the library is built for: torch's CPU capability, which ``ATEN_CPU_CAPABILITY=avx2``
+    (or ``default``: the portable loops) lowers for torch and these kernels alike."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "portable")
+
+
 @functools.cache
 def build() -> str | None:
     """Compile (or load the cached build of) the library for this CPU; None when it is loaded, else the reason it
-    is not. AVX2 + FMA builds get the vector tiles; any other CPU the portable loops."""
+    is not. AVX-512 builds get 512-bit quantised tiles, AVX2 builds 256-bit ones; any other CPU the portable
+    loops."""
     from torch.utils import cpp_extension
 
-    vector = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    isa = instruction_set()
     # No contraction of the scalar maths into FMAs, which the compiler would choose per tile shape: every quantised
     # tile then computes a row bitwise alike, so a row's result never depends on the rows beside it (row_independent).
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", *ISA_FLAGS[isa]]
     try:
         # Named by the sources' hash: checkouts of different versions never rebuild or replace each other's library.
         digest = hashlib.sha1(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES)).hexdigest()[:10]
-        name = f"smoe_kernels_{'avx2' if vector else 'portable'}_{digest}"
+        name = f"smoe_kernels_{isa}_{digest}"
         _clear_stale_lock(name)
         with _ninja_on_path():
             cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
