@@ -160,8 +160,8 @@ void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float*
 #else
 // The R x C tile out[r, c0 + c] of rows x[r] (stride ldx) and int8 channels c0 .. c0 + C - 1, sixteen inputs a
 // step: each weight vector, converted once, feeds R rows; each row vector C channels. (The int4 tiles stay 256 bits
-// wide: 512-bit integer multiplies issue on one port here, where 256-bit ones issue on two, and the int4 tile with
-// int8 activations measured 20-30% slower in 512 bits.)
+// wide: a 512-bit int4 tile with int8 activations measured 7-30% slower, with or without vpdpbusd;
+// docs/quantization.md.)
 template <int R, int C>
 void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
   const int64_t I = m.in, I16 = I / 16 * 16;
