@@ -174,7 +174,8 @@ void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float*
     if (i % 64 == 0)
       for (int c = 0; c < C; ++c) prefetch(w + (2 * C + c) * I + i);
     for (int c = 0; c < C; ++c)
-      wv[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * I + i))));
+      wv[c] = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * I + i))));
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_loadu_ps(x + r * ldx + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
@@ -182,7 +183,8 @@ void int8_tile(const float* x, int64_t ldx, const QMatrix& m, int64_t c0, float*
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c)
-      out[r * ldo + c0 + c] = (_mm512_reduce_add_ps(acc[r][c]) + int8_dot(x + r * ldx, m, c0 + c, I16)) * m.scale[c0 + c];
+      out[r * ldo + c0 + c] =
+          (_mm512_reduce_add_ps(acc[r][c]) + int8_dot(x + r * ldx, m, c0 + c, I16)) * m.scale[c0 + c];
 }
 
 #endif
