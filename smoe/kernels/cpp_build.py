@@ -40,8 +40,8 @@ def instruction_set() -> str:
 @functools.cache
 def build() -> str | None:
     """Compile (or load the cached build of) the library for this CPU; None when it is loaded, else the reason it
-    is not. AVX-512 builds get 512-bit quantised tiles, AVX2 builds 256-bit ones; any other CPU the portable
-    loops."""
+    is not. AVX2 builds get the vector tiles (256 bits wide), AVX-512 builds those with a 512-bit int8 tile; any
+    other CPU the portable loops."""
     from torch.utils import cpp_extension
 
     isa = instruction_set()
