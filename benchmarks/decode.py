@@ -42,6 +42,7 @@ from smoe import presets
 from smoe.cost import CostSettings, estimate
 from smoe.hardware import copy_bandwidth
 from smoe.interop.hf_config import config_to_hf
+from smoe.kernels import cpp_build
 from smoe.models import Transformer
 from smoe.quant.measure import cpu_profile
 
@@ -218,7 +219,7 @@ def main() -> None:
     # Each (model, batch size) is a graph of Transformer.decode_step: allow them all (Dynamo's default is 8).
     torch._dynamo.config.recompile_limit = 64
     print(f"greedy decode tokens/s, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, C++ kernels {cpp_build.instruction_set()}")
     for name in args.models.split(","):
         bench(name, [int(b) for b in args.batch_sizes.split(",")], args.prompt_len, args.new_tokens, args.rounds,
               args.dtype, [s for s in args.quantize.split(",") if s], args.compile)

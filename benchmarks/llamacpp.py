@@ -35,6 +35,7 @@ from decode import MODELS
 
 import smoe
 from smoe import presets
+from smoe.kernels import cpp_build
 from smoe.models import Transformer
 
 # our scheme -> the GGUF type at matching bits (bits per weight including scales: int8 8.0 + a scale per row,
@@ -168,7 +169,8 @@ def main() -> None:
     ours = Transformer(presets.get(preset, **overrides)).eval()
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"greedy decode tokens/s at batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, {args.threads} "
-          f"threads{', smoe compiled' if args.compile else ''}; torch {torch.__version__}, llama-cpp-python "
+          f"threads{', smoe compiled' if args.compile else ''}; torch {torch.__version__}, C++ kernels "
+          f"{cpp_build.instruction_set()}, llama-cpp-python "
           f"{llama_cpp.__version__}; mixtral-like, "
           f"{n_params / 1e6:.0f}M parameters")
     prompt = torch.randint(3, ours.config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from smoe import kernels
 from smoe.config import QuantConfig
-from smoe.kernels import cpp_quant
+from smoe.kernels import cpp_build, cpp_quant
 from smoe.quant.format import dequantize, quantize_weight, unpack_int4
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"median us per call (GB/s of weights, speed-up over fp32 linear), {args.threads} threads, "
           f"{f'weights streamed from {args.streamed} MB of copies' if args.streamed else 'weights hot in cache'}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, C++ kernels {cpp_build.instruction_set()}")
     for B in [int(b) for b in args.rows.split(",")]:
         for shape in args.shapes.split(","):
             O, I = (int(n) for n in shape.split("x"))

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from smoe.config import MoEConfig
+from smoe.kernels import cpp_build
 from smoe.moe import MoELayer
 from smoe.nn.mlp import MLP
 from smoe.train.loop import reuse_freed_memory
@@ -160,9 +161,10 @@ def bench_point(shape: Shape, T: int, dtype: torch.dtype, backward: bool, backen
     hf_best = min((k for k in t if k.startswith("hf")), key=t.get)
     flops = 6 * T * m.top_k * D * m.expert_dim * (3 if backward else 1)
     minimum = (2 * T * D + 4 * T * m.top_k * m.expert_dim) * x.element_size()
+    saved = _saved_bytes(contenders["smoe"], x, ours.parameters()) if backward else float("nan")
     return {"tokens_s": T / t["smoe"], "gflops": flops / t["smoe"] / 1e9, "hf_best": hf_best,
             "vs_hf": t[hf_best] / t["smoe"], "r_dense": t["dense"] / t["smoe"], "diff": diff,
-            "mem_vs_min": _saved_bytes(contenders["smoe"], x, ours.parameters()) / minimum if backward else float("nan"),
+            "mem_vs_min": saved / minimum,
             "ms": {k: v * 1e3 for k, v in t.items()}}
 
 
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--shapes: unknown {', '.join(sorted(unknown))}; known: {', '.join(SHAPES)}")
     dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
     print(f"MoE layer, smoe backend {args.backend!r} vs transformers' block, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, C++ kernels {cpp_build.instruction_set()}")
     print(f"{'shape':<12} {'dtype':<5} {'mode':<8} {'T':>6} {'tok/s':>9} {'GF/s':>7} {'vs hf best':>18} "
           f"{'R_dense':>8} {'mem/min':>8} {'max|diff|':>9}  ms (smoe | hf eager, grouped_mm, batched_mm | dense)")
     for name in args.shapes.split(","):
