@@ -102,6 +102,18 @@ def test_int4_activations_round_to_int8_per_block_of_the_bytes_a_kernel_reads(gr
     assert set(changed) <= set(range(32)) | set(range(64, 96)) and 0 in changed
 
 
+@needs_numba
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_numba_rounds_activations_in_place_as_the_spec_does(group):
+    from smoe.kernels import numba_quant  # numba's fused experts round the down projection's input inside the JIT
+
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1))
+    x[1, 3], x[2, 200], x[3, 64:] = float("nan"), float("inf"), 0
+    got = x.numpy().copy()
+    numba_quant._round_activations(got, 0, 4, group)
+    torch.testing.assert_close(torch.from_numpy(got), quantize_activations(x, group), rtol=0, atol=0, equal_nan=True)
+
+
 def test_int4_weights_multiply_int8_activations_where_the_format_says():
     def weight(inputs, group):
         return quantize_weight(torch.randn(8, inputs), QuantConfig("int4", group))

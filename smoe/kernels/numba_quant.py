@@ -150,18 +150,21 @@ def _int8_experts(x_RD, offs, gu_q, gu_s, down_q, down_s, gelu, h_R2F, a_RF, y_R
 @njit(**_JIT)
 def _round_activations(x_RI, r0, r1, G):
     """Rows [r0, r1) of x rounded to int8 per block of 64 inputs in place (smoe.quant.format.quantize_activations,
-    the spec: block b holds the inputs of packed bytes 32b .. 32b + 31, low nibbles' then high nibbles')."""
+    the spec: block b holds the inputs of packed bytes 32b .. 32b + 31, low nibbles' then high nibbles'; a block
+    holding inf or NaN becomes NaN throughout)."""
     H = G // 2
     for r in range(r0, r1):
         for b in range(x_RI.shape[1] // 64):
             top = float32(0.0)
+            finite = True
             for k in range(32):
                 p = 32 * b + k
                 at = p // H * G + p % H
                 top = max(top, abs(x_RI[r, at]), abs(x_RI[r, at + H]))
+                finite = finite and np.isfinite(x_RI[r, at]) and np.isfinite(x_RI[r, at + H])
             if top == 0:
                 continue
-            inverse, scale = float32(127.0) / top, top / float32(127.0)
+            inverse, scale = (float32(127.0) / top, top / float32(127.0)) if finite else (float32(0.0), np.nan)
             for k in range(32):
                 p = 32 * b + k
                 at = p // H * G + p % H

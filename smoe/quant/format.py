@@ -100,7 +100,6 @@ def dequantize(w: QWeight) -> torch.Tensor:
     return (q_NG * w.scale[..., None] + w.offset[..., None]).flatten(-2)
 
 
-
 def int8_activations(w: QWeight) -> bool:
     """Whether the kernels multiply int4 weight ``w`` by int8 activations (``quantize_activations``): groups of a
     multiple of 32 inputs, so that every 32 bytes of a row hold one group or two whole ones, and rows of a multiple
