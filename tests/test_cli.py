@@ -189,10 +189,10 @@ def test_every_flag_of_before_is_kept(command):
 
 def test_compare_keeps_its_own_defaults(tmp_path):
     from smoe.cli import build_parser
-    from smoe.eval.suite import CompareSettings
+    from smoe.eval.settings import CompareSettings
 
     args = build_parser().parse_args(["compare", "--suite", "shared", "--out", str(tmp_path)])
-    assert args.steps is None and CompareSettings().train.steps == 300 and CompareSettings().train.eval_every == 25
+    assert args.steps is None and CompareSettings().train.steps == 400 and CompareSettings().train.eval_every == 50
 
 
 def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
@@ -200,9 +200,11 @@ def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(compare, "run_suite", lambda suite, presets, settings, out, **kw: seen.update(
-        settings=settings) or tmp_path / "report.html")
+        settings=settings, **kw) or tmp_path / "report.html")
     assert main(["compare", "--suite", "shared", "--data", "stdlib", "--seeds", "2", "--steps", "7",
-                 "--tune-lr", "1e-3,2e-3", "--checkpoints", "2", "--jobs", "2", "--out", str(tmp_path)]) == 0
+                 "--tune-lr", "1e-3,2e-3", "--checkpoints", "3", "--val-tokens", "4096", "--target-gap", "0.1",
+                 "--jobs", "2", "--reuse", "a,b", "--out", str(tmp_path)]) == 0
     s = seen["settings"]
-    assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr, s.checkpoints) == \
-        ("stdlib", 2, 7, 25, (1e-3, 2e-3), 2)
+    assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr, s.checkpoints, s.val_tokens,
+            s.target_gap) == ("stdlib", 2, 7, 50, (1e-3, 2e-3), 3, 4096, 0.1)
+    assert seen["reuse"] == ("a", "b") and seen["jobs"] == 2

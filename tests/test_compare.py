@@ -11,7 +11,11 @@ import torch
 from smoe import presets
 from smoe.eval import analysis, collect, plots, report
 from smoe.eval.compare import run_suite
-from smoe.eval.suite import SUITES, Arch, CompareSettings, Suite, check_matched, read_rows, resolve_suite
+from smoe.eval.layout import read_learning_rates, read_rows, run_dir, tune_dir
+from smoe.eval.settings import TUNE_SEED, CompareSettings
+from smoe.eval.suite import Arch, Contrast, Suite, check_design, routed_gate_sum
+from smoe.eval.suites import SUITES, resolve_suite
+from smoe.eval.verdict import judge
 from smoe.models import build_model
 from smoe.train.config import DataConfig, TrainConfig
 
@@ -19,48 +23,103 @@ TINY = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "at
         "max_seq_len": 64}
 
 
-def test_every_builtin_suite_is_matched_within_two_percent_without_embeddings():
+def _suite(archs, contrasts=None, **kw):
+    """A suite whose contrasts default to every architecture against the first."""
+    contrasts = contrasts or tuple(Contrast(a.label, archs[0].label, "active", "test") for a in archs[1:4])
+    return Suite(archs, contrasts=contrasts, **kw)
+
+
+# --- the design ---------------------------------------------------------------------------------------------------
+
+
+def test_every_builtin_suite_is_matched_with_valid_contrasts_and_ladder():
     for name, suite in SUITES.items():
-        table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+        table = check_design(suite, seq_len=128)  # raises on a bad contrast, matching or ladder
         assert all(abs(r["matched_vs_reference"]) <= 0.02 for r in table.values() if r["matched"]), name
+        assert 1 <= len(suite.contrasts) <= 3 and suite.seeds >= 12, name
+        if suite.ladder:
+            rungs = [r["flops_per_token"] for r in table.values() if not r["moe"] and r.get("ladder", True)
+                     and r.get("matched") is not None]
+            assert len(rungs) >= 4 and max(rungs) / min(rungs) >= 4, name
+
+
+def test_every_suite_with_a_ladder_shares_the_same_rungs():
+    widths = {name: sorted(a.config().ffn_dim for a in s.runs() if a.config().moe is None)
+              for name, s in SUITES.items() if s.ladder}
+    assert len({tuple(w) for w in widths.values()}) == 1 and widths["seeds-debate"] == [256, 512, 1024, 2048, 4096]
 
 
 def test_table_1_matches_total_parameters_as_deepseekmoe_does():
     suite = SUITES["table-1"]
-    table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
+    table = check_design(suite, seq_len=128)
     assert suite.matching == "total" and not table["dense"]["matched"]
     moe = {k: v for k, v in table.items() if v["moe"]}
     assert set(moe) == {"hash", "switch", "gshard", "deepseekmoe"}
     assert all(abs(v["matched_vs_reference"]) <= 0.02 for v in moe.values())
     # activated parameters differ and are shown: one FFN-equivalent for hash/switch (the dense model's), two for
-    # gshard/deepseekmoe: one dense FFN (4 layers of 3 x 256 x 1024) more
+    # gshard/deepseekmoe: one dense FFN (4 layers of 3 x 128 x 512) more
     active = {k: v["active_non_embedding"] for k, v in table.items()}
     assert active["hash"] == pytest.approx(active["dense"], rel=0.02) == active["switch"]
-    assert active["gshard"] - active["dense"] == pytest.approx(4 * 3 * 256 * 1024, rel=0.02)
+    assert active["gshard"] - active["dense"] == pytest.approx(4 * 3 * 128 * 512, rel=0.02)
     assert active["deepseekmoe"] == pytest.approx(active["gshard"], rel=0.02)
+    assert [c.name for c in suite.contrasts] == ["deepseekmoe − gshard", "gshard − switch", "switch − hash"]
 
 
-def test_seeds_debate_total_holds_the_seeds_debate_at_table_1s_budget():
-    suite, debate = SUITES["seeds-debate-total"], SUITES["seeds-debate"]
-    assert suite.matching == "total" and [a.label for a in suite.archs] == [a.label for a in debate.archs]
-    assert [a.label for a in suite.ladder] == [a.label for a in debate.ladder]
-    table = check_matched(suite.archs, seq_len=256, matching=suite.matching)
-    total_1 = check_matched(SUITES["table-1"].archs, seq_len=256, matching="total")
-    assert table["switch"]["total_non_embedding"] == total_1["switch"]["total_non_embedding"]
-    ffn = 4 * 3 * 256 * 1024  # one dense FFN in every layer
+def test_seeds_debate_total_holds_the_seeds_pair_at_table_1s_budget():
+    suite = SUITES["seeds-debate-total"]
+    table = check_design(suite, seq_len=128)
+    total_1 = check_design(SUITES["table-1"], seq_len=128)
+    assert table["deepseekmoe"]["total_non_embedding"] == total_1["deepseekmoe"]["total_non_embedding"]
+    ffn = 4 * 3 * 128 * 512  # one dense FFN in every layer
     active = {k: v["active_non_embedding"] for k, v in table.items()}
     assert active["mixtral-style"] - active["dense"] == pytest.approx(3 * ffn, rel=0.02)  # 2 experts of 2 FFNs
+    assert [(c.a, c.b, c.matching) for c in suite.contrasts] == [("deepseekmoe", "mixtral-style", "total")]
 
 
-def test_matching_excludes_the_embeddings(tmp_path):
-    # The same FFN width on a vocabulary 4x larger: equal non-embedding parameters, far from equal in total.
+def test_matching_excludes_the_embeddings():
+    # The same FFN width on a vocabulary 8x larger: equal non-embedding parameters, far from equal in total.
     archs = [Arch("small-vocab", "dense"), Arch("big-vocab", "dense", {"vocab_size": 32768})]
-    table = check_matched(archs, seq_len=64)
+    table = check_design(_suite(archs), seq_len=64)
     assert table["big-vocab"]["matched_vs_reference"] == 0 and table["big-vocab"]["active_vs_first"] > 0.5
-    wider = [Arch("ffn-1024", "dense"), Arch("ffn-1088", "dense", {"ffn_dim": 1088})]  # +6% FFN, +~3% non-embedding
-    with pytest.raises(ValueError, match=r"'ffn-1088': .* active non-embedding parameters, \+.*% from 'ffn-1024' "
+    wider = [Arch("ffn-512", "dense"), Arch("ffn-560", "dense", {"ffn_dim": 560})]  # +9% FFN, +~5% non-embedding
+    with pytest.raises(ValueError, match=r"'ffn-560': .* active non-embedding parameters, \+.*% from 'ffn-512' "
                                          r".* must match within 2%"):
-        check_matched(wider, seq_len=64)
+        check_design(_suite(wider), seq_len=64)
+
+
+def test_a_contrast_must_name_the_suites_architectures_and_be_matched_as_it_says():
+    archs = [Arch("dense", "dense"), Arch("gshard", "gshard"), Arch("big", "gshard", {"moe.expert_dim": 512})]
+    with pytest.raises(ValueError, match=r"contrast gshard − switch: no architecture 'switch' in the suite"):
+        check_design(Suite(archs[:2], contrasts=(Contrast("gshard", "switch", "active", "x"),)), 64)
+    total = Suite([archs[0], archs[2], Arch("switch", "switch")], matching="total",
+                  contrasts=(Contrast("big", "dense", "total", "x"),))
+    with pytest.raises(ValueError, match=r"contrast big − dense: matched on total parameters, but 'big' has \+"):
+        check_design(total, 64)
+    with pytest.raises(ValueError, match=r"contrasts: a suite pre-registers 1 to 3, got 0"):
+        check_design(Suite(archs[:2]), 64)
+    four = tuple(Contrast("gshard", "dense", "active", str(i)) for i in range(4))
+    with pytest.raises(ValueError, match=r"got 4"):
+        check_design(Suite(archs[:2], contrasts=four), 64)
+
+
+def test_a_ladder_needs_four_rungs_over_four_times_the_compute():
+    archs = [Arch("dense", "dense"), Arch("gshard", "gshard")]
+    short = [Arch(f"dense-{w}", "dense", {"ffn_dim": w}) for w in (1024, 2048)]
+    with pytest.raises(ValueError, match=r"ladder: 3 dense rungs spanning .*x .* needs at least 4 spanning 4x"):
+        check_design(_suite(archs, ladder=short), 128)
+
+
+def test_custom_comparisons_preregister_each_preset_against_the_first_or_the_named_pairs():
+    _, suite = resolve_suite(None, "dense,gshard,switch")
+    assert [c.name for c in suite.contrasts] == ["gshard − dense", "switch − dense"]
+    _, suite = resolve_suite(None, "dense,gshard,switch", "switch:gshard")
+    assert [c.name for c in suite.contrasts] == ["switch − gshard"]
+    with pytest.raises(ValueError, match=r"contrasts: 5 presets give 4 comparisons with the first; name at most 3"):
+        resolve_suite(None, "dense,gshard,switch,mixtral-style,deepseekmoe")
+    with pytest.raises(ValueError, match=r"contrasts 'gshard': expected A:B"):
+        resolve_suite(None, "dense,gshard", "gshard")
+    with pytest.raises(ValueError, match=r"contrasts: suite 'seeds-debate' pre-registers its own"):
+        resolve_suite("seeds-debate", None, "a:b")
 
 
 def test_unmatched_architectures_are_refused_before_training(tmp_path):
@@ -74,7 +133,38 @@ def test_unknown_suite_and_preset_are_named():
     with pytest.raises(ValueError, match="unknown suite 'mixtral'; known: seeds-debate"):
         resolve_suite("mixtral", None)
     with pytest.raises(ValueError, match="unknown preset 'dense2'"):
-        check_matched(resolve_suite(None, "dense,dense2")[1].archs, 64)
+        check_design(resolve_suite(None, "dense,dense2")[1], 64)
+
+
+def test_the_routed_gate_sum_at_init_is_one_for_renormalised_routers_and_about_k_over_e_otherwise():
+    assert routed_gate_sum(presets.get("dense")) is None
+    assert routed_gate_sum(presets.get("mixtral-style")) == pytest.approx(1.0)
+    assert routed_gate_sum(presets.get("deepseek-v3-style")) == pytest.approx(1.0)  # sigmoid, renormalised
+    # unnormalised softmax top-6 of 64 near-uniform scores: a little above k/E (the top 6 of 64), far below 1
+    unnormalised = routed_gate_sum(presets.get("deepseekmoe"))
+    assert 6 / 64 < unnormalised < 0.2
+    scaled = presets.get("deepseekmoe", **{"moe.routed_scaling_factor": 1 / unnormalised})
+    assert routed_gate_sum(scaled) == pytest.approx(1.0)
+    assert routed_gate_sum(presets.get("switch", **{"moe.routing": "hash", "moe.balance": "none"})) == 1.0
+
+
+def test_runs_checkpoint_early_only_where_router_saturation_is_analysed():
+    settings = CompareSettings(train=TrainConfig(steps=300, batch_size=16, seq_len=128, eval_batches=4),
+                               checkpoints=4)
+    cfg = settings.run_config(seed=1)
+    assert (cfg.save_every, cfg.save_at, cfg.keep_last, cfg.keep_optimizer) == (75, (3, 30), 7, 1)
+    assert settings.run_config(seed=1, moe=False).save_at == ()
+    # the final evaluation covers the fixed validation set: 65,536 tokens are 32 batches of 16 x 128
+    assert (cfg.eval_batches, cfg.final_eval_batches) == (4, 32)
+    # an early step that is already a regular checkpoint is not listed twice
+    assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()
+
+
+def test_every_run_reads_the_suites_tokenizer_and_one_held_out_split():
+    data = CompareSettings().run_data("/x/tokenizer.json")
+    assert (data.tokenizer, data.split_seed, data.val_fraction) == ("/x/tokenizer.json", 0, 0.05)
+    with pytest.raises(ValueError, match="split_seed: is the suite's to fix"):
+        CompareSettings(data=DataConfig(split_seed=3)).validate()
 
 
 # --- analyses ----------------------------------------------------------------------------------------------------
@@ -130,49 +220,64 @@ class _Strict(HTMLParser):
         assert self.stack and self.stack.pop() == tag, f"unbalanced </{tag}>"
 
 
-def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monkeypatch):
+def _corpus(tmp_path, docs=120):
     rng = np.random.default_rng(0)
     words = "a red fox ran to the big tree and saw one small bird sing".split()
-    (tmp_path / "a.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words, 60)) for _ in range(40)))
-    (tmp_path / "b.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words[::-1], 60)) for _ in range(40)))
+    for name, vocab in (("a", words), ("b", words[::-1])):
+        (tmp_path / f"{name}.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(vocab, 60))
+                                                                   for _ in range(docs)))
+    return f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+
+
+# A dense FFN of 35 against 8 experts of 16, top-2, and their router: the same activated parameters (8 x 32); dense
+# models of other widths are the ladder (5 rungs over 6.8x the FLOPs per token).
+TEST_SUITE = Suite([Arch("dense", "dense", {**TINY, "ffn_dim": 35}),
+                    Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})],
+                   contrasts=(Contrast("moe", "dense", "active", "a test"),),
+                   ladder=[Arch(f"dense-{w}", "dense", {**TINY, "ffn_dim": w}) for w in (8, 70, 280, 560)], seeds=2)
+TEST_SETTINGS = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
+                                                  precision="fp32"), checkpoints=2, val_tokens=256)
+
+
+def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
-    # a dense FFN of 35 against 8 experts of 16, top-2, and their router: the same activated parameters
-    # (8 x 32); a wider dense model is the second rung of the compute ladder
-    monkeypatch.setitem(SUITES, "test-suite", Suite([Arch("dense", "dense", {**TINY, "ffn_dim": 35}),
-                                                     Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})],
-                                                    ladder=[Arch("dense-wide", "dense", {**TINY, "ffn_dim": 70})]))
-    settings = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
-                                                 precision="fp32"),
-                               data=DataConfig(data=f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"), seeds=2,
-                               checkpoints=2)
+    monkeypatch.setitem(SUITES, "test-suite", TEST_SUITE)
+    settings = replace(TEST_SETTINGS, data=DataConfig(data=_corpus(tmp_path)))
     out = tmp_path / "suite"
-    report = run_suite("test-suite", None, settings, out, log=lambda m: None, jobs=2)
+    report_file = run_suite("test-suite", None, settings, out, log=lambda m: None, jobs=2)
 
     parser = _Strict()
-    parser.feed(report.read_text())
+    parser.feed(report_file.read_text())
     assert not parser.stack
     assert len(parser.images) >= 5
     for img in parser.images:
         assert img["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(img["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
-    assert "| dense |" in md and "| moe |" in md
-    assert re.search(r"\| moe \|.* \| \d+\.\d% \| [\d,]+ MiB \|", md)  # MFU, from the runs' train rows
-    assert re.search(r"- (dense − moe|moe − dense): [+-]\d\.\d{3} nats, 95% CI \[.*\], (not )?resolved", md)
+    # the power check comes first, then the verdict on the one pre-registered contrast
+    assert md.index("## Power check") < md.index("## Verdict") < md.index("## Results")
+    assert re.search(r"- moe − dense \(equal activated parameters; a test\): [+-]\d\.\d{3} nats, 95% CI \[.*\], "
+                     r"(not )?resolved \(detectable at 2 seeds: ", md)
+    assert "Dense ladder: 5 rungs spanning" in md and "| moe | " in md and "MFU" not in md  # no CPU peak
+    # one tokenizer, trained once, and one validation set: every run.json records the same two hashes
+    hashes = {(r["tokenizer_sha256"], r["validation_sha256"])
+              for r in (json.loads(p.read_text()) for p in out.glob("runs/*/*/run.json"))}
+    assert len(hashes) == 1 and len(list(out.glob("runs/*/*/run.json"))) == 12
+    assert "Every run used one tokenizer" in md
+    assert json.loads(next(out.glob("runs/*/*/run.json")).read_text())["data_config"]["split_seed"] == 0
     for name in ("curves.png", "balance.png", "knockout.png", "affinity.png", "saturation.png", "redundancy.png",
                  "ladder.png"):
         assert (out / "plots" / name).is_file(), name
-    html = report.read_text()
-    for section in ("Compute ladder", "Redundancy: disabling each token", "chance: uniform / load-weighted",
-                    "Matched on activated parameters without the embedding", "Per layer, with the chance level"):
-        assert section in md and section in html, section
-    assert re.search(r"\| moe \| (\d+\.\d\dx \[|[<>]\d|outside the ladder)", md)  # the multiplier, or its bound
+    summary = json.loads((out / "summary.json").read_text())
+    (contrast,) = summary["verdict"]["contrasts"]
+    assert (contrast["a"], contrast["b"], contrast["matching"]) == ("moe", "dense", "active")
+    assert len(contrast["diffs"]) == 2 and summary["power"]["span"] > 4 and summary["sample"]["text"]
     analyses = json.loads((out / "analysis.json").read_text())
     assert "domain_affinity" in analyses["moe"]["layers"]["0"] and "saturation" in analyses["moe"]
-    # every seed is analysed: seed 0 under the original keys, seed 1 beside it, both summarised
     assert set(analyses["moe"]["other_seeds"]) == {"1"} and analyses["moe"]["over_seeds"]["seeds"] == 2
-    assert analyses["moe"]["over_seeds"]["loss"]["values"] == [analyses["moe"]["loss"],
-                                                                analyses["moe"]["other_seeds"]["1"]["loss"]]
+    # dense runs keep no early checkpoints; MoE runs do, for the saturation analysis
+    assert len(list((run_dir(out, TEST_SUITE.archs[0], 0) / "checkpoints").iterdir())) == 2
+    assert len(list((run_dir(out, TEST_SUITE.archs[1], 0) / "checkpoints").iterdir())) == 3
 
     # rerunning skips finished runs; a different definition in the same directory is refused
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
@@ -180,6 +285,23 @@ def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monk
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/summary.json")}
     with pytest.raises(ValueError, match="holds a suite with a different definition"):
         run_suite("test-suite", None, replace(settings, train=replace(settings.train, lr=1e-3)), out)
+
+    # another suite with the same runs links them instead of training them again
+    logged = []
+    monkeypatch.setitem(SUITES, "test-other", replace(TEST_SUITE, contrasts=(Contrast("dense", "moe", "active", "b"),)))
+    run_suite("test-other", None, settings, tmp_path / "other", log=logged.append, reuse=(out,))
+    assert sum("reused" in line for line in logged) == 12 and not any("training" in line for line in logged)
+    linked = run_dir(tmp_path / "other", TEST_SUITE.archs[1], 1) / "summary.json"
+    assert linked.stat().st_ino == (run_dir(out, TEST_SUITE.archs[1], 1) / "summary.json").stat().st_ino
+
+
+def test_a_validation_split_smaller_than_val_tokens_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(SUITES, "test-suite", TEST_SUITE)
+    settings = replace(TEST_SETTINGS, data=DataConfig(data=_corpus(tmp_path, docs=30)), val_tokens=100_000)
+    with pytest.raises(ValueError, match=r"val_tokens 100000: the validation split holds \d+ sequences of 16 tokens"):
+        run_suite("test-suite", None, settings, tmp_path / "suite", log=lambda m: None)
+    assert not (tmp_path / "suite" / "runs").exists()
 
 
 # --- reading a run's files ---------------------------------------------------------------------------------------
@@ -202,35 +324,29 @@ def test_a_complete_last_metrics_line_that_is_not_json_is_not_taken_for_torn(tmp
         read_rows(tmp_path)
 
 
-def test_tune_lr_trains_each_rate_once_and_every_seed_at_the_best(tmp_path, monkeypatch):
+def test_tune_lr_trains_each_rate_once_on_a_seed_no_contrast_uses(tmp_path, monkeypatch):
     from smoe.eval import compare
-    from smoe.eval.suite import read_learning_rates, run_dir, tune_dir
 
-    rng = np.random.default_rng(0)
-    words = "a red fox ran to the big tree and saw one small bird sing".split()
-    (tmp_path / "a.txt").write_text("<|endoftext|>".join(" ".join(rng.choice(words, 60)) for _ in range(40)))
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(compare, "write_report", lambda out, *a, **k: out / "report.html")  # not under test here
     arch = Arch("moe", "mixtral-style", {**TINY, "moe.expert_dim": 16})
-    monkeypatch.setitem(SUITES, "tune-suite",
-                        Suite([arch, Arch("moe2", "mixtral-style", {**TINY, "moe.expert_dim": 16})]))
-    settings = CompareSettings(train=TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, eval_batches=2,
-                                                 precision="fp32"),
-                               data=DataConfig(data=str(tmp_path / "a.txt")), seeds=2, checkpoints=1,
-                               tune_lr=(1e-5, 1e-2))
+    monkeypatch.setitem(SUITES, "tune-suite", _suite([arch, Arch("moe2", "mixtral-style", arch.overrides)]))
+    settings = replace(TEST_SETTINGS, train=replace(TEST_SETTINGS.train, steps=3, eval_every=0), seeds=2,
+                       checkpoints=1, tune_lr=(1e-5, 1e-2), data=DataConfig(data=_corpus(tmp_path)))
     out = tmp_path / "suite"
     compare.run_suite("tune-suite", None, settings, out, log=lambda m: None, jobs=2)
 
     table = read_learning_rates(out)["moe"]
     tried = {float(lr): loss for lr, loss in table["tried"].items()}
     assert set(tried) == {1e-5, 1e-2} and table["chosen"] == min(tried, key=tried.get) == 1e-2  # 3 steps at 1e-5
+    assert table["seed"] == TUNE_SEED
+    assert json.loads((tune_dir(out, arch, 1e-2) / "run.json").read_text())["train_config"]["seed"] == TUNE_SEED
     for seed in (0, 1):
         saved = json.loads((run_dir(out, arch, seed) / "run.json").read_text())["train_config"]
         assert saved["lr"] == table["chosen"] and saved["seed"] == seed
     best = json.loads((tune_dir(out, arch, 1e-2) / "summary.json").read_text())
     seed0 = json.loads((run_dir(out, arch, 0) / "summary.json").read_text())
-    assert seed0["final_eval"] == best["final_eval"]  # the tuning run is the seed-0 run, not trained twice
-    assert seed0["checkpoint"].startswith(str(run_dir(out, arch, 0)))
+    assert seed0["final_eval"] != best["final_eval"]  # seed 0 is a run of its own, not the tuning run
 
 
 # --- the report's document, from made-up runs (no training) ------------------------------------------------------
@@ -245,8 +361,9 @@ def _fake_runs(losses: dict[str, list[float]], precision="bf16"):
                        "summaries": [{"peak_device_bytes": 2**20, "peak_rss_bytes": 0, "tokens_per_s": 10.0}] *
                        len(per_seed),
                        "precision": [precision] * len(per_seed), "balance": [([1, 2], [0.0, 0.0])] * len(per_seed),
-                       "loads": {}}
-        matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9}
+                       "loads": {}, "hashes": [{"tokenizer_sha256": "ab" * 32, "validation_sha256": "cd" * 32}]}
+        matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9,
+                          "moe": label != "dense"}
     return data, matched
 
 
@@ -261,13 +378,16 @@ def _fake_analysis(seed: int, shared: bool):
                                     "10": {"0": {"overlap": 0.7, "chance": 0.3}}}}
 
 
-def _document(losses, shared=("deepseekmoe",), precision="bf16"):
+def _document(losses, shared=("deepseekmoe",), precision="bf16", contrasts=None):
     seeds = len(next(iter(losses.values())))
     data, matched = _fake_runs(losses, precision)
     analyses = collect.analysis_json({label: [_fake_analysis(s, label in shared) for s in range(seeds)]
                                       for label in losses if label != "dense"})
+    labels = list(losses)
+    contrasts = contrasts or (Contrast(labels[1], labels[0], "active", "t"),)
     settings = CompareSettings(train=TrainConfig(precision="auto"), seeds=seeds)
-    return report.build_document("t", settings, matched, data, analyses)
+    return report.build_document("t", Suite([Arch(label, "dense") for label in labels], contrasts=contrasts),
+                                 settings, matched, data, analyses, judge(contrasts, losses, 0.03), None)
 
 
 def test_an_architecture_without_traced_layers_does_not_stop_the_report():
@@ -276,7 +396,11 @@ def test_an_architecture_without_traced_layers_does_not_stop_the_report():
     runs = {label: [_fake_analysis(s, False) for s in range(2)] for label in data}
     for r in runs["hash"]:
         r["layers"] = {}
-    doc = report.build_document("t", CompareSettings(seeds=2), matched, data, collect.analysis_json(runs))
+    contrasts = (Contrast("gshard", "hash", "total", "t"),)
+    doc = report.build_document("t", Suite([Arch("hash", "dense"), Arch("gshard", "dense")], contrasts=contrasts),
+                                CompareSettings(seeds=2), matched, data, collect.analysis_json(runs),
+                                judge(contrasts, {k: [f["val_loss"] for f in v["final"]] for k, v in data.items()},
+                                      0.03), None)
     assert "| gshard | 0 |" in report.to_markdown(doc)
 
 
@@ -318,7 +442,7 @@ def test_one_seed_resolves_nothing_and_draws_no_band(monkeypatch):
     titles = []
     monkeypatch.setattr(plots, "_png", lambda fig: titles.append(fig.axes[0].get_title()) or b"")
     md = report.to_markdown(_document({"dense": [2.0], "gshard": [2.1], "deepseekmoe": [1.9]}))
-    assert "- gshard − deepseekmoe: +0.200 nats (1 seed: no interval, nothing resolved)" in md
+    assert "1 seed: no interval, nothing resolved" in md and "gshard − deepseekmoe: +0.200 nats (1 seed" in md
     assert "agrees" not in md and "±" not in md
     assert titles[0] == "Validation loss (one seed: no band)"
 
@@ -351,14 +475,22 @@ def test_papers_order_is_claimed_only_when_resolved():
     assert "the opposite order to the paper's" in opposite
 
 
-def test_comparisons_are_against_the_best_plus_the_papers_orders_with_shared_pairs_counted_once():
-    losses = {"dense": [2.0, 2.1], "switch": [1.9, 2.0], "gshard": [1.95, 1.9], "deepseekmoe": [1.8, 1.85]}
-    results, claims = report.comparisons(losses)
-    # 3 against deepseekmoe, plus gshard-switch and switch-dense (deepseekmoe-gshard is already one of the 3)
-    assert [(p.a, p.b) for p in results] == [("dense", "deepseekmoe"), ("switch", "deepseekmoe"),
-                                             ("gshard", "deepseekmoe"), ("gshard", "switch"), ("switch", "dense")]
-    assert [(p.a, p.b) for _, p in claims] == [("deepseekmoe", "gshard"), ("gshard", "switch"), ("switch", "dense")]
-    assert claims[0][1].mean == pytest.approx(-results[2].mean)
+def test_holm_runs_over_the_preregistered_contrasts_alone_and_the_rest_is_exploratory():
+    losses = {"dense": [2.0, 2.1, 2.05], "switch": [1.9, 2.0, 1.97], "gshard": [1.95, 1.9, 1.93],
+              "deepseekmoe": [1.8, 1.85, 1.81]}
+    contrasts = (Contrast("deepseekmoe", "gshard", "total", "t"), Contrast("gshard", "switch", "total", "t"))
+    verdict = judge(contrasts, losses, 0.03)
+    registered = [p for _, p in verdict.contrasts]
+    assert [(p.a, p.b) for p in registered] == [("deepseekmoe", "gshard"), ("gshard", "switch")]
+    alone = judge(contrasts[:1], losses, 0.03).contrasts[0][1]
+    assert registered[0].mean == alone.mean and registered[0].level <= alone.level  # m = 2 here, 1 there
+    # every other architecture against the best, each uncorrected; the registered pair is not repeated
+    assert [(p.a, p.b, p.level) for p in verdict.exploratory] == [("dense", "deepseekmoe", 0.05),
+                                                                  ("switch", "deepseekmoe", 0.05)]
+    # the papers' orders: a registered pair carries its corrected result, the others are exploratory
+    claims = {(c.result.a, c.result.b): c.registered for c in verdict.claims}
+    assert claims == {("deepseekmoe", "gshard"): True, ("gshard", "switch"): True, ("switch", "dense"): False}
+    assert verdict.needed(registered[0]) >= 2
 
 
 def test_analyses_are_summarised_over_seeds():
@@ -369,13 +501,6 @@ def test_analyses_are_summarised_over_seeds():
     assert over["saturation_by_layer"]["5"]["0"]["chance"]["mean"] == pytest.approx(0.21)
     one = collect.over_seeds([_fake_analysis(0, shared=False)])
     assert one["loss"]["sd"] is None and "shared" not in one["knockout"]
-
-
-def test_runs_also_checkpoint_early_for_router_saturation():
-    cfg = CompareSettings(train=TrainConfig(steps=300), checkpoints=4).run_config(seed=1)
-    assert (cfg.save_every, cfg.save_at, cfg.keep_last, cfg.keep_optimizer) == (75, (3, 30), 7, 1)
-    # an early step that is already a regular checkpoint is not listed twice
-    assert CompareSettings(train=TrainConfig(steps=10), checkpoints=10).run_config(seed=0).save_at == ()
 
 
 def test_a_bad_data_file_is_refused_before_the_suite_starts(tmp_path):

@@ -9,7 +9,10 @@ import torch
 
 from smoe.accounting import account, attention_params, linear_attention_params
 from smoe.eval import long_context, report
-from smoe.eval.suite import MATCH_TOLERANCE, SUITES, Arch, CompareSettings, Suite, check_matched
+from smoe.eval.settings import CompareSettings
+from smoe.eval.suite import MATCH_TOLERANCE, Arch, Contrast, Suite, check_design
+from smoe.eval.suites import SUITES
+from smoe.eval.verdict import judge
 from smoe.models import build_model
 from smoe.train.config import TrainConfig
 
@@ -19,6 +22,10 @@ TINY = {"dim": 32, "vocab_size": 300, "attention.n_heads": 2, "attention.n_kv_he
 TINY_LINEAR = {**TINY, "linear_attention.n_heads": 2, "linear_attention.n_k_heads": 1,
                "linear_attention.head_dim": 16}
 TINY_ARCHS = [Arch("full", "mixtral-style", {**TINY, "n_layers": 8}), Arch("3to1", "hybrid-3to1", TINY_LINEAR)]
+
+
+def _suite(archs):
+    return Suite(archs, contrasts=(Contrast(archs[1].label, archs[0].label, "active", "t"),))
 
 
 def test_the_hybrid_suite_holds_full_attention_3to1_and_7to1_of_gated_deltanet():
@@ -37,7 +44,7 @@ def test_the_hybrid_suite_holds_full_attention_3to1_and_7to1_of_gated_deltanet()
 
 def test_the_hybrid_suite_is_matched_on_parameters_and_training_flops():
     suite = SUITES["hybrid"]
-    table = check_matched(suite.archs, seq_len=128, matching=suite.matching)
+    table = check_design(suite, seq_len=128)
     assert suite.matching == "active" and all(r["matched"] for r in table.values())
     assert all(abs(r["matched_vs_reference"]) <= MATCH_TOLERANCE for r in table.values())
     flops = {label: r["flops_per_token"] for label, r in table.items()}
@@ -102,32 +109,41 @@ def _fake_runs(labels):
         data[label] = {"curves": [([1, 2], [x + 1.0, x]) for x in per_seed],
                        "final": [{"val_loss": x, "val_bpb": x / 3} for x in per_seed],
                        "summaries": [{"peak_device_bytes": 2**20, "peak_rss_bytes": 0, "tokens_per_s": 10.0}] * 2,
-                       "precision": ["fp32"] * 2, "balance": [([1, 2], [0.0, 0.0])] * 2, "loads": {}}
-        matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9}
+                       "precision": ["fp32"] * 2, "balance": [([1, 2], [0.0, 0.0])] * 2, "loads": {},
+                       "hashes": [{"tokenizer_sha256": "a" * 64, "validation_sha256": "b" * 64}] * 2}
+        matched[label] = {"total_params": 1e6, "active_params": 1e6, "active_vs_first": 0.0, "flops_per_token": 1e9,
+                          "moe": True}
     return data, matched
+
+
+def _document(data, matched, decoding=None):
+    spec = _suite([Arch(label, "mixtral-style") for label in data])
+    losses = {label: [f["val_loss"] for f in e["final"]] for label, e in data.items()}
+    return report.build_document("hybrid", spec, CompareSettings(seeds=2), matched, data, {},
+                                 judge(spec.contrasts, losses, 0.03), None, decoding=decoding)
 
 
 def test_the_report_shows_decode_speed_with_its_spread_and_the_cache_beside_accounting():
     data, matched = _fake_runs(["full-attention", "hybrid-3to1"])
-    md = report.to_markdown(report.build_document("hybrid", CompareSettings(seeds=2), matched, data, {},
-                                                  decoding=_fake(list(data))))
+    md = report.to_markdown(_document(data, matched, decoding=_fake(list(data))))
     assert "### Decoding at 8,192 tokens of context" in md
     assert ("| full-attention | 2 / 6 | 12.0 (11.0, 10.0-12.0) | 44.0 (40.0, 38.0-44.0) | 1.00x | 1.00x | "
             "2.00 (2.00) |") in md
     assert "| hybrid-3to1 | 2 / 6 | 24.0 (22.0, 20.0-24.0) | 88.0 (80.0, 76.0-88.0) | 2.00x | 2.00x |" in md
-    without = report.build_document("hybrid", CompareSettings(seeds=2), matched, data, {})
+    without = _document(data, matched)
     assert "Decoding at" not in report.to_markdown(without)
 
 
 def test_a_suite_of_different_layer_types_reports_decoding_and_reuses_the_measurement(tmp_path, monkeypatch):
     data, matched = _fake_runs([a.label for a in TINY_ARCHS])
-    monkeypatch.setattr(report, "collect", lambda out, archs, seeds: data)  # the runs' files, as if trained
+    monkeypatch.setattr(report, "collect", lambda out, archs, seeds: _fake_runs([a.label for a in archs])[0])
     monkeypatch.setattr(report, "run_analyses", lambda *args, **kwargs: {})
+    monkeypatch.setattr(report, "sample_text", lambda *args, **kwargs: "a sample")
     monkeypatch.setattr(long_context, "BATCH_SIZES", (1, 2))
     monkeypatch.setattr(long_context, "STEPS", 2)
     monkeypatch.setattr(long_context, "REPEATS", 2)
     settings = CompareSettings(train=TrainConfig(device="cpu"), seeds=2, long_context=80)
-    report.write_report(tmp_path, "tiny-hybrid", Suite(TINY_ARCHS), settings, matched, log=lambda m: None)
+    report.write_report(tmp_path, "tiny-hybrid", _suite(TINY_ARCHS), settings, matched, log=lambda m: None)
     md = (tmp_path / "report.md").read_text()
     assert "### Decoding at 80 tokens of context" in md and "| 3to1 | 2 / 6 |" in md
     saved = json.loads((tmp_path / long_context.FILE).read_text())
@@ -138,10 +154,10 @@ def test_a_suite_of_different_layer_types_reports_decoding_and_reuses_the_measur
         raise AssertionError("measured again with unchanged settings")
 
     monkeypatch.setattr(long_context, "measure", remeasured)
-    report.write_report(tmp_path, "tiny-hybrid", Suite(TINY_ARCHS), settings, matched, log=lambda m: None)
+    report.write_report(tmp_path, "tiny-hybrid", _suite(TINY_ARCHS), settings, matched, log=lambda m: None)
     with pytest.raises(AssertionError, match="measured again"):  # a changed setting measures again
-        report.write_report(tmp_path, "tiny-hybrid", Suite(TINY_ARCHS), CompareSettings(long_context=96), matched)
-    same_layers = Suite([TINY_ARCHS[0], Arch("full-2", "mixtral-style", {**TINY, "n_layers": 8})])
+        report.write_report(tmp_path, "tiny-hybrid", _suite(TINY_ARCHS), CompareSettings(long_context=96), matched)
+    same_layers = _suite([TINY_ARCHS[0], Arch("full-2", "mixtral-style", {**TINY, "n_layers": 8})])
     report.write_report(tmp_path / "plain", "plain", same_layers, settings, matched | {"full-2": matched["full"]},
                         log=lambda m: None)  # no linear layers anywhere: no section, nothing measured
     assert "Decoding at" not in (tmp_path / "plain" / "report.md").read_text()

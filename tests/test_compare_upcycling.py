@@ -1,6 +1,6 @@
 """The two-phase `upcycling` suite: a dense trunk per seed, its branches (dense continued, upcycled by copy and
 split) started from that seed's trunk on the data order after it, the same MoEs from scratch on the same tokens,
-and the report's compute comparison. Also: the suites defined before it keep their fingerprints."""
+and the report's compute comparison."""
 
 import json
 import re
@@ -10,7 +10,10 @@ import pytest
 
 from smoe.eval.compare import run_suite
 from smoe.eval.document import to_markdown
-from smoe.eval.suite import SUITES, Arch, CompareSettings, Suite, fingerprint, init_dir, run_dir, suite_definition
+from smoe.eval.layout import fingerprint, init_dir, run_dir, suite_definition
+from smoe.eval.settings import CompareSettings
+from smoe.eval.suite import Arch, Contrast, Suite
+from smoe.eval.suites import SUITES
 from smoe.eval.upcycling import TwoPhase
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
@@ -22,15 +25,17 @@ TINY_UPCYCLING = Suite([  # the suite's shape at test size; copy's exact start i
     Arch("dense", "dense", TINY, from_trunk=True),
     Arch("upcycled-split", "dense", TINY, upcycle=SPLIT, from_trunk=True),
     Arch("scratch-split", "dense", TINY, upcycle=SPLIT),
-], matching="none", trunk=Arch("trunk", "dense", TINY))
+], contrasts=(Contrast("upcycled-split", "dense", "tokens", "t"),), matching="none", trunk=Arch("trunk", "dense", TINY))
 
 
-def test_suites_defined_before_the_two_phase_fields_keep_their_fingerprints():
-    settings = CompareSettings(train=TrainConfig(steps=60, batch_size=8, seq_len=128, eval_every=15,
-                                                 eval_batches=4), data=DataConfig(data="stdlib"), seeds=2)
-    before = {"seeds-debate": "f1c967bccaed4263", "table-1": "15d62d621716ee86", "granularity": "2b8cdc4607d4b5df",
-              "shared": "66e7f2b95216ff8a", "balance": "080ca027e3a1b17b", "capacity": "c5808d401ee8d3de"}
-    assert {name: fingerprint(suite_definition(name, SUITES[name], settings)) for name in before} == before
+def test_the_fingerprint_holds_the_contrasts_and_not_the_seeds():
+    settings = CompareSettings(data=DataConfig(data="stdlib"), seeds=2)
+    suite = SUITES["seeds-debate"]
+    same = fingerprint(suite_definition("seeds-debate", suite, settings))
+    assert fingerprint(suite_definition("seeds-debate", suite, CompareSettings(data=DataConfig(data="stdlib"),
+                                                                              seeds=16))) == same
+    fewer = Suite(suite.archs, contrasts=suite.contrasts[:1], ladder=suite.ladder)
+    assert fingerprint(suite_definition("seeds-debate", fewer, settings)) != same
 
 
 def test_the_upcycling_suite_builds_what_the_issue_names():
@@ -38,7 +43,7 @@ def test_the_upcycling_suite_builds_what_the_issue_names():
     configs = {a.label: a.config() for a in suite.archs}
     assert suite.trunk.config().moe is None and configs["dense"] == suite.trunk.config()
     assert configs["upcycled-copy"] == configs["scratch-copy"] and configs["upcycled-split"] == configs["scratch-split"]
-    assert (configs["upcycled-copy"].moe.expert_dim, configs["upcycled-split"].moe.expert_dim) == (1024, 64)
+    assert (configs["upcycled-copy"].moe.expert_dim, configs["upcycled-split"].moe.expert_dim) == (512, 32)
     assert [a.from_trunk for a in suite.archs] == [True, True, True, False, False]
 
 
@@ -50,7 +55,8 @@ def test_two_phase_suite_trains_its_branches_from_each_seeds_trunk_and_reports_c
     monkeypatch.setitem(SUITES, "tiny-upcycling", TINY_UPCYCLING)
     settings = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=2,
                                                  precision="fp32"),
-                               data=DataConfig(data=str(tmp_path / "a.txt")), seeds=2, checkpoints=2, trunk_steps=6)
+                               data=DataConfig(data=str(tmp_path / "a.txt")), seeds=2, checkpoints=2, trunk_steps=6,
+                               val_tokens=64)
     out = tmp_path / "suite"
     report = run_suite("tiny-upcycling", None, settings, out, log=lambda m: None, jobs=2)
 

@@ -61,8 +61,8 @@ def test_schedule_steps_must_cover_the_run():
 def test_a_different_model_config_is_refused_before_training(text, tmp_path):
     _train(tmp_path / "a", text, tmp_path, steps=2)
     with pytest.raises(ValueError, match=r"init_from .*: its model config differs from this run's \(moe\.top_k: 2 in "
-                                         r"the checkpoint, 1 here\)"):
-        _train(tmp_path / "b", text, tmp_path, overrides={**TINY, "moe.top_k": 1}, steps=2,
+                                         r"the checkpoint, 3 here\)"):
+        _train(tmp_path / "b", text, tmp_path, overrides={**TINY, "moe.top_k": 3}, steps=2,
                init_from=str(tmp_path / "a"))
     assert not (tmp_path / "b" / "metrics.jsonl").exists()
 

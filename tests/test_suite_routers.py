@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from smoe.config import override
-from smoe.eval.suite import SUITES, Arch, check_matched
+from smoe.eval.suite import Arch, Contrast, Suite, check_design
+from smoe.eval.suites import SUITES
 from smoe.models import build_model
 
 SMALL = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "attention.n_kv_heads": 2,
@@ -32,4 +33,4 @@ def test_a_router_the_lm_loss_cannot_reach_is_refused_before_training():
     archs = [Arch("switch", "switch"), Arch("top1-renorm", "switch", {"moe.norm_topk_prob": True})]
     with pytest.raises(ValueError, match=r"'top1-renorm': moe.top_k=1 with moe.norm_topk_prob=true .* never "
                                          r"reaches the router"):
-        check_matched(archs, seq_len=64)
+        check_design(Suite(archs, contrasts=(Contrast("top1-renorm", "switch", "active", "t"),)), seq_len=64)

@@ -128,6 +128,10 @@ def test_non_finite_loss_is_skipped_then_stops_keeping_the_checkpoint(text, tmp_
     ({"overrides": {**TINY, "moe.top_kk": 2}}, r"moe\.top_kk: unknown field"),
     ({"data": "/no/such/file.txt"}, r"/no/such/file\.txt: no such file"),
     ({"batch_size": 3, "grad_accum": 2}, r"grad_accum: must divide batch_size"),
+    ({"overrides": {**TINY, "moe.top_k": 1}}, r"moe\.top_k 1 with moe\.norm_topk_prob true: .* the LM loss never "
+                                              r"reaches the router .* set moe\.norm_topk_prob=false"),
+    ({"final_eval_batches": 1}, r"final_eval_batches: must be at least eval_batches \(2\), got 1"),
+    ({"split_seed": -1}, r"split_seed: must be >= 0"),
 ])
 def test_bad_input_fails_before_training(text, tmp_path, kw, match):
     options = {**FAST, "steps": 2, **kw}
@@ -139,11 +143,27 @@ def test_bad_input_fails_before_training(text, tmp_path, kw, match):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_run_json_records_the_tokenizer_and_validation_hashes_and_the_last_evaluation_reads_more(text, tmp_path):
+    _train(tmp_path / "a", text, tmp_path, steps=4, eval_every=2, final_eval_batches=4, seed=1, split_seed=0)
+    _train(tmp_path / "b", text, tmp_path, steps=4, eval_every=2, final_eval_batches=4, seed=2, split_seed=0)
+    _train(tmp_path / "c", text, tmp_path, steps=4, eval_every=2, final_eval_batches=4, seed=2)
+    saved = {name: json.loads((tmp_path / name / "run.json").read_text()) for name in "abc"}
+    # one held-out split (split_seed) gives one validation set whatever the seed; the seed's own split another
+    assert saved["a"]["validation_sha256"] == saved["b"]["validation_sha256"] != saved["c"]["validation_sha256"]
+    assert len({s["tokenizer_sha256"] for s in saved.values()}) == 2 and len(saved["a"]["tokenizer_sha256"]) == 64
+    evals = [r for r in _rows(tmp_path / "a") if r["kind"] == "eval"]
+    # periodic evaluations read the first eval_batches (2 x 4 x 32 targets), the last all four batches, and also
+    # reports the periodic set's loss so the curve ends on the text it ran on
+    assert [r["val_tokens"] for r in evals] == [256, 512] and "val_loss_curve" not in evals[0]
+    assert evals[-1]["val_loss_curve"] != evals[-1]["val_loss"]
+    assert all(r["mfu"] is None for r in _rows(tmp_path / "a") if r["kind"] == "train")  # no CPU peak
+
+
 def test_out_dir_of_another_run_is_left_untouched(text, tmp_path):
     _train(tmp_path / "run", text, tmp_path, steps=2)
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match="holds a run of a different model config"):
-        train_model("mixtral-tiny", out=tmp_path / "run", data=str(text), overrides={**TINY, "moe.top_k": 1},
+        train_model("mixtral-tiny", out=tmp_path / "run", data=str(text), overrides={**TINY, "moe.top_k": 3},
                     cache_dir=tmp_path / "cache", progress=False, **FAST, steps=2)
     with pytest.raises(ValueError, match="holds a run at step 2; pass `resume`"):
         _train(tmp_path / "run", text, tmp_path, steps=2)

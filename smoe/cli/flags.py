@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
-from smoe.eval.suite import CompareSettings
+from smoe.eval.settings import CompareSettings
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
@@ -27,7 +27,7 @@ _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # command-line-only options the library also names.
 _FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
                for f in fields(cls)} | {
-    "out", "resume", "config", "jobs", "suite", "presets"}
+    "out", "resume", "config", "jobs", "suite", "presets", "contrasts", "reuse"}
 
 
 def as_flags(text: str) -> str:

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 
 from smoe.eval.analysis import analyze
+from smoe.eval.layout import read_rows, read_summary, run_dir
+from smoe.eval.settings import SPLIT_SEED, CompareSettings
 from smoe.eval.stats import interval
-from smoe.eval.suite import Arch, CompareSettings, read_rows, read_summary, run_dir
+from smoe.eval.suite import Arch
 from smoe.io.checkpoint import list_checkpoints, load_model
 from smoe.io.files import read_json
 from smoe.io.tokenizer import load_tokenizer
@@ -23,21 +25,25 @@ from smoe.train.data import prepare_data, val_sequences
 
 
 def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any]]:
-    """Per architecture: eval curves, final metrics, summaries and the precision each run resolved (run.json
-    records ``auto`` already resolved) and the load-imbalance curve (``balance``: steps, one list per seed), per
+    """Per architecture: eval curves (the final evaluation's point on the periodic evaluations' set, where it
+    read a larger one), final metrics, summaries, the precision each run resolved (run.json records ``auto``
+    already resolved), its data hashes, and the load-imbalance curve (``balance``: steps, one list per seed), per
     seed; the per-expert loads of seed 0 (expert identities differ between seeds, so loads are not pooled)."""
     data = {}
     for arch in archs:
         entry: dict[str, Any] = {"curves": [], "final": [], "summaries": [], "precision": [], "mfu": [],
-                                 "balance": [], "routing_end": []}
+                                 "balance": [], "routing_end": [], "hashes": []}
         for seed in range(seeds):
             run = run_dir(out, arch, seed)
             rows = read_rows(run)
             evals = [r for r in rows if r["kind"] == "eval"]
-            entry["curves"].append(([r["step"] for r in evals], [r["val_loss"] for r in evals]))
+            entry["curves"].append(([r["step"] for r in evals],
+                                    [r.get("val_loss_curve", r["val_loss"]) for r in evals]))
             entry["final"].append(evals[-1])
             entry["summaries"].append(read_summary(run))
-            entry["precision"].append(read_json(run / "run.json")["train_config"]["precision"])
+            saved = read_json(run / "run.json")
+            entry["precision"].append(saved["train_config"]["precision"])
+            entry["hashes"].append({k: saved.get(k) for k in ("tokenizer_sha256", "validation_sha256")})
             mfu = [r["mfu"] for r in rows if r["kind"] == "train" and r.get("mfu") is not None]
             entry["mfu"].append(float(np.median(mfu)) if mfu else None)
             train = [r for r in rows if r["kind"] == "train" and not r.get("skipped")]
@@ -71,10 +77,12 @@ def routing_end(train: list[dict[str, Any]]) -> dict[str, float] | None:
 def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print
                  ) -> dict[str, list[dict[str, Any]]]:
     """analysis.analyze on every seed's final checkpoint of each MoE architecture (dense ones are skipped before
-    their data and earlier checkpoints are loaded), each over the validation split that run was evaluated on: the
-    split is drawn from the run's seed when ``val_data`` is not given. A list per architecture, seed by seed."""
+    their data and earlier checkpoints are loaded), each over the periodic evaluations' part of the suite's fixed
+    validation set (the first `eval_batches` batches: every intervention is a pass over it). A list per
+    architecture, seed by seed."""
     results: dict[str, list[dict[str, Any]]] = {}
     t = settings.train
+    data = settings.run_data(None)
     for arch in archs:
         for seed in range(settings.seeds):
             run = run_dir(out, arch, seed)
@@ -83,8 +91,8 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
                 break
             log(f"analysing {arch.label} seed {seed}")
             tokenizer = load_tokenizer(path / "tokenizer.json")
-            prepared = prepare_data(settings.data.data, val_spec=settings.data.val_data,
-                                    tokenizer=path / "tokenizer.json", text_field=settings.data.text_field, seed=seed)
+            prepared = prepare_data(data.data, val_spec=data.val_data, tokenizer=path / "tokenizer.json",
+                                    text_field=data.text_field, seed=SPLIT_SEED, val_fraction=data.val_fraction)
             seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
             batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
             earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run, resumable=False)[:-1]]

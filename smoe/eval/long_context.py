@@ -37,7 +37,8 @@ import torch
 
 from smoe.accounting import account, decode_attention_flops, kv_cache_elements, recurrent_state_bytes
 from smoe.eval.document import Block, Heading, Paragraph, Table
-from smoe.eval.suite import Arch, CompareSettings
+from smoe.eval.settings import CompareSettings
+from smoe.eval.suite import Arch
 from smoe.io.files import read_json, write_json
 from smoe.models import build_model
 from smoe.models.transformer import DecodeCache

@@ -111,6 +111,19 @@ def interval(values, level: float = 1 - ALPHA) -> Interval:
     return Interval(n, mean, sd, mean - half, mean + half, level)
 
 
+def ci_text(values, digits: int = 4, sign: str = "") -> str:
+    """``mean ± half-width of the 95% t-interval`` over seeds; the mean alone for one seed."""
+    iv = interval(values)
+    mean = f"{iv.mean:{sign}.{digits}f}"
+    return mean if iv.n < 2 else f"{mean} ± {iv.half:.{digits}f}"
+
+
+def spread_note(n: int) -> str:
+    if n < 2:
+        return "One seed: each number is that run's, with no interval."
+    return f"± is the half-width of the 95% t-interval of the mean over {n} seeds."
+
+
 def band(values_SN, level: float = 1 - ALPHA) -> tuple[np.ndarray, np.ndarray]:
     """Per column of an (S seeds, N points) array: the lower and upper t interval of the mean over seeds."""
     arr = np.asarray(values_SN, dtype=np.float64)
@@ -201,8 +214,34 @@ def compare_pairs(pairs: list[tuple[str, str]], values: dict[str, list[float]], 
                               math.nan, False))
             continue
         sd = float(d.std(ddof=1))
-        se = sd / math.sqrt(n)
-        half = t_ppf(1 - level / 2, n - 1) * se
-        mdd = (t_ppf(1 - level / 2, n - 1) + t_ppf(power, n - 1)) * se
-        out.append(Paired(a, b, tuple(d.tolist()), mean, sd, p, (mean - half, mean + half), level, mdd, rej))
+        half = t_ppf(1 - level / 2, n - 1) * sd / math.sqrt(n)
+        out.append(Paired(a, b, tuple(d.tolist()), mean, sd, p, (mean - half, mean + half), level,
+                          detectable(sd, n, level, power), rej))
     return out
+
+
+# --- design --------------------------------------------------------------------------------------------------------
+
+
+def detectable(sd: float, n: int, level: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean difference a paired t-test on n seeds resolves with probability ``power`` at the
+    two-sided ``level``, for differences of standard deviation ``sd``: (t_{1-level/2, n-1} + t_{power, n-1}) sd/√n
+    (the usual approximation; NaN below 2 seeds)."""
+    if n < 2:
+        return math.nan
+    return (t_ppf(1 - level / 2, n - 1) + t_ppf(power, n - 1)) * sd / math.sqrt(n)
+
+
+def seeds_needed(sd: float, gap: float, level: float = ALPHA, power: float = POWER, most: int = 10_000) -> int | None:
+    """The fewest seeds whose detectable difference (``detectable``) is at most ``gap``; None beyond ``most``."""
+    if not (sd >= 0 and gap > 0):
+        raise ValueError(f"seeds_needed: needs sd >= 0 and gap > 0, got {sd} and {gap}")
+    low, high = 2, 2
+    while detectable(sd, high, level, power) > gap:
+        if high >= most:
+            return None
+        low, high = high, min(2 * high, most)
+    while low < high:  # the detectable difference falls with n: bisect for the first n at or under the gap
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if detectable(sd, mid, level, power) > gap else (low, mid)
+    return high

@@ -20,8 +20,9 @@ import numpy as np
 
 from smoe.eval.document import Block, Bullets, Figure, Heading, Paragraph, Table
 from smoe.eval.plots import fig_curves
+from smoe.eval.settings import CompareSettings
 from smoe.eval.stats import compare_pairs, interval
-from smoe.eval.suite import Arch, CompareSettings
+from smoe.eval.suite import Arch
 
 Curve = tuple[list[float], list[float]]  # (compute in trunk units, validation loss) of one seed's evaluations
 

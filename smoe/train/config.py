@@ -46,6 +46,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the model")
     eval_every: int = option(50, "steps between evaluations (0: only at the end)")
     eval_batches: int = option(8, "validation batches per evaluation")
+    final_eval_batches: int | None = option(
+        None, "validation batches of the last evaluation, of which the periodic ones use the first `eval_batches` "
+              "(default: `eval_batches`); a head-to-head sets it to cover its whole fixed validation set")
     save_every: int = option(0, "steps between checkpoints (0: only at the end and by `save_every_minutes`)")
     save_every_minutes: float = option(
         10.0, "minutes of training between checkpoints, so a crash loses little (0: off); beside `save_every`")
@@ -59,20 +62,25 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     expert_backend: str = option("auto",
                                  "expert kernel: auto (default), reference, cpp, expert_loop, grouped_mm, triton")
-    peak_tflops: float | None = option(None, "device peak for MFU (default: known GPUs, else measured)")
+    peak_tflops: float | None = option(None, "device peak for MFU (default: known GPUs' datasheet bf16 peak; on a "
+                                             "CPU no peak is trustworthy, so no MFU unless given)")
     ep: int = option(1, "expert-parallel ranks (launch with torchrun; see docs/distributed.md)")
     dp: int | None = option(None, "data-parallel replicas of each expert shard (default: processes / `ep`)")
     dist_timeout: float = option(
         300.0, "seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
 
     # Fields that may change between a run and its resumption without changing the optimisation.
-    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "save_every", "save_every_minutes", "save_at",
+    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "final_eval_batches", "save_every", "save_every_minutes", "save_at",
                          "keep_last", "keep_optimizer", "max_bad_steps", "device", "expert_backend", "peak_tflops",
                          "compile", "ep", "dp", "dist_timeout")
 
     @property
     def schedule_length(self) -> int:
         return self.schedule_steps if self.schedule_steps is not None else self.start_step + self.steps
+
+    @property
+    def last_eval_batches(self) -> int:
+        return self.final_eval_batches if self.final_eval_batches is not None else self.eval_batches
 
     @property
     def warmup(self) -> int:
@@ -83,7 +91,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last", "max_bad_steps",
                      "ep", "lr", "eps", "dist_timeout"):
             positive(name, getattr(self, name))
-        for name in ("dp", "peak_tflops", "keep_optimizer"):
+        for name in ("dp", "peak_tflops", "keep_optimizer", "final_eval_batches"):
             positive(name, getattr(self, name), allow_none=True)
         for name in ("eval_every", "save_every", "seed", "grad_clip", "weight_decay", "save_every_minutes",
                      "start_step"):
@@ -100,6 +108,9 @@ class TrainConfig:
                                    f"{self.schedule_steps}")
         if self.init_from is not None and not self.init_from:
             fail("init_from", "must name a checkpoint or run directory, got an empty path")
+        if self.final_eval_batches is not None and self.final_eval_batches < self.eval_batches:
+            fail("final_eval_batches", f"must be at least eval_batches ({self.eval_batches}), got "
+                                       f"{self.final_eval_batches}")
         if self.batch_size % self.grad_accum:
             fail("grad_accum", f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         return self
@@ -112,12 +123,22 @@ class DataConfig:
     val_data: str | None = option(None, "a separate validation spec (default: a held-out share of `data` "
                                         "documents)")
     tokenizer: str | None = option(None, "an existing tokenizer.json (default: train a byte-level BPE on `data`)")
+    val_fraction: float | None = option(
+        None, "share of each source's bytes held out for validation when `val_data` is not given (default 0.02, at "
+              "least 128 KiB but at most a tenth of the source)")
+    split_seed: int | None = option(
+        None, "seeds which documents of `data` are held out for validation (default: the run's `seed`); a "
+              "head-to-head fixes it, so every seed and architecture is evaluated on the same text")
     text_field: str = option("text", "field/column holding text in .jsonl/.parquet")
 
     def validate(self) -> "DataConfig":
         check_types(self, "")
         if not self.text_field:
             fail("text_field", "must not be empty")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            fail("val_fraction", f"must lie in (0, 1), got {self.val_fraction!r}")
+        if self.split_seed is not None:
+            non_negative("split_seed", self.split_seed)
         return self
 
 

@@ -31,7 +31,7 @@ from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
 from smoe.errors import TrainingError
-from smoe.hardware import matmul_flops, profile_of
+from smoe.hardware import profile_of
 from smoe.io.checkpoint import latest_intact, load_model_state
 from smoe.models import build_model
 from smoe.parallel import (
@@ -60,11 +60,14 @@ class TrainData:
     """What the loop needs from a dataset; built by smoe.train.run from prepared data."""
 
     batch: Callable[[int], Batch]  # the batch of a step: a pure function of the step
-    val: list[Batch]  # fixed validation batches
-    val_bytes: int  # UTF-8 bytes of the text the validation batches' targets cover (for BPB)
+    val: list[Batch]  # fixed validation batches: the last evaluation reads them all, periodic ones a prefix
+    val_bytes: list[int]  # per batch, UTF-8 bytes of the text its targets cover (for BPB)
     fingerprint: str  # identifies data + tokenizer: a resumed run must see the same
     tokenizer_json: str | None = None
     config: DataConfig = field(default_factory=DataConfig)  # what the data was prepared from, for run.json
+    # sha256 of the tokenizer.json text and of the validation tokens (validation_sha256): run.json records both,
+    # so runs evaluated on the same text can be told apart from runs that were not
+    hashes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +84,11 @@ def checked_configs(model_config: ModelConfig, train_config: TrainConfig) -> Tra
     """Validate both configs once (and the checkpoint ``init_from`` names against the model config), and return
     ``train_config`` with its precision resolved for its device."""
     model_config.validate()
+    if model_config.moe is not None and model_config.moe.gate_is_constant:
+        raise ValueError(f"moe.top_k {model_config.moe.top_k} with moe.norm_topk_prob true: every routing weight is "
+                         f"fixed at routed_scaling_factor, so the LM loss never reaches the router and only the "
+                         f"balance terms would train it; set moe.norm_topk_prob=false (Switch weights its one expert "
+                         f"by the router probability) or moe.top_k to 2 or more")
     train_config = with_resolved_precision(train_config.validate())
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len {train_config.seq_len}: exceeds the model's max_seq_len "
@@ -109,7 +117,7 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
     run_dir = RunDirectory(out_dir)
     main = is_main_process()
     if main:
-        start = run_dir.start(model_config, cfg, data.config, data.fingerprint, resume, log)
+        start = run_dir.start(model_config, cfg, data.config, data.fingerprint, resume, log, data.hashes)
     if mesh is not None:
         torch.distributed.barrier()  # rank 0 has checked and prepared the run directory
         if not main:
@@ -148,7 +156,7 @@ def run_training(model_config: ModelConfig, cfg: TrainConfig, data: TrainData, o
             sinks.progress(trainer.step, row["loss"], row["tokens_per_s"])
             final = trainer.step == cfg.steps
             if _every(trainer.step, cfg.eval_every) or final:
-                result.final_eval = trainer.evaluate()
+                result.final_eval = trainer.evaluate(cfg.last_eval_batches if final else cfg.eval_batches)
                 sinks.write({"kind": "eval", "step": trainer.step, **result.final_eval})
             due = _every(trainer.step, cfg.save_every) or trainer.step in cfg.save_at or final
             if due or _minutes_due(saved_at, cfg.save_every_minutes, mesh, trainer.device):
@@ -232,8 +240,14 @@ class _Trainer:
             "skipped_steps": self.skipped, "router": stats["router"],
         }
 
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.forward, self.data.val, self.data.val_bytes, self.device, self.autocast)
+    def evaluate(self, n_batches: int) -> dict[str, float]:
+        """On the first ``n_batches`` validation batches (``val_tokens``: how many targets that is); beyond the
+        periodic evaluations' ``eval_batches``, also on those alone (``val_loss_curve``)."""
+        batches = self.data.val[:n_batches]
+        n_bytes = sum(self.data.val_bytes[:n_batches])
+        tokens = sum(int((targets != -100).sum()) for _, targets in batches)
+        prefix = self.cfg.eval_batches if n_batches > self.cfg.eval_batches else None
+        return {**evaluate(self.forward, batches, n_bytes, self.device, self.autocast, prefix), "val_tokens": tokens}
 
     def save(self) -> Path:
         cfg, data = self.cfg, self.data
@@ -308,12 +322,17 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms)."""
+def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, prefix: int | None = None
+             ) -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms). With
+    ``prefix``, also ``val_loss_curve``: the loss over the first ``prefix`` batches alone, the set the periodic
+    evaluations read, so a validation curve ends on the same text it ran on."""
     was_training = model.training
     model.eval()
-    total, n_tokens = 0.0, 0
-    for inputs, targets in batches:
+    total, n_tokens, curve = 0.0, 0, None
+    for i, (inputs, targets) in enumerate(batches):
+        if i == prefix:
+            curve = total / max(n_tokens, 1)
         with autocast:
             out = model(inputs.to(device), labels=targets.to(device))
         count = int((targets != -100).sum())
@@ -321,7 +340,10 @@ def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast) -> dic
         n_tokens += count
     model.train(was_training)
     loss = total / max(n_tokens, 1)
-    return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss, n_tokens, n_bytes)}
+    result = {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss, n_tokens, n_bytes)}
+    if prefix is not None:
+        result["val_loss_curve"] = loss if curve is None else curve
+    return result
 
 
 # --- plumbing ----------------------------------------------------------------------------------------------------
@@ -402,5 +424,6 @@ def _peak_flops(device: torch.device, cfg: TrainConfig) -> float | None:
     if device.type == "cuda":
         profile = profile_of(torch.cuda.get_device_name(device))  # the datasheet's dense bf16 peak
         return profile.peak_flops["bf16"] if profile is not None else None
-    # a quick dense-matmul peak of this CPU, so MFU means 'fraction of what a plain GEMM reaches here'
-    return matmul_flops("bf16" if cfg.precision == "bf16" else "fp32")
+    # No CPU peak is trustworthy: a GEMM timed at the start of a run beside other runs sharing the cores read below
+    # what the runs then reached (MFU above 100%), and a CPU's clock moves with its load. MFU is left out there.
+    return None

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from smoe.parallel import check_layout, collective_errors, init_distributed, is_
 from smoe.parallel.launch import world_size_from_env
 from smoe.train.checkpoint import initial_tokenizer
 from smoe.train.config import DataConfig, TrainConfig
-from smoe.train.data import BatchSampler, prepare_data, token_byte_lengths, tokenize_documents, val_batches
+from smoe.train.data import DEFAULT_VAL_FRACTION, BatchSampler, prepare_data, token_byte_lengths, tokenize_documents, val_batches
 from smoe.train.loop import (
     TrainData,
     TrainResult,
@@ -49,6 +50,8 @@ def train_model(
     overrides: dict[str, Any] | None = None,
     tokenizer: str | Path | None = None,
     text_field: str = "text",
+    val_fraction: float | None = None,
+    split_seed: int | None = None,
     cache_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | None = None,
@@ -63,7 +66,7 @@ def train_model(
     """
     config = resolve_model_config(model, overrides)
     data_config = DataConfig(data=data, val_data=val_data, tokenizer=None if tokenizer is None else str(tokenizer),
-                             text_field=text_field).validate()
+                             text_field=text_field, val_fraction=val_fraction, split_seed=split_seed).validate()
     train_config = TrainConfig(**train_options).validate()
     if tokenizer is None and train_config.init_from is not None:  # continued training keeps the model's token ids
         tokenizer = initial_tokenizer(train_config.init_from)
@@ -85,27 +88,39 @@ def train_model(
             if not main:
                 dist.barrier()  # rank 0 fills the data cache first; the others then read it (bounded by the timeout)
             prepared = prepare_data(data, val_spec=val_data, tokenizer=tokenizer, vocab_size=config.vocab_size,
-                                    seed=train_config.seed, cache_dir=cache_dir, text_field=text_field,
-                                    log=log if main else None)
+                                    seed=train_config.seed if split_seed is None else split_seed,
+                                    val_fraction=val_fraction or DEFAULT_VAL_FRACTION, cache_dir=cache_dir,
+                                    text_field=text_field, log=log if main else None)
             if main and mesh is not None:
                 dist.barrier()
         sampler = BatchSampler(prepared.train, prepared.sources, train_config.seq_len, train_config.batch_size,
                                train_config.seed)
-        val = val_batches(prepared.val, train_config.seq_len, train_config.batch_size, train_config.eval_batches)
+        val = val_batches(prepared.val, train_config.seq_len, train_config.batch_size,
+                          train_config.last_eval_batches)
         token_bytes = torch.from_numpy(token_byte_lengths(prepared.tokenizer))
         train_data = TrainData(
             batch=lambda step: sampler.batch(step)[:2],
             val=val,
-            val_bytes=int(sum(token_bytes[targets].sum() for _, targets in val)),
+            val_bytes=[int(token_bytes[targets].sum()) for _, targets in val],
             fingerprint=prepared.fingerprint,
             tokenizer_json=prepared.tokenizer.to_str(),
             config=data_config,
+            hashes=data_hashes(prepared.tokenizer.to_str(), val),
         )
         return run_training(config, train_config, train_data, out, resume=resume, progress=progress, log=log,
                             mesh=mesh)
     finally:
         if mesh is not None and owns_group:
             dist.destroy_process_group()
+
+
+def data_hashes(tokenizer_json: str, val: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, str]:
+    """``tokenizer_sha256``: of the tokenizer.json text; ``validation_sha256``: of the validation sequences, each
+    its inputs and its last target (seq_len + 1 token ids), as little-endian int64 rows in evaluation order. Two
+    runs with equal hashes were evaluated on the same token ids."""
+    rows = torch.cat([torch.cat([inputs, targets[:, -1:]], dim=1) for inputs, targets in val])
+    return {"tokenizer_sha256": hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest(),
+            "validation_sha256": hashlib.sha256(rows.to(torch.int64).numpy().astype("<i8").tobytes()).hexdigest()}
 
 
 def evaluate_checkpoint(

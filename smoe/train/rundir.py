@@ -96,13 +96,16 @@ class RunDirectory:
             raise ValueError(f"resume: the data or tokenizer differ from the run in {out}")
 
     def start(self, model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
-              fingerprint: str, resume: bool, log: Callable[[str], None]) -> Checkpoint | None:
-        """Check again (now with the data's fingerprint), record the run, and return the checkpoint to resume
-        from: the newest intact one, each newer damaged one reported through ``log`` and skipped."""
+              fingerprint: str, resume: bool, log: Callable[[str], None],
+              hashes: dict[str, str] | None = None) -> Checkpoint | None:
+        """Check again (now with the data's fingerprint), record the run (with ``hashes``: the tokenizer's and the
+        validation set's sha256), and return the checkpoint to resume from: the newest intact one, each newer
+        damaged one reported through ``log`` and skipped."""
         self.check(model_config, train_config, resume, fingerprint)
         remove_incomplete(self.path)
         write_json(self.path / RUN_FILE, {"model_config": model_config.to_dict(), "train_config": asdict(train_config),
-                                          "data_config": asdict(data_config), "data_fingerprint": fingerprint})
+                                          "data_config": asdict(data_config), "data_fingerprint": fingerprint,
+                                          **(hashes or {})})
         start = latest_intact(self.path, log) if resume else None
         if resume and start is None and latest_checkpoint(self.path) is not None:
             raise ValueError(f"resume: every checkpoint in {self.path} is damaged (see above); nothing to resume")

@@ -13,9 +13,9 @@ function of ``(seed, s)``, so resuming at any step reproduces the data order wit
 Errors start with the config field at fault (``data``, ``val_data``, ``seq_len``, ``text_field``, ...) or the file.
 """
 
-from smoe.train.data.cache import prepare_data, tokenize_documents
+from smoe.train.data.cache import DEFAULT_VAL_FRACTION, prepare_data, tokenize_documents
 from smoe.train.data.sampler import BatchSampler, val_batches, val_sequences
 from smoe.train.data.tokenizer import token_byte_lengths, train_tokenizer
 
-__all__ = ["BatchSampler", "prepare_data", "token_byte_lengths", "tokenize_documents", "train_tokenizer",
-           "val_batches", "val_sequences"]
+__all__ = ["DEFAULT_VAL_FRACTION", "BatchSampler", "prepare_data", "token_byte_lengths", "tokenize_documents",
+           "train_tokenizer", "val_batches", "val_sequences"]

@@ -25,6 +25,7 @@ from smoe.train.data.spec import Source, parse_spec, source_files
 from smoe.train.data.tokenizer import train_tokenizer
 
 MIN_VAL_BYTES = 128 * 1024  # held-out text per source, at least (but never more than a tenth of the source)
+DEFAULT_VAL_FRACTION = 0.02  # held-out share of each source's bytes
 _FORMAT_VERSION = 2  # bump when document splitting, the split or tokenization changes: it invalidates caches
 _ENCODE_CHUNK = 1024  # documents per encode_batch call: bounds the memory of tokenizers' Encoding objects
 # how a damaged cache entry fails to load: missing or unreadable files, bad JSON, a meta.json of the wrong shape
@@ -108,7 +109,7 @@ def prepare_data(
     val_spec: str | None = None,
     tokenizer: str | Path | None = None,
     vocab_size: int = 8192,
-    val_fraction: float = 0.02,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     cache_dir: str | Path | None = None,
     text_field: str = "text",
@@ -139,9 +140,18 @@ def prepare_data(
     # on it on those and the vocab size; the cache entry on all of that, the val inputs and the tokenizer.
     split_key = [_FORMAT_VERSION, _input_key(sources, text_field),
                  [val_fraction, seed, MIN_VAL_BYTES, TXT_DOC_BYTES] if not val_sources else "all"]
-    tok_train_key = _hash([split_key, "bpe", vocab_size])
-    tok_id = _hash(tok.to_str()) if tok is not None else f"trained-{tok_train_key}"
-    entry_key = _hash([split_key, _input_key(val_sources, text_field) if val_sources else None, tok_id])
+    docs = None
+    if tok is None:  # the tokenizer trained on this split, cached by what it was trained on
+        tok_file = cache / "tokenizers" / f"{_hash([split_key, 'bpe', vocab_size])}.json"
+        tok = _cached_tokenizer(tok_file)
+        if tok is None:
+            docs = _split_documents(sources, val_sources, val_fraction, seed, text_field)
+            log(f"training a {vocab_size}-token byte-level BPE tokenizer")
+            tok = train_tokenizer((d for source_docs in docs[0].values() for d in source_docs), vocab_size)
+            atomic_write_text(tok_file, tok.to_str())
+    # The entry is keyed by the tokenizer's content: a trained tokenizer saved and passed back as a file (as every
+    # run of a head-to-head does) finds the entry its training wrote.
+    entry_key = _hash([split_key, _input_key(val_sources, text_field) if val_sources else None, _hash(tok.to_str())])
     entry = cache / "data" / entry_key
     if entry.exists():
         try:
@@ -151,14 +161,7 @@ def prepare_data(
             shutil.rmtree(entry, ignore_errors=True)
 
     log(f"preparing data {spec!r} (cached under {entry})")
-    train_docs, val_docs = _split_documents(sources, val_sources, val_fraction, seed, text_field)
-    if tok is None:
-        tok_file = cache / "tokenizers" / f"{tok_train_key}.json"
-        tok = _cached_tokenizer(tok_file)
-        if tok is None:
-            log(f"training a {vocab_size}-token byte-level BPE tokenizer")
-            tok = train_tokenizer((d for docs in train_docs.values() for d in docs), vocab_size)
-            atomic_write_text(tok_file, tok.to_str())
+    train_docs, val_docs = docs or _split_documents(sources, val_sources, val_fraction, seed, text_field)
     log("tokenizing")
     train = _tokenize(tok, train_docs)
     val = _tokenize(tok, val_docs)
