@@ -217,13 +217,13 @@ class _Trainer:
                                     f"({path / 'run.json'}); the runs were not evaluated on the same data")
 
     def _reusable(self, job: Job) -> Path | None:
-        """A finished run of a reused suite with this job's model, training and data configs (but for where the
-        tokenizer file lies), tokenizer and validation set."""
+        """A finished run (or --tune-lr run) of a reused suite with this job's model, training and data configs (but
+        for where the tokenizer file lies), tokenizer and validation set."""
         name, arch, config, _ = job
         want = json.loads(json.dumps(self._run_config(arch, with_resolved_precision(config))))  # as run.json has it
         want["data_config"].pop("tokenizer")
         for suite in self.reuse:
-            for candidate in sorted((suite / "runs").glob("*/seed*")):
+            for candidate in sorted([*(suite / "runs").glob("*/seed*"), *(suite / "tune").glob("*/lr*")]):
                 run = candidate / "run.json"
                 if not (run.is_file() and finished(candidate, config.steps)):
                     continue

@@ -48,7 +48,8 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
     power = power_check(data, ladder, matched, verdict, settings)
     best = min(losses, key=lambda k: np.mean(losses[k]))
     sample = sample_text(run_dir(out, next(a for a in spec.archs if a.label == best), 0), settings, log)
-    gates = {a.label: routed_gate_sum(a.config()) for a in spec.archs}
+    gates = {a.label: (routed_gate_sum(c), c.moe.routed_scaling_factor if c.moe else 1.0)
+             for a in spec.archs for c in [a.config()]}
     doc = build_document(suite, spec, settings, matched, data, analyses, verdict, power, gates=gates,
                          learning_rates=read_learning_rates(out), two_phase=two_phase, decoding=decoding,
                          sample=(best, sample))
@@ -81,7 +82,7 @@ def power_check(data: dict[str, dict[str, Any]], ladder: dict[str, dict[str, Any
 
 def build_document(suite: str, spec: Suite, settings: CompareSettings, matched: dict[str, dict[str, Any]],
                    data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], verdict: Verdict,
-                   power: PowerCheck | None, *, gates: dict[str, float | None] | None = None,
+                   power: PowerCheck | None, *, gates: dict[str, tuple[float | None, float]] | None = None,
                    learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None,
                    decoding: dict[str, Any] | None = None, sample: tuple[str, str] | None = None) -> list[Block]:
     t = settings.train
@@ -163,7 +164,7 @@ def matching_line(matching: str, matched: dict[str, dict[str, Any]]) -> Text:
 
 
 def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, Any]], matching: str,
-                  gates: dict[str, float | None], tokens: int) -> Table:
+                  gates: dict[str, tuple[float | None, float]], tokens: int) -> Table:
     mfu = any(v is not None for e in data.values() for v in e.get("mfu") or [])
     rows = [("architecture", "val loss", "sd over seeds", "BPB", "params total", "active", "Δ matched",
              "tokens / param", "routed gate sum at init", "GFLOPs/token", "train tok/s", *(("MFU",) if mfu else ()),
@@ -175,12 +176,13 @@ def results_table(data: dict[str, dict[str, Any]], matched: dict[str, dict[str, 
         peak = max(x["peak_device_bytes"] or x["peak_rss_bytes"] for x in s)
         delta = (f"{m.get('matched_vs_reference', m['active_vs_first']):+.1%}" if m.get("matched", True)
                  else "reference" if matching == "total" else "n/a")
-        gate = gates.get(label)
+        gate, scale = gates.get(label, (None, 1.0))
         rows.append((
             label, ci_text(losses), "n/a" if np.isnan(sd) else f"{sd:.4f}",
             ci_text([f["val_bpb"] for f in entry["final"]]),
             f"{m['total_params'] / 1e6:.2f}M", f"{m['active_params'] / 1e6:.2f}M", delta,
-            f"{tokens / m['total_params']:.3g}", "n/a" if gate is None else f"{gate:.3f}",
+            f"{tokens / m['total_params']:.3g}",
+            "n/a" if gate is None else f"{gate:.3f}" + (f" (× {scale:g})" if scale != 1 else ""),
             f"{m['flops_per_token'] / 1e9:.3g}", f"{np.median([x['tokens_per_s'] for x in s]):,.0f}",
             *((_mfu(entry.get("mfu")),) if mfu else ()), f"{peak / 2**20:,.0f} MiB"))
     return Table(tuple(rows))
@@ -235,14 +237,15 @@ def learning_rate_blocks(learning_rates: dict[str, dict[str, Any]] | None) -> li
 
 
 def summary_json(suite: str, data: dict[str, dict[str, Any]], verdict: Verdict, power: PowerCheck | None,
-                 gates: dict[str, float | None], sample: tuple[str, str]) -> dict[str, Any]:
+                 gates: dict[str, tuple[float | None, float]], sample: tuple[str, str]) -> dict[str, Any]:
     """summary.json: what the report's verdict, power check and table rest on, as numbers."""
     archs = {}
     for label, entry in data.items():
         iv = interval([f["val_loss"] for f in entry["final"]])
         archs[label] = {"val_loss": [f["val_loss"] for f in entry["final"]], "mean": iv.mean,
                         "sd": None if np.isnan(iv.sd) else iv.sd, "val_bpb": [f["val_bpb"] for f in entry["final"]],
-                        "routed_gate_sum_at_init": gates.get(label),
+                        "routed_gate_sum_at_init": gates.get(label, (None, 1.0))[0],
+                        "routed_scaling_factor": gates.get(label, (None, 1.0))[1],
                         "tokens_per_s": float(np.median([s["tokens_per_s"] for s in entry["summaries"]]))}
     hashes = sorted({(h.get("tokenizer_sha256"), h.get("validation_sha256")) for e in data.values()
                      for h in e["hashes"]}, key=str)

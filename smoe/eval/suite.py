@@ -8,6 +8,7 @@ The built-in suites are in smoe.eval.suites; how a suite lies on disk is smoe.ev
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -38,10 +39,20 @@ class Arch:
     # The learning rate this architecture trains at in the suite (tuned on TUNE_SEED, docs/results.md); None: the
     # suite's `lr`. --tune-lr tunes again.
     lr: float | None = None
+    # Scale the routed experts' combine weights (moe.routed_scaling_factor, DeepSeek-V2/V3's published lever) so
+    # that they sum to 1 at initialisation, as a renormalised router's and a shared expert's do (routed_gate_sum).
+    match_gate: bool = False
 
     def config(self) -> ModelConfig:
         config = override(presets.get(self.preset), self.overrides) if self.overrides else presets.get(self.preset)
-        return self.upcycle.config(config) if self.upcycle is not None else config
+        config = self.upcycle.config(config) if self.upcycle is not None else config
+        if self.match_gate:
+            gate = routed_gate_sum(config)
+            if gate is None:
+                raise ValueError(f"match_gate: {self.label!r} has no routed experts with a per-token gate to match")
+            scale = float(f"{config.moe.routed_scaling_factor / gate:.3g}")
+            config = override(config, {"moe.routed_scaling_factor": scale})
+        return config
 
     def definition(self) -> dict[str, Any]:
         """Its fields, those at their default left out."""
@@ -199,6 +210,7 @@ def _matched(archs: list[Arch], seq_len: int, matching: str) -> dict[str, dict[s
     return table
 
 
+@functools.cache
 def routed_gate_sum(config: ModelConfig, tokens: int = 4096, draws: int = 4) -> float | None:
     """The mean over tokens of the routed experts' combine weights summed, at initialisation (None without routed
     experts, or for expert choice, which has no per-token set). Renormalised routers give routed_scaling_factor;

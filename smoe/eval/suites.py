@@ -21,6 +21,14 @@ def ladder(without: int | None = None) -> list[Arch]:
     return [Arch(f"dense-{w}", "dense", {"ffn_dim": w}) for w in LADDER_WIDTHS if w != without]
 
 
+def _moe(label: str, preset: str, overrides: dict[str, Any] | None = None) -> Arch:
+    """An MoE architecture whose routed experts' combine weights sum to 1 at initialisation (Arch.match_gate): the
+    routed experts then start at the weight of a dense FFN, a shared expert and a renormalised router's, whatever
+    their routing. Unmatched, an unnormalised softmax top-6 of 64 starts its routed experts at 0.14 in all, and
+    that alone decided MoE against dense in our pilot (docs/results.md)."""
+    return Arch(label, preset, overrides or {}, match_gate=True)
+
+
 def _fine(n_experts: int, k: int, width: int, **extra) -> dict[str, Any]:
     return {"moe.n_routed_experts": n_experts, "moe.top_k": k, "moe.expert_dim": width, **extra}
 
@@ -32,7 +40,7 @@ SEEDS_PAIR = "the seeds' question: fine-grained experts with shared ones (DeepSe
 
 SUITES: dict[str, Suite] = {
     "seeds-debate": Suite(
-        [Arch("dense", "dense"), Arch("mixtral-style", "mixtral-style"), Arch("deepseekmoe", "deepseekmoe")],
+        [Arch("dense", "dense"), _moe("mixtral-style", "mixtral-style"), _moe("deepseekmoe", "deepseekmoe")],
         contrasts=(
             Contrast("deepseekmoe", "mixtral-style", "active", SEEDS_PAIR + ", at equal activated parameters"),
             Contrast("deepseekmoe", "dense", "active", "MoE against dense at equal activated parameters"),
@@ -42,8 +50,8 @@ SUITES: dict[str, Suite] = {
     # The seeds' pair at table-1's total budget: Mixtral's 8 experts are each twice the dense FFN, so it activates 4
     # FFN-equivalents; DeepSeekMoE activates 2 (1 shared + 7 of 63 quarter-width experts).
     "seeds-debate-total": Suite(
-        [Arch("dense", "dense"), Arch("mixtral-style", "mixtral-style", {"moe.expert_dim": 1024}),
-         Arch("deepseekmoe", "deepseekmoe", DEEPSEEKMOE_TOTAL)],
+        [Arch("dense", "dense"), _moe("mixtral-style", "mixtral-style", {"moe.expert_dim": 1024}),
+         _moe("deepseekmoe", "deepseekmoe", DEEPSEEKMOE_TOTAL)],
         contrasts=(Contrast("deepseekmoe", "mixtral-style", "total", SEEDS_PAIR + ", at equal total parameters"),),
         matching="total", ladder=ladder(without=512)),
     # DeepSeekMoE Table 1 at this size, matched on total parameters as the paper is: every MoE holds 16 x 512 expert
@@ -51,10 +59,10 @@ SUITES: dict[str, Suite] = {
     # paper's order, adjacent pairs (Pile loss: Hash 1.932, Switch 1.881, GShard 1.867, DeepSeekMoE 1.808).
     "table-1": Suite([
         Arch("dense", "dense"),
-        Arch("hash", "switch", {"moe.routing": "hash", "moe.balance": "none"}),
-        Arch("switch", "switch"),
-        Arch("gshard", "gshard", {"moe.expert_dim": 512}),
-        Arch("deepseekmoe", "deepseekmoe", DEEPSEEKMOE_TOTAL),
+        _moe("hash", "switch", {"moe.routing": "hash", "moe.balance": "none"}),
+        _moe("switch", "switch"),
+        _moe("gshard", "gshard", {"moe.expert_dim": 512}),
+        _moe("deepseekmoe", "deepseekmoe", DEEPSEEKMOE_TOTAL),
     ], contrasts=(
         Contrast("deepseekmoe", "gshard", "total", "DeepSeekMoE Table 1: 1.808 against 1.867"),
         Contrast("gshard", "switch", "total", "DeepSeekMoE Table 1: 1.867 against 1.881"),
@@ -62,29 +70,29 @@ SUITES: dict[str, Suite] = {
     ), matching="total", ladder=ladder(without=512)),
     "granularity": Suite([
         # Top-1 renormalised would fix every gate at 1 and cut the router off the LM loss: weight by p, as Switch.
-        Arch("E8-k1", "mixtral-style", _fine(8, 1, 512, **{"moe.norm_topk_prob": False})),
-        Arch("E16-k2", "mixtral-style", _fine(16, 2, 256)),
-        Arch("E32-k4", "mixtral-style", _fine(32, 4, 126)),  # 126 and 62 wide: their routers count (presets)
-        Arch("E64-k8", "mixtral-style", _fine(64, 8, 62)),
+        _moe("E8-k1", "mixtral-style", _fine(8, 1, 512, **{"moe.norm_topk_prob": False})),
+        _moe("E16-k2", "mixtral-style", _fine(16, 2, 256)),
+        _moe("E32-k4", "mixtral-style", _fine(32, 4, 126)),  # 126 and 62 wide: their routers count (presets)
+        _moe("E64-k8", "mixtral-style", _fine(64, 8, 62)),
     ], contrasts=(
         Contrast("E32-k4", "E8-k1", "active", "OLMoE §4.1: 8 experts top-1 to 32 top-4 improves"),
         Contrast("E64-k8", "E32-k4", "active", "OLMoE §4.1: 64 top-8 improves a further 1-2%"),
     ), ladder=ladder()),
     "shared": Suite([
-        Arch("shared-0", "deepseekmoe", _fine(64, 8, 62, **{"moe.n_shared_experts": 0})),
-        Arch("shared-2", "deepseekmoe"),
+        _moe("shared-0", "deepseekmoe", _fine(64, 8, 62, **{"moe.n_shared_experts": 0})),
+        _moe("shared-2", "deepseekmoe"),
     ], contrasts=(Contrast("shared-2", "shared-0", "active",
                            "DeepSeekMoE §4.5: shared experts help; OLMoE §4.1: one shared expert slightly worse"),),
         ladder=ladder()),
     "balance": Suite([
-        Arch("seq-aux", "deepseek-v3-style", {"moe.balance": "seq_aux", "moe.seq_aux_loss_coef": 1e-3}),
-        Arch("aux-free", "deepseek-v3-style", {"moe.balance": "aux_free", "moe.seq_aux_loss_coef": 0.0}),
+        _moe("seq-aux", "deepseek-v3-style", {"moe.balance": "seq_aux", "moe.seq_aux_loss_coef": 1e-3}),
+        _moe("aux-free", "deepseek-v3-style", {"moe.balance": "aux_free", "moe.seq_aux_loss_coef": 0.0}),
     ], contrasts=(Contrast("aux-free", "seq-aux", "active", "DeepSeek-V3 §4.5.3: 2.253 against 2.258"),),
         ladder=ladder()),
     "capacity": Suite([
-        Arch("cf-1.0", "gshard", {"moe.capacity_factor": 1.0, "moe.capacity_priority": "choice"}),
-        Arch("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
-        Arch("dropless", "gshard", {"moe.capacity_factor": None}),
+        _moe("cf-1.0", "gshard", {"moe.capacity_factor": 1.0, "moe.capacity_priority": "choice"}),
+        _moe("cf-1.25", "gshard", {"moe.capacity_factor": 1.25, "moe.capacity_priority": "choice"}),
+        _moe("dropless", "gshard", {"moe.capacity_factor": None}),
     ], contrasts=(
         Contrast("cf-1.0", "dropless", "active", "GShard/Switch: what dropping tokens at capacity 1.0 costs"),
         Contrast("cf-1.25", "dropless", "active", "Switch's capacity 1.25 against dropless"),
