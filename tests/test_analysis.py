@@ -1,10 +1,11 @@
-"""The paper-following analyses of smoe.eval.analysis on tiny random models and hand-built traces."""
+"""The paper-following analyses of smoe.eval.analysis (on tiny random models) and smoe.eval.routing_stats (on
+hand-built traces)."""
 
 import pytest
 import torch
 
 from smoe import presets
-from smoe.eval import analysis
+from smoe.eval import analysis, routing_stats
 from smoe.models import build_model
 
 TINY = {"dim": 32, "n_layers": 2, "vocab_size": 300, "attention.n_heads": 2, "attention.n_kv_heads": 2,
@@ -90,6 +91,30 @@ def test_analyze_records_the_knocked_out_fraction_and_the_traded_shared_experts(
     assert result["knockout_fraction"] == {"top1_routed": 1 / 64, "top4_routed": 4 / 64}
     assert set(result["knockout"]) == {"top1_routed", "top4_routed", "shared", "shared_to_routed"}
     assert result["shared_to_routed_top_k"] == 8 and result["redundancy"]["disabled_experts"][-1] == 16
+    layer = result["layers"]["0"]
+    assert {"coactivation", "specialisation"} <= layer.keys() and "vocabulary" in layer["specialisation"]
+    assert "dropless_loss" not in result  # no capacity limit
+
+
+def test_hash_layers_are_traced_and_score_exactly_their_vocabulary_baseline():
+    model = _model("switch", **{"moe.routing": "hash", "moe.balance": "none"})
+    batches = _batches(2)
+    result = analysis.analyze(model, batches, [0, 1, 0, 1], ["a", "b"])
+    for layer in result["layers"].values():
+        spec = layer["specialisation"]
+        assert layer["routing"] == "hash" and spec["score"] == pytest.approx(spec["vocabulary"])
+    assert result["knockout"] == {} and result["redundancy"]["loss"] == []  # no scores to intervene on
+
+
+def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
+    model = _model("gshard", **{"moe.capacity_factor": 0.5})
+    batches = _batches(1)
+    with_drops = analysis.mean_loss(model, batches)
+    with analysis.dropless(model):
+        free = analysis.mean_loss(model, batches)
+        assert all(layer.config.capacity_factor is None for layer in model.moe_layers)
+    assert free != with_drops and analysis.mean_loss(model, batches) == with_drops
+    assert analysis.analyze(model, batches, [0, 1], ["a"])["dropless_loss"] == free
 
 
 # --- chance baselines on hand-built traces -----------------------------------------------------------------------
@@ -98,26 +123,47 @@ def test_analyze_records_the_knocked_out_fraction_and_the_traded_shared_experts(
 def test_consecutive_chance_is_the_load_weighted_reuse():
     # two disjoint top-2 sets, each on half the tokens: a random pair overlaps half the time
     sets = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
-    rates = analysis.consecutive_rates(sets.view(10, 100, 2), n_experts=4)
+    rates = routing_stats.consecutive_rates(sets.view(10, 100, 2), n_experts=4)
     assert rates["first_load_weighted"] == pytest.approx(0.5)
     assert rates["any_load_aware"] == pytest.approx(0.5, abs=0.05)
     assert rates["any_vs_chance"] == pytest.approx(rates["any"] / rates["any_load_aware"])
-    uniform = analysis.consecutive_rates(torch.arange(8).repeat(100).view(10, 80, 1), n_experts=8)
+    uniform = routing_stats.consecutive_rates(torch.arange(8).repeat(100).view(10, 80, 1), n_experts=8)
     assert uniform["first_load_weighted"] == pytest.approx(1 / 8) and uniform["first_vs_chance"] == 0.0
 
 
 def test_saturation_chance_is_k_over_e_for_uniform_loads_and_one_for_a_single_expert():
     uniform = torch.arange(8).view(1, 4, 2)  # every expert once
-    assert analysis.saturation_chance(uniform.flip(1), uniform, n_experts=8) == pytest.approx(2 / 8)
+    assert routing_stats.saturation_chance(uniform.flip(1), uniform, n_experts=8) == pytest.approx(2 / 8)
     single = torch.zeros(1, 5, 1, dtype=torch.long)
-    assert analysis.saturation_chance(single, single, n_experts=4) == 1.0
+    assert routing_stats.saturation_chance(single, single, n_experts=4) == 1.0
+
+
+def test_coactivation_finds_fixed_pairs_and_chance_does_not():
+    pairs = torch.tensor([[0, 1], [2, 3]]).repeat(400, 1).view(20, 40, 2)  # expert 0 always with 1, 2 with 3
+    co = routing_stats.coactivation(pairs, n_experts=4)
+    assert co["max_partner"] == 1.0 and co["top_pair"][2] == 1.0
+    # independent choices in proportion to the (uniform) loads: a partner is picked a third of the time
+    assert co["chance"] == pytest.approx(1 / 3, abs=0.05)
+    assert routing_stats.coactivation(pairs[..., :1], n_experts=4) is None  # top-1 has no partners
+
+
+def test_the_vocabulary_baseline_explains_token_keyed_routing_and_not_source_keyed():
+    ids = torch.tensor([[1, 2, 1, 2]] * 4 + [[3, 4, 3, 4]] * 4)  # sources 0 and 1 use different tokens
+    sources = [0] * 4 + [1] * 4
+    by_token = (ids % 2).unsqueeze(-1)  # the expert is a function of the token alone
+    spec = routing_stats.specialisation(by_token, sources, 2, 2, token_ids_BT=ids)
+    assert spec["score"] == pytest.approx(spec["vocabulary"])
+    shared_ids = torch.tensor([[1, 2, 1, 2]] * 8)  # both sources use the same tokens, routed by source
+    by_source = torch.tensor(sources).view(8, 1, 1).expand(8, 4, 1)
+    spec = routing_stats.specialisation(by_source, sources, 2, 2, token_ids_BT=shared_ids)
+    assert spec["score"] == pytest.approx(0.5) and spec["vocabulary"] == pytest.approx(0.0)
 
 
 def test_specialisation_is_zero_for_identical_routing_and_above_shuffled_for_disjoint():
     alike = torch.tensor([0, 1, 2, 3]).repeat(8, 4).view(8, 8, 2)
-    assert analysis.specialisation(alike, [0, 1] * 4, 2, 4)["score"] == pytest.approx(0.0)
+    assert routing_stats.specialisation(alike, [0, 1] * 4, 2, 4)["score"] == pytest.approx(0.0)
     disjoint = torch.cat([torch.zeros(4, 8, 1, dtype=torch.long), torch.ones(4, 8, 1, dtype=torch.long)])
-    spec = analysis.specialisation(disjoint, [0] * 4 + [1] * 4, 2, 2)
+    spec = routing_stats.specialisation(disjoint, [0] * 4 + [1] * 4, 2, 2)
     assert spec["score"] == pytest.approx(0.5) and spec["score"] > spec["shuffled_mean"] + 2 * spec["shuffled_std"]
 
 

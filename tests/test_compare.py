@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from smoe import presets
-from smoe.eval import analysis, collect, plots, report
+from smoe.eval import analysis, collect, plots, report, routing_stats
 from smoe.eval.compare import run_suite
 from smoe.eval.layout import read_learning_rates, read_rows, run_dir, tune_dir
 from smoe.eval.settings import TUNE_SEED, CompareSettings
@@ -172,7 +172,7 @@ def test_every_run_reads_the_suites_tokenizer_and_one_held_out_split():
 
 def test_consecutive_rates_on_a_known_trace():
     trace = torch.tensor([[[0, 1], [0, 2], [3, 2], [3, 1]]])  # first choices 0,0,3,3; overlaps all
-    rates = analysis.consecutive_rates(trace, n_experts=4)
+    rates = routing_stats.consecutive_rates(trace, n_experts=4)
     assert rates["first"] == pytest.approx(2 / 3) and rates["any"] == 1.0
     assert rates["first_uniform"] == 0.25 and rates["first_load_weighted"] == pytest.approx(0.5)
     assert rates["any_uniform"] == pytest.approx(1 - 1 / 6)  # C(2,2)/C(4,2) of pairs share nothing
@@ -180,13 +180,13 @@ def test_consecutive_rates_on_a_known_trace():
 
 def test_saturation_counts_shared_choices():
     final = torch.tensor([[[0, 1], [2, 3]]])
-    assert analysis.saturation(final, final) == 1.0
-    assert analysis.saturation(torch.tensor([[[1, 5], [6, 7]]]), final) == pytest.approx(0.25)
+    assert routing_stats.saturation(final, final) == 1.0
+    assert routing_stats.saturation(torch.tensor([[[1, 5], [6, 7]]]), final) == pytest.approx(0.25)
 
 
 def test_domain_affinity_is_one_without_preference():
     trace = torch.tensor([[[0]], [[1]], [[0]], [[1]]])
-    aff = analysis.domain_affinity(trace, [0, 0, 1, 1], n_sources=2, n_experts=2)
+    aff = routing_stats.domain_affinity(trace, [0, 0, 1, 1], n_sources=2, n_experts=2)
     np.testing.assert_allclose(aff, np.ones((2, 2)))
 
 

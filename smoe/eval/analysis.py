@@ -1,19 +1,18 @@
 """Expert specialisation analyses of a trained checkpoint, following the papers that introduced them.
 
-- load and dead experts per layer on held-out text;
-- top tokens per expert; with several sources, domain affinity and a per-layer specialisation score read against
-  the same score with the sources shuffled across sequences (DeepSeekMoE, OLMoE §5);
-- consecutive-token reuse per layer, of the first-choice expert and of any top-k expert, against the chance that
-  independent routing with the measured loads gives (Mixtral §5, Table 5);
+- load and dead experts per layer on held-out text, and the statistics of smoe.eval.routing_stats on the traced
+  routing: consecutive-token reuse (Mixtral §5), top tokens, domain affinity and specialisation against shuffled
+  sources and against the vocabulary baseline (DeepSeekMoE, OLMoE §5), co-activation (OLMoE §5), router
+  saturation (OLMoE §5.1). Hash layers are traced too: their routing is the token-keyed baseline itself;
 - expert knock-out: the loss rise when the most-loaded routed experts (with the fraction of experts that is), or
   the shared experts, are disabled, and when the shared experts are traded for as many more routed ones
   (DeepSeekMoE §4.5);
 - redundancy: the loss when each token loses its highest-scoring routed experts (DeepSeekMoE §4.5, Fig. 4);
-- router saturation: how many of the final checkpoint's top-k choices an earlier checkpoint already makes, per
-  layer and against chance (OLMoE §5.1).
+- for a model with a capacity limit, the loss without it (dropless evaluation): capacity applies at evaluation as in
+  training (GShard, Switch), so the two together say what the drops cost at inference.
 
 Routing is observed with forward hooks removed on exit, and the interventions patch router or shared-expert
-methods for the duration of a ``with`` block: the model's code and weights are untouched.
+methods (or a layer's config) for the duration of a ``with`` block: the model's code and weights are untouched.
 
 Legend: B sequences, T positions (or tokens, in a router), N = B*T, K top_k, E routed experts, S sources.
 """
@@ -23,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -31,6 +29,15 @@ import numpy as np
 import torch
 
 from smoe.config import MoEConfig
+from smoe.eval.routing_stats import (
+    coactivation,
+    consecutive_rates,
+    domain_affinity,
+    saturation,
+    saturation_chance,
+    specialisation,
+    top_tokens,
+)
 from smoe.models import Transformer
 from smoe.moe.layer import MoELayer
 from smoe.moe.router import Router, Routing, token_choice
@@ -44,12 +51,12 @@ REDUNDANCY_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
 @torch.no_grad()
 def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, torch.Tensor], float]:
     """Top-k expert ids per MoE layer, (B_total, T, K) in selection order (first choice first), and the mean lm
-    loss over the batches. Only token-choice layers are traced (expert choice has no per-token top-k)."""
+    loss over the batches. Token-choice and hash layers are traced (expert choice has no per-token top-k)."""
     model.eval()
     captured: dict[int, list[torch.Tensor]] = {}
     handles = []
     for idx, layer in model.moe_layers_by_index().items():
-        if idx >= model.config.n_layers or layer.config.routing != "token_choice":
+        if idx >= model.config.n_layers or layer.config.routing == "expert_choice":
             continue
 
         def hook(module, args, routing, idx=idx, k=layer.config.top_k):
@@ -187,6 +194,20 @@ def redundancy(model: Transformer, batches: list[Batch], ratios: tuple[float, ..
     return result
 
 
+@contextlib.contextmanager
+def dropless(model: Transformer):
+    """Within the block, every MoE layer runs without its capacity limit (each layer reads its config per call)."""
+    saved: list[tuple[Any, str, Any]] = []
+    try:
+        for layer in model.moe_layers_by_index().values():
+            if layer.config.capacity_factor is not None:
+                saved.append((layer, "config", layer.__dict__["config"]))
+                layer.config = replace(layer.config, capacity_factor=None)
+        yield
+    finally:
+        _restore(saved)
+
+
 def n_replacing_shared(cfg: MoEConfig) -> int:
     """Routed experts that stand in for the shared ones at about the same compute: the shared width over one routed
     expert's (n shared experts of a routed expert's width: n), to the nearest whole expert, at least one."""
@@ -222,130 +243,18 @@ def shared_to_routed(model: Transformer):
         _restore(saved)
 
 
-def consecutive_rates(trace_BTK: torch.Tensor, n_experts: int, permutations: int = 4, seed: int = 0
-                      ) -> dict[str, float | None]:
-    """How often token t+1 reuses token t's expert: first choice == first choice (``first``), and any overlap of
-    the top-k sets (``any``), each against what independent routing would give (Mixtral §5):
-
-    - ``first_uniform`` 1/E; ``first_load_weighted`` sum_e p_e^2 with p the measured first-choice loads (exact);
-    - ``any_uniform`` 1 - C(E-k,k)/C(E,k); ``any_load_aware``: Monte Carlo, each token's top-k set against the set
-      of a random other token (a permutation of all N tokens, ``permutations`` times, ``seed``-fixed), so the
-      chance keeps the measured load and co-selection of experts; ``any_load_aware_std`` its spread over the
-      permutations (each averages N pairs);
-    - ``first_vs_chance`` = first / first_load_weighted and ``any_vs_chance`` = any / any_load_aware: 1 = no more
-      reuse than chance (None where the chance is 0)."""
-    first = trace_BTK[..., 0]
-    same_first = (first[:, 1:] == first[:, :-1]).float().mean().item()
-    k = trace_BTK.shape[-1]
-    overlap = _overlap(trace_BTK[:, :-1], trace_BTK[:, 1:])
-    p = torch.bincount(first.flatten(), minlength=n_experts).double()
-    p = p / p.sum()
-    load_weighted = float((p * p).sum())
-    no_overlap = math.comb(n_experts - k, k) / math.comb(n_experts, k) if n_experts >= 2 * k else 0.0
-    sets_NK = trace_BTK.reshape(-1, k)
-    gen = torch.Generator().manual_seed(seed)
-    shuffled = [_overlap(sets_NK, sets_NK[torch.randperm(len(sets_NK), generator=gen)]) for _ in range(permutations)]
-    chance = float(np.mean(shuffled))
-    return {"first": same_first, "first_uniform": 1 / n_experts, "first_load_weighted": load_weighted,
-            "any": overlap, "any_uniform": 1 - no_overlap,
-            "any_load_aware": chance, "any_load_aware_std": float(np.std(shuffled)),
-            "first_vs_chance": same_first / load_weighted if load_weighted > 0 else None,
-            "any_vs_chance": overlap / chance if chance > 0 else None}
-
-
-def _overlap(a_XK: torch.Tensor, b_XK: torch.Tensor) -> float:
-    """Share of rows whose two top-k sets share at least one expert."""
-    return (a_XK[..., :, None] == b_XK[..., None, :]).any(-1).any(-1).float().mean().item()
-
-
-def top_tokens(trace_BTK: torch.Tensor, token_ids_BT: torch.Tensor, n_experts: int, tokenizer, top: int = 8
-               ) -> dict[int, list[tuple[str, float]]]:
-    """Per expert, the tokens it processes most, with each token's share of that expert's load."""
-    result = {}
-    flat_ids = token_ids_BT.flatten()
-    flat_trace = trace_BTK.reshape(-1, trace_BTK.shape[-1])
-    for e in range(n_experts):
-        rows = (flat_trace == e).any(-1)
-        count = Counter(flat_ids[rows].tolist())
-        total = max(1, int(rows.sum()))
-        result[e] = [(_token_text(tokenizer, t), c / total) for t, c in count.most_common(top)]
-    return result
-
-
-def _token_text(tokenizer, token_id: int) -> str:
-    if tokenizer is None:
-        return str(token_id)
-    return tokenizer.decode([token_id]).replace("\n", "\\n") or f"<{token_id}>"
-
-
-def domain_affinity(trace_BTK: torch.Tensor, sources_B: list[int], n_sources: int, n_experts: int) -> np.ndarray:
-    """(S, E): each source's share of assignments per expert, divided by the source's share of all tokens
-    (1.0 = no preference, above = the expert prefers that source)."""
-    counts = np.zeros((n_sources, n_experts))
-    src = np.asarray(sources_B)
-    for s in range(n_sources):
-        ids = trace_BTK[torch.from_numpy(src == s)].flatten()
-        counts[s] = np.bincount(ids.numpy(), minlength=n_experts)
-    per_expert = counts / np.maximum(counts.sum(0, keepdims=True), 1)
-    source_share = counts.sum(1, keepdims=True) / max(counts.sum(), 1)
-    return per_expert / np.maximum(source_share, 1e-12)
-
-
-def saturation(earlier_BTK: torch.Tensor, final_BTK: torch.Tensor) -> float:
-    """Mean fraction of the final top-k set that the earlier checkpoint also selects, per token (OLMoE §5.1)."""
-    a, b = earlier_BTK[..., :, None], final_BTK[..., None, :]
-    return (a == b).any(-2).float().mean().item()
-
-
-def saturation_chance(earlier_BTK: torch.Tensor, final_BTK: torch.Tensor, n_experts: int) -> float:
-    """The saturation two independent routings with the measured loads would show: (1/K) sum_e f_e q_e, where f_e
-    and q_e are the shares of tokens whose final and earlier top-k sets hold expert e (exact: the expected share of
-    a final set the earlier one holds, when the two sets are drawn independently). Uniform loads give K/E."""
-    n_tokens = final_BTK.shape[0] * final_BTK.shape[1]
-    f = torch.bincount(final_BTK.flatten(), minlength=n_experts).double() / n_tokens
-    q = torch.bincount(earlier_BTK.flatten(), minlength=n_experts).double() / n_tokens
-    return float((f * q).sum() / final_BTK.shape[-1])
-
-
-def specialisation(trace_BTK: torch.Tensor, sources_B: list[int], n_sources: int, n_experts: int,
-                   permutations: int = 20, seed: int = 0) -> dict[str, float | int]:
-    """One number per layer for domain specialisation: the mean over sources of the total-variation distance
-    between the source's distribution of assignments over experts and the pooled one (0: every source routes
-    alike; 1 - the source's share at most). Finite samples make it positive even without any preference, so
-    ``shuffled_mean`` / ``shuffled_std`` give it with the sources permuted across sequences (``permutations``
-    times, ``seed``-fixed; source sizes kept): a score within a few spreads of the shuffled one is chance, not
-    specialisation."""
-    B = trace_BTK.shape[0]
-    flat = trace_BTK.reshape(B, -1)
-    counts_BE = torch.zeros(B, n_experts, dtype=torch.float64).scatter_add_(
-        1, flat, torch.ones_like(flat, dtype=torch.float64)).numpy()
-    src = np.asarray(sources_B)
-    rng = np.random.default_rng(seed)
-    shuffled = [_mean_tv(counts_BE, rng.permutation(src), n_sources) for _ in range(permutations)]
-    return {"score": _mean_tv(counts_BE, src, n_sources), "shuffled_mean": float(np.mean(shuffled)),
-            "shuffled_std": float(np.std(shuffled)), "permutations": permutations}
-
-
-def _mean_tv(counts_BE: np.ndarray, src_B: np.ndarray, n_sources: int) -> float:
-    pooled = counts_BE.sum(0) / counts_BE.sum()
-    tvs = []
-    for s in range(n_sources):
-        c = counts_BE[src_B == s].sum(0)
-        if c.sum() > 0:  # a source with no sequence here has no distribution to compare
-            tvs.append(0.5 * np.abs(c / c.sum() - pooled).sum())
-    return float(np.mean(tvs))
-
-
 def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], source_names: list[str], tokenizer=None,
             earlier: list[tuple[int, Transformer]] | None = None, knockouts: tuple[int, ...] = (1, 2, 4)
             ) -> dict[str, Any]:
     """Every analysis above on one model and a fixed set of batches; JSON-ready.
 
-    Keys: ``loss``; ``sources``; ``layers`` {layer: load, dead, consecutive (consecutive_rates), top_tokens, and
-    with several sources domain_affinity and specialisation}; ``knockout`` {name: loss rise} for ``top{n}_routed``,
-    ``shared``, ``shared_to_routed``, with ``knockout_fraction`` {top{n}_routed: share of each layer's routed
-    experts disabled} and ``shared_to_routed_top_k``; ``redundancy`` (redundancy()); with earlier checkpoints
-    ``saturation`` {step: mean over layers} and ``saturation_by_layer`` {step: {layer: {overlap, chance}}}."""
+    Keys: ``loss``; ``sources``; ``layers`` {layer: routing, load, dead, consecutive (consecutive_rates),
+    top_tokens, at top-2 and above coactivation, and with several sources domain_affinity and specialisation (with
+    its vocabulary baseline)}; with a capacity limit ``dropless_loss``; ``knockout`` {name: loss rise} for
+    ``top{n}_routed``, ``shared``, ``shared_to_routed``, with ``knockout_fraction`` {top{n}_routed: share of each
+    layer's routed experts disabled} and ``shared_to_routed_top_k``; ``redundancy`` (redundancy()); with earlier
+    checkpoints ``saturation`` {step: mean over token-choice layers} and ``saturation_by_layer`` {step: {layer:
+    {overlap, chance}}}."""
     traces, base_loss = trace_routing(model, batches)
     token_ids = torch.cat([b[0] for b in batches])
     layers = model.moe_layers_by_index()
@@ -354,20 +263,29 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
         E = layers[idx].config.n_routed_experts
         load = torch.bincount(trace.flatten(), minlength=E)
         entry = {
+            "routing": layers[idx].config.routing,
             "load": load.tolist(),
             "dead": int((load == 0).sum()),
             "consecutive": consecutive_rates(trace, E),
             "top_tokens": {str(e): v for e, v in top_tokens(trace, token_ids, E, tokenizer).items()},
         }
+        pairs = coactivation(trace, E)
+        if pairs is not None:
+            entry["coactivation"] = pairs
         if len(source_names) > 1:
             entry["domain_affinity"] = domain_affinity(trace, sources_B, len(source_names), E).tolist()
-            entry["specialisation"] = specialisation(trace, sources_B, len(source_names), E)
+            entry["specialisation"] = specialisation(trace, sources_B, len(source_names), E, token_ids)
         result["layers"][str(idx)] = entry
+    if any(layer.config.capacity_factor is not None for layer in layers.values()):
+        with dropless(model):
+            result["dropless_loss"] = mean_loss(model, batches)
 
+    # interventions change what a router chooses: token-choice layers only (a hash layer has no scores)
+    chosen = {idx: trace for idx, trace in traces.items() if layers[idx].config.routing == "token_choice"}
     result["knockout"], result["knockout_fraction"] = {}, {}
     for n in knockouts:
         top_by_layer = {}
-        for idx, trace in traces.items():
+        for idx, trace in chosen.items():
             cfg = layers[idx].config
             if n > cfg.n_routed_experts - cfg.top_k:
                 continue
@@ -391,11 +309,11 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
 
     result["redundancy"] = redundancy(model, batches, base_loss=base_loss)
 
-    if earlier:
+    if earlier and chosen:
         result["saturation"], result["saturation_by_layer"] = {}, {}
         for step, other in earlier:
             other_traces, _ = trace_routing(other, batches)
-            common = [i for i in traces if i in other_traces]
+            common = [i for i in chosen if i in other_traces]
             per_layer = {str(i): {"overlap": saturation(other_traces[i], traces[i]),
                                   "chance": saturation_chance(other_traces[i], traces[i],
                                                               layers[i].config.n_routed_experts)} for i in common}

@@ -127,7 +127,18 @@ def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             spec = [r["layers"][layer]["specialisation"] for r in per_seed]
             layers[layer]["specialisation"] = {"score": _interval([x["score"] for x in spec]),
                                                "shuffled": _interval([x["shuffled_mean"] for x in spec])}
+            if "vocabulary" in v["specialisation"]:
+                layers[layer]["specialisation"].update(
+                    vocabulary=_interval([x["vocabulary"] for x in spec]),
+                    beyond_vocabulary=_interval([x["score"] - x["vocabulary"] for x in spec]))
+        if "coactivation" in v:
+            pairs = [r["layers"][layer]["coactivation"] for r in per_seed]
+            layers[layer]["coactivation"] = {"max_partner": _interval([x["max_partner"] for x in pairs]),
+                                             "chance": _interval([x["chance"] for x in pairs])}
+        layers[layer]["routing"] = v.get("routing", "token_choice")
     summary = {"seeds": len(per_seed), "loss": _interval([r["loss"] for r in per_seed]), "layers": layers,
+               **({"dropless_loss": _interval([r["dropless_loss"] for r in per_seed])}
+                  if "dropless_loss" in first else {}),
                "knockout": {k: _interval([r["knockout"][k] for r in per_seed]) for k in first["knockout"]},
                "knockout_fraction": first.get("knockout_fraction", {})}
     if first.get("redundancy", {}).get("loss"):

@@ -103,10 +103,12 @@ def design_line(spec: Suite, seeds: int) -> str:
     """The design as the log states it before training: the contrasts Holm corrects over, the seeds, and the gap
     they detect at the spread the built-in designs assume."""
     m = len(spec.contrasts)
-    gap = detectable(DESIGN_SD, seeds, ALPHA / m)
-    return (f"{m} pre-registered contrast{'s' if m > 1 else ''} ({'; '.join(c.name for c in spec.contrasts)}), "
-            f"Holm over them alone; {seeds} seeds: at a spread of {DESIGN_SD} nats in the paired differences they "
-            f"detect {gap:.3f} nats (80% power)")
+    lead = (f"{m} pre-registered contrast{'s' if m > 1 else ''} ({'; '.join(c.name for c in spec.contrasts)}), "
+            f"Holm over them alone; {seeds} seed{'s' if seeds > 1 else ''}")
+    if seeds < 2:
+        return lead + ": no interval, nothing can be resolved"
+    return (lead + f": at a spread of {DESIGN_SD} nats in the paired differences they detect "
+                   f"{detectable(DESIGN_SD, seeds, ALPHA / m):.3f} nats (80% power)")
 
 
 def prepare_suite_data(out: Path, spec: Suite, settings: CompareSettings, log) -> dict[str, str]:
