@@ -44,6 +44,7 @@ from smoe.eval.settings import SPLIT_SEED, TUNE_SEED, CompareSettings
 from smoe.eval.stats import ALPHA, detectable
 from smoe.eval.suite import Arch, Suite, check_design
 from smoe.eval.suites import resolve_suite
+from smoe.io.checkpoint import drop_optimizer, list_checkpoints
 from smoe.io.files import atomic_write_text, read_json, write_json
 from smoe.train.config import TrainConfig
 from smoe.train.data import prepare_data, val_batches
@@ -196,6 +197,8 @@ class _Trainer:
                     tail = (path / "train.log").read_text().strip().splitlines()[-1:] or ["(no output)"]
                     raise TrainingError(f"{name} failed: {tail[0]} (log: {path / 'train.log'})")
                 self._check_hashes(name, path)
+                for checkpoint in list_checkpoints(path):  # the analyses read models only: keep no optimizer state
+                    drop_optimizer(checkpoint.path)
                 summary = read_summary(path)
                 self.log(f"{name}: val loss {summary['final_eval']['val_loss']:.4f}, "
                          f"{summary['tokens_per_s']:.0f} tok/s, {time.time() - start:.0f}s")

@@ -94,7 +94,7 @@ class CompareSettings:
         own length in a two-phase suite), the final evaluation over the fixed validation set, ``checkpoints``
         evenly spaced checkpoints and, for an MoE (``moe``), early ones (EARLY_CHECKPOINTS); no time-based ones,
         so every architecture is analysed at the same steps. Only the newest keeps its optimizer state (to
-        resume): the analyses read the others' models."""
+        resume), and not once the run has finished (smoe.eval.compare drops it): the analyses read models only."""
         steps = self.train.steps if steps is None else steps
         every = max(1, steps // self.checkpoints)
         regular = set(range(every, steps + 1, every))

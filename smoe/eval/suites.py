@@ -36,6 +36,7 @@ def _fine(n_experts: int, k: int, width: int, **extra) -> dict[str, Any]:
 # table-1's total budget, 16 FFN-equivalents (16 x 512 expert hidden units): DeepSeekMoE holds it as 1 shared and 63
 # routed experts of a quarter width, activating 1 + 7 of them (two FFN-equivalents, as GShard's top-2).
 DEEPSEEKMOE_TOTAL = _fine(63, 7, 128, **{"moe.n_shared_experts": 1})
+DEMO = {"vocab_size": 2048}
 SEEDS_PAIR = "the seeds' question: fine-grained experts with shared ones (DeepSeekMoE §3) against Mixtral's few large"
 
 SUITES: dict[str, Suite] = {
@@ -112,6 +113,15 @@ SUITES: dict[str, Suite] = {
         Contrast("upcycled-split", "dense", "tokens", "LLaMA-MoE's split upcycling against dense continued"),
         Contrast("upcycled-copy", "scratch-copy", "tokens", "Komatsuzaki et al. 2023: upcycled ahead of scratch"),
     ), matching="none", trunk=Arch("trunk", "dense")),
+    # `make demo`: the power check and one pre-registered contrast in about ten minutes on 2 CPU cores. The family at
+    # a 2,048-token vocabulary (the head a smaller share of the compute, so FFN widths 128 to 2048 span 4.7x the
+    # training FLOPs per token), dense against DeepSeekMoE at equal activated parameters, 4 seeds: enough for a
+    # detectable gap of 0.1 nats at the spread these short runs show (docs/results.md, "The demo").
+    "demo": Suite([Arch("dense", "dense", DEMO), _moe("deepseekmoe", "deepseekmoe", DEMO)],
+                  contrasts=(Contrast("deepseekmoe", "dense", "active", "MoE against dense at equal activated "
+                                                                       "parameters"),),
+                  ladder=[Arch(f"dense-{w}", "dense", {**DEMO, "ffn_dim": w}) for w in (128, 256, 1024, 2048)],
+                  seeds=4),
     # Issue 15: full attention against Qwen3-Next's 3:1 and MiniMax-01's 7:1 hybrids of Gated DeltaNet, on
     # mixtral-style at 8 layers and d 256 (smoe/presets/ablation.py). A Gated DeltaNet layer holds 1.6% more
     # parameters than the attention layer it replaces and, at 128 tokens, 7% more forward FLOPs: the models match
