@@ -195,12 +195,16 @@ def test_compare_keeps_its_own_defaults(tmp_path):
     assert args.steps is None and CompareSettings().train.steps == 400 and CompareSettings().train.eval_every == 50
 
 
-def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
+def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch, capsys):
     from smoe.eval import compare
 
     seen = {}
     monkeypatch.setattr(compare, "run_suite", lambda suite, presets, settings, out, **kw: seen.update(
         settings=settings, **kw) or tmp_path / "report.html")
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "verdict": {"contrasts": [{"a": "shared-2", "b": "shared-0", "mean": -0.01, "ci": [-0.02, -0.001],
+                                   "resolved": True}]},
+        "sample": {"architecture": "shared-2", "text": "def f(): ⟶ return 1"}}))
     assert main(["compare", "--suite", "shared", "--data", "stdlib", "--seeds", "2", "--steps", "7",
                  "--tune-lr", "1e-3,2e-3", "--checkpoints", "3", "--val-tokens", "4096", "--target-gap", "0.1",
                  "--jobs", "2", "--reuse", "a,b", "--out", str(tmp_path)]) == 0
@@ -208,3 +212,6 @@ def test_compare_flags_fill_the_settings_it_runs(tmp_path, monkeypatch):
     assert (s.data.data, s.seeds, s.train.steps, s.train.eval_every, s.tune_lr, s.checkpoints, s.val_tokens,
             s.target_gap) == ("stdlib", 2, 7, 50, (1e-3, 2e-3), 3, 4096, 0.1)
     assert seen["reuse"] == ("a", "b") and seen["jobs"] == 2
+    out = capsys.readouterr().out
+    assert "shared-2 − shared-0: -0.0100 nats, [-0.020, -0.001], resolved" in out
+    assert "sample from shared-2: def f(): ⟶ return 1" in out

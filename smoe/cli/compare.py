@@ -6,7 +6,9 @@ import argparse
 from dataclasses import replace
 
 from smoe.cli.flags import add_config_arguments, given
+from smoe.eval.layout import SUMMARY_FILE
 from smoe.eval.settings import COMPARE_DEFAULTS, COMPARE_FIELDS, COMPARE_OWN, CompareSettings
+from smoe.io.files import read_json
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -46,4 +48,10 @@ def run(args: argparse.Namespace) -> None:
     reuse = tuple(r.strip() for r in args.reuse.split(",") if r.strip()) if args.reuse else ()
     report = run_suite(args.suite, args.presets, settings, args.out, log=lambda m: print(m, flush=True),
                        jobs=args.jobs, contrasts=args.contrasts, reuse=reuse)
+    summary = read_json(report.parent / SUMMARY_FILE)
+    for c in summary["verdict"]["contrasts"]:
+        ci = "no interval" if c["ci"][0] is None else f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+        print(f"{c['a']} − {c['b']}: {c['mean']:+.4f} nats, {ci}, "
+              f"{'resolved' if c['resolved'] else 'not resolved'}")
+    print(f"sample from {summary['sample']['architecture']}: {summary['sample']['text']}")
     print(f"report: {report.resolve()}")
