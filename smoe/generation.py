@@ -29,6 +29,9 @@ from smoe.models.transformer import ModelOutput, Transformer
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing the logits by less overflows to inf, and the
+# softmax of inf is NaN, which no draw can sample from.
+GREEDY_BELOW = 1e-5
 
 
 @torch.inference_mode()
@@ -54,9 +57,10 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
 
     ``prompts``: a list of token-id lists (any lengths), or a (B, T) tensor, left-padded if ``attention_mask``
-    (1 real, 0 pad) says so. ``temperature`` 0 is greedy; otherwise logits / temperature are sampled after keeping
-    the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``. ``seed`` makes
-    sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the global RNG is untouched).
+    (1 real, 0 pad) says so. ``temperature`` 0 (or below ``GREEDY_BELOW``) is greedy; otherwise logits / temperature
+    are sampled after keeping the ``top_k`` most likely tokens and the smallest set whose probability reaches
+    ``top_p``. ``seed`` makes sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the
+    global RNG is untouched).
     ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
     per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
     (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
@@ -88,6 +92,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
         engine.prefill()
     device = model.embed.weight.device
     for step in range(max_new_tokens):
+        _raise_failed(requests)
         yield torch.tensor([r.tokens[step] if step < len(r.tokens) else pad_id for r in requests], device=device)
         if all(r.done for r in requests):
             return
@@ -97,8 +102,8 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
 @dataclass(eq=False)
 class Request:
     """A prompt to continue and how, plus what the engine has made of it: ``tokens`` so far and, once done, the
-    ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``) or
-    "cancelled"."""
+    ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``),
+    "cancelled", or "error" (choosing its next token failed; ``error`` says why, and the other rows go on)."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -112,6 +117,7 @@ class Request:
     row: int | None = None  # the cache row it holds while the engine runs it
     prefilled: int = 0  # prompt tokens in the cache
     generator: torch.Generator | None = None
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -180,6 +186,7 @@ class Engine:
             raise ValueError("prompt: needs at least one token")
         if not all(0 <= t < vocab for t in request.prompt):
             raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        check_sampling(request.max_new_tokens, request.temperature, request.top_k, request.top_p)
         if n + request.max_new_tokens - 1 > self.cache.max_len:
             raise ValueError(f"max_new_tokens: a {n}-token prompt plus {request.max_new_tokens} new tokens exceed "
                              f"the {self.cache.max_len} tokens a row holds")
@@ -249,8 +256,8 @@ class Engine:
                      argmax_B: torch.Tensor | None = None) -> None:
         """Request i's next token from row ``rows[i]`` of ``logits_BV``; ``argmax_B``: every row's argmax, when the
         step computed it."""
-        tokens = [0] * len(requests)
-        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        tokens: list[int | None] = [0] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.temperature < GREEDY_BELOW]
         if greedy:  # one argmax for them all: per row it is the same
             picked = [rows[i] for i in greedy]
             if argmax_B is None:
@@ -262,10 +269,16 @@ class Engine:
             for i, token in zip(greedy, choices):
                 tokens[i] = token
         for i, r in enumerate(requests):
-            if r.temperature != 0:
-                tokens[i] = int(sample(logits_BV[rows[i] : rows[i] + 1], r.temperature, r.top_k, r.top_p,
-                                       r.generator))
+            if r.temperature >= GREEDY_BELOW:
+                try:
+                    tokens[i] = int(sample(logits_BV[rows[i] : rows[i] + 1], r.temperature, r.top_k, r.top_p,
+                                           r.generator))
+                except (RuntimeError, ValueError) as err:  # NaN logits, say: this row ends, the others go on
+                    tokens[i], r.finish_reason, r.error = None, "error", f"sampling failed: {err}"
         for request, token in zip(requests, tokens):
+            if token is None:
+                self._release(request)
+                continue
             request.tokens.append(token)
             if token in request.stop_tokens:
                 request.finish_reason = "stop"
@@ -287,6 +300,12 @@ class Engine:
             self.expert_tokens[layer] = stats.load if total is None else total + stats.load
 
 
+def _raise_failed(requests: list[Request]) -> None:
+    failed = [(b, r) for b, r in enumerate(requests) if r.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"row {failed[0][0]}: {failed[0][1].error}")
+
+
 def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list,
                      real_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A compiled decode step: ``Transformer.decode_step``'s logits and their argmax, which the graph computes in a
@@ -297,8 +316,9 @@ def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Te
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token per row: argmax at temperature 0, else a draw from the (top-k, top-p) filtered softmax."""
-    if temperature == 0:
+    """The next token per row: argmax at a temperature below ``GREEDY_BELOW``, else a draw from the (top-k, top-p)
+    filtered softmax."""
+    if temperature < GREEDY_BELOW:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
@@ -415,6 +435,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_k: must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+    if top_p is not None and torch.tensor(top_p, dtype=torch.float32) == 0:  # the sampler compares in fp32
+        raise ValueError(f"top_p: {top_p} rounds to 0 in float32, which keeps no token")
 
 
 def _as_prompts(prompts, attention_mask, vocab_size: int) -> list[list[int]]:

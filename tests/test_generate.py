@@ -270,6 +270,44 @@ def test_top_p_samples_only_the_smallest_set_reaching_p():
     assert set(sample(logits, 1.0, top_k=3, generator=g).tolist()) == {0, 1, 2}
 
 
+def test_a_temperature_below_the_threshold_is_greedy_and_a_top_p_rounding_to_0_is_refused():
+    model = _model("mixtral-tiny")
+    greedy = smoe.generate(model, [[1, 2, 3]], max_new_tokens=6)
+    for temperature in (1e-40, 1e-6):  # logits / 1e-40 overflow to inf, whose softmax is NaN
+        assert torch.equal(smoe.generate(model, [[1, 2, 3]], max_new_tokens=6, temperature=temperature), greedy)
+    with pytest.raises(ValueError, match="^top_p: 1e-46 rounds to 0 in float32"):
+        smoe.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=1.0, top_p=1e-46)
+
+
+def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(monkeypatch):
+    model = _model("mixtral-tiny")
+    real_sample = sample
+
+    def failing(logits_BV, temperature, top_k=None, top_p=None, generator=None):
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real_sample(logits_BV, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr("smoe.generation.sample", failing)
+    bad = Request([4, 5], max_new_tokens=6, temperature=0.5, seed=1)
+    good = [Request([1, 2, 3], max_new_tokens=6), Request([7], max_new_tokens=6, temperature=1.0, seed=2)]
+    engine = Engine(model, rows=3, max_len=16)
+    with torch.inference_mode():
+        for request in (good[0], bad, good[1]):
+            engine.add(request)
+        while engine.prefilling:
+            engine.prefill()
+        while engine.running:
+            engine.decode()
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error and bad.tokens == []
+    for r in good:
+        alone = smoe.generate(model, [r.prompt], max_new_tokens=6, temperature=r.temperature, seed=r.seed,
+                              decode_rows=3)
+        assert r.finish_reason == "length" and r.tokens == alone[0].tolist()
+    with pytest.raises(RuntimeError, match="^row 0: sampling failed"):  # offline, the failure is the caller's
+        smoe.generate(model, [[1, 2], [4, 5]], max_new_tokens=4, temperature=0.5)
+
+
 def test_a_stop_token_ends_its_row_with_padding_and_the_loop_when_all_stopped():
     model = _model("mixtral-tiny")
     free = smoe.generate(model, [[1, 2, 3], [9, 8]], max_new_tokens=10)

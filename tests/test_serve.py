@@ -155,6 +155,22 @@ def test_concurrent_greedy_requests_get_what_generate_gives_each_alone(server):
         torch.set_num_threads(threads)
 
 
+def test_extreme_sampling_values_fail_alone_while_a_stream_runs(server):
+    body = {"model": server.model, "prompt": [4, 5, 6], "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body), headers=server.headers,
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        greedy = {"model": server.model, "prompt": "a fox", "max_tokens": 4, "temperature": 0}
+        tiny = server.post("/v1/completions", {**greedy, "temperature": 1e-40})  # greedy, not a NaN softmax
+        assert tiny.status_code == 200
+        assert tiny.json()["choices"][0]["text"] == server.post("/v1/completions", greedy).json()["choices"][0]["text"]
+        zero_p = server.post("/v1/completions", {**greedy, "temperature": 1, "top_p": 1e-46})
+        assert zero_p.status_code == 400 and zero_p.json()["error"]["param"] == "top_p"
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"  # the stream was not aborted
+
+
 def test_a_stop_string_ends_the_text_before_it(server):
     free = server.post("/v1/completions", {"model": server.model, "prompt": "a red", "max_tokens": 12,
                                            "temperature": 0}).json()["choices"][0]["text"]

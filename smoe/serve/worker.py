@@ -164,6 +164,11 @@ class Worker:
                 job = self._jobs.get(request)
                 if job is None:  # cancelled meanwhile
                     continue
+                if request.finish_reason == "error":  # this row alone failed
+                    log.error("request failed: %s", request.error)
+                    self._finish(job)
+                    job.post(None)
+                    continue
                 if len(request.tokens) == 1:
                     self.prompt_tokens += len(request.prompt)
                 job.post((request.tokens[-1], request.finish_reason))
