@@ -246,6 +246,23 @@ class Engine:
         cache.lengths_B += real_B1[:, 0].cpu()
         return logits_BV, argmax_B
 
+    def warm_up(self) -> None:
+        """Run one prefill and one decode step of a throwaway request, so that whatever the first ones build or
+        compile (the C++ kernels, a compiled step's graph) is ready before a real request comes; the engine is left
+        as it was, its expert counts included. Needs a free row."""
+        counts = dict(self.expert_tokens)
+        request = Request([0], max_new_tokens=min(2, self.cache.max_len))
+        with torch.inference_mode():
+            self.add(request)
+            try:
+                while request in self.prefilling:
+                    self.prefill()
+                if not request.done:
+                    self.decode()
+            finally:
+                self.cancel(request)
+        self.expert_tokens = counts
+
     def cancel(self, request: Request) -> None:
         """Stop ``request`` (if it still runs) and free its row."""
         if not request.done:

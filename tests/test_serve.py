@@ -4,9 +4,11 @@ One server per module (a tiny random model built here, a tokenizer trained here,
 queue of 4, one torch thread like this process, so its greedy tokens can be compared with smoe.generate's.
 """
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +34,7 @@ from smoe.io.tokenizer import find_tokenizer  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 ROWS, QUEUE, CONTEXT = 4, 4, 2048  # long enough that requests held in a test cannot finish first
+READ_TIMEOUT, DRAIN = 2, 3  # seconds: --read-timeout, --shutdown-timeout
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -60,7 +63,8 @@ class Server:
         self.directory, self.model = directory, str(directory)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smoe", "serve", self.model, "--port", "0", "--max-batch", str(ROWS),
-             "--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--shutdown-timeout", "20"],
+             "--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--shutdown-timeout", str(DRAIN),
+             "--read-timeout", str(READ_TIMEOUT)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
         ready = threading.Event()
@@ -70,13 +74,14 @@ class Server:
                 self.output.append(line)
                 if " on http://" in line:
                     self.url = line.rsplit(" on ", 1)[1].split()[0]
+                    self.maps_when_ready = _memory_maps(self.proc.pid)
                     ready.set()
             ready.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(180) or self.proc.poll() is not None:
             raise RuntimeError("smoe serve did not start:\n" + "".join(self.output))
-        self.headers = {"Authorization": f"Bearer {KEY}"}
+        self.headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
 
     def post(self, path: str, body, headers=(), timeout: float = 60) -> httpx.Response:
@@ -95,6 +100,13 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"gave up waiting for {what}: {self.metrics()}")
             time.sleep(0.05)
+
+
+def _memory_maps(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # not Linux
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +293,7 @@ def test_a_full_queue_is_429_and_clients_that_leave_free_their_rows(server):
         server.wait_for(lambda m: m["smoe_queue_depth"] == QUEUE, "the queue to fill")
         refused = server.post("/v1/completions", body)
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.headers["Retry-After"] == "1"
         for future in waiting:
             future.result()
         server.wait_for(lambda m: m["smoe_queue_depth"] == 0, "the queue to empty as its clients left")
@@ -320,6 +333,83 @@ def test_fuzzed_request_bodies_never_take_the_server_down(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_health_answers_only_once_a_request_is_served_at_once(server):
+    # The port listens only after the warm-up step, which built (or loaded) the C++ kernels: no first request
+    # waits for them while /health says 200.
+    if server.maps_when_ready is None:
+        pytest.skip("no /proc/PID/maps here")
+    assert "smoe_kernels_" in server.maps_when_ready
+
+
+def test_accepted_connections_get_tcp_nodelay():
+    from smoe.serve.server import _bind
+
+    async def accepted_nodelay() -> int:
+        sock = _bind("127.0.0.1", 0)
+        sock.listen()
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                              socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)  # as uvicorn serves it
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_page_elsewhere_cannot_drive_the_loopback_server(server):
+    body = {"model": server.model, "prompt": "a fox", "max_tokens": 2}
+    rebound = server.post("/v1/completions", body, headers={"Host": "evil.example"})  # DNS rebinding
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:80"):
+        assert server.post("/v1/completions", body, headers={"Host": host}).status_code == 200
+    simple = server.post("/v1/completions", body, headers={"Content-Type": "text/plain"})  # no CORS preflight
+    assert simple.status_code == 415 and "application/json" in simple.json()["error"]["message"]
+    assert server.post("/v1/completions", body, headers={"Content-Type": "application/json; charset=utf-8"}
+                       ).status_code == 200
+
+
+def test_allowed_hosts_widen_loopback_and_bind_other_addresses():
+    from smoe.serve.app import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0", ()) is None  # any Host: the user exposed it on purpose
+    assert allowed_hosts("127.0.0.1", ("Box.lan",)) >= {"localhost", "127.0.0.1", "::1", "box.lan"}
+    assert allowed_hosts("0.0.0.0", ("box.lan",)) >= {"box.lan"}
+    assert main(["serve", "x", "--allowed-hosts", "box.lan:8000"]) == 2
+
+
+def test_malformed_text_and_a_slow_or_vanishing_client_fail_alone(server):
+    lone = b'{"model": ' + json.dumps(server.model).encode() + b', "prompt": "a \\ud800 b"}'
+    response = server.post("/v1/completions", lone)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+    def raw(data: bytes) -> socket.socket:
+        sock = socket.create_connection(server.url.removeprefix("http://").split(":"), timeout=READ_TIMEOUT + 10)
+        sock.sendall(data)
+        return sock
+
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n").encode()
+    with raw(head) as slow_headers:  # headers never finished: closed after the read timeout
+        assert slow_headers.recv(1000) == b""
+    with raw(head + b"Content-Length: 100\r\n\r\n{") as slow_body:
+        assert slow_body.recv(1000).startswith(b"HTTP/1.1 408 ")
+    before = server.metrics().get('smoe_requests_total{endpoint="/v1/completions",code="499"}', 0)
+    raw(head + b"Content-Length: 100\r\n\r\n{").close()  # gone mid-body
+    server.wait_for(lambda m: m.get('smoe_requests_total{endpoint="/v1/completions",code="499"}', 0) == before + 1,
+                    "the vanished client to count as 499")
+    unknown = server.post("/v1/completions", {"model": "nope", "prompt": "a"}).json()["error"]["message"]
+    assert "nope" in unknown and str(server.directory) not in unknown  # no path of the server's in an error
+
+
 def test_chat_without_a_template_is_400(tmp_path):
     from starlette.testclient import TestClient
 
@@ -329,7 +419,7 @@ def test_chat_without_a_template_is_400(tmp_path):
 
     directory = make_model(tmp_path / "model", chat_template=None)
     state = load_state(str(directory), ServeConfig(max_batch=1, max_seq_len=32))
-    with TestClient(create_app(state)) as client:
+    with TestClient(create_app(state), base_url="http://localhost") as client:
         response = client.post("/v1/chat/completions", json={"model": str(directory), "max_tokens": 2,
                                                               "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "chat_template" in response.json()["error"]["message"]
@@ -349,7 +439,7 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     prompt = [5, 6, 7, 8]
     quantised = smoe.quantize(smoe.load_pretrained(directory), "int8")
     expected = smoe.generate(quantised, [prompt], max_new_tokens=4, decode_rows=2)[0].tolist()
-    with TestClient(create_app(state)) as client:
+    with TestClient(create_app(state), base_url="http://localhost") as client:
         response = client.post("/v1/completions", json={"model": str(directory), "prompt": prompt, "max_tokens": 4,
                                                         "temperature": 0})
     assert state.worker.engine.model.config.quantization.scheme == "int8"
@@ -363,6 +453,7 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     (["serve", "no/such/model", "--port", "0"], "no/such/model"),
     (["serve", "x", "--port", "70000"], "--port: must lie in [0, 65535]"),
     (["serve", "x", "--max-batch", "0"], "--max-batch: must be a positive number"),
+    (["serve", "x", "--api-key", "clé"], "--api-key: must be printable ASCII"),  # a header could never match it
 ])
 def test_cli_serve_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -370,14 +461,19 @@ def test_cli_serve_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_sigterm_drains_the_streams_in_flight_and_exits_cleanly(server):
+def test_sigterm_drains_the_streams_in_flight_then_aborts_the_rest_with_503(server):
     # Last: it ends the module's server.
     body = {"model": server.model, "prompt": [4, 5], "max_tokens": 40, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body), headers=server.headers,
-                      timeout=60) as response:
+    long = {"model": server.model, "prompt": [4, 5], "max_tokens": CONTEXT - 2, "temperature": 0}  # outlasts it
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body),
+                                                     headers=server.headers, timeout=60) as response:
+        unfinished = pool.submit(server.post, "/v1/completions", long)
+        server.wait_for(lambda m: m["smoe_running_requests"] == 2, "both requests to run")
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
         server.proc.send_signal(signal.SIGTERM)
         rest = [line for line in lines if line]
+        aborted = unfinished.result()
     assert rest[-1] == "data: [DONE]"  # the stream in flight finished
+    assert aborted.status_code == 503 and "shutting down" in aborted.json()["error"]["message"]
     assert server.proc.wait(60) == 0

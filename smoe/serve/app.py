@@ -1,10 +1,12 @@
 """The HTTP endpoints, on Starlette: OpenAI's POST /v1/completions and /v1/chat/completions (``stream: true`` as
 server-sent events), GET /v1/models, /health and /metrics.
 
-A request goes: body read up to a bound (413 past it), checked against the schema (400), tokenised, checked
-against the context (400), queued for the engine (429 when the queue is full), then answered from its tokens as
-they come. Every error is OpenAI's error object. A client that disconnects, or a stop string met, cancels the
-request, which frees its row before the next engine step.
+A request goes: its Host checked when the server is bound to loopback (403: a web page cannot reach it under its own
+name), its key (401), its content type (415 unless application/json: a cross-origin page cannot send that without
+asking first), its body read up to a bound (413 past it) and a deadline (408), checked against the schema (400),
+tokenised, checked against the context (400), queued for the engine (429 when the queue is full), then answered
+from its tokens as they come. Every error is OpenAI's error object. A client that disconnects, or a stop string
+met, cancels the request, which frees its row before the next engine step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -45,6 +48,8 @@ class ServerState:
     context: int  # tokens one request may hold: prompt + new tokens
     stop_tokens: frozenset[int]
     api_key: str | None = None
+    allowed_hosts: frozenset[str] | None = None  # Host header values answered (no port); None: any
+    read_timeout: float = 30.0  # seconds to send a request's body
     created: int = field(default_factory=lambda: int(time.time()))
     requests: Counter = field(default_factory=Counter)  # responses by (endpoint, status code)
 
@@ -106,11 +111,51 @@ class _Guard:
                 self.state.requests[endpoint, message["status"]] += 1
             await send(message)
 
+        if not _host_allowed(scope["headers"], self.state.allowed_hosts):
+            error = APIError(403, "Host header: not a name this server answers to (it answers its loopback names and "
+                                  "allowed_hosts)", code="host_not_allowed")
+            return await JSONResponse(error.body(), 403)(scope, receive, counted)
         key = self.state.api_key
         if key is not None and scope["path"] != "/health" and not _authorized(scope["headers"], key):
             error = APIError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
             return await JSONResponse(error.body(), 401)(scope, receive, counted)
         await self.app(scope, receive, counted)
+
+
+def _host_allowed(headers, allowed: frozenset[str] | None) -> bool:
+    if allowed is None:
+        return True
+    for name, value in headers:
+        if name == b"host":
+            return _host_name(value.decode("latin-1")) in allowed
+    return True  # HTTP/1.0 without a Host: no browser sends that
+
+
+def _host_name(host: str) -> str:
+    """The name or address of a Host header value, without its port or IPv6 brackets, lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def allowed_hosts(bound: str, extra: tuple[str, ...]) -> frozenset[str] | None:
+    """The Host values a server bound to ``bound`` answers: with ``extra`` given or on a loopback address, its
+    loopback names plus ``extra``; else any (None)."""
+    if not extra and not _loopback(bound):
+        return None
+    return frozenset({"localhost", "127.0.0.1", "::1", _host_name(bound), *(_host_name(h) for h in extra)})
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _authorized(headers, key: str) -> bool:
@@ -122,10 +167,13 @@ def _authorized(headers, key: str) -> bool:
 
 
 async def _complete(state: ServerState, http: HTTPRequest, endpoint: str):
-    body = await _read_body(http, state.max_body)
+    media_type = http.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type: must be application/json, got {media_type[:100]!r}")
+    body = await _read_body(http, state.max_body, state.read_timeout)
     request = parse_request(body, endpoint, state.context)
-    if request.model != state.model_id:
-        raise bad("model", f"unknown model {request.model[:200]!r}; this server serves {state.model_id!r}",
+    if request.model != state.model_id:  # the served model's name is a path: GET /v1/models shows it, behind the key
+        raise bad("model", f"unknown model {request.model[:200]!r}; GET /v1/models lists the one this server serves",
                   "model_not_found")
     prompt = await asyncio.to_thread(_prompt_ids, state, request)
     job = Job(_engine_request(state, request, prompt), asyncio.get_running_loop())
@@ -145,10 +193,19 @@ async def _complete(state: ServerState, http: HTTPRequest, endpoint: str):
     return JSONResponse(answer.whole(reply))
 
 
-async def _read_body(http: HTTPRequest, limit: int) -> bytes:
+async def _read_body(http: HTTPRequest, limit: int, timeout: float) -> bytes:
     length = http.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"request body: larger than the {limit} bytes this server's context admits")
+    try:
+        return await asyncio.wait_for(_body(http, limit), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"request body: not received within {timeout:g} s") from None
+    except ClientDisconnect:  # nginx's "client closed request", as for a request cancelled later
+        raise APIError(499, "request cancelled: the client went away while sending its body") from None
+
+
+async def _body(http: HTTPRequest, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
@@ -310,7 +367,7 @@ class Answer:
 
 
 async def _api_error(request: HTTPRequest, err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), err.status)
+    return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
 async def _http_error(request: HTTPRequest, err: HTTPException) -> JSONResponse:

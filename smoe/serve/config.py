@@ -3,6 +3,8 @@ are generated from it (smoe.cli.flags). No torch import."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,7 +38,14 @@ class ServeConfig:
     api_key: str | None = option(None, f"require `Authorization: Bearer KEY` on every endpoint but /health "
                                        f"(default: ${API_KEY_ENV} if set, else no key)")
     shutdown_timeout: float = option(10.0, "seconds in-flight requests may take to finish after SIGTERM before "
-                                           "they are aborted")
+                                           "they are aborted (503)")
+    allowed_hosts: tuple[str, ...] = option((), "Host header values (names or addresses, no port) answered besides "
+                                                "the loopback ones, which are the only ones answered when `host` is "
+                                                "a loopback address (so a web page cannot reach the server under "
+                                                "its own name: DNS rebinding); given, the list is enforced on any "
+                                                "address")
+    read_timeout: float = option(30.0, "seconds a client may take to send a request's headers, and again its body; "
+                                       "then the connection is closed (headers) or answered 408 (body)")
 
     def validate(self) -> ServeConfig:
         check_types(self, "")
@@ -44,15 +53,42 @@ class ServeConfig:
         positive("max_seq_len", self.max_seq_len, allow_none=True)
         non_negative("max_queue", self.max_queue)
         non_negative("shutdown_timeout", self.shutdown_timeout)
+        positive("read_timeout", self.read_timeout)
+        for name in self.allowed_hosts:
+            if not name or (any(c in name for c in " /:[]") and not _is_ipv6(name)):
+                fail("allowed_hosts", f"{name!r} is not a host name or address without a port")
         if not 0 <= self.port <= 65535:
             fail("port", f"must lie in [0, 65535], got {self.port}")
         if not self.host:
             fail("host", "must not be empty")
-        if self.api_key is not None and not self.api_key:
-            fail("api_key", "must not be empty")
+        if self.api_key is not None:
+            check_api_key(self.api_key, "api_key")
         if self.group_size is not None and self.quantize != "int4":
             fail("group_size", "only with `quantize` int4 (int8 has one scale per output channel)")
         if self.quantize is not None:
             group = self.group_size or (DEFAULT_INT4_GROUP if self.quantize == "int4" else None)
             QuantConfig(self.quantize, group).validate(prefix="")
         return self
+
+    def resolved_api_key(self) -> str | None:
+        """``api_key``, else ``$SMOE_API_KEY`` when set, checked as ``api_key`` is."""
+        key = self.api_key if self.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if key is not None and self.api_key is None:
+            check_api_key(key, API_KEY_ENV)
+        return key
+
+
+def check_api_key(key: str, name: str) -> None:
+    """A key travels in an HTTP header, whose bytes clients send as ASCII: any other character could never match."""
+    if not key:
+        fail(name, "must not be empty")
+    if not (key.isascii() and key.isprintable() and " " not in key):
+        fail(name, "must be printable ASCII without spaces (it travels in the Authorization header)")
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True

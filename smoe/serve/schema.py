@@ -22,16 +22,19 @@ CHARS_PER_TOKEN = 16
 MAX_MESSAGES = 1024
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop strings; their length keeps the tail search cheap
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 413: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+                408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                 429: "rate_limit_error", 499: "cancelled", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
@@ -87,6 +90,9 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
         raise APIError(400, str(err)) from None
     keys = _KEYS[endpoint]
     for key, value in fields.items():
+        if not _unicode(key) or not _unicode(value):
+            raise bad(key if _unicode(key) else "request body", "holds a lone surrogate (such as \\ud800): not "
+                                                                "Unicode text")
         if key not in keys:
             raise bad(key[:64], f"unknown field for /v1/{endpoint.replace('chat', 'chat/completions')}")
         if not matches(value, keys[key]):
@@ -112,6 +118,22 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise bad("seed", f"must lie in [0, 2**63), got {request.seed}")
     return request
+
+
+def _unicode(value) -> bool:
+    """Whether every string in ``value`` is Unicode text: JSON's \\ud800 escapes decode to lone surrogates, which
+    no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
 
 
 def _or(value, default):

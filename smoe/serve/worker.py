@@ -62,8 +62,8 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Abort what is left (in-flight requests had the shutdown timeout to finish) and end the thread."""
+    def abort(self) -> None:
+        """Refuse new requests (503) and end every waiting or running one with SHUT_DOWN (the drain is over)."""
         with self._wake:
             self._stopping = True
             jobs = [*self._waiting, *self._jobs.values()]
@@ -72,6 +72,10 @@ class Worker:
             self._wake.notify()
         for job in jobs:
             job.post(SHUT_DOWN)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left (in-flight requests had the shutdown timeout to finish) and end the thread."""
+        self.abort()
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
@@ -80,7 +84,7 @@ class Worker:
                 raise APIError(503, "the server is shutting down")
             if len(self._waiting) + len(self._jobs) >= self.rows + self.max_queue:
                 raise APIError(429, f"all {self.rows} rows are busy and {self.max_queue} requests already wait; "
-                                    f"retry later")
+                                    f"retry later", headers={"Retry-After": "1"})
             self._waiting.append(job)
             self._wake.notify()
 
