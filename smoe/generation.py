@@ -99,11 +99,25 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
         engine.decode()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (the softmax of its logits, before temperature or filtering) and
+    the ``top`` most likely tokens at its position, most likely first, as (token id, log-probability)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt to continue and how, plus what the engine has made of it: ``tokens`` so far and, once done, the
     ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``),
-    "cancelled", or "error" (choosing its next token failed; ``error`` says why, and the other rows go on)."""
+    "cancelled", or "error" (choosing its next token failed; ``error`` says why, and the other rows go on).
+
+    ``logprobs`` (an int n) records each new token's ``TokenLogprob`` with the n most likely alternatives in
+    ``token_logprobs``; ``prompt_logprobs`` records the same for every prompt token but the first in
+    ``prompt_token_logprobs`` (scoring a text: its prefill then computes the logits at every position), and then
+    ``max_new_tokens`` may be 0."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -118,6 +132,10 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache
     generator: torch.Generator | None = None
     error: str | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -186,7 +204,9 @@ class Engine:
             raise ValueError("prompt: needs at least one token")
         if not all(0 <= t < vocab for t in request.prompt):
             raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
-        check_sampling(request.max_new_tokens, request.temperature, request.top_k, request.top_p)
+        if request.max_new_tokens == 0 and not request.prompt_logprobs:
+            raise ValueError("max_new_tokens: 0 only when scoring the prompt (prompt_logprobs)")
+        check_sampling(max(request.max_new_tokens, 1), request.temperature, request.top_k, request.top_p)
         if n + request.max_new_tokens - 1 > self.cache.max_len:
             raise ValueError(f"max_new_tokens: a {n}-token prompt plus {request.max_new_tokens} new tokens exceed "
                              f"the {self.cache.max_len} tokens a row holds")
@@ -194,6 +214,7 @@ class Engine:
             raise ValueError(f"rows: all {len(self.slots)} rows are taken")
         request.row = self.slots.index(None)
         request.prefilled = 0
+        request.token_logprobs, request.prompt_token_logprobs = [], []
         if request.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(request.seed)
         self.cache.clear(request.row)
@@ -207,13 +228,20 @@ class Engine:
         row, start = request.row, request.prefilled
         chunk = request.prompt[start : start + self.prefill_chunk]
         out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache.rows(row, row + 1),
-                         logits_to_keep=1, router_stats=self.router_stats)
+                         logits_to_keep=len(chunk) if request.prompt_logprobs else 1, router_stats=self.router_stats)
         self._count(out)
         request.prefilled += len(chunk)
+        if request.prompt_logprobs:  # position j predicts prompt token start + j + 1
+            scored = request.prompt[start + 1 : request.prefilled + 1]
+            request.prompt_token_logprobs += _logprobs(out.logits[0, : len(scored)], scored, request.logprobs or 0)
         if request.prefilled < len(request.prompt):
             return []
         self.prefilling.popleft()
-        self._next_tokens([request], out.logits[:, -1], [0])
+        if request.max_new_tokens == 0:  # scored, nothing to generate
+            request.finish_reason = "length"
+            self._release(request)
+        else:
+            self._next_tokens([request], out.logits[:, -1], [0])
         return [request]
 
     def decode(self) -> list[Request]:
@@ -292,10 +320,12 @@ class Engine:
                                            r.generator))
                 except (RuntimeError, ValueError) as err:  # NaN logits, say: this row ends, the others go on
                     tokens[i], r.finish_reason, r.error = None, "error", f"sampling failed: {err}"
-        for request, token in zip(requests, tokens):
+        for i, (request, token) in enumerate(zip(requests, tokens)):
             if token is None:
                 self._release(request)
                 continue
+            if request.logprobs is not None:
+                request.token_logprobs += _logprobs(logits_BV[rows[i] : rows[i] + 1], [token], request.logprobs)
             request.tokens.append(token)
             if token in request.stop_tokens:
                 request.finish_reason = "stop"
@@ -315,6 +345,16 @@ class Engine:
         for layer, stats in out.router_stats.items():
             total = self.expert_tokens.get(layer)
             self.expert_tokens[layer] = stats.load if total is None else total + stats.load
+
+
+def _logprobs(logits_TV: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its token in ``tokens`` and its ``top`` most likely tokens."""
+    logprobs_TV = logits_TV.float().log_softmax(-1)
+    chosen = logprobs_TV.gather(-1, torch.tensor(tokens, device=logits_TV.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, ids = logprobs_TV.topk(min(top, logprobs_TV.shape[-1]), dim=-1)
+    return [TokenLogprob(lp, tuple(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _raise_failed(requests: list[Request]) -> None:

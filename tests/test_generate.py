@@ -308,6 +308,34 @@ def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(monkeypatch)
         smoe.generate(model, [[1, 2], [4, 5]], max_new_tokens=4, temperature=0.5)
 
 
+def test_the_engine_records_the_log_probabilities_the_model_gives_prompt_and_new_tokens():
+    model = _model("deepseek-v3-tiny")
+    prompt = torch.randint(0, 500, (11,), generator=torch.Generator().manual_seed(6)).tolist()
+    scored = Request(prompt, max_new_tokens=0, logprobs=3, prompt_logprobs=True)
+    sampled = Request(prompt, max_new_tokens=5, temperature=1.0, seed=3, logprobs=2, prompt_logprobs=True)
+    engine = Engine(model, rows=2, max_len=16, prefill_chunk=4)  # the prompt's logits come in three chunks
+    with torch.inference_mode():
+        for request in (scored, sampled):
+            engine.add(request)
+        while engine.prefilling:
+            engine.prefill()
+        while engine.running:
+            engine.decode()
+        every = model(torch.tensor([prompt + sampled.tokens])).logits[0].log_softmax(-1)
+    assert scored.finish_reason == "length" and scored.tokens == [] and scored.token_logprobs == []
+    sequence = prompt + sampled.tokens
+    for request in (scored, sampled):
+        assert len(request.prompt_token_logprobs) == len(prompt) - 1  # the first token has none
+        for t, entry in enumerate(request.prompt_token_logprobs + request.token_logprobs):
+            assert entry.logprob == pytest.approx(every[t, sequence[t + 1]].item(), abs=1e-4)
+            top = every[t].topk(request.logprobs)
+            assert [i for i, _ in entry.top] == top.indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert len(sampled.token_logprobs) == 5
+    with pytest.raises(ValueError, match="^max_new_tokens: 0 only when scoring the prompt"):
+        engine.add(Request(prompt, max_new_tokens=0))
+
+
 def test_a_stop_token_ends_its_row_with_padding_and_the_loop_when_all_stopped():
     model = _model("mixtral-tiny")
     free = smoe.generate(model, [[1, 2, 3], [9, 8]], max_new_tokens=10)

@@ -183,6 +183,77 @@ def test_extreme_sampling_values_fail_alone_while_a_stream_runs(server):
     assert rest[-1] == "data: [DONE]"  # the stream was not aborted
 
 
+def _log_softmax_of(server, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token log-probabilities at every position of ``ids`` (one forward, this process)."""
+    model = smoe.load_pretrained(server.directory)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_models_forward_does(server):
+    tokenizer = find_tokenizer(server.directory)
+    text = "once upon a time a little fox"
+    ids = tokenizer.encode(text).ids
+    scored = server.client.completions.create(model=server.model, prompt=text, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == text and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing comes before it
+    expected = _log_softmax_of(server, ids)
+    for t in range(1, len(ids)):
+        assert logprobs.token_logprobs[t] == pytest.approx(expected[t - 1, ids[t]].item(), abs=1e-4)
+        best = expected[t - 1].topk(2)
+        top = logprobs.top_logprobs[t]
+        assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert top[tokenizer.decode([int(best.indices[0])])] == max(top.values())
+        assert logprobs.top_logprobs[t][logprobs.tokens[t]] == logprobs.token_logprobs[t]  # its own, too
+    assert logprobs.text_offset == [sum(len(x) for x in logprobs.tokens[:t]) for t in range(len(ids))]
+    # lm-evaluation-harness's request for a loglikelihood: token ids, echo, one new token, logprobs 1
+    harness = server.post("/v1/completions", {"model": server.model, "prompt": [ids], "max_tokens": 1, "echo": True,
+                                              "logprobs": 1, "temperature": 0, "seed": 1234}).json()["choices"][0]
+    assert harness["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-6)
+    assert len(harness["logprobs"]["token_logprobs"]) == len(ids) + 1
+
+
+def test_generated_tokens_carry_the_models_logprobs_streamed_or_not(server):
+    prompt = [5, 9, 12, 40]
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    whole = server.post("/v1/completions", body).json()["choices"][0]
+    tokenizer = find_tokenizer(server.directory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's tokens are generate's with its rows and threads
+    try:
+        new = smoe.generate(smoe.load_pretrained(server.directory), [prompt], max_new_tokens=6,
+                            decode_rows=ROWS)[0].tolist()
+    finally:
+        torch.set_num_threads(threads)
+    lp = whole["logprobs"]
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in new]  # each token's text decoded alone
+    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert t == max(top.values()) and len(top) <= 3  # greedy; texts two tokens share (U+FFFD) count once
+    expected = _log_softmax_of(server, prompt + new)
+    for t, token in enumerate(new):
+        assert lp["token_logprobs"][t] == pytest.approx(expected[len(prompt) - 1 + t, token].item(), abs=1e-4)
+    streamed_text = server.post("/v1/completions", {**body, "stream": True}).text
+    events = [json.loads(line[6:]) for line in streamed_text.splitlines() if line.startswith("data: {")]
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert sum((c["tokens"] for c in streamed), []) == lp["tokens"]
+    assert sum((c["text_offset"] for c in streamed), []) == lp["text_offset"]
+    echoed = server.post("/v1/completions", {**body, "echo": True, "stream": True}).text
+    assert json.loads(echoed.split("data: ")[1])["choices"][0]["logprobs"]["tokens"][0] == tokenizer.decode([5])
+    chat = server.client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "a fox"}],
+                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and "".join(c.token for c in content) == \
+        chat.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob and c.bytes == list(c.token.encode())
+    refused = server.post("/v1/completions", {**body, "max_tokens": 0})
+    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+    assert server.post("/v1/completions", {**body, "logprobs": 21}).status_code == 400
+
+
 def test_a_stop_string_ends_the_text_before_it(server):
     free = server.post("/v1/completions", {"model": server.model, "prompt": "a red", "max_tokens": 12,
                                            "temperature": 0}).json()["choices"][0]["text"]
@@ -245,6 +316,7 @@ def test_metrics_count_tokens_and_the_tokens_routed_to_each_expert(server):
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"prompt": "a", "logprobs": -1}, 400, "logprobs"),
     ({"prompt": "a", "mystery": 1}, 400, "mystery"),
     ({"prompt": list(range(CONTEXT + 1))}, 400, "prompt"),
     ({"prompt": [1, 2, 3], "max_tokens": CONTEXT}, 400, "max_tokens"),

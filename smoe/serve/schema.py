@@ -3,7 +3,7 @@
 A body is checked before anything is tokenised: JSON at all, an object, known keys only, each value of its JSON
 type, finite numbers, one prompt (``n`` = 1), and prompts, messages and stop strings within bounds that follow from
 the context. Every failure is one ``APIError`` whose message names the field (``param``) and the rule it broke.
-Fields OpenAI defines but smoe does not implement (penalties, logprobs, ...) are accepted only at the value that
+Fields OpenAI defines but smoe does not implement (penalties, ``suffix``, ...) are accepted only at the value that
 means "off", so a client that always sends them keeps working.
 """
 
@@ -21,6 +21,7 @@ from smoe.io.files import parse_json
 CHARS_PER_TOKEN = 16
 MAX_MESSAGES = 1024
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop strings; their length keeps the tail search cheap
+MAX_LOGPROBS = 20  # alternatives per token: OpenAI's chat limit (its completions stop at 5), and vLLM's default
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
                 408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
@@ -62,6 +63,8 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None  # each token's log-probability and this many alternatives; None: none
+    echo: bool = False  # /v1/completions: the prompt comes back before the completion (with logprobs: scored)
 
 
 # The keys each endpoint reads, with the JSON types they take (null means "the default").
@@ -76,8 +79,8 @@ _KEYS = {
              "top_logprobs": int | None},
 }
 # Known fields smoe does not implement, and the values that mean "off" (0 == False == 0.0 in Python).
-_OFF = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
-        "suffix": ("",), "best_of": (1,), "logprobs": (0,), "top_logprobs": (0,), "n": (1,)}
+_OFF = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+        "best_of": (1,), "n": (1,)}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -111,13 +114,30 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
         model=fields["model"], max_tokens=max_tokens, stream=bool(fields.get("stream")),
         temperature=_or(fields.get("temperature"), 1.0), top_p=_or(fields.get("top_p"), 1.0),
         top_k=fields.get("top_k"), seed=fields.get("seed"), stop=_stops(fields.get("stop")),
-        include_usage=_include_usage(fields.get("stream_options")),
+        include_usage=_include_usage(fields.get("stream_options")), echo=bool(fields.get("echo")),
+        logprobs=_logprobs(fields, endpoint),
         prompt=_prompt(fields["prompt"], context) if main == "prompt" else None,
         messages=_messages(fields["messages"], context) if main == "messages" else None,
     )
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise bad("seed", f"must lie in [0, 2**63), got {request.seed}")
     return request
+
+
+def _logprobs(fields: dict, endpoint: str) -> int | None:
+    """Alternatives per token, or None for no log-probabilities: completions' ``logprobs`` is the count; chat's
+    ``logprobs`` is a switch and ``top_logprobs`` the count."""
+    if endpoint == "chat":
+        top = fields.get("top_logprobs")
+        if top and not fields.get("logprobs"):
+            raise bad("top_logprobs", "needs logprobs: true")
+        count = (top or 0) if fields.get("logprobs") else None
+        param = "top_logprobs"
+    else:
+        count, param = fields.get("logprobs"), "logprobs"
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise bad(param, f"must lie in [0, {MAX_LOGPROBS}], got {count}")
+    return count
 
 
 def _unicode(value) -> bool:

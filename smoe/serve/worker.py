@@ -32,8 +32,9 @@ CANCELLED, SHUT_DOWN = "cancelled", "shut down"
 
 @dataclass(eq=False)
 class Job:
-    """One request between the event loop and the engine thread. ``events`` receives (token, finish_reason) per
-    new token; then None if the engine failed, or CANCELLED / SHUT_DOWN if it was stopped."""
+    """One request between the event loop and the engine thread. ``events`` receives (token, finish_reason,
+    TokenLogprob or None) per new token (a prompt scored with no new token: one (None, "length", None)); then None
+    if the engine failed, or CANCELLED / SHUT_DOWN if it was stopped."""
 
     request: Request
     loop: asyncio.AbstractEventLoop
@@ -162,8 +163,9 @@ class Worker:
         if not advanced:
             return
         with self._wake:
-            self._recent.append((time.monotonic(), len(advanced)))
-            self.generated_tokens += len(advanced)
+            new = sum(1 for r in advanced if r.tokens)
+            self._recent.append((time.monotonic(), new))
+            self.generated_tokens += new
             for request in advanced:
                 job = self._jobs.get(request)
                 if job is None:  # cancelled meanwhile
@@ -173,9 +175,13 @@ class Worker:
                     self._finish(job)
                     job.post(None)
                     continue
-                if len(request.tokens) == 1:
+                if len(request.tokens) <= 1:  # its prefill just ended
                     self.prompt_tokens += len(request.prompt)
-                job.post((request.tokens[-1], request.finish_reason))
+                if request.tokens:
+                    logprob = request.token_logprobs[-1] if request.logprobs is not None else None
+                    job.post((request.tokens[-1], request.finish_reason, logprob))
+                else:
+                    job.post((None, request.finish_reason, None))
                 if request.done:
                     self._finish(job)
 
