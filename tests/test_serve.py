@@ -5,6 +5,7 @@ queue of 4, one torch thread like this process, so its greedy tokens can be comp
 """
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -252,6 +253,73 @@ def test_generated_tokens_carry_the_models_logprobs_streamed_or_not(server):
     refused = server.post("/v1/completions", {**body, "max_tokens": 0})
     assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
     assert server.post("/v1/completions", {**body, "logprobs": 21}).status_code == 400
+
+
+# lm-evaluation-harness, when this interpreter has it or SMOE_LM_EVAL_PYTHON names one that does (it is no
+# dependency of smoe: e.g. a venv with `pip install 'lm-eval[api]'`).
+LM_EVAL_PYTHON = sys.executable if importlib.util.find_spec("lm_eval") else os.environ.get("SMOE_LM_EVAL_PYTHON")
+LM_EVAL_TASKS = {
+    "smoe_tiny_choice": {"output_type": "multiple_choice", "doc_to_text": "{{context}}", "target_delimiter": "",
+                         "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+                         "metric_list": [{"metric": "acc"}]},
+    "smoe_tiny_generate": {"output_type": "generate_until", "doc_to_text": "{{context}}",
+                           "doc_to_target": "{{target}}", "metric_list": [{"metric": "exact_match"}],
+                           "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False,
+                                                 "temperature": 0}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LM_EVAL_PYTHON is None, reason="lm-evaluation-harness is not installed (SMOE_LM_EVAL_PYTHON)")
+def test_lm_evaluation_harness_scores_and_generates_what_the_model_does(server, tmp_path):
+    docs = [{"context": "once upon a time a", "choices": [" little fox", " red ball", " sun"], "answer": 0},
+            {"context": "the fox found a", "choices": [" red ball", " day"], "answer": 1},
+            {"context": "and played with it in", "choices": [" the sun all day", " a time"], "answer": 0}]
+    for name, task in LM_EVAL_TASKS.items():  # local files: no dataset download
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({**d, "target": "x"}) + "\n" for d in docs))
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({  # YAML reads JSON
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", **task}))
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    args = (f"model={server.model},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={server.directory},tokenized_requests=True,max_length={CONTEXT},max_retries=1,timeout=120")
+    run = subprocess.run([LM_EVAL_PYTHON, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                          "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(tmp_path), "--batch_size", "1",
+                          "--output_path", str(tmp_path / "out"), "--log_samples"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = {name: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl"))
+                      .read_text().splitlines()] for name in LM_EVAL_TASKS}
+    tokenizer, model = find_tokenizer(server.directory), smoe.load_pretrained(server.directory)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    checked = 0
+    for sample in samples["smoe_tiny_choice"]:
+        doc = sample["doc"]
+        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"])):
+            loglikelihood, greedy = float(loglikelihood), greedy in (True, "True")  # logged as text
+            context, whole = encode(doc["context"]), encode(doc["context"] + choice)  # lm-eval's split
+            with torch.no_grad():
+                logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            rows = range(len(context) - 1, len(whole) - 1)
+            assert loglikelihood == pytest.approx(sum(logprobs[t, whole[t + 1]].item() for t in rows), abs=1e-4)
+            assert greedy == all(int(logprobs[t].argmax()) == whole[t + 1] for t in rows)
+            checked += 1
+    assert checked == 7
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's greedy tokens are generate's with its rows and threads
+    try:
+        for sample in samples["smoe_tiny_generate"]:
+            new = smoe.generate(model, [encode(sample["doc"]["context"])], max_new_tokens=6,
+                                decode_rows=ROWS)[0].tolist()
+            assert sample["resps"][0][0] == tokenizer.decode(new).split("\n")[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(samples["smoe_tiny_generate"]) == 3
 
 
 def test_a_stop_string_ends_the_text_before_it(server):
