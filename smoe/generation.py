@@ -66,9 +66,9 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
     ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
     results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
-    rows on a CPU; docs/benchmarks.md). ``compile`` (not with ``decode_rows``) runs each decode step as one
-    torch.compile graph (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on
-    the same model and row count reuse it.
+    rows on a CPU; docs/benchmarks.md). ``compile`` runs each decode step as one torch.compile graph
+    (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on the same model and row
+    count reuse it; with ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels).
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
@@ -155,7 +155,9 @@ class Engine:
     ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend and attends for every
     row in one call per decode step, where a row's result may change in the last bits with its neighbours'
     routing and lengths (offline ``generate`` without ``decode_rows``). ``compile`` runs each decode step as
-    one compiled graph (``Transformer.decode_step``; docs/generation.md), for one row or dependent rows.
+    one compiled graph (``Transformer.decode_step``; docs/generation.md) of the engine's fixed shape (every row,
+    every slot): for one row, for dependent rows, or for independent ones where the experts' own kernels compute
+    each row whatever the others hold (quantised experts on the C++ kernels: ``Experts.rows_independent``).
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
@@ -174,7 +176,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.compiled_step = None
         if compile:
-            _check_compilable(model, self.expert_backend is not None, count_experts, self.device)
+            _check_compilable(model, self.expert_backend is not None, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(_step_and_argmax, fullgraph=True, options={"cpp_wrapper": True})
             for layer in self.cache.layers:  # one graph for every cache length
@@ -270,8 +272,10 @@ class Engine:
         slots, masked to its own keys (``generate`` sizes the cache to the request)."""
         cache = self.cache
         slots_B = cache.lengths_B.clamp(max=cache.max_len - 1)  # a full row is free: it cannot be decoding
-        logits_BV, argmax_B = self.compiled_step(self.model, ids_B1, slots_B.to(self.device), cache.layers, real_B1)
+        logits_BV, argmax_B, loads = self.compiled_step(self.model, ids_B1, slots_B.to(self.device), cache.layers,
+                                                        real_B1, bool(self.router_stats))
         cache.lengths_B += real_B1[:, 0].cpu()
+        self._add_loads(loads)
         return logits_BV, argmax_B
 
     def warm_up(self) -> None:
@@ -342,9 +346,12 @@ class Engine:
         request.row = None
 
     def _count(self, out: ModelOutput) -> None:
-        for layer, stats in out.router_stats.items():
+        self._add_loads({layer: stats.load for layer, stats in out.router_stats.items()})
+
+    def _add_loads(self, loads: dict[int, torch.Tensor]) -> None:
+        for layer, load in loads.items():
             total = self.expert_tokens.get(layer)
-            self.expert_tokens[layer] = stats.load if total is None else total + stats.load
+            self.expert_tokens[layer] = load if total is None else total + load
 
 
 def _logprobs(logits_TV: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
@@ -364,11 +371,13 @@ def _raise_failed(requests: list[Request]) -> None:
 
 
 def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list,
-                     real_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     real_B1: torch.Tensor, count_experts: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """A compiled decode step: ``Transformer.decode_step``'s logits and their argmax, which the graph computes in a
-    fused loop (torch's own argmax takes about 0.9 ms for 16 rows of a 32k vocabulary on one core)."""
-    logits_BV = model.decode_step(ids_B1, slots_B, layers, real_B1)
-    return logits_BV, logits_BV.argmax(-1)
+    fused loop (torch's own argmax takes about 0.9 ms for 16 rows of a 32k vocabulary on one core), and the tokens
+    per expert when counted."""
+    logits_BV, loads = model.decode_step(ids_B1, slots_B, layers, real_B1, count_experts)
+    return logits_BV, logits_BV.argmax(-1), loads
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
@@ -461,8 +470,7 @@ def _check_model(model: Transformer) -> None:
                          "batch, later positions included, so a token's output depends on tokens not yet generated")
 
 
-def _check_compilable(model: Transformer, independent_rows: bool, count_experts: bool, device: torch.device
-                      ) -> None:
+def _check_compilable(model: Transformer, independent_rows: bool, device: torch.device) -> None:
     """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
     if device.type == "cpu":
         try:
@@ -475,11 +483,10 @@ def _check_compilable(model: Transformer, independent_rows: bool, count_experts:
             except Exception as err:  # Inductor's own error types, which differ between releases
                 raise ValueError(f"compile: torch.compile builds the CPU graph with a C++ compiler, and none was "
                                  f"found ({type(err).__name__}: {err}); install one (g++) or decode eagerly") from None
-    if count_experts:
-        raise ValueError("compile: counting the tokens routed to each expert needs the eager decode step")
-    if independent_rows:
-        raise ValueError("compile: decode_rows promises rows independent of their neighbours, which needs the "
-                         "eager step (a call per row and fixed-shape expert tiles); leave decode_rows unset")
+    if independent_rows and not all(layer.experts.rows_independent(device) for layer in model.moe_layers):
+        raise ValueError("compile: rows independent of their neighbours (decode_rows) need experts whose kernels "
+                         "compute each row alone, as the C++ kernels of quantised experts do; these need the eager "
+                         "step's fixed-shape tiles: quantise the model, decode eagerly, or leave decode_rows unset")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -132,7 +132,8 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
             for t, ids in enumerate(steps):
                 real = real_B1 if t < 3 else torch.ones_like(real_B1)  # row 1 joins the later steps
                 if static:
-                    out = model.decode_step(ids, cache.lengths_B.clone(), cache.layers, real)
+                    out, loads = model.decode_step(ids, cache.lengths_B.clone(), cache.layers, real)
+                    assert loads == {}  # not asked for
                     cache.lengths_B += real[:, 0]
                 else:
                     out = model(ids, attention_mask=real, cache=cache, router_stats=False).logits[:, -1]
@@ -171,6 +172,41 @@ def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(kw, message
     model = _model("mixtral-tiny")
     with pytest.raises(ValueError, match=f"compile: .*{message}"):
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
+
+
+def _run_engine(engine: Engine, requests: list[Request]) -> Engine:
+    """As the server runs it: newcomers join free rows between decode steps."""
+    waiting = list(requests)
+    with torch.inference_mode():
+        while waiting or engine.running:
+            while waiting and engine.free_rows:
+                engine.add(waiting.pop(0))
+            if engine.prefilling:
+                engine.prefill()
+            engine.decode()
+    return engine
+
+
+def test_a_compiled_engine_keeps_rows_independent_with_quantised_experts_and_counts_them():
+    model = smoe.quantize(_model("deepseek-v3-tiny"), "int8")
+    if not all(layer.experts.rows_independent(torch.device("cpu")) for layer in model.moe_layers):
+        pytest.skip("the C++ kernels could not be built here")
+
+    def requests() -> list[Request]:
+        g = torch.Generator().manual_seed(3)
+        return [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, **sampling)
+                for n, m, sampling in [(9, 6, {}), (2, 9, {"temperature": 1.0, "seed": 4}), (14, 3, {}), (5, 7, {}),
+                                       (1, 5, {"temperature": 0.7, "top_p": 0.9, "seed": 1}), (11, 4, {})]]
+
+    together = requests()
+    compiled = _run_engine(Engine(model, rows=3, max_len=24, compile=True, count_experts=True), together)
+    eager = _run_engine(Engine(model, rows=3, max_len=24, count_experts=True), requests())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the engine's one shape: one graph
+        for request, alone in zip(together, requests()):
+            _run_engine(Engine(model, rows=3, max_len=24, compile=True, count_experts=True), [alone])
+            assert request.tokens == alone.tokens and request.finish_reason == "length"
+    assert compiled.expert_tokens.keys() == eager.expert_tokens.keys() == {1}
+    assert torch.equal(compiled.expert_tokens[1], eager.expert_tokens[1])
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int8 without the C++ kernels"])

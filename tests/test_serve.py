@@ -587,6 +587,47 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
 
 
+def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(tmp_path):
+    from starlette.testclient import TestClient
+
+    from smoe.generation import Engine, Request
+    from smoe.serve.app import create_app
+    from smoe.serve.config import ServeConfig
+    from smoe.serve.server import load_state
+
+    directory = make_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="^compile: .*`dependent_rows`"):  # fp32 experts: not without saying so
+        load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32, compile=True))
+    state = load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32, quantize="int8", compile=True))
+    engine = state.worker.engine
+    if engine.compiled_step is None or not all(layer.experts.rows_independent(torch.device("cpu"))
+                                               for layer in engine.model.moe_layers):
+        pytest.skip("the C++ kernels could not be built here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine.warm_up()
+        prompts = [[5, 6, 7, 8], [9, 10]]
+        with TestClient(create_app(state), base_url="http://localhost") as client, ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: client.post("/v1/completions", json={
+                "model": str(directory), "prompt": p, "max_tokens": 5, "temperature": 0}).json(), prompts))
+            metrics = client.get("/metrics").text
+        for prompt, answer in zip(prompts, answers):  # each as the same compiled engine gives it alone
+            alone = Engine(engine.model, 2, 32, compile=True, count_experts=True)
+            request = Request(prompt, 5)
+            alone.add(request)
+            with torch.inference_mode():
+                while alone.running:
+                    alone.prefill() if alone.prefilling else alone.decode()
+            assert answer["choices"][0]["text"] == find_tokenizer(directory).decode(request.tokens)
+    finally:
+        torch.set_num_threads(threads)
+    routed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                 if line.startswith("smoe_expert_routed_tokens_total{"))
+    top_k = presets.get("deepseek-v3-tiny").moe.top_k
+    assert routed == top_k * (4 + 2 + 2 * (5 - 1))  # prompts, then every new token but the last, in layer 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["serve", "x", "--group-size", "32"], "--group-size: only with --quantize int4"),
     (["serve", "x", "--quantize", "int4", "--group-size", "48"], "--group-size: int4 needs one of"),

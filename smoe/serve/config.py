@@ -26,6 +26,15 @@ class ServeConfig:
     max_seq_len: int | None = option(None, "context of each request, prompt + new tokens (default: the model's "
                                            "max_seq_len); the cache holds `max_batch` times this")
     max_queue: int = option(64, "requests waiting for a row beyond `max_batch`; more are refused with 429")
+    prefill_chunk: int = option(256, "prompt tokens prefilled between two decode steps (newcomers' prompts "
+                                               "in chunks, oldest first): a smaller one stalls the running streams "
+                                               "less and delays newcomers' first tokens more")
+    compile: bool = option(False, "run each decode step as one compiled graph of the engine's fixed shape "
+                                  "(torch.compile: compiled at start, 20-60 s on a few cores); with fp32 experts "
+                                  "it needs `dependent_rows`, quantised ones (`quantize`) keep rows independent")
+    dependent_rows: bool = option(False, "let a request's tokens depend, in the last bits, on the requests beside "
+                                         "it (what they route to its experts): faster experts without fixed-shape "
+                                         "tiles, and `compile` on fp32 experts")
     dtype: Literal["fp32", "bf16", "fp16"] | None = option(
         None, "compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native GEMMs for "
               "them)")
@@ -50,6 +59,7 @@ class ServeConfig:
     def validate(self) -> ServeConfig:
         check_types(self, "")
         positive("max_batch", self.max_batch)
+        positive("prefill_chunk", self.prefill_chunk)
         positive("max_seq_len", self.max_seq_len, allow_none=True)
         non_negative("max_queue", self.max_queue)
         non_negative("shutdown_timeout", self.shutdown_timeout)

@@ -75,7 +75,14 @@ def load_state(path: str, config: ServeConfig):
     context = config.max_seq_len or model.config.max_seq_len
     if context > model.config.max_seq_len:
         raise ValueError(f"max_seq_len: {context} exceeds the model's max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, config.max_batch, context, count_experts=True)
+    independent = not config.dependent_rows
+    if config.compile and independent and not all(layer.experts.rows_independent(model.embed.weight.device)
+                                                   for layer in model.moe_layers):
+        raise ValueError("compile: a compiled step keeps a request's tokens independent of its neighbours only "
+                         "with experts whose kernels compute each row alone (`quantize` int8 or int4, on the C++ "
+                         "kernels); with these, pass `dependent_rows` too, or decode eagerly")
+    engine = Engine(model, config.max_batch, context, prefill_chunk=config.prefill_chunk, count_experts=True,
+                    independent_rows=independent, compile=config.compile)
     return ServerState(model_id=path, tokenizer=tokenizer, chat=chat, worker=Worker(engine, config.max_queue),
                        context=context, stop_tokens=frozenset(default_stop_tokens(directory, tokenizer)),
                        api_key=config.resolved_api_key(), read_timeout=config.read_timeout,

@@ -129,9 +129,9 @@ class Worker:
                         continue
                 try:
                     # Prefill chunks up to one chunk's worth of prompt tokens per step: short prompts join several
-                    # at a time, and the running streams wait one chunk at most.
+                    # at a time, and the running streams wait one chunk at most; with none decoding, nobody waits.
                     budget = self.engine.prefill_chunk
-                    while 0 < self.engine.next_chunk <= budget:
+                    while 0 < self.engine.next_chunk and (self.engine.next_chunk <= budget or not self._decoding()):
                         budget -= self.engine.next_chunk
                         self._deliver(self.engine.prefill())
                     self._deliver(self.engine.decode())
@@ -141,6 +141,9 @@ class Worker:
                         for job in list(self._jobs.values()):
                             self._finish(job)
                             job.post(None)
+
+    def _decoding(self) -> bool:
+        return any(r.prefilled == len(r.prompt) for r in self.engine.running)
 
     def _schedule(self) -> None:
         """Under the lock: free cancelled requests' rows, then fill free rows from the queue."""
