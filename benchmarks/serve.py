@@ -8,13 +8,13 @@ each contender in turn, so a disturbance of the shared machine shows as spread).
 The model is a small Mixtral-like one built by transformers from ``config_to_hf`` (random weights; the
 end-of-sequence token's logit is zeroed, so greedy requests run their full length) with a byte-level BPE tokenizer
 trained on Python's standard library; both servers load the same directory. Each client sends ``--requests``
-streamed completions one after another (temperature 0, ``--new-tokens`` each, prompts of about ``--prompt-tokens``). TTFT: from sending to
-the first text; ITL: between consecutive text events (a token whose bytes end inside a character arrives with the
-next, which shows as one longer gap); throughput: tokens over the wall time of the whole round. Offline, TTFT is
-the batch's prefill and ITL the decode step.
+streamed completions one after another (temperature 0, ``--new-tokens`` each, prompts of about
+``--prompt-tokens``). TTFT: from sending to the first text; ITL: between consecutive text events (a token whose
+bytes end inside a character arrives with the next, which shows as one longer gap); throughput: tokens over the
+wall time of the whole round. Offline, TTFT is the batch's prefill and ITL the decode step.
 
     .venv/bin/python benchmarks/serve.py [--clients 1,4,16] [--requests 2] [--new-tokens 64] [--threads 1]
-        [--serve-flags "--quantize int8 --compile"] [--baseline-flags ""] [--rounds 3]
+        [--serve-flags "--quantize int8 --compile --dependent-rows"] [--also "FLAGS" ...] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -172,11 +172,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every contender")
     parser.add_argument("--max-batch", type=int, default=16, help="smoe serve --max-batch")
-    parser.add_argument("--serve-flags", default="--quantize int8 --compile",
+    parser.add_argument("--serve-flags", default="--quantize int8 --compile --dependent-rows",
                         help="more flags of the smoe serve measured against the targets; offline generate gets "
                              "the same --quantize and --compile")
-    parser.add_argument("--baseline-flags", default=None,
-                        help="also measure a second smoe serve with these flags (\"\" for the defaults)")
+    parser.add_argument("--also", action="append", default=[],
+                        help="also measure a smoe serve with these flags (\"\" for the defaults); repeatable")
     parser.add_argument("--rounds", type=int, default=1, help="measurements of every contender, in turn")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers serve")
     args = parser.parse_args()
@@ -197,9 +197,8 @@ def main() -> None:
                       "--max-seq-len", "512"]
         name = "smoe serve " + args.serve_flags
         contenders = {name: smoe_serve + serve_flags}
-        if args.baseline_flags is not None:
-            contenders["smoe serve " + (args.baseline_flags or "(defaults)")] = smoe_serve + shlex.split(
-                args.baseline_flags)
+        for flags in args.also:
+            contenders["smoe serve " + (flags or "(defaults)")] = smoe_serve + shlex.split(flags)
         if not args.no_transformers and _transformers_serve():
             for label, flags in (("transformers serve", []), (TRANSFORMERS_CB, ["--continuous-batching"])):
                 contenders[label] = [str(Path(sys.executable).parent / "transformers"), "serve", str(directory),

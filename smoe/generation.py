@@ -29,6 +29,9 @@ from smoe.models.transformer import ModelOutput, Transformer
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
+# A compiled step of rows that may depend on each other attends over the cache's first slots, a multiple of this
+# covering every row in it (one graph for every count: the slot axis is dynamic).
+SLOT_BLOCK = 64
 # A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing the logits by less overflows to inf, and the
 # softmax of inf is NaN, which no draw can sample from.
 GREEDY_BELOW = 1e-5
@@ -175,10 +178,16 @@ class Engine:
         self.expert_backend = "tiled" if rows > 1 and independent_rows else None
         self.device = model.embed.weight.device
         self.compiled_step = None
+        self._bucket: int | None = None  # warm_up's choice of compiled rows
         if compile:
             _check_compilable(model, self.expert_backend is not None, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(_step_and_argmax, fullgraph=True, options={"cpp_wrapper": True})
+            # Independent rows: every step computes every row over every slot, one graph. Otherwise a step runs the
+            # first rows of the cache, the fewest of these that hold every request (a graph each), over the first
+            # slots that hold them: a fp32 product's last bits (the router's, MLA's) depend on its row count.
+            self.row_buckets = [rows] if independent_rows else sorted({min(rows, 1 << i)
+                                                                      for i in range(rows.bit_length() + 1)})
             for layer in self.cache.layers:  # one graph for every cache length
                 for tensor, axis in layer.slot_axes:
                     torch._dynamo.mark_dynamic(tensor, axis)
@@ -268,30 +277,54 @@ class Engine:
         return decoding
 
     def _compiled_decode(self, ids_B1: torch.Tensor, real_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Transformer.decode_step`` and each row's argmax, compiled: every row attends over all of its cache's
-        slots, masked to its own keys (``generate`` sizes the cache to the request)."""
+        """``Transformer.decode_step`` and each row's argmax, compiled, for the first b rows (the smallest of
+        ``row_buckets`` holding every request; requests take the lowest free rows): each attends over the first n
+        slots of its cache, masked to its own keys (independent rows: every row and every slot, the engine's fixed
+        shape, in which a row's arithmetic never depends on the others'; else n is a multiple of ``SLOT_BLOCK``
+        covering those rows). The logits are b rows'."""
         cache = self.cache
-        slots_B = cache.lengths_B.clamp(max=cache.max_len - 1)  # a full row is free: it cannot be decoding
-        logits_BV, argmax_B, loads = self.compiled_step(self.model, ids_B1, slots_B.to(self.device), cache.layers,
-                                                        real_B1, bool(self.router_stats))
-        cache.lengths_B += real_B1[:, 0].cpu()
+        top = max(r.row for r in self.running) + 1
+        b = self._bucket or next(size for size in self.row_buckets if size >= top)
+        lengths_b = cache.lengths_B[:b]
+        n = cache.max_len
+        if len(self.row_buckets) > 1:
+            n = min(n, -(-(int(lengths_b.max()) + 1) // SLOT_BLOCK) * SLOT_BLOCK)
+        layers = cache.layers
+        if (b, n) != (len(self.slots), cache.max_len):
+            layers = []
+            for layer in cache.layers:
+                layer = layer.rows(0, b)
+                if layer.slot_axes:  # attention: the first n slots; a recurrent state has none
+                    layer = layer.slots(n)
+                    for tensor, axis in layer.slot_axes:
+                        torch._dynamo.mark_dynamic(tensor, axis)
+                layers.append(layer)
+        slots_b = lengths_b.clamp(max=n - 1)  # a full row is free: it cannot be decoding
+        logits_bV, argmax_b, loads = self.compiled_step(self.model, ids_B1[:b], slots_b.to(self.device), layers,
+                                                        real_B1[:b], bool(self.router_stats))
+        lengths_b += real_B1[:b, 0].cpu()
         self._add_loads(loads)
-        return logits_BV, argmax_B
+        return logits_bV, argmax_b
 
     def warm_up(self) -> None:
-        """Run one prefill and one decode step of a throwaway request, so that whatever the first ones build or
-        compile (the C++ kernels, a compiled step's graph) is ready before a real request comes; the engine is left
-        as it was, its expert counts included. Needs a free row."""
+        """Run a throwaway request's prefill and a decode step (compiled: one for each of ``row_buckets``), so that
+        whatever the first ones build or compile (the C++ kernels, the compiled graphs) is ready before a real
+        request comes; the engine is left as it was, its expert counts included. Needs a free row."""
         counts = dict(self.expert_tokens)
-        request = Request([0], max_new_tokens=min(2, self.cache.max_len))
+        buckets = self.row_buckets if self.compiled_step is not None else [None]
+        request = Request([0], max_new_tokens=min(len(buckets) + 1, self.cache.max_len))
         with torch.inference_mode():
             self.add(request)
             try:
                 while request in self.prefilling:
                     self.prefill()
-                if not request.done:
+                for bucket in buckets:
+                    if request.done:
+                        break
+                    self._bucket = bucket
                     self.decode()
             finally:
+                self._bucket = None
                 self.cancel(request)
         self.expert_tokens = counts
 
@@ -341,6 +374,7 @@ class Engine:
     def _release(self, request: Request) -> None:
         if request.row is not None and self.slots[request.row] is request:
             self.slots[request.row] = None
+            self.cache.lengths_B[request.row] = 0  # a free row is padding: its stray keys go to slot 0
         if request in self.prefilling:
             self.prefilling.remove(request)
         request.row = None

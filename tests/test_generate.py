@@ -174,6 +174,21 @@ def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(kw, message
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
 
 
+def test_a_compiled_engine_of_dependent_rows_runs_the_fewest_rows_and_slots_that_hold_its_requests():
+    model = _model("mixtral-tiny")
+    engine = Engine(model, rows=5, max_len=150, compile=True, independent_rows=False)
+    assert engine.row_buckets == [1, 2, 4, 5]
+    engine.warm_up()  # compiles each bucket: one graph each, for every slot count
+    g = torch.Generator().manual_seed(8)
+    requests = [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m)
+                for n, m in [(3, 9), (70, 12), (5, 3), (100, 6), (9, 4), (2, 7)]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _run_engine(engine, requests)
+    for request in requests:  # the eager step's tokens (logits may move in the last bits)
+        alone = smoe.generate(model, [request.prompt], max_new_tokens=request.max_new_tokens)
+        assert request.tokens == alone[0].tolist()
+
+
 def _run_engine(engine: Engine, requests: list[Request]) -> Engine:
     """As the server runs it: newcomers join free rows between decode steps."""
     waiting = list(requests)
@@ -188,23 +203,31 @@ def _run_engine(engine: Engine, requests: list[Request]) -> Engine:
 
 
 def test_a_compiled_engine_keeps_rows_independent_with_quantised_experts_and_counts_them():
+    # Alone or among others, a request's logits must not move by a bit: the engine's one fixed shape.
     model = smoe.quantize(_model("deepseek-v3-tiny"), "int8")
     if not all(layer.experts.rows_independent(torch.device("cpu")) for layer in model.moe_layers):
         pytest.skip("the C++ kernels could not be built here")
 
     def requests() -> list[Request]:
         g = torch.Generator().manual_seed(3)
-        return [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, **sampling)
-                for n, m, sampling in [(9, 6, {}), (2, 9, {"temperature": 1.0, "seed": 4}), (14, 3, {}), (5, 7, {}),
-                                       (1, 5, {"temperature": 0.7, "top_p": 0.9, "seed": 1}), (11, 4, {})]]
+        return [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, logprobs=2, **sampling)
+                for n, m, sampling in [(9, 6, {}), (70, 9, {"temperature": 1.0, "seed": 4}), (14, 3, {}), (5, 7, {}),
+                                       (1, 5, {"temperature": 0.7, "top_p": 0.9, "seed": 1}), (130, 4, {})]]
+
+    def engine(compile=True):
+        engine = Engine(model, rows=4, max_len=140, compile=compile, count_experts=True)
+        engine.warm_up()  # compiles every bucket, as the server does before it listens
+        return engine
 
     together = requests()
-    compiled = _run_engine(Engine(model, rows=3, max_len=24, compile=True, count_experts=True), together)
-    eager = _run_engine(Engine(model, rows=3, max_len=24, count_experts=True), requests())
-    with torch._dynamo.config.patch(error_on_recompile=True):  # the engine's one shape: one graph
+    compiled = _run_engine(engine(), together)
+    assert compiled.row_buckets == [4]
+    eager = _run_engine(engine(compile=False), requests())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph
         for request, alone in zip(together, requests()):
-            _run_engine(Engine(model, rows=3, max_len=24, compile=True, count_experts=True), [alone])
+            _run_engine(engine(), [alone])
             assert request.tokens == alone.tokens and request.finish_reason == "length"
+            assert request.token_logprobs == alone.token_logprobs  # bit for bit
     assert compiled.expert_tokens.keys() == eager.expert_tokens.keys() == {1}
     assert torch.equal(compiled.expert_tokens[1], eager.expert_tokens[1])
 

@@ -33,8 +33,9 @@ class ServeConfig:
                                   "(torch.compile: compiled at start, 20-60 s on a few cores); with fp32 experts "
                                   "it needs `dependent_rows`, quantised ones (`quantize`) keep rows independent")
     dependent_rows: bool = option(False, "let a request's tokens depend, in the last bits, on the requests beside "
-                                         "it (what they route to its experts): faster experts without fixed-shape "
-                                         "tiles, and `compile` on fp32 experts")
+                                         "it: eagerly, experts without fixed-shape tiles; compiled, steps of only "
+                                         "as many rows and slots as the running requests need (a graph per power "
+                                         "of two rows), and `compile` on fp32 experts")
     dtype: Literal["fp32", "bf16", "fp16"] | None = option(
         None, "compute dtype (default: as stored, but fp32 for bf16/fp16 weights on a CPU without native GEMMs for "
               "them)")
