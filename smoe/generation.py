@@ -42,11 +42,12 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperatu
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Iterable[int] = (), pad_id: int | None = None,
              attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """The new tokens (B, N), N <= max_new_tokens; see ``generate_stream`` for the arguments."""
     steps = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile))
+                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile,
+                                 prefill_chunk=prefill_chunk))
     return torch.stack(steps, dim=1)
 
 
@@ -55,7 +56,7 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens: Iterable[int] = (), pad_id: int | None = None,
                     attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-                    compile: bool = False) -> Iterator[torch.Tensor]:
+                    compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), once per step; a row that emitted a stop token yields ``pad_id``
     after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
 
@@ -72,6 +73,8 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     rows on a CPU; docs/benchmarks.md). ``compile`` runs each decode step as one torch.compile graph
     (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on the same model and row
     count reuse it; with ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels).
+    ``prefill_chunk``: prompt tokens per prefill forward (the chunks' shapes move a prompt's last bits, so
+    ``smoe serve --prefill-chunk C`` answers ``generate(..., decode_rows=R, prefill_chunk=C)``'s tokens).
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
@@ -86,7 +89,8 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     if T + max_new_tokens - 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
                          f"max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile)
+    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile,
+                    prefill_chunk=prefill_chunk)
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
                         frozenset(stop)) for b, p in enumerate(token_lists)]
     for request in requests:

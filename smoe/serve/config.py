@@ -26,12 +26,13 @@ class ServeConfig:
     max_seq_len: int | None = option(None, "context of each request, prompt + new tokens (default: the model's "
                                            "max_seq_len); the cache holds `max_batch` times this")
     max_queue: int = option(64, "requests waiting for a row beyond `max_batch`; more are refused with 429")
-    prefill_chunk: int = option(256, "prompt tokens prefilled between two decode steps (newcomers' prompts "
+    prefill_chunk: int = option(64, "prompt tokens prefilled between two decode steps (newcomers' prompts "
                                                "in chunks, oldest first): a smaller one stalls the running streams "
                                                "less and delays newcomers' first tokens more")
-    compile: bool = option(False, "run each decode step as one compiled graph of the engine's fixed shape "
-                                  "(torch.compile: compiled at start, 20-60 s on a few cores); with fp32 experts "
-                                  "it needs `dependent_rows`, quantised ones (`quantize`) keep rows independent")
+    compile: bool = option(False, "run each decode step as one compiled graph (torch.compile, before the server "
+                                  "listens: 20-60 s a graph on a few cores) of the engine's fixed shape, or with "
+                                  "`dependent_rows` of the fewest rows that hold the requests; fp32 experts need "
+                                  "`dependent_rows`, quantised ones (`quantize`) keep rows independent")
     dependent_rows: bool = option(False, "let a request's tokens depend, in the last bits, on the requests beside "
                                          "it: eagerly, experts without fixed-shape tiles; compiled, steps of only "
                                          "as many rows and slots as the running requests need (a graph per power "
