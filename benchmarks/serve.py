@@ -220,7 +220,8 @@ def main() -> None:
                         "temperature": 0}
                 text = httpx.post(servers[label].url + "/v1/completions", json=body, timeout=600).json()
                 same = text["choices"][0]["text"] == reference
-                print(f"{label}: the greedy text of prompt 0 is {'the same as' if same else 'NOT'} smoe.generate's")
+                print(f"{label}: the greedy text of prompt 0 is {'the same as' if same else 'NOT'} smoe.generate's "
+                      f"(on the {quantize or 'fp32'} weights)")
             rounds = []
             for _ in range(args.rounds):
                 rows = [("smoe.generate offline", c, run_offline(model, tokenizer, prompts, c, args.new_tokens,
