@@ -221,7 +221,9 @@ class Engine:
             raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
         if request.max_new_tokens == 0 and not request.prompt_logprobs:
             raise ValueError("max_new_tokens: 0 only when scoring the prompt (prompt_logprobs)")
-        check_sampling(max(request.max_new_tokens, 1), request.temperature, request.top_k, request.top_p)
+        scoring_only = request.max_new_tokens == 0  # the sampling settings still have to make sense
+        check_sampling(1 if scoring_only else request.max_new_tokens, request.temperature, request.top_k,
+                       request.top_p)
         if n + request.max_new_tokens - 1 > self.cache.max_len:
             raise ValueError(f"max_new_tokens: a {n}-token prompt plus {request.max_new_tokens} new tokens exceed "
                              f"the {self.cache.max_len} tokens a row holds")

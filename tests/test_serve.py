@@ -386,6 +386,7 @@ def test_metrics_count_tokens_and_the_tokens_routed_to_each_expert(server):
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     ({"prompt": "a", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "a", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
     ({"prompt": "a", "mystery": 1}, 400, "mystery"),
     ({"prompt": list(range(CONTEXT + 1))}, 400, "prompt"),
     ({"prompt": [1, 2, 3], "max_tokens": CONTEXT}, 400, "max_tokens"),

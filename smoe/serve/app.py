@@ -250,7 +250,7 @@ def _engine_request(state: ServerState, request: CompletionRequest, prompt: list
     if max_tokens == 0 and not request.echo:
         raise bad("max_tokens", "must be >= 1 (0 only with echo: the prompt scored, nothing generated)")
     try:
-        check_sampling(max(max_tokens, 1), request.temperature, request.top_k, request.top_p)
+        check_sampling(max_tokens or 1, request.temperature, request.top_k, request.top_p)  # 0: echo scores
     except ValueError as err:  # named as smoe.generate names them
         field, _, rule = str(err).partition(": ")
         raise bad("max_tokens" if field == "max_new_tokens" else field, rule) from None

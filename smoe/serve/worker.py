@@ -4,8 +4,9 @@
 loop keeps answering HTTP meanwhile). The event loop ``submit``s jobs to a bounded queue and ``cancel``s them (a
 client gone, a stop string met); each job's tokens come back through its asyncio queue. Between engine steps the
 thread frees cancelled requests' rows, admits waiting requests to free rows, then runs prefill chunks of the
-newcomers (oldest first, up to ``PREFILL_CHUNK`` prompt tokens in all) and one decode step for every request past
-its prefill: newcomers hold up the running streams by one chunk's worth of tokens, never by a whole long prompt.
+newcomers (oldest first, up to the engine's ``prefill_chunk`` prompt tokens in all, or until one is decoding) and
+one decode step for every request past its prefill: newcomers hold up the running streams by one chunk's worth of
+tokens, never by a whole long prompt.
 """
 
 from __future__ import annotations
