@@ -29,6 +29,12 @@ from smoe.models.transformer import ModelOutput, Transformer
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
+# A compiled step of rows that may depend on each other attends over the cache's first slots, a multiple of this
+# covering every row in it (one graph for every count: the slot axis is dynamic).
+SLOT_BLOCK = 64
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing the logits by less overflows to inf, and the
+# softmax of inf is NaN, which no draw can sample from.
+GREEDY_BELOW = 1e-5
 
 
 @torch.inference_mode()
@@ -36,11 +42,12 @@ def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperatu
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Iterable[int] = (), pad_id: int | None = None,
              attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """The new tokens (B, N), N <= max_new_tokens; see ``generate_stream`` for the arguments."""
     steps = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile))
+                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile,
+                                 prefill_chunk=prefill_chunk))
     return torch.stack(steps, dim=1)
 
 
@@ -49,22 +56,25 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                     stop_tokens: Iterable[int] = (), pad_id: int | None = None,
                     attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-                    compile: bool = False) -> Iterator[torch.Tensor]:
+                    compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), once per step; a row that emitted a stop token yields ``pad_id``
     after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
 
     ``prompts``: a list of token-id lists (any lengths), or a (B, T) tensor, left-padded if ``attention_mask``
-    (1 real, 0 pad) says so. ``temperature`` 0 is greedy; otherwise logits / temperature are sampled after keeping
-    the ``top_k`` most likely tokens and the smallest set whose probability reaches ``top_p``. ``seed`` makes
-    sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the global RNG is untouched).
+    (1 real, 0 pad) says so. ``temperature`` 0 (or below ``GREEDY_BELOW``) is greedy; otherwise logits / temperature
+    are sampled after keeping the ``top_k`` most likely tokens and the smallest set whose probability reaches
+    ``top_p``. ``seed`` makes sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the
+    global RNG is untouched).
     ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
     per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
     (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
     ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
     results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
-    rows on a CPU; docs/benchmarks.md). ``compile`` (not with ``decode_rows``) runs each decode step as one
-    torch.compile graph (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on
-    the same model and row count reuse it.
+    rows on a CPU; docs/benchmarks.md). ``compile`` runs each decode step as one torch.compile graph
+    (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on the same model and row
+    count reuse it; with ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels).
+    ``prefill_chunk``: prompt tokens per prefill forward (the chunks' shapes move a prompt's last bits, so
+    ``smoe serve --prefill-chunk C`` answers ``generate(..., decode_rows=R, prefill_chunk=C)``'s tokens).
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
@@ -79,7 +89,8 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     if T + max_new_tokens - 1 > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
                          f"max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile)
+    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile,
+                    prefill_chunk=prefill_chunk)
     requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
                         frozenset(stop)) for b, p in enumerate(token_lists)]
     for request in requests:
@@ -88,17 +99,32 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
         engine.prefill()
     device = model.embed.weight.device
     for step in range(max_new_tokens):
+        _raise_failed(requests)
         yield torch.tensor([r.tokens[step] if step < len(r.tokens) else pad_id for r in requests], device=device)
         if all(r.done for r in requests):
             return
         engine.decode()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (the softmax of its logits, before temperature or filtering) and
+    the ``top`` most likely tokens at its position, most likely first, as (token id, log-probability)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)
 class Request:
     """A prompt to continue and how, plus what the engine has made of it: ``tokens`` so far and, once done, the
-    ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``) or
-    "cancelled"."""
+    ``finish_reason``: "stop" (it emitted a stop token, the last of ``tokens``), "length" (``max_new_tokens``),
+    "cancelled", or "error" (choosing its next token failed; ``error`` says why, and the other rows go on).
+
+    ``logprobs`` (an int n) records each new token's ``TokenLogprob`` with the n most likely alternatives in
+    ``token_logprobs``; ``prompt_logprobs`` records the same for every prompt token but the first in
+    ``prompt_token_logprobs`` (scoring a text: its prefill then computes the logits at every position), and then
+    ``max_new_tokens`` may be 0."""
 
     prompt: list[int]
     max_new_tokens: int
@@ -112,6 +138,11 @@ class Request:
     row: int | None = None  # the cache row it holds while the engine runs it
     prefilled: int = 0  # prompt tokens in the cache
     generator: torch.Generator | None = None
+    error: str | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -131,7 +162,9 @@ class Engine:
     ``independent_rows=False`` gives up the fixed-shape tiles for the fastest expert backend and attends for every
     row in one call per decode step, where a row's result may change in the last bits with its neighbours'
     routing and lengths (offline ``generate`` without ``decode_rows``). ``compile`` runs each decode step as
-    one compiled graph (``Transformer.decode_step``; docs/generation.md), for one row or dependent rows.
+    one compiled graph (``Transformer.decode_step``; docs/generation.md) of the engine's fixed shape (every row,
+    every slot): for one row, for dependent rows, or for independent ones where the experts' own kernels compute
+    each row whatever the others hold (quantised experts on the C++ kernels: ``Experts.rows_independent``).
     """
 
     def __init__(self, model: Transformer, rows: int, max_len: int, *, prefill_chunk: int = PREFILL_CHUNK,
@@ -149,10 +182,16 @@ class Engine:
         self.expert_backend = "tiled" if rows > 1 and independent_rows else None
         self.device = model.embed.weight.device
         self.compiled_step = None
+        self._bucket: int | None = None  # warm_up's choice of compiled rows
         if compile:
-            _check_compilable(model, self.expert_backend is not None, count_experts, self.device)
+            _check_compilable(model, self.expert_backend is not None, self.device)
             # A C++ wrapper calls the graph's kernels: a Python one costs about 5 us a call, a few hundred a step.
             self.compiled_step = torch.compile(_step_and_argmax, fullgraph=True, options={"cpp_wrapper": True})
+            # Independent rows: every step computes every row over every slot, one graph. Otherwise a step runs the
+            # first rows of the cache, the fewest of these that hold every request (a graph each), over the first
+            # slots that hold them: a fp32 product's last bits (the router's, MLA's) depend on its row count.
+            self.row_buckets = [rows] if independent_rows else sorted({min(rows, 1 << i)
+                                                                      for i in range(rows.bit_length() + 1)})
             for layer in self.cache.layers:  # one graph for every cache length
                 for tensor, axis in layer.slot_axes:
                     torch._dynamo.mark_dynamic(tensor, axis)
@@ -180,6 +219,11 @@ class Engine:
             raise ValueError("prompt: needs at least one token")
         if not all(0 <= t < vocab for t in request.prompt):
             raise ValueError(f"prompt: token ids must lie in [0, {vocab})")
+        if request.max_new_tokens == 0 and not request.prompt_logprobs:
+            raise ValueError("max_new_tokens: 0 only when scoring the prompt (prompt_logprobs)")
+        scoring_only = request.max_new_tokens == 0  # the sampling settings still have to make sense
+        check_sampling(1 if scoring_only else request.max_new_tokens, request.temperature, request.top_k,
+                       request.top_p)
         if n + request.max_new_tokens - 1 > self.cache.max_len:
             raise ValueError(f"max_new_tokens: a {n}-token prompt plus {request.max_new_tokens} new tokens exceed "
                              f"the {self.cache.max_len} tokens a row holds")
@@ -187,6 +231,7 @@ class Engine:
             raise ValueError(f"rows: all {len(self.slots)} rows are taken")
         request.row = self.slots.index(None)
         request.prefilled = 0
+        request.token_logprobs, request.prompt_token_logprobs = [], []
         if request.seed is not None:
             request.generator = torch.Generator(self.device).manual_seed(request.seed)
         self.cache.clear(request.row)
@@ -200,13 +245,20 @@ class Engine:
         row, start = request.row, request.prefilled
         chunk = request.prompt[start : start + self.prefill_chunk]
         out = self.model(torch.tensor([chunk], device=self.device), cache=self.cache.rows(row, row + 1),
-                         logits_to_keep=1, router_stats=self.router_stats)
+                         logits_to_keep=len(chunk) if request.prompt_logprobs else 1, router_stats=self.router_stats)
         self._count(out)
         request.prefilled += len(chunk)
+        if request.prompt_logprobs:  # position j predicts prompt token start + j + 1
+            scored = request.prompt[start + 1 : request.prefilled + 1]
+            request.prompt_token_logprobs += _logprobs(out.logits[0, : len(scored)], scored, request.logprobs or 0)
         if request.prefilled < len(request.prompt):
             return []
         self.prefilling.popleft()
-        self._next_tokens([request], out.logits[:, -1], [0])
+        if request.max_new_tokens == 0:  # scored, nothing to generate
+            request.finish_reason = "length"
+            self._release(request)
+        else:
+            self._next_tokens([request], out.logits[:, -1], [0])
         return [request]
 
     def decode(self) -> list[Request]:
@@ -231,13 +283,56 @@ class Engine:
         return decoding
 
     def _compiled_decode(self, ids_B1: torch.Tensor, real_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``Transformer.decode_step`` and each row's argmax, compiled: every row attends over all of its cache's
-        slots, masked to its own keys (``generate`` sizes the cache to the request)."""
+        """``Transformer.decode_step`` and each row's argmax, compiled, for the first b rows (the smallest of
+        ``row_buckets`` holding every request; requests take the lowest free rows): each attends over the first n
+        slots of its cache, masked to its own keys (independent rows: every row and every slot, the engine's fixed
+        shape, in which a row's arithmetic never depends on the others'; else n is a multiple of ``SLOT_BLOCK``
+        covering those rows). The logits are b rows'."""
         cache = self.cache
-        slots_B = cache.lengths_B.clamp(max=cache.max_len - 1)  # a full row is free: it cannot be decoding
-        logits_BV, argmax_B = self.compiled_step(self.model, ids_B1, slots_B.to(self.device), cache.layers, real_B1)
-        cache.lengths_B += real_B1[:, 0].cpu()
-        return logits_BV, argmax_B
+        top = max(r.row for r in self.running) + 1
+        b = self._bucket or next(size for size in self.row_buckets if size >= top)
+        lengths_b = cache.lengths_B[:b]
+        n = cache.max_len
+        if len(self.row_buckets) > 1:
+            n = min(n, -(-(int(lengths_b.max()) + 1) // SLOT_BLOCK) * SLOT_BLOCK)
+        layers = cache.layers
+        if (b, n) != (len(self.slots), cache.max_len):
+            layers = []
+            for layer in cache.layers:
+                layer = layer.rows(0, b)
+                if layer.slot_axes:  # attention: the first n slots; a recurrent state has none
+                    layer = layer.slots(n)
+                    for tensor, axis in layer.slot_axes:
+                        torch._dynamo.mark_dynamic(tensor, axis)
+                layers.append(layer)
+        slots_b = lengths_b.clamp(max=n - 1)  # a full row is free: it cannot be decoding
+        logits_bV, argmax_b, loads = self.compiled_step(self.model, ids_B1[:b], slots_b.to(self.device), layers,
+                                                        real_B1[:b], bool(self.router_stats))
+        lengths_b += real_B1[:b, 0].cpu()
+        self._add_loads(loads)
+        return logits_bV, argmax_b
+
+    def warm_up(self) -> None:
+        """Run a throwaway request's prefill and a decode step (compiled: one for each of ``row_buckets``), so that
+        whatever the first ones build or compile (the C++ kernels, the compiled graphs) is ready before a real
+        request comes; the engine is left as it was, its expert counts included. Needs a free row."""
+        counts = dict(self.expert_tokens)
+        buckets = self.row_buckets if self.compiled_step is not None else [None]
+        request = Request([0], max_new_tokens=min(len(buckets) + 1, self.cache.max_len))
+        with torch.inference_mode():
+            self.add(request)
+            try:
+                while request in self.prefilling:
+                    self.prefill()
+                for bucket in buckets:
+                    if request.done:
+                        break
+                    self._bucket = bucket
+                    self.decode()
+            finally:
+                self._bucket = None
+                self.cancel(request)
+        self.expert_tokens = counts
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` (if it still runs) and free its row."""
@@ -249,8 +344,8 @@ class Engine:
                      argmax_B: torch.Tensor | None = None) -> None:
         """Request i's next token from row ``rows[i]`` of ``logits_BV``; ``argmax_B``: every row's argmax, when the
         step computed it."""
-        tokens = [0] * len(requests)
-        greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+        tokens: list[int | None] = [0] * len(requests)
+        greedy = [i for i, r in enumerate(requests) if r.temperature < GREEDY_BELOW]
         if greedy:  # one argmax for them all: per row it is the same
             picked = [rows[i] for i in greedy]
             if argmax_B is None:
@@ -262,10 +357,18 @@ class Engine:
             for i, token in zip(greedy, choices):
                 tokens[i] = token
         for i, r in enumerate(requests):
-            if r.temperature != 0:
-                tokens[i] = int(sample(logits_BV[rows[i] : rows[i] + 1], r.temperature, r.top_k, r.top_p,
-                                       r.generator))
-        for request, token in zip(requests, tokens):
+            if r.temperature >= GREEDY_BELOW:
+                try:
+                    tokens[i] = int(sample(logits_BV[rows[i] : rows[i] + 1], r.temperature, r.top_k, r.top_p,
+                                           r.generator))
+                except (RuntimeError, ValueError) as err:  # NaN logits, say: this row ends, the others go on
+                    tokens[i], r.finish_reason, r.error = None, "error", f"sampling failed: {err}"
+        for i, (request, token) in enumerate(zip(requests, tokens)):
+            if token is None:
+                self._release(request)
+                continue
+            if request.logprobs is not None:
+                request.token_logprobs += _logprobs(logits_BV[rows[i] : rows[i] + 1], [token], request.logprobs)
             request.tokens.append(token)
             if token in request.stop_tokens:
                 request.finish_reason = "stop"
@@ -277,28 +380,51 @@ class Engine:
     def _release(self, request: Request) -> None:
         if request.row is not None and self.slots[request.row] is request:
             self.slots[request.row] = None
+            self.cache.lengths_B[request.row] = 0  # a free row is padding: its stray keys go to slot 0
         if request in self.prefilling:
             self.prefilling.remove(request)
         request.row = None
 
     def _count(self, out: ModelOutput) -> None:
-        for layer, stats in out.router_stats.items():
+        self._add_loads({layer: stats.load for layer, stats in out.router_stats.items()})
+
+    def _add_loads(self, loads: dict[int, torch.Tensor]) -> None:
+        for layer, load in loads.items():
             total = self.expert_tokens.get(layer)
-            self.expert_tokens[layer] = stats.load if total is None else total + stats.load
+            self.expert_tokens[layer] = load if total is None else total + load
+
+
+def _logprobs(logits_TV: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each row's log-probability of its token in ``tokens`` and its ``top`` most likely tokens."""
+    logprobs_TV = logits_TV.float().log_softmax(-1)
+    chosen = logprobs_TV.gather(-1, torch.tensor(tokens, device=logits_TV.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(lp) for lp in chosen]
+    values, ids = logprobs_TV.topk(min(top, logprobs_TV.shape[-1]), dim=-1)
+    return [TokenLogprob(lp, tuple(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+def _raise_failed(requests: list[Request]) -> None:
+    failed = [(b, r) for b, r in enumerate(requests) if r.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"row {failed[0][0]}: {failed[0][1].error}")
 
 
 def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list,
-                     real_B1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     real_B1: torch.Tensor, count_experts: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
     """A compiled decode step: ``Transformer.decode_step``'s logits and their argmax, which the graph computes in a
-    fused loop (torch's own argmax takes about 0.9 ms for 16 rows of a 32k vocabulary on one core)."""
-    logits_BV = model.decode_step(ids_B1, slots_B, layers, real_B1)
-    return logits_BV, logits_BV.argmax(-1)
+    fused loop (torch's own argmax takes about 0.9 ms for 16 rows of a 32k vocabulary on one core), and the tokens
+    per expert when counted."""
+    logits_BV, loads = model.decode_step(ids_B1, slots_B, layers, real_B1, count_experts)
+    return logits_BV, logits_BV.argmax(-1), loads
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token per row: argmax at temperature 0, else a draw from the (top-k, top-p) filtered softmax."""
-    if temperature == 0:
+    """The next token per row: argmax at a temperature below ``GREEDY_BELOW``, else a draw from the (top-k, top-p)
+    filtered softmax."""
+    if temperature < GREEDY_BELOW:
         return logits_BV.argmax(-1)
     logits_BV = logits_BV.float() / temperature
     if top_k is not None and top_k < logits_BV.shape[-1]:
@@ -384,8 +510,7 @@ def _check_model(model: Transformer) -> None:
                          "batch, later positions included, so a token's output depends on tokens not yet generated")
 
 
-def _check_compilable(model: Transformer, independent_rows: bool, count_experts: bool, device: torch.device
-                      ) -> None:
+def _check_compilable(model: Transformer, independent_rows: bool, device: torch.device) -> None:
     """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
     if device.type == "cpu":
         try:
@@ -398,11 +523,10 @@ def _check_compilable(model: Transformer, independent_rows: bool, count_experts:
             except Exception as err:  # Inductor's own error types, which differ between releases
                 raise ValueError(f"compile: torch.compile builds the CPU graph with a C++ compiler, and none was "
                                  f"found ({type(err).__name__}: {err}); install one (g++) or decode eagerly") from None
-    if count_experts:
-        raise ValueError("compile: counting the tokens routed to each expert needs the eager decode step")
-    if independent_rows:
-        raise ValueError("compile: decode_rows promises rows independent of their neighbours, which needs the "
-                         "eager step (a call per row and fixed-shape expert tiles); leave decode_rows unset")
+    if independent_rows and not all(layer.experts.rows_independent(device) for layer in model.moe_layers):
+        raise ValueError("compile: rows independent of their neighbours (decode_rows) need experts whose kernels "
+                         "compute each row alone, as the C++ kernels of quantised experts do; these need the eager "
+                         "step's fixed-shape tiles: quantise the model, decode eagerly, or leave decode_rows unset")
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -415,6 +539,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ValueError(f"top_k: must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+    if top_p is not None and torch.tensor(top_p, dtype=torch.float32) == 0:  # the sampler compares in fp32
+        raise ValueError(f"top_p: {top_p} rounds to 0 in float32, which keeps no token")
 
 
 def _as_prompts(prompts, attention_mask, vocab_size: int) -> list[list[int]]:

@@ -253,18 +253,45 @@ def test_backend_under_bf16_autocast_with_fp32_weights(backend):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-3)
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # torch's build directory is then tmp_path / name
-    (tmp_path / "k").mkdir()
-    lock = tmp_path / "k" / "lock"
-    lock.touch()
-    cpp_build._clear_stale_lock("k")  # a build running now: its lock stays
-    assert lock.exists()
-    old = time.time() - cpp_build.STALE_LOCK_SECONDS - 1
-    os.utime(lock, (old, old))
-    with pytest.warns(UserWarning, match="left by a build of the C\\+\\+ kernels that did not finish"):
-        cpp_build._clear_stale_lock("k")
-    assert not lock.exists()
+def _hold_build_lock(directory: Path) -> subprocess.Popen:
+    """A child process that holds ``directory``'s build lock, as a build does, with torch's own lock file too."""
+    code = ("import sys, time; from pathlib import Path; from smoe.kernels.cpp_build import build_lock\n"
+            "d = Path(sys.argv[1])\nwith build_lock(d):\n    (d / 'lock').touch(); print('held', flush=True); "
+            "time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_build_killed_while_it_holds_the_lock_never_blocks_the_next(tmp_path):
+    child = _hold_build_lock(tmp_path)
+    child.kill()  # SIGKILL mid-build: no finally runs, torch's lock file stays
+    child.wait()
+    assert (tmp_path / "lock").exists()
+    start = time.monotonic()
+    with cpp_build.build_lock(tmp_path, wait=5):
+        assert not (tmp_path / "lock").exists()  # torch would have waited for it forever
+        assert (tmp_path / "smoe.lock").read_text() == str(os.getpid())
+    assert time.monotonic() - start < 5
+
+
+def test_a_wait_for_a_live_build_is_bounded_and_names_its_process(tmp_path):
+    child = _hold_build_lock(tmp_path)
+    try:
+        with pytest.raises(TimeoutError, match=f"process {child.pid} has been building the C\\+\\+ kernels"):
+            with cpp_build.build_lock(tmp_path, wait=0.3):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_the_build_directory_is_named_by_the_interpreter_and_torch_install(monkeypatch):
+    name = cpp_build.library_name("avx2")
+    assert name.startswith("smoe_kernels_avx2_") and name == cpp_build.library_name("avx2")
+    monkeypatch.setattr(sys, "prefix", "/another/venv")  # a second environment on the same machine
+    assert cpp_build.library_name("avx2") != name
 
 
 @CPP  # a compiler to fail with

@@ -132,7 +132,8 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
             for t, ids in enumerate(steps):
                 real = real_B1 if t < 3 else torch.ones_like(real_B1)  # row 1 joins the later steps
                 if static:
-                    out = model.decode_step(ids, cache.lengths_B.clone(), cache.layers, real)
+                    out, loads = model.decode_step(ids, cache.lengths_B.clone(), cache.layers, real)
+                    assert loads == {}  # not asked for
                     cache.lengths_B += real[:, 0]
                 else:
                     out = model(ids, attention_mask=real, cache=cache, router_stats=False).logits[:, -1]
@@ -171,6 +172,64 @@ def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(kw, message
     model = _model("mixtral-tiny")
     with pytest.raises(ValueError, match=f"compile: .*{message}"):
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
+
+
+def test_a_compiled_engine_of_dependent_rows_runs_the_fewest_rows_and_slots_that_hold_its_requests():
+    model = _model("mixtral-tiny")
+    engine = Engine(model, rows=5, max_len=150, compile=True, independent_rows=False)
+    assert engine.row_buckets == [1, 2, 4, 5]
+    engine.warm_up()  # compiles each bucket: one graph each, for every slot count
+    g = torch.Generator().manual_seed(8)
+    requests = [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m)
+                for n, m in [(3, 9), (70, 12), (5, 3), (100, 6), (9, 4), (2, 7)]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _run_engine(engine, requests)
+    for request in requests:  # the eager step's tokens (logits may move in the last bits)
+        alone = smoe.generate(model, [request.prompt], max_new_tokens=request.max_new_tokens)
+        assert request.tokens == alone[0].tolist()
+
+
+def _run_engine(engine: Engine, requests: list[Request]) -> Engine:
+    """As the server runs it: newcomers join free rows between decode steps."""
+    waiting = list(requests)
+    with torch.inference_mode():
+        while waiting or engine.running:
+            while waiting and engine.free_rows:
+                engine.add(waiting.pop(0))
+            if engine.prefilling:
+                engine.prefill()
+            engine.decode()
+    return engine
+
+
+def test_a_compiled_engine_keeps_rows_independent_with_quantised_experts_and_counts_them():
+    # Alone or among others, a request's logits must not move by a bit: the engine's one fixed shape.
+    model = smoe.quantize(_model("deepseek-v3-tiny"), "int8")
+    if not all(layer.experts.rows_independent(torch.device("cpu")) for layer in model.moe_layers):
+        pytest.skip("the C++ kernels could not be built here")
+
+    def requests() -> list[Request]:
+        g = torch.Generator().manual_seed(3)
+        return [Request(torch.randint(0, 500, (n,), generator=g).tolist(), max_new_tokens=m, logprobs=2, **sampling)
+                for n, m, sampling in [(9, 6, {}), (70, 9, {"temperature": 1.0, "seed": 4}), (14, 3, {}), (5, 7, {}),
+                                       (1, 5, {"temperature": 0.7, "top_p": 0.9, "seed": 1}), (130, 4, {})]]
+
+    def engine(compile=True):
+        engine = Engine(model, rows=4, max_len=140, compile=compile, count_experts=True)
+        engine.warm_up()  # compiles every bucket, as the server does before it listens
+        return engine
+
+    together = requests()
+    compiled = _run_engine(engine(), together)
+    assert compiled.row_buckets == [4]
+    eager = _run_engine(engine(compile=False), requests())
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph
+        for request, alone in zip(together, requests()):
+            _run_engine(engine(), [alone])
+            assert request.tokens == alone.tokens and request.finish_reason == "length"
+            assert request.token_logprobs == alone.token_logprobs  # bit for bit
+    assert compiled.expert_tokens.keys() == eager.expert_tokens.keys() == {1}
+    assert torch.equal(compiled.expert_tokens[1], eager.expert_tokens[1])
 
 
 @pytest.mark.parametrize("quantize", [None, "int8", "int8 without the C++ kernels"])
@@ -268,6 +327,72 @@ def test_top_p_samples_only_the_smallest_set_reaching_p():
     assert set(sample(logits, 1.0, top_p=0.7, generator=g).tolist()) == {0, 1}
     assert set(sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
     assert set(sample(logits, 1.0, top_k=3, generator=g).tolist()) == {0, 1, 2}
+
+
+def test_a_temperature_below_the_threshold_is_greedy_and_a_top_p_rounding_to_0_is_refused():
+    model = _model("mixtral-tiny")
+    greedy = smoe.generate(model, [[1, 2, 3]], max_new_tokens=6)
+    for temperature in (1e-40, 1e-6):  # logits / 1e-40 overflow to inf, whose softmax is NaN
+        assert torch.equal(smoe.generate(model, [[1, 2, 3]], max_new_tokens=6, temperature=temperature), greedy)
+    with pytest.raises(ValueError, match="^top_p: 1e-46 rounds to 0 in float32"):
+        smoe.generate(model, [[1, 2, 3]], max_new_tokens=2, temperature=1.0, top_p=1e-46)
+
+
+def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(monkeypatch):
+    model = _model("mixtral-tiny")
+    real_sample = sample
+
+    def failing(logits_BV, temperature, top_k=None, top_p=None, generator=None):
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return real_sample(logits_BV, temperature, top_k, top_p, generator)
+
+    monkeypatch.setattr("smoe.generation.sample", failing)
+    bad = Request([4, 5], max_new_tokens=6, temperature=0.5, seed=1)
+    good = [Request([1, 2, 3], max_new_tokens=6), Request([7], max_new_tokens=6, temperature=1.0, seed=2)]
+    engine = Engine(model, rows=3, max_len=16)
+    with torch.inference_mode():
+        for request in (good[0], bad, good[1]):
+            engine.add(request)
+        while engine.prefilling:
+            engine.prefill()
+        while engine.running:
+            engine.decode()
+    assert bad.finish_reason == "error" and "sampling failed" in bad.error and bad.tokens == []
+    for r in good:
+        alone = smoe.generate(model, [r.prompt], max_new_tokens=6, temperature=r.temperature, seed=r.seed,
+                              decode_rows=3)
+        assert r.finish_reason == "length" and r.tokens == alone[0].tolist()
+    with pytest.raises(RuntimeError, match="^row 0: sampling failed"):  # offline, the failure is the caller's
+        smoe.generate(model, [[1, 2], [4, 5]], max_new_tokens=4, temperature=0.5)
+
+
+def test_the_engine_records_the_log_probabilities_the_model_gives_prompt_and_new_tokens():
+    model = _model("deepseek-v3-tiny")
+    prompt = torch.randint(0, 500, (11,), generator=torch.Generator().manual_seed(6)).tolist()
+    scored = Request(prompt, max_new_tokens=0, logprobs=3, prompt_logprobs=True)
+    sampled = Request(prompt, max_new_tokens=5, temperature=1.0, seed=3, logprobs=2, prompt_logprobs=True)
+    engine = Engine(model, rows=2, max_len=16, prefill_chunk=4)  # the prompt's logits come in three chunks
+    with torch.inference_mode():
+        for request in (scored, sampled):
+            engine.add(request)
+        while engine.prefilling:
+            engine.prefill()
+        while engine.running:
+            engine.decode()
+        every = model(torch.tensor([prompt + sampled.tokens])).logits[0].log_softmax(-1)
+    assert scored.finish_reason == "length" and scored.tokens == [] and scored.token_logprobs == []
+    sequence = prompt + sampled.tokens
+    for request in (scored, sampled):
+        assert len(request.prompt_token_logprobs) == len(prompt) - 1  # the first token has none
+        for t, entry in enumerate(request.prompt_token_logprobs + request.token_logprobs):
+            assert entry.logprob == pytest.approx(every[t, sequence[t + 1]].item(), abs=1e-4)
+            top = every[t].topk(request.logprobs)
+            assert [i for i, _ in entry.top] == top.indices.tolist()
+            assert [v for _, v in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert len(sampled.token_logprobs) == 5
+    with pytest.raises(ValueError, match="^max_new_tokens: 0 only when scoring the prompt"):
+        engine.add(Request(prompt, max_new_tokens=0))
 
 
 def test_a_stop_token_ends_its_row_with_padding_and_the_loop_when_all_stopped():

@@ -4,9 +4,12 @@ One server per module (a tiny random model built here, a tokenizer trained here,
 queue of 4, one torch thread like this process, so its greedy tokens can be compared with smoe.generate's.
 """
 
+import asyncio
+import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,10 +31,12 @@ from smoe import presets  # noqa: E402
 from smoe.cli import main  # noqa: E402
 from smoe.generation import default_stop_tokens  # noqa: E402
 from smoe.io.tokenizer import find_tokenizer  # noqa: E402
+from smoe.serve.config import ServeConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 ROWS, QUEUE, CONTEXT = 4, 4, 2048  # long enough that requests held in a test cannot finish first
+READ_TIMEOUT, DRAIN = 2, 3  # seconds: --read-timeout, --shutdown-timeout
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -60,7 +65,8 @@ class Server:
         self.directory, self.model = directory, str(directory)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smoe", "serve", self.model, "--port", "0", "--max-batch", str(ROWS),
-             "--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--shutdown-timeout", "20"],
+             "--max-queue", str(QUEUE), "--max-seq-len", str(CONTEXT), "--shutdown-timeout", str(DRAIN),
+             "--read-timeout", str(READ_TIMEOUT)],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.output: list[str] = []
         ready = threading.Event()
@@ -70,13 +76,14 @@ class Server:
                 self.output.append(line)
                 if " on http://" in line:
                     self.url = line.rsplit(" on ", 1)[1].split()[0]
+                    self.maps_when_ready = _memory_maps(self.proc.pid)
                     ready.set()
             ready.set()
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(180) or self.proc.poll() is not None:
             raise RuntimeError("smoe serve did not start:\n" + "".join(self.output))
-        self.headers = {"Authorization": f"Bearer {KEY}"}
+        self.headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=KEY, max_retries=0)
 
     def post(self, path: str, body, headers=(), timeout: float = 60) -> httpx.Response:
@@ -95,6 +102,13 @@ class Server:
             if time.monotonic() > deadline:
                 raise AssertionError(f"gave up waiting for {what}: {self.metrics()}")
             time.sleep(0.05)
+
+
+def _memory_maps(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # not Linux
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +144,7 @@ def test_openai_client_completes_streams_chats_and_lists_the_model(server):
 def test_concurrent_greedy_requests_get_what_generate_gives_each_alone(server):
     g = torch.Generator().manual_seed(5)
     cases = [(torch.randint(0, 300, (n,), generator=g).tolist(), m)
-             for n, m in [(3, 12), (17, 7), (1, 10), (30, 9), (8, 14), (12, 5), (5, 11), (22, 8)]]
+             for n, m in [(3, 12), (17, 7), (1, 10), (30, 9), (8, 14), (12, 5), (5, 11), (150, 8)]]
 
     def ask(case):
         prompt, max_tokens = case
@@ -146,13 +160,167 @@ def test_concurrent_greedy_requests_get_what_generate_gives_each_alone(server):
     torch.set_num_threads(1)
     try:
         for (prompt, max_tokens), answer in zip(cases, answers):
-            alone = smoe.generate(model, [prompt], max_new_tokens=max_tokens, stop_tokens=stop,
-                                  decode_rows=ROWS)[0].tolist()
+            alone = smoe.generate(model, [prompt], max_new_tokens=max_tokens, stop_tokens=stop, decode_rows=ROWS,
+                                  prefill_chunk=ServeConfig.prefill_chunk)[0].tolist()  # 150 tokens: 3 chunks
             alone = alone[: next((i + 1 for i, t in enumerate(alone) if t in stop), len(alone))]
             assert answer["usage"]["completion_tokens"] == len(alone)
             assert answer["choices"][0]["text"] == tokenizer.decode(alone)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_extreme_sampling_values_fail_alone_while_a_stream_runs(server):
+    body = {"model": server.model, "prompt": [4, 5, 6], "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body), headers=server.headers,
+                      timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        greedy = {"model": server.model, "prompt": "a fox", "max_tokens": 4, "temperature": 0}
+        tiny = server.post("/v1/completions", {**greedy, "temperature": 1e-40})  # greedy, not a NaN softmax
+        assert tiny.status_code == 200
+        assert tiny.json()["choices"][0]["text"] == server.post("/v1/completions", greedy).json()["choices"][0]["text"]
+        zero_p = server.post("/v1/completions", {**greedy, "temperature": 1, "top_p": 1e-46})
+        assert zero_p.status_code == 400 and zero_p.json()["error"]["param"] == "top_p"
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"  # the stream was not aborted
+
+
+def _log_softmax_of(server, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token log-probabilities at every position of ``ids`` (one forward, this process)."""
+    model = smoe.load_pretrained(server.directory)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].log_softmax(-1)
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_models_forward_does(server):
+    tokenizer = find_tokenizer(server.directory)
+    text = "once upon a time a little fox"
+    ids = tokenizer.encode(text).ids
+    scored = server.client.completions.create(model=server.model, prompt=text, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == text and scored.usage.completion_tokens == 0 and choice.finish_reason == "length"
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [tokenizer.decode([i]) for i in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # nothing comes before it
+    expected = _log_softmax_of(server, ids)
+    for t in range(1, len(ids)):
+        assert logprobs.token_logprobs[t] == pytest.approx(expected[t - 1, ids[t]].item(), abs=1e-4)
+        best = expected[t - 1].topk(2)
+        top = logprobs.top_logprobs[t]
+        assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert top[tokenizer.decode([int(best.indices[0])])] == max(top.values())
+        assert logprobs.top_logprobs[t][logprobs.tokens[t]] == logprobs.token_logprobs[t]  # its own, too
+    assert logprobs.text_offset == [sum(len(x) for x in logprobs.tokens[:t]) for t in range(len(ids))]
+    # lm-evaluation-harness's request for a loglikelihood: token ids, echo, one new token, logprobs 1
+    harness = server.post("/v1/completions", {"model": server.model, "prompt": [ids], "max_tokens": 1, "echo": True,
+                                              "logprobs": 1, "temperature": 0, "seed": 1234}).json()["choices"][0]
+    assert harness["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-6)
+    assert len(harness["logprobs"]["token_logprobs"]) == len(ids) + 1
+
+
+def test_generated_tokens_carry_the_models_logprobs_streamed_or_not(server):
+    prompt = [5, 9, 12, 40]
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    whole = server.post("/v1/completions", body).json()["choices"][0]
+    tokenizer = find_tokenizer(server.directory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's tokens are generate's with its rows and threads
+    try:
+        new = smoe.generate(smoe.load_pretrained(server.directory), [prompt], max_new_tokens=6,
+                            decode_rows=ROWS)[0].tolist()
+    finally:
+        torch.set_num_threads(threads)
+    lp = whole["logprobs"]
+    assert lp["tokens"] == [tokenizer.decode([t]) for t in new]  # each token's text decoded alone
+    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert t == max(top.values()) and len(top) <= 3  # greedy; texts two tokens share (U+FFFD) count once
+    expected = _log_softmax_of(server, prompt + new)
+    for t, token in enumerate(new):
+        assert lp["token_logprobs"][t] == pytest.approx(expected[len(prompt) - 1 + t, token].item(), abs=1e-4)
+    streamed_text = server.post("/v1/completions", {**body, "stream": True}).text
+    events = [json.loads(line[6:]) for line in streamed_text.splitlines() if line.startswith("data: {")]
+    streamed = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert sum((c["tokens"] for c in streamed), []) == lp["tokens"]
+    assert sum((c["text_offset"] for c in streamed), []) == lp["text_offset"]
+    echoed = server.post("/v1/completions", {**body, "echo": True, "stream": True}).text
+    assert json.loads(echoed.split("data: ")[1])["choices"][0]["logprobs"]["tokens"][0] == tokenizer.decode([5])
+    chat = server.client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "a fox"}],
+                                                 max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and "".join(c.token for c in content) == \
+        chat.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.logprob == c.top_logprobs[0].logprob and c.bytes == list(c.token.encode())
+    refused = server.post("/v1/completions", {**body, "max_tokens": 0})
+    assert refused.status_code == 400 and "echo" in refused.json()["error"]["message"]
+    assert server.post("/v1/completions", {**body, "logprobs": 21}).status_code == 400
+
+
+# lm-evaluation-harness, when this interpreter has it or SMOE_LM_EVAL_PYTHON names one that does (it is no
+# dependency of smoe: e.g. a venv with `pip install 'lm-eval[api]'`).
+LM_EVAL_PYTHON = sys.executable if importlib.util.find_spec("lm_eval") else os.environ.get("SMOE_LM_EVAL_PYTHON")
+LM_EVAL_TASKS = {
+    "smoe_tiny_choice": {"output_type": "multiple_choice", "doc_to_text": "{{context}}", "target_delimiter": "",
+                         "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+                         "metric_list": [{"metric": "acc"}]},
+    "smoe_tiny_generate": {"output_type": "generate_until", "doc_to_text": "{{context}}",
+                           "doc_to_target": "{{target}}", "metric_list": [{"metric": "exact_match"}],
+                           "generation_kwargs": {"until": ["\n"], "max_gen_toks": 6, "do_sample": False,
+                                                 "temperature": 0}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LM_EVAL_PYTHON is None, reason="lm-evaluation-harness is not installed (SMOE_LM_EVAL_PYTHON)")
+def test_lm_evaluation_harness_scores_and_generates_what_the_model_does(server, tmp_path):
+    docs = [{"context": "once upon a time a", "choices": [" little fox", " red ball", " sun"], "answer": 0},
+            {"context": "the fox found a", "choices": [" red ball", " day"], "answer": 1},
+            {"context": "and played with it in", "choices": [" the sun all day", " a time"], "answer": 0}]
+    for name, task in LM_EVAL_TASKS.items():  # local files: no dataset download
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({**d, "target": "x"}) + "\n" for d in docs))
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({  # YAML reads JSON
+            "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test", **task}))
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    args = (f"model={server.model},base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+            f"tokenizer={server.directory},tokenized_requests=True,max_length={CONTEXT},max_retries=1,timeout=120")
+    run = subprocess.run([LM_EVAL_PYTHON, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                          "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(tmp_path), "--batch_size", "1",
+                          "--output_path", str(tmp_path / "out"), "--log_samples"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = {name: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl"))
+                      .read_text().splitlines()] for name in LM_EVAL_TASKS}
+    tokenizer, model = find_tokenizer(server.directory), smoe.load_pretrained(server.directory)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    checked = 0
+    for sample in samples["smoe_tiny_choice"]:
+        doc = sample["doc"]
+        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"])):
+            loglikelihood, greedy = float(loglikelihood), greedy in (True, "True")  # logged as text
+            context, whole = encode(doc["context"]), encode(doc["context"] + choice)  # lm-eval's split
+            with torch.no_grad():
+                logprobs = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            rows = range(len(context) - 1, len(whole) - 1)
+            assert loglikelihood == pytest.approx(sum(logprobs[t, whole[t + 1]].item() for t in rows), abs=1e-4)
+            assert greedy == all(int(logprobs[t].argmax()) == whole[t + 1] for t in rows)
+            checked += 1
+    assert checked == 7
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's greedy tokens are generate's with its rows and threads
+    try:
+        for sample in samples["smoe_tiny_generate"]:
+            new = smoe.generate(model, [encode(sample["doc"]["context"])], max_new_tokens=6,
+                                decode_rows=ROWS)[0].tolist()
+            assert sample["resps"][0][0] == tokenizer.decode(new).split("\n")[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(samples["smoe_tiny_generate"]) == 3
 
 
 def test_a_stop_string_ends_the_text_before_it(server):
@@ -217,6 +385,8 @@ def test_metrics_count_tokens_and_the_tokens_routed_to_each_expert(server):
     ({"prompt": "a", "temperature": -1}, 400, "temperature"),
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"prompt": "a", "logprobs": -1}, 400, "logprobs"),
+    ({"prompt": "a", "max_tokens": -1, "echo": True}, 400, "max_tokens"),
     ({"prompt": "a", "mystery": 1}, 400, "mystery"),
     ({"prompt": list(range(CONTEXT + 1))}, 400, "prompt"),
     ({"prompt": [1, 2, 3], "max_tokens": CONTEXT}, 400, "max_tokens"),
@@ -265,6 +435,7 @@ def test_a_full_queue_is_429_and_clients_that_leave_free_their_rows(server):
         server.wait_for(lambda m: m["smoe_queue_depth"] == QUEUE, "the queue to fill")
         refused = server.post("/v1/completions", body)
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.headers["Retry-After"] == "1"
         for future in waiting:
             future.result()
         server.wait_for(lambda m: m["smoe_queue_depth"] == 0, "the queue to empty as its clients left")
@@ -304,16 +475,92 @@ def test_fuzzed_request_bodies_never_take_the_server_down(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_health_answers_only_once_a_request_is_served_at_once(server):
+    # The port listens only after the warm-up step, which built (or loaded) the C++ kernels: no first request
+    # waits for them while /health says 200.
+    if server.maps_when_ready is None:
+        pytest.skip("no /proc/PID/maps here")
+    assert "smoe_kernels_" in server.maps_when_ready
+
+
+def test_accepted_connections_get_tcp_nodelay():
+    from smoe.serve.server import _bind
+
+    async def accepted_nodelay() -> int:
+        sock = _bind("127.0.0.1", 0)
+        sock.listen()
+        seen = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                                              socket.TCP_NODELAY))
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)  # as uvicorn serves it
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_a_page_elsewhere_cannot_drive_the_loopback_server(server):
+    body = {"model": server.model, "prompt": "a fox", "max_tokens": 2}
+    rebound = server.post("/v1/completions", body, headers={"Host": "evil.example"})  # DNS rebinding
+    assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "host_not_allowed"
+    for host in ("localhost:8000", "127.0.0.1", "[::1]:80"):
+        assert server.post("/v1/completions", body, headers={"Host": host}).status_code == 200
+    simple = server.post("/v1/completions", body, headers={"Content-Type": "text/plain"})  # no CORS preflight
+    assert simple.status_code == 415 and "application/json" in simple.json()["error"]["message"]
+    assert server.post("/v1/completions", body, headers={"Content-Type": "application/json; charset=utf-8"}
+                       ).status_code == 200
+
+
+def test_allowed_hosts_widen_loopback_and_bind_other_addresses():
+    from smoe.serve.app import allowed_hosts
+
+    assert allowed_hosts("0.0.0.0", ()) is None  # any Host: the user exposed it on purpose
+    assert allowed_hosts("127.0.0.1", ("Box.lan",)) >= {"localhost", "127.0.0.1", "::1", "box.lan"}
+    assert allowed_hosts("0.0.0.0", ("box.lan",)) >= {"box.lan"}
+    assert main(["serve", "x", "--allowed-hosts", "box.lan:8000"]) == 2
+
+
+def test_malformed_text_and_a_slow_or_vanishing_client_fail_alone(server):
+    lone = b'{"model": ' + json.dumps(server.model).encode() + b', "prompt": "a \\ud800 b"}'
+    response = server.post("/v1/completions", lone)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+    def raw(data: bytes) -> socket.socket:
+        sock = socket.create_connection(server.url.removeprefix("http://").split(":"), timeout=READ_TIMEOUT + 10)
+        sock.sendall(data)
+        return sock
+
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n").encode()
+    with raw(head) as slow_headers:  # headers never finished: closed after the read timeout
+        assert slow_headers.recv(1000) == b""
+    with raw(head + b"Content-Length: 100\r\n\r\n{") as slow_body:
+        assert slow_body.recv(1000).startswith(b"HTTP/1.1 408 ")
+    before = server.metrics().get('smoe_requests_total{endpoint="/v1/completions",code="499"}', 0)
+    raw(head + b"Content-Length: 100\r\n\r\n{").close()  # gone mid-body
+    server.wait_for(lambda m: m.get('smoe_requests_total{endpoint="/v1/completions",code="499"}', 0) == before + 1,
+                    "the vanished client to count as 499")
+    unknown = server.post("/v1/completions", {"model": "nope", "prompt": "a"}).json()["error"]["message"]
+    assert "nope" in unknown and str(server.directory) not in unknown  # no path of the server's in an error
+
+
 def test_chat_without_a_template_is_400(tmp_path):
     from starlette.testclient import TestClient
 
     from smoe.serve.app import create_app
-    from smoe.serve.config import ServeConfig
     from smoe.serve.server import load_state
 
     directory = make_model(tmp_path / "model", chat_template=None)
     state = load_state(str(directory), ServeConfig(max_batch=1, max_seq_len=32))
-    with TestClient(create_app(state)) as client:
+    with TestClient(create_app(state), base_url="http://localhost") as client:
         response = client.post("/v1/chat/completions", json={"model": str(directory), "max_tokens": 2,
                                                               "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 400 and "chat_template" in response.json()["error"]["message"]
@@ -325,7 +572,6 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     from starlette.testclient import TestClient
 
     from smoe.serve.app import create_app
-    from smoe.serve.config import ServeConfig
     from smoe.serve.server import load_state
 
     directory = make_model(tmp_path / "model")
@@ -333,12 +579,52 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     prompt = [5, 6, 7, 8]
     quantised = smoe.quantize(smoe.load_pretrained(directory), "int8")
     expected = smoe.generate(quantised, [prompt], max_new_tokens=4, decode_rows=2)[0].tolist()
-    with TestClient(create_app(state)) as client:
+    with TestClient(create_app(state), base_url="http://localhost") as client:
         response = client.post("/v1/completions", json={"model": str(directory), "prompt": prompt, "max_tokens": 4,
                                                         "temperature": 0})
     assert state.worker.engine.model.config.quantization.scheme == "int8"
     assert response.status_code == 200
     assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
+
+
+def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(tmp_path):
+    from starlette.testclient import TestClient
+
+    from smoe.generation import Engine, Request
+    from smoe.serve.app import create_app
+    from smoe.serve.server import load_state
+
+    directory = make_model(tmp_path / "model")
+    with pytest.raises(ValueError, match="^compile: .*`dependent_rows`"):  # fp32 experts: not without saying so
+        load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32, compile=True))
+    state = load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32, quantize="int8", compile=True))
+    engine = state.worker.engine
+    if engine.compiled_step is None or not all(layer.experts.rows_independent(torch.device("cpu"))
+                                               for layer in engine.model.moe_layers):
+        pytest.skip("the C++ kernels could not be built here")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine.warm_up()
+        prompts = [[5, 6, 7, 8], [9, 10]]
+        with TestClient(create_app(state), base_url="http://localhost") as client, ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda p: client.post("/v1/completions", json={
+                "model": str(directory), "prompt": p, "max_tokens": 5, "temperature": 0}).json(), prompts))
+            metrics = client.get("/metrics").text
+        for prompt, answer in zip(prompts, answers):  # each as the same compiled engine gives it alone
+            alone = Engine(engine.model, 2, 32, compile=True, count_experts=True)
+            request = Request(prompt, 5)
+            alone.add(request)
+            with torch.inference_mode():
+                while alone.running:
+                    alone.prefill() if alone.prefilling else alone.decode()
+            assert answer["choices"][0]["text"] == find_tokenizer(directory).decode(request.tokens)
+    finally:
+        torch.set_num_threads(threads)
+    routed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                 if line.startswith("smoe_expert_routed_tokens_total{"))
+    top_k = presets.get("deepseek-v3-tiny").moe.top_k
+    assert routed == top_k * (4 + 2 + 2 * (5 - 1))  # prompts, then every new token but the last, in layer 1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -347,6 +633,7 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     (["serve", "no/such/model", "--port", "0"], "no/such/model"),
     (["serve", "x", "--port", "70000"], "--port: must lie in [0, 65535]"),
     (["serve", "x", "--max-batch", "0"], "--max-batch: must be a positive number"),
+    (["serve", "x", "--api-key", "clé"], "--api-key: must be printable ASCII"),  # a header could never match it
 ])
 def test_cli_serve_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -354,14 +641,19 @@ def test_cli_serve_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_sigterm_drains_the_streams_in_flight_and_exits_cleanly(server):
+def test_sigterm_drains_the_streams_in_flight_then_aborts_the_rest_with_503(server):
     # Last: it ends the module's server.
     body = {"model": server.model, "prompt": [4, 5], "max_tokens": 40, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body), headers=server.headers,
-                      timeout=60) as response:
+    long = {"model": server.model, "prompt": [4, 5], "max_tokens": CONTEXT - 2, "temperature": 0}  # outlasts it
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", server.url + "/v1/completions", content=json.dumps(body),
+                                                     headers=server.headers, timeout=60) as response:
+        unfinished = pool.submit(server.post, "/v1/completions", long)
+        server.wait_for(lambda m: m["smoe_running_requests"] == 2, "both requests to run")
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data: {"))
         server.proc.send_signal(signal.SIGTERM)
         rest = [line for line in lines if line]
+        aborted = unfinished.result()
     assert rest[-1] == "data: [DONE]"  # the stream in flight finished
+    assert aborted.status_code == 503 and "shutting down" in aborted.json()["error"]["message"]
     assert server.proc.wait(60) == 0

@@ -13,8 +13,10 @@ def add_parser(sub) -> None:
                        description="Serve a model behind OpenAI's API: POST /v1/completions and /v1/chat/completions "
                                    "(stream: true as server-sent events), GET /v1/models, /health and /metrics "
                                    "(Prometheus, with tokens routed per expert). Requests are batched continuously "
-                                   "over --max-batch cache rows; a request's tokens never depend on the others. "
-                                   "Needs the serve extra (pip install 'smoe[serve]'). docs/serve.md")
+                                   "over --max-batch cache rows; a request's tokens never depend on the others "
+                                   "unless --dependent-rows. For speed: --quantize int8 --compile (--dependent-rows "
+                                   "for one client as fast as one row). Needs the serve extra (pip install "
+                                   "'smoe[serve]'). docs/serve.md")
     p.add_argument("path", help="a Hugging Face model directory, a smoe checkpoint, or a run directory (its latest "
                                 "checkpoint); also the model name clients send")
     add_config_arguments(p, ServeConfig)

@@ -5,7 +5,14 @@ minute once, then loaded from torch's extension cache). Each source registers it
 (through ``ops_builder``) and the Python entry points; ``row_offsets`` is the offsets both take.
 
 ``build()`` returns None when the library is loaded, or says why it cannot be (no compiler or ninja, a failed
-build); then each caller falls back to its Python kernels, with a warning saying why (smoe.kernels).
+build, another process's build outlasting ``BUILD_WAIT_SECONDS``); then each caller falls back to its Python
+kernels, with a warning saying why (smoe.kernels).
+
+The build directory is named by the sources, the instruction set, and the interpreter and torch install that load
+the library (two environments on one machine each keep their own), and builds into it take turns under an
+``fcntl`` lock, which the kernel releases when its holder dies however it dies: a build killed halfway (SIGKILL
+while compiling) never blocks the next one. The lock file holds its holder's pid, which a wait that runs out
+names.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -49,19 +56,36 @@ def build() -> str | None:
     # tile then computes a row bitwise alike, so a row's result never depends on the rows beside it (row_independent).
     flags = ["-O3", "-ffp-contract=off", "-fopenmp", *ISA_FLAGS[isa]]
     try:
-        # Named by the sources' hash: checkouts of different versions never rebuild or replace each other's library.
-        digest = hashlib.sha1(b"".join(s.name.encode() + s.read_bytes() for s in SOURCES)).hexdigest()[:10]
-        name = f"smoe_kernels_{isa}_{digest}"
-        _clear_stale_lock(name)
-        with _ninja_on_path():
+        name = library_name(isa)
+        directory = build_root() / name
+        directory.mkdir(parents=True, exist_ok=True)
+        with build_lock(directory), _ninja_on_path():
             cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                               is_python_module=False)
-    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, or the build failed
+                               build_directory=str(directory), is_python_module=False)
+    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, the build failed or timed out
         lines = str(err).strip().splitlines() or [repr(err)]
         # A failed build's first line is the compiler's command; the line that says what went wrong comes later.
         cause = next((line.strip() for line in lines[1:] if "error:" in line), None)
         return f"{type(err).__name__}: {lines[0][:200]}" + (f" ... {cause}" if cause else "")
     return None
+
+
+def library_name(isa: str) -> str:
+    """The library's name, and its build directory's: a hash of the sources (checkouts of different versions never
+    rebuild or replace each other's library) and of the interpreter and the torch install that load it (nor do two
+    environments on one machine, which torch's own naming, by Python and CUDA version, would let share one)."""
+    digest = hashlib.sha1()
+    for source in SOURCES:
+        digest.update(source.name.encode() + source.read_bytes())
+    digest.update(f"{sys.prefix}|{sys.version}|{Path(torch.__file__).parent}|{torch.__version__}".encode())
+    return f"smoe_kernels_{isa}_{digest.hexdigest()[:10]}"
+
+
+def build_root() -> Path:
+    """Where the build directories go: ``TORCH_EXTENSIONS_DIR`` if set, else torch's extension cache."""
+    from torch.utils import cpp_extension
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
 
 
 def ops_builder(register_shapes: Callable[[], None]) -> Callable[[], str | None]:
@@ -112,20 +136,40 @@ def row_offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return offs_E1
 
 
-# A build takes seconds to a minute; a lock file older than this was left by a build that was killed.
-STALE_LOCK_SECONDS = 600
+# A build takes seconds to a minute on two cores; a wait for another process's build gives up after this long.
+BUILD_WAIT_SECONDS = 600.0
 
 
-def _clear_stale_lock(name: str) -> None:
-    """Remove the lock file a killed build left in the extension's build directory. torch waits for it to go away
-    and would otherwise wait forever (the directory is torch's: ``TORCH_EXTENSIONS_DIR`` or its cache)."""
-    from torch.utils import cpp_extension
+@contextlib.contextmanager
+def build_lock(directory: Path, wait: float | None = None):
+    """Hold the build lock of ``directory`` (waiting ``wait`` seconds at most, default ``BUILD_WAIT_SECONDS``, for
+    another process's build to end; TimeoutError naming its pid after that). Inside it, torch's own lock file is a
+    leftover of a build that was killed, since every build of this directory holds ours: it is removed, or torch
+    would wait for it forever."""
+    import fcntl
 
-    build_directory = getattr(cpp_extension, "_get_build_directory", None)  # private: absent in some torch, skip
-    if build_directory is None:
-        return
-    lock = Path(build_directory(name, verbose=False)) / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        warnings.warn(f"kernels: removing {lock}, left by a build of the C++ kernels that did not finish",
-                      stacklevel=3)
-        lock.unlink(missing_ok=True)
+    wait = BUILD_WAIT_SECONDS if wait is None else wait
+    path = directory / "smoe.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise TimeoutError(f"{path}: process {holder} has been building the C++ kernels for more than "
+                                       f"{wait:.0f} s; waited for it in vain") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        (directory / "lock").unlink(missing_ok=True)  # torch's FileBaton, left by a build that was killed
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -292,19 +292,23 @@ class Transformer(nn.Module):
                 out.loss = out.loss + self.config.layout.mtp_loss_coef * out.mtp_loss
         return out
 
-    def decode_step(self, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list, real_B1: torch.Tensor
-                    ) -> torch.Tensor:
+    def decode_step(self, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list, real_B1: torch.Tensor,
+                    count_experts: bool = False) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The next-token logits (B, V) of one new token per row, with static shapes and no host sync: what
         torch.compile captures as one graph (smoe.generation's compiled decode). Row b's token ``ids_B1[b]`` sits
         at position and slot ``slots_B[b]`` of its row in ``layers`` (a DecodeCache's) and attends over the slots
         up to it (``KVCache.step``). Rows that ``real_B1`` marks False are padding: they reach no expert, and their
         key lands in their row's next free slot, which the row's next real token overwrites. The lengths are the
-        caller's to advance."""
+        caller's to advance. With ``count_experts``, the second value holds each MoE layer's tokens per expert
+        (padding excluded), else it is empty."""
         cos, sin = self.rope(slots_B[:, None])
         h = self.embed(ids_B1)
-        for block, layer in zip(self.layers, layers):
-            h, _ = block(h, cos, sin, None, layer, slots_B, ids_B1, False, real_B1)
-        return self._logits(self.norm(h[:, -1]))
+        loads = {}
+        for i, (block, layer) in enumerate(zip(self.layers, layers)):
+            h, stats = block(h, cos, sin, None, layer, slots_B, ids_B1, "load" if count_experts else False, real_B1)
+            if stats is not None:
+                loads[i] = stats.load
+        return self._logits(self.norm(h[:, -1])), loads
 
     @staticmethod
     def _spans(real_BT, cache: DecodeCache, B: int, T: int, device) -> tuple[list[tuple[int, int]], torch.Tensor]:

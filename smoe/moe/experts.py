@@ -20,6 +20,11 @@ class Experts(nn.Module):
     def direct(self, backend: str, x: torch.Tensor):
         return None
 
+    def rows_independent(self, device: torch.device) -> bool:
+        """Whether the usual backend computes each row bitwise alike whatever other rows share the call (then a
+        decode step needs no fixed-shape ``tiled`` experts for that promise, and can be compiled keeping it)."""
+        return False
+
 
 class RoutedExperts(Experts):
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, activation: str = "silu"):

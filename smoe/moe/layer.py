@@ -80,12 +80,16 @@ class MoELayer(nn.Module):
         keep_A = None
         if keep is not None and routing.token_major:
             keep_A = keep.reshape(-1).repeat_interleave(routing.expert_ids_A.numel() // (B * T))
-        direct = None
-        if not stats and capacity is None and routing.token_major and isinstance(self.experts, Experts):
+        direct = load_E = None
+        if stats in (False, "load") and capacity is None and routing.token_major and isinstance(self.experts, Experts):
             direct = self.experts.direct(backend, x_ND)
         if direct is not None:  # the experts' kernel dispatches and combines itself; padding routes nowhere
             ids_A = routing.expert_ids_A
             y_ND = direct(x_ND, ids_A if keep_A is None else ids_A.masked_fill(~keep_A, -1), routing.weights_A)
+            if stats == "load":  # what permute would count, in a static shape (a compiled step returns it)
+                kept_A = torch.ones_like(ids_A) if keep_A is None else keep_A.long()
+                load_E = torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=ids_A.device).scatter_add_(
+                    0, ids_A, kept_A)
         else:
             dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k,
                                cfg.capacity_priority, keep_A)
@@ -107,7 +111,7 @@ class MoELayer(nn.Module):
         if not stats:
             return y_ND.view(x.shape), None
         if stats == "load":
-            return y_ND.view(x.shape), RouterStats(load=dispatch.load_E)
+            return y_ND.view(x.shape), RouterStats(load=dispatch.load_E if load_E is None else load_E)
         return y_ND.view(x.shape), self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
 
     def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:

@@ -72,6 +72,10 @@ class KVCache:
         """Rows [start, stop): views, written through."""
         return KVCache(self.k_BGSK[start:stop], self.v_BGSK[start:stop])
 
+    def slots(self, n: int) -> KVCache:
+        """The first ``n`` slots of every row: views, written through (a compiled step attends over fewer)."""
+        return KVCache(self.k_BGSK[:, :, :n], self.v_BGSK[:, :, :n])
+
     @property
     def nbytes(self) -> int:
         return self.k_BGSK.nbytes + self.v_BGSK.nbytes

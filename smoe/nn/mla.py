@@ -45,6 +45,10 @@ class MLACache:
         """Rows [start, stop): views, written through."""
         return MLACache(self.latent_BSX[start:stop], self.kv_lora_rank)
 
+    def slots(self, n: int) -> MLACache:
+        """The first ``n`` slots of every row, as ``KVCache.slots``."""
+        return MLACache(self.latent_BSX[:, :n], self.kv_lora_rank)
+
     @property
     def nbytes(self) -> int:
         return self.latent_BSX.nbytes

@@ -74,6 +74,9 @@ class QuantizedExperts(Experts):
         y_RD = fn(x_RD.float(), counts_E, self.w_gate_up.value(), self.w_down.value(), self.activation)
         return inference_only(y_RD.to(x_RD.dtype), x_RD)
 
+    def rows_independent(self, device: torch.device) -> bool:
+        return kernels.quantized("auto", device).row_independent
+
     def direct(self, backend: str, x: torch.Tensor):
         quantized = kernels.quantized("auto" if backend == "tiled" else backend, x.device)
         if quantized.moe is None or (backend == "tiled" and not quantized.row_independent):

@@ -3,7 +3,7 @@
 A body is checked before anything is tokenised: JSON at all, an object, known keys only, each value of its JSON
 type, finite numbers, one prompt (``n`` = 1), and prompts, messages and stop strings within bounds that follow from
 the context. Every failure is one ``APIError`` whose message names the field (``param``) and the rule it broke.
-Fields OpenAI defines but smoe does not implement (penalties, logprobs, ...) are accepted only at the value that
+Fields OpenAI defines but smoe does not implement (penalties, ``suffix``, ...) are accepted only at the value that
 means "off", so a client that always sends them keeps working.
 """
 
@@ -21,17 +21,21 @@ from smoe.io.files import parse_json
 CHARS_PER_TOKEN = 16
 MAX_MESSAGES = 1024
 MAX_STOPS, MAX_STOP_CHARS = 4, 256  # OpenAI's limit on stop strings; their length keeps the tail search cheap
+MAX_LOGPROBS = 20  # alternatives per token: OpenAI's chat limit (its completions stop at 5), and vLLM's default
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 413: "invalid_request_error",
+_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
+                408: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                 429: "rate_limit_error", 499: "cancelled", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
     """An HTTP error with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
@@ -59,6 +63,8 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None  # each token's log-probability and this many alternatives; None: none
+    echo: bool = False  # /v1/completions: the prompt comes back before the completion (with logprobs: scored)
 
 
 # The keys each endpoint reads, with the JSON types they take (null means "the default").
@@ -73,8 +79,8 @@ _KEYS = {
              "top_logprobs": int | None},
 }
 # Known fields smoe does not implement, and the values that mean "off" (0 == False == 0.0 in Python).
-_OFF = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "echo": (False,),
-        "suffix": ("",), "best_of": (1,), "logprobs": (0,), "top_logprobs": (0,), "n": (1,)}
+_OFF = {"presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",),
+        "best_of": (1,), "n": (1,)}
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -87,6 +93,9 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
         raise APIError(400, str(err)) from None
     keys = _KEYS[endpoint]
     for key, value in fields.items():
+        if not _unicode(key) or not _unicode(value):
+            raise bad(key if _unicode(key) else "request body", "holds a lone surrogate (such as \\ud800): not "
+                                                                "Unicode text")
         if key not in keys:
             raise bad(key[:64], f"unknown field for /v1/{endpoint.replace('chat', 'chat/completions')}")
         if not matches(value, keys[key]):
@@ -105,13 +114,46 @@ def parse_request(body: bytes, endpoint: str, context: int) -> CompletionRequest
         model=fields["model"], max_tokens=max_tokens, stream=bool(fields.get("stream")),
         temperature=_or(fields.get("temperature"), 1.0), top_p=_or(fields.get("top_p"), 1.0),
         top_k=fields.get("top_k"), seed=fields.get("seed"), stop=_stops(fields.get("stop")),
-        include_usage=_include_usage(fields.get("stream_options")),
+        include_usage=_include_usage(fields.get("stream_options")), echo=bool(fields.get("echo")),
+        logprobs=_logprobs(fields, endpoint),
         prompt=_prompt(fields["prompt"], context) if main == "prompt" else None,
         messages=_messages(fields["messages"], context) if main == "messages" else None,
     )
     if request.seed is not None and not 0 <= request.seed < 2**63:
         raise bad("seed", f"must lie in [0, 2**63), got {request.seed}")
     return request
+
+
+def _logprobs(fields: dict, endpoint: str) -> int | None:
+    """Alternatives per token, or None for no log-probabilities: completions' ``logprobs`` is the count; chat's
+    ``logprobs`` is a switch and ``top_logprobs`` the count."""
+    if endpoint == "chat":
+        top = fields.get("top_logprobs")
+        if top and not fields.get("logprobs"):
+            raise bad("top_logprobs", "needs logprobs: true")
+        count = (top or 0) if fields.get("logprobs") else None
+        param = "top_logprobs"
+    else:
+        count, param = fields.get("logprobs"), "logprobs"
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise bad(param, f"must lie in [0, {MAX_LOGPROBS}], got {count}")
+    return count
+
+
+def _unicode(value) -> bool:
+    """Whether every string in ``value`` is Unicode text: JSON's \\ud800 escapes decode to lone surrogates, which
+    no tokenizer can encode."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
 
 
 def _or(value, default):

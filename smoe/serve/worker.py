@@ -4,8 +4,9 @@
 loop keeps answering HTTP meanwhile). The event loop ``submit``s jobs to a bounded queue and ``cancel``s them (a
 client gone, a stop string met); each job's tokens come back through its asyncio queue. Between engine steps the
 thread frees cancelled requests' rows, admits waiting requests to free rows, then runs prefill chunks of the
-newcomers (oldest first, up to ``PREFILL_CHUNK`` prompt tokens in all) and one decode step for every request past
-its prefill: newcomers hold up the running streams by one chunk's worth of tokens, never by a whole long prompt.
+newcomers (oldest first, up to the engine's ``prefill_chunk`` prompt tokens in all, or until one is decoding) and
+one decode step for every request past its prefill: newcomers hold up the running streams by one chunk's worth of
+tokens, never by a whole long prompt.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ CANCELLED, SHUT_DOWN = "cancelled", "shut down"
 
 @dataclass(eq=False)
 class Job:
-    """One request between the event loop and the engine thread. ``events`` receives (token, finish_reason) per
-    new token; then None if the engine failed, or CANCELLED / SHUT_DOWN if it was stopped."""
+    """One request between the event loop and the engine thread. ``events`` receives (token, finish_reason,
+    TokenLogprob or None) per new token (a prompt scored with no new token: one (None, "length", None)); then None
+    if the engine failed, or CANCELLED / SHUT_DOWN if it was stopped."""
 
     request: Request
     loop: asyncio.AbstractEventLoop
@@ -62,8 +64,8 @@ class Worker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Abort what is left (in-flight requests had the shutdown timeout to finish) and end the thread."""
+    def abort(self) -> None:
+        """Refuse new requests (503) and end every waiting or running one with SHUT_DOWN (the drain is over)."""
         with self._wake:
             self._stopping = True
             jobs = [*self._waiting, *self._jobs.values()]
@@ -72,6 +74,10 @@ class Worker:
             self._wake.notify()
         for job in jobs:
             job.post(SHUT_DOWN)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left (in-flight requests had the shutdown timeout to finish) and end the thread."""
+        self.abort()
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
@@ -80,7 +86,7 @@ class Worker:
                 raise APIError(503, "the server is shutting down")
             if len(self._waiting) + len(self._jobs) >= self.rows + self.max_queue:
                 raise APIError(429, f"all {self.rows} rows are busy and {self.max_queue} requests already wait; "
-                                    f"retry later")
+                                    f"retry later", headers={"Retry-After": "1"})
             self._waiting.append(job)
             self._wake.notify()
 
@@ -124,9 +130,9 @@ class Worker:
                         continue
                 try:
                     # Prefill chunks up to one chunk's worth of prompt tokens per step: short prompts join several
-                    # at a time, and the running streams wait one chunk at most.
+                    # at a time, and the running streams wait one chunk at most; with none decoding, nobody waits.
                     budget = self.engine.prefill_chunk
-                    while 0 < self.engine.next_chunk <= budget:
+                    while 0 < self.engine.next_chunk and (self.engine.next_chunk <= budget or not self._decoding()):
                         budget -= self.engine.next_chunk
                         self._deliver(self.engine.prefill())
                     self._deliver(self.engine.decode())
@@ -136,6 +142,9 @@ class Worker:
                         for job in list(self._jobs.values()):
                             self._finish(job)
                             job.post(None)
+
+    def _decoding(self) -> bool:
+        return any(r.prefilled == len(r.prompt) for r in self.engine.running)
 
     def _schedule(self) -> None:
         """Under the lock: free cancelled requests' rows, then fill free rows from the queue."""
@@ -158,15 +167,25 @@ class Worker:
         if not advanced:
             return
         with self._wake:
-            self._recent.append((time.monotonic(), len(advanced)))
-            self.generated_tokens += len(advanced)
+            new = sum(1 for r in advanced if r.tokens)
+            self._recent.append((time.monotonic(), new))
+            self.generated_tokens += new
             for request in advanced:
                 job = self._jobs.get(request)
                 if job is None:  # cancelled meanwhile
                     continue
-                if len(request.tokens) == 1:
+                if request.finish_reason == "error":  # this row alone failed
+                    log.error("request failed: %s", request.error)
+                    self._finish(job)
+                    job.post(None)
+                    continue
+                if len(request.tokens) <= 1:  # its prefill just ended
                     self.prompt_tokens += len(request.prompt)
-                job.post((request.tokens[-1], request.finish_reason))
+                if request.tokens:
+                    logprob = request.token_logprobs[-1] if request.logprobs is not None else None
+                    job.post((request.tokens[-1], request.finish_reason, logprob))
+                else:
+                    job.post((None, request.finish_reason, None))
                 if request.done:
                     self._finish(job)
 
