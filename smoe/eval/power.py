@@ -215,7 +215,7 @@ def _steps_needed(small: list[list[tuple[int, float]]], large: list[list[tuple[i
     half = steps[len(steps) // 2 - 1:] if len(steps) >= 4 else steps
     ys = gap[len(gap) - len(half):]
     slope, intercept = np.polyfit(np.log(half), ys, 1)
-    if slope <= 0:
+    if slope <= 1e-9:  # flat, up to rounding
         return None, False
     exponent = (target - intercept) / slope
     return (int(math.ceil(math.exp(exponent))) if exponent < 40 else 10**17), True
