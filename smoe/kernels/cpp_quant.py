@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels import cpp_build
+from smoe.kernels.qweight import QWeight
 from smoe.kernels.registry import QuantizedKernels, register_quantized
-from smoe.quant.format import QWeight
 
 
 def _register_shapes() -> None:

@@ -1,4 +1,4 @@
-"""The spec of the quantised-weight kernels: dequantise (smoe.quant.format), round the activations an int4 weight
+"""The spec of the quantised-weight kernels: dequantise (smoe.kernels.qweight), round the activations an int4 weight
 multiplies to int8 where the format says so (``int8_activations``), then the float maths. Also the fallback
 wherever the fast path cannot run (numba not installed, a GPU). On a CPU it is several times slower than fp32,
 since every call writes and reads the dequantised fp32 weight (docs/quantization.md has the numbers); the experts
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smoe.kernels.qweight import QWeight, dequantize, int8_activations, quantize_activations
 from smoe.kernels.registry import QuantizedKernels, register_quantized
 from smoe.nn.mlp import gated_act
-from smoe.quant.format import QWeight, dequantize, int8_activations, quantize_activations
 
 
 def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:

@@ -4,12 +4,11 @@ them (smoe.kernels), so a backend module imports this one and never its own pack
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Callable, NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from smoe.quant.format import QWeight
+from smoe.kernels.qweight import QWeight
 
 
 class ExpertBackend(Protocol):
@@ -24,15 +23,15 @@ class ExpertBackend(Protocol):
 
 
 class QuantizedKernels(NamedTuple):
-    """A backend for quantised weights (smoe.quant.format): a linear layer and the routed experts, on fp32 rows.
+    """A backend for quantised weights (smoe.kernels.qweight): a linear layer and the routed experts, on fp32 rows.
     The experts take the plain seam's arguments with ``QWeight`` stacks in place of the weight tensors. ``moe``,
     where a backend has it, starts from the unsorted tokens instead (inference without capacity limits): token-major
     expert ids and weights in, each token's weighted sum out, the dispatch and combine inside the kernel."""
 
-    linear: Callable[[torch.Tensor, "QWeight"], torch.Tensor]  # (x_BI, w) -> y_BO
-    experts: Callable[[torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor]
+    linear: Callable[[torch.Tensor, QWeight], torch.Tensor]  # (x_BI, w) -> y_BO
+    experts: Callable[[torch.Tensor, torch.Tensor, QWeight, QWeight, str], torch.Tensor]
     # (x_ND, expert_ids_A, weights_A, w_gate_up, w_down, activation) -> y_ND; an id outside [0, E) routes nowhere
-    moe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "QWeight", "QWeight", str], torch.Tensor] | None = None
+    moe: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, QWeight, QWeight, str], torch.Tensor] | None = None
     # Every row's result is bitwise the same whatever other rows a call holds: the promise the `tiled` expert
     # backend keeps by fixing the GEMM shape (smoe.kernels.tiled), kept here by the kernels themselves.
     row_independent: bool = False

@@ -43,6 +43,8 @@ class MoELayer(nn.Module):
     """
 
     load_reduction: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Linears smoe.quant leaves in full precision: the shared-expert gate is a single output row.
+    keep_full_precision = ("shared_gate",)
 
     def __init__(
         self, dim: int, config: MoEConfig, activation: str = "silu", init_std: float = 0.02, backend: str = "auto"

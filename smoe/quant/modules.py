@@ -17,11 +17,10 @@ from torch import nn
 
 from smoe import kernels
 from smoe.config import QuantConfig
+from smoe.kernels.qweight import QWeight
 from smoe.kernels.tiled import TILE_ROWS
 from smoe.moe.experts import Experts, RoutedExperts
-from smoe.moe.layer import MoELayer
-from smoe.nn.mla import MLA
-from smoe.quant.format import QWeight, int4_group, quantize_weight
+from smoe.quant.format import int4_group, quantize_weight
 
 
 class QuantizedTensor(nn.Module):
@@ -129,21 +128,17 @@ def inference_only(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _kept(parent: nn.Module, name: str) -> bool:
-    """Linears left in full precision: MLA's ``wkv_b``, whose weight the absorbed decode attention reads as a
-    matrix, and the shared-expert gate, a single output row."""
-    return (isinstance(parent, MLA) and name == "wkv_b") or (isinstance(parent, MoELayer) and name == "shared_gate")
-
-
 def quantize_modules(root: nn.Module, config: QuantConfig) -> None:
-    """Replace, in place, every ``nn.Linear`` (but the ``_kept`` ones) and every ``RoutedExperts`` under ``root``
-    by its quantised twin. For int4 every weight's input count is checked (``int4_group``) before any is
+    """Replace, in place, every ``nn.Linear`` and every ``RoutedExperts`` under ``root`` by its quantised twin, but
+    the linears a module names in its ``keep_full_precision`` (a class attribute: MLA's ``wkv_b``, the MoE layer's
+    shared-expert gate). For int4 every weight's input count is checked (``int4_group``) before any is
     quantised."""
     config.validate()
     targets = []
     for parent_name, parent in root.named_modules():
+        kept = getattr(type(parent), "keep_full_precision", ())
         for name, child in parent.named_children():
-            if isinstance(child, RoutedExperts) or (isinstance(child, nn.Linear) and not _kept(parent, name)):
+            if isinstance(child, RoutedExperts) or (isinstance(child, nn.Linear) and name not in kept):
                 targets.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
     if config.scheme == "int4":
         for _, _, child, path in targets:
