@@ -17,7 +17,9 @@ from smoe.moe import MoELayer
 
 E, D, F = 6, 16, 12
 CPU = torch.device("cpu")
-FAST = [n for n in kernels.names() if n not in ("auto", "reference") and kernels.available(n, CPU)]
+# Every backend with float kernels that runs here but the spec, and row independence (the spec in fixed-shape tiles).
+FAST = [n for n in kernels.names() if n not in ("auto", "reference") and kernels.available(n, CPU)] + [
+    kernels.ROW_INDEPENDENT]
 # The Triton interpreter's bf16 tl.dot returns garbage (numpy has no bf16): Triton bf16 is checked on a GPU only.
 FAST_BF16 = [n for n in FAST if not (n == "triton" and os.environ.get("TRITON_INTERPRET") == "1")]
 
@@ -164,7 +166,7 @@ def test_cpp_fused_layer_matches_the_reference_layer(case, padding):
         (y.square().mean() + stats.aux_loss).backward()
         return [y.detach(), leaf.grad] + [p.grad.clone() for p in layer.parameters()]
 
-    assert layer.experts.fused_for("cpp", x) is not None
+    assert kernels.select("cpp", CPU).floating.tokens is not None
     for got, want in zip(run("cpp"), run("reference")):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -218,6 +220,45 @@ def test_cpp_experts_reject_offsets_that_do_not_cover_the_rows():
 def test_unknown_backend_lists_known_ones():
     with pytest.raises(ValueError, match="unknown expert backend 'triton_v9'; known: auto, "):
         kernels.resolve("triton_v9", torch.device("cpu"))
+
+
+def test_a_backend_without_kernels_for_the_weights_or_the_device_is_refused_saying_why():
+    with pytest.raises(ValueError, match="'expert_loop' has no kernels for quantised weights; those with: auto, "
+                                         "reference, cpp"):
+        kernels.quantized("expert_loop", CPU)
+    with pytest.raises(ValueError, match="'numba' has no kernels for float weights"):
+        kernels.get("numba", CPU)
+    with pytest.raises(ValueError, match="'cpp' cannot run on meta \\(runs on the CPU only\\)"):
+        kernels.get("cpp", torch.device("meta"))
+
+
+def test_fixed_shape_tiles_give_a_row_the_same_bits_whatever_rows_share_its_call():
+    """Row independence for float weights, from any name: the spec in fixed-shape tiles. Each row alone, and with
+    the other rows routed to the same experts, bitwise alike."""
+    tiled = kernels.select(kernels.ROW_INDEPENDENT, CPU)
+    assert tiled.floating.row_independent
+    assert kernels.resolve(kernels.BackendRequest("expert_loop", row_independent=True), CPU) == tiled.name
+    x, counts_E, w_gate_up, w_down = (t.detach() for t in _case(COUNTS["uneven"]))
+    together = tiled.floating.experts(x, counts_E, w_gate_up, w_down, "silu")
+    starts = torch.cumsum(counts_E, 0) - counts_E
+    for e, c in enumerate(counts_E.tolist()):
+        for r in range(int(starts[e]), int(starts[e]) + c):
+            alone = tiled.floating.experts(x[r : r + 1], torch.eye(E, dtype=torch.int64)[e], w_gate_up, w_down, "silu")
+            assert torch.equal(alone[0], together[r])
+
+
+def test_row_independence_is_asked_for_and_tiled_is_its_deprecated_name():
+    request = kernels.select(kernels.ROW_INDEPENDENT, CPU)
+    assert request.floating.row_independent and request.name == "tiled(reference)"  # no float kernel keeps it alone
+    kernels._deprecated_tiled.cache_clear()
+    with pytest.warns(DeprecationWarning, match="'tiled' is no longer a backend but a guarantee"):
+        assert kernels.resolve("tiled", CPU) == request.name
+    torch.manual_seed(0)
+    layer = MoELayer(D, LAYERS["top2"][0], backend="tiled")  # as `--expert-backend tiled` or set_expert_backend
+    x = torch.randn(2, 9, D)
+    y_tiled, _ = layer(x)
+    y_requested, _ = layer(x, backend=kernels.ROW_INDEPENDENT)
+    assert torch.equal(y_tiled, y_requested)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -78,7 +78,7 @@ def test_a_row_decodes_bit_for_bit_the_same_whatever_the_other_rows_hold(case):
                 ids[1] = token
                 real = torch.tensor([[neighbours], [True], [False], [neighbours]])
                 step = model(ids, attention_mask=real, cache=cache, logits_to_keep=1, router_stats=False,
-                             expert_backend="tiled").logits[1, -1]
+                             expert_backend=kernels.ROW_INDEPENDENT).logits[1, -1]
                 logits.append(step)
                 token = int(step.argmax())
         return torch.stack(logits)

@@ -12,7 +12,7 @@ from smoe import kernels, presets
 from smoe.cli import main
 from smoe.config import QuantConfig
 from smoe.interop.hf import save_model_checkpoint
-from smoe.kernels import cpp_quant
+from smoe.kernels import Assignments, cpp_quant
 from smoe.models import build_model
 from smoe.moe import MoELayer
 from smoe.quant.format import (
@@ -185,7 +185,7 @@ def test_fast_experts_match_the_reference(fast, scheme, activation, counts):
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("tokens", [1, 6])
 def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
-    fast = _cpp_kernels()  # numba has no moe kernel: the layer sorts for it
+    fast = _cpp_kernels()  # numba has no tokens kernel: the layer sorts for it
     g = torch.Generator().manual_seed(tokens)
     E, K, D, F = 6, 3, 64, 48
     gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g) / 8, SCHEMES[scheme])
@@ -194,10 +194,10 @@ def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
     ids_NK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
     ids_NK[0, 1] = -1  # padding's assignments route nowhere
     weights_NK = torch.rand(tokens, K, generator=g)
-    reference = kernels.quantized("reference", CPU).moe
-    want = reference(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu")
-    torch.testing.assert_close(fast.moe(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu"), want,
-                               rtol=1e-4, atol=1e-4)
+    reference = kernels.quantized("reference", CPU).tokens
+    assignments = Assignments(ids_NK.flatten(), weights_NK.flatten())
+    want = reference(x, assignments, gate_up, down, "silu")
+    torch.testing.assert_close(fast.tokens(x, assignments, gate_up, down, "silu"), want, rtol=1e-4, atol=1e-4)
     # the spec itself, against the experts' seam on rows sorted by expert: token 0's kept choices
     kept = [int(e) for e in ids_NK[0] if e >= 0]
     by_expert = sorted(range(len(kept)), key=lambda j: kept[j])
@@ -248,7 +248,7 @@ def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(scheme, threads):
-    # row_independent: what lets the decode engine's `tiled` promise skip the fixed-shape tiles
+    # row_independent: what lets the decode engine's request for row independence skip the fixed-shape tiles
     fast = _cpp_kernels()
     assert fast.row_independent
     g = torch.Generator().manual_seed(7)
@@ -262,10 +262,10 @@ def test_cpp_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(schem
     weights = torch.rand(11 * K, generator=g)
     torch.set_num_threads(threads)
     try:
-        together = fast.moe(x, ids, weights, gate_up, down, "silu"), fast.linear(x, w)
+        together = fast.tokens(x, Assignments(ids, weights), gate_up, down, "silu"), fast.linear(x, w)
         for n in range(11):
-            alone = (fast.moe(x[n : n + 1], ids[n * K : (n + 1) * K], weights[n * K : (n + 1) * K], gate_up, down,
-                              "silu"), fast.linear(x[n : n + 1], w))
+            one = Assignments(ids[n * K : (n + 1) * K], weights[n * K : (n + 1) * K])
+            alone = fast.tokens(x[n : n + 1], one, gate_up, down, "silu"), fast.linear(x[n : n + 1], w)
             assert torch.equal(alone[0][0], together[0][n]) and torch.equal(alone[1][0], together[1][n])
     finally:
         torch.set_num_threads(1)

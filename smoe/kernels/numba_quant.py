@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 kernels for CPU decode, compiled by numba (LLVM) on first use and cached on disk: the
-``numba`` backend of ``smoe.kernels.quantized``, checked against the dequantise-then-matmul spec
+``numba`` backend's kernels for quantised weights, checked against the dequantise-then-matmul spec
 (quantized_reference.py) in tests/test_quant.py. The only module that imports numba.
 
 Why numba (docs/quantization.md has the measurements): decoding multiplies a few rows by each weight, so its time
@@ -29,7 +29,7 @@ import torch
 from numba import float32, njit, prange
 
 from smoe.kernels.qweight import QWeight, int8_activations, quantize_activations
-from smoe.kernels.registry import QuantizedKernels, register_quantized
+from smoe.kernels.registry import Kernels
 
 # Reassociation lets LLVM vectorise the dot products; no "nnan"/"ninf", so silu's exp may still overflow to inf.
 _JIT = {"fastmath": {"reassoc", "contract", "nsz", "arcp"}, "nogil": True, "cache": True}
@@ -256,4 +256,4 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
     return y_RD
 
 
-register_quantized("numba", QuantizedKernels(linear, experts))
+KERNELS = Kernels(experts, linear=linear)
