@@ -15,7 +15,7 @@ from backend_params import compiled_params, missing_toolchain, of, params
 
 from smoe import kernels
 from smoe.config import MoEConfig
-from smoe.kernels import cpp_build, cpp_experts
+from smoe.kernels import cpp_build, cpp_experts, reference, registry
 from smoe.moe import MoELayer
 
 E, D, F = 6, 16, 12
@@ -264,6 +264,15 @@ def test_fixed_shape_tiles_give_a_row_the_same_bits_whatever_rows_share_its_call
         for r in range(int(starts[e]), int(starts[e]) + c):
             alone = tiled.floating.experts(x[r : r + 1], torch.eye(E, dtype=torch.int64)[e], w_gate_up, w_down, "silu")
             assert torch.equal(alone[0], together[r])
+
+
+def test_a_backend_registered_the_former_way_still_runs(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the registry as it was, after the test
+    with pytest.warns(DeprecationWarning, match="register a kernels.Backend record"):
+        kernels.register("mine", available=lambda device: device.type == "cpu")(reference.reference_experts)
+    assert "mine" in kernels.names() and kernels.get("mine", CPU) is reference.reference_experts
+    with pytest.raises(ValueError, match="'mine' cannot run on meta"):
+        kernels.get("mine", torch.device("meta"))
 
 
 def test_row_independence_is_asked_for_and_tiled_is_its_deprecated_name():
