@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from smoe import kernels
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import ModelOutput, Transformer
@@ -178,8 +179,8 @@ class Engine:
         self.prefilling: deque[Request] = deque()
         self.router_stats = "load" if count_experts else False
         self.expert_tokens: dict[int, torch.Tensor] = {}
-        # One row decodes alone, so any expert backend computes it the same way; several need fixed shapes.
-        self.expert_backend = "tiled" if rows > 1 and independent_rows else None
+        # One row decodes alone, so any expert backend computes it the same way; several ask for row independence.
+        self.expert_backend = kernels.ROW_INDEPENDENT if rows > 1 and independent_rows else None
         self.device = model.embed.weight.device
         self.compiled_step = None
         self._bucket: int | None = None  # warm_up's choice of compiled rows

@@ -10,7 +10,10 @@ import smoe
 LAYERS = [
     ("smoe.errors", "smoe.config_rules", "smoe.config_attention", "smoe.config", "smoe.accounting", "smoe.hardware",
      "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
-    ("smoe.nn", "smoe.kernels", "smoe.moe", "smoe.quant"),
+    ("smoe.nn",),
+    ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)
+    ("smoe.moe",),
+    ("smoe.quant",),  # quantises into the kernels' format and swaps quantised experts in for the moe's
     ("smoe.models",),
     ("smoe.io",),
     ("smoe.parallel",),

@@ -210,7 +210,10 @@ def test_layer_matches_token_by_token_spec(cfg, backend):
     x = torch.randn(2, 10, D)
     y, stats = layer(x)
     torch.testing.assert_close(y, _naive_moe(layer, x.view(20, D)).view(2, 10, D), rtol=1e-5, atol=1e-5)
-    assert stats.load.sum().item() == (20 * cfg.top_k if cfg.routing == "token_choice" else stats.load.sum().item())
+    if cfg.routing == "token_choice":  # every token's K choices, counted before capacity drops any
+        assert stats.load.sum().item() == 20 * cfg.top_k
+    else:  # expert choice: every expert takes exactly its capacity
+        assert stats.load.tolist() == [expert_choice_capacity(20, cfg)] * cfg.n_routed_experts
 
 
 def test_layer_accepts_2d_input_and_reports_drops():

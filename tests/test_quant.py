@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
+from backend_params import of, params
 
 import smoe
 from smoe import kernels, presets
 from smoe.cli import main
 from smoe.config import QuantConfig
 from smoe.interop.hf import save_model_checkpoint
-from smoe.kernels import cpp_quant
+from smoe.kernels import Assignments, cpp_experts, cpp_quant
 from smoe.models import build_model
 from smoe.moe import MoELayer
 from smoe.quant.format import (
@@ -128,17 +129,17 @@ def test_int4_weights_multiply_int8_activations_where_the_format_says():
 
 
 def _cpp_kernels():
-    if (reason := cpp_quant.build()) is not None:
-        pytest.skip(f"the C++ kernels cannot be built here: {reason}")
-    return kernels.quantized("cpp", CPU)
+    return kernels.quantized("cpp", CPU)  # a failed build fails here, naming its error
 
 
-@pytest.fixture(params=["cpp", pytest.param("numba", marks=needs_numba)])
+@pytest.fixture(params=params("quantized"))
 def fast(request):
-    """A fast CPU backend for quantised weights (the C++ one skips where it cannot be built)."""
-    return _cpp_kernels() if request.param == "cpp" else kernels.quantized(request.param, CPU)
+    """Every registered backend's kernels for quantised weights but the spec's (tests/backend_params.py says
+    which skip)."""
+    return kernels.quantized(request.param.name, CPU)
 
 
+@of("cpp")
 def test_cpp_int4_activations_carry_inf_and_nan_through_as_the_spec_does():
     w = quantize_weight(torch.randn(9, 128), QuantConfig("int4", 64))
     x = torch.randn(3, 128)
@@ -147,6 +148,7 @@ def test_cpp_int4_activations_carry_inf_and_nan_through_as_the_spec_does():
     assert torch.equal(got.isnan(), want.isnan()) and got[:2].isnan().all() and not got[2].isnan().any()
 
 
+@of("cpp")
 def test_cpp_int4_blocks_that_straddle_groups_match_the_reference():
     # 192 inputs at group 128 quantise in groups of 96: the second block of 64 starts in one group and ends in the next
     w = quantize_weight(torch.randn(9, 192), QuantConfig("int4", 128))
@@ -182,10 +184,11 @@ def test_fast_experts_match_the_reference(fast, scheme, activation, counts):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", params("quantized", where=lambda entry: entry.tokens is not None))
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("tokens", [1, 6])
-def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
-    fast = _cpp_kernels()  # numba has no moe kernel: the layer sorts for it
+def test_fast_kernels_from_unsorted_tokens_match_the_reference(backend, scheme, tokens):
+    fast = kernels.quantized(backend.name, CPU)  # numba has no tokens kernel: the layer sorts for it
     g = torch.Generator().manual_seed(tokens)
     E, K, D, F = 6, 3, 64, 48
     gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g) / 8, SCHEMES[scheme])
@@ -194,10 +197,10 @@ def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
     ids_NK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
     ids_NK[0, 1] = -1  # padding's assignments route nowhere
     weights_NK = torch.rand(tokens, K, generator=g)
-    reference = kernels.quantized("reference", CPU).moe
-    want = reference(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu")
-    torch.testing.assert_close(fast.moe(x, ids_NK.flatten(), weights_NK.flatten(), gate_up, down, "silu"), want,
-                               rtol=1e-4, atol=1e-4)
+    reference = kernels.quantized("reference", CPU).tokens
+    assignments = Assignments(ids_NK.flatten(), weights_NK.flatten())
+    want = reference(x, assignments, gate_up, down, "silu")
+    torch.testing.assert_close(fast.tokens(x, assignments, gate_up, down, "silu"), want, rtol=1e-4, atol=1e-4)
     # the spec itself, against the experts' seam on rows sorted by expert: token 0's kept choices
     kept = [int(e) for e in ids_NK[0] if e >= 0]
     by_expert = sorted(range(len(kept)), key=lambda j: kept[j])
@@ -208,6 +211,7 @@ def test_cpp_moe_from_unsorted_tokens_matches_the_reference(scheme, tokens):
                                atol=1e-5)
 
 
+@of("cpp")  # what auto runs for quantised weights where it builds: the kernel that sorts the tokens itself
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "deepseek-v3-tiny"])
 def test_inference_takes_the_kernels_moe_and_matches_the_layers_own_dispatch(preset):
     model = smoe.quantize(_model(preset, **({"layout.n_mtp_modules": 0} if "v3" in preset else {})), "int8")
@@ -245,11 +249,12 @@ def test_fast_kernels_on_two_threads_match_the_reference(fast, scheme):
     torch.testing.assert_close(experts, reference.experts(x, counts_E, gate_up, down, "silu"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", params("quantized", where=lambda entry: entry.row_independent))
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_cpp_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(scheme, threads):
-    # row_independent: what lets the decode engine's `tiled` promise skip the fixed-shape tiles
-    fast = _cpp_kernels()
+def test_row_independent_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(backend, scheme, threads):
+    # row_independent: what lets the decode engine's request for row independence skip the fixed-shape tiles
+    fast = kernels.quantized(backend.name, CPU)
     assert fast.row_independent
     g = torch.Generator().manual_seed(7)
     E, K, D, F = 8, 2, 128, 96  # 128 inputs: every tile shape (4, 3, 2 and 1 rows) meets every row below
@@ -262,15 +267,34 @@ def test_cpp_kernels_give_a_row_the_same_bits_whatever_rows_share_its_call(schem
     weights = torch.rand(11 * K, generator=g)
     torch.set_num_threads(threads)
     try:
-        together = fast.moe(x, ids, weights, gate_up, down, "silu"), fast.linear(x, w)
+        together = fast.tokens(x, Assignments(ids, weights), gate_up, down, "silu"), fast.linear(x, w)
         for n in range(11):
-            alone = (fast.moe(x[n : n + 1], ids[n * K : (n + 1) * K], weights[n * K : (n + 1) * K], gate_up, down,
-                              "silu"), fast.linear(x[n : n + 1], w))
+            one = Assignments(ids[n * K : (n + 1) * K], weights[n * K : (n + 1) * K])
+            alone = fast.tokens(x[n : n + 1], one, gate_up, down, "silu"), fast.linear(x[n : n + 1], w)
             assert torch.equal(alone[0][0], together[0][n]) and torch.equal(alone[1][0], together[1][n])
     finally:
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("backend", params("quantized", where=lambda entry: not entry.row_independent, spec=True))
+@pytest.mark.parametrize("scheme", ["int8", "int4-g64"])
+def test_kernels_in_fixed_shape_tiles_give_a_row_the_same_bits_whatever_rows_share_its_call(backend, scheme):
+    # what row independence runs where the kernels do not keep it themselves
+    tiled = kernels.quantized(kernels.BackendRequest(backend.name, row_independent=True), CPU)
+    assert tiled.row_independent
+    g = torch.Generator().manual_seed(8)
+    E, D, F = 3, 64, 32
+    gate_up = quantize_weight(torch.randn(E, 2 * F, D, generator=g), SCHEMES[scheme])
+    down = quantize_weight(torch.randn(E, D, F, generator=g), SCHEMES[scheme])
+    counts_E = torch.tensor([6, 0, 3])  # two tiles, the second partly padding; an idle expert; a tile of three
+    x = torch.randn(9, D, generator=g)
+    together = tiled.experts(x, counts_E, gate_up, down, "silu")
+    for r, e in enumerate([0] * 6 + [2] * 3):
+        alone = tiled.experts(x[r : r + 1], torch.eye(E, dtype=torch.int64)[e], gate_up, down, "silu")
+        assert torch.equal(alone[0], together[r])
+
+
+@of("cpp")
 @pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
 def test_cpp_ops_pass_torch_opcheck(scheme):
     # schema, fake (shape) kernels and dispatch as torch.compile and fake tensors see them
@@ -288,6 +312,7 @@ def test_cpp_ops_pass_torch_opcheck(scheme):
                                                      torch.rand(8, generator=g), *stacks))
 
 
+@of("cpp")
 def test_cpp_kernels_refuse_malformed_weights():
     _cpp_kernels()
     w = quantize_weight(torch.randn(8, 64), SCHEMES["int8"])
@@ -307,7 +332,8 @@ def test_without_the_cpp_kernels_auto_falls_back_with_a_warning_and_the_same_mod
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast = model(ids).logits
-        monkeypatch.setattr(cpp_quant, "build", lambda: "RuntimeError: no C++ compiler (a test's stand-in)")
+        for ops in (cpp_quant, cpp_experts):  # one library holds both: a build fails for both
+            monkeypatch.setattr(ops, "build", lambda: "RuntimeError: no C++ compiler (a test's stand-in)")
         monkeypatch.setattr(kernels, "HAS_NUMBA", numba)
         fallback = "numba" if numba else "reference"
         with pytest.warns(UserWarning, match=f"could not be built .*no C\\+\\+ compiler.*running the {fallback}"):
@@ -351,7 +377,7 @@ def test_quantised_greedy_generation_matches_the_full_forward(preset):
     prompts = [[5, 6, 7, 8], [9, 10]]  # the second left-padded
     new = smoe.generate(model, prompts, max_new_tokens=5)
     with torch.no_grad():
-        for prompt, row in zip(prompts, new.tolist()):
+        for prompt, row in zip(prompts, new.tolist(), strict=True):
             # teacher-forced without a cache: each generated token is the argmax after the tokens before it
             logits = model(torch.tensor([prompt + row[:-1]])).logits[0, len(prompt) - 1 :]
             assert logits.argmax(-1).tolist() == row

@@ -12,6 +12,7 @@ from smoe import kernels  # noqa: E402
 from smoe.config import MoEConfig  # noqa: E402
 from smoe.kernels.triton import select_experts  # noqa: E402
 from smoe.moe import MoELayer  # noqa: E402
+from smoe.moe.experts import Experts  # noqa: E402
 from smoe.moe.router import _limit_to_groups  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -41,7 +42,7 @@ COUNTS = {"uneven": [5, 0, 70, 2], "empty": [0, 0, 0, 0], "all_on_one": [0, 9, 0
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_triton_backend_matches_reference_fp32(counts, activation):
     case = _case(counts, F=20, dtype=torch.float32, device=CPU)  # 70 rows span two 64-row blocks of one expert
-    for got, want in zip(_run("triton", *case, activation), _run("reference", *case, activation)):
+    for got, want in zip(_run("triton", *case, activation), _run("reference", *case, activation), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -72,17 +73,17 @@ LAYERS = {
 def test_fused_layer_matches_reference_layer(cfg):
     fused, ref = _layer_pair(cfg, CPU, torch.float32)
     x = torch.randn(2, 9, D)
-    for got, want in zip(_layer_grads(fused, x), _layer_grads(ref, x)):
+    for got, want in zip(_layer_grads(fused, x), _layer_grads(ref, x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_replaced_experts_module_gets_the_plain_seam():
-    """Expert parallelism swaps layer.experts for a module taking (x_RD, counts_E, backend): the layer must not
-    take the fused path then."""
+    """Expert parallelism swaps layer.experts for an ``Experts`` implementing only the seam, (x_RD, counts_E,
+    backend): the layer must not take the fused path then."""
     fused, ref = _layer_pair(LAYERS["qwen"], CPU, torch.float32)
     calls = []
 
-    class Wrapped(torch.nn.Module):
+    class Wrapped(Experts):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -114,9 +115,9 @@ def test_select_experts_matches_torch_topk(n_group, topk_group, group_score):
 def test_triton_on_gpu_matches_reference(dtype, tol):
     cuda = torch.device("cuda")
     case = _case([300, 0, 7, 1000], F=96, dtype=dtype, device=cuda)
-    for got, want in zip(_run("triton", *case, "silu"), _run("reference", *case, "silu")):
+    for got, want in zip(_run("triton", *case, "silu"), _run("reference", *case, "silu"), strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     fused, ref = _layer_pair(LAYERS["deepseek_v3"], cuda, dtype)
     x = torch.randn(3, 50, D, device=cuda, dtype=dtype)
-    for got, want in zip(_layer_grads(fused, x), _layer_grads(ref, x)):
+    for got, want in zip(_layer_grads(fused, x), _layer_grads(ref, x), strict=True):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -1,6 +1,6 @@
-"""The ``cpp`` expert backend: the routed experts' forward and backward in C++ (cpp_experts.cpp, whose header says
-how), for fp32 on the CPU, registered as ``torch.ops.smoe_experts`` and compiled on first use with the other C++
-kernels (cpp_build.py).
+"""The ``cpp`` backend's float kernels: the routed experts' forward and backward in C++ (cpp_experts.cpp, whose
+header says how), for fp32 on the CPU, registered as ``torch.ops.smoe_experts`` and compiled on first use with the
+other C++ kernels (cpp_build.py).
 
 Why (docs/benchmarks.md has the numbers): each expert is one task on one thread, its GEMMs and gated activation back
 to back, and the threads share the experts out, instead of every small GEMM being split over the threads with a
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels import cpp_build
-from smoe.kernels.registry import register, register_fused
+from smoe.kernels.registry import Assignments, Kernels
 
 
 def _register_shapes() -> None:
@@ -61,7 +61,7 @@ class _CppExperts(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         grads = torch.ops.smoe_experts.backward(dy_RD.contiguous(), x_RD, h_R2F, offs_E1, w_gate_up_E2FD,
                                                 w_down_EDF, ctx.gelu, *needs)
-        return *(g if need else None for g, need in zip(grads, needs)), None, None
+        return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None
 
 
 class _CppExpertsTokens(torch.autograd.Function):
@@ -79,28 +79,19 @@ class _CppExpertsTokens(torch.autograd.Function):
         needs = ctx.needs_input_grad[:4]
         grads = torch.ops.smoe_experts.backward_tokens(dy_ND.contiguous(), x_ND, weights_A, order_R, offs_E1, h_R2F,
                                                        y_RD, w_gate_up_E2FD, w_down_EDF, ctx.gelu, *needs)
-        return *(g if need else None for g, need in zip(grads, needs)), None, None, None
+        return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None
 
 
-def _ready() -> None:
-    if (reason := build()) is not None:
-        raise ValueError(f"backend: the 'cpp' expert kernels could not be built here ({reason})")
-
-
-def _available(device: torch.device) -> bool:
-    return device.type == "cpu" and build() is None
-
-
-@register("cpp", available=_available)
-def cpp_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
-    _ready()
+def experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     fp32 = [t.float().contiguous() for t in (x_RD, w_gate_up_E2FD, w_down_EDF)]
     return _CppExperts.apply(*fp32, cpp_build.row_offsets(counts_E), activation == "gelu").to(x_RD.dtype)
 
 
-@register_fused("cpp")
-def cpp_fused_experts(x_ND, weights_A, order_R, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
-    _ready()
-    fp32 = [t.float().contiguous() for t in (x_ND, weights_A, w_gate_up_E2FD, w_down_EDF)]
-    return _CppExpertsTokens.apply(*fp32, order_R.contiguous(), cpp_build.row_offsets(counts_E), activation == "gelu"
-                                   ).to(x_ND.dtype)
+def tokens(x_ND, assignments: Assignments, w_gate_up_E2FD, w_down_EDF, activation):
+    """From the unsorted tokens, by the caller's sort: each task gathers its expert's token rows itself."""
+    fp32 = [t.float().contiguous() for t in (x_ND, assignments.weights_A, w_gate_up_E2FD, w_down_EDF)]
+    return _CppExpertsTokens.apply(*fp32, assignments.order_R.contiguous(), cpp_build.row_offsets(assignments.counts_E),
+                                   activation == "gelu").to(x_ND.dtype)
+
+
+KERNELS = Kernels(experts, tokens)

@@ -1,4 +1,4 @@
-"""The ``cpp`` backend of ``smoe.kernels.quantized``: weight-only int8 / int4 kernels in C++ (cpp_quant.cpp, whose
+"""The ``cpp`` backend's kernels for quantised weights: weight-only int8 / int4 kernels in C++ (cpp_quant.cpp, whose
 header says how they work), compiled on first use with the other C++ kernels (cpp_build.py) and registered as
 ``torch.ops.smoe_quant``.
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels import cpp_build
-from smoe.kernels.registry import QuantizedKernels, register_quantized
-from smoe.quant.format import QWeight
+from smoe.kernels.qweight import QWeight
+from smoe.kernels.registry import Assignments, Kernels
 
 
 def _register_shapes() -> None:
@@ -56,12 +56,15 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
                                         *_offset(w_down), activation == "gelu")
 
 
-def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor, w_gate_up: QWeight, w_down: QWeight,
-        activation: str) -> torch.Tensor:
-    weights_A = weights_A.to(torch.float32).contiguous()
-    return torch.ops.smoe_quant.moe(x_ND.contiguous(), expert_ids_A.contiguous(), weights_A, w_gate_up.qweight,
-                                    w_gate_up.scale, *_offset(w_gate_up), w_down.qweight, w_down.scale,
-                                    *_offset(w_down), activation == "gelu")
+def tokens(x_ND: torch.Tensor, assignments: Assignments, w_gate_up: QWeight, w_down: QWeight, activation: str
+           ) -> torch.Tensor:
+    """From the unsorted tokens: the op groups the assignments by expert with a counting sort."""
+    weights_A = assignments.weights_A.to(torch.float32).contiguous()
+    return torch.ops.smoe_quant.moe(x_ND.contiguous(), assignments.expert_ids_A.contiguous(), weights_A,
+                                    w_gate_up.qweight, w_gate_up.scale, *_offset(w_gate_up), w_down.qweight,
+                                    w_down.scale, *_offset(w_down), activation == "gelu")
 
 
-register_quantized("cpp", QuantizedKernels(linear, experts, moe, row_independent=True))
+# Row independent: the build's -ffp-contract=off and tiles that compute a row alike whatever their shape
+# (docs/quantization.md, "Row independence").
+KERNELS = Kernels(experts, tokens, sorts_tokens=True, linear=linear, row_independent=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels.activation import act, gated_act_backward
-from smoe.kernels.registry import native_low_precision, register
+from smoe.kernels.registry import native_low_precision
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,6 +97,5 @@ class _ExpertLoop(torch.autograd.Function):
         return dx_RD, dw_gu, dw_down, None, None
 
 
-@register("expert_loop")
 def expert_loop_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     return _ExpertLoop.apply(x_RD, w_gate_up_E2FD, w_down_EDF, counts_E.tolist(), activation)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 
 from smoe.kernels.reference import reference_experts
-from smoe.kernels.registry import register
 from smoe.nn.mlp import gated_act
 
 
-def _available(device: torch.device) -> bool:
+def runs_on(device: torch.device) -> str | None:
     if not hasattr(torch, "_grouped_mm"):
-        return False
+        return f"this torch ({torch.__version__}) has no torch._grouped_mm"
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (9, 0)
-    return device.type == "cpu"
+        return None if torch.cuda.get_device_capability(device) >= (9, 0) else "CUDA needs sm90 or newer"
+    return None if device.type == "cpu" else "runs on the CPU and on CUDA only"
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -35,7 +34,6 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-@register("grouped_mm", available=_available)
 def grouped_mm_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     itemsize = x_RD.element_size()
     cuda_needs_bf16 = x_RD.is_cuda and x_RD.dtype != torch.bfloat16  # the CUDA kernel is bf16-only

@@ -1,5 +1,5 @@
 """Weight-only int8 / int4 kernels for CPU decode, compiled by numba (LLVM) on first use and cached on disk: the
-``numba`` backend of ``smoe.kernels.quantized``, checked against the dequantise-then-matmul spec
+``numba`` backend's kernels for quantised weights, checked against the dequantise-then-matmul spec
 (quantized_reference.py) in tests/test_quant.py. The only module that imports numba.
 
 Why numba (docs/quantization.md has the measurements): decoding multiplies a few rows by each weight, so its time
@@ -11,7 +11,7 @@ The tile: four output channels times four rows per pass over the inputs, so each
 and each input four channels; int8 weights become fp32 in registers and a channel's scale is applied once, at the
 end. int4 rows are first dequantised (scale and offset per group) into an fp32 scratch of four rows, which the same
 tile reads: the unpacking is paid once per weight, not once per row. The activations int4 multiplies are first
-rounded to int8 per block where the format says so (smoe.quant.format.int8_activations), as the spec does. With
+rounded to int8 per block where the format says so (smoe.kernels.qweight.int8_activations), as the spec does. With
 several torch threads, large calls split the blocks of four output channels over as many numba threads
 (``_build``); otherwise a serial build runs.
 
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from numba import float32, njit, prange
 
-from smoe.kernels.registry import QuantizedKernels, register_quantized
-from smoe.quant.format import QWeight, int8_activations, quantize_activations
+from smoe.kernels.qweight import QWeight, int8_activations, quantize_activations
+from smoe.kernels.registry import Kernels
 
 # Reassociation lets LLVM vectorise the dot products; no "nnan"/"ninf", so silu's exp may still overflow to inf.
 _JIT = {"fastmath": {"reassoc", "contract", "nsz", "arcp"}, "nogil": True, "cache": True}
@@ -40,7 +40,7 @@ GELU_C = math.sqrt(2 / math.pi)
 @njit(**_JIT)
 def _tile(x_BI, r0, r1, w_nI, s_n, out_BO, o):
     """out[r, o + j] = s[j] * (x[r] . w[j]) for rows r in [r0, r1) and the n <= 4 rows j of w."""
-    n, I = w_nI.shape
+    n, I = w_nI.shape  # noqa: E741 (the legend's I: inputs)
     if n < TILE:
         for j in range(n):
             for r in range(r0, r1):
@@ -86,7 +86,7 @@ def _store4(out_BO, r, o, a0, a1, a2, a3, s_n):
 
 @njit(**_JIT)
 def _dequantize_int4(q_nH, scale_nN, offset_nN, G, w_nI):
-    """w[j] = row j of the packed int4 rows q, dequantised (smoe.quant.format's layout)."""
+    """w[j] = row j of the packed int4 rows q, dequantised (smoe.kernels.qweight)."""
     H = G // 2
     for j in range(q_nH.shape[0]):
         for g in range(scale_nN.shape[1]):
@@ -149,7 +149,7 @@ def _int8_experts(x_RD, offs, gu_q, gu_s, down_q, down_s, gelu, h_R2F, a_RF, y_R
 
 @njit(**_JIT)
 def _round_activations(x_RI, r0, r1, G):
-    """Rows [r0, r1) of x rounded to int8 per block of 64 inputs in place (smoe.quant.format.quantize_activations,
+    """Rows [r0, r1) of x rounded to int8 per block of 64 inputs in place (smoe.kernels.qweight.quantize_activations,
     the spec: block b holds the inputs of packed bytes 32b .. 32b + 31, low nibbles' then high nibbles'; a block
     holding inf or NaN becomes NaN throughout)."""
     H = G // 2
@@ -256,4 +256,4 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
     return y_RD
 
 
-register_quantized("numba", QuantizedKernels(linear, experts))
+KERNELS = Kernels(experts, linear=linear)

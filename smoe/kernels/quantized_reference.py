@@ -1,4 +1,4 @@
-"""The spec of the quantised-weight kernels: dequantise (smoe.quant.format), round the activations an int4 weight
+"""The spec of the quantised-weight kernels: dequantise (smoe.kernels.qweight), round the activations an int4 weight
 multiplies to int8 where the format says so (``int8_activations``), then the float maths. Also the fallback
 wherever the fast path cannot run (numba not installed, a GPU). On a CPU it is several times slower than fp32,
 since every call writes and reads the dequantised fp32 weight (docs/quantization.md has the numbers); the experts
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smoe.kernels.registry import QuantizedKernels, register_quantized
+from smoe.kernels.qweight import QWeight, dequantize, int8_activations, quantize_activations
+from smoe.kernels.registry import Assignments, Kernels
 from smoe.nn.mlp import gated_act
-from smoe.quant.format import QWeight, dequantize, int8_activations, quantize_activations
 
 
 def linear(x_BI: torch.Tensor, w: QWeight) -> torch.Tensor:
@@ -36,10 +36,11 @@ def experts(x_RD: torch.Tensor, counts_E: torch.Tensor, w_gate_up: QWeight, w_do
     return y_RD
 
 
-def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor, w_gate_up: QWeight, w_down: QWeight,
-        activation: str) -> torch.Tensor:
-    """Each token's weighted sum of its experts' outputs, expert by expert (the spec of a backend's ``moe``)."""
+def tokens(x_ND: torch.Tensor, assignments: Assignments, w_gate_up: QWeight, w_down: QWeight, activation: str
+           ) -> torch.Tensor:
+    """Each token's weighted sum of its experts' outputs, expert by expert (the spec of a backend's ``tokens``)."""
     N, E = x_ND.shape[0], w_gate_up.qweight.shape[0]
+    expert_ids_A, weights_A = assignments.expert_ids_A, assignments.weights_A
     ids_NK, weights_NK = expert_ids_A.view(N, -1), weights_A.view(N, -1)
     y_ND = x_ND.new_zeros(N, w_down.qweight.shape[-2])
     for e in expert_ids_A.unique().tolist():
@@ -51,4 +52,4 @@ def moe(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor,
     return y_ND
 
 
-register_quantized("reference", QuantizedKernels(linear, experts, moe))
+KERNELS = Kernels(experts, tokens, sorts_tokens=True, linear=linear)

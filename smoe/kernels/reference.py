@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from smoe.kernels.registry import register
 from smoe.nn.mlp import gated_act
 
 
-@register("reference")
 def reference_experts(x_RD, counts_E, w_gate_up_E2FD, w_down_EDF, activation):
     outputs = []
     for e, rows in enumerate(torch.split(x_RD, counts_E.tolist())):

@@ -238,8 +238,9 @@ class Transformer(nn.Module):
         Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
         the head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
         (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a
-        bincount the dispatch makes anyway). ``expert_backend`` overrides the MoE layers' backend for this call
-        (the decode engine runs ``"tiled"``, whose per-row results do not depend on the other rows)."""
+        bincount the dispatch makes anyway). ``expert_backend`` overrides the MoE layers' backend for this call: a
+        name or a ``kernels.BackendRequest`` (the decode engine asks for ``kernels.ROW_INDEPENDENT``: per-row results
+        that do not depend on the other rows)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")

@@ -3,21 +3,23 @@
 Legend: N tokens, D model dim, E experts, K assignments per token, A assignments, R kept assignments (rows the
 experts compute).
 
-``gather`` and ``combine`` are what the layer calls. For token-choice routing (assignments in token-major order,
-A = N*K) they are autograd functions whose backward reuses the forward's permutation: each token's K rows are
-found through ``row_A`` (the inverse permutation), so both directions are an ``index_select`` plus a sum over K,
-with no ``index_add``/``index_put`` accumulation and no (tokens x experts) mask. ``gather_reference`` and
+``Routed`` is what the layer hands its experts (``Experts.run``): the routing, the dispatch's settings, and the sort,
+made on first use. ``gather`` and ``combine`` are what the experts' seam calls. For token-choice routing (assignments in
+token-major order, A = N*K) they are autograd functions whose backward reuses the forward's permutation: each token's K
+rows are found through ``row_A`` (the inverse permutation), so both directions are an ``index_select`` plus a sum over
+K, with no ``index_add``/``index_put`` accumulation and no (tokens x experts) mask. ``gather_reference`` and
 ``combine_reference`` are the plain-autograd spec they are tested against, and serve expert choice.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from smoe.config import CapacityPriority
+from smoe.kernels import Assignments, Kernels
 from smoe.moe.router import Routing
 
 
@@ -153,3 +155,62 @@ def combine_reference(y_RD: torch.Tensor, routing: Routing, dispatch: Dispatch, 
         return out_AD.view(n_tokens, A // n_tokens, D).sum(1)
     token_ids_R = routing.token_ids_A[dispatch.order_R]
     return weighted_RD.new_zeros(n_tokens, D).index_add(0, token_ids_R, weighted_RD)
+
+
+@dataclass(eq=False)
+class Routed:
+    """One call's routing as the experts compute it: the router's ``Routing`` and the dispatch's settings. The sort
+    by expert (``dispatch()``) is made once, on first use, so that experts whose kernel groups the tokens itself
+    skip it where nothing else needs it."""
+
+    routing: Routing
+    n_tokens: int
+    n_experts: int
+    top_k: int
+    capacity: int | None = None
+    priority: CapacityPriority = "choice"
+    keep_A: torch.Tensor | None = None  # bool: the assignments of real tokens (None: every token is real)
+    stats: bool = True  # the caller reads the sort's statistics (drops, balance) whatever the experts do
+    _dispatch: Dispatch | None = field(default=None, init=False, repr=False)
+
+    def dispatch(self) -> Dispatch:
+        if self._dispatch is None:
+            self._dispatch = permute(self.routing.expert_ids_A, self.n_experts, self.capacity, self.top_k,
+                                     self.priority, self.keep_A)
+        return self._dispatch
+
+    def load(self) -> torch.Tensor:
+        """Assignments routed to each expert (padding left out, before capacity drops): the sort's ``load_E``, or,
+        where nothing sorted, the same count in a static shape (a compiled decode step returns it)."""
+        if self._dispatch is not None:
+            return self._dispatch.load_E
+        ids_A = self.routing.expert_ids_A
+        real_A = torch.ones_like(ids_A) if self.keep_A is None else self.keep_A.long()
+        return ids_A.new_zeros(self.n_experts).scatter_add_(0, ids_A, real_A)
+
+    def gather(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return gather(x_ND, self.routing, self.dispatch())
+
+    def combine(self, y_RD: torch.Tensor) -> torch.Tensor:
+        return combine(y_RD, self.routing, self.dispatch(), self.n_tokens)
+
+    def hands_over(self, kernels: Kernels) -> bool:
+        """Whether ``kernels``' ``tokens`` entry computes this call from the unsorted tokens: token-choice routing
+        only, and a kernel that groups the tokens itself only where nothing else sorts them (no statistics, no
+        capacity), so that they are never sorted twice."""
+        if kernels.tokens is None or not self.routing.token_major:
+            return False
+        return not kernels.sorts_tokens or not (self.stats or self.capacity is not None)
+
+    def assignments(self, kernels: Kernels) -> Assignments:
+        """What ``kernels``' ``tokens`` entry is told of the routing: padding and assignments dropped over capacity
+        route nowhere (id -1), and a kernel that does not sort gets the sort."""
+        ids_A = self.routing.expert_ids_A
+        sort = self.dispatch() if not kernels.sorts_tokens or self.capacity is not None else None
+        if sort is not None and (self.keep_A is not None or self.capacity is not None):
+            ids_A = ids_A.masked_fill(sort.row_A == sort.order_R.numel(), -1)
+        elif self.keep_A is not None:
+            ids_A = ids_A.masked_fill(~self.keep_A, -1)
+        if sort is None:
+            return Assignments(ids_A, self.routing.weights_A)
+        return Assignments(ids_A, self.routing.weights_A, sort.order_R, sort.counts_E)

@@ -11,10 +11,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from smoe import kernels
 from smoe.config import MoEConfig
 from smoe.moe import balance
-from smoe.moe.dispatch import combine, gather, permute, token_choice_capacity
-from smoe.moe.experts import Experts, RoutedExperts
+from smoe.moe.dispatch import Routed, token_choice_capacity
+from smoe.moe.experts import RoutedExperts
 from smoe.moe.router import Router, Routing
 from smoe.nn.init import init_weights
 from smoe.nn.mlp import MLP
@@ -36,17 +37,19 @@ class RouterStats:
 class MoELayer(nn.Module):
     """``forward(x)`` takes (B, T, D) or (T, D) and returns ``(y, stats)`` with y shaped like x.
 
-    ``backend`` names the expert kernel (see smoe.kernels); it is not part of the checkpoint. ``load_reduction``
+    ``backend`` names the expert kernel, or asks for one (a ``kernels.BackendRequest``; see smoe.kernels); it is not
+    part of the checkpoint. ``load_reduction``
     maps this layer's per-expert load to the load over every token that shares the balance losses: None (this
     process's tokens are all of them) unless data or expert parallelism sets it (smoe.parallel), so the layer itself
     never reads a world size.
     """
 
     load_reduction: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Linears smoe.quant leaves in full precision: the shared-expert gate is a single output row.
+    keep_full_precision = ("shared_gate",)
 
-    def __init__(
-        self, dim: int, config: MoEConfig, activation: str = "silu", init_std: float = 0.02, backend: str = "auto"
-    ):
+    def __init__(self, dim: int, config: MoEConfig, activation: str = "silu", init_std: float = 0.02,
+                 backend: str | kernels.BackendRequest = "auto"):
         super().__init__()
         config.validate()
         self.config = config
@@ -60,14 +63,14 @@ class MoELayer(nn.Module):
         init_weights(self, init_std)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, stats: bool | str = True,
-                keep: torch.Tensor | None = None, backend: str | None = None
+                keep: torch.Tensor | None = None, backend: str | kernels.BackendRequest | None = None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them.
         ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None;
         ``"load"`` returns only ``load``. ``keep`` (the shape of ``token_ids``, bool): tokens to route; the others
-        (padding) reach no expert. ``backend`` overrides ``self.backend`` for this call. With ``stats=False`` and no
-        capacity limit, experts whose kernel takes the unsorted tokens (``Experts.direct``: quantised experts on
-        the C++ backend) get them, and the layer's own sort, gather and combine are skipped."""
+        (padding) reach no expert. ``backend`` (a name or a ``kernels.BackendRequest``) overrides ``self.backend``
+        for this call. The experts get the unsorted tokens (``Experts.run``); the sort by expert is made only where
+        something needs it (statistics, capacity, the experts' kernel)."""
         x_BTD = x if x.dim() == 3 else x.unsqueeze(0)
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
@@ -80,29 +83,9 @@ class MoELayer(nn.Module):
         keep_A = None
         if keep is not None and routing.token_major:
             keep_A = keep.reshape(-1).repeat_interleave(routing.expert_ids_A.numel() // (B * T))
-        direct = load_E = None
-        if stats in (False, "load") and capacity is None and routing.token_major and isinstance(self.experts, Experts):
-            direct = self.experts.direct(backend, x_ND)
-        if direct is not None:  # the experts' kernel dispatches and combines itself; padding routes nowhere
-            ids_A = routing.expert_ids_A
-            y_ND = direct(x_ND, ids_A if keep_A is None else ids_A.masked_fill(~keep_A, -1), routing.weights_A)
-            if stats == "load":  # what permute would count, in a static shape (a compiled step returns it)
-                kept_A = torch.ones_like(ids_A) if keep_A is None else keep_A.long()
-                load_E = torch.zeros(cfg.n_routed_experts, dtype=torch.long, device=ids_A.device).scatter_add_(
-                    0, ids_A, kept_A)
-        else:
-            dispatch = permute(routing.expert_ids_A, cfg.n_routed_experts, capacity, cfg.top_k,
-                               cfg.capacity_priority, keep_A)
-            # RoutedExperts may run a fused backend from the unsorted tokens (not when expert parallelism
-            # subclasses it); any other experts module gets the plain seam: sorted rows and counts in, rows out.
-            fused = self.experts.fused_for(backend, x_ND) if isinstance(self.experts, RoutedExperts) else None
-            if fused is not None and routing.token_major:
-                y_ND = self.experts.forward_tokens(fused, x_ND, routing.weights_A, dispatch.order_R,
-                                                   dispatch.counts_E)
-            else:
-                x_RD = gather(x_ND, routing, dispatch)
-                y_RD = self.experts(x_RD, dispatch.counts_E, backend)
-                y_ND = combine(y_RD, routing, dispatch, B * T)
+        routed = Routed(routing, B * T, cfg.n_routed_experts, cfg.top_k, capacity, cfg.capacity_priority, keep_A,
+                        stats=stats is True)
+        y_ND = self.experts.run(x_ND, routed, backend)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:
@@ -111,7 +94,8 @@ class MoELayer(nn.Module):
         if not stats:
             return y_ND.view(x.shape), None
         if stats == "load":
-            return y_ND.view(x.shape), RouterStats(load=dispatch.load_E if load_E is None else load_E)
+            return y_ND.view(x.shape), RouterStats(load=routed.load())
+        dispatch = routed.dispatch()
         return y_ND.view(x.shape), self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)
 
     def _stats(self, routing: Routing, load_E, dropped, B: int, T: int) -> RouterStats:

@@ -72,6 +72,9 @@ LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nn.Module):
+    # Linears smoe.quant leaves in full precision: the absorbed decode attention reads wkv_b's weight as a matrix.
+    keep_full_precision = ("wkv_b",)
+
     def __init__(self, dim: int, config: MLAConfig, norm_eps: float):
         super().__init__()
         self.config = config

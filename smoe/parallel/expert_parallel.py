@@ -1,8 +1,8 @@
 """Expert parallelism: routed experts sharded along the expert dimension over an EP group, rows moved by all-to-all.
 
-``apply_expert_parallel(model, mesh)`` swaps each MoE layer's ``RoutedExperts`` for an ``ExpertParallelExperts``
-holding this rank's contiguous slice of experts. The MoE layer still calls ``experts(x_RD, counts_E, backend)``
-on its rows sorted by global expert id, so routing, dispatch and combine are untouched and the model stays
+``apply_expert_parallel(model, mesh)`` swaps each MoE layer's ``RoutedExperts`` for an ``ExpertParallelExperts`` holding
+this rank's contiguous slice of experts. Its ``run`` is the seam (``Experts.run``): it calls ``experts(x_RD, counts_E,
+backend)`` on the rows sorted by global expert id, so routing, dispatch and combine are untouched and the model stays
 single-device code. Forward: the per-expert counts go to their owners (all-to-all), then the rows (all-to-all with
 uneven splits), the received rows are regrouped by local expert, the same expert backend runs on the shard, and the
 outputs travel back by the reverse exchange. Autograd runs the same exchanges in reverse.
@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from smoe.config import MoEConfig
-from smoe.moe.experts import RoutedExperts
+from smoe.moe.experts import Experts, RoutedExperts
 from smoe.moe.layer import MoELayer
 
 
@@ -68,9 +68,9 @@ class ExpertParallelExperts(RoutedExperts):
         shard.w_down = nn.Parameter(experts.w_down.detach()[rows].clone())
         return shard
 
-    def fused_for(self, backend: str, x: torch.Tensor) -> None:
-        """No fused path: the rows must be sorted and sent to their experts' ranks first."""
-        return None
+    # The seam only, never a kernel from the unsorted tokens: the rows must be sorted and sent to their experts'
+    # ranks first.
+    run = Experts.run
 
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         P, L = self.ep_size, self.w_gate_up.shape[0]

@@ -3,8 +3,9 @@
 
 State-dict names say what each tensor is: a linear ``wq`` becomes ``wq.qweight``, ``wq.scale`` (``wq.offset`` for
 int4, ``wq.bias`` when it had one); routed experts hold ``experts.w_gate_up.qweight`` and so on. The kernels come
-from ``smoe.kernels.quantized`` by name; they compute in fp32 whatever the activations' dtype. A backward through a
-quantised weight raises: these modules are for generation and evaluation, not training.
+from ``smoe.kernels`` (``kernels.quantized``): the experts' under the MoE layer's backend, the linears' under
+``auto``; they compute in fp32 whatever the activations' dtype. A backward through a quantised weight raises: these
+modules are for generation and evaluation, not training.
 
 Legend: B rows, I inputs, O outputs, R rows sorted by expert.
 """
@@ -12,16 +13,14 @@ Legend: B rows, I inputs, O outputs, R rows sorted by expert.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smoe import kernels
 from smoe.config import QuantConfig
-from smoe.kernels.tiled import TILE_ROWS
+from smoe.kernels.qweight import QWeight
+from smoe.moe.dispatch import Routed
 from smoe.moe.experts import Experts, RoutedExperts
-from smoe.moe.layer import MoELayer
-from smoe.nn.mla import MLA
-from smoe.quant.format import QWeight, int4_group, quantize_weight
+from smoe.quant.format import int4_group, quantize_weight
 
 
 class QuantizedTensor(nn.Module):
@@ -53,11 +52,11 @@ class QuantizedLinear(QuantizedTensor):
 
 
 class QuantizedExperts(Experts):
-    """``RoutedExperts``' seam (rows sorted by expert in, rows out) over quantised ``w_gate_up`` and ``w_down``;
-    ``backend`` names quantised kernels (``smoe.kernels.quantized_names``). Where those kernels have a ``moe``,
-    ``direct`` hands it to the layer, which then skips its own sort, gather and combine. ``tiled`` (the decode
-    engine's promise that a row's result does not depend on the other rows) runs fixed-shape tiles (``_tiled``)
-    unless the kernels keep that promise themselves (``row_independent``: the C++ ones)."""
+    """``RoutedExperts``' seam (rows sorted by expert in, rows out) over quantised ``w_gate_up`` and ``w_down``,
+    computed by the quantised kernels of the layer's backend (``smoe.kernels.select(..., quantized=True)``; a
+    request for row independence gets fixed-shape tiles where the kernels do not keep it). Where those kernels
+    start from the unsorted tokens (``tokens``: the C++ ones), ``run`` hands them over, and the layer's sort, gather
+    and combine are skipped."""
 
     def __init__(self, experts: RoutedExperts, config: QuantConfig):
         super().__init__()
@@ -65,11 +64,8 @@ class QuantizedExperts(Experts):
         self.w_gate_up = QuantizedTensor(quantize_weight(experts.w_gate_up, config))
         self.w_down = QuantizedTensor(quantize_weight(experts.w_down, config))
 
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        if backend == "tiled":  # the decode engine's promise: a row's result does not depend on the other rows
-            if not kernels.quantized("auto", x_RD.device).row_independent:
-                return inference_only(self._tiled(x_RD.float(), counts_E).to(x_RD.dtype), x_RD)
-            backend = "auto"  # these kernels keep it by themselves
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str | kernels.BackendRequest = "auto"
+                ) -> torch.Tensor:
         fn = kernels.quantized(backend, x_RD.device).experts
         y_RD = fn(x_RD.float(), counts_E, self.w_gate_up.value(), self.w_down.value(), self.activation)
         return inference_only(y_RD.to(x_RD.dtype), x_RD)
@@ -77,36 +73,14 @@ class QuantizedExperts(Experts):
     def rows_independent(self, device: torch.device) -> bool:
         return kernels.quantized("auto", device).row_independent
 
-    def direct(self, backend: str, x: torch.Tensor):
-        quantized = kernels.quantized("auto" if backend == "tiled" else backend, x.device)
-        if quantized.moe is None or (backend == "tiled" and not quantized.row_independent):
-            return None
-        moe = quantized.moe
-
-        def run(x_ND: torch.Tensor, expert_ids_A: torch.Tensor, weights_A: torch.Tensor) -> torch.Tensor:
-            y_ND = moe(_as(x_ND, torch.float32), expert_ids_A, weights_A, self.w_gate_up.value(),
-                       self.w_down.value(), self.activation)
-            return inference_only(_as(y_ND, x_ND.dtype), x_ND)
-
-        return run
-
-    def _tiled(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """The ``tiled`` backend's promise (smoe.kernels.tiled) for quantised weights: each expert's rows, padded
-        to whole tiles of TILE_ROWS, go to the kernel one tile per call, so every call has one shape and a row's
-        result does not depend on the rows routed beside it (the decode engine's steps)."""
-        fn = kernels.quantized("auto", x_RD.device).experts
-        one_tile = torch.tensor([TILE_ROWS])
-        w_gate_up, w_down = self.w_gate_up.value(), self.w_down.value()
-        y_RD = x_RD.new_zeros(x_RD.shape[0], w_down.qweight.shape[-2])
-        start = 0
-        for e, c in enumerate(counts_E.tolist()):
-            if c:
-                tiles = F.pad(x_RD[start : start + c], (0, 0, 0, -c % TILE_ROWS)).split(TILE_ROWS)
-                expert_gate_up, expert_down = w_gate_up.expert(e, keepdim=True), w_down.expert(e, keepdim=True)
-                y_RD[start : start + c] = torch.cat([fn(tile, one_tile, expert_gate_up, expert_down, self.activation)
-                                                     for tile in tiles])[:c]
-            start += c
-        return y_RD
+    def run(self, x_ND: torch.Tensor, routed: Routed, backend: str | kernels.BackendRequest = "auto"
+            ) -> torch.Tensor:
+        entry = kernels.quantized(backend, x_ND.device)
+        if not routed.hands_over(entry):
+            return super().run(x_ND, routed, backend)
+        y_ND = entry.tokens(_as(x_ND, torch.float32), routed.assignments(entry), self.w_gate_up.value(),
+                            self.w_down.value(), self.activation)
+        return inference_only(_as(y_ND, x_ND.dtype), x_ND)
 
 
 class _InferenceOnly(torch.autograd.Function):
@@ -132,21 +106,17 @@ def inference_only(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _kept(parent: nn.Module, name: str) -> bool:
-    """Linears left in full precision: MLA's ``wkv_b``, whose weight the absorbed decode attention reads as a
-    matrix, and the shared-expert gate, a single output row."""
-    return (isinstance(parent, MLA) and name == "wkv_b") or (isinstance(parent, MoELayer) and name == "shared_gate")
-
-
 def quantize_modules(root: nn.Module, config: QuantConfig) -> None:
-    """Replace, in place, every ``nn.Linear`` (but the ``_kept`` ones) and every ``RoutedExperts`` under ``root``
-    by its quantised twin. For int4 every weight's input count is checked (``int4_group``) before any is
+    """Replace, in place, every ``nn.Linear`` and every ``RoutedExperts`` under ``root`` by its quantised twin, but
+    the linears a module names in its ``keep_full_precision`` (a class attribute: MLA's ``wkv_b``, the MoE layer's
+    shared-expert gate). For int4 every weight's input count is checked (``int4_group``) before any is
     quantised."""
     config.validate()
     targets = []
     for parent_name, parent in root.named_modules():
+        kept = getattr(type(parent), "keep_full_precision", ())
         for name, child in parent.named_children():
-            if isinstance(child, RoutedExperts) or (isinstance(child, nn.Linear) and not _kept(parent, name)):
+            if isinstance(child, RoutedExperts) or (isinstance(child, nn.Linear) and name not in kept):
                 targets.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
     if config.scheme == "int4":
         for _, _, child, path in targets:
