@@ -2,7 +2,7 @@
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 from smoe.nn.linear_layers import (
     GatedDeltaNet,
     KimiDeltaAttention,
@@ -31,6 +31,7 @@ __all__ = [
     "apply_rope",
     "chunked_gated_delta_rule",
     "gated_delta_rule",
+    "gated_delta_step_",
     "init_weights",
     "make_linear_attention",
     "make_norm",
