@@ -1,5 +1,5 @@
 """Hybrid models (layout.layer_types): linear-attention layers beside full attention train, decode from a cache
-that holds recurrent states, keep rows independent in a batch, and are accounted exactly."""
+that holds recurrent states (updated in place), keep rows independent in a batch, and are accounted exactly."""
 
 from dataclasses import replace
 
@@ -19,6 +19,8 @@ from smoe.config import (
 )
 from smoe.generation import Engine, Request, generate
 from smoe.models.transformer import Transformer
+from smoe.nn import linear_layers
+from smoe.nn.linear_attention import gated_delta_rule
 
 KINDS = pytest.mark.parametrize("kind", ["lightning", "gated_delta", "kda"])
 
@@ -77,6 +79,22 @@ def test_a_batch_generates_each_prompt_as_it_would_alone(kind):
     for b, prompt in enumerate(prompts):
         alone = generate(model, [prompt], max_new_tokens=6, decode_rows=4)
         assert together[b].tolist() == alone[0].tolist()
+
+
+@KINDS
+def test_the_in_place_decode_step_generates_the_specs_tokens(kind, monkeypatch):
+    model = _model(kind)
+    prompts = [[3, 14, 15, 9, 26], [5, 35], [8, 9, 7, 9, 32, 38, 46, 26]]
+    in_place = generate(model, prompts, max_new_tokens=8, decode_rows=4)
+
+    def spec_step(q, k, v, g, beta, state, scale=None):  # the token-by-token spec, its state copied back
+        out, final = gated_delta_rule(q, k, v, g, beta, state, scale)
+        state.copy_(final)
+        return out
+
+    monkeypatch.setattr(linear_layers, "gated_delta_step_", spec_step)
+    assert torch.equal(generate(model, prompts, max_new_tokens=8, decode_rows=4), in_place)
+
 
 
 @KINDS

@@ -375,6 +375,23 @@ def test_decoding_from_the_cache_equals_one_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@FAMILIES
+def test_a_layers_decode_step_updates_its_cache_in_place(family):
+    # heads of 32: the state outweighs every other tensor of a step, as it does at real sizes
+    layer = _random_weights({
+        "qwen3-next": lambda: GatedDeltaNet(D, n_k_heads=1, n_v_heads=2, k_dim=32, v_dim=32),
+        "kimi-linear": lambda: KimiDeltaAttention(D, n_heads=2, head_dim=32),
+        "minimax": lambda: LightningAttention(D, n_heads=2, head_dim=32, layer=2, n_layers=8),
+    }[family]())
+    x = _x(6, seed=9)
+    with torch.no_grad():
+        cache = layer.new_cache(2)
+        layer(x[:, :5], cache)
+        state = cache.state_BHKV
+        largest = _largest_tensor_made(lambda: layer(x[:, 5:], cache))
+    assert cache.state_BHKV is state and largest < state.numel()
+
+
 def _assert_row_cache(cache, row: int, want) -> None:
     """Row ``row`` of ``cache`` against ``want``, a cache of one row."""
     torch.testing.assert_close(cache.state_BHKV[row : row + 1], want.state_BHKV, rtol=1e-5, atol=1e-5)

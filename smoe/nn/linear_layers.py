@@ -6,8 +6,9 @@ Legend: B batch, T time, D model dim, C channels of the short convolution, W its
 H heads, K key dim, V value dim.
 
 ``chunk`` is the chunked recurrence's chunk length; ``chunk=None`` runs the token-by-token spec instead, which is what
-the layers' parity tests hold the chunked form to. A single token (a decode step) always runs the spec: there is
-nothing to chunk. ``real_BT`` (bool) marks the real tokens of a left-padded batch. Padding neither decays nor writes
+the layers' parity tests hold the chunked form to. A single token never runs the chunked form: continuing a state
+without autograd (a decode step) it runs ``gated_delta_step_``, which updates the cached state in place, else the
+spec. ``real_BT`` (bool) marks the real tokens of a left-padded batch. Padding neither decays nor writes
 the recurrent state and never enters the convolution's history, so every row computes what it computes alone, also
 when it continues a state (a decode step's idle rows, the shorter rows of a chunked prefill). Outputs at padding
 positions are meaningless (finite: padding is zeroed before the projections, as transformers does).
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import LinearAttentionConfig
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 
 
 class RecurrentState:
@@ -91,11 +92,14 @@ def _check_left_padding(real_BT: torch.Tensor) -> None:
 def _recur(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, g_BTH: torch.Tensor,
            beta_BTH: torch.Tensor | None, state: RecurrentState | None, chunk: int | None,
            real_BT: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
-    """The recurrence of every layer here (``g_BTH`` may be (B, T, H, K)): padding made a no-op, the spec or the
-    chunked form, and the state, if any, continued and updated in place."""
+    """The recurrence of every layer here (``g_BTH`` may be (B, T, H, K)): padding made a no-op, then the in-place
+    decode step (one token, no autograd), the spec or the chunked form, and the state, if any, continued and
+    updated in place."""
     if real_BT is not None:  # padding: no decay (g = 0), no write (beta = 0; without beta the layer zeroes k and v)
         g_BTH = torch.where(real_BT.view(*real_BT.shape, *[1] * (g_BTH.dim() - 2)), g_BTH, 0)
         beta_BTH = None if beta_BTH is None else torch.where(real_BT[..., None], beta_BTH, 0)
+    if state is not None and q_BTHK.shape[1] == 1 and not torch.is_grad_enabled():
+        return gated_delta_step_(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state.state_BHKV, scale)
     initial_BHKV = None if state is None else state.state_BHKV
     if initial_BHKV is not None and torch.is_grad_enabled():  # autograd keeps it, and the state is written in place
         initial_BHKV = initial_BHKV.clone()
