@@ -8,6 +8,7 @@ from smoe.nn.linear_layers import (
     KimiDeltaAttention,
     LightningAttention,
     RecurrentState,
+    fp32_parameters,
     make_linear_attention,
 )
 from smoe.nn.mla import MLA, MLACache
@@ -30,6 +31,7 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rope",
     "chunked_gated_delta_rule",
+    "fp32_parameters",
     "gated_delta_rule",
     "gated_delta_step_",
     "init_weights",

@@ -288,6 +288,14 @@ class KimiDeltaAttention(GatedDeltaNet):
         return torch.sigmoid(self.wg_b(self.wg_a(x_BTD)).float())
 
 
+def fp32_parameters(model: nn.Module) -> set[str]:
+    """The names of ``model``'s parameters that stay fp32 whatever dtype it is loaded in: Kimi Delta Attention's
+    ``dt_bias``, which sets each channel's decay through a softplus (bf16 would move the decay by up to 1.6%;
+    transformers keeps it fp32 as well)."""
+    return {f"{prefix}.dt_bias" if prefix else "dt_bias" for prefix, module in model.named_modules()
+            if isinstance(module, KimiDeltaAttention)}
+
+
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """x / sqrt(|x|^2 + eps), in fp32 (as Gated DeltaNet's kernels normalise q and k)."""
     x = x.float()
