@@ -432,6 +432,22 @@ def test_padding_leaves_a_continuing_rows_cache_untouched(family):
     _assert_row_cache(cache, 0, alone)
 
 
+@FAMILIES
+def test_packed_documents_compute_as_alone_and_leave_the_last_ones_cache(family):
+    # documents of 5, 2 (shorter than the convolution's history) and 5 tokens, starting inside chunks of 3
+    layer = _layer(family)
+    x = _x(12, seed=10, batch=1)
+    starts = torch.zeros(1, 12, dtype=torch.bool)
+    starts[0, [5, 7]] = True
+    with torch.no_grad():
+        cache, alone = _random_cache(layer, 1, seed=11), layer.new_cache(1)
+        packed = layer(x, cache, starts_BT=starts)
+        first = layer(x[:, :5], _random_cache(layer, 1, seed=11))  # the first document continues the cache
+        documents = torch.cat([first, layer(x[:, 5:7]), layer(x[:, 7:], alone)], dim=1)
+    torch.testing.assert_close(packed, documents, rtol=1e-5, atol=1e-5)
+    _assert_row_cache(cache, 0, alone)
+
+
 def test_padding_after_a_real_token_is_refused():
     with pytest.raises(ValueError, match="^real_BT: "):
         _layer("qwen3-next")(_x(3, seed=8, batch=1), real_BT=torch.tensor([[True, True, False]]))

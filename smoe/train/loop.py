@@ -33,7 +33,7 @@ from smoe.config import ModelConfig
 from smoe.errors import TrainingError
 from smoe.hardware import matmul_flops, profile_of
 from smoe.io.checkpoint import latest_intact, load_model_state
-from smoe.models import build_model
+from smoe.models import build_model, document_starts
 from smoe.parallel import (
     apply_expert_parallel,
     clip_gradients,
@@ -65,6 +65,7 @@ class TrainData:
     fingerprint: str  # identifies data + tokenizer: a resumed run must see the same
     tokenizer_json: str | None = None
     config: DataConfig = field(default_factory=DataConfig)  # what the data was prepared from, for run.json
+    eos_id: int | None = None  # the token ending each packed document (TrainConfig.document_boundaries); None: none
 
 
 @dataclass
@@ -208,7 +209,7 @@ class _Trainer:
         batch = self.data.batch(cfg.start_step + self.step)
         if mesh is not None:
             batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
-        stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh)
+        stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh, self.data.eos_id)
         if mesh is None:
             grad_norm = _clip(self.model, cfg.grad_clip)
         else:
@@ -233,7 +234,8 @@ class _Trainer:
         }
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.forward, self.data.val, self.data.val_bytes, self.device, self.autocast)
+        return evaluate(self.forward, self.data.val, self.data.val_bytes, self.device, self.autocast,
+                        self.data.eos_id, self.cfg.document_boundaries)
 
     def save(self) -> Path:
         cfg, data = self.cfg, self.data
@@ -266,7 +268,8 @@ def _minutes_due(since: float, minutes: float, mesh: DeviceMesh | None, device: 
     return bool(flag.item())
 
 
-def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None) -> dict[str, Any]:
+def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None, eos_id: int | None = None
+                       ) -> dict[str, Any]:
     """Forward and backward over the step's micro-batches; returns step-level scalars and summed expert loads
     (with a mesh: losses averaged and loads summed over ranks, the values of the whole global batch)."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
@@ -277,7 +280,7 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
     has_mtp = False
     for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
         with autocast:
-            out = model(inp, labels=tgt)
+            out = model(inp, labels=tgt, **document_arguments(inp, eos_id, cfg.document_boundaries))
         (out.loss / cfg.grad_accum).backward()
         sums["loss"] += out.loss.item() / cfg.grad_accum
         sums["lm_loss"] += out.lm_loss.item() / cfg.grad_accum
@@ -308,20 +311,31 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms)."""
+def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, eos_id: int | None = None,
+             document_boundaries: str = "all") -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms); documents
+    ended by ``eos_id`` kept apart as ``document_boundaries`` says (``TrainConfig.document_boundaries``)."""
     was_training = model.training
     model.eval()
     total, n_tokens = 0.0, 0
     for inputs, targets in batches:
         with autocast:
-            out = model(inputs.to(device), labels=targets.to(device))
+            inputs = inputs.to(device)
+            out = model(inputs, labels=targets.to(device), **document_arguments(inputs, eos_id, document_boundaries))
         count = int((targets != -100).sum())
         total += out.lm_loss.float().item() * count
         n_tokens += count
     model.train(was_training)
     loss = total / max(n_tokens, 1)
     return {"val_loss": loss, "val_ppl": perplexity(loss), "val_bpb": bits_per_byte(loss, n_tokens, n_bytes)}
+
+
+def document_arguments(inputs_BT: torch.Tensor, eos_id: int | None, boundaries: str) -> dict[str, Any]:
+    """The model's packed-document arguments for a batch whose documents end with ``eos_id``, as
+    ``TrainConfig.document_boundaries`` names them (none without an ``eos_id``)."""
+    if eos_id is None or boundaries == "none":
+        return {}
+    return {"document_starts": document_starts(inputs_BT, eos_id), "document_mask": boundaries == "all"}
 
 
 # --- plumbing ----------------------------------------------------------------------------------------------------
