@@ -125,6 +125,19 @@ def test_a_decay_per_key_channel_makes_no_chunk_by_chunk_by_key_tensor():
     assert _largest_tensor_made(step) <= chunk // SUB_CHUNK * k.numel() < chunk * k.numel()
 
 
+def test_the_chunked_forms_allocations_grow_linearly_with_the_length():
+    # the scan once indexed each chunk out of whole-sequence tensors, whose backward zero-filled a whole-sequence
+    # gradient per chunk: twice the length made 3.5x the elements
+    def made(T: int) -> int:
+        leaves = [x.requires_grad_() for x in _inputs(T, seed=20)]
+        with _TensorsMade() as tensors:
+            out, state = chunked_gated_delta_rule(*leaves[:5], leaves[5], chunk=8)
+            (out.sum() + state.sum()).backward()
+        return sum(tensors.sizes)
+
+    assert made(512) / made(256) < 2.2
+
+
 def test_a_short_prefill_is_not_padded_to_a_whole_chunk():
     inputs = _inputs(5, seed=11)
     largest = _largest_tensor_made(lambda: chunked_gated_delta_rule(*inputs[:5], inputs[5], chunk=64))

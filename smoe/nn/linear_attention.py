@@ -139,11 +139,16 @@ def chunked_gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV:
         q_decayed = q * _decay(gamma_BHNCG, f)
         k_to_end = k * _decay(gamma_BHNCG[..., -1:, :] - gamma_BHNCG, f)
         chunk_decay_BHNG = _decay(gamma_BHNCG[..., -1, :], f)
+        # the scan takes chunk n of each as one of a list: indexing the tensors instead would make autograd write
+        # every chunk's gradient into a zeroed tensor of the whole sequence (quadratic in the length)
+        u, w, q_decayed, scores, k_to_end, chunk_decay = (
+            None if x is None else x.unbind(2)
+            for x in (u_BHNCV, w_BHNCK, q_decayed, scores_BHNCC, k_to_end, chunk_decay_BHNG))
         out = []
         for n in range(N):
-            corrections_BHCV = u_BHNCV[:, :, n] if w_BHNCK is None else u_BHNCV[:, :, n] - w_BHNCK[:, :, n] @ S
-            out.append(q_decayed[:, :, n] @ S + scores_BHNCC[:, :, n] @ corrections_BHCV)
-            S = S * chunk_decay_BHNG[:, :, n, :, None] + k_to_end[:, :, n].transpose(-1, -2) @ corrections_BHCV
+            corrections_BHCV = u[n] if w is None else u[n] - w[n] @ S
+            out.append(q_decayed[n] @ S + scores[n] @ corrections_BHCV)
+            S = S * chunk_decay[n][..., None] + k_to_end[n].transpose(-1, -2) @ corrections_BHCV
         o_BHTV = torch.cat(out, dim=2)[:, :, :T]
         return o_BHTV.transpose(1, 2), S
 
