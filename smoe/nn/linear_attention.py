@@ -127,12 +127,13 @@ def chunked_gated_delta_rule(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV:
         N = Tp // C
         q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
         gamma_BHNCG = g.double().clamp(min=_LOG_DECAY_MIN).cumsum(-2)  # float64: see the module docstring
-        scores_BHNCC = _decayed_products(q, k, gamma_BHNCG, sub)
         if beta is None:  # no delta: every token writes its value whole, whatever the state predicts
+            (scores_BHNCC,) = _decayed_products([q], k, gamma_BHNCG, sub)
             u_BHNCV, w_BHNCK = v, None
         else:
+            scores_BHNCC, keys_BHNCC = _decayed_products([q, k], k, gamma_BHNCG, sub)
             b = beta.reshape(B, H, N, C)[..., None]
-            A = _decayed_products(b * k, k, gamma_BHNCG, sub)  # its diagonal is ignored: the system is unitriangular
+            A = b * keys_BHNCC  # its diagonal is ignored: the system is unitriangular
             k_decayed = k * _decay(gamma_BHNCG, f)  # k_j * exp(gamma_j): reads S0 through the chunk's decay so far
             uw = torch.linalg.solve_triangular(A, b * torch.cat([v, k_decayed], -1), upper=False, unitriangular=True)
             u_BHNCV, w_BHNCK = uw.split([v.shape[-1], K], dim=-1)
@@ -181,41 +182,49 @@ def _log_decay(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (g[..., None] if g.dim() == 3 else g).transpose(1, 2)
 
 
-def _decayed_products(x_CK: torch.Tensor, y_CK: torch.Tensor, gamma_CG: torch.Tensor, sub: int) -> torch.Tensor:
-    """sum_k x_ik y_jk exp(gamma_ik - gamma_jk) for j <= i, 0 above (over leading batch dims): (..., C, C). A decay
-    per head (G = 1) is one matmul; one per key channel goes by sub-chunks of ``sub`` tokens (module docstring)."""
-    C, f = x_CK.shape[-2], x_CK.dtype
+def _decayed_products(xs_CK: list[torch.Tensor], y_CK: torch.Tensor, gamma_CG: torch.Tensor, sub: int
+                      ) -> list[torch.Tensor]:
+    """For each x of ``xs_CK``: sum_k x_ik y_jk exp(gamma_ik - gamma_jk) for j <= i, 0 above (over leading batch
+    dims), (..., C, C); the xs share the decays. A decay per head (G = 1) is one matmul; one per key channel goes by
+    sub-chunks of ``sub`` tokens (module docstring)."""
+    C, f = y_CK.shape[-2], y_CK.dtype
     if gamma_CG.shape[-1] == 1:
         gamma_C = gamma_CG[..., 0]
-        causal_CC = torch.ones(C, C, dtype=torch.bool, device=x_CK.device).tril()
-        return (x_CK @ y_CK.transpose(-1, -2)) * _decay(gamma_C[..., :, None] - gamma_C[..., None, :], f, ~causal_CC)
+        causal_CC = torch.ones(C, C, dtype=torch.bool, device=y_CK.device).tril()
+        decay_CC = _decay(gamma_C[..., :, None] - gamma_C[..., None, :], f, ~causal_CC)
+        return [(x_CK @ y_CK.transpose(-1, -2)) * decay_CC for x_CK in xs_CK]
     n = C // sub
-    x_ncK, gamma_ncK = x_CK.unflatten(-2, (n, sub)), gamma_CG.unflatten(-2, (n, sub))
+    x_XncK, gamma_ncK = torch.stack(xs_CK).unflatten(-2, (n, sub)), gamma_CG.unflatten(-2, (n, sub))
     # the diagonal sub-blocks, from the per-token log decays (the first differences of gamma, exact in float64)
     g_ncK = torch.diff(gamma_ncK, dim=-2, prepend=gamma_ncK[..., :1, :]).to(f)
-    blocks = (x_ncK, y_CK.unflatten(-2, (n, sub)), g_ncK)
+    blocks = (x_XncK, y_CK.unflatten(-2, (n, sub)), g_ncK)
     if torch.is_grad_enabled():  # recomputed in the backward pass rather than kept: they are (c, c, K) wide
-        diagonal_ncc = torch.utils.checkpoint.checkpoint(_diagonal_blocks, *blocks, use_reentrant=False)
+        diagonal_Xncc = torch.utils.checkpoint.checkpoint(_diagonal_blocks, *blocks, use_reentrant=False)
     else:
-        diagonal_ncc = _diagonal_blocks(*blocks)
+        diagonal_Xncc = _diagonal_blocks(*blocks)
     # below them: query sub-chunk I against every earlier key, both scaled to I's first token r
     gamma_r_n1K = gamma_ncK[..., :1, :]
-    x_ncK = x_ncK * _decay(gamma_ncK - gamma_r_n1K, f)
-    not_earlier_nC1 = (torch.arange(C, device=x_CK.device) >= torch.arange(0, C, sub, device=x_CK.device)[:, None])
+    x_XncK = x_XncK * _decay(gamma_ncK - gamma_r_n1K, f)
+    not_earlier_nC1 = (torch.arange(C, device=y_CK.device) >= torch.arange(0, C, sub, device=y_CK.device)[:, None])
     y_nCK = y_CK[..., None, :, :] * _decay(gamma_r_n1K - gamma_CG[..., None, :, :], f, not_earlier_nC1[..., None])
-    below_ncC = x_ncK @ y_nCK.transpose(-1, -2)  # 0 from each query sub-chunk's first token on
-    blocks_ncnc = below_ncC.unflatten(-1, (n, sub)) + torch.diag_embed(diagonal_ncc.movedim(-3, -1), dim1=-4, dim2=-2)
-    return blocks_ncnc.reshape(*x_CK.shape[:-2], C, C)
+    out = []
+    for x_ncK, diagonal_ncc in zip(x_XncK, diagonal_Xncc, strict=True):
+        below_ncC = x_ncK @ y_nCK.transpose(-1, -2)  # 0 from each query sub-chunk's first token on
+        blocks_ncnc = below_ncC.unflatten(-1, (n, sub)) + torch.diag_embed(diagonal_ncc.movedim(-3, -1), dim1=-4,
+                                                                           dim2=-2)
+        out.append(blocks_ncnc.reshape(*y_CK.shape[:-2], C, C))
+    return out
 
 
-def _diagonal_blocks(x_ncK: torch.Tensor, y_ncK: torch.Tensor, g_ncK: torch.Tensor) -> torch.Tensor:
-    """sum_k x_ik y_jk exp(g_(j+1)k + ... + g_ik) for j <= i within each sub-chunk, 0 above: (..., n, c, c). Column
-    by column, so no (c, c, K) tensor is held at once; each exponent is a sum of the log decays between the two
-    tokens (a segment sum, <= 0), never a difference of larger sums."""
-    c = x_ncK.shape[-2]
+def _diagonal_blocks(x_XncK: torch.Tensor, y_ncK: torch.Tensor, g_ncK: torch.Tensor) -> torch.Tensor:
+    """For each x of ``x_XncK`` (stacked on the first dim): sum_k x_ik y_jk exp(g_(j+1)k + ... + g_ik) for j <= i
+    within each sub-chunk, 0 above: (X, ..., n, c, c). Column by column, so no (c, c, K) tensor is held at once;
+    each exponent is a sum of the log decays between the two tokens (a segment sum, <= 0), never a difference of
+    larger sums."""
+    c = y_ncK.shape[-2]
     columns = []
     for j in range(c):
         log_decay_iK = F.pad(g_ncK[..., j + 1 :, :], (0, 0, 1, 0)).cumsum(-2)  # rows i = j .. c - 1
-        column = (x_ncK[..., j:, :] * _decay(log_decay_iK, x_ncK.dtype) * y_ncK[..., j : j + 1, :]).sum(-1)
-        columns.append(F.pad(column, (j, 0)))
+        decayed_key_iK = _decay(log_decay_iK, y_ncK.dtype) * y_ncK[..., j : j + 1, :]
+        columns.append(F.pad((x_XncK[..., j:, :] * decayed_key_iK).sum(-1), (j, 0)))
     return torch.stack(columns, dim=-1)
