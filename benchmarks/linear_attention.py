@@ -1,4 +1,4 @@
-"""Linear attention on this CPU, fp32, in three parts (``--parts``, default all three):
+"""Linear attention on this CPU, fp32, in four parts (``--parts``, default all four):
 
 - ``layers``: one linear-attention layer's training step against the softmax attention layer it replaces
   (issue 15), at the hybrid suite's width: forward + backward of a (B, T, 256) batch. Each Gated DeltaNet row is
@@ -17,11 +17,16 @@
   of the tensors made (tracked through torch's dispatcher in a separate, untimed pass, since tracking slows ops).
   Run it with ``PYTHONPATH`` at an older tree for the before figures.
 
+- ``documents``: what keeping packed documents apart (``TrainConfig.document_boundaries``, default ``all``) costs a
+  training step: forward + backward of whole tiny models (``--presets``) on (4, 256) batches holding a document
+  start every 60 tokens, with ``document_starts`` against without.
+
 Contenders are interleaved round by round; each line gives the median over rounds with the range, and ratios are of
 medians (with the range of the per-round ratios, where rounds pair up).
 
-    .venv/bin/python benchmarks/linear_attention.py [--parts layers,decode,kda] [--rounds 7] [--threads 1]
+    .venv/bin/python benchmarks/linear_attention.py [--parts layers,decode,kda,documents] [--rounds 7] [--threads 1]
         [--batch 8] [--seq-lens 128,512] [--decode-batches 1,8] [--layers 36] [--kda-len 4096]
+        [--presets mixtral-tiny,qwen3-next-tiny,kimi-linear-tiny]
 """
 
 from __future__ import annotations
@@ -134,18 +139,18 @@ def decode(args) -> None:
         sources = [torch.randn(B, H, K, V, generator=g) for _ in range(L)]
         state_bytes = states[0].nbytes
         steps = [(q, k, v, log_decay, beta, state) for state in states]
-        contenders = {
-            "in-place step": lambda: _per_layer(gated_delta_step_, steps),
-            "spec step + copy (before)": lambda: _per_layer(_spec_step, steps),
-            "copy_ (the peer)": lambda: _per_layer(torch.Tensor.copy_, list(zip(states, sources, strict=True))),
+        contenders = {  # name: (what is timed, its calls: one per layer)
+            "in-place step": (gated_delta_step_, steps),
+            "spec step + copy (before)": (_spec_step, steps),
+            "copy_ (the peer)": (torch.Tensor.copy_, list(zip(states, sources, strict=True))),
         }
         with torch.inference_mode():
-            for run in contenders.values():
-                run()  # warm-up
+            for fn, calls in contenders.values():
+                _per_layer(fn, calls)  # warm-up
             times = {name: [] for name in contenders}
             for _ in range(args.rounds):
-                for name, run in contenders.items():
-                    times[name].append(run() * 1e6)
+                for name, (fn, calls) in contenders.items():
+                    times[name].append(_per_layer(fn, calls) * 1e6)
         copy_us = times["copy_ (the peer)"]
         print(f"\nbatch {B}: state {state_bytes / 2**20:.1f} MiB per layer, {L * state_bytes / 2**20:.0f} MiB in all")
         print(f"{'':<26} {'us':>9} {'range':>17} {'GB/s':>7}  x copy (range)      x in-place (range)")
@@ -216,9 +221,42 @@ def kda(args) -> None:
         print(f"{name:<26} {_summary(ms)}  {_ratio(ms, times['gated delta (per head)']):<22} {peaks[name]:>8.3f}")
 
 
+# --- documents: the cost of keeping packed documents apart -----------------------------------------------------
+
+
+def _model_step(model, inputs: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> float:
+    start = time.perf_counter()
+    model(inputs, labels, **kwargs).loss.backward()
+    return time.perf_counter() - start
+
+
+def documents(args) -> None:
+    from smoe import presets
+    from smoe.models import build_model, document_starts
+
+    print(f"\n## a training step of a whole model, forward + backward, batch 4 x 256 with a document start every 60 "
+          f"tokens; ms, median over {args.rounds} rounds (range)")
+    print(f"{'preset':<18} {'without':>9} {'with document_starts':>21}  with / without (range)")
+    for name in args.presets.split(","):
+        torch.manual_seed(0)
+        model = build_model(presets.get(name))
+        ids = torch.randint(1, model.config.vocab_size, (4, 257))
+        ids[:, 59::60] = 0  # token 0 as the end of a document
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        contenders = {"without": {}, "with": {"document_starts": document_starts(inputs, 0)}}
+        for kwargs in contenders.values():
+            _model_step(model, inputs, labels, kwargs)  # warm-up
+        times = {label: [] for label in contenders}
+        for _ in range(args.rounds):
+            for label, kwargs in contenders.items():
+                times[label].append(_model_step(model, inputs, labels, kwargs) * 1e3)
+        print(f"{name:<18} {np.median(times['without']):>9.1f} {np.median(times['with']):>21.1f}  "
+              f"{_ratio(times['with'], times['without'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="layers,decode,kda")
+    parser.add_argument("--parts", default="layers,decode,kda,documents")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=8, help="layers: sequences per step")
@@ -228,15 +266,17 @@ def main() -> None:
     parser.add_argument("--decode-dim", type=int, default=128, help="decode: K = V (Qwen3-Next's 128)")
     parser.add_argument("--layers", type=int, default=36, help="decode: states cycled over (Qwen3-Next's 36)")
     parser.add_argument("--kda-len", type=int, default=4096, help="kda: sequence length")
+    parser.add_argument("--presets", default="mixtral-tiny,qwen3-next-tiny,kimi-linear-tiny", help="documents: models")
     args = parser.parse_args()
     parts = args.parts.split(",")
-    unknown = sorted(set(parts) - {"layers", "decode", "kda"})
+    known = {"layers": layers, "decode": decode, "kda": kda, "documents": documents}
+    unknown = sorted(set(parts) - known.keys())
     if unknown:
-        parser.error(f"--parts: unknown part {unknown[0]!r}; choose from layers, decode, kda")
+        parser.error(f"--parts: unknown part {unknown[0]!r}; choose from {', '.join(known)}")
     torch.set_num_threads(args.threads)
     print(f"linear attention, fp32, {args.threads} threads, torch {torch.__version__}")
     for part in parts:
-        {"layers": layers, "decode": decode, "kda": kda}[part](args)
+        known[part](args)
 
 
 if __name__ == "__main__":
