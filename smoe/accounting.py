@@ -22,14 +22,22 @@ Conventions (those of shared/REFERENCES.md, which reproduce the published totals
   (kv_lora_rank + qk_rope_head_dim), per full-attention layer; a sliding window caps the positions kept
   (``kv_cache_elements``).
 - linear-attention layers (hybrid models, layout.layer_types): their projections and short convolution count as
-  matmul weights; the recurrence costs 2 x heads x key_dim x value_dim x n per token at any context, n = 2 for
-  lightning (write k v^T, read q S) and 3 for the delta rules (also read S^T k), in its token-by-token form. Each
+  matmul weights. The recurrence is counted as it runs. Training and prefill run the chunked form (smoe.nn.
+  linear_attention), whose multiply-adds per token and head at chunk length C are, for the delta rules,
+  C (2.5 K + 1.5 V) + 3 K V: per chunk the scores Q K^T and the system A = beta K K^T (C^2 K each), solving it for
+  U and W (C^2 (K + V) / 2), the corrections W S0, the read Q S0 and the state update K^T U (C K V each), and the
+  scores times the corrections (C^2 V); Kimi Delta Attention adds (c + 1) K for the diagonal sub-blocks of both
+  products (sub-chunks of c = 16). Lightning has neither A, its solve nor W S0: C (K + V) + 2 K V. C is the
+  config's chunk, or the sequence rounded up to whole sub-chunks when shorter, and the padding of a last partial
+  chunk counts. A decode step (``decode_attention_flops``) runs the token-by-token form: 2 x heads x key_dim x
+  value_dim x n FLOPs, n = 2 for lightning (write k v^T, read q S) and 3 for the delta rules (also read S^T k). Each
   keeps a state per sequence, constant in the context (``recurrent_state_bytes``): heads x key_dim x value_dim in
   fp32 (as smoe and the reference kernels keep it) plus the convolution's last kernel - 1 inputs in the cache dtype.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from smoe.config import LinearAttentionConfig, MLAConfig, ModelConfig
@@ -114,9 +122,27 @@ def _linear_matmul_params(d: int, la: LinearAttentionConfig) -> int:
     return 2 * d * Hk * K + 3 * d * H * V + 2 * d * H + conv  # q, k; v, z, output; b, a
 
 
-def _recurrence_flops(la: LinearAttentionConfig) -> float:
-    """One token's recurrence in one linear layer (module docstring)."""
+def _step_flops(la: LinearAttentionConfig) -> float:
+    """One decode step's recurrence in one linear layer: the token-by-token form (module docstring)."""
     return 2.0 * la.n_heads * la.head_dim * la.resolved_v_head_dim * (2 if la.kind == "lightning" else 3)
+
+
+# smoe.nn.linear_attention.SUB_CHUNK (no torch import here; tests/test_accounting.py holds them equal)
+_SUB_CHUNK = 16
+
+
+def chunked_recurrence_flops(la: LinearAttentionConfig, seq_len: int) -> float:
+    """FLOPs per token of one linear layer's chunked recurrence over sequences of ``seq_len`` tokens (module
+    docstring), padding included."""
+    H, K, V = la.n_heads, la.head_dim, la.resolved_v_head_dim
+    sub = math.gcd(la.chunk, _SUB_CHUNK)
+    C = min(la.chunk, -(-seq_len // sub) * sub)
+    if la.kind == "lightning":
+        macs = C * (K + V) + 2 * K * V
+    else:
+        macs = C * (2.5 * K + 1.5 * V) + 3 * K * V + ((sub + 1) * K if la.kind == "kda" else 0)
+    padded = -(-seq_len // C) * C
+    return 2.0 * H * macs * padded / seq_len
 
 
 def recurrent_state_bytes(config: ModelConfig, dtype: str = "bf16") -> int:
@@ -170,7 +196,7 @@ def decode_attention_flops(config: ModelConfig, context: int) -> float:
     window = _window(config)
     visible = context if window is None else min(context, window)
     n_linear = config.layout.n_linear
-    recurrence = n_linear * _recurrence_flops(config.linear_attention) if n_linear else 0.0
+    recurrence = n_linear * _step_flops(config.linear_attention) if n_linear else 0.0
     return 2.0 * (config.n_layers - n_linear) * _attention_width(config, latent=True) * visible + recurrence
 
 
@@ -266,7 +292,7 @@ def account(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     matmul = attn_mm + ffn_mm + V * d  # the head (tied or not) is a matmul
     forward = 2 * matmul + (config.n_layers - n_linear) * _attention_score_flops(config, seq_len)
     if n_linear:
-        forward += n_linear * _recurrence_flops(config.linear_attention)
+        forward += n_linear * chunked_recurrence_flops(config.linear_attention, seq_len)
 
     kv_elems = kv_cache_elements(config)
     return Accounting(

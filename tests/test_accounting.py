@@ -2,10 +2,19 @@
 transformers itself builds (tests/test_hf_config.py)."""
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from smoe import presets
-from smoe.accounting import account, decode_attention_flops, format_accounting, kv_cache_elements
-from smoe.config import LayoutConfig, ModelConfig, override
+from smoe import accounting, presets
+from smoe.accounting import (
+    account,
+    chunked_recurrence_flops,
+    decode_attention_flops,
+    format_accounting,
+    kv_cache_elements,
+)
+from smoe.config import LayoutConfig, LinearAttentionConfig, ModelConfig, override
+from smoe.nn.linear_attention import SUB_CHUNK, chunked_gated_delta_rule
 
 
 def _close(got: float, published: float, tol: float = 0.005) -> bool:
@@ -205,3 +214,35 @@ def test_decode_attention_of_mla_runs_in_the_latent_space():
     # scores over 512 latent + 64 rotary dims, values over the 512-wide latent, per head, per position
     assert decode_attention_flops(presets.get("deepseek-v3"), 1000) == 2 * 61 * 128 * (512 + 64 + 512) * 1000
     assert decode_attention_flops(presets.get("mixtral-8x7b"), 1000) == 2 * 32 * 32 * (128 + 128) * 1000
+
+
+
+@pytest.mark.parametrize("kind", ["gated_delta", "kda", "lightning"])
+def test_the_chunked_recurrence_is_counted_as_it_runs(kind):
+    # torch's FLOP counter sees the chunked form's matmuls; not the triangular solve (C^2 (K + V) / 2 multiply-adds
+    # per chunk) nor Kimi Delta Attention's diagonal sub-blocks ((c + 1) K per token, elementwise)
+    la = LinearAttentionConfig(kind=kind, n_heads=2, head_dim=32, v_head_dim=48 if kind == "gated_delta" else None)
+    T, H, K, V, C = 256, la.n_heads, la.head_dim, la.resolved_v_head_dim, la.chunk
+    g = -torch.rand(1, T, H, K) if kind == "kda" else -torch.rand(1, T, H)
+    beta = None if kind == "lightning" else torch.rand(1, T, H)
+    with FlopCounterMode(display=False) as counter:
+        chunked_gated_delta_rule(torch.randn(1, T, H, K), torch.randn(1, T, H, K), torch.randn(1, T, H, V), g, beta,
+                                 chunk=C)
+    unseen = 0 if kind == "lightning" else C * (K + V) + (2 * (SUB_CHUNK + 1) * K if kind == "kda" else 0)
+    assert chunked_recurrence_flops(la, T) == counter.get_total_flops() / T + H * unseen
+
+
+def test_the_chunked_recurrence_costs_more_than_a_decode_step():
+    # Qwen3-Next's heads (K = V = 128, chunk 64): 2 [C (2.5 K + 1.5 V) + 3 K V] per token and head, 1.67x the
+    # token-by-token form, which a decode step runs
+    la = presets.get("qwen3-next-80b-a3b").linear_attention
+    assert chunked_recurrence_flops(la, 4096) == 2 * 32 * (64 * 4 * 128 + 3 * 128 * 128)
+    assert chunked_recurrence_flops(la, 4096) / (2 * 32 * 3 * 128 * 128) == pytest.approx(5 / 3)
+
+
+def test_a_short_or_ragged_sequence_is_counted_with_the_chunk_it_runs():
+    assert accounting._SUB_CHUNK == SUB_CHUNK
+    la = LinearAttentionConfig(kind="lightning", n_heads=1, head_dim=64)
+    per_token = {C: 2 * (C * 128 + 2 * 64 * 64) for C in (32, 64)}
+    assert chunked_recurrence_flops(la, 20) == per_token[32] * 32 / 20  # shorter than a chunk: whole sub-chunks
+    assert chunked_recurrence_flops(la, 100) == per_token[64] * 128 / 100  # the last chunk's padding counts

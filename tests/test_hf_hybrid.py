@@ -140,6 +140,16 @@ def test_a_lightning_model_loads_back_from_a_smoe_checkpoint_with_its_decays(sav
         torch.testing.assert_close(load_pretrained(tmp_path / "ours")(IDS).logits, ours(IDS).logits, rtol=0, atol=0)
 
 
+def test_kimi_delta_attentions_dt_bias_stays_fp32_in_a_bf16_model(saved):
+    # bf16 would move each channel's decay by up to 1.6%; transformers keeps dt_bias in fp32 as well
+    theirs, directory = saved["kimi_linear"]
+    ours = load_pretrained(directory, dtype=torch.bfloat16)
+    for layer in (0, 2):  # the linear layers
+        dt_bias = ours.layers[layer].attn.dt_bias
+        assert dt_bias.dtype == torch.float32 and ours.layers[layer].attn.wq.weight.dtype == torch.bfloat16
+        assert torch.equal(dt_bias, theirs.model.layers[layer].self_attn.forget_gate.dt_bias)
+
+
 def test_kimi_dense_ffn_loads_under_either_name_but_not_both(saved, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -1,6 +1,9 @@
 """Hybrid models (layout.layer_types): linear-attention layers beside full attention train, decode from a cache
-that holds recurrent states, keep rows independent in a batch, and are accounted exactly."""
+that holds recurrent states (updated in place), keep rows independent in a batch and packed documents apart, and
+are accounted exactly."""
 
+import contextlib
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -18,7 +21,10 @@ from smoe.config import (
     hybrid_layer_types,
 )
 from smoe.generation import Engine, Request, generate
-from smoe.models.transformer import Transformer
+from smoe.models.transformer import Transformer, document_starts
+from smoe.nn import linear_layers
+from smoe.nn.linear_attention import gated_delta_rule
+from smoe.train.loop import evaluate
 
 KINDS = pytest.mark.parametrize("kind", ["lightning", "gated_delta", "kda"])
 
@@ -77,6 +83,66 @@ def test_a_batch_generates_each_prompt_as_it_would_alone(kind):
     for b, prompt in enumerate(prompts):
         alone = generate(model, [prompt], max_new_tokens=6, decode_rows=4)
         assert together[b].tolist() == alone[0].tolist()
+
+
+@KINDS
+def test_the_in_place_decode_step_generates_the_specs_tokens(kind, monkeypatch):
+    model = _model(kind)
+    prompts = [[3, 14, 15, 9, 26], [5, 35], [8, 9, 7, 9, 32, 38, 46, 26]]
+    in_place = generate(model, prompts, max_new_tokens=8, decode_rows=4)
+
+    def spec_step(q, k, v, g, beta, state, scale=None):  # the token-by-token spec, its state copied back
+        out, final = gated_delta_rule(q, k, v, g, beta, state, scale)
+        state.copy_(final)
+        return out
+
+    monkeypatch.setattr(linear_layers, "gated_delta_step_", spec_step)
+    assert torch.equal(generate(model, prompts, max_new_tokens=8, decode_rows=4), in_place)
+
+
+EOS = 0
+# Two rows of three documents each, every one ended by EOS; lengths cross the layers' chunks of 4
+DOCS = [[[3, 14, 15, 9, 26], [5, 35, 8, 9, 7, 9, 32, 38, 46], [2, 7, 33]],
+        [[44, 1], [6, 28, 30, 12, 59, 3, 3, 41, 17, 5, 8], [19, 23, 4, 50]]]
+
+
+@pytest.mark.parametrize("kind, full_every, mask", [("lightning", 2, True), ("gated_delta", 2, True),
+                                                    ("kda", 2, True), ("gated_delta", 1, True), ("kda", 5, False)],
+                         ids=["lightning", "gated_delta", "kda", "softmax-only", "linear-only-unmasked"])
+def test_a_packed_batch_computes_each_document_as_alone(kind, full_every, mask):
+    # softmax-only: GQA with partial rope, qk-norm and the output gate; kda's full layers are NoPE MLA. Linear layers
+    # reset at a document start whatever the mask; with mask=False softmax attention would see across documents
+    model = _model(kind, full_every=full_every)
+    docs = [[torch.tensor(d + [EOS]) for d in row] for row in DOCS]
+    ids = torch.stack([torch.cat(row) for row in docs])
+    with torch.no_grad():
+        packed = model(ids, document_starts=document_starts(ids, EOS), document_mask=mask).logits
+        joined = model(ids).logits
+        for b, row in enumerate(docs):
+            alone = torch.cat([model(d[None]).logits[0] for d in row])
+            torch.testing.assert_close(packed[b], alone, rtol=1e-4, atol=1e-5)
+            assert not torch.allclose(joined[b], alone, rtol=1e-4, atol=1e-5)  # unmarked, documents do leak
+
+
+def test_evaluation_keeps_packed_documents_apart():
+    model = _model("gated_delta")
+    row = torch.tensor([t for doc in DOCS[0] for t in doc + [EOS]] + [11])
+    batches = [(row[None, :-1], row[None, 1:])]
+    ends = [0] + [i + 1 for i, t in enumerate(row[:-1].tolist()) if t == EOS]  # each document with its EOS
+    alone = [(row[None, a:b], row[None, a + 1 : b + 1]) for a, b in itertools.pairwise(ends)]
+    packed = evaluate(model, batches, 100, torch.device("cpu"), contextlib.nullcontext(), EOS, "all")
+    separate = evaluate(model, alone, 100, torch.device("cpu"), contextlib.nullcontext())
+    assert packed["val_loss"] == pytest.approx(separate["val_loss"], rel=1e-5)
+    joined = evaluate(model, batches, 100, torch.device("cpu"), contextlib.nullcontext(), EOS, "none")
+    assert joined["val_loss"] != pytest.approx(separate["val_loss"], rel=1e-5)
+
+
+def test_document_starts_need_unpadded_rows_without_a_cache():
+    model, ids = _model("kda"), torch.tensor([[1, EOS, 2, 3]])
+    with pytest.raises(ValueError, match="^document_starts: packed documents are for unpadded rows"):
+        model(ids, attention_mask=torch.ones_like(ids), document_starts=document_starts(ids, EOS))
+    with pytest.raises(ValueError, match="^document_starts: shape"):
+        model(ids, document_starts=torch.zeros(1, 3, dtype=torch.bool))
 
 
 @KINDS

@@ -1,16 +1,20 @@
-"""The linear-attention recurrences and the layers around them: the chunked form against the token-by-token spec,
-forward and backward; decoding from a cache against one forward; left padding; and parity with transformers' own
-torch recurrences and attention modules (Qwen3-Next, Kimi Linear, MiniMax-01) on tiny random weights."""
+"""The linear-attention recurrences and the layers around them: the chunked form and the in-place decode step
+against the token-by-token spec, forward and backward; precision under autocast and strong forgets against a
+float64 spec; what the chunked form and the step allocate; decoding from a cache against one forward; left padding
+and packed documents; and parity with transformers' own torch recurrences and attention modules (Qwen3-Next, Kimi
+Linear, MiniMax-01) on tiny random weights."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from smoe.interop.families.minimax import lightning_pieces
 from smoe.interop.families.qwen3_next import gated_delta_pieces
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import SUB_CHUNK, chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention
 
 B, H, K, V = 2, 3, 8, 6
@@ -72,12 +76,145 @@ def test_the_gated_delta_rule_matches_transformers_qwen3_next():
         torch.testing.assert_close(ours_state, theirs_state, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("T, chunk", [(13, 4), (6, 1), (9, 16)])
-def test_a_decay_per_key_channel_chunks_as_its_recurrence_forward_and_backward(T, chunk):
-    # Kimi Delta Attention: g is (B, T, H, K), each row of the state decaying on its own
+@pytest.mark.parametrize("T, chunk, rate", [(13, 4, 1), (6, 1, 1), (9, 16, 1), (100, 64, 1), (70, 32, 1),
+                                            (50, 48, 1), (70, 64, 30)])
+def test_a_decay_per_key_channel_chunks_as_its_recurrence_forward_and_backward(T, chunk, rate):
+    # Kimi Delta Attention: g is (B, T, H, K), each row of the state decaying on its own; chunks of 32 or more are
+    # cut into sub-chunks of 16 (partly filled at T 50, 70, 100), and rate 30 makes decays strong enough to floor
     q, k, v, _, beta, state = _inputs(T, seed=6)
-    g = -torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(7))
+    g = -rate * torch.rand(B, T, H, K, generator=torch.Generator().manual_seed(7))
     _chunked_equals_spec((q, k, v, g, beta, state), chunk)
+
+
+class _TensorsMade(TorchDispatchMode):
+    """Records the element count of every tensor an op makes: not its inputs, views of them, or what an in-place op
+    writes into them."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = [0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t)}
+        self.sizes += [t.numel() for t in tree_flatten(out)[0]
+                       if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def _largest_tensor_made(fn) -> int:
+    with _TensorsMade() as made:
+        fn()
+    return max(made.sizes)
+
+
+def test_a_decay_per_key_channel_makes_no_chunk_by_chunk_by_key_tensor():
+    # the (C, C, K) pairwise decays of a chunk are what kept Kimi Delta Attention from training at length; its
+    # largest tensors, forward and backward, are now the keys scaled once per query sub-chunk
+    T, chunk, H_, K_ = 128, 64, 2, 32
+    g = torch.Generator().manual_seed(10)
+    q, k = torch.randn(1, T, H_, K_, generator=g), F.normalize(torch.randn(1, T, H_, K_, generator=g), dim=-1)
+    v, beta = torch.randn(1, T, H_, 8, generator=g), torch.rand(1, T, H_, generator=g)
+    log_decay = -torch.rand(1, T, H_, K_, generator=g)
+    leaves = [x.requires_grad_() for x in (q, k, v, log_decay, beta)]
+
+    def step():
+        out, state = chunked_gated_delta_rule(*leaves, chunk=chunk)
+        (out.square().sum() + state.square().sum()).backward()
+
+    assert _largest_tensor_made(step) <= chunk // SUB_CHUNK * k.numel() < chunk * k.numel()
+
+
+def test_the_chunked_forms_allocations_grow_linearly_with_the_length():
+    # the scan once indexed each chunk out of whole-sequence tensors, whose backward zero-filled a whole-sequence
+    # gradient per chunk: twice the length made 3.5x the elements
+    def made(T: int) -> int:
+        leaves = [x.requires_grad_() for x in _inputs(T, seed=20)]
+        with _TensorsMade() as tensors:
+            out, state = chunked_gated_delta_rule(*leaves[:5], leaves[5], chunk=8)
+            (out.sum() + state.sum()).backward()
+        return sum(tensors.sizes)
+
+    assert made(512) / made(256) < 2.2
+
+
+def test_a_short_prefill_is_not_padded_to_a_whole_chunk():
+    inputs = _inputs(5, seed=11)
+    largest = _largest_tensor_made(lambda: chunked_gated_delta_rule(*inputs[:5], inputs[5], chunk=64))
+    assert largest <= B * H * SUB_CHUNK * SUB_CHUNK < B * H * 64 * 64  # the pairwise decays of one sub-chunk
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
+@pytest.mark.parametrize("delta", [True, False], ids=["gated-delta", "decayed-linear"])
+def test_the_decode_step_updates_the_state_in_place_as_the_spec_steps(per_channel, delta):
+    q, k, v, g, beta, state = _inputs(4, seed=12, delta=delta)
+    if per_channel:
+        g = -torch.rand(B, 4, H, K, generator=torch.Generator().manual_seed(13))
+    g[1, 2] = 0  # row 1 idles at step 2, as padding does (no decay, and no write: beta 0 or k = v = 0)
+    if delta:
+        beta[1, 2] = 0
+    else:
+        k[1, 2], v[1, 2] = 0, 0
+    want, want_state = gated_delta_rule(q, k, v, g, beta, state)
+    cached = state.clone()
+    outs, largest = [], 0
+    for t in range(4):
+        def step(at=slice(t, t + 1)):
+            outs.append(gated_delta_step_(q[:, at], k[:, at], v[:, at], g[:, at],
+                                          None if beta is None else beta[:, at], cached))
+
+        largest = max(largest, _largest_tensor_made(step))
+    torch.testing.assert_close(torch.cat(outs, dim=1), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached, want_state, rtol=1e-6, atol=1e-6)
+    assert largest < state.numel()  # no state-sized temporary: the state is scaled and updated where it lies
+
+
+def _float64_spec(inputs):
+    q, k, v, g, beta, state = (x.double() if x is not None else None for x in inputs)
+    return gated_delta_rule(q, k, v, g, beta, state)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
+def test_under_bf16_autocast_the_recurrences_compute_in_fp32(per_channel):
+    q, k, v, g, beta, state = inputs = _inputs(37, seed=14)
+    if per_channel:
+        g = -torch.rand(B, 37, H, K, generator=torch.Generator().manual_seed(15))
+        inputs = (q, k, v, g, beta, state)
+    want, want_state = _float64_spec(inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results = [gated_delta_rule(*inputs), chunked_gated_delta_rule(*inputs[:5], state, chunk=16)]
+        cached = state.clone()
+        steps = [gated_delta_step_(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], g[:, t : t + 1],
+                                   beta[:, t : t + 1], cached) for t in range(37)]
+        results.append((torch.cat(steps, dim=1), cached))
+    for out, final in results:
+        assert out.dtype == final.dtype == torch.float32
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)  # bf16 matmuls: about 2e-3 off
+        torch.testing.assert_close(final.double(), want_state, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-head", "per-channel"])
+@pytest.mark.parametrize("forget", [-1000.0, -5000.0, float("-inf")])
+def test_strong_forgets_cost_the_chunked_form_no_precision(forget, per_channel):
+    # a forget at the start of every chunk (fp32 prefix sums lost 7e-5 at -1000 and turned -inf into NaN), and one
+    # inside a sub-chunk
+    q, k, v, _, beta, state = _inputs(256, seed=16)
+    shape = (B, 256, H, K) if per_channel else (B, 256, H)
+    g = -0.1 * torch.rand(shape, generator=torch.Generator().manual_seed(17))
+    g[:, ::64] = forget
+    g[:, 100] = forget
+    want, want_state = _float64_spec((q, k, v, g, beta, state))
+    out, final = chunked_gated_delta_rule(q, k, v, g, beta, state, chunk=64)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(final.double(), want_state, rtol=0, atol=2e-6)
+
+
+def test_a_hard_reset_keeps_the_chunked_form_finite_forward_and_backward():
+    for per_channel in (False, True):
+        q, k, v, _, beta, state = _inputs(40, seed=18)
+        g = -torch.rand((B, 40, H, K) if per_channel else (B, 40, H), generator=torch.Generator().manual_seed(19))
+        g[:, ::16], g[:, 21] = float("-inf"), float("-inf")  # at chunk starts and inside a chunk
+        _chunked_equals_spec((q, k, v, g, beta, state), chunk=16)
 
 
 def test_a_decay_per_key_channel_matches_transformers_kimi_linear():
@@ -251,6 +388,23 @@ def test_decoding_from_the_cache_equals_one_forward(family):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+@FAMILIES
+def test_a_layers_decode_step_updates_its_cache_in_place(family):
+    # heads of 32: the state outweighs every other tensor of a step, as it does at real sizes
+    layer = _random_weights({
+        "qwen3-next": lambda: GatedDeltaNet(D, n_k_heads=1, n_v_heads=2, k_dim=32, v_dim=32),
+        "kimi-linear": lambda: KimiDeltaAttention(D, n_heads=2, head_dim=32),
+        "minimax": lambda: LightningAttention(D, n_heads=2, head_dim=32, layer=2, n_layers=8),
+    }[family]())
+    x = _x(6, seed=9)
+    with torch.no_grad():
+        cache = layer.new_cache(2)
+        layer(x[:, :5], cache)
+        state = cache.state_BHKV
+        largest = _largest_tensor_made(lambda: layer(x[:, 5:], cache))
+    assert cache.state_BHKV is state and largest < state.numel()
+
+
 def _assert_row_cache(cache, row: int, want) -> None:
     """Row ``row`` of ``cache`` against ``want``, a cache of one row."""
     torch.testing.assert_close(cache.state_BHKV[row : row + 1], want.state_BHKV, rtol=1e-5, atol=1e-5)
@@ -288,6 +442,22 @@ def test_padding_leaves_a_continuing_rows_cache_untouched(family):
         row1 = layer(x[1:])
     torch.testing.assert_close(chunk[0, 2], row0[0, 6], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([chunk[1:], step[1:]], dim=1), row1[:, 6:], rtol=1e-5, atol=1e-5)
+    _assert_row_cache(cache, 0, alone)
+
+
+@FAMILIES
+def test_packed_documents_compute_as_alone_and_leave_the_last_ones_cache(family):
+    # documents of 5, 2 (shorter than the convolution's history) and 5 tokens, starting inside chunks of 3
+    layer = _layer(family)
+    x = _x(12, seed=10, batch=1)
+    starts = torch.zeros(1, 12, dtype=torch.bool)
+    starts[0, [5, 7]] = True
+    with torch.no_grad():
+        cache, alone = _random_cache(layer, 1, seed=11), layer.new_cache(1)
+        packed = layer(x, cache, starts_BT=starts)
+        first = layer(x[:, :5], _random_cache(layer, 1, seed=11))  # the first document continues the cache
+        documents = torch.cat([first, layer(x[:, 5:7]), layer(x[:, 7:], alone)], dim=1)
+    torch.testing.assert_close(packed, documents, rtol=1e-5, atol=1e-5)
     _assert_row_cache(cache, 0, alone)
 
 

@@ -74,6 +74,17 @@ def test_resume_from_a_checkpoint_is_exact(text, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_recorded_before_document_boundaries_resumes_only_as_it_ran(text, tmp_path):
+    out = tmp_path / "run"
+    _train(out, text, tmp_path, steps=2)
+    run = json.loads((out / "run.json").read_text())
+    assert run["train_config"].pop("document_boundaries") == "all"  # the default: packed documents kept apart
+    (out / "run.json").write_text(json.dumps(run))  # as a run written before the setting existed
+    with pytest.raises(ValueError, match="^resume: document_boundaries was 'none' in .*, now 'all'"):
+        _train(out, text, tmp_path, steps=3, resume=True)
+    assert _train(out, text, tmp_path, steps=3, resume=True, document_boundaries="none").step == 3
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(text, tmp_path):
     """A real process killed with SIGKILL mid-run and resumed ends bit-identical to an uninterrupted one."""
     env = {**os.environ, "SMOE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}

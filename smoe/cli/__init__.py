@@ -147,8 +147,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from smoe.train import evaluate_checkpoint
 
+    documents = {} if args.document_boundaries is None else {"document_boundaries": args.document_boundaries}
     result = evaluate_checkpoint(args.checkpoint, data=args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                                 max_batches=args.max_batches, text_field=args.text_field)
+                                 max_batches=args.max_batches, text_field=args.text_field, **documents)
     if args.json:
         print(json.dumps(result))
     else:
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=50)
     p.add_argument("--text-field", default="text")
     p.add_argument("--json", action="store_true")
+    add_config_arguments(p, TrainConfig, only=("document_boundaries",))
     p.set_defaults(func=_cmd_eval)
 
     compare.add_parser(sub)

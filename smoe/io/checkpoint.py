@@ -45,7 +45,7 @@ from smoe.config import ModelConfig
 from smoe.io.files import atomic_write_text, fsync, read_json, sha256_file
 from smoe.io.safetensors import SafetensorsFile, load_tensors
 from smoe.models import Transformer, build_model
-from smoe.nn.linear_layers import LightningAttention
+from smoe.nn.linear_layers import LightningAttention, fp32_parameters
 from smoe.nn.rope import RotaryEmbedding
 
 CHECKPOINT_DIR = "checkpoints"
@@ -336,12 +336,14 @@ def load_model_state(path: str | Path, model: torch.nn.Module, shards: ShardRang
 
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs), allocated
-    once on ``device``: the destination a loader fills tensor by tensor."""
+    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
+    parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
+    tensor by tensor."""
     with torch.device("meta"):
         model = build_model(config)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
+    fp32 = fp32_parameters(model)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name in fp32 else dtype)
     model.to_empty(device=device)
     for m in model.modules():  # the buffers computed from the config, not stored
         if isinstance(m, (RotaryEmbedding, LightningAttention)):

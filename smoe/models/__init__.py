@@ -1,5 +1,13 @@
 """Models built from a ModelConfig."""
 
-from smoe.models.transformer import IGNORE_INDEX, DecodeCache, ModelOutput, Transformer, build_model, quantize
+from smoe.models.transformer import (
+    IGNORE_INDEX,
+    DecodeCache,
+    ModelOutput,
+    Transformer,
+    build_model,
+    document_starts,
+    quantize,
+)
 
-__all__ = ["IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model", "quantize"]
+__all__ = ["IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model", "document_starts", "quantize"]

@@ -110,11 +110,11 @@ class Block(nn.Module):
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
     def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
-                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None
+                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None, starts_BT=None
                 ) -> tuple[torch.Tensor, RouterStats | None]:
         h_BTD = self.attn_norm(x_BTD)
         if self.is_linear:
-            mixed_BTD = self.attn(h_BTD, cache, keep_BT)
+            mixed_BTD = self.attn(h_BTD, cache, keep_BT, starts_BT)
         else:
             mixed_BTD = self.attn(h_BTD, cos, sin, mask_B1TS, cache, spans)
         x_BTD = _residual(x_BTD, h_BTD, mixed_BTD, self.attn_scale)
@@ -150,9 +150,9 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
         self.norm = make_norm(config.norm, dim, eps)
 
-    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None):
+    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None, mask_B1TS=None):
         x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
-        return self.block(x, cos, sin, token_ids_BT=token_ids_BT)
+        return self.block(x, cos, sin, mask_B1TS, token_ids_BT=token_ids_BT)
 
 
 class Transformer(nn.Module):
@@ -227,13 +227,20 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,
                 logits_to_keep: int = 0, router_stats: bool | str = True,
-                expert_backend: str | None = None) -> ModelOutput:
+                expert_backend: str | None = None, document_starts: torch.Tensor | None = None,
+                document_mask: bool = True) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
         IGNORE_INDEX (-100) positions do not count.
 
         ``attention_mask`` (B, T), 1 for real tokens and 0 for (left) padding: positions count real tokens only;
         padding is never attended, cached or routed to an expert. ``cache``: each row's real tokens continue the
         tokens the cache holds for that row, which it records (a row of padding only is left as it was).
+
+        Packed documents: ``document_starts`` (B, T, bool; ``document_starts(input_ids, eos_id)`` makes it) marks
+        the first token of each document a row packs. Linear-attention layers reset their state and convolution
+        history there; with ``document_mask`` (default) softmax attention is also masked to each token's own
+        document and positions count from its start, so a document computes what it computes alone (False: the
+        softmax layers see across documents, as plain packing does). Not with ``attention_mask`` or ``cache``.
 
         Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
         the head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
@@ -250,7 +257,15 @@ class Transformer(nn.Module):
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
                              f"{tuple(input_ids.shape)}")
+        if document_starts is not None:
+            if document_starts.shape != input_ids.shape:
+                raise ValueError(f"document_starts: shape {tuple(document_starts.shape)} differs from input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            if attention_mask is not None or cache is not None:
+                raise ValueError("document_starts: packed documents are for unpadded rows without a cache (training "
+                                 "and evaluation); not with attention_mask or cache")
         real_BT = attention_mask.bool() if attention_mask is not None else None
+        starts_BT = document_starts.bool() if document_starts is not None else None
         mask_B1TS = spans = None
         if cache is not None:
             spans, positions_BT = self._spans(real_BT, cache, B, T, input_ids.device)
@@ -258,20 +273,22 @@ class Transformer(nn.Module):
         elif real_BT is not None:
             # As transformers computes position ids from the mask: real tokens count 0, 1, 2, ... per row.
             cos, sin = self.rope((real_BT.long().cumsum(1) - 1).clamp_min(0))
-            causal_TT = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            window = getattr(self.config.attention, "sliding_window", None)
-            if window is not None:
-                causal_TT = causal_TT.triu(1 - window)
             # A pad query attends to itself: no row is fully masked (its softmax would be NaN, and NaN pad values
             # would leak into real rows as 0 * NaN).
-            mask_B1TS = (real_BT[:, None, None, :] & causal_TT) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+            mask_B1TS = (real_BT[:, None, None, :] & self._causal(T, input_ids.device)) | torch.eye(
+                T, dtype=torch.bool, device=input_ids.device)
+        elif starts_BT is not None and document_mask:
+            t_T = torch.arange(T, device=input_ids.device)
+            cos, sin = self.rope(t_T - torch.where(starts_BT, t_T, 0).cummax(1).values)  # from each document's start
+            doc_BT = starts_BT.long().cumsum(1)
+            mask_B1TS = ((doc_BT[:, :, None] == doc_BT[:, None, :]) & self._causal(T, input_ids.device))[:, None]
         else:
             cos, sin = self.rope(torch.arange(T, device=input_ids.device))
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
             h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, spans, input_ids,
-                         router_stats, real_BT, expert_backend)
+                         router_stats, real_BT, expert_backend, starts_BT)
             if s is not None:
                 stats[i] = s
         if cache is not None:
@@ -284,7 +301,7 @@ class Transformer(nn.Module):
         if labels is not None:
             out.lm_loss = _cross_entropy(logits, labels)
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats)
+                out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats, mask_B1TS)
         if stats and router_stats is True:
             out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
         if out.lm_loss is not None:
@@ -327,7 +344,13 @@ class Transformer(nn.Module):
         positions_BT = (cache.lengths_B.to(device)[:, None] + counts_BT - 1).clamp_min(0)
         return list(zip(cached_B, new_B)), positions_BT
 
-    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats) -> torch.Tensor:
+    def _causal(self, T: int, device) -> torch.Tensor:
+        """(T, T) bool: which keys each query may attend without a cache (causal, within a sliding window)."""
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        window = getattr(self.config.attention, "sliding_window", None)
+        return causal_TT if window is None else causal_TT.triu(1 - window)
+
+    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats, mask_B1TS=None) -> torch.Tensor:
         # Depth d sees positions t < T - d, the ones whose token t+d is in the batch: its input is input_ids[t+d]
         # and its target labels[t+d]. The input comes from input_ids, not from the labels, so that a position
         # whose label is ignored (-100) still feeds its real token.
@@ -336,12 +359,20 @@ class Transformer(nn.Module):
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[: T - d], sin[: T - d],
-                              input_ids_BT[:, d:])
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[..., : T - d, :],
+                              sin[..., : T - d, :], input_ids_BT[:, d:],
+                              None if mask_B1TS is None else mask_B1TS[..., : T - d, : T - d])
             if s is not None:
                 stats[self.config.n_layers + d - 1] = s
             losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))
         return torch.stack(losses).mean() if losses else h_BTD.new_zeros(())
+
+
+def document_starts(input_ids_BT: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) bool, True at the first token of each document after the first in a row, for rows that pack
+    documents each ended by ``eos_id`` (as smoe's training data is: ``Transformer.forward``'s ``document_starts``).
+    A row's first token needs no mark: nothing comes before it."""
+    return F.pad(input_ids_BT[:, :-1] == eos_id, (1, 0))
 
 
 def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 from smoe.nn.linear_layers import (
     GatedDeltaNet,
     KimiDeltaAttention,
     LightningAttention,
     RecurrentState,
+    fp32_parameters,
     make_linear_attention,
 )
 from smoe.nn.mla import MLA, MLACache
@@ -30,7 +31,9 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rope",
     "chunked_gated_delta_rule",
+    "fp32_parameters",
     "gated_delta_rule",
+    "gated_delta_step_",
     "init_weights",
     "make_linear_attention",
     "make_norm",

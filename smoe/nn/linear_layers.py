@@ -6,11 +6,17 @@ Legend: B batch, T time, D model dim, C channels of the short convolution, W its
 H heads, K key dim, V value dim.
 
 ``chunk`` is the chunked recurrence's chunk length; ``chunk=None`` runs the token-by-token spec instead, which is what
-the layers' parity tests hold the chunked form to. A single token (a decode step) always runs the spec: there is
-nothing to chunk. ``real_BT`` (bool) marks the real tokens of a left-padded batch. Padding neither decays nor writes
+the layers' parity tests hold the chunked form to. A single token never runs the chunked form: continuing a state
+without autograd (a decode step) it runs ``gated_delta_step_``, which updates the cached state in place, else the
+spec. ``real_BT`` (bool) marks the real tokens of a left-padded batch. Padding neither decays nor writes
 the recurrent state and never enters the convolution's history, so every row computes what it computes alone, also
 when it continues a state (a decode step's idle rows, the shorter rows of a chunked prefill). Outputs at padding
 positions are meaningless (finite: padding is zeroed before the projections, as transformers does).
+
+``starts_BT`` (bool, B x T) marks the first token of each document in rows that pack several (flash-linear-
+attention's ``cu_seqlens`` idea, kept as rows of a batch rather than one flattened sequence): there the recurrent
+state is reset (log decay -inf) and the short convolution reads no input of an earlier document, so every document
+computes what it computes alone, and a cache is left as the last document alone leaves it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import LinearAttentionConfig
-from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
+from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 
 
 class RecurrentState:
@@ -55,11 +61,14 @@ class RecurrentState:
 
 
 def causal_conv(x_BTC: torch.Tensor, weight: torch.Tensor, history_BCW: torch.Tensor | None,
-                real_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                real_BT: torch.Tensor | None = None, starts_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """The causal depthwise convolution of ``weight`` (C, W + 1 taps) over x following ``history_BCW`` (the last W
     inputs before x; None: zeros, a new sequence), without activation, and the new history. With ``real_BT`` each
     row's left padding is moved before its history, so the real tokens follow the history directly and the new
-    history skips the padding (an all-padding row keeps its history)."""
+    history skips the padding (an all-padding row keeps its history). With ``starts_BT`` (True at a document's
+    first token) a tap reads only inputs of its own token's document (the history belongs to a document begun
+    before x), and the new history holds the last document's inputs only."""
     B, T, C = x_BTC.shape
     W = weight.shape[1] - 1
     if history_BCW is None:
@@ -67,8 +76,17 @@ def causal_conv(x_BTC: torch.Tensor, weight: torch.Tensor, history_BCW: torch.Te
     seq_BCS = torch.cat([history_BCW.to(x_BTC.dtype), x_BTC.transpose(1, 2)], dim=-1)  # S = W + T
     if real_BT is not None:
         seq_BCS = _padding_first(seq_BCS, (~real_BT).sum(1), W)
-    y_BCT = F.conv1d(seq_BCS, weight[:, None, :], groups=C)
-    return y_BCT.transpose(1, 2), seq_BCS[:, :, T:]
+    if starts_BT is None:
+        return F.conv1d(seq_BCS, weight[:, None, :], groups=C).transpose(1, 2), seq_BCS[:, :, T:]
+    if real_BT is not None:
+        raise ValueError("starts_BT: document starts are for unpadded rows; not with real_BT (left padding)")
+    doc_BS = F.pad(starts_BT.long().cumsum(1), (W, 0))  # document index; the history's is 0
+    y_BCT = 0
+    for j in range(W + 1):  # tap j reads position t + j of seq, for output t (at position t + W)
+        same_B1T = (doc_BS[:, j : j + T] == doc_BS[:, W:])[:, None, :]
+        y_BCT = y_BCT + seq_BCS[:, :, j : j + T] * weight[:, j, None] * same_B1T
+    history_BCW = seq_BCS[:, :, T:] * (doc_BS[:, T:] == doc_BS[:, -1:])[:, None, :]
+    return y_BCT.transpose(1, 2), history_BCW
 
 
 def _padding_first(seq_BCS: torch.Tensor, pad_B: torch.Tensor, W: int) -> torch.Tensor:
@@ -90,12 +108,18 @@ def _check_left_padding(real_BT: torch.Tensor) -> None:
 
 def _recur(q_BTHK: torch.Tensor, k_BTHK: torch.Tensor, v_BTHV: torch.Tensor, g_BTH: torch.Tensor,
            beta_BTH: torch.Tensor | None, state: RecurrentState | None, chunk: int | None,
-           real_BT: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
-    """The recurrence of every layer here (``g_BTH`` may be (B, T, H, K)): padding made a no-op, the spec or the
-    chunked form, and the state, if any, continued and updated in place."""
+           real_BT: torch.Tensor | None, starts_BT: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """The recurrence of every layer here (``g_BTH`` may be (B, T, H, K)): padding made a no-op, each document
+    started from a zero state, then the in-place decode step (one token, no autograd), the spec or the chunked form,
+    and the state, if any, continued and updated in place."""
+    shape = (*g_BTH.shape[:2], *[1] * (g_BTH.dim() - 2))
     if real_BT is not None:  # padding: no decay (g = 0), no write (beta = 0; without beta the layer zeroes k and v)
-        g_BTH = torch.where(real_BT.view(*real_BT.shape, *[1] * (g_BTH.dim() - 2)), g_BTH, 0)
+        g_BTH = torch.where(real_BT.view(shape), g_BTH, 0)
         beta_BTH = None if beta_BTH is None else torch.where(real_BT[..., None], beta_BTH, 0)
+    if starts_BT is not None:  # a hard reset: the state before a document's first token is forgotten
+        g_BTH = g_BTH.masked_fill(starts_BT.view(shape), float("-inf"))
+    if state is not None and q_BTHK.shape[1] == 1 and not torch.is_grad_enabled():
+        return gated_delta_step_(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, state.state_BHKV, scale)
     initial_BHKV = None if state is None else state.state_BHKV
     if initial_BHKV is not None and torch.is_grad_enabled():  # autograd keeps it, and the state is written in place
         initial_BHKV = initial_BHKV.clone()
@@ -157,14 +181,15 @@ class LightningAttention(nn.Module):
         return RecurrentState(None, torch.zeros(batch_size, self.n_heads, D, D, dtype=torch.float32, device=device))
 
     def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None,
-                real_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place)."""
+                real_BT: torch.Tensor | None = None, starts_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place); ``starts_BT``: True
+        at each document's first token (module docstring)."""
         B, T, _ = x_BTD.shape
         H, D = self.n_heads, self.head_dim
         x_BTD = _zero_padding(x_BTD, real_BT)  # SiLU(0) = 0: padding's k and v are zero, so it writes nothing
         q, k, v = (F.silu(w(x_BTD)).view(B, T, H, D) for w in (self.wq, self.wk, self.wv))
         g_BTH = (-self.slope.float()).expand(B, T, H)
-        o_BTHD = _recur(q, k, v, g_BTH, None, state, self.chunk, real_BT, scale=1.0)
+        o_BTHD = _recur(q, k, v, g_BTH, None, state, self.chunk, real_BT, starts_BT, scale=1.0)
         o = o_BTHD.reshape(B, T, H * D)
         o = (o * torch.rsqrt(o.square().mean(-1, keepdim=True) + self.norm_eps)).to(x_BTD.dtype) * self.norm_weight
         return self.wo(torch.sigmoid(self.w_gate(x_BTD)) * o)
@@ -224,20 +249,22 @@ class GatedDeltaNet(nn.Module):
         return RecurrentState(conv, state)
 
     def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None,
-                real_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place)."""
+                real_BT: torch.Tensor | None = None, starts_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place); ``starts_BT``: True
+        at each document's first token (module docstring)."""
         B, T, _ = x_BTD.shape
         Hk, Hv, K, V = self.n_k_heads, self.n_v_heads, self.k_dim, self.v_dim
         x_BTD = _zero_padding(x_BTD, real_BT)
         qkv_BTC = torch.cat([self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)], dim=-1)
         qkv_BTC, history_BCW = causal_conv(qkv_BTC, self.conv_weight, None if state is None else state.conv_BCW,
-                                           real_BT)
+                                           real_BT, starts_BT)
         if state is not None:
             state.conv_BCW.copy_(history_BCW.detach())
         q, k, v = F.silu(qkv_BTC).split([Hk * K, Hk * K, Hv * V], dim=-1)
         q, k = (_l2norm(x.view(B, T, Hk, K)).repeat_interleave(Hv // Hk, dim=2) for x in (q, k))
         beta_BTH = torch.sigmoid(self.wb(x_BTD))
-        o_BTHV = _recur(q, k, v.view(B, T, Hv, V), self.log_decay(x_BTD), beta_BTH, state, self.chunk, real_BT)
+        o_BTHV = _recur(q, k, v.view(B, T, Hv, V), self.log_decay(x_BTD), beta_BTH, state, self.chunk, real_BT,
+                        starts_BT)
         o = o_BTHV * torch.rsqrt(o_BTHV.square().mean(-1, keepdim=True) + self.norm_eps)
         o = o.to(x_BTD.dtype) * self.norm_weight * self.output_gate(x_BTD).view(B, T, Hv, V).to(x_BTD.dtype)
         return self.wo(o.reshape(B, T, Hv * V))
@@ -282,6 +309,14 @@ class KimiDeltaAttention(GatedDeltaNet):
 
     def output_gate(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.wg_b(self.wg_a(x_BTD)).float())
+
+
+def fp32_parameters(model: nn.Module) -> set[str]:
+    """The names of ``model``'s parameters that stay fp32 whatever dtype it is loaded in: Kimi Delta Attention's
+    ``dt_bias``, which sets each channel's decay through a softplus (bf16 would move the decay by up to 1.6%;
+    transformers keeps it fp32 as well)."""
+    return {f"{prefix}.dt_bias" if prefix else "dt_bias" for prefix, module in model.named_modules()
+            if isinstance(module, KimiDeltaAttention)}
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

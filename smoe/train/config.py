@@ -44,6 +44,12 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = option(
         "auto", "auto (default): bf16 autocast on GPUs with native bf16 and CPUs with AMX tiles, else fp32")
     compile: bool = option(False, "torch.compile the model")
+    document_boundaries: Literal["all", "linear", "none"] = option(
+        "all", "how packed documents (each ended by the tokenizer's EOS token) are kept apart in training and "
+               "evaluation: all (default): linear-attention layers reset their state and convolution history at each "
+               "document, and softmax attention is masked to its document with positions from its start, so each "
+               "document is computed as alone; linear: only the linear layers reset; none: documents flow into each "
+               "other, as in runs recorded before this setting")
     eval_every: int = option(50, "steps between evaluations (0: only at the end)")
     eval_batches: int = option(8, "validation batches per evaluation")
     final_eval_batches: int | None = option(

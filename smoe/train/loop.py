@@ -33,7 +33,7 @@ from smoe.config import ModelConfig
 from smoe.errors import TrainingError
 from smoe.hardware import profile_of
 from smoe.io.checkpoint import latest_intact, load_model_state
-from smoe.models import build_model
+from smoe.models import build_model, document_starts
 from smoe.parallel import (
     apply_expert_parallel,
     clip_gradients,
@@ -65,6 +65,7 @@ class TrainData:
     fingerprint: str  # identifies data + tokenizer: a resumed run must see the same
     tokenizer_json: str | None = None
     config: DataConfig = field(default_factory=DataConfig)  # what the data was prepared from, for run.json
+    eos_id: int | None = None  # the token ending each packed document (TrainConfig.document_boundaries); None: none
     # sha256 of the tokenizer.json text and of the validation tokens (validation_sha256): run.json records both,
     # so runs evaluated on the same text can be told apart from runs that were not
     hashes: dict[str, str] = field(default_factory=dict)
@@ -216,7 +217,7 @@ class _Trainer:
         batch = self.data.batch(cfg.start_step + self.step)
         if mesh is not None:
             batch = tuple(local_rows(t, mesh, cfg.grad_accum) for t in batch)
-        stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh)
+        stats = _run_micro_batches(self.forward, batch, cfg, self.device, self.autocast, mesh, self.data.eos_id)
         if mesh is None:
             grad_norm = _clip(self.model, cfg.grad_clip)
         else:
@@ -247,7 +248,9 @@ class _Trainer:
         n_bytes = sum(self.data.val_bytes[:n_batches])
         tokens = sum(int((targets != -100).sum()) for _, targets in batches)
         prefix = self.cfg.eval_batches if n_batches > self.cfg.eval_batches else None
-        return {**evaluate(self.forward, batches, n_bytes, self.device, self.autocast, prefix), "val_tokens": tokens}
+        result = evaluate(self.forward, batches, n_bytes, self.device, self.autocast, self.data.eos_id,
+                          self.cfg.document_boundaries, prefix)
+        return {**result, "val_tokens": tokens}
 
     def save(self) -> Path:
         cfg, data = self.cfg, self.data
@@ -280,7 +283,8 @@ def _minutes_due(since: float, minutes: float, mesh: DeviceMesh | None, device: 
     return bool(flag.item())
 
 
-def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None) -> dict[str, Any]:
+def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, mesh=None, eos_id: int | None = None
+                       ) -> dict[str, Any]:
     """Forward and backward over the step's micro-batches; returns step-level scalars and summed expert loads
     (with a mesh: losses averaged and loads summed over ranks, the values of the whole global batch)."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
@@ -291,7 +295,7 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
     has_mtp = False
     for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
         with autocast:
-            out = model(inp, labels=tgt)
+            out = model(inp, labels=tgt, **document_arguments(inp, eos_id, cfg.document_boundaries))
         (out.loss / cfg.grad_accum).backward()
         sums["loss"] += out.loss.item() / cfg.grad_accum
         sums["lm_loss"] += out.lm_loss.item() / cfg.grad_accum
@@ -322,9 +326,10 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, prefix: int | None = None
-             ) -> dict[str, float]:
-    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms). With
+def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, eos_id: int | None = None,
+             document_boundaries: str = "all", prefix: int | None = None) -> dict[str, float]:
+    """Token-weighted validation loss, perplexity and bits per byte (lm loss only, no balance terms); documents
+    ended by ``eos_id`` kept apart as ``document_boundaries`` says (``TrainConfig.document_boundaries``). With
     ``prefix``, also ``val_loss_curve``: the loss over the first ``prefix`` batches alone, the set the periodic
     evaluations read, so a validation curve ends on the same text it ran on."""
     was_training = model.training
@@ -334,7 +339,8 @@ def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, prefix
         if i == prefix:
             curve = total / max(n_tokens, 1)
         with autocast:
-            out = model(inputs.to(device), labels=targets.to(device))
+            inputs = inputs.to(device)
+            out = model(inputs, labels=targets.to(device), **document_arguments(inputs, eos_id, document_boundaries))
         count = int((targets != -100).sum())
         total += out.lm_loss.float().item() * count
         n_tokens += count
@@ -344,6 +350,14 @@ def evaluate(model, batches: list[Batch], n_bytes: int, device, autocast, prefix
     if prefix is not None:
         result["val_loss_curve"] = loss if curve is None else curve
     return result
+
+
+def document_arguments(inputs_BT: torch.Tensor, eos_id: int | None, boundaries: str) -> dict[str, Any]:
+    """The model's packed-document arguments for a batch whose documents end with ``eos_id``, as
+    ``TrainConfig.document_boundaries`` names them (none without an ``eos_id``)."""
+    if eos_id is None or boundaries == "none":
+        return {}
+    return {"document_starts": document_starts(inputs_BT, eos_id), "document_mask": boundaries == "all"}
 
 
 # --- plumbing ----------------------------------------------------------------------------------------------------

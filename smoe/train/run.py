@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import torch.distributed as dist
 
 from smoe import presets
 from smoe.config import ModelConfig, override
+from smoe.config_rules import one_of
 from smoe.io.checkpoint import load_config, load_model, resolve_checkpoint
-from smoe.io.tokenizer import load_tokenizer
+from smoe.io.tokenizer import EOS, load_tokenizer
 from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
 from smoe.parallel.launch import world_size_from_env
 from smoe.train.checkpoint import initial_tokenizer
@@ -106,6 +108,7 @@ def train_model(
             tokenizer_json=prepared.tokenizer.to_str(),
             config=data_config,
             hashes=data_hashes(prepared.tokenizer.to_str(), val),
+            eos_id=prepared.tokenizer.token_to_id(EOS),
         )
         return run_training(config, train_config, train_data, out, resume=resume, progress=progress, log=log,
                             mesh=mesh)
@@ -133,8 +136,12 @@ def evaluate_checkpoint(
     text_field: str = "text",
     precision: str = "auto",
     device: str = "auto",
+    document_boundaries: str = "all",
 ) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of a checkpoint (or a run directory's latest) on all of ``data``."""
+    """Loss, perplexity and bits per byte of a checkpoint (or a run directory's latest) on all of ``data``, its
+    documents kept apart as ``document_boundaries`` says (``TrainConfig.document_boundaries``)."""
+    one_of("document_boundaries", document_boundaries,
+           typing.get_args(typing.get_type_hints(TrainConfig)["document_boundaries"]))
     path = resolve_checkpoint(path)
     max_len = load_config(path).max_seq_len
     seq_len = seq_len or min(max_len, 256)
@@ -149,6 +156,7 @@ def evaluate_checkpoint(
     model, path = load_model(path, dtype=torch.float32, device=dev)
     lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     n_bytes = int(sum(lengths[targets].sum() for _, targets in batches))
-    result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, resolve_precision(precision, dev)))
+    result = evaluate(model, batches, n_bytes, dev, autocast_context(dev, resolve_precision(precision, dev)),
+                      tokenizer.token_to_id(EOS), document_boundaries)
     n_tokens = sum(int(t.numel()) for _, t in batches)
     return {**result, "tokens": n_tokens, "checkpoint": str(path)}

@@ -77,7 +77,8 @@ class RunDirectory:
         saved = read_json(run_file)
         try:
             saved_config = ModelConfig.from_dict(saved["model_config"])
-            old = TrainConfig(**saved["train_config"])
+            # a run recorded before document_boundaries existed let its documents flow into each other
+            old = TrainConfig(**{"document_boundaries": "none", **saved["train_config"]})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{run_file}: unreadable ({err}); move it away or choose another `out`") from None
         if saved_config != model_config:
