@@ -88,22 +88,25 @@ def test_shared_to_routed_routes_top_k_plus_n_without_shared_output():
 
 def test_analyze_records_the_knocked_out_fraction_and_the_traded_shared_experts():
     result = analysis.analyze(_model("deepseekmoe"), _batches(1), [0, 1], ["a", "b"], knockouts=(1, 4))
-    assert result["knockout_fraction"] == {"top1_routed": 1 / 64, "top4_routed": 4 / 64}
-    assert set(result["knockout"]) == {"top1_routed", "top4_routed", "shared", "shared_to_routed"}
-    assert result["shared_to_routed_top_k"] == 8 and result["redundancy"]["disabled_experts"][-1] == 16
-    layer = result["layers"]["0"]
-    assert {"coactivation", "specialisation"} <= layer.keys() and "vocabulary" in layer["specialisation"]
-    assert "dropless_loss" not in result  # no capacity limit
+    assert result.knockout_fraction == {"top1_routed": 1 / 64, "top4_routed": 4 / 64}
+    assert set(result.knockout) == {"top1_routed", "top4_routed", "shared", "shared_to_routed"}
+    assert result.shared_to_routed_top_k == 8 and result.redundancy.disabled_experts[-1] == 16
+    layer = result.layers[0]
+    assert layer.coactivation is not None and layer.specialisation.vocabulary is not None
+    assert result.dropless_loss is None  # no capacity limit
+    # analysis.json's form round-trips, and smoe analyze prints a line per finding
+    assert analysis.Analysis.from_json(result.to_json()) == result
+    assert any(line.startswith("knock-out top4_routed: loss +") for line in result.lines())
 
 
 def test_hash_layers_are_traced_and_score_exactly_their_vocabulary_baseline():
     model = _model("switch", **{"moe.routing": "hash", "moe.balance": "none"})
     batches = _batches(2)
     result = analysis.analyze(model, batches, [0, 1, 0, 1], ["a", "b"])
-    for layer in result["layers"].values():
-        spec = layer["specialisation"]
-        assert layer["routing"] == "hash" and spec["score"] == pytest.approx(spec["vocabulary"])
-    assert result["knockout"] == {} and result["redundancy"]["loss"] == []  # no scores to intervene on
+    for layer in result.layers.values():
+        spec = layer.specialisation
+        assert layer.routing == "hash" and spec.score == pytest.approx(spec.vocabulary)
+    assert result.knockout == {} and result.redundancy.loss == []  # no scores to intervene on
 
 
 def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
@@ -114,7 +117,7 @@ def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
         free = analysis.mean_loss(model, batches)
         assert all(layer.config.capacity_factor is None for layer in model.moe_layers)
     assert free != with_drops and analysis.mean_loss(model, batches) == with_drops
-    assert analysis.analyze(model, batches, [0, 1], ["a"])["dropless_loss"] == free
+    assert analysis.analyze(model, batches, [0, 1], ["a"]).dropless_loss == free
 
 
 # --- chance baselines on hand-built traces -----------------------------------------------------------------------
