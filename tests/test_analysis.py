@@ -178,3 +178,18 @@ def test_a_group_limit_left_short_of_top_k_is_refused():
     refused = pytest.raises(ValueError, match="redundancy: with 1 of 8 experts disabled, the group limit")
     with refused, analysis.disable_top_scored(model, 1):
         analysis.mean_loss(model, _batches(1))
+
+
+def test_analysis_batches_carry_the_runs_document_boundaries():
+    from smoe.train.loop import document_arguments
+
+    model = _model("deepseekmoe")
+    inputs, targets = _batches(1)[0]
+    inputs = inputs.clone()
+    inputs[:, 5] = 7  # a token 7 ends a document in the middle of each row
+    docs = document_arguments(inputs, 7, "all")
+    with torch.no_grad():
+        direct = model(inputs, labels=targets, **docs).lm_loss.item()
+    assert analysis.mean_loss(model, [(inputs, targets, docs)]) == direct
+    assert analysis.mean_loss(model, [(inputs, targets)]) != direct  # packed documents see each other
+    assert analysis.trace_routing(model, [(inputs, targets, docs)])[1] == pytest.approx(direct)

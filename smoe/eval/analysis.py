@@ -43,7 +43,14 @@ from smoe.models import Transformer
 from smoe.moe.layer import MoELayer
 from smoe.moe.router import Router, Routing, token_choice
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (inputs_BT, targets_BT), or with a third item: the model's keyword arguments for that batch (its packed documents'
+# boundaries, as the run trained: smoe.train.loop.document_arguments)
+Batch = tuple[torch.Tensor, ...]
+
+
+def _forward(model: Transformer, batch: Batch):
+    inputs, targets, *rest = batch
+    return model(inputs, labels=targets, **(rest[0] if rest else {}))
 
 # DeepSeekMoE Fig. 4's x axis: the share of routed experts each token loses, 0 to 4/16.
 REDUNDANCY_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
@@ -66,8 +73,9 @@ def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, t
         handles.append(layer.router.register_forward_hook(hook))
     losses, counts = [], []
     try:
-        for inputs, targets in batches:
-            out = model(inputs, labels=targets)
+        for batch in batches:
+            out = _forward(model, batch)
+            targets = batch[1]
             losses.append(out.lm_loss.item())
             counts.append(targets.numel())
     finally:
@@ -81,7 +89,7 @@ def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, t
 @torch.no_grad()
 def mean_loss(model: Transformer, batches: list[Batch]) -> float:
     model.eval()
-    losses = [(model(i, labels=t).lm_loss.item(), t.numel()) for i, t in batches]
+    losses = [(_forward(model, b).lm_loss.item(), b[1].numel()) for b in batches]
     return float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
 
 

@@ -21,8 +21,9 @@ from smoe.eval.stats import interval
 from smoe.eval.suite import Arch
 from smoe.io.checkpoint import list_checkpoints, load_model
 from smoe.io.files import read_json
-from smoe.io.tokenizer import load_tokenizer
+from smoe.io.tokenizer import EOS, load_tokenizer
 from smoe.train.data import prepare_data, val_sequences
+from smoe.train.loop import document_arguments
 
 
 def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any]]:
@@ -94,7 +95,11 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
             prepared = prepare_data(data.data, val_spec=data.val_data, tokenizer=path / "tokenizer.json",
                                     text_field=data.text_field, seed=SPLIT_SEED, val_fraction=data.val_fraction)
             seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
-            batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
+            # the packed documents kept apart as the run trained and evaluated them
+            boundaries = read_json(run / "run.json")["train_config"].get("document_boundaries", "none")
+            eos = prepared.tokenizer.token_to_id(EOS)
+            batches = [(x[:, :-1], x[:, 1:], document_arguments(x[:, :-1], eos, boundaries))
+                       for x in seqs.split(t.batch_size)]
             earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run, resumable=False)[:-1]]
             # source indices of val_sequences refer to the validation split, which --val-data may name differently
             results.setdefault(arch.label, []).append(
