@@ -146,7 +146,8 @@ class PowerCheck:
         fit_line = (f"Per seed, log L = a + b log C fitted over the rungs: b from {min(slopes):.4f} to "
                     f"{max(slopes):.4f}, residual sd of log L at most {max(f.residual_sd for f in self.fits):.4f}"
                     + ("" if all(f.descends for f in self.fits) else
-                       "; on some seed the fit does not descend, and that seed gives no multiplier") + ".")
+                       "; on some seed the fit does not descend (a larger rung did no better), so no multiplier is "
+                       "read off this ladder") + ".")
         blocks: list[Block] = [Paragraph(self.verdict()),
                                Paragraph(f"Dense ladder: {len(self.rungs)} rungs spanning {self.span:.2f}x the "
                                          f"training FLOPs, each on the same {tokens:,} tokens. {fit_line}"),
