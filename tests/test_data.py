@@ -307,6 +307,15 @@ def test_changed_file_changes_the_cache_key(corpus, tmp_path):
     assert _prepare(str(corpus / "docs.jsonl"), tmp_path).fingerprint != first.fingerprint
 
 
+def test_same_text_keeps_the_fingerprint_whatever_the_files_times(corpus, tmp_path):
+    """A resume checks the fingerprint: a corpus unpacked again (new mtimes, same text) must not block it."""
+    first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
+    os.utime(corpus / "docs.jsonl", ns=(1, 1))
+    again = _prepare(str(corpus / "docs.jsonl"), tmp_path)
+    assert len(list((tmp_path / "cache" / "data").iterdir())) == 2  # the times key the cache: prepared again
+    assert again.fingerprint == first.fingerprint
+
+
 def test_trained_tokenizer_is_cached_on_its_own(corpus, tmp_path, monkeypatch):
     first = _prepare(str(corpus / "docs.jsonl"), tmp_path)
     shutil.rmtree(tmp_path / "cache" / "data")

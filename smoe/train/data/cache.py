@@ -26,7 +26,7 @@ from smoe.train.data.tokenizer import train_tokenizer
 
 MIN_VAL_BYTES = 128 * 1024  # held-out text per source, at least (but never more than a tenth of the source)
 DEFAULT_VAL_FRACTION = 0.02  # held-out share of each source's bytes
-_FORMAT_VERSION = 2  # bump when document splitting, the split or tokenization changes: it invalidates caches
+_FORMAT_VERSION = 3  # bump when document splitting, the split or tokenization changes: it invalidates caches
 _ENCODE_CHUNK = 1024  # documents per encode_batch call: bounds the memory of tokenizers' Encoding objects
 # how a damaged cache entry fails to load: missing or unreadable files, bad JSON, a meta.json of the wrong shape
 _UNREADABLE = (OSError, ValueError, LookupError, TypeError)
@@ -165,9 +165,21 @@ def prepare_data(
     log("tokenizing")
     train = _tokenize(tok, train_docs)
     val = _tokenize(tok, val_docs)
-    fingerprint = _hash([entry_key, hashlib.sha256(tok.to_str().encode()).hexdigest()])
-    _write_entry(entry, tok, train, val, sources, fingerprint)
+    _write_entry(entry, tok, train, val, sources, _content_fingerprint(tok, train, val, sources))
     return _load_entry(entry, sources)
+
+
+def _content_fingerprint(tok, train: Split, val: Split, sources: list[Source]) -> str:
+    """What a resumed run must find again: the tokenizer, every token of both splits, and each source's name and
+    weight. Not the files' sizes and times, which key the cache: a corpus touched, copied back or unpacked again with
+    the same text resumes."""
+    digest = hashlib.sha256(tok.to_str().encode())
+    digest.update(json.dumps([[s.name, s.weight] for s in sources]).encode())
+    for split in (train, val):
+        for name, tokens in split.tokens.items():
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(tokens).tobytes())
+    return digest.hexdigest()[:20]
 
 
 def _given_tokenizer(path: str | Path):
