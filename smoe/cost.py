@@ -40,7 +40,7 @@ from smoe.accounting import (
     recurrent_state_bytes,
 )
 from smoe.config import ModelConfig
-from smoe.config_rules import check_types, fail, option, positive
+from smoe.config.rules import check_types, fail, option, positive
 from smoe.hardware import Hardware, hardware_names
 
 WeightFormat = Literal["fp32", "bf16", "fp8", "int8", "int4"]

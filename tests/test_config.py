@@ -22,6 +22,18 @@ def test_json_round_trip(config):
     assert ModelConfig.from_json(config.to_json()) == config
 
 
+def test_config_names_import_from_the_package_and_their_former_modules():
+    import smoe.config as package
+    import smoe.config_attention as former_attention
+    import smoe.config_rules as former_rules
+    from smoe.config import attention, model, rules
+
+    assert package.ModelConfig is model.ModelConfig and package.MLAConfig is attention.MLAConfig
+    assert former_attention.MLAConfig is attention.MLAConfig and former_rules.check_types is rules.check_types
+    assert set(package.__all__) >= {"ModelConfig", "MoEConfig", "AttentionConfig", "MLAConfig", "LayoutConfig",
+                                     "LinearAttentionConfig", "QuantConfig", "override", "hybrid_layer_types"}
+
+
 def test_explicit_moe_layers_round_trip_as_tuple():
     config = ModelConfig(layout=LayoutConfig(moe_layers=(1, 3)))
     again = ModelConfig.from_json(config.to_json())

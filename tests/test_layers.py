@@ -8,7 +8,7 @@ import smoe
 
 # The allowed order, bottom first, written once. A module belongs to the first entry that is a prefix of its name.
 LAYERS = [
-    ("smoe.errors", "smoe.config_rules", "smoe.config_attention", "smoe.config", "smoe.accounting", "smoe.hardware",
+    ("smoe.errors", "smoe.config", "smoe.config_rules", "smoe.config_attention", "smoe.accounting", "smoe.hardware",
      "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
     ("smoe.nn",),
     ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from smoe.config_rules import check_types, fail, non_negative, option, positive
+from smoe.config.rules import check_types, fail, non_negative, option, positive
 
 
 @dataclass(frozen=True)

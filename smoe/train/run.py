@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from smoe import presets
 from smoe.config import ModelConfig, override
-from smoe.config_rules import one_of
+from smoe.config.rules import one_of
 from smoe.io.checkpoint import load_config, load_model, resolve_checkpoint
 from smoe.io.tokenizer import EOS, load_tokenizer
 from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
