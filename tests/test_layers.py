@@ -12,6 +12,7 @@ LAYERS = [
      "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
     ("smoe.nn",),
     ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)
+    ("smoe.device",),  # the device and precision a process runs in (reads the kernels' native low precision)
     ("smoe.moe",),
     ("smoe.quant",),  # quantises into the kernels' format and swaps quantised experts in for the moe's
     ("smoe.models",),

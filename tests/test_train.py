@@ -208,7 +208,7 @@ def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys
 
 
 def test_auto_precision_resolves_to_bf16_only_where_it_is_faster(text, tmp_path, monkeypatch):
-    from smoe.train.loop import resolve_precision
+    from smoe.device import resolve_precision
 
     cpu = torch.device("cpu")
     for amx in (False, True):  # AVX512-BF16 without AMX trains slower in bf16 than in fp32

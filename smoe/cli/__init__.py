@@ -207,7 +207,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
     from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import find_tokenizer
-    from smoe.train.loop import resolve_device
+    from smoe.device import resolve_device
 
     if bool(args.prompt) == bool(args.prompt_ids):
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")

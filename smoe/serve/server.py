@@ -54,6 +54,7 @@ def serve(path: str, config: ServeConfig, log: Callable[[str], None] = print) ->
 
 def load_state(path: str, config: ServeConfig):
     """Everything the app serves from: the model, its tokenizer and chat template, the engine and its thread."""
+    from smoe.device import resolve_device
     from smoe.generation import Engine, default_stop_tokens
     from smoe.interop.hf import DTYPES, load_pretrained
     from smoe.io.checkpoint import model_directory
@@ -62,7 +63,6 @@ def load_state(path: str, config: ServeConfig):
     from smoe.serve.app import ServerState, allowed_hosts
     from smoe.serve.chat import load_chat_template
     from smoe.serve.worker import Worker
-    from smoe.train.loop import resolve_device
 
     directory = model_directory(path)
     tokenizer = find_tokenizer(directory)
