@@ -17,8 +17,9 @@ import torch
 
 import smoe
 from smoe.device import autocast_context
-from smoe.io.checkpoint import empty_model, resolve_checkpoint
+from smoe.io.checkpoint import resolve_checkpoint
 from smoe.io.tokenizer import load_tokenizer
+from smoe.models import empty_model
 from smoe.train.data import token_byte_lengths, tokenize_documents, val_batches
 from smoe.train.loop import evaluate
 

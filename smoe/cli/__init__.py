@@ -204,10 +204,10 @@ def _cmd_analyze(args: argparse.Namespace) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     import smoe
+    from smoe.device import resolve_device
     from smoe.generation import TextStream, check_sampling, default_stop_tokens, generate_stream
     from smoe.io.checkpoint import model_directory
     from smoe.io.tokenizer import find_tokenizer
-    from smoe.device import resolve_device
 
     if bool(args.prompt) == bool(args.prompt_ids):
         raise ValueError("generate: give --prompt TEXT or --prompt-ids IDS (either, repeatable; not both)")
@@ -261,8 +261,8 @@ def _dtype(name: str | None):
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from smoe.interop import hf
+    from smoe.io.checkpoint import consolidate, sharded_checkpoint
     from smoe.models import quantize
-    from smoe.parallel.checkpoint import consolidate, sharded_checkpoint
 
     if args.model_type and args.to != "hf":
         raise ValueError("--model-type: only with --to hf")

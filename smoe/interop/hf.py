@@ -36,12 +36,12 @@ from smoe.interop.hf_config import (
     load_hf_config,
 )
 from smoe.interop.pieces import Piece, ignored, pieces_for
-from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
+from smoe.io.checkpoint import MODEL_FILE, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
 from smoe.io.files import atomic_directory, check_fresh_dir, read_json
 from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
-from smoe.models import Transformer, build_model
+from smoe.models import Transformer, build_model, empty_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

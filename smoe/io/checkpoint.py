@@ -24,8 +24,8 @@ longer matches it, ``damage`` says which and how, and a resume falls back to the
 (``latest_intact``). A *model* checkpoint (``smoe convert`` writes them) has only ``model.safetensors`` and
 ``config.json`` (and ``tokenizer.json``, ``manifest.json``): enough to evaluate, analyse and generate, not to
 resume. A run keeps older checkpoints as model checkpoints (``keep_optimizer``): ``drop_optimizer`` deletes their
-optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors,
-the rest from JSON.
+optimizer files, two thirds of a checkpoint under AdamW. ``consolidate`` rewrites a per-EP-rank checkpoint in the
+single-file layout. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
-from smoe.io.files import atomic_write_text, fsync, read_json, sha256_file
-from smoe.io.safetensors import SafetensorsFile, load_tensors
-from smoe.models import Transformer, build_model
-from smoe.nn.linear_layers import LightningAttention, fp32_parameters
-from smoe.nn.rope import RotaryEmbedding
+from smoe.io.files import atomic_directory, atomic_write_text, fsync, read_json, sha256_file
+from smoe.io.safetensors import SafetensorsFile, load_tensors, save_tensors
+from smoe.models import Transformer, build_model, empty_model
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -335,22 +333,6 @@ def load_model_state(path: str | Path, model: torch.nn.Module, shards: ShardRang
     model.load_state_dict(tensors, strict=True)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
-    parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
-    tensor by tensor."""
-    with torch.device("meta"):
-        model = build_model(config)
-    fp32 = fp32_parameters(model)
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if name in fp32 else dtype)
-    model.to_empty(device=device)
-    for m in model.modules():  # the buffers computed from the config, not stored
-        if isinstance(m, (RotaryEmbedding, LightningAttention)):
-            m.reset_buffers()
-    return model
-
-
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype a smoe checkpoint's weights are stored in (an expert-parallel run's per-rank files: fp32, its
     master weights)."""
@@ -418,3 +400,30 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
             state[name].copy_(f.view(name))
             f.release(name)
     return model.eval(), path
+
+
+# --- converting between layouts ----------------------------------------------------------------------------------
+
+
+def sharded_checkpoint(path: str | Path) -> Path | None:
+    """The per-EP-rank training checkpoint that ``path`` is, or (a run directory) holds as its latest; else None."""
+    path = Path(path)
+    if not is_complete(path):
+        latest = latest_checkpoint(path) if path.is_dir() else None
+        path = latest.path if latest is not None else path
+    return path if is_complete(path) and not (path / MODEL_FILE).is_file() else None
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write checkpoint ``path`` (either layout; a run directory means its latest) to directory ``out`` in the
+    single-file layout: ``model.safetensors``, ``optimizer.safetensors``, the JSON files and a fresh manifest.
+    ``out`` must not exist or be empty; it appears only once complete. Returns ``out``."""
+    path = check_intact(resolve_checkpoint(path))
+    with atomic_directory(out) as tmp:
+        for kind in ("model", "optimizer"):
+            save_tensors(tmp / f"{kind}.safetensors", read_tensors(path, kind))
+        for name in ("state.json", "config.json", "tokenizer.json"):
+            if (path / name).is_file():
+                shutil.copyfile(path / name, tmp / name)
+        write_manifest(tmp)
+    return Path(out)

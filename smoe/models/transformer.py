@@ -29,9 +29,11 @@ from smoe.nn import (
     MLP,
     Attention,
     KVCache,
+    LightningAttention,
     MLACache,
     RecurrentState,
     RotaryEmbedding,
+    fp32_parameters,
     init_weights,
     make_linear_attention,
     make_norm,
@@ -382,6 +384,22 @@ def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
 def build_model(config: ModelConfig) -> Transformer:
     """Validate ``config`` and build the model on the current default device and dtype."""
     return Transformer(config)
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
+    parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
+    tensor by tensor."""
+    with torch.device("meta"):
+        model = build_model(config)
+    fp32 = fp32_parameters(model)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name in fp32 else dtype)
+    model.to_empty(device=device)
+    for m in model.modules():  # the buffers computed from the config, not stored
+        if isinstance(m, (RotaryEmbedding, LightningAttention)):
+            m.reset_buffers()
+    return model
 
 
 def quantize(model: Transformer, scheme: str, group_size: int | None = None) -> Transformer:
