@@ -187,6 +187,15 @@ def test_every_flag_of_before_is_kept(command):
     assert set(_FLAGS_BEFORE[command].split()) <= have
 
 
+def test_every_command_is_its_own_module():
+    from smoe.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    modules = {name: sub.get_default("func").__module__ for name, sub in commands.items()}
+    assert all(m.startswith("smoe.cli.") for m in modules.values()), modules
+    assert len(set(modules.values())) == len(modules), modules  # no module holds two commands
+
+
 def test_compare_keeps_its_own_defaults(tmp_path):
     from smoe.cli import build_parser
     from smoe.eval.settings import CompareSettings

@@ -1,6 +1,6 @@
 """The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
 ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
-library's error messages."""
+library's error messages. Also the flags several commands share: the model a command names, --quantize, --dtype."""
 
 from __future__ import annotations
 
@@ -105,3 +105,34 @@ def add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
     sizes = ", ".join(map(str, INT4_GROUP_SIZES))
     p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
                                                   f"(default {DEFAULT_INT4_GROUP})")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The three ways a command names a model config: a preset NAME, --hf-config PATH or --config FILE."""
+    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
+    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    p.add_argument("--config", metavar="FILE", help="a run config (JSON with model_config; a run's run.json is one)")
+
+
+def model_config(args: argparse.Namespace):
+    """The model a command names: a preset NAME, --hf-config PATH or --config FILE (exactly one)."""
+    from smoe import presets
+
+    if sum(source is not None for source in (args.name, args.hf_config, args.config)) != 1:
+        raise ValueError(f"{args.command}: give a preset NAME, --hf-config PATH or --config FILE (exactly one)")
+    if args.hf_config is not None:
+        from smoe.interop.hf_config import load_hf_config
+
+        return load_hf_config(args.hf_config)
+    if args.config is not None:
+        from smoe.train.rundir import read_run_config
+
+        return read_run_config(args.config)[0]
+    return presets.get(args.name)
+
+
+def dtype_of(name: str | None):
+    """The torch dtype a --dtype choice names (None: not given)."""
+    from smoe.interop.hf import DTYPES
+
+    return DTYPES.get(name)
