@@ -1,9 +1,5 @@
-"""The MoE transformer: embedding, blocks chosen per layer from the config, final norm, head, optional MTP.
-
-Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a dense MLP, an MoE layer, or (Arctic)
-an MoE layer plus a dense MLP in parallel; MiniMax-01 adds to the normalised input instead (config.residual). The
-token mixer is GQA or MLA per the attention config, or, in the layers layout.layer_types makes linear, a
-linear-attention layer (smoe.nn.linear_layers). Model code is single-device math: parallelism and compilation are
+"""The MoE transformer: embedding, blocks chosen per layer from the config (smoe.models.block: the token mixer and
+the FFN of each), final norm, head, optional MTP. Model code is single-device math: parallelism and compilation are
 applied from outside.
 
 Decoding (smoe.generation) passes a ``DecodeCache``: per-layer key/value (GQA), latent (MLA) or recurrent (linear
@@ -23,11 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
+from smoe.models.block import Block, MTPModule
 from smoe.moe import MoELayer, RouterStats, update_expert_bias
 from smoe.nn import (
-    MLA,
-    MLP,
-    Attention,
     KVCache,
     LightningAttention,
     MLACache,
@@ -35,7 +29,6 @@ from smoe.nn import (
     RotaryEmbedding,
     fp32_parameters,
     init_weights,
-    make_linear_attention,
     make_norm,
 )
 from smoe.quant.modules import quantize_modules
@@ -78,83 +71,6 @@ class DecodeCache:
     def nbytes(self) -> int:
         """The cache's memory: key/value or latent buffers at max_len, plus the recurrent states."""
         return sum(layer.nbytes for layer in self.layers)
-
-
-class Block(nn.Module):
-    """Layer ``layer`` of the model (None: an MTP module's block, full attention)."""
-
-    def __init__(self, config: ModelConfig, moe: bool, layer: int | None = None):
-        super().__init__()
-        dim, eps = config.dim, config.norm_eps
-        self.attn_norm = make_norm(config.norm, dim, eps)
-        attn = config.attention
-        self.is_linear = layer is not None and config.layout.is_linear(layer)
-        if self.is_linear:
-            self.attn = make_linear_attention(dim, config.linear_attention, layer, config.n_layers, eps)
-        else:
-            self.attn = MLA(dim, attn, eps) if isinstance(attn, MLAConfig) else Attention(dim, attn, eps)
-        res = config.residual
-        # (alpha, beta) of each sublayer's residual, None for the plain x + f(norm(x))
-        self.attn_scale = self.ffn_scale = None
-        if res is not None:
-            self.attn_scale = ((res.linear_attention_alpha, res.linear_attention_beta) if self.is_linear
-                               else (res.attention_alpha, res.attention_beta))
-            self.ffn_scale = (res.ffn_alpha, res.ffn_beta)
-        self.ffn_norm = make_norm(config.norm, dim, eps)
-        self.is_moe = moe
-        if moe:
-            self.ffn = MoELayer(dim, config.moe, config.activation, config.init_std)
-        else:
-            self.ffn = MLP(dim, config.ffn_dim, config.activation)
-        self.residual_norm = self.residual_ffn = None
-        if moe and config.layout.dense_residual:
-            self.residual_norm = make_norm(config.norm, dim, eps)
-            self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
-
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
-                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None, starts_BT=None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
-        h_BTD = self.attn_norm(x_BTD)
-        if self.is_linear:
-            mixed_BTD = self.attn(h_BTD, cache, keep_BT, starts_BT)
-        else:
-            mixed_BTD = self.attn(h_BTD, cos, sin, mask_B1TS, cache, spans)
-        x_BTD = _residual(x_BTD, h_BTD, mixed_BTD, self.attn_scale)
-        stats = None
-        h_BTD = self.ffn_norm(x_BTD)
-        if self.is_moe:
-            ffn_BTD, stats = self.ffn(h_BTD, token_ids_BT, router_stats, keep_BT, expert_backend)
-        else:
-            ffn_BTD = self.ffn(h_BTD)
-        if self.residual_ffn is not None:
-            ffn_BTD = ffn_BTD + self.residual_ffn(self.residual_norm(x_BTD))
-        return _residual(x_BTD, h_BTD, ffn_BTD, self.ffn_scale), stats
-
-
-def _residual(x_BTD, normed_BTD, out_BTD, scale: tuple[float, float] | None) -> torch.Tensor:
-    """x + f(norm(x)), or with MiniMax-01's scale (alpha, beta): alpha * norm(x) + beta * f(norm(x))."""
-    if scale is None:
-        return x_BTD + out_BTD
-    alpha, beta = scale
-    return alpha * normed_BTD + beta * out_BTD
-
-
-class MTPModule(nn.Module):
-    """DeepSeek-V3 §2.2 multi-token prediction: combine the previous depth's hidden state at position t with the
-    embedding of token t+d, run one block, and predict token t+d+1 through the shared head."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        dim, eps = config.dim, config.norm_eps
-        self.hidden_norm = make_norm(config.norm, dim, eps)
-        self.embed_norm = make_norm(config.norm, dim, eps)
-        self.proj = nn.Linear(2 * dim, dim, bias=False)
-        self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
-        self.norm = make_norm(config.norm, dim, eps)
-
-    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None, mask_B1TS=None):
-        x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
-        return self.block(x, cos, sin, mask_B1TS, token_ids_BT=token_ids_BT)
 
 
 class Transformer(nn.Module):
