@@ -27,6 +27,7 @@ from smoe import kernels
 from smoe.io.files import read_json
 from smoe.io.tokenizer import EOS
 from smoe.models.transformer import ModelOutput, Transformer
+from smoe.moe import RouterStatsMode
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
@@ -177,7 +178,7 @@ class Engine:
         self.cache = model.new_cache(rows, max_len, independent_rows=independent_rows)
         self.slots: list[Request | None] = [None] * rows
         self.prefilling: deque[Request] = deque()
-        self.router_stats = "load" if count_experts else False
+        self.router_stats = RouterStatsMode.LOAD if count_experts else RouterStatsMode.NONE
         self.expert_tokens: dict[int, torch.Tensor] = {}
         # One row decodes alone, so any expert backend computes it the same way; several ask for row independence.
         self.expert_backend = kernels.ROW_INDEPENDENT if rows > 1 and independent_rows else None
@@ -308,7 +309,7 @@ class Engine:
                 layers.append(layer)
         slots_b = lengths_b.clamp(max=n - 1)  # a full row is free: it cannot be decoding
         logits_bV, argmax_b, loads = self.compiled_step(self.model, ids_B1[:b], slots_b.to(self.device), layers,
-                                                        real_B1[:b], bool(self.router_stats))
+                                                        real_B1[:b], self.router_stats is RouterStatsMode.LOAD)
         lengths_b += real_B1[:b, 0].cpu()
         self._add_loads(loads)
         return logits_bV, argmax_b

@@ -1,7 +1,8 @@
 """A transformer block (pre-norm: x + attn(norm(x)), then x + ffn(norm(x))) and DeepSeek-V3's multi-token prediction
 module around one. The token mixer is GQA or MLA per the attention config, or, in the layers layout.layer_types makes
-linear, a linear-attention layer (smoe.nn.linear_layers); the FFN is a dense MLP, an MoE layer, or (Arctic) an MoE
-layer plus a dense MLP in parallel; MiniMax-01 adds to the normalised input instead (config.residual).
+linear, a linear-attention layer (smoe.nn.linear_layers), each called the same way (smoe.nn.mixer); the FFN is a dense
+MLP, an MoE layer, or (Arctic) an MoE layer plus a dense MLP in parallel; MiniMax-01 adds to the normalised input
+instead (config.residual).
 
 Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim.
 """
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 from smoe.config import MLAConfig, ModelConfig
-from smoe.moe import MoELayer, RouterStats
-from smoe.nn import MLA, MLP, Attention, make_linear_attention, make_norm
+from smoe.kernels import BackendRequest
+from smoe.moe import MoELayer, RouterStats, RouterStatsMode
+from smoe.nn import MLA, MLP, Attention, LayerCache, MixerStep, make_linear_attention, make_norm
 
 
 class Block(nn.Module):
@@ -47,19 +49,19 @@ class Block(nn.Module):
             self.residual_norm = make_norm(config.norm, dim, eps)
             self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
-                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None, starts_BT=None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x_BTD: torch.Tensor, step: MixerStep, *, cache: LayerCache | None = None,
+                token_ids_BT: torch.Tensor | None = None, router_stats: RouterStatsMode = RouterStatsMode.ALL,
+                expert_backend: str | BackendRequest | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        """The block over ``x_BTD``: its mixer gets ``step`` and this layer's ``cache`` (smoe.nn.mixer), the MoE FFN
+        routes the real tokens (``step.real_BT``) by ``token_ids_BT`` (hash routing) on ``expert_backend`` (default:
+        the layer's) and reports ``router_stats``."""
         h_BTD = self.attn_norm(x_BTD)
-        if self.is_linear:
-            mixed_BTD = self.attn(h_BTD, cache, keep_BT, starts_BT)
-        else:
-            mixed_BTD = self.attn(h_BTD, cos, sin, mask_B1TS, cache, spans)
-        x_BTD = _residual(x_BTD, h_BTD, mixed_BTD, self.attn_scale)
+        x_BTD = _residual(x_BTD, h_BTD, self.attn(h_BTD, step, cache), self.attn_scale)
         stats = None
         h_BTD = self.ffn_norm(x_BTD)
         if self.is_moe:
-            ffn_BTD, stats = self.ffn(h_BTD, token_ids_BT, router_stats, keep_BT, expert_backend)
+            ffn_BTD, stats = self.ffn(h_BTD, token_ids_BT, stats=router_stats, keep=step.real_BT,
+                                      backend=expert_backend)
         else:
             ffn_BTD = self.ffn(h_BTD)
         if self.residual_ffn is not None:
@@ -88,6 +90,7 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
         self.norm = make_norm(config.norm, dim, eps)
 
-    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None, mask_B1TS=None):
+    def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, step: MixerStep,
+                token_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
         x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
-        return self.block(x, cos, sin, mask_B1TS, token_ids_BT=token_ids_BT)
+        return self.block(x, step, token_ids_BT=token_ids_BT)

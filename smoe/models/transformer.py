@@ -20,12 +20,12 @@ from torch import nn
 
 from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
 from smoe.models.block import Block, MTPModule
-from smoe.moe import MoELayer, RouterStats, update_expert_bias
+from smoe.moe import MoELayer, RouterStats, RouterStatsMode, update_expert_bias
 from smoe.nn import (
-    KVCache,
+    CacheMode,
+    LayerCache,
     LightningAttention,
-    MLACache,
-    RecurrentState,
+    MixerStep,
     RotaryEmbedding,
     fp32_parameters,
     init_weights,
@@ -53,7 +53,7 @@ class DecodeCache:
     linear-attention layer's; a forward's real tokens are appended to their row. ``rows(start, stop)`` is a cache of
     some rows that writes through (a request's prefill in its own row)."""
 
-    layers: list[KVCache | MLACache | RecurrentState]  # one per block
+    layers: list[LayerCache]  # one per block: KVCache (GQA), MLACache (MLA) or RecurrentState (linear attention)
     lengths_B: torch.Tensor  # int64 on the CPU: the tokens each row holds (``clear`` a row to reuse it)
     max_len: int  # the tokens a row can hold
 
@@ -64,8 +64,7 @@ class DecodeCache:
         """Row ``row`` starts a new sequence (attention layers' slots are overwritten as it grows again)."""
         self.lengths_B[row] = 0
         for layer in self.layers:
-            if isinstance(layer, RecurrentState):
-                layer.clear(row)
+            layer.clear(row)
 
     @property
     def nbytes(self) -> int:
@@ -131,20 +130,15 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len: {max_len} tokens exceed the model's max_seq_len ({self.config.max_seq_len})")
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        layers = []
-        for block in self.layers:
-            if block.is_linear:  # constant in max_len
-                layers.append(block.attn.new_cache(batch_size, dtype, device))
-            else:
-                layers.append(block.attn.new_cache(batch_size, max_len, dtype, device))
-                # One row gains nothing from the batched call: the per-row path is the same call without its
-                # index tensors and mask.
-                layers[-1].batched = not independent_rows and batch_size > 1
+        # One row gains nothing from the batched call: the per-row path is the same call without its index tensors
+        # and mask.
+        batched = not independent_rows and batch_size > 1
+        layers = [block.attn.new_cache(batch_size, max_len, dtype, device, batched=batched) for block in self.layers]
         return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long), max_len)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,
-                logits_to_keep: int = 0, router_stats: bool | str = True,
+                logits_to_keep: int = 0, router_stats: RouterStatsMode | bool | str = True,
                 expert_backend: str | None = None, document_starts: torch.Tensor | None = None,
                 document_mask: bool = True) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
@@ -160,12 +154,12 @@ class Transformer(nn.Module):
         document and positions count from its start, so a document computes what it computes alone (False: the
         softmax layers see across documents, as plain packing does). Not with ``attention_mask`` or ``cache``.
 
-        Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
-        the head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
-        (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a
-        bincount the dispatch makes anyway). ``expert_backend`` overrides the MoE layers' backend for this call: a
-        name or a ``kernels.BackendRequest`` (the decode engine asks for ``kernels.ROW_INDEPENDENT``: per-row results
-        that do not depend on the other rows)."""
+        Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one; the
+        head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
+        (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a bincount the
+        dispatch makes anyway): a ``RouterStatsMode``, or True (ALL), False (NONE) or its value. ``expert_backend``
+        overrides the MoE layers' backend for this call: a name or a ``kernels.BackendRequest`` (the decode engine asks
+        for ``kernels.ROW_INDEPENDENT``: per-row results that do not depend on the other rows)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
@@ -182,6 +176,7 @@ class Transformer(nn.Module):
             if attention_mask is not None or cache is not None:
                 raise ValueError("document_starts: packed documents are for unpadded rows without a cache (training "
                                  "and evaluation); not with attention_mask or cache")
+        stats_mode = RouterStatsMode.of(router_stats)
         real_BT = attention_mask.bool() if attention_mask is not None else None
         starts_BT = document_starts.bool() if document_starts is not None else None
         mask_B1TS = spans = None
@@ -202,11 +197,15 @@ class Transformer(nn.Module):
             mask_B1TS = ((doc_BT[:, :, None] == doc_BT[:, None, :]) & self._causal(T, input_ids.device))[:, None]
         else:
             cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        if cache is not None:
+            step = MixerStep(CacheMode.CHUNKS, cos, sin, spans=spans, real_BT=real_BT)
+        else:
+            step = MixerStep(CacheMode.NONE, cos, sin, mask_B1TS=mask_B1TS, real_BT=real_BT, starts_BT=starts_BT)
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, spans, input_ids,
-                         router_stats, real_BT, expert_backend, starts_BT)
+            h, s = block(h, step, cache=cache.layers[i] if cache is not None else None, token_ids_BT=input_ids,
+                         router_stats=stats_mode, expert_backend=expert_backend)
             if s is not None:
                 stats[i] = s
         if cache is not None:
@@ -219,8 +218,8 @@ class Transformer(nn.Module):
         if labels is not None:
             out.lm_loss = _cross_entropy(logits, labels)
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats, mask_B1TS)
-        if stats and router_stats is True:
+                out.mtp_loss = self._mtp_loss(h, input_ids, labels, step, stats)
+        if stats and stats_mode is RouterStatsMode.ALL:
             out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
         if out.lm_loss is not None:
             out.loss = out.lm_loss + out.aux_loss
@@ -238,10 +237,12 @@ class Transformer(nn.Module):
         caller's to advance. With ``count_experts``, the second value holds each MoE layer's tokens per expert
         (padding excluded), else it is empty."""
         cos, sin = self.rope(slots_B[:, None])
+        step = MixerStep(CacheMode.STEP, cos, sin, slots_B=slots_B, real_BT=real_B1)
+        stats_mode = RouterStatsMode.LOAD if count_experts else RouterStatsMode.NONE
         h = self.embed(ids_B1)
         loads = {}
-        for i, (block, layer) in enumerate(zip(self.layers, layers)):
-            h, stats = block(h, cos, sin, None, layer, slots_B, ids_B1, "load" if count_experts else False, real_B1)
+        for i, (block, layer) in enumerate(zip(self.layers, layers, strict=True)):
+            h, stats = block(h, step, cache=layer, token_ids_BT=ids_B1, router_stats=stats_mode)
             if stats is not None:
                 loads[i] = stats.load
         return self._logits(self.norm(h[:, -1])), loads
@@ -268,7 +269,7 @@ class Transformer(nn.Module):
         window = getattr(self.config.attention, "sliding_window", None)
         return causal_TT if window is None else causal_TT.triu(1 - window)
 
-    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats, mask_B1TS=None) -> torch.Tensor:
+    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, step: MixerStep, stats) -> torch.Tensor:
         # Depth d sees positions t < T - d, the ones whose token t+d is in the batch: its input is input_ids[t+d]
         # and its target labels[t+d]. The input comes from input_ids, not from the labels, so that a position
         # whose label is ignored (-100) still feeds its real token.
@@ -277,9 +278,10 @@ class Transformer(nn.Module):
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[..., : T - d, :],
-                              sin[..., : T - d, :], input_ids_BT[:, d:],
-                              None if mask_B1TS is None else mask_B1TS[..., : T - d, : T - d])
+            mask_B1TS = step.mask_B1TS
+            shorter = MixerStep(cos=step.cos[..., : T - d, :], sin=step.sin[..., : T - d, :],
+                                mask_B1TS=None if mask_B1TS is None else mask_B1TS[..., : T - d, : T - d])
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), shorter, input_ids_BT[:, d:])
             if s is not None:
                 stats[self.config.n_layers + d - 1] = s
             losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))
