@@ -348,7 +348,7 @@ def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(monkeypatch)
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real_sample(logits_BV, temperature, top_k, top_p, generator)
 
-    monkeypatch.setattr("smoe.generation.sample", failing)
+    monkeypatch.setattr("smoe.generation.engine.sample", failing)
     bad = Request([4, 5], max_new_tokens=6, temperature=0.5, seed=1)
     good = [Request([1, 2, 3], max_new_tokens=6), Request([7], max_new_tokens=6, temperature=1.0, seed=2)]
     engine = Engine(model, rows=3, max_len=16)
