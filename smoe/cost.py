@@ -27,7 +27,7 @@ systems reach a fraction of these rates, so read them as ceilings and compare th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from smoe.accounting import (
@@ -45,6 +45,7 @@ from smoe.hardware import Hardware, hardware_names
 
 WeightFormat = Literal["fp32", "bf16", "fp8", "int8", "int4"]
 WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1, "int4": (4 + 32 / 128) / 8}  # module docstring
+DEFAULT_CONTEXT = 4096  # positions cached per sequence unless the model holds fewer
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class CostSettings:
     weights: WeightFormat = option("bf16", "weight format (default bf16); int4 counts 4.25 bits per weight")
     kv_dtype: Literal["auto", "fp32", "bf16", "fp8"] = option(
         "auto", "cache dtype (default auto: that of the activations)")
-    context: int = option(4096, "positions in each sequence's cache while decoding: cache bytes, attention reads "
-                                "(default 4096)")
+    context: int | None = option(
+        None, f"positions in each sequence's cache while decoding: cache bytes, attention reads (default "
+              f"{DEFAULT_CONTEXT}, or the model's max_seq_len where that is shorter)")
     prompt_len: int | None = option(None, "tokens per prompt for prefill (default: `context`)")
     devices: int = option(1, "devices the model is split over evenly; the expert-parallel degree of the all-to-all "
                              "(default 1)")
@@ -68,10 +70,17 @@ class CostSettings:
     def prompt(self) -> int:
         return self.context if self.prompt_len is None else self.prompt_len
 
+    def for_model(self, config: ModelConfig) -> CostSettings:
+        """These settings with the default context resolved for ``config``: DEFAULT_CONTEXT positions, or all the
+        model holds where that is fewer (a context the user gives is kept, and checked by ``check_model``)."""
+        if self.context is not None:
+            return self
+        return replace(self, context=min(DEFAULT_CONTEXT, config.max_seq_len))
+
     def validate(self) -> CostSettings:
         check_types(self, "")
-        for name in ("context", "devices"):
-            positive(name, getattr(self, name))
+        positive("context", self.context, allow_none=True)
+        positive("devices", self.devices)
         positive("prompt_len", self.prompt_len, allow_none=True)
         positive("price_per_hour", self.price_per_hour, allow_none=True)
         if not self.batch:
@@ -90,6 +99,7 @@ class CostSettings:
 def check_model(config: ModelConfig, settings: CostSettings) -> None:
     """What the model must allow, checked before any measurement."""
     config.validate()
+    settings = settings.for_model(config)
     for name, value in (("context", settings.context), ("prompt_len", settings.prompt)):
         if value > config.max_seq_len:
             fail(name, f"{value} exceeds the model's max_seq_len ({config.max_seq_len})")
@@ -206,7 +216,7 @@ def _all_to_all_per_token(config: ModelConfig, devices: int, p: Precision) -> fl
 def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostReport:
     """Decode and prefill at every batch size of ``settings`` on ``hw`` (module docstring); ``settings.hardware``
     names the profiles a caller resolves (measuring ``cpu-measured``), ``hw`` is the one priced here."""
-    settings.validate()
+    settings = settings.validate().for_model(config)
     check_model(config, settings)
     p = Precision.of(hw, settings.weights, settings.kv_dtype)
     acc, at_prompt = account(config), account(config, seq_len=settings.prompt)
