@@ -96,3 +96,15 @@ def test_state_json_is_plain_json(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model, opt, _config(), {"skipped_steps": 0})
     state = json.loads((path / "state.json").read_text())
     assert {"step", "optimizer", "rng", "skipped_steps"} <= state.keys()
+
+
+def test_a_failed_atomic_directory_leaves_nothing_not_even_its_parents(tmp_path):
+    from smoe.io.files import atomic_directory
+
+    with pytest.raises(RuntimeError, match="midway"), atomic_directory(tmp_path / "a" / "b" / "out") as tmp:
+        (tmp / "half.json").write_text("{")
+        raise RuntimeError("midway")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(tmp_path / "a" / "b" / "out") as tmp:  # a success keeps them
+        (tmp / "whole.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "out" / "whole.json").is_file()

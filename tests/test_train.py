@@ -188,6 +188,14 @@ def test_unwritable_out_dir_is_a_clear_error(text, tmp_path):
         _train(blocker / "run", text, tmp_path, steps=2)
 
 
+@pytest.mark.parametrize("out", ["e5", "new/e5"])
+def test_an_error_before_training_leaves_no_out_directory(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "mixtral-tiny", "--data", "missing.txt", "--out", out]) == 2
+    assert "--data missing.txt: no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither e5 nor a parent made for it
+
+
 def test_eval_reports_loss_perplexity_and_bpb(text, tmp_path):
     _train(tmp_path / "run", text, tmp_path, steps=5)
     result = evaluate_checkpoint(tmp_path / "run", data=str(text), seq_len=32, batch_size=4, max_batches=2,
