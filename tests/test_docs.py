@@ -162,3 +162,25 @@ def test_the_documented_commands_run(workdir, capsys):
         err = capsys.readouterr().err
         assert code == 0, f"`{command}` (run as `smoe {shlex.join(argv)}`) exited {code}: {err}"
     assert (workdir / "hf" / "m" / "config.json").is_file() and (workdir / "runs" / "v3-int8").is_dir()
+
+
+# --- the Makefile ----------------------------------------------------------------------------------------------------
+
+
+def _make_dry_run(*variables: str) -> str:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    # -B: print the install recipe even where .venv is already set up
+    return subprocess.run(["make", "-n", "-B", "-C", str(ROOT), "install", *variables], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_make_asks_for_the_cpu_build_of_torch_by_name():
+    recipe = _make_dry_run()
+    assert '"torch==2.13.0+cpu"' in recipe and "--extra-index-url" not in recipe  # CI depends on no remote index
+    with_index = _make_dry_run("TORCH_INDEX=https://download.pytorch.org/whl/cpu")
+    assert '--extra-index-url "https://download.pytorch.org/whl/cpu"' in with_index
+    assert '"torch==2.13.0"' in _make_dry_run("TORCH_SPEC=torch==2.13.0")
