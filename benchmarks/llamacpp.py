@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -198,15 +199,15 @@ def main() -> None:
                 outputs[key] = run(args.new_tokens)  # warm-up, and the tokens to compare
             for _ in range(args.rounds):
                 for key, run in runners.items():
-                    times[key][0].append(_timed(lambda: run(1)))
-                    times[key][1].append(_timed(lambda: run(args.new_tokens)))
+                    times[key][0].append(_timed(functools.partial(run, 1)))
+                    times[key][1].append(_timed(functools.partial(run, args.new_tokens)))
     tok_s = {k: (args.new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
     spread = {k: (np.max(full) - np.min(full)) / np.median(full) for k, (_, full) in times.items()}
     print(f"{'smoe':>10} {'tok/s':>8} {'llama.cpp':>10} {'tok/s':>8} {'smoe/llama.cpp':>14} {'same tokens':>11} "
           f"{'round spread':>12}")
     for scheme in schemes:
         ours_key, peer_key = f"smoe {scheme}", f"llama.cpp {GGUF_TYPES[scheme]}"
-        same = np.mean([a == b for a, b in zip(outputs[ours_key], outputs[peer_key])])
+        same = np.mean([a == b for a, b in zip(outputs[ours_key], outputs[peer_key], strict=True)])
         print(f"{scheme:>10} {tok_s[ours_key]:>8.1f} {GGUF_TYPES[scheme]:>10} {tok_s[peer_key]:>8.1f} "
               f"{tok_s[ours_key] / tok_s[peer_key]:>13.2f}x {same:>11.0%} "
               f"{max(spread[ours_key], spread[peer_key]):>11.0%}", flush=True)

@@ -44,7 +44,7 @@ def _chunked_equals_spec(inputs, chunk: int) -> None:
     (out, state, grads), (out_c, state_c, grads_c) = results["spec"], results["chunked"]
     torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state_c, state, rtol=1e-4, atol=1e-4)
-    for grad_c, grad in zip(grads_c, grads):
+    for grad_c, grad in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(grad_c, grad, rtol=1e-3, atol=1e-3)
 
 
@@ -380,7 +380,7 @@ def test_the_chunked_layer_equals_its_spec_forward_and_backward(family):
     torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-4, atol=1e-4)
     assert grads_c.keys() == grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @FAMILIES

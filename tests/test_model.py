@@ -244,7 +244,8 @@ def test_a_mixer_step_names_what_its_mode_needs():
 
 
 MIXERS = {"mixtral-tiny": {"Attention"}, "deepseek-v3-tiny": {"MLA"}, "qwen3-next-tiny": {"Attention", "GatedDeltaNet"},
-          "minimax-text-01-tiny": {"Attention", "LightningAttention"}, "kimi-linear-tiny": {"KimiDeltaAttention", "MLA"}}
+          "minimax-text-01-tiny": {"Attention", "LightningAttention"},
+          "kimi-linear-tiny": {"KimiDeltaAttention", "MLA"}}
 
 
 @pytest.mark.parametrize("name", sorted(MIXERS))

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from smoe.config import MoEConfig
-from smoe.moe import MoELayer, RouterStatsMode, load_balance_loss, router_z_loss, sequence_balance_loss, update_expert_bias
+from smoe.moe import (
+    MoELayer,
+    RouterStatsMode,
+    load_balance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+    update_expert_bias,
+)
 from smoe.moe.dispatch import permute
 from smoe.moe.router import expert_choice, expert_choice_capacity, token_choice
 

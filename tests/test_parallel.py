@@ -213,7 +213,7 @@ def test_ep2_checkpoint_loads_into_one_process_and_consolidates(runs, tmp_path):
     a, b = build_model(preset("mixtral-tiny", **TINY)), build_model(preset("mixtral-tiny", **TINY))
     ckpt.load_model_state(sharded, a)
     ckpt.load_model_state(single, b)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     loaded = load_pretrained(runs / "ep2")  # the Python API reads the per-rank layout too
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in a.state_dict().items())

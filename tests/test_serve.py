@@ -159,7 +159,7 @@ def test_concurrent_greedy_requests_get_what_generate_gives_each_alone(server):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for (prompt, max_tokens), answer in zip(cases, answers):
+        for (prompt, max_tokens), answer in zip(cases, answers, strict=True):
             alone = smoe.generate(model, [prompt], max_new_tokens=max_tokens, stop_tokens=stop, decode_rows=ROWS,
                                   prefill_chunk=ServeConfig.prefill_chunk)[0].tolist()  # 150 tokens: 3 chunks
             alone = alone[: next((i + 1 for i, t in enumerate(alone) if t in stop), len(alone))]
@@ -232,7 +232,7 @@ def test_generated_tokens_carry_the_models_logprobs_streamed_or_not(server):
         torch.set_num_threads(threads)
     lp = whole["logprobs"]
     assert lp["tokens"] == [tokenizer.decode([t]) for t in new]  # each token's text decoded alone
-    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
         assert t == max(top.values()) and len(top) <= 3  # greedy; texts two tokens share (U+FFFD) count once
     expected = _log_softmax_of(server, prompt + new)
     for t, token in enumerate(new):
@@ -301,7 +301,7 @@ def test_lm_evaluation_harness_scores_and_generates_what_the_model_does(server, 
     checked = 0
     for sample in samples["smoe_tiny_choice"]:
         doc = sample["doc"]
-        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"])):
+        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"]), strict=True):
             loglikelihood, greedy = float(loglikelihood), greedy in (True, "True")  # logged as text
             context, whole = encode(doc["context"]), encode(doc["context"] + choice)  # lm-eval's split
             with torch.no_grad():
@@ -611,7 +611,7 @@ def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(
             answers = list(pool.map(lambda p: client.post("/v1/completions", json={
                 "model": str(directory), "prompt": p, "max_tokens": 5, "temperature": 0}).json(), prompts))
             metrics = client.get("/metrics").text
-        for prompt, answer in zip(prompts, answers):  # each as the same compiled engine gives it alone
+        for prompt, answer in zip(prompts, answers, strict=True):  # each as the same compiled engine gives it alone
             alone = Engine(engine.model, 2, 32, compile=True, count_experts=True)
             request = Request(prompt, 5)
             alone.add(request)

@@ -220,7 +220,7 @@ def test_auto_precision_resolves_to_bf16_only_where_it_is_faster(text, tmp_path,
 
     cpu = torch.device("cpu")
     for amx in (False, True):  # AVX512-BF16 without AMX trains slower in bf16 than in fp32
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
         monkeypatch.setattr("smoe.kernels.native_low_precision", lambda dtype: True)
         assert resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
     monkeypatch.undo()
@@ -374,7 +374,7 @@ def test_clipping_scales_only_gradients_over_the_limit():
         assert norm == pytest.approx(scale * 15**0.5)
         after = torch.cat([p.grad.flatten() for p in model.parameters()])
         if want is None:
-            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
         else:
             assert float(after.norm()) == pytest.approx(want, rel=1e-5)
 

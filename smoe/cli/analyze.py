@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     if red["loss"]:
         print("  redundancy, loss when each token loses its top-scored experts: " + ", ".join(
             f"{r * 16:g}/16 ({n}) {loss - result['loss']:+.4f}"
-            for r, n, loss in zip(red["ratios"], red["disabled_experts"], red["loss"])))
+            for r, n, loss in zip(red["ratios"], red["disabled_experts"], red["loss"], strict=True)))
     for step, value in result.get("saturation", {}).items():
         chances = [v["chance"] for v in result["saturation_by_layer"][step].values()]
         chance = sum(chances) / len(chances)

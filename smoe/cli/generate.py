@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
         return
     rows: list[list[int]] = [[] for _ in prompt_ids]
     for ids_B in steps:
-        for row, token in zip(rows, ids_B.tolist()):
+        for row, token in zip(rows, ids_B.tolist(), strict=True):
             if not (row and row[-1] in stop):
                 row.append(token)
     for i, row in enumerate(rows):

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> None:
     configs = [presets.get(n) for n in names]  # resolve every name before any work
     torch.manual_seed(0)
     print(f"{'preset':<18}  {'params':>8}  {'loss':>7}  {'fwd+bwd ms':>10}")
-    for name, config in zip(names, configs):
+    for name, config in zip(names, configs, strict=True):
         model = build_model(config)
         ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1))
         start = time.perf_counter()

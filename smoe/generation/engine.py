@@ -275,7 +275,7 @@ class Engine:
             else:
                 every = argmax_B.tolist()
                 choices = [every[row] for row in picked]
-            for i, token in zip(greedy, choices):
+            for i, token in zip(greedy, choices, strict=True):
                 tokens[i] = token
         for i, r in enumerate(requests):
             if r.temperature >= GREEDY_BELOW:
@@ -284,7 +284,7 @@ class Engine:
                                            r.generator))
                 except (RuntimeError, ValueError) as err:  # NaN logits, say: this row ends, the others go on
                     tokens[i], r.finish_reason, r.error = None, "error", f"sampling failed: {err}"
-        for i, (request, token) in enumerate(zip(requests, tokens)):
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if token is None:
                 self._release(request)
                 continue
@@ -322,7 +322,8 @@ def _logprobs(logits_TV: torch.Tensor, tokens: list[int], top: int) -> list[Toke
     if not top:
         return [TokenLogprob(lp) for lp in chosen]
     values, ids = logprobs_TV.topk(min(top, logprobs_TV.shape[-1]), dim=-1)
-    return [TokenLogprob(lp, tuple(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
+    return [TokenLogprob(lp, tuple(zip(i, v, strict=True)))
+            for lp, i, v in zip(chosen, ids.tolist(), values.tolist(), strict=True)]
 
 
 def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list,

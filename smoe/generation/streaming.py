@@ -102,7 +102,7 @@ def _as_prompts(prompts, attention_mask, vocab_size: int) -> list[list[int]]:
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask: shape {tuple(mask.shape)} differs from the prompts' "
                              f"{tuple(ids.shape)}")
-        token_lists = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
+        token_lists = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), mask.cpu(), strict=True)]
     else:
         if attention_mask is not None:
             raise ValueError("attention_mask: only with a prompt tensor; a list gives each prompt's tokens exactly")

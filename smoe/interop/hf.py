@@ -220,7 +220,7 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
                 with ckpt.files[file] as f:
                     scales[name] = f.view(ckpt.stored.get(name, name)).clone()
     renamed = {stored: name for name, stored in ckpt.stored.items()}
-    for file, header in ckpt.files.items():
+    for header in ckpt.files.values():
         with header as f:
             for stored in header.keys():  # file order; _open_checkpoint made sure the index maps each to this file
                 name = renamed.get(stored, stored)

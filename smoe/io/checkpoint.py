@@ -287,7 +287,7 @@ def read_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
         starts = [p[0][0] for p in parts]
         stops = [p[0][1] for p in parts]
         if starts[0] != 0 or stops[-1] != parts[0][0][2] or starts[1:] != stops[:-1]:
-            raise ValueError(f"{path}: the slices of {key} cover rows {list(zip(starts, stops))}, not "
+            raise ValueError(f"{path}: the slices of {key} cover rows {list(zip(starts, stops, strict=True))}, not "
                              f"[0, {parts[0][0][2]}) once")
         whole[key] = torch.cat([t for _, t in parts])
     return whole

@@ -255,13 +255,13 @@ class Transformer(nn.Module):
             raise ValueError(f"cache: holds {cache.lengths_B.shape[0]} rows, input_ids has {B}")
         cached_B = cache.lengths_B.tolist()
         new_B = real_BT.sum(1).tolist() if real_BT is not None else [T] * B
-        for b, (cached, new) in enumerate(zip(cached_B, new_B)):
+        for b, (cached, new) in enumerate(zip(cached_B, new_B, strict=True)):
             if cached + new > cache.max_len:
                 raise ValueError(f"input_ids: row {b}'s {cached} cached + {new} new tokens exceed the cache's "
                                  f"max_len ({cache.max_len})")
         counts_BT = real_BT.long().cumsum(1) if real_BT is not None else torch.arange(1, T + 1, device=device)
         positions_BT = (cache.lengths_B.to(device)[:, None] + counts_BT - 1).clamp_min(0)
-        return list(zip(cached_B, new_B)), positions_BT
+        return list(zip(cached_B, new_B, strict=True)), positions_BT
 
     def _causal(self, T: int, device) -> torch.Tensor:
         """(T, T) bool: which keys each query may attend without a cache (causal, within a sliding window)."""

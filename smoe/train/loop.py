@@ -292,7 +292,7 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
     dropped: dict[int, float] = {}
     entropy: dict[int, float] = {}
     has_mtp = False
-    for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
+    for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True):
         with autocast:
             out = model(inp, labels=tgt, **document_arguments(inp, eos_id, cfg.document_boundaries))
         (out.loss / cfg.grad_accum).backward()
@@ -313,13 +313,13 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
         means = torch.tensor([sums[k] for k in names] + [entropy[i] for i in layers], dtype=torch.float64,
                              device=device)
         all_reduce_(means, "mean")
-        sums = dict(zip(names, means[: len(names)].tolist()))
-        entropy = dict(zip(layers, means[len(names) :].tolist()))
+        sums = dict(zip(names, means[: len(names)].tolist(), strict=True))
+        entropy = dict(zip(layers, means[len(names) :].tolist(), strict=True))
         if layers:
             counts = torch.stack([torch.cat([loads[i], loads[i].new_tensor([int(dropped[i])])]) for i in layers])
             all_reduce_(counts)
-            loads = {i: c[:-1] for i, c in zip(layers, counts)}
-            dropped = {i: float(c[-1]) for i, c in zip(layers, counts)}
+            loads = {i: c[:-1] for i, c in zip(layers, counts, strict=True)}
+            dropped = {i: float(c[-1]) for i, c in zip(layers, counts, strict=True)}
     router = {str(i): router_summary(loads[i], dropped[i], entropy[i]) for i in loads}
     return {**sums, "mtp_loss": sums["mtp_loss"] if has_mtp else None, "loads": loads, "router": router}
 
