@@ -24,10 +24,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast where it is faster than fp32 — a CUDA GPU with bf16, a CPU with AMX tiles — else
-    fp32. Without bf16 units a bf16 GEMM is emulated: deepseek-v3-tiny trained at 63 tokens/s in bf16 against 1,539
-    in fp32 on an AVX2-only CPU. AVX512-BF16 alone is not enough either: on a 2-core AVX512-BF16 VM without AMX it
-    trained at 939 tokens/s in bf16 against 2,357 in fp32 (docs/benchmarks.md)."""
+    """``precision`` (``auto``, ``bf16`` or ``fp32``) as training runs it on ``device``: ``auto`` is bf16 autocast
+    where the device multiplies bf16 natively and faster than fp32 (a CUDA GPU with bf16, a CPU with AMX tiles), else
+    fp32; the measurements behind the rule are in docs/training.md and docs/benchmarks.md."""
     if precision != "auto":
         return precision
     if device.type == "cuda":

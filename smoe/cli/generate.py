@@ -30,9 +30,8 @@ def add_parser(sub) -> None:
                         "GEMMs for them)")
     add_quantize_arguments(p, "generate")
     p.add_argument("--compile", action="store_true",
-                   help="run each decode step as one torch.compile graph: 1.1-2.4x the tokens/s of eager decoding "
-                        "on a CPU (docs/benchmarks.md), after compiling for tens of seconds; pays off for long "
-                        "generations")
+                   help="run each decode step as one torch.compile graph: faster decoding after tens of seconds "
+                        "of compiling, so it pays off for long generations (the speed-ups: docs/generation.md)")
     p.set_defaults(func=run)
 
 

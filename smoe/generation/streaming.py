@@ -49,14 +49,13 @@ def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, te
     global RNG is untouched).
     ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
     per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
-    (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
-    ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
-    results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
-    rows on a CPU; docs/benchmarks.md). ``compile`` runs each decode step as one torch.compile graph
-    (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on the same model and row
-    count reuse it; with ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels).
-    ``prefill_chunk``: prompt tokens per prefill forward (the chunks' shapes move a prompt's last bits, so
-    ``smoe serve --prefill-chunk C`` answers ``generate(..., decode_rows=R, prefill_chunk=C)``'s tokens).
+    (the experts run in fixed-shape tiles): they are the tokens an ``Engine`` of that many rows gives it among any
+    others. Left out, the experts run on the fastest backend, whose results can differ in the last bits with what
+    the other rows route to the same expert. ``compile`` runs each decode step as one torch.compile graph
+    (``Engine``): the first call compiles it, later calls on the same model and row count reuse it; with
+    ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels). ``prefill_chunk``:
+    prompt tokens per prefill forward (the chunks' shapes move a prompt's last bits: the same tokens need the same
+    chunk). What these cost, and the serving settings that give the same tokens: docs/generation.md.
     """
     stop = sorted(set(int(t) for t in stop_tokens))
     pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
