@@ -159,9 +159,9 @@ def test_mtp_is_a_component_outside_the_totals():
 
 
 def test_forward_flops_are_twice_the_matmul_weights_plus_causal_attention():
-    config = presets.get("dense")  # 4 layers, d 128, 4 heads of 32, SwiGLU 512, vocab 4096, untied
+    config = presets.get("dense")  # 4 layers, d 128, 4 heads of 32, SwiGLU 512, vocab 2048, untied
     S, d = 512, 128
-    matmul = 4 * (4 * d * d + 3 * d * 512) + 4096 * d  # attention and FFN per layer, then the head
+    matmul = 4 * (4 * d * d + 3 * d * 512) + 2048 * d  # attention and FFN per layer, then the head
     attention = 4 * 2 * (4 * 2 * 32) * (S + 1) / 2  # per layer: scores and values over the average context
     assert account(config, seq_len=S).forward_flops_per_token == 2 * matmul + attention
 

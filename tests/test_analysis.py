@@ -88,22 +88,25 @@ def test_shared_to_routed_routes_top_k_plus_n_without_shared_output():
 
 def test_analyze_records_the_knocked_out_fraction_and_the_traded_shared_experts():
     result = analysis.analyze(_model("deepseekmoe"), _batches(1), [0, 1], ["a", "b"], knockouts=(1, 4))
-    assert result["knockout_fraction"] == {"top1_routed": 1 / 64, "top4_routed": 4 / 64}
-    assert set(result["knockout"]) == {"top1_routed", "top4_routed", "shared", "shared_to_routed"}
-    assert result["shared_to_routed_top_k"] == 8 and result["redundancy"]["disabled_experts"][-1] == 16
-    layer = result["layers"]["0"]
-    assert {"coactivation", "specialisation"} <= layer.keys() and "vocabulary" in layer["specialisation"]
-    assert "dropless_loss" not in result  # no capacity limit
+    assert result.knockout_fraction == {"top1_routed": 1 / 64, "top4_routed": 4 / 64}
+    assert set(result.knockout) == {"top1_routed", "top4_routed", "shared", "shared_to_routed"}
+    assert result.shared_to_routed_top_k == 8 and result.redundancy.disabled_experts[-1] == 16
+    layer = result.layers[0]
+    assert layer.coactivation is not None and layer.specialisation.vocabulary is not None
+    assert result.dropless_loss is None  # no capacity limit
+    # analysis.json's form round-trips, and smoe analyze prints a line per finding
+    assert analysis.Analysis.from_json(result.to_json()) == result
+    assert any(line.startswith("knock-out top4_routed: loss +") for line in result.lines())
 
 
 def test_hash_layers_are_traced_and_score_exactly_their_vocabulary_baseline():
     model = _model("switch", **{"moe.routing": "hash", "moe.balance": "none"})
     batches = _batches(2)
     result = analysis.analyze(model, batches, [0, 1, 0, 1], ["a", "b"])
-    for layer in result["layers"].values():
-        spec = layer["specialisation"]
-        assert layer["routing"] == "hash" and spec["score"] == pytest.approx(spec["vocabulary"])
-    assert result["knockout"] == {} and result["redundancy"]["loss"] == []  # no scores to intervene on
+    for layer in result.layers.values():
+        spec = layer.specialisation
+        assert layer.routing == "hash" and spec.score == pytest.approx(spec.vocabulary)
+    assert result.knockout == {} and result.redundancy.loss == []  # no scores to intervene on
 
 
 def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
@@ -114,7 +117,7 @@ def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
         free = analysis.mean_loss(model, batches)
         assert all(layer.config.capacity_factor is None for layer in model.moe_layers)
     assert free != with_drops and analysis.mean_loss(model, batches) == with_drops
-    assert analysis.analyze(model, batches, [0, 1], ["a"])["dropless_loss"] == free
+    assert analysis.analyze(model, batches, [0, 1], ["a"]).dropless_loss == free
 
 
 # --- chance baselines on hand-built traces -----------------------------------------------------------------------
@@ -122,7 +125,8 @@ def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
 
 def test_consecutive_chance_is_the_load_weighted_reuse():
     # two disjoint top-2 sets, each on half the tokens: a random pair overlaps half the time
-    sets = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    sets = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)[order]
     rates = routing_stats.consecutive_rates(sets.view(10, 100, 2), n_experts=4)
     assert rates["first_load_weighted"] == pytest.approx(0.5)
     assert rates["any_load_aware"] == pytest.approx(0.5, abs=0.05)
@@ -175,3 +179,18 @@ def test_a_group_limit_left_short_of_top_k_is_refused():
     refused = pytest.raises(ValueError, match="redundancy: with 1 of 8 experts disabled, the group limit")
     with refused, analysis.disable_top_scored(model, 1):
         analysis.mean_loss(model, _batches(1))
+
+
+def test_analysis_batches_carry_the_runs_document_boundaries():
+    from smoe.train.loop import document_arguments
+
+    model = _model("deepseekmoe")
+    inputs, targets = _batches(1)[0]
+    inputs = inputs.clone()
+    inputs[:, 5] = 7  # a token 7 ends a document in the middle of each row
+    docs = document_arguments(inputs, 7, "all")
+    with torch.no_grad():
+        direct = model(inputs, labels=targets, **docs).lm_loss.item()
+    assert analysis.mean_loss(model, [(inputs, targets, docs)]) == direct
+    assert analysis.mean_loss(model, [(inputs, targets)]) != direct  # packed documents see each other
+    assert analysis.trace_routing(model, [(inputs, targets, docs)])[1] == pytest.approx(direct)

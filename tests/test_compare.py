@@ -45,8 +45,8 @@ def test_every_builtin_suite_is_matched_with_valid_contrasts_and_ladder():
 
 def test_every_suite_with_a_ladder_shares_the_same_rungs():
     widths = {name: sorted(a.config().ffn_dim for a in s.runs() if a.config().moe is None)
-              for name, s in SUITES.items() if s.ladder and name != "demo"}
-    assert len({tuple(w) for w in widths.values()}) == 1 and widths["seeds-debate"] == [256, 512, 1024, 2048, 4096]
+              for name, s in SUITES.items() if s.ladder}
+    assert len({tuple(w) for w in widths.values()}) == 1 and widths["seeds-debate"] == [128, 256, 512, 1024, 2048]
 
 
 def test_table_1_matches_total_parameters_as_deepseekmoe_does():
@@ -367,22 +367,25 @@ def _fake_runs(losses: dict[str, list[float]], precision="bf16"):
     return data, matched
 
 
-def _fake_analysis(seed: int, shared: bool):
+def _fake_json(seed: int, shared: bool):
     layer = {"load": [3, 1], "dead": 0, "top_tokens": {"0": [["a|b", 0.5], ["`x", 0.5]], "1": []},
              "consecutive": {"first": 0.5 + 0.01 * seed, "first_uniform": 0.5, "first_load_weighted": 0.6,
-                             "any": 0.8, "any_uniform": 0.9}}
+                             "any": 0.8, "any_uniform": 0.9, "any_load_aware": 0.85, "any_load_aware_std": 0.01}}
     knockout = {"top1_routed": 0.1 + 0.01 * seed, **({"shared": 0.3} if shared else {})}
     return {"loss": 2.0 + seed, "layers": {"0": layer}, "sources": ["s"], "knockout": knockout,
-            "saturation": {"5": 0.6, "10": 0.7},
             "saturation_by_layer": {"5": {"0": {"overlap": 0.6, "chance": 0.2 + 0.01 * seed}},
                                     "10": {"0": {"overlap": 0.7, "chance": 0.3}}}}
+
+
+def _fake_analysis(seed: int, shared: bool):
+    return analysis.Analysis.from_json(_fake_json(seed, shared))
 
 
 def _document(losses, shared=("deepseekmoe",), precision="bf16", contrasts=None):
     seeds = len(next(iter(losses.values())))
     data, matched = _fake_runs(losses, precision)
-    analyses = collect.analysis_json({label: [_fake_analysis(s, label in shared) for s in range(seeds)]
-                                      for label in losses if label != "dense"})
+    analyses = {label: [_fake_analysis(s, label in shared) for s in range(seeds)] for label in losses
+                if label != "dense"}
     labels = list(losses)
     contrasts = contrasts or (Contrast(labels[1], labels[0], "active", "t"),)
     settings = CompareSettings(train=TrainConfig(precision="auto"), seeds=seeds)
@@ -394,11 +397,10 @@ def test_an_architecture_without_traced_layers_does_not_stop_the_report():
     # table-1's hash layers are not traced: its analysis has no layers, and the report still renders
     data, matched = _fake_runs({"hash": [2.0, 2.1], "gshard": [1.9, 2.0]})
     runs = {label: [_fake_analysis(s, False) for s in range(2)] for label in data}
-    for r in runs["hash"]:
-        r["layers"] = {}
+    runs["hash"] = [analysis.Analysis(r.loss, r.sources, {}) for r in runs["hash"]]
     contrasts = (Contrast("gshard", "hash", "total", "t"),)
     doc = report.build_document("t", Suite([Arch("hash", "dense"), Arch("gshard", "dense")], contrasts=contrasts),
-                                CompareSettings(seeds=2), matched, data, collect.analysis_json(runs),
+                                CompareSettings(seeds=2), matched, data, runs,
                                 judge(contrasts, {k: [f["val_loss"] for f in v["final"]] for k, v in data.items()},
                                       0.03), None)
     assert "| gshard | 0 |" in report.to_markdown(doc)
@@ -493,14 +495,17 @@ def test_holm_runs_over_the_preregistered_contrasts_alone_and_the_rest_is_explor
     assert verdict.needed(registered[0]) >= 2
 
 
-def test_analyses_are_summarised_over_seeds():
-    over = collect.over_seeds([_fake_analysis(s, shared=True) for s in range(3)])
+def test_analyses_are_summarised_over_seeds_at_the_paths_one_seed_has():
+    per_seed = [_fake_analysis(s, shared=True).to_json() for s in range(3)]
+    over = collect.over_seeds(per_seed)
     assert over["seeds"] == 3 and over["knockout"]["top1_routed"]["values"] == pytest.approx([0.1, 0.11, 0.12])
-    assert over["layers"]["0"]["first"]["mean"] == pytest.approx(0.51)
-    assert over["saturation"]["5"]["sd"] == 0.0
+    assert over["layers"]["0"]["consecutive"]["first"]["mean"] == pytest.approx(0.51)
+    assert over["saturation"]["5"]["sd"] == 0.0 and "top_tokens" not in over["layers"]["0"]
     assert over["saturation_by_layer"]["5"]["0"]["chance"]["mean"] == pytest.approx(0.21)
-    one = collect.over_seeds([_fake_analysis(0, shared=False)])
+    one = collect.over_seeds([_fake_analysis(0, shared=False).to_json()])
     assert one["loss"]["sd"] is None and "shared" not in one["knockout"]
+    saved = collect.analysis_json({"moe": [_fake_analysis(s, True) for s in range(2)]})["moe"]
+    assert saved["loss"] == 2.0 and saved["other_seeds"]["1"]["loss"] == 3.0 and saved["over_seeds"]["seeds"] == 2
 
 
 def test_a_bad_data_file_is_refused_before_the_suite_starts(tmp_path):

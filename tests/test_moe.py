@@ -285,3 +285,33 @@ def test_device_balance_loss_is_one_when_uniform_and_sees_only_device_totals():
     to_device_0 = torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(8, 4)
     torch.testing.assert_close(device_balance_loss(to_device_0, torch.tensor([4, 4, 0, 0]), 2),
                                torch.tensor(2 * 0.8 + 0 * 0.2))
+
+
+# --- GShard's random second expert -------------------------------------------------------------------------------
+
+
+def test_random_second_expert_keeps_the_second_choice_with_probability_twice_its_share():
+    from smoe.moe.layer import random_second_expert
+
+    torch.manual_seed(0)
+    shares = torch.tensor([0.5, 0.25, 0.0])  # 2 x share: always, half the time, never
+    weights = torch.stack([1 - shares, shares], dim=1).repeat(4000, 1).reshape(-1)
+    kept = random_second_expert(weights).view(-1, 3, 2)
+    assert kept[..., 0].all()  # the first choice always
+    assert kept[:, 0, 1].all() and not kept[:, 2, 1].any()
+    assert kept[:, 1, 1].float().mean().item() == pytest.approx(0.5, abs=0.03)
+
+
+def test_random_second_expert_drops_only_in_training_and_is_gshards_top2_rule():
+    cfg = MoEConfig(n_routed_experts=8, top_k=2, expert_dim=8, second_expert="random")
+    layer = MoELayer(D, cfg, backend="reference")
+    x = torch.randn(64, D)
+    always = MoELayer(D, MoEConfig(n_routed_experts=8, top_k=2, expert_dim=8), backend="reference")
+    always.load_state_dict(layer.state_dict())
+    torch.manual_seed(1)
+    y, stats = layer(x)
+    assert stats.load.sum() < 64 * 2  # some second choices were not dispatched, and take no load
+    layer.eval(), always.eval()
+    torch.testing.assert_close(layer(x)[0], always(x)[0])  # evaluation dispatches both
+    with pytest.raises(ValueError, match=r"moe\.second_expert: 'random' is GShard's top-2 token-choice rule"):
+        MoEConfig(n_routed_experts=8, top_k=1, expert_dim=8, norm_topk_prob=False, second_expert="random").validate()

@@ -41,7 +41,7 @@ def test_accounting_matches_the_built_model(name):
 def test_small_preset_is_cpu_sized_and_trains(name):
     torch.manual_seed(0)
     config = presets.get(name)
-    assert config.vocab_size in (4096, 8192) and 1e6 < account(config).total_params < 60e6
+    assert config.vocab_size in (2048, 8192) and 1e6 < account(config).total_params < 60e6
     model = build_model(config)
     ids = torch.randint(0, config.vocab_size, (2, 17))
     out = model(ids[:, :-1], labels=ids[:, 1:])

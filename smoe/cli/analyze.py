@@ -36,27 +36,8 @@ def run(args: argparse.Namespace) -> None:
                if c.path != path and c.path.name < path.name]
     result = analyze(model, batches, sources, list(split.tokens), tokenizer, earlier)
     out = Path(args.out) if args.out else path / "analysis.json"
-    write_json(out, result, indent=1)
-    print(f"{path}: loss {result['loss']:.4f} on {seqs.shape[0]} sequences of {args.seq_len}")
-    for layer, v in result["layers"].items():
-        c = v["consecutive"]
-        print(f"  layer {layer}: same first expert {c['first']:.3f} (random {c['first_uniform']:.3f}, "
-              f"load-weighted {c['first_load_weighted']:.3f}), top-k overlap {c['any']:.3f} (random "
-              f"{c['any_uniform']:.3f}, load-aware {c['any_load_aware']:.3f}), dead {v['dead']}")
-        if "specialisation" in v:
-            sp = v["specialisation"]
-            print(f"    specialisation {sp['score']:.3f} (sources shuffled: {sp['shuffled_mean']:.3f} ± "
-                  f"{sp['shuffled_std']:.3f})")
-    for name, rise in result["knockout"].items():
-        share = result["knockout_fraction"].get(name)
-        print(f"  knock-out {name}: loss {rise:+.4f}" + (f" ({share:.1%} of routed experts)" if share else ""))
-    red = result["redundancy"]
-    if red["loss"]:
-        print("  redundancy, loss when each token loses its top-scored experts: " + ", ".join(
-            f"{r * 16:g}/16 ({n}) {loss - result['loss']:+.4f}"
-            for r, n, loss in zip(red["ratios"], red["disabled_experts"], red["loss"], strict=True)))
-    for step, value in result.get("saturation", {}).items():
-        chances = [v["chance"] for v in result["saturation_by_layer"][step].values()]
-        chance = sum(chances) / len(chances)
-        print(f"  saturation at step {step}: {value:.3f} (chance {chance:.3f})")
+    write_json(out, result.to_json(), indent=1)
+    print(f"{path}: loss {result.loss:.4f} on {seqs.shape[0]} sequences of {args.seq_len}")
+    for line in result.lines():
+        print("  " + line)
     print(f"written: {out}")

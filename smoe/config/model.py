@@ -18,6 +18,7 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]
 Routing = Literal["token_choice", "expert_choice", "hash"]
 CapacityPriority = Literal["choice", "token"]
+SecondExpert = Literal["always", "random"]
 GroupScore = Literal["max", "top2_sum"]
 Activation = Literal["silu", "gelu"]
 Norm = Literal["rmsnorm", "layernorm"]
@@ -51,6 +52,10 @@ class MoEConfig:
     # choice, each round in token order (GShard Algorithm 1, DeepSpeed top-2 gating); "token": in token order,
     # so an earlier token's second choice can displace a later token's first.
     capacity_priority: CapacityPriority = "choice"
+    # GShard §2.2's random routing at top-2: in training, a token's second expert gets it only with probability
+    # min(1, 2 g2), g2 its share of the two weights (otherwise the first expert alone, at its unchanged weight);
+    # evaluation and decoding always dispatch both. "always": plain top-2.
+    second_expert: SecondExpert = "always"
     balance: Balance = "aux"
     aux_loss_coef: float = 0.01  # Switch/GShard expert-level loss, used when balance == "aux"
     # DeepSeek-V3 sequence-wise loss: the balance when balance == "seq_aux", and V3's complementary loss beside the
@@ -115,6 +120,10 @@ class MoEConfig:
         one_of(prefix + "group_score", self.group_score, typing.get_args(GroupScore))
         positive(prefix + "capacity_factor", self.capacity_factor, allow_none=True)
         one_of(prefix + "capacity_priority", self.capacity_priority, typing.get_args(CapacityPriority))
+        one_of(prefix + "second_expert", self.second_expert, typing.get_args(SecondExpert))
+        if self.second_expert == "random" and (self.top_k != 2 or self.routing != "token_choice"):
+            fail(prefix + "second_expert", f"'random' is GShard's top-2 token-choice rule; top_k is {self.top_k} and "
+                                           f"routing {self.routing!r}")
         one_of(prefix + "balance", self.balance, typing.get_args(Balance))
         non_negative(prefix + "aux_loss_coef", self.aux_loss_coef)
         non_negative(prefix + "seq_aux_loss_coef", self.seq_aux_loss_coef)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from smoe.config import MoEConfig
+from smoe.eval.findings import Analysis, Coactivation, Consecutive, LayerRouting, Redundancy, Specialisation
 from smoe.eval.routing_stats import (
     coactivation,
     consecutive_rates,
@@ -42,7 +43,14 @@ from smoe.models import Transformer
 from smoe.moe.layer import MoELayer
 from smoe.moe.router import Router, Routing, token_choice
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (inputs_BT, targets_BT), or with a third item: the model's keyword arguments for that batch (its packed documents'
+# boundaries, as the run trained: smoe.train.loop.document_arguments)
+Batch = tuple[torch.Tensor, ...]
+
+
+def _forward(model: Transformer, batch: Batch):
+    inputs, targets, *rest = batch
+    return model(inputs, labels=targets, **(rest[0] if rest else {}))
 
 # DeepSeekMoE Fig. 4's x axis: the share of routed experts each token loses, 0 to 4/16.
 REDUNDANCY_RATIOS = (0.0, 1 / 16, 2 / 16, 3 / 16, 4 / 16)
@@ -65,8 +73,9 @@ def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, t
         handles.append(layer.router.register_forward_hook(hook))
     losses, counts = [], []
     try:
-        for inputs, targets in batches:
-            out = model(inputs, labels=targets)
+        for batch in batches:
+            out = _forward(model, batch)
+            targets = batch[1]
             losses.append(out.lm_loss.item())
             counts.append(targets.numel())
     finally:
@@ -80,7 +89,7 @@ def trace_routing(model: Transformer, batches: list[Batch]) -> tuple[dict[int, t
 @torch.no_grad()
 def mean_loss(model: Transformer, batches: list[Batch]) -> float:
     model.eval()
-    losses = [(model(i, labels=t).lm_loss.item(), t.numel()) for i, t in batches]
+    losses = [(_forward(model, b).lm_loss.item(), b[1].numel()) for b in batches]
     return float(np.average([x for x, _ in losses], weights=[n for _, n in losses]))
 
 
@@ -245,44 +254,35 @@ def shared_to_routed(model: Transformer):
 
 def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], source_names: list[str], tokenizer=None,
             earlier: list[tuple[int, Transformer]] | None = None, knockouts: tuple[int, ...] = (1, 2, 4)
-            ) -> dict[str, Any]:
-    """Every analysis above on one model and a fixed set of batches; JSON-ready.
-
-    Keys: ``loss``; ``sources``; ``layers`` {layer: routing, load, dead, consecutive (consecutive_rates),
-    top_tokens, at top-2 and above coactivation, and with several sources domain_affinity and specialisation (with
-    its vocabulary baseline)}; with a capacity limit ``dropless_loss``; ``knockout`` {name: loss rise} for
-    ``top{n}_routed``, ``shared``, ``shared_to_routed``, with ``knockout_fraction`` {top{n}_routed: share of each
-    layer's routed experts disabled} and ``shared_to_routed_top_k``; ``redundancy`` (redundancy()); with earlier
-    checkpoints ``saturation`` {step: mean over token-choice layers} and ``saturation_by_layer`` {step: {layer:
-    {overlap, chance}}}."""
+            ) -> Analysis:
+    """Every analysis above on one model and a fixed set of batches (smoe.eval.findings.Analysis)."""
     traces, base_loss = trace_routing(model, batches)
     token_ids = torch.cat([b[0] for b in batches])
     layers = model.moe_layers_by_index()
-    result: dict[str, Any] = {"loss": base_loss, "layers": {}, "sources": source_names}
+    routed: dict[int, LayerRouting] = {}
     for idx, trace in traces.items():
         E = layers[idx].config.n_routed_experts
-        load = torch.bincount(trace.flatten(), minlength=E)
-        entry = {
-            "routing": layers[idx].config.routing,
-            "load": load.tolist(),
-            "dead": int((load == 0).sum()),
-            "consecutive": consecutive_rates(trace, E),
-            "top_tokens": {str(e): v for e, v in top_tokens(trace, token_ids, E, tokenizer).items()},
-        }
+        rates = consecutive_rates(trace, E)
         pairs = coactivation(trace, E)
-        if pairs is not None:
-            entry["coactivation"] = pairs
-        if len(source_names) > 1:
-            entry["domain_affinity"] = domain_affinity(trace, sources_B, len(source_names), E).tolist()
-            entry["specialisation"] = specialisation(trace, sources_B, len(source_names), E, token_ids)
-        result["layers"][str(idx)] = entry
+        several = len(source_names) > 1
+        spec = specialisation(trace, sources_B, len(source_names), E, token_ids) if several else None
+        routed[idx] = LayerRouting(
+            routing=layers[idx].config.routing,
+            load=torch.bincount(trace.flatten(), minlength=E).tolist(),
+            consecutive=Consecutive(**{f: rates[f] for f in Consecutive.__dataclass_fields__}),
+            top_tokens=top_tokens(trace, token_ids, E, tokenizer),
+            coactivation=Coactivation(pairs["max_partner"], pairs["chance"], tuple(pairs["top_pair"]))
+            if pairs is not None else None,
+            domain_affinity=domain_affinity(trace, sources_B, len(source_names), E).tolist() if several else None,
+            specialisation=Specialisation(**spec) if spec is not None else None)
+    dropless_loss = None
     if any(layer.config.capacity_factor is not None for layer in layers.values()):
         with dropless(model):
-            result["dropless_loss"] = mean_loss(model, batches)
+            dropless_loss = mean_loss(model, batches)
 
     # interventions change what a router chooses: token-choice layers only (a hash layer has no scores)
     chosen = {idx: trace for idx, trace in traces.items() if layers[idx].config.routing == "token_choice"}
-    result["knockout"], result["knockout_fraction"] = {}, {}
+    knockout, fraction = {}, {}
     for n in knockouts:
         top_by_layer = {}
         for idx, trace in chosen.items():
@@ -293,30 +293,25 @@ def analyze(model: Transformer, batches: list[Batch], sources_B: list[int], sour
             top_by_layer[idx] = load.argsort(descending=True)[:n].tolist()
         if top_by_layer:
             with knock_out(model, routed=top_by_layer):
-                result["knockout"][f"top{n}_routed"] = mean_loss(model, batches) - base_loss
+                knockout[f"top{n}_routed"] = mean_loss(model, batches) - base_loss
             # 4 of 8 experts is not 4 of 64; layers share one MoEConfig, so the mean is every layer's share
-            result["knockout_fraction"][f"top{n}_routed"] = float(np.mean(
-                [n / layers[i].config.n_routed_experts for i in top_by_layer]))
+            fraction[f"top{n}_routed"] = float(np.mean([n / layers[i].config.n_routed_experts for i in top_by_layer]))
     if any(layer.shared is not None for layer in layers.values()):
         with knock_out(model, shared=True):
-            result["knockout"]["shared"] = mean_loss(model, batches) - base_loss
+            knockout["shared"] = mean_loss(model, batches) - base_loss
     traded = _tradable_layers(model)
+    traded_top_k = None
     if traded:
         with shared_to_routed(model):
-            result["knockout"]["shared_to_routed"] = mean_loss(model, batches) - base_loss
+            knockout["shared_to_routed"] = mean_loss(model, batches) - base_loss
         cfg = next(iter(traded.values())).config
-        result["shared_to_routed_top_k"] = cfg.top_k + n_replacing_shared(cfg)
+        traded_top_k = cfg.top_k + n_replacing_shared(cfg)
 
-    result["redundancy"] = redundancy(model, batches, base_loss=base_loss)
-
-    if earlier and chosen:
-        result["saturation"], result["saturation_by_layer"] = {}, {}
-        for step, other in earlier:
-            other_traces, _ = trace_routing(other, batches)
-            common = [i for i in chosen if i in other_traces]
-            per_layer = {str(i): {"overlap": saturation(other_traces[i], traces[i]),
-                                  "chance": saturation_chance(other_traces[i], traces[i],
-                                                              layers[i].config.n_routed_experts)} for i in common}
-            result["saturation"][str(step)] = float(np.mean([v["overlap"] for v in per_layer.values()]))
-            result["saturation_by_layer"][str(step)] = per_layer
-    return result
+    saturated: dict[int, dict[int, tuple[float, float]]] = {}
+    for step, other in (earlier or []) if chosen else []:
+        other_traces, _ = trace_routing(other, batches)
+        saturated[step] = {i: (saturation(other_traces[i], traces[i]),
+                               saturation_chance(other_traces[i], traces[i], layers[i].config.n_routed_experts))
+                           for i in chosen if i in other_traces}
+    return Analysis(base_loss, list(source_names), routed, knockout, fraction, traded_top_k,
+                    Redundancy(**redundancy(model, batches, base_loss=base_loss)), saturated, dropless_loss)

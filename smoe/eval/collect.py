@@ -14,14 +14,16 @@ from typing import Any
 import numpy as np
 
 from smoe.eval.analysis import analyze
+from smoe.eval.findings import Analysis
 from smoe.eval.layout import read_rows, read_summary, run_dir
 from smoe.eval.settings import SPLIT_SEED, CompareSettings
 from smoe.eval.stats import interval
 from smoe.eval.suite import Arch
 from smoe.io.checkpoint import list_checkpoints, load_model
 from smoe.io.files import read_json
-from smoe.io.tokenizer import load_tokenizer
+from smoe.io.tokenizer import EOS, load_tokenizer
 from smoe.train.data import prepare_data, val_sequences
+from smoe.train.loop import document_arguments
 
 
 def collect(out: Path, archs: list[Arch], seeds: int) -> dict[str, dict[str, Any]]:
@@ -74,13 +76,12 @@ def routing_end(train: list[dict[str, Any]]) -> dict[str, float] | None:
             "dropped": float(np.mean(dropped)), "dropped_end": float(np.mean(dropped[-len(last):]))}
 
 
-def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print
-                 ) -> dict[str, list[dict[str, Any]]]:
+def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=print) -> dict[str, list[Analysis]]:
     """analysis.analyze on every seed's final checkpoint of each MoE architecture (dense ones are skipped before
     their data and earlier checkpoints are loaded), each over the periodic evaluations' part of the suite's fixed
     validation set (the first `eval_batches` batches: every intervention is a pass over it). A list per
     architecture, seed by seed."""
-    results: dict[str, list[dict[str, Any]]] = {}
+    results: dict[str, list[Analysis]] = {}
     t = settings.train
     data = settings.run_data(None)
     for arch in archs:
@@ -94,7 +95,11 @@ def run_analyses(out: Path, archs: list[Arch], settings: CompareSettings, log=pr
             prepared = prepare_data(data.data, val_spec=data.val_data, tokenizer=path / "tokenizer.json",
                                     text_field=data.text_field, seed=SPLIT_SEED, val_fraction=data.val_fraction)
             seqs, sources = val_sequences(prepared.val, t.seq_len, t.batch_size * t.eval_batches)
-            batches = [(x[:, :-1], x[:, 1:]) for x in seqs.split(t.batch_size)]
+            # the packed documents kept apart as the run trained and evaluated them
+            boundaries = read_json(run / "run.json")["train_config"].get("document_boundaries", "none")
+            eos = prepared.tokenizer.token_to_id(EOS)
+            batches = [(x[:, :-1], x[:, 1:], document_arguments(x[:, :-1], eos, boundaries))
+                       for x in seqs.split(t.batch_size)]
             earlier = [(c.step, load_model(c.path)[0]) for c in list_checkpoints(run, resumable=False)[:-1]]
             # source indices of val_sequences refer to the validation split, which --val-data may name differently
             results.setdefault(arch.label, []).append(
@@ -109,64 +114,45 @@ def _interval(values: list[float]) -> dict[str, Any]:
 
 
 def over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each scalar of one architecture's analyses over seeds: mean, sample sd, and the 95% t interval of the mean
-    (sd and bounds None with one seed), with the per-seed values. Layers, knock-out keys and saturation steps are
-    the same in every seed's result: they follow from the architecture and the checkpoint schedule."""
-    first = per_seed[0]
-    layers = {}
-    for layer, v in first["layers"].items():
-        rates = [r["layers"][layer]["consecutive"] for r in per_seed]
-        layers[layer] = {"first": _interval([c["first"] for c in rates]), "any": _interval([c["any"] for c in rates]),
-                         "first_uniform": v["consecutive"]["first_uniform"],
-                         "any_uniform": v["consecutive"]["any_uniform"],
-                         "first_load_weighted": _interval([c["first_load_weighted"] for c in rates]),
-                         "dead": _interval([r["layers"][layer]["dead"] for r in per_seed])}
-        if "any_load_aware" in v["consecutive"]:
-            layers[layer]["any_load_aware"] = _interval([c["any_load_aware"] for c in rates])
-        if "specialisation" in v:
-            spec = [r["layers"][layer]["specialisation"] for r in per_seed]
-            layers[layer]["specialisation"] = {"score": _interval([x["score"] for x in spec]),
-                                               "shuffled": _interval([x["shuffled_mean"] for x in spec])}
-            if "vocabulary" in v["specialisation"]:
-                layers[layer]["specialisation"].update(
-                    vocabulary=_interval([x["vocabulary"] for x in spec]),
-                    beyond_vocabulary=_interval([x["score"] - x["vocabulary"] for x in spec]))
-        if "coactivation" in v:
-            pairs = [r["layers"][layer]["coactivation"] for r in per_seed]
-            layers[layer]["coactivation"] = {"max_partner": _interval([x["max_partner"] for x in pairs]),
-                                             "chance": _interval([x["chance"] for x in pairs])}
-        layers[layer]["routing"] = v.get("routing", "token_choice")
-    summary = {"seeds": len(per_seed), "loss": _interval([r["loss"] for r in per_seed]), "layers": layers,
-               **({"dropless_loss": _interval([r["dropless_loss"] for r in per_seed])}
-                  if "dropless_loss" in first else {}),
-               "knockout": {k: _interval([r["knockout"][k] for r in per_seed]) for k in first["knockout"]},
-               "knockout_fraction": first.get("knockout_fraction", {})}
-    if first.get("redundancy", {}).get("loss"):
-        red = first["redundancy"]
-        summary["redundancy"] = {
-            "ratios": red["ratios"], "disabled_experts": red["disabled_experts"],
-            "rise": [_interval([r["redundancy"]["loss"][i] - r["redundancy"]["loss"][0] for r in per_seed])
-                     for i in range(len(red["ratios"]))]}
-    if first.get("saturation"):
-        summary["saturation"] = {step: _interval([r["saturation"][step] for r in per_seed])
-                                 for step in first["saturation"]}
-        summary["saturation_by_layer"] = {
-            step: {layer: {key: _interval([r["saturation_by_layer"][step][layer][key] for r in per_seed])
-                           for key in ("overlap", "chance")} for layer in by_layer}
-            for step, by_layer in first.get("saturation_by_layer", {}).items()}
-    return summary
+    """Every number of one architecture's analyses (their JSON) over seeds, at the same path as in one seed's:
+    mean, sample sd, the 95% t interval of the mean (sd and bounds None with one seed) and the per-seed values.
+    Layers, knock-out keys and saturation steps are the same in every seed's result (they follow from the
+    architecture and the checkpoint schedule); a list of numbers (a load, a redundancy curve) summarises element by
+    element. Top tokens and domain affinity are seed 0's alone: expert identities differ between seeds."""
+
+    def walk(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, bool) or first is None or isinstance(first, str):
+            return first
+        if isinstance(first, (int, float)):
+            return _interval([float(v) for v in values])
+        if isinstance(first, dict):
+            return {k: walk([v[k] for v in values]) for k in first if k not in SEED_ZERO_ONLY
+                    and all(k in v for v in values)}
+        if isinstance(first, list) and first and all(len(v) == len(first) for v in values):
+            return [walk([v[i] for v in values]) for i in range(len(first))]
+        return first
+
+    return {"seeds": len(per_seed), **walk(per_seed)}
 
 
-def analysis_json(analyses: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """What analysis.json holds per architecture: seed 0's result under the keys it has always had (``loss``,
-    ``layers``, ``sources``, ``knockout``, ``saturation``), the other seeds' results under ``other_seeds`` (keyed
-    by seed), and ``over_seeds`` (see over_seeds)."""
-    return {label: {**runs[0], "other_seeds": {str(s): r for s, r in enumerate(runs) if s},
-                    "over_seeds": over_seeds(runs)} for label, runs in analyses.items()}
+SEED_ZERO_ONLY = ("top_tokens", "domain_affinity", "sources", "top_pair")
+
+
+def analysis_json(analyses: dict[str, list[Analysis]]) -> dict[str, dict[str, Any]]:
+    """What analysis.json holds per architecture: seed 0's findings (Analysis.to_json), the other seeds' under
+    ``other_seeds`` (keyed by seed), and ``over_seeds`` (see over_seeds)."""
+    result = {}
+    for label, runs in analyses.items():
+        per_seed = [r.to_json() for r in runs]
+        result[label] = {**per_seed[0], "other_seeds": {str(s): r for s, r in enumerate(per_seed) if s},
+                         "over_seeds": over_seeds(per_seed)}
+    return result
 
 
 def ladder_rungs(data: dict[str, dict[str, Any]], tokens: int) -> dict[str, list[tuple[float, float]]]:
     """Per dense architecture (the suite's and its ladder's, as collect() returns them): (training FLOPs, final
     validation loss) per seed."""
-    return {label: [(s["train_flops_per_token"] * tokens, f["val_loss"]) for s, f in zip(e["summaries"], e["final"])]
+    return {label: [(s["train_flops_per_token"] * tokens, f["val_loss"])
+                    for s, f in zip(e["summaries"], e["final"], strict=True)]
             for label, e in data.items()}

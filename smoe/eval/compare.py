@@ -54,7 +54,7 @@ from smoe.train.run import data_hashes
 from smoe.upcycling.weights import upcycle_checkpoint
 
 RUN_CONFIG_FILE = "run-config.json"  # the child's configs, written into its run directory before it starts
-DESIGN_SD = 0.03  # the spread of a contrast's per-seed differences the built-in designs assume (docs/results.md)
+DESIGN_SD = 0.05  # the sd of MoE − dense per-seed differences the gate-scale pilot measured (docs/results/pilot)
 
 
 def run_suite(suite: str | None, preset_list: str | None, settings: CompareSettings, out: str | Path,

@@ -146,7 +146,8 @@ class PowerCheck:
         fit_line = (f"Per seed, log L = a + b log C fitted over the rungs: b from {min(slopes):.4f} to "
                     f"{max(slopes):.4f}, residual sd of log L at most {max(f.residual_sd for f in self.fits):.4f}"
                     + ("" if all(f.descends for f in self.fits) else
-                       "; on some seed the fit does not descend, and that seed gives no multiplier") + ".")
+                       "; on some seed the fit does not descend (a larger rung did no better), so no multiplier is "
+                       "read off this ladder") + ".")
         blocks: list[Block] = [Paragraph(self.verdict()),
                                Paragraph(f"Dense ladder: {len(self.rungs)} rungs spanning {self.span:.2f}x the "
                                          f"training FLOPs, each on the same {tokens:,} tokens. {fit_line}"),
@@ -154,7 +155,7 @@ class PowerCheck:
         if self.multipliers:
             mrows = [("architecture", "effective compute multiplier", "per seed")]
             mrows += [(m.label, m.summary(), ", ".join(f"{v:.2f}x" + ("*" if o else "")
-                                                       for v, o in zip(m.per_seed, m.outside)))
+                                                       for v, o in zip(m.per_seed, m.outside, strict=True)))
                       for m in self.multipliers]
             blocks += [Heading(3, "Effective compute multipliers"),
                        Paragraph("The dense training compute the seed's fit gives at an MoE's final loss, over the "
@@ -193,7 +194,7 @@ def check(rungs: dict[str, list[Rung]], moes: dict[str, list[Rung]], contrasts: 
 
 def _multiplier(label: str, points: list[Rung], fits: list[LadderFit], level: float | None) -> Multiplier | None:
     values, outside = [], []
-    for (flops, loss), fit in zip(points, fits):
+    for (flops, loss), fit in zip(points, fits, strict=True):
         if not fit.descends:
             return None
         dense = fit.flops_at(loss)
@@ -211,7 +212,7 @@ def _steps_needed(small: list[list[tuple[int, float]]], large: list[list[tuple[i
     steps = sorted(set.intersection(*[{s for s, _ in c} for c in small + large]))
     if len(steps) < 3:
         return None, False
-    gap = [np.mean([dict(a)[s] - dict(b)[s] for a, b in zip(small, large)]) for s in steps]
+    gap = [np.mean([dict(a)[s] - dict(b)[s] for a, b in zip(small, large, strict=True)]) for s in steps]
     half = steps[len(steps) // 2 - 1:] if len(steps) >= 4 else steps
     ys = gap[len(gap) - len(half):]
     slope, intercept = np.polyfit(np.log(half), ys, 1)

@@ -19,6 +19,7 @@ import numpy as np
 from smoe.eval import long_context
 from smoe.eval.collect import analysis_json, collect, ladder_rungs, run_analyses
 from smoe.eval.document import Block, Code, Figure, Heading, Paragraph, Table, Text, to_html, to_markdown
+from smoe.eval.findings import Runs
 from smoe.eval.layout import ANALYSIS_FILE, SUMMARY_FILE, read_learning_rates, run_dir
 from smoe.eval.plots import fig_balance, fig_curves, fig_loads
 from smoe.eval.power import PowerCheck, check
@@ -37,7 +38,7 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
                  matched: dict[str, dict[str, Any]], log=print) -> Path:
     out = Path(out)
     data = collect(out, spec.archs, settings.seeds)
-    analyses = analysis_json(run_analyses(out, spec.archs, settings, log=log))
+    analyses = run_analyses(out, spec.archs, settings, log=log)
     ladder = collect(out, spec.ladder, settings.seeds) if spec.ladder else {}
     two_phase = None if spec.trunk is None else TwoPhase(spec.archs, collect(out, [spec.trunk], settings.seeds)[
         spec.trunk.label], settings)
@@ -53,7 +54,7 @@ def write_report(out: Path, suite: str, spec: Suite, settings: CompareSettings,
     doc = build_document(suite, spec, settings, matched, data, analyses, verdict, power, gates=gates,
                          learning_rates=read_learning_rates(out), two_phase=two_phase, decoding=decoding,
                          sample=(best, sample))
-    write_json(out / ANALYSIS_FILE, analyses, indent=1)
+    write_json(out / ANALYSIS_FILE, analysis_json(analyses), indent=1)
     write_json(out / SUMMARY_FILE, summary_json(suite, data, verdict, power, gates, (best, sample)), indent=1)
     for block in doc:
         if isinstance(block, Figure):
@@ -75,13 +76,14 @@ def power_check(data: dict[str, dict[str, Any]], ladder: dict[str, dict[str, Any
     rungs = ladder_rungs(rungs_data, tokens)
     moes = ladder_rungs({label: e for label, e in data.items() if label not in dense}, tokens)
     ordered = sorted(rungs, key=lambda label: np.mean([f for f, _ in rungs[label]]))
-    end_curves = tuple([list(zip(*c)) for c in rungs_data[label]["curves"]] for label in (ordered[0], ordered[-1]))
+    end_curves = tuple([list(zip(*c, strict=True)) for c in rungs_data[label]["curves"]]
+                       for label in (ordered[0], ordered[-1]))
     return check(rungs, moes, [p for _, p in verdict.contrasts], end_curves, t.steps,
                  next(iter(dense), None))
 
 
 def build_document(suite: str, spec: Suite, settings: CompareSettings, matched: dict[str, dict[str, Any]],
-                   data: dict[str, dict[str, Any]], analyses: dict[str, dict[str, Any]], verdict: Verdict,
+                   data: dict[str, dict[str, Any]], analyses: Runs, verdict: Verdict,
                    power: PowerCheck | None, *, gates: dict[str, tuple[float | None, float]] | None = None,
                    learning_rates: dict[str, dict[str, Any]] | None = None, two_phase: TwoPhase | None = None,
                    decoding: dict[str, Any] | None = None, sample: tuple[str, str] | None = None) -> list[Block]:

@@ -57,6 +57,16 @@ class RouterStats:
     entropy: torch.Tensor | None = None  # () mean router entropy in nats
 
 
+def random_second_expert(weights_A: torch.Tensor) -> torch.Tensor:
+    """GShard §2.2 (Algorithm 1): which top-2 assignments to dispatch when the second expert is kept only with
+    probability min(1, 2 g2), g2 = w2 / (w1 + w2). Token-major weights (T*2,) in, a bool (T*2,) keep mask out; the
+    first choice is always kept. Draws from the global RNG (the training loop seeds it and checkpoints it)."""
+    weights_T2 = weights_A.view(-1, 2)
+    share_T = weights_T2[:, 1] / (weights_T2.sum(-1) + 1e-20)
+    keep_second_T = torch.rand(share_T.shape, device=share_T.device) < 2 * share_T
+    return torch.stack([torch.ones_like(keep_second_T), keep_second_T], dim=1).reshape(-1)
+
+
 class MoELayer(nn.Module):
     """``forward(x)`` takes (B, T, D) or (T, D) and returns ``(y, stats)`` with y shaped like x.
 
@@ -107,6 +117,9 @@ class MoELayer(nn.Module):
         keep_A = None
         if keep is not None and routing.token_major:
             keep_A = keep.reshape(-1).repeat_interleave(routing.expert_ids_A.numel() // (B * T))
+        if cfg.second_expert == "random" and self.training:
+            second_A = random_second_expert(routing.weights_A)
+            keep_A = second_A if keep_A is None else keep_A & second_A
         routed = Routed(routing, B * T, cfg.n_routed_experts, cfg.top_k, capacity, cfg.capacity_priority, keep_A,
                         stats=stats is RouterStatsMode.ALL)
         y_ND = self.experts.run(x_ND, routed, backend)

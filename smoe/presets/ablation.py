@@ -11,9 +11,10 @@ same 512 hidden units per token (the dense FFN's width) so activated parameters 
 The fine-grained experts are 62 wide, not 64, because their routers are counted: 64 x 128 router weights per layer
 are as many parameters as 21 hidden units, 3% of the FFN at this width, and matching holds within 2%.
 
-The size (d 128, 4 layers of 4 heads of 32, a 4,096-token vocabulary) is what a 2-core CPU trains at about 5,000
+The size (d 128, 4 layers of 4 heads of 32, a 2,048-token vocabulary) is what a 2-core CPU trains at about 5,000
 tokens/s per core, so a suite's hundreds of runs of 819k tokens each fit a few hours; the small vocabulary keeps the
-embedding and head from dominating the compute (docs/results.md, "The regime").
+embedding and head from dominating the compute, so dense FFN widths 128 to 2048 span 4.7 times the training FLOPs
+per token (docs/results.md, "The regime").
 
 Balance: aux 0.01 for the softmax routers (DeepSeekMoE §4.1 uses 0.01 at this scale); V3-style uses the bias with
 its complementary sequence-wise loss at 1e-4. All dropless, so capacity is not a confound.
@@ -34,7 +35,7 @@ from smoe.config import AttentionConfig, LayoutConfig, LinearAttentionConfig, Mo
 
 def _base(name: str, moe: MoEConfig | None) -> ModelConfig:
     return ModelConfig(
-        name=name, vocab_size=4096, dim=128, n_layers=4, ffn_dim=512, max_seq_len=1024,
+        name=name, vocab_size=2048, dim=128, n_layers=4, ffn_dim=512, max_seq_len=1024,
         attention=AttentionConfig(n_heads=4, n_kv_heads=4), moe=moe,
     )
 
