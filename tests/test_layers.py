@@ -9,12 +9,14 @@ import smoe
 # The allowed order, bottom first, written once. A module belongs to the first entry that is a prefix of its name.
 LAYERS = [
     ("smoe.errors", "smoe.config_rules", "smoe.config_attention", "smoe.config", "smoe.accounting", "smoe.hardware",
-     "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
+     "smoe.cost", "smoe.presets", "smoe.offload.budget"),  # no torch (smoe.hardware imports it inside its
+    # measurements only; smoe.offload's __init__ imports nothing, so its budget module stays torch-free)
     ("smoe.nn",),
     ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)
     ("smoe.moe",),
     ("smoe.quant",),  # quantises into the kernels' format and swaps quantised experts in for the moe's
     ("smoe.models",),
+    ("smoe.offload",),  # routed experts read from disk into a cache (the loaders in io and interop attach it)
     ("smoe.io",),
     ("smoe.parallel",),
     ("smoe.interop", "smoe.generation", "smoe.train", "smoe.upcycling"),

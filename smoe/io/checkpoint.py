@@ -47,6 +47,9 @@ from smoe.io.safetensors import SafetensorsFile, load_tensors
 from smoe.models import Transformer, build_model
 from smoe.nn.linear_layers import LightningAttention, fp32_parameters
 from smoe.nn.rope import RotaryEmbedding
+from smoe.offload import experts as offloaded
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.store import ExpertFiles, stacked_parts
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -335,15 +338,19 @@ def load_model_state(path: str | Path, model: torch.nn.Module, shards: ShardRang
     model.load_state_dict(tensors, strict=True)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, offload_experts: bool = False
+                ) -> Transformer:
     """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
     parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
-    tensor by tensor."""
+    tensor by tensor. ``offload_experts``: the routed experts are ``OffloadedExperts``, never allocated
+    (smoe.offload.experts.attach gives them their cache)."""
     with torch.device("meta"):
         model = build_model(config)
     fp32 = fp32_parameters(model)
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if name in fp32 else dtype)
+    if offload_experts:
+        offloaded.offload_experts(model)
     model.to_empty(device=device)
     for m in model.modules():  # the buffers computed from the config, not stored
         if isinstance(m, (RotaryEmbedding, LightningAttention)):
@@ -380,11 +387,12 @@ def _check_quantization(header: SafetensorsFile, config: ModelConfig) -> None:
                          f"{wanted}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[Transformer, Path]:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               offload: OffloadConfig | None = None) -> tuple[Transformer, Path]:
     """The model of a smoe checkpoint (training or model, either layout) or a run directory's latest, in eval
     mode, and the checkpoint directory it came from. ``dtype`` defaults to the stored one (fp32 for a bf16/fp16
-    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU.
+    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU. ``offload``
+    with a ``max_expert_memory``: the routed experts stay in model.safetensors, read on demand (smoe.offload).
 
     The files are checked against the manifest first; a single-file checkpoint is then streamed from its memory
     map into the allocated model (no second copy of the weights), after every key and shape is checked on the
@@ -393,6 +401,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     path = check_intact(resolve_checkpoint(path), lambda name: not name.startswith("optimizer"))
     config = load_config(path)
     device = torch.device(device or "cpu")
+    offloading = offload is not None and offload.enabled
+    if offloading:
+        offload.validate()
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"{path}: max_expert_memory reads the experts from {MODEL_FILE}; consolidate this "
+                             f"expert-parallel checkpoint first (smoe convert {path} --out DIR)")
     if not (path / MODEL_FILE).is_file():  # an expert-parallel run's per-rank files, reassembled whole
         model = empty_model(config, dtype or torch.float32, device)  # training keeps fp32 master weights
         load_model_state(path, model)
@@ -411,10 +425,15 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         if not tensor.is_floating_point() and header.dtype(name) != tensor.dtype:  # copy_ would convert silently
             raise ValueError(f"{header.path}: {name} has dtype {header.dtype(name)}, the config.json beside it "
                              f"describes {tensor.dtype}")
-    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device)
+    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device, offloading)
+    if offloading:  # before the weights are read
+        offloaded.check(model, offload, device)
     state = model.state_dict()
     with header as f:
         for name in header.keys():
-            state[name].copy_(f.view(name))
-            f.release(name)
+            if name in state:  # offloaded experts are not
+                state[name].copy_(f.view(name))
+                f.release(name)
+    if offloading:
+        offloaded.attach(model, ExpertFiles(stacked_parts(header, offloaded.prefixes(model))), offload)
     return model.eval(), path

@@ -109,6 +109,10 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][0]
 
+    def span(self, name: str) -> tuple[int, int]:
+        """Where the tensor's bytes lie in the file: [begin, end) from the start of the file."""
+        return self._entries[name][2:]
+
     def __enter__(self) -> "SafetensorsFile":
         self._file = open(self.path, "rb")
         # ACCESS_COPY: a writable (never written) private map, which torch.frombuffer accepts without a warning.
