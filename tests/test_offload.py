@@ -11,6 +11,7 @@ import torch
 
 import smoe
 from smoe import kernels, presets
+from smoe.cli import main
 from smoe.interop.hf import load_pretrained, save_model_checkpoint, save_pretrained
 from smoe.io.safetensors import SafetensorsFile
 from smoe.models import build_model
@@ -172,6 +173,23 @@ def test_compiling_a_decode_step_over_offloaded_experts_is_refused_naming_compil
     model = load_pretrained(path, max_expert_memory=4 * one)
     with pytest.raises(ValueError, match="compile: the routed experts are read from disk"):
         smoe.generate(model, PROMPTS, max_new_tokens=2, compile=True)
+
+
+def test_generate_and_its_flags_on_the_command_line(checkpoints, capsys):
+    path, one = checkpoints["fp32"]
+    assert main(["generate", str(path), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "4"]) == 0
+    want = capsys.readouterr().out
+    assert main(["generate", str(path), "--prompt-ids", "1,2,3,4", "--max-new-tokens", "4", "--max-expert-memory",
+                 str(3 * one), "--expert-cache-policy", "lfu", "--expert-prefetch", "off"]) == 0
+    out = capsys.readouterr()
+    assert out.out == want and "expert cache: hit rate" in out.err
+    for flags, message in [(["--max-expert-memory", "1B"], "--max-expert-memory: 1 B holds 0 expert"),
+                           (["--max-expert-memory", "4G"], "--max-expert-memory: '4G' is not a size"),
+                           (["--expert-io-threads", "4"], "--expert-io-threads: only with --max-expert-memory"),
+                           (["--max-expert-memory", "1GB", "--quantize", "int8"], "smoe convert --quantize"),
+                           (["--max-expert-memory", "1GB", "--compile"], "compile: the routed experts are read")]:
+        assert main(["generate", str(path), "--prompt-ids", "1,2", "--max-new-tokens", "2", *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 # --- the cache ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from smoe.cli import compare, serve, upcycle
 from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, given, user_message
 from smoe.cost import CostSettings
 from smoe.errors import TrainingError
+from smoe.offload.budget import OffloadConfig
 from smoe.train.config import DataConfig, TrainConfig
 
 
@@ -221,7 +222,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
     check_quantize_flags(args)
-    model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device))
+    offload = OffloadConfig(**given(args, OffloadConfig)).validate()
+    model = smoe.load_pretrained(directory, dtype=_dtype(args.dtype), device=resolve_device(args.device),
+                                 offload=offload)
     if args.quantize:
         smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
@@ -234,15 +237,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         for ids_B in steps:
             print(stream.push(ids_B.tolist()), end="", flush=True)
         print(stream.flush())
-        return
-    rows: list[list[int]] = [[] for _ in prompt_ids]
-    for ids_B in steps:
-        for row, token in zip(rows, ids_B.tolist()):
-            if not (row and row[-1] in stop):
-                row.append(token)
-    for i, row in enumerate(rows):
-        text = args.prompt[i] + tokenizer.decode(row) if args.prompt else ",".join(map(str, row))
-        print(text if len(rows) == 1 else f"[{i}] {text}")
+    else:
+        rows: list[list[int]] = [[] for _ in prompt_ids]
+        for ids_B in steps:
+            for row, token in zip(rows, ids_B.tolist(), strict=True):
+                if not (row and row[-1] in stop):
+                    row.append(token)
+        for i, row in enumerate(rows):
+            text = args.prompt[i] + tokenizer.decode(row) if args.prompt else ",".join(map(str, row))
+            print(text if len(rows) == 1 else f"[{i}] {text}")
+    if offload.enabled:
+        from smoe.offload.experts import cache_of
+
+        print(cache_of(model).stats.summary(), file=sys.stderr)
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -407,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each decode step as one torch.compile graph: 1.1-2.4x the tokens/s of eager decoding "
                         "on a CPU (docs/benchmarks.md), after compiling for tens of seconds; pays off for long "
                         "generations")
+    add_config_arguments(p, OffloadConfig)
     p.set_defaults(func=_cmd_generate)
 
     serve.add_parser(sub)

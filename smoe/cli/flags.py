@@ -1,6 +1,6 @@
 """The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
-ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
-library's error messages."""
+ServeConfig, UpcycleSpec, OffloadConfig), and the one place a field name becomes a flag: in help texts, in the
+parser, and in the library's error messages."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import fields
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.settings import CompareSettings
+from smoe.offload.budget import OffloadConfig
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
@@ -25,8 +26,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
-               for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec,
+                                   OffloadConfig) for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets", "contrasts", "reuse"}
 
 

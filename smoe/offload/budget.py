@@ -62,7 +62,7 @@ class OffloadConfig:
     """How a model's routed experts are kept: all in memory (``max_expert_memory`` None, the default), or on disk
     with a cache of at most that many bytes."""
 
-    max_expert_memory: int | str | None = option(
+    max_expert_memory: str | int | None = option(
         None, "keep the routed experts in the checkpoint's files and read them on demand into a cache of at most "
               "this many bytes (e.g. 4GB, 512MiB); the other weights load as usual. Tokens are those of the "
               "in-memory model, bit for bit (docs/offload.md)")
