@@ -192,6 +192,37 @@ def test_generate_and_its_flags_on_the_command_line(checkpoints, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_inspect_and_cost_say_what_a_budget_means(capsys):
+    # DeepSeek-V2-Lite: 26 MoE layers of 64 experts (3 x 2048 x 1408 weights each), top-6.
+    assert main(["inspect", "deepseek-v2-lite", "--max-expert-memory", "4GB", "--json"]) == 0
+    plans = {p["format"]: p for p in json.loads(capsys.readouterr().out)["expert_budget"]}
+    weights = 3 * 2048 * 1408
+    assert plans["bf16"]["expert_bytes"] == 2 * weights and plans["int4"]["expert_bytes"] == weights // 2 + 8 * (
+        2 * 1408 * 2048 // 64 + 2048 * 1408 // 64)
+    bf16 = plans["bf16"]
+    assert bf16["slots"] == 4 * 10**9 // (2 * weights) and bf16["n_experts"] == 26 * 64
+    assert bf16["bytes_read_per_token"] == pytest.approx((1 - bf16["slots"] / 1664) * 6 * 26 * 2 * weights)
+    assert main(["inspect", "mixtral-8x7b", "--max-expert-memory", "300MB", "--hit-rate", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16: experts 90.19 GB, 352.32 MB each; too small: one layer's 2 active experts need at least 704.64 MB" \
+        in out and "hit rate 50% (given)" in out
+    assert main(["inspect", "mixtral-8x7b", "--hit-rate", "0.5"]) == 2
+    assert "--hit-rate: only with --max-expert-memory" in capsys.readouterr().err
+
+    assert main(["cost", "deepseek-v2-lite", "--hardware", "h100-sxm", "--weights", "bf16", "--batch", "1",
+                 "--max-expert-memory", "4GB", "--expert-hit-rate", "0.25", "--disk-bandwidth", "2e9", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    step, budget = report["decode"][0], report["expert_budget"]
+    assert budget["expert_bytes"] == 2 * weights and budget["slots"] == 4 * 10**9 // (2 * weights)
+    assert step["disk_bytes"] == pytest.approx(0.75 * 6 * 26 * 2 * weights) and step["bound"] == "disk"
+    assert step["seconds"] == pytest.approx(step["bytes"] / 3.35e12 + step["disk_bytes"] / 2e9, rel=1e-3)
+    assert step["memory_bytes_per_device"] < report["weight_bytes"] / 4
+    for flags, message in [(["--disk-bandwidth", "2e9"], "--disk-bandwidth: only with --max-expert-memory"),
+                           (["--max-expert-memory", "10MB"], "--max-expert-memory: 10,000,000 bytes hold 0 expert")]:
+        assert main(["cost", "deepseek-v2-lite", *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
 # --- the cache ---------------------------------------------------------------------------------------------------
 
 
