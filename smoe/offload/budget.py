@@ -27,6 +27,7 @@ CachePolicy = Literal["lru", "lfu", "load"]
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MINIMUM = "min"  # a budget of one layer's active experts
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
@@ -64,8 +65,8 @@ class OffloadConfig:
 
     max_expert_memory: str | int | None = option(
         None, "keep the routed experts in the checkpoint's files and read them on demand into a cache of at most "
-              "this many bytes (e.g. 4GB, 512MiB); the other weights load as usual. Tokens are those of the "
-              "in-memory model, bit for bit (docs/offload.md)")
+              "this many bytes (e.g. 4GB, 512MiB; min: one layer's active experts, the least that runs); the other "
+              "weights load as usual. Tokens are those of the in-memory model, bit for bit (docs/offload.md)")
     expert_cache_policy: CachePolicy = option(
         "lru", "with `max_expert_memory`: which resident expert a read replaces: lru (least recently used), lfu "
                "(fewest uses since it was read) or load (fewest tokens routed to it so far)")
@@ -86,14 +87,15 @@ class OffloadConfig:
         return self.max_expert_memory is not None
 
     @property
-    def budget(self) -> int:
-        return parse_size(self.max_expert_memory)
+    def budget(self) -> int | None:
+        """Bytes, or None for ``min``: one layer's active experts, the least that runs."""
+        return None if self.max_expert_memory == MINIMUM else parse_size(self.max_expert_memory)
 
     def validate(self) -> OffloadConfig:
         check_types(self, "")
-        if self.max_expert_memory is not None:
+        if self.max_expert_memory not in (None, MINIMUM):
             parse_size(self.max_expert_memory)
-        elif self != OffloadConfig():
+        elif self.max_expert_memory is None and self != OffloadConfig():
             changed = [k for k, v in asdict(self).items() if v != getattr(OffloadConfig(), k)]
             fail(changed[0], "only with `max_expert_memory` (the experts are all in memory without it)")
         if self.expert_io_threads < 1:
@@ -182,11 +184,12 @@ def moe_layer_count(config: ModelConfig) -> int:
 
 def plan(config: ModelConfig, budget: int | str, fmt: ExpertFormat = "bf16", hit_rate: float | None = None,
          group_size: int | None = None) -> BudgetPlan:
-    """What ``budget`` means for ``config``'s experts stored as ``fmt`` (module docstring)."""
-    size = parse_size(budget)
+    """What ``budget`` (bytes, a size, or ``min``) means for ``config``'s experts stored as ``fmt`` (module
+    docstring)."""
     if hit_rate is not None and not 0 <= hit_rate <= 1:
         fail("hit_rate", f"must lie in [0, 1], got {hit_rate}")
     one = expert_bytes(config, fmt, group_size)
+    size = config.moe.top_k * one if budget == MINIMUM else parse_size(budget)
     layers = moe_layer_count(config)
     n = layers * config.moe.n_routed_experts
     slots = min(size // one, n)

@@ -181,14 +181,15 @@ def offload_experts(model: nn.Module) -> list[OffloadedExperts]:
     return shells
 
 
-def budget_slots(shells: list[OffloadedExperts], budget: int, top_k: int) -> int:
-    """The slots ``budget`` bytes hold (at most every expert); raises naming the minimum when they cannot hold
-    one layer's ``top_k`` active experts."""
+def budget_slots(shells: list[OffloadedExperts], budget: int | None, top_k: int) -> int:
+    """The slots ``budget`` bytes hold (at most every expert; None: ``top_k``); raises naming the minimum when they
+    cannot hold one layer's ``top_k`` active experts."""
     specs = {tuple(sorted(s.spec.items())) for s in shells}
     if len(specs) != 1:
         raise ValueError("max_expert_memory: the MoE layers' experts differ in shape or dtype, which one cache of "
                          "slots cannot hold")
     one = shells[0].expert_bytes
+    budget = top_k * one if budget is None else budget
     slots = min(budget // one, sum(s.n_experts for s in shells))
     if slots < top_k:
         raise ValueError(f"max_expert_memory: {format_size(budget)} holds {slots} expert(s) of {format_size(one)}; "
@@ -281,6 +282,18 @@ def _pinned(path: str | None, layers: dict[int, MoELayer], room: int) -> list[tu
         raise ValueError(f"pin_experts: {path}: pins {len(keys)} experts; the budget holds {room} beside one layer's "
                          "active experts")
     return keys
+
+
+def stacked(experts: Experts) -> dict[str, torch.Tensor]:
+    """A MoE layer's routed experts' tensors, stacked ``(E, ...)`` under their state-dict names (``w_gate_up``, or
+    ``w_gate_up.qweight`` and so on): the module's own, or for ``OffloadedExperts`` all of them read from disk now,
+    outside the cache (a converter's view of one layer at a time)."""
+    if not isinstance(experts, OffloadedExperts):
+        return {name: t.detach() for name, t in experts.state_dict(keep_vars=True).items()}
+    out = {name: torch.empty((experts.n_experts, *shape), dtype=dtype) for name, (shape, dtype) in experts.spec.items()}
+    for e in range(experts.n_experts):
+        experts.cache.files.read((experts.layer, e), {name: t[e] for name, t in out.items()})
+    return out
 
 
 def cache_of(model: nn.Module) -> ExpertCache | None:
