@@ -10,6 +10,7 @@ import torch
 import smoe
 from smoe import presets
 from smoe.cli import main
+from smoe.config import RopeScaling
 from smoe.interop.gguf import write_gguf
 from smoe.interop.hf import load_pretrained, save_model_checkpoint
 from smoe.models import build_model
@@ -21,7 +22,9 @@ FAMILIES = {
     "mixtral": ("mixtral-tiny", {}),
     "qwen2_moe": ("qwen2-moe-tiny", {"moe.norm_topk_prob": False}),
     "qwen3_moe": ("qwen3-moe-tiny", {}),
-    "deepseek_v2": ("deepseek-v2-tiny", {"moe.n_group": 1, "moe.topk_group": 1}),
+    "deepseek_v2": ("deepseek-v2-tiny", {"moe.n_group": 1, "moe.topk_group": 1, "max_seq_len": 64,  # V2's YaRN
+                                         "attention.rope_scaling": RopeScaling(factor=4.0, original_max_seq_len=16,
+                                                                               mscale=0.707, mscale_all_dim=0.707)}),
     "deepseek_v3": ("deepseek-v3-tiny", {}),  # with an MTP layer, which GGUF leaves out as llama.cpp's converter does
 }
 IDS = list(range(5, 21))

@@ -99,6 +99,8 @@ def check_exportable(config: ModelConfig, model_type: str) -> str:
     if arch == "deepseek2":
         if not (isinstance(attn, MLAConfig) and attn.rope_interleave and attn.rotary):
             refuse("attention.rope_interleave", "rotates adjacent pairs of MLA's rope dims, as DeepSeek stores them")
+        if attn.rope_scaling is not None and attn.rope_scaling.type != "yarn":
+            refuse("attention.rope_scaling", "extends DeepSeek's context with YaRN only")
         if moe.n_group > 1 and moe.group_score != "top2_sum":
             refuse("moe.group_score", "scores an expert group by the sum of its top two")
     return arch

@@ -158,6 +158,8 @@ class ExpertCache:
     def __init__(self, files: ExpertFiles, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int,
                  policy: CachePolicy = "lru", io_threads: int = 2, drop_page_cache: bool = False):
         self.files, self.n_slots, self.drop_page_cache = files, slots, drop_page_cache
+        if drop_page_cache:
+            files.advise_random()
         self.slab = {name: torch.empty((slots, *shape), dtype=dtype) for name, (shape, dtype) in spec.items()}
         self.expert_bytes = sum(t[0].numel() * t.element_size() for t in self.slab.values())
         self.slot_of: dict[Key, int] = {}

@@ -104,6 +104,13 @@ class ExpertFiles:
         # Opened once, here: the reading threads then share them without a lock.
         self._fds = {file: os.open(file, os.O_RDONLY) for file in sizes}
 
+    def advise_random(self) -> None:
+        """Tell the kernel these files are read at random: no read-ahead, so a read brings in its own pages only
+        (with ``drop_page_cache``, a miss then costs exactly its expert's bytes from the disk)."""
+        if hasattr(os, "posix_fadvise"):
+            for fd in self._fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
     def check(self, keys: Iterable[Key], slot: dict[str, torch.Tensor]) -> None:
         """Every expert of ``keys`` has parts that fill each tensor of a slot (``slot``: one slot's tensors) once,
         in shape; raises naming the first that does not (a key-map or loader bug, or a checkpoint the header checks
