@@ -15,12 +15,13 @@ routing entropy).
 
 Each configuration runs in a fresh process, which loads the checkpoint with its budget, decodes a warm-up prompt,
 then times a second one (``--new-tokens`` greedy tokens after a ``--prompt``-token prompt; decode time from the
-first token on) and reports its own peak resident set (VmHWM) over its resident set before loading. With
-``--drop-page-cache`` (default) every expert read is dropped from the kernel's page cache once read, and the file is
-evicted before each run, so each miss reads the disk, as on a machine whose RAM the model exceeds. Policies (lru,
-lfu, load) and look-ahead on or off are compared by replaying the decode traces the runs record through the cache
-itself (reads that cost nothing; twice, the second pass counted), for every budget: hit rates, not times. Runs alternate budgets and repeat
-(``--repeats``); the table gives each measurement's range over the repeats.
+first token on) and reports its own peak resident set (VmHWM) over its resident set before loading. Every expert
+read is dropped from the kernel's page cache once read (``drop_page_cache``, no read-ahead), and the file is evicted
+before each run, so each miss reads the disk, as on a machine whose RAM the model exceeds (``--warm-page-cache``:
+as on one whose RAM holds the file). Policies (lru, lfu, load) and look-ahead on or off are compared by replaying
+the decode traces the runs record through the cache itself (reads that cost nothing; twice, the second pass
+counted), for every budget: hit rates, not times. Runs alternate budgets and repeat (``--repeats``); the table gives
+each measurement's range over the repeats.
 
     .venv/bin/python benchmarks/offload.py [--dir /work/scratch/offload-bench] [--preset deepseek-v2-lite]
         [--budgets 100,50,25,10] [--routings uniform,zipf] [--repeats 2] [--threads 2] [--keep]
