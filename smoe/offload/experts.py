@@ -51,8 +51,9 @@ class OffloadedExperts(Experts):
         # so that the slab, which every layer's module shares, is never a parameter or buffer of the model.
         self.__dict__["inner"] = experts
         self.layer = layer
-        self.spec = {name: (tuple(t.shape[1:]), t.dtype) for name, t in experts.state_dict(keep_vars=True).items()}
-        self.n_experts = next(iter(experts.state_dict(keep_vars=True).values())).shape[0]
+        tensors = experts.state_dict(keep_vars=True)
+        self.spec = {name: (tuple(t.shape[1:]), t.dtype) for name, t in tensors.items()}
+        self.n_experts = next(iter(tensors.values())).shape[0]
         self.quantized = isinstance(experts, QuantizedExperts)
         self.cache: ExpertCache | None = None
         self.next_router: tuple[int, Router] | None = None  # the next MoE layer's index and router: look-ahead
@@ -90,7 +91,7 @@ class OffloadedExperts(Experts):
             cache.stats.tokens += n
         rows = int(load_E.clamp(max=routed.capacity).sum()) if routed.capacity is not None else int(load_E.sum())
         backend = self._resolved(backend, x_ND, rows)
-        if len(experts) - cache.capacity(self.layer, experts) <= 0:
+        if len(experts) <= cache.capacity(self.layer, experts):
             slots = cache.reserve(self.layer, experts, tokens)
             try:
                 self._lookahead(x_ND, routed, len(experts))
