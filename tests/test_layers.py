@@ -13,13 +13,15 @@ import smoe
 # package nobody listed, at the top where it may import anything.
 LAYERS = [
     ("smoe.errors", "smoe.config", "smoe.config_rules", "smoe.config_attention", "smoe.accounting", "smoe.hardware",
-     "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
+     "smoe.cost", "smoe.presets", "smoe.offload.budget"),  # no torch (smoe.hardware imports it inside its
+    # measurements only; smoe.offload's __init__ imports nothing, so its budget module stays torch-free)
     ("smoe.nn",),
     ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)
     ("smoe.device",),  # the device and precision a process runs in (reads the kernels' native low precision)
     ("smoe.moe",),
     ("smoe.quant",),  # quantises into the kernels' format and swaps quantised experts in for the moe's
     ("smoe.models",),
+    ("smoe.offload",),  # routed experts read from disk into a cache (the loaders in io and interop attach it)
     ("smoe.io",),
     ("smoe.parallel",),
     ("smoe.interop", "smoe.generation", "smoe.train", "smoe.upcycling"),

@@ -587,6 +587,27 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
 
 
+def test_max_expert_memory_serves_the_in_memory_tokens_and_reports_the_cache(tmp_path):
+    from starlette.testclient import TestClient
+
+    from smoe.offload.budget import OffloadConfig
+    from smoe.serve.app import create_app
+    from smoe.serve.server import load_state
+
+    directory = make_model(tmp_path / "model")
+    state = load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32),
+                       OffloadConfig(max_expert_memory="2MB"))
+    prompt = [5, 6, 7, 8]
+    expected = smoe.generate(smoe.load_pretrained(directory), [prompt], max_new_tokens=4, decode_rows=2)[0].tolist()
+    with TestClient(create_app(state), base_url="http://localhost") as client:
+        response = client.post("/v1/completions", json={"model": str(directory), "prompt": prompt, "max_tokens": 4,
+                                                        "temperature": 0})
+        metrics = client.get("/metrics").text
+    assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
+    misses = next(line for line in metrics.splitlines() if line.startswith("smoe_expert_cache_misses_total "))
+    assert int(misses.split()[1]) > 0 and "smoe_expert_cache_read_bytes_total" in metrics
+
+
 def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(tmp_path):
     from starlette.testclient import TestClient
 

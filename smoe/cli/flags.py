@@ -1,6 +1,7 @@
 """The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
-ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
-library's error messages. Also the flags several commands share: the model a command names, --quantize, --dtype."""
+ServeConfig, UpcycleSpec, OffloadConfig), and the one place a field name becomes a flag: in help texts, in the
+parser, and in the library's error messages. Also the flags several commands share: the model a command names,
+--quantize, --dtype."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import fields
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.settings import CompareSettings
+from smoe.offload.budget import OffloadConfig
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
@@ -25,8 +27,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
-               for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec,
+                                   OffloadConfig) for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets", "contrasts", "reuse"}
 
 
@@ -102,6 +104,11 @@ def add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
                         "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
+    add_group_size_argument(p)
+
+
+def add_group_size_argument(p: argparse.ArgumentParser) -> None:
+    """--group-size, the inputs per group of --quantize int4."""
     sizes = ", ".join(map(str, INT4_GROUP_SIZES))
     p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
                                                   f"(default {DEFAULT_INT4_GROUP})")

@@ -1,11 +1,14 @@
 """``smoe generate``: continue prompts with a model, greedy or sampled, streamed (smoe.generation,
-docs/generation.md)."""
+docs/generation.md); with --max-expert-memory the routed experts stay on disk behind a budget (smoe.offload,
+docs/offload.md)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
-from smoe.cli.flags import add_quantize_arguments, check_quantize_flags, dtype_of
+from smoe.cli.flags import add_config_arguments, add_quantize_arguments, check_quantize_flags, dtype_of, given
+from smoe.offload.budget import OffloadConfig
 
 
 def add_parser(sub) -> None:
@@ -32,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one torch.compile graph: faster decoding after tens of seconds "
                         "of compiling, so it pays off for long generations (the speed-ups: docs/generation.md)")
+    add_config_arguments(p, OffloadConfig)
     p.set_defaults(func=run)
 
 
@@ -54,7 +58,9 @@ def run(args: argparse.Namespace) -> None:
     if args.prompt:
         prompt_ids = [tokenizer.encode(text).ids for text in args.prompt]
     check_quantize_flags(args)
-    model = smoe.load_pretrained(directory, dtype=dtype_of(args.dtype), device=resolve_device(args.device))
+    offload = OffloadConfig(**given(args, OffloadConfig)).validate()
+    model = smoe.load_pretrained(directory, dtype=dtype_of(args.dtype), device=resolve_device(args.device),
+                                 offload=offload)
     if args.quantize:
         smoe.quantize(model, args.quantize, args.group_size)
     stop = default_stop_tokens(directory, tokenizer)
@@ -67,15 +73,19 @@ def run(args: argparse.Namespace) -> None:
         for ids_B in steps:
             print(stream.push(ids_B.tolist()), end="", flush=True)
         print(stream.flush())
-        return
-    rows: list[list[int]] = [[] for _ in prompt_ids]
-    for ids_B in steps:
-        for row, token in zip(rows, ids_B.tolist(), strict=True):
-            if not (row and row[-1] in stop):
-                row.append(token)
-    for i, row in enumerate(rows):
-        text = args.prompt[i] + tokenizer.decode(row) if args.prompt else ",".join(map(str, row))
-        print(text if len(rows) == 1 else f"[{i}] {text}")
+    else:
+        rows: list[list[int]] = [[] for _ in prompt_ids]
+        for ids_B in steps:
+            for row, token in zip(rows, ids_B.tolist(), strict=True):
+                if not (row and row[-1] in stop):
+                    row.append(token)
+        for i, row in enumerate(rows):
+            text = args.prompt[i] + tokenizer.decode(row) if args.prompt else ",".join(map(str, row))
+            print(text if len(rows) == 1 else f"[{i}] {text}")
+    if offload.enabled:
+        from smoe.offload.experts import cache_of
+
+        print(cache_of(model).stats.summary(), file=sys.stderr)
 
 
 def _parse_ids(text: str) -> list[int]:

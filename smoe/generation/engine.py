@@ -348,6 +348,9 @@ def _check_model(model: Transformer) -> None:
 
 def _check_compilable(model: Transformer, independent_rows: bool, device: torch.device) -> None:
     """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
+    if not all(layer.experts.traceable for layer in model.moe_layers):
+        raise ValueError("compile: the routed experts are read from disk during the step (max_expert_memory), which "
+                         "no compiled graph can capture; decode eagerly")
     if device.type == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler

@@ -20,6 +20,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ from smoe.io.files import atomic_directory, check_fresh_dir, read_json
 from smoe.io.safetensors import SafetensorsFile, write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
 from smoe.models import Transformer, build_model, empty_model
+from smoe.offload import experts as offloaded
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.store import ExpertFiles, Key, Part
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -210,15 +214,20 @@ def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
     return torch.bfloat16 if dtype.itemsize == 1 else dtype
 
 
-def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], fp8_block: tuple[int, int] | None
-          ) -> None:
-    state = model.state_dict()
+def _fp8_scales(ckpt: _Checkpoint, fp8_block: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+    """Every FP8 block scale: small (1/16384 of the weights), and possibly in another shard than their weight."""
     scales = {}
-    if fp8_block is not None:  # small (1/16384 of the weights), and possibly in another shard than their weight
+    if fp8_block is not None:
         for name, file in ckpt.where.items():
             if name.endswith("_scale_inv"):
                 with ckpt.files[file] as f:
                     scales[name] = f.view(ckpt.stored.get(name, name)).clone()
+    return scales
+
+
+def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], fp8_block: tuple[int, int] | None,
+          scales: dict[str, torch.Tensor]) -> None:
+    state = model.state_dict()
     renamed = {stored: name for name, stored in ckpt.stored.items()}
     for header in ckpt.files.values():
         with header as f:
@@ -242,19 +251,28 @@ def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], f
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                    *, max_expert_memory: int | str | None = None, offload: OffloadConfig | None = None
                     ) -> Transformer:
     """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
     smoe checkpoint or run directory, as a ``Transformer`` in eval mode. ``dtype`` defaults to the one config.json
     names, else the stored one (FP8 becomes bf16), in fp32 where that is a low precision this CPU has no native
-    GEMMs for (``kernels.load_dtype``: the compute copy is made once, here); ``device`` to the CPU."""
+    GEMMs for (``kernels.load_dtype``: the compute copy is made once, here); ``device`` to the CPU.
+
+    ``max_expert_memory`` (bytes, or a size such as ``"4GB"``): the routed experts stay in the checkpoint's files
+    and are read on demand into a cache of at most that many bytes; ``offload`` sets the cache's other settings
+    (smoe.offload, docs/offload.md). Tokens are the in-memory model's, bit for bit."""
     path = Path(path)
     device = torch.device(device or "cpu")
+    if max_expert_memory is not None:
+        offload = replace(offload or OffloadConfig(), max_expert_memory=max_expert_memory)
+    if offload is not None:
+        offload = offload.validate() if offload.enabled else None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
     hf = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if hf is None or "model_type" not in hf:
-        return load_model(path, dtype, device)[0]
+        return load_model(path, dtype, device, offload)[0]
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
     key_map = FAMILIES[hf["model_type"]].key_map
     ckpt = _open_checkpoint(path).aliased(key_map.aliases)
@@ -265,9 +283,51 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         state = build_model(config).state_dict()
     plan = _plan(ckpt, pieces_for(config, key_map, state), state, key_map, fp8_block)
-    model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device)
-    _fill(model, ckpt, plan, fp8_block)
+    model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device,
+                        None if offload is None else offloaded.offload_experts)
+    scales = _fp8_scales(ckpt, fp8_block)
+    if offload is None:
+        _fill(model, ckpt, plan, fp8_block, scales)
+        return model.eval()
+    offloaded.check(model, offload, device)  # before the weights are read
+    prefixes = offloaded.prefixes(model)
+    routed = {name: [p.ours.startswith(tuple(prefixes)) for p in group] for name, group in plan.items()}
+    experts = {name: [p for p, r in zip(group, routed[name], strict=True) if r] for name, group in plan.items()}
+    rest = {name: [p for p, r in zip(group, routed[name], strict=True) if not r] for name, group in plan.items()}
+    _fill(model, ckpt, rest, fp8_block, scales)
+    offloaded.attach(model, ExpertFiles(_expert_parts(ckpt, experts, prefixes, fp8_block, scales)), offload)
     return model.eval()
+
+
+def _expert_parts(ckpt: _Checkpoint, plan: dict[str, list[Piece]], prefixes: dict[str, int],
+                  fp8_block: tuple[int, int] | None, scales: dict[str, torch.Tensor]) -> dict[Key, list[Part]]:
+    """Where each routed expert's pieces lie in the files: the bytes a piece's view of its Hugging Face tensor reads
+    (one expert's tensor, or its slice of a fused one), found by taking the view of a meta tensor of the stored
+    shape. FP8 weights are decoded with their block scales as they are read."""
+    parts: dict[Key, list[Part]] = defaultdict(list)
+    for name, group in plan.items():
+        if not group:
+            continue
+        stored = ckpt.stored.get(name, name)
+        header = ckpt.files[ckpt.where[name]]
+        (begin, _), dtype = header.span(stored), header.dtype(stored)
+        whole = torch.empty(header.shape(stored), dtype=dtype, device="meta")
+        decode = None
+        if dtype.itemsize == 1 and dtype.is_floating_point:  # scale checked by _plan
+            decode = partial(_dequantize_fp8, scale_inv=scales[name + "_scale_inv"], block=fp8_block)
+        for p in group:
+            prefix = next(x for x in prefixes if p.ours.startswith(x))
+            view = p.source(whole)
+            first, rest = (p.index[0], p.index[1:]) if p.index else (slice(None), ())  # () or (:, ...): all experts
+            for e in range(view.shape[0]) if first == slice(None) else [first]:
+                v = view[e] if first == slice(None) else view
+                if (v is not whole and not v._is_view()) or p.offset or (decode is not None and v.shape != whole.shape):
+                    raise ValueError(f"{ckpt.describe(name)}: {name} holds routed experts in a layout that cannot be "
+                                     "read expert by expert; load it without max_expert_memory")
+                parts[(prefixes[prefix], e)].append(Part(header.path, begin + v.storage_offset() * dtype.itemsize,
+                                                         dtype, tuple(v.shape), tuple(v.stride()),
+                                                         p.ours[len(prefix):], rest, decode))
+    return dict(parts)
 
 
 def stored_dtype(path: str | Path) -> torch.dtype:

@@ -45,6 +45,9 @@ from smoe.config import ModelConfig
 from smoe.io.files import atomic_directory, atomic_write_text, fsync, read_json, sha256_file
 from smoe.io.safetensors import SafetensorsFile, load_tensors, save_tensors
 from smoe.models import Transformer, build_model, empty_model
+from smoe.offload import experts as offloaded
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.store import ExpertFiles, stacked_parts
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -362,11 +365,12 @@ def _check_quantization(header: SafetensorsFile, config: ModelConfig) -> None:
                          f"{wanted}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[Transformer, Path]:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               offload: OffloadConfig | None = None) -> tuple[Transformer, Path]:
     """The model of a smoe checkpoint (training or model, either layout) or a run directory's latest, in eval
     mode, and the checkpoint directory it came from. ``dtype`` defaults to the stored one (fp32 for a bf16/fp16
-    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU.
+    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU. ``offload``
+    with a ``max_expert_memory``: the routed experts stay in model.safetensors, read on demand (smoe.offload).
 
     The files are checked against the manifest first; a single-file checkpoint is then streamed from its memory
     map into the allocated model (no second copy of the weights), after every key and shape is checked on the
@@ -375,6 +379,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     path = check_intact(resolve_checkpoint(path), lambda name: not name.startswith("optimizer"))
     config = load_config(path)
     device = torch.device(device or "cpu")
+    offloading = offload is not None and offload.enabled
+    if offloading:
+        offload.validate()
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"{path}: max_expert_memory reads the experts from {MODEL_FILE}; consolidate this "
+                             f"expert-parallel checkpoint first (smoe convert {path} --out DIR)")
     if not (path / MODEL_FILE).is_file():  # an expert-parallel run's per-rank files, reassembled whole
         model = empty_model(config, dtype or torch.float32, device)  # training keeps fp32 master weights
         load_model_state(path, model)
@@ -393,12 +403,18 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         if not tensor.is_floating_point() and header.dtype(name) != tensor.dtype:  # copy_ would convert silently
             raise ValueError(f"{header.path}: {name} has dtype {header.dtype(name)}, the config.json beside it "
                              f"describes {tensor.dtype}")
-    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device)
+    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device,
+                        offloaded.offload_experts if offloading else None)
+    if offloading:  # before the weights are read
+        offloaded.check(model, offload, device)
     state = model.state_dict()
     with header as f:
         for name in header.keys():
-            state[name].copy_(f.view(name))
-            f.release(name)
+            if name in state:  # offloaded experts are not
+                state[name].copy_(f.view(name))
+                f.release(name)
+    if offloading:
+        offloaded.attach(model, ExpertFiles(stacked_parts(header, offloaded.prefixes(model))), offload)
     return model.eval(), path
 
 

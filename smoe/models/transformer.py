@@ -12,6 +12,7 @@ Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -304,15 +305,19 @@ def build_model(config: ModelConfig) -> Transformer:
     return Transformer(config)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                on_meta: Callable[[Transformer], object] | None = None) -> Transformer:
     """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
     parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
-    tensor by tensor."""
+    tensor by tensor. ``on_meta`` is called with the model before anything is allocated: what it swaps in for
+    modules (smoe.offload.experts.offload_experts: the routed experts, left on disk) is allocated in their place."""
     with torch.device("meta"):
         model = build_model(config)
     fp32 = fp32_parameters(model)
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float32 if name in fp32 else dtype)
+    if on_meta is not None:
+        on_meta(model)
     model.to_empty(device=device)
     for m in model.modules():  # the buffers computed from the config, not stored
         if isinstance(m, (RotaryEmbedding, LightningAttention)):
