@@ -45,7 +45,7 @@ import torch
 
 from smoe import presets
 from smoe.config import QuantConfig
-from smoe.io.safetensors import write_safetensors_streamed
+from smoe.io.safetensors import SafetensorsFile, write_safetensors_streamed
 from smoe.models import Transformer
 from smoe.nn import RMSNorm
 from smoe.offload.budget import format_size
@@ -190,8 +190,6 @@ def make_checkpoint(path: Path, preset: str, scheme: str, layers: int | None, se
 
 def expert_sizes(path: Path) -> tuple[int, int, int]:
     """(routed experts, bytes of one, bytes of everything else) of a checkpoint, from its header."""
-    from smoe.io.safetensors import SafetensorsFile
-
     header = SafetensorsFile(path / "model.safetensors")
     experts = [n for n in header.keys() if ".ffn.experts." in n]
     one_layer = [n for n in experts if n.startswith(experts[0].split(".ffn.")[0] + ".")]
