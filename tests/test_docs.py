@@ -110,8 +110,8 @@ SCENARIO = [
     ("docs/cost.md", "smoe cost --config docs/cost/llama-3-70b.json --hardware h100-sxm,h200 --devices 8 --weights "
                      "fp8 --batch 1,64,256,1024 --price-per-hour 2", []),
     ("README.md", "smoe train --preset deepseek-v3-tiny --data stdlib --steps 200 --out runs/v3", TRAIN_TINY),
-    ("README.md", "smoe train --preset mixtral-tiny --set moe.top_k=1 --set moe.norm_topk_prob=false --data "
-                  "a.txt@2,b.jsonl --out runs/m --resume", ["--steps", "2", *TRAIN_TINY]),
+    ("README.md", "smoe train --preset mixtral-tiny --set moe.top_k=4 --data a.txt@2,b.jsonl --out runs/m --resume",
+     ["--steps", "2", *TRAIN_TINY]),
     ("README.md", "smoe train --config runs/m/run.json --seed 1 --out runs/m-seed1", ["--steps", "2", *TRAIN_TINY]),
     ("docs/training.md", "smoe train --config runs/m/run.json --out runs/m2 --seed 1", ["--steps", "2", *TRAIN_TINY]),
     ("README.md", "smoe eval runs/v3 --data held_out.txt", ["--max-batches", "1", "--seq-len", "32"]),
