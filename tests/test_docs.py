@@ -105,6 +105,7 @@ SCENARIO = [
     ("README.md", "smoe presets", []),
     ("README.md", "smoe inspect deepseek-v3 [--seq-len 4096] [--json]", []),
     ("README.md", "smoe inspect qwen3-next-80b-a3b", []),
+    ("README.md", "smoe inspect deepseek-v2-lite --max-expert-memory 4GB", []),
     ("README.md", "smoe cost deepseek-v3 --hardware h100-sxm,h200 --devices 8 --weights fp8 [--batch 1,64,256] "
                   "[--price-per-hour 2]", []),
     ("docs/cost.md", "smoe cost --config docs/cost/llama-3-70b.json --hardware h100-sxm,h200 --devices 8 --weights "
@@ -122,6 +123,8 @@ SCENARIO = [
     ("README.md", "smoe convert runs/v3 --quantize int8 --out runs/v3-int8", []),
     ("docs/quantization.md", "smoe generate runs/v3-int8 --prompt \"Once upon a time\"", ["--max-new-tokens", "4"]),
     ("docs/quantization.md", "smoe eval runs/v3-int8 --data held_out.txt", ["--max-batches", "1", "--seq-len", "32"]),
+    ("docs/quantization.md", "smoe generate runs/v3-int8 --max-expert-memory 2GB --prompt \"Once\"",
+     ["--max-new-tokens", "4"]),
     ("README.md", "smoe generate runs/v3 --prompt \"Once upon a time\" [--max-new-tokens 64 --temperature 0.8 "
                   "--top-p 0.9 --seed 0]", ["--max-new-tokens", "4"]),
     ("docs/generation.md", "smoe generate runs/v3 --prompt-ids 1,2,3", ["--max-new-tokens", "4"]),
