@@ -2,8 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch; GPU users can pre-install their own build in .venv (or set TORCH_SPEC).
-TORCH_SPEC ?= torch==2.13.0
+# PyTorch's CPU build, asked for by name: on Linux the public index's torch==2.13.0 is the CUDA build (several GB).
+# pip finds the +cpu wheel in a local wheel directory (find-links) or in PyTorch's CPU index, which TORCH_INDEX adds:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# A GPU user installs their own torch into .venv before the first make (an installed torch is kept) or sets
+# TORCH_SPEC, e.g. TORCH_SPEC=torch==2.13.0.
+TORCH_SPEC ?= torch==2.13.0+cpu
+TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: test demo install clean
@@ -13,7 +18,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)")
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
@@ -21,8 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # The main job: the seeds-debate head-to-head (with its dense compute ladder) on the built-in stdlib corpus, two seeds
-# so that differences come with paired intervals, two runs at a time on one thread each; about 9 minutes on 2 CPU
-# cores. Rerunning resumes: finished runs are skipped.
+# so that differences come with paired intervals, two runs at a time on one thread each (its time and disk: README.md,
+# "The two commands"). Rerunning resumes: finished runs are skipped.
 demo: $(STAMP)
 	$(BIN)/smoe compare --suite seeds-debate --data stdlib --seeds 2 --steps 60 --batch-size 8 --seq-len 128 \
 		--eval-every 15 --eval-batches 4 --checkpoints 2 --jobs 2 --out runs/demo

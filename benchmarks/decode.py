@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import itertools
 import tempfile
 import time
@@ -162,21 +163,21 @@ def bench(name: str, batch_sizes: list[int], prompt_len: int, new_tokens: int, r
     for B in batch_sizes:
         ids = torch.randint(1, config.vocab_size, (B, prompt_len), generator=g)
         mask = torch.ones_like(ids)
-        runners = {"smoe": lambda n: smoe.generate(ours, ids, max_new_tokens=n)}
+        runners = {"smoe": lambda n, ids=ids: smoe.generate(ours, ids, max_new_tokens=n)}
         for key, (model, compile, _) in variants.items():
-            runners[key] = lambda n, model=model, compile=compile: smoe.generate(model, ids, max_new_tokens=n,
-                                                                                 compile=compile)
+            runners[key] = lambda n, ids=ids, model=model, compile=compile: smoe.generate(
+                model, ids, max_new_tokens=n, compile=compile)
         for impl, hf in hf_models.items():
-            runners[impl] = lambda n, hf=hf: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                         do_sample=False)[:, prompt_len:]
+            runners[impl] = lambda n, ids=ids, mask=mask, hf=hf: hf.generate(
+                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)[:, prompt_len:]
         outputs = {k: run(new_tokens) for k, run in runners.items()}  # warm-up, and the tokens to compare
         times = {k: ([], []) for k in runners}
         bandwidth = copy_bandwidth()
         with torch.inference_mode():
             for _ in range(rounds):
                 for key, run in runners.items():
-                    times[key][0].append(_timed(lambda: run(1)))
-                    times[key][1].append(_timed(lambda: run(new_tokens)))
+                    times[key][0].append(_timed(functools.partial(run, 1)))
+                    times[key][1].append(_timed(functools.partial(run, new_tokens)))
                 bandwidth = max(bandwidth, copy_bandwidth())
         tok_s = {k: B * (new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
         best_hf = max(tok_s[k] for k in hf_models)

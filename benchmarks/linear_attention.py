@@ -42,7 +42,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from smoe.config import AttentionConfig
-from smoe.nn import Attention, GatedDeltaNet, KimiDeltaAttention, LightningAttention, RotaryEmbedding, linear_attention
+from smoe.nn import (
+    Attention,
+    GatedDeltaNet,
+    KimiDeltaAttention,
+    LightningAttention,
+    MixerStep,
+    RotaryEmbedding,
+    linear_attention,
+)
 from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule
 
 DIM, HEADS, HEAD_DIM = 256, 4, 64
@@ -68,7 +76,7 @@ def _layer_contenders(T: int) -> dict:
     kda = KimiDeltaAttention(DIM, HEADS, HEAD_DIM, chunk=64)
     lightning = LightningAttention(DIM, HEADS, HEAD_DIM, layer=0, n_layers=8, chunk=64)
     return {
-        "attention (SDPA)": (lambda x: attention(x, cos, sin), None),
+        "attention (SDPA)": (lambda x, step: attention(x, MixerStep(cos=cos, sin=sin)), None),
         "gated delta": (gdn, linear_attention._DECAY_FLOOR),
         "gated delta, no floor": (gdn, float("-inf")),
         "kimi delta": (kda, linear_attention._DECAY_FLOOR),
@@ -83,7 +91,7 @@ def _layer_step(layer, x: torch.Tensor, floor: float | None) -> float:
     try:
         leaf = x.clone().requires_grad_()
         start = time.perf_counter()
-        layer(leaf).square().sum().backward()
+        layer(leaf, MixerStep()).square().sum().backward()
         return time.perf_counter() - start
     finally:
         linear_attention._DECAY_FLOOR = saved

@@ -5,12 +5,13 @@ matching bits: smoe fp32 / int8 / int4 against GGUF F32 / Q8_0 / Q4_0.
 Optional: it prints a line and exits when ``llama_cpp`` or ``gguf`` is not importable
 (``pip install llama-cpp-python gguf``; llama-cpp-python builds llama.cpp from source, about 8 minutes on 2 cores).
 
-The GGUF file is written with the gguf package, as llama.cpp's converter writes Mixtral: the ``llama`` architecture
-with experts, q and k rows permuted from the rotate-half layout to llama.cpp's adjacent rotary pairs, each layer's
-experts stacked into one (E, out, in) tensor per projection, and a placeholder vocabulary (token ids only are fed).
-What stays in full precision follows each side's own quantiser: llama.cpp keeps norms and the router
-(``ffn_gate_inp``) in F32 and we keep the embedding too; both quantise the head. Before timing, the F32 file's
-next-token logits are compared with ours (max |diff|), which checks the conversion.
+The GGUF file is written by ``smoe convert --to gguf``'s writer (smoe.interop.gguf), as llama.cpp's converter
+writes Mixtral: the ``llama`` architecture with experts, q and k rows permuted from the rotate-half layout to
+llama.cpp's adjacent rotary pairs, each layer's experts stacked into one (E, out, in) tensor per projection, and a
+placeholder vocabulary (token ids only are fed). What stays in full precision follows each side's own quantiser:
+llama.cpp keeps norms and the router (``ffn_gate_inp``) in F32 and quantises the embedding and the head; we keep the
+embedding and quantise the head. Before timing, the F32 file's next-token logits are compared with ours (max
+|diff|), which checks the conversion.
 
 Timing: decode time is t(N new tokens) - t(1 new token) with the prompt evaluated in both, contenders interleaved
 round by round (medians), as in benchmarks/decode.py. Each side's loop is Python around one forward per token
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from decode import MODELS
 
 import smoe
 from smoe import presets
+from smoe.interop.gguf import write_gguf
 from smoe.kernels import cpp_build
 from smoe.models import Transformer
 
@@ -43,71 +46,9 @@ from smoe.models import Transformer
 GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 
 
-def _rope_pairs(w_OD: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q or k projection reordered from the rotate-half layout (pairs i, i + d/2) to adjacent pairs
-    (2i, 2i + 1), which llama.cpp's llama architecture rotates."""
-    out, dim = w_OD.shape
-    return w_OD.reshape(n_heads, 2, out // n_heads // 2, dim).swapaxes(1, 2).reshape(out, dim)
-
-
-def write_gguf(model: Transformer, path: Path, weights: str) -> None:
-    """``model`` (a Mixtral-like smoe model, full precision) as a GGUF file of ``weights`` ("fp32", "int8" or
-    "int4": F32, Q8_0 or Q4_0 for the matrices)."""
-    import gguf
-
-    cfg, attn, moe = model.config, model.config.attention, model.config.moe
-    qtype = getattr(gguf.GGMLQuantizationType, GGUF_TYPES[weights])
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.dim)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_feed_forward_length(moe.expert_dim)
-    writer.add_head_count(attn.n_heads)
-    writer.add_head_count_kv(attn.n_kv_heads)
-    writer.add_rope_dimension_count(attn.resolved_head_dim(cfg.dim))
-    writer.add_rope_freq_base(attn.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_expert_count(moe.n_routed_experts)
-    writer.add_expert_used_count(moe.top_k)
-    writer.add_vocab_size(cfg.vocab_size)
-    # SentencePiece's layout (unknown, bos, eos, 256 byte tokens, then ordinary ones): llama.cpp needs a
-    # vocabulary to load; the benchmark feeds token ids only.
-    special = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens = special + [f"t{i}" for i in range(cfg.vocab_size - len(special))]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * cfg.vocab_size)
-    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (cfg.vocab_size - len(special)))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-
-    def add(name: str, t: torch.Tensor, quantize: bool = True) -> None:
-        data = t.detach().float().numpy()
-        if quantize and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, np.ascontiguousarray(data))
-
-    add("token_embd.weight", model.embed.weight, quantize=False)
-    for i, block in enumerate(model.layers):
-        a, f, p = block.attn, block.ffn, f"blk.{i}."
-        add(p + "attn_norm.weight", block.attn_norm.weight, quantize=False)
-        add(p + "attn_q.weight", torch.from_numpy(_rope_pairs(a.wq.weight.detach().numpy(), attn.n_heads)))
-        add(p + "attn_k.weight", torch.from_numpy(_rope_pairs(a.wk.weight.detach().numpy(), attn.n_kv_heads)))
-        add(p + "attn_v.weight", a.wv.weight)
-        add(p + "attn_output.weight", a.wo.weight)
-        add(p + "ffn_norm.weight", block.ffn_norm.weight, quantize=False)
-        add(p + "ffn_gate_inp.weight", f.router.weight, quantize=False)
-        gate_EFD, up_EFD = f.experts.w_gate_up.chunk(2, dim=1)
-        add(p + "ffn_gate_exps.weight", gate_EFD)
-        add(p + "ffn_up_exps.weight", up_EFD)
-        add(p + "ffn_down_exps.weight", f.experts.w_down)
-    add("output_norm.weight", model.norm.weight, quantize=False)
-    add("output.weight", model.head.weight)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+def write(model: Transformer, path: Path, scheme: str) -> None:
+    """``model`` (full precision) as llama.cpp's GGUF of the matching type, through smoe convert's writer."""
+    write_gguf(model, path, model_type="mixtral", quantize=None if scheme == "fp32" else GGUF_TYPES[scheme].lower())
 
 
 class LlamaCpp:
@@ -180,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in schemes:
             path = Path(tmp) / f"{scheme}.gguf"
-            write_gguf(ours, path, scheme)
+            write(ours, path, scheme)
             peer = LlamaCpp(path, args.prompt_len + args.new_tokens, args.threads)
             model = ours if scheme == "fp32" else smoe.quantize(copy.deepcopy(ours), scheme)
             if scheme == "fp32":
@@ -198,15 +139,15 @@ def main() -> None:
                 outputs[key] = run(args.new_tokens)  # warm-up, and the tokens to compare
             for _ in range(args.rounds):
                 for key, run in runners.items():
-                    times[key][0].append(_timed(lambda: run(1)))
-                    times[key][1].append(_timed(lambda: run(args.new_tokens)))
+                    times[key][0].append(_timed(functools.partial(run, 1)))
+                    times[key][1].append(_timed(functools.partial(run, args.new_tokens)))
     tok_s = {k: (args.new_tokens - 1) / (np.median(full) - np.median(first)) for k, (first, full) in times.items()}
     spread = {k: (np.max(full) - np.min(full)) / np.median(full) for k, (_, full) in times.items()}
     print(f"{'smoe':>10} {'tok/s':>8} {'llama.cpp':>10} {'tok/s':>8} {'smoe/llama.cpp':>14} {'same tokens':>11} "
           f"{'round spread':>12}")
     for scheme in schemes:
         ours_key, peer_key = f"smoe {scheme}", f"llama.cpp {GGUF_TYPES[scheme]}"
-        same = np.mean([a == b for a, b in zip(outputs[ours_key], outputs[peer_key])])
+        same = np.mean([a == b for a, b in zip(outputs[ours_key], outputs[peer_key], strict=True)])
         print(f"{scheme:>10} {tok_s[ours_key]:>8.1f} {GGUF_TYPES[scheme]:>10} {tok_s[peer_key]:>8.1f} "
               f"{tok_s[ours_key] / tok_s[peer_key]:>13.2f}x {same:>11.0%} "
               f"{max(spread[ours_key], spread[peer_key]):>11.0%}", flush=True)

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 import smoe
-from smoe.io.checkpoint import empty_model, resolve_checkpoint
+from smoe.device import autocast_context
+from smoe.io.checkpoint import resolve_checkpoint
 from smoe.io.tokenizer import load_tokenizer
+from smoe.models import empty_model
 from smoe.train.data import token_byte_lengths, tokenize_documents, val_batches
-from smoe.train.loop import autocast_context, evaluate
+from smoe.train.loop import evaluate
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:

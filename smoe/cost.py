@@ -22,12 +22,17 @@ systems reach a fraction of these rates, so read them as ceilings and compare th
   and comes back combined: 2 k (D - 1) / D rows of d activations per token per MoE layer. Its time at the link
   bandwidth is reported beside the step, not added to it (whether it overlaps is the system's choice).
 - Memory per device: all weights plus B caches, over D (activations and workspace left out).
+- Routed experts on disk (``max_expert_memory``, smoe.offload): memory holds every other weight and the expert cache
+  (as many whole experts as fit the budget); a decode step reads (1 - h) of the experts it hits from disk, h the
+  cache's hit rate (``expert_hit_rate``; by default the cache's share of the experts, what routing spread evenly
+  gives). At ``disk_bandwidth`` those reads take bytes / bandwidth, added to the step: a read on demand stalls its
+  layer (look-ahead prefetch hides part of it; benchmarks/offload.py measures how much).
 - $ per million tokens: the price of a device-hour x D / the tokens produced in an hour.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from smoe.accounting import (
@@ -40,11 +45,13 @@ from smoe.accounting import (
     recurrent_state_bytes,
 )
 from smoe.config import ModelConfig
-from smoe.config_rules import check_types, fail, option, positive
+from smoe.config.rules import check_types, fail, option, positive
 from smoe.hardware import Hardware, hardware_names
+from smoe.offload.budget import moe_layer_count, parse_size
 
 WeightFormat = Literal["fp32", "bf16", "fp8", "int8", "int4"]
 WEIGHT_BYTES = {**DTYPE_BYTES, "int8": 1, "int4": (4 + 32 / 128) / 8}  # module docstring
+DEFAULT_CONTEXT = 4096  # positions cached per sequence unless the model holds fewer
 
 
 @dataclass(frozen=True)
@@ -57,21 +64,36 @@ class CostSettings:
     weights: WeightFormat = option("bf16", "weight format (default bf16); int4 counts 4.25 bits per weight")
     kv_dtype: Literal["auto", "fp32", "bf16", "fp8"] = option(
         "auto", "cache dtype (default auto: that of the activations)")
-    context: int = option(4096, "positions in each sequence's cache while decoding: cache bytes, attention reads "
-                                "(default 4096)")
+    context: int | None = option(
+        None, f"positions in each sequence's cache while decoding: cache bytes, attention reads (default "
+              f"{DEFAULT_CONTEXT}, or the model's max_seq_len where that is shorter)")
     prompt_len: int | None = option(None, "tokens per prompt for prefill (default: `context`)")
     devices: int = option(1, "devices the model is split over evenly; the expert-parallel degree of the all-to-all "
                              "(default 1)")
     price_per_hour: float | None = option(None, "price of one device-hour, for $ per million tokens")
+    max_expert_memory: str | None = option(None, "routed experts on disk behind a cache of this many bytes (e.g. "
+                                                 "24GB; smoe.offload): memory holds the other weights and the cache, "
+                                                 "decode reads the misses from disk")
+    expert_hit_rate: float | None = option(None, "with `max_expert_memory`: the cache's hit rate (default: its share "
+                                                 "of the experts, as routing spread evenly gives)")
+    disk_bandwidth: float | None = option(None, "with `max_expert_memory`: bytes per second the expert reads get "
+                                                "(e.g. 2e9), to price them in time")
 
     @property
     def prompt(self) -> int:
         return self.context if self.prompt_len is None else self.prompt_len
 
+    def for_model(self, config: ModelConfig) -> CostSettings:
+        """These settings with the default context resolved for ``config``: DEFAULT_CONTEXT positions, or all the
+        model holds where that is fewer (a context the user gives is kept, and checked by ``check_model``)."""
+        if self.context is not None:
+            return self
+        return replace(self, context=min(DEFAULT_CONTEXT, config.max_seq_len))
+
     def validate(self) -> CostSettings:
         check_types(self, "")
-        for name in ("context", "devices"):
-            positive(name, getattr(self, name))
+        positive("context", self.context, allow_none=True)
+        positive("devices", self.devices)
         positive("prompt_len", self.prompt_len, allow_none=True)
         positive("price_per_hour", self.price_per_hour, allow_none=True)
         if not self.batch:
@@ -84,17 +106,28 @@ class CostSettings:
         for name in self.hardware:
             if name not in known:
                 fail("hardware", f"unknown profile {name!r}; known: {', '.join(known)}")
+        if self.max_expert_memory is not None:
+            parse_size(self.max_expert_memory)
+        elif self.expert_hit_rate is not None or self.disk_bandwidth is not None:
+            fail("expert_hit_rate" if self.expert_hit_rate is not None else "disk_bandwidth",
+                 "only with `max_expert_memory`")
+        if self.expert_hit_rate is not None and not 0 <= self.expert_hit_rate <= 1:
+            fail("expert_hit_rate", f"must lie in [0, 1], got {self.expert_hit_rate}")
+        positive("disk_bandwidth", self.disk_bandwidth, allow_none=True)
         return self
 
 
 def check_model(config: ModelConfig, settings: CostSettings) -> None:
     """What the model must allow, checked before any measurement."""
     config.validate()
+    settings = settings.for_model(config)
     for name, value in (("context", settings.context), ("prompt_len", settings.prompt)):
         if value > config.max_seq_len:
             fail(name, f"{value} exceeds the model's max_seq_len ({config.max_seq_len})")
     if config.moe is not None and config.moe.routing == "expert_choice":
         fail("moe.routing", "expert choice sees the whole batch, so it cannot decode one token at a time")
+    if settings.max_expert_memory is not None and config.moe is None:
+        fail("max_expert_memory", f"{config.name} is dense: no routed experts to keep on disk")
 
 
 def experts_hit(n_experts: int, top_k: int, tokens: int) -> float:
@@ -132,7 +165,7 @@ class Step:
     bytes: float
     flops: float
     seconds: float
-    bound: str  # "memory" or "compute"
+    bound: str  # "memory", "compute", or "disk" (experts read from disk take longer than the rest)
     tokens_per_s: float  # all devices together
     tokens_per_s_per_sequence: float
     tokens_per_s_per_device: float
@@ -141,6 +174,19 @@ class Step:
     all_to_all_bytes_per_device: float
     all_to_all_seconds: float | None  # at the link bandwidth; None without a link
     usd_per_million_tokens: float | None
+    disk_bytes: float = 0.0  # experts read from disk (max_expert_memory), in ``seconds`` at disk_bandwidth
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """Routed experts on disk behind ``budget`` bytes of cache (module docstring)."""
+
+    budget: int
+    expert_bytes: float  # one expert in the weight format
+    slots: int  # experts the cache holds
+    n_experts: int  # over every MoE layer
+    hit_rate: float
+    resident_bytes: float  # the other weights and the cache
 
 
 @dataclass(frozen=True)
@@ -158,6 +204,7 @@ class CostReport:
     all_to_all_bytes_per_token: float  # dispatch + combine, every MoE layer
     decode: list[Step]
     prefill: list[Step]
+    expert_budget: ExpertBudget | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,8 +224,24 @@ def _weights_read(config: ModelConfig, acc: Accounting, tokens: int, weights: st
     return params * WEIGHT_BYTES[weights], hit
 
 
+def _expert_budget(config: ModelConfig, acc: Accounting, s: CostSettings, p: Precision) -> ExpertBudget | None:
+    if s.max_expert_memory is None:
+        return None
+    budget = parse_size(s.max_expert_memory)
+    one = acc.params_by_component["routed_experts"] / (acc.n_moe_layers * config.moe.n_routed_experts) \
+        * WEIGHT_BYTES[p.weights]
+    n = moe_layer_count(config) * config.moe.n_routed_experts
+    slots = min(int(budget // one), n)
+    if slots < config.moe.top_k:
+        fail("max_expert_memory", f"{budget:,} bytes hold {slots} expert(s) of {one:,.0f} bytes; one layer's "
+                                  f"{config.moe.top_k} active experts need at least {config.moe.top_k * one:,.0f}")
+    other = (acc.total_params - acc.params_by_component["routed_experts"]) * WEIGHT_BYTES[p.weights]
+    hit = s.expert_hit_rate if s.expert_hit_rate is not None else slots / n
+    return ExpertBudget(budget, one, slots, n, hit, other + slots * one)
+
+
 def _step(config: ModelConfig, hw: Hardware, s: CostSettings, p: Precision, acc: Accounting, batch: int, tokens: int,
-          flops: float, cache_bytes: float) -> Step:
+          flops: float, cache_bytes: float, offload: ExpertBudget | None = None) -> Step:
     """``cache_bytes``: the caches the step reads (decode) or writes (prefill), which are also what they hold."""
     D = s.devices
     weights, hit = _weights_read(config, acc, tokens, p.weights)
@@ -186,15 +249,23 @@ def _step(config: ModelConfig, hw: Hardware, s: CostSettings, p: Precision, acc:
     memory_s, compute_s = total / (D * hw.memory_bandwidth), flops / (D * hw.peak_flops[p.matmul])
     seconds = max(memory_s, compute_s)
     memory = (acc.total_params * WEIGHT_BYTES[p.weights] + cache_bytes) / D
+    disk = disk_s = 0.0
+    if offload is not None:
+        disk = (1 - offload.hit_rate) * hit * acc.n_moe_layers * offload.expert_bytes
+        disk_s = 0.0 if s.disk_bandwidth is None else disk / s.disk_bandwidth
+        memory = (offload.resident_bytes + cache_bytes) / D
     a2a = tokens * _all_to_all_per_token(config, D, p) / D
+    bound = "disk" if disk_s > seconds else "memory" if memory_s >= compute_s else "compute"
+    seconds += disk_s
     rate = tokens / seconds
     return Step(
         batch=batch, tokens=tokens, experts_hit=hit, bytes=total, flops=flops, seconds=seconds,
-        bound="memory" if memory_s >= compute_s else "compute", tokens_per_s=rate,
+        bound=bound, tokens_per_s=rate,
         tokens_per_s_per_sequence=rate / batch, tokens_per_s_per_device=rate / D, memory_bytes_per_device=memory,
         fits=memory <= hw.memory_bytes, all_to_all_bytes_per_device=a2a,
         all_to_all_seconds=None if hw.link_bandwidth is None else a2a / hw.link_bandwidth,
         usd_per_million_tokens=None if s.price_per_hour is None else s.price_per_hour * D / (3600 * rate) * 1e6,
+        disk_bytes=disk,
     )
 
 
@@ -206,7 +277,7 @@ def _all_to_all_per_token(config: ModelConfig, devices: int, p: Precision) -> fl
 def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostReport:
     """Decode and prefill at every batch size of ``settings`` on ``hw`` (module docstring); ``settings.hardware``
     names the profiles a caller resolves (measuring ``cpu-measured``), ``hw`` is the one priced here."""
-    settings.validate()
+    settings = settings.validate().for_model(config)
     check_model(config, settings)
     p = Precision.of(hw, settings.weights, settings.kv_dtype)
     acc, at_prompt = account(config), account(config, seq_len=settings.prompt)
@@ -214,10 +285,12 @@ def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostR
     state = recurrent_state_bytes(config, p.cache)  # linear-attention layers: the same at every context
     per_sequence = kv_cache_elements(config, settings.context) * kv + state
     decode_flops = acc.matmul_flops_per_token + decode_attention_flops(config, settings.context)
-    decode = [_step(config, hw, settings, p, acc, B, B, B * decode_flops, B * per_sequence) for B in settings.batch]
+    offload = _expert_budget(config, acc, settings, p)
+    decode = [_step(config, hw, settings, p, acc, B, B, B * decode_flops, B * per_sequence, offload)
+              for B in settings.batch]
     prompt_cache = kv_cache_elements(config, settings.prompt) * kv + state
     prefill = [_step(config, hw, settings, p, acc, B, B * settings.prompt,
-                     B * settings.prompt * at_prompt.forward_flops_per_token, B * prompt_cache)
+                     B * settings.prompt * at_prompt.forward_flops_per_token, B * prompt_cache, offload)
                for B in settings.batch]
     return CostReport(
         model=config.name, total_params=acc.total_params, active_params=acc.active_params, hardware=hw,
@@ -225,7 +298,7 @@ def estimate(config: ModelConfig, hw: Hardware, settings: CostSettings) -> CostR
         cache_bytes_per_sequence=per_sequence, state_bytes_per_sequence=state,
         cache_elements_per_token_layer=kv_cache_elements(config) // max(1, config.n_layers - acc.n_linear_layers),
         all_to_all_bytes_per_token=_all_to_all_per_token(config, settings.devices, p), decode=decode,
-        prefill=prefill)
+        prefill=prefill, expert_budget=offload)
 
 
 def _gb(n: float) -> str:
@@ -237,9 +310,10 @@ def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
-def _table(steps: list[Step], seconds_label: str) -> list[str]:
+def _table(steps: list[Step], seconds_label: str, disk: bool = False) -> list[str]:
     head = (f"  {'batch':>6} {'experts':>8} {'GB':>8} {'TFLOP':>8} {seconds_label:>9} {'bound':>7} {'tok/s/seq':>10} "
-            f"{'tok/s':>10} {'tok/s/dev':>10} {'GB/dev':>7} {'fits':>4} {'a2a MB/dev':>10} {'a2a ms':>7} {'$/Mtok':>7}")
+            f"{'tok/s':>10} {'tok/s/dev':>10} {'GB/dev':>7} {'fits':>4} {'a2a MB/dev':>10} {'a2a ms':>7} {'$/Mtok':>7}"
+            + (f" {'disk MB':>8}" if disk else ""))
     rows = [head]
     for st in steps:
         a2a_ms = "-" if st.all_to_all_seconds is None else _num(st.all_to_all_seconds * 1e3)
@@ -248,7 +322,8 @@ def _table(steps: list[Step], seconds_label: str) -> list[str]:
                     f"{_num(st.seconds * 1e3):>9} {st.bound:>7} {_num(st.tokens_per_s_per_sequence):>10} "
                     f"{_num(st.tokens_per_s):>10} {_num(st.tokens_per_s_per_device):>10} "
                     f"{_gb(st.memory_bytes_per_device):>7} {'yes' if st.fits else 'NO':>4} "
-                    f"{_num(st.all_to_all_bytes_per_device / 1e6):>10} {a2a_ms:>7} {usd:>7}")
+                    f"{_num(st.all_to_all_bytes_per_device / 1e6):>10} {a2a_ms:>7} {usd:>7}"
+                    + (f" {_num(st.disk_bytes / 1e6):>8}" if disk else ""))
     return rows
 
 
@@ -273,8 +348,14 @@ def format_cost(report: CostReport) -> str:
                      "(dispatch + combine, every MoE layer, uniform routing)")
     lines.append(f"decode at context {s.context:,}: ms per step = max(bytes / bandwidth, FLOPs / peak) with the "
                  "work split over the devices; experts hit per MoE layer E(1 - (1 - k/E)^B), uniform routing")
-    lines += _table(r.decode, "ms/step")
+    if (b := r.expert_budget) is not None:
+        disk = "not priced (give `disk_bandwidth`)" if s.disk_bandwidth is None else \
+            f"at {s.disk_bandwidth / 1e9:.3g} GB/s, added to each step"
+        lines.append(f"  experts on disk behind {b.budget / 1e9:.3g} GB: the cache holds {b.slots} of {b.n_experts} "
+                     f"experts ({b.expert_bytes / 1e6:.3g} MB each), {b.resident_bytes / 1e9:.3g} GB resident with the "
+                     f"other weights; hit rate {b.hit_rate:.0%}; disk MB = the misses a step reads, {disk}")
+    lines += _table(r.decode, "ms/step", disk=r.expert_budget is not None)
     lines.append(f"prefill of {s.prompt:,}-token prompts (usually compute-bound: FLOPs / peak); ms = time to the "
                  "first token of the batch")
-    lines += _table(r.prefill, "ms")
+    lines += _table(r.prefill, "ms", disk=r.expert_budget is not None)
     return "\n".join(lines)

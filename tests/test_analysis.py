@@ -125,7 +125,8 @@ def test_dropless_evaluation_lifts_the_capacity_only_inside_the_block():
 
 def test_consecutive_chance_is_the_load_weighted_reuse():
     # two disjoint top-2 sets, each on half the tokens: a random pair overlaps half the time
-    sets = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
+    sets = torch.tensor([[0, 1], [2, 3]]).repeat(500, 1)[order]
     rates = routing_stats.consecutive_rates(sets.view(10, 100, 2), n_experts=4)
     assert rates["first_load_weighted"] == pytest.approx(0.5)
     assert rates["any_load_aware"] == pytest.approx(0.5, abs=0.05)

@@ -13,7 +13,8 @@ from smoe.train.optim import build_optimizer
 
 
 def _config():
-    return ModelConfig(vocab_size=32, dim=16, n_layers=1, ffn_dim=32, attention=AttentionConfig(n_heads=2, n_kv_heads=2),
+    return ModelConfig(vocab_size=32, dim=16, n_layers=1, ffn_dim=32,
+                       attention=AttentionConfig(n_heads=2, n_kv_heads=2),
                        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8, score_func="sigmoid",
                                      balance="aux_free"))
 
@@ -46,7 +47,7 @@ def test_round_trip_restores_weights_buffers_optimizer_and_rng(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
     assert fresh.layers[0].ffn.router.expert_bias.abs().sum() > 0
-    for p, q in zip(model.parameters(), fresh.parameters()):
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         a, b = opt.state[p], fresh_opt.state[q]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert layout.load_config(path) == _config()
@@ -96,3 +97,15 @@ def test_state_json_is_plain_json(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 1, model, opt, _config(), {"skipped_steps": 0})
     state = json.loads((path / "state.json").read_text())
     assert {"step", "optimizer", "rng", "skipped_steps"} <= state.keys()
+
+
+def test_a_failed_atomic_directory_leaves_nothing_not_even_its_parents(tmp_path):
+    from smoe.io.files import atomic_directory
+
+    with pytest.raises(RuntimeError, match="midway"), atomic_directory(tmp_path / "a" / "b" / "out") as tmp:
+        (tmp / "half.json").write_text("{")
+        raise RuntimeError("midway")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(tmp_path / "a" / "b" / "out") as tmp:  # a success keeps them
+        (tmp / "whole.json").write_text("{}")
+    assert (tmp_path / "a" / "b" / "out" / "whole.json").is_file()

@@ -57,8 +57,8 @@ def test_presets_lists_every_preset(capsys):
     from smoe import presets
 
     assert main(["presets"]) == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in presets.names())
+    rows = capsys.readouterr().out.splitlines()[1:]  # below the header, one row per preset, its name first
+    assert sorted(row.split()[0] for row in rows) == sorted(presets.names())
 
 
 def test_unknown_preset_is_one_line_exit_2_with_close_names(capsys):
@@ -121,8 +121,9 @@ def test_eval_of_a_missing_checkpoint_is_named(tmp_path, capsys):
 
 
 def test_bench_moe_layer_refuses_an_unknown_shape(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["bench", "moe-layer", "--shapes", "gpt5"])
+    assert exit_.value.code == 2  # argparse's usage error, not a crash
     assert "--shapes: unknown gpt5; known: mixtral, qwen3, deepseek-v3" in capsys.readouterr().err
 
 
@@ -185,6 +186,15 @@ def test_every_flag_of_before_is_kept(command):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     have = {s for action in sub._actions for s in action.option_strings}
     assert set(_FLAGS_BEFORE[command].split()) <= have
+
+
+def test_every_command_is_its_own_module():
+    from smoe.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    modules = {name: sub.get_default("func").__module__ for name, sub in commands.items()}
+    assert all(m.startswith("smoe.cli.") for m in modules.values()), modules
+    assert len(set(modules.values())) == len(modules), modules  # no module holds two commands
 
 
 def test_compare_keeps_its_own_defaults(tmp_path):

@@ -87,7 +87,7 @@ def test_a_batch_decodes_from_copies_of_the_prefilled_row():
         batch = model.new_cache(3, 32)
         long_context._copy_row(one, batch)
     assert batch.lengths_B.tolist() == [20, 20, 20]
-    for src, dst in zip(one.layers, batch.layers):
+    for src, dst in zip(one.layers, batch.layers, strict=True):
         tensors = [name for name, t in vars(src).items() if isinstance(t, torch.Tensor)]
         assert tensors and all(torch.equal(getattr(dst, n)[b], getattr(src, n)[0]) for n in tensors for b in range(3))
 

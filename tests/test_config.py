@@ -22,6 +22,18 @@ def test_json_round_trip(config):
     assert ModelConfig.from_json(config.to_json()) == config
 
 
+def test_config_names_import_from_the_package_and_their_former_modules():
+    import smoe.config as package
+    import smoe.config_attention as former_attention
+    import smoe.config_rules as former_rules
+    from smoe.config import attention, model, rules
+
+    assert package.ModelConfig is model.ModelConfig and package.MLAConfig is attention.MLAConfig
+    assert former_attention.MLAConfig is attention.MLAConfig and former_rules.check_types is rules.check_types
+    assert set(package.__all__) >= {"ModelConfig", "MoEConfig", "AttentionConfig", "MLAConfig", "LayoutConfig",
+                                     "LinearAttentionConfig", "QuantConfig", "override", "hybrid_layer_types"}
+
+
 def test_explicit_moe_layers_round_trip_as_tuple():
     config = ModelConfig(layout=LayoutConfig(moe_layers=(1, 3)))
     again = ModelConfig.from_json(config.to_json())
@@ -158,11 +170,87 @@ def test_fuzz_config_validates_and_runs_or_raises_value_error(config, seq_len):
         config.validate()
     except ValueError:
         return
+    _trains_a_step(config, min(seq_len, config.max_seq_len))
+
+
+# --- valid MoE and MLA configs, drawn on purpose: each must validate, build, and train a step ------------------------
+
+
+@st.composite
+def _valid_moe(draw) -> MoEConfig:
+    routing = draw(st.sampled_from(["token_choice", "token_choice", "expert_choice", "hash"]))
+    n_group = 1
+    if routing == "token_choice":
+        n_group = draw(st.sampled_from([1, 1, 2, 4]))
+    n_experts = n_group * draw(st.integers(2, 4))
+    per_group = n_experts // n_group
+    topk_group = draw(st.integers(1, n_group))
+    top_k = 1 if routing == "hash" else draw(st.integers(1, min(4, topk_group * per_group)))
+    n_shared = draw(st.integers(0, 2))
+    balance = "none" if routing != "token_choice" else draw(st.sampled_from(["aux", "seq_aux", "aux_free", "none"]))
+    return MoEConfig(
+        n_routed_experts=n_experts, top_k=top_k, expert_dim=draw(st.sampled_from([4, 8, 12])),
+        n_shared_experts=n_shared, shared_expert_dim=draw(st.one_of(st.none(), st.integers(1, 8))),
+        shared_expert_gate=n_shared > 0 and draw(st.booleans()),
+        score_func=draw(st.sampled_from(["softmax", "sigmoid"])),
+        norm_topk_prob=draw(st.booleans()), routed_scaling_factor=draw(st.floats(0.5, 2.5)), n_group=n_group,
+        topk_group=topk_group, group_score=draw(st.sampled_from(["max", "top2_sum"])) if per_group >= 2 else "max",
+        capacity_factor=draw(st.one_of(st.none(), st.floats(0.5, 2))) if routing == "token_choice" else None,
+        capacity_priority=draw(st.sampled_from(["choice", "token"])), balance=balance,
+        z_loss_coef=draw(st.sampled_from([0.0, 1e-3])),
+        device_balance_loss_coef=draw(st.sampled_from([0.0, 0.01])) if n_group > 1 else 0.0,
+        routing=routing, router_bias=routing != "hash" and draw(st.booleans()),
+    )
+
+
+@st.composite
+def _valid_attention(draw, kind: str) -> AttentionConfig | MLAConfig:
+    rope = draw(st.one_of(st.none(), st.builds(RopeScaling, type=st.sampled_from(["yarn", "linear"]),
+                                               factor=st.floats(1, 4), original_max_seq_len=st.integers(4, 16),
+                                               mscale_all_dim=st.sampled_from([0.0, 1.0]))))
+    if kind == "mla":
+        return MLAConfig(n_heads=draw(st.integers(1, 4)), q_lora_rank=draw(st.one_of(st.none(), st.integers(2, 8))),
+                         kv_lora_rank=draw(st.integers(2, 16)), qk_nope_head_dim=draw(st.integers(1, 8)),
+                         qk_rope_head_dim=draw(st.sampled_from([2, 4, 8])), v_head_dim=draw(st.integers(1, 8)),
+                         rope_scaling=rope, rope_interleave=draw(st.booleans()))
+    n_kv = draw(st.sampled_from([1, 2]))
+    head_dim = draw(st.sampled_from([4, 8]))
+    return AttentionConfig(n_heads=n_kv * draw(st.integers(1, 2)), n_kv_heads=n_kv, head_dim=head_dim,
+                           rotary_dim=draw(st.sampled_from([None, 2, head_dim])), rope_scaling=rope,
+                           sliding_window=draw(st.one_of(st.none(), st.integers(1, 6))), qkv_bias=draw(st.booleans()),
+                           qk_norm=draw(st.sampled_from(["none", "head", "full"])),
+                           clip_qkv=draw(st.one_of(st.none(), st.floats(1, 8))))
+
+
+@st.composite
+def _valid_model(draw, attention: str, moe: bool) -> ModelConfig:
+    n_layers = draw(st.integers(1, 3))
+    layout = LayoutConfig(first_k_dense=draw(st.integers(0, n_layers - 1)), moe_layer_freq=draw(st.integers(1, 2)),
+                          dense_residual=moe and draw(st.booleans()), n_mtp_modules=draw(st.integers(0, 1)))
+    return ModelConfig(vocab_size=draw(st.integers(8, 64)), dim=draw(st.sampled_from([8, 16])), n_layers=n_layers,
+                       ffn_dim=draw(st.integers(4, 16)), activation=draw(st.sampled_from(["silu", "gelu"])),
+                       norm=draw(st.sampled_from(["rmsnorm", "layernorm"])), tie_embeddings=draw(st.booleans()),
+                       max_seq_len=16, attention=draw(_valid_attention(attention)),
+                       moe=draw(_valid_moe()) if moe else None, layout=layout)
+
+
+def _trains_a_step(config: ModelConfig, seq_len: int) -> None:
     assert ModelConfig.from_json(config.to_json()) == config
     model = build_model(config)
-    seq_len = min(seq_len, config.max_seq_len)
     ids = torch.randint(0, config.vocab_size, (2, seq_len))
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, seq_len, config.vocab_size)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize(("attention", "moe"), [("gqa", True), ("mla", True), ("mla", False)],
+                         ids=["gqa-moe", "mla-moe", "mla-dense"])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seq_len=st.integers(1, 6))
+def test_fuzz_valid_moe_and_mla_configs_build_and_train(attention, moe, data, seq_len):
+    config = data.draw(_valid_model(attention, moe))
+    config.validate()  # drawn valid on purpose: a ValueError here is a wrong rule or a wrong strategy
+    assert isinstance(config.attention, MLAConfig) == (attention == "mla")
+    assert (config.moe is not None) == moe
+    _trains_a_step(config, seq_len)

@@ -143,6 +143,17 @@ def test_cli_measures_the_cpu_only_when_asked(monkeypatch, capsys):
     assert step["seconds"] == pytest.approx(step["bytes"] / 10e9)
 
 
+def test_the_default_context_is_the_models_where_that_is_shorter(capsys):
+    # mixtral-tiny holds 1,024 positions: the default context of 4,096 refused it before any report
+    assert main(["cost", "mixtral-tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)[0]
+    assert report["settings"]["context"] == 1024 and report["settings"]["prompt_len"] is None
+    assert main(["cost", "mixtral-8x7b", "--json"]) == 0  # 32,768 positions: the default stays 4,096
+    assert json.loads(capsys.readouterr().out)[0]["settings"]["context"] == 4096
+    assert main(["cost", "mixtral-tiny", "--context", "2048"]) == 2  # one given is checked, not shortened
+    assert "--context: 2048 exceeds the model's max_seq_len (1024)" in capsys.readouterr().err
+
+
 def test_quantised_weights_on_the_measured_cpu_are_priced_at_their_kernels_rate():
     # smoe's int8 kernels widen each weight to fp32 before the multiply-add: slower than fp32 GEMM per FLOP, so a
     # 16-row decode of int8 weights is compute-bound on a CPU where fp32 would be memory-bound.

@@ -432,7 +432,7 @@ def test_sampler_is_a_pure_function_of_step(stories):
     straight = [continued.batch(step) for step in range(12)]
     resumed = make()
     for step in (7, 8, 9, 10, 11, 0):  # a resume at step 7, then a jump back
-        assert all(torch.equal(a, b) for a, b in zip(resumed.batch(step), straight[step]))
+        assert all(torch.equal(a, b) for a, b in zip(resumed.batch(step), straight[step], strict=True))
     assert not torch.equal(straight[0][0], straight[1][0])
 
 
@@ -456,7 +456,7 @@ def test_sampler_rows_come_from_the_source_it_names(corpus, tmp_path):
     prepared = _prepare(f"{corpus / 'stories.txt'},{corpus / 'docs.jsonl'}", tmp_path)
     sampler = BatchSampler(prepared.train, prepared.sources, seq_len=8, batch_size=8, seed=1)
     x, y = sampler.batch(3)
-    for row, s in zip(torch.cat([x, y[:, -1:]], 1), sampler.sources(3)):
+    for row, s in zip(torch.cat([x, y[:, -1:]], 1), sampler.sources(3), strict=True):
         stream = np.asarray(prepared.train.tokens[prepared.source_names[s]])
         windows = stream[: (len(stream) - 1) // 8 * 8 + 1]
         start = next(i for i in range(0, len(windows) - 8, 8) if (windows[i:i + 9] == row.numpy()).all())
@@ -487,7 +487,7 @@ def test_seq_len_longer_than_the_validation_data_is_an_error(stories):
 def test_val_batches_are_fixed_and_follow_the_stream(stories):
     batches = val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
     again = val_batches(stories.val, seq_len=8, batch_size=2, max_batches=2)
-    assert len(batches) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    assert len(batches) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))
     stream = np.asarray(next(iter(stories.val.tokens.values())))
     assert torch.cat([x for x, _ in batches]).flatten().tolist() == stream[:32].tolist()
 

@@ -52,7 +52,7 @@ def test_gather_and_combine_match_reference_forward_and_backward(cfg, skew):
         assert dispatch.n_dropped.item() > 0
     want = _through(gather_reference, combine_reference, routing, dispatch)
     got = _through(gather, combine, routing, dispatch)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 
 

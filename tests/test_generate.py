@@ -105,7 +105,7 @@ def test_batched_decode_steps_attend_as_a_call_per_row_does(preset, changes):
             real = torch.tensor([[True], [False], [True]])
             logits[independent] = [model(ids, attention_mask=real, cache=cache, router_stats=False).logits
                                    for ids in steps]
-    for per_row, at_once in zip(logits[True], logits[False]):
+    for per_row, at_once in zip(logits[True], logits[False], strict=True):
         torch.testing.assert_close(at_once[[0, 2]], per_row[[0, 2]], rtol=1e-5, atol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
     real_B1 = torch.tensor([[True], [False], [True]])
     caches, logits = [model.new_cache(3, 24) for _ in range(2)], {}
     with torch.no_grad():
-        for static, cache in zip((False, True), caches):
+        for static, cache in zip((False, True), caches, strict=True):
             for row, prompt in enumerate(prompts):
                 model(prompt, cache=cache.rows(row, row + 1))
             logits[static] = []
@@ -138,7 +138,7 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
                 else:
                     out = model(ids, attention_mask=real, cache=cache, router_stats=False).logits[:, -1]
                 logits[static].append(out[real[:, 0]])
-    for per_row, static in zip(logits[False], logits[True]):
+    for per_row, static in zip(logits[False], logits[True], strict=True):
         torch.testing.assert_close(static, per_row, rtol=1e-5, atol=1e-5)
     assert torch.equal(caches[0].lengths_B, caches[1].lengths_B)
 
@@ -224,7 +224,7 @@ def test_a_compiled_engine_keeps_rows_independent_with_quantised_experts_and_cou
     assert compiled.row_buckets == [4]
     eager = _run_engine(engine(compile=False), requests())
     with torch._dynamo.config.patch(error_on_recompile=True):  # one graph
-        for request, alone in zip(together, requests()):
+        for request, alone in zip(together, requests(), strict=True):
             _run_engine(engine(), [alone])
             assert request.tokens == alone.tokens and request.finish_reason == "length"
             assert request.token_logprobs == alone.token_logprobs  # bit for bit
@@ -294,7 +294,7 @@ def test_a_left_padded_row_generates_what_its_prompt_alone_does(preset):
     model = _model(preset, **{"attention.sliding_window": 4} if preset == "mixtral-tiny" else {})
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [100]]
     batched = smoe.generate(model, prompts, max_new_tokens=8)
-    for row, prompt in zip(batched, prompts):
+    for row, prompt in zip(batched, prompts, strict=True):
         assert torch.equal(row, smoe.generate(model, [prompt], max_new_tokens=8)[0])
 
 
@@ -348,7 +348,7 @@ def test_a_row_whose_sampling_fails_ends_alone_and_the_others_go_on(monkeypatch)
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real_sample(logits_BV, temperature, top_k, top_p, generator)
 
-    monkeypatch.setattr("smoe.generation.sample", failing)
+    monkeypatch.setattr("smoe.generation.engine.sample", failing)
     bad = Request([4, 5], max_new_tokens=6, temperature=0.5, seed=1)
     good = [Request([1, 2, 3], max_new_tokens=6), Request([7], max_new_tokens=6, temperature=1.0, seed=2)]
     engine = Engine(model, rows=3, max_len=16)

@@ -4,23 +4,31 @@ two modules import each other, directly or around a longer loop. Lazy imports in
 import ast
 from pathlib import Path
 
+import pytest
+
 import smoe
 
-# The allowed order, bottom first, written once. A module belongs to the first entry that is a prefix of its name.
+# The allowed order, bottom first, written once. A module belongs to the first entry that is its name or a package
+# above it. The package itself (ROOT_PACKAGE) is listed by its exact name only: as a prefix it would take in any new
+# package nobody listed, at the top where it may import anything.
 LAYERS = [
-    ("smoe.errors", "smoe.config_rules", "smoe.config_attention", "smoe.config", "smoe.accounting", "smoe.hardware",
-     "smoe.cost", "smoe.presets"),  # no torch (smoe.hardware imports it inside its measurements only)
+    ("smoe.errors", "smoe.config", "smoe.config_rules", "smoe.config_attention", "smoe.accounting", "smoe.hardware",
+     "smoe.cost", "smoe.presets", "smoe.offload.budget"),  # no torch (smoe.hardware imports it inside its
+    # measurements only; smoe.offload's __init__ imports nothing, so its budget module stays torch-free)
     ("smoe.nn",),
     ("smoe.kernels",),  # the expert backends and the quantised weight format they read (smoe.kernels.qweight)
+    ("smoe.device",),  # the device and precision a process runs in (reads the kernels' native low precision)
     ("smoe.moe",),
     ("smoe.quant",),  # quantises into the kernels' format and swaps quantised experts in for the moe's
     ("smoe.models",),
+    ("smoe.offload",),  # routed experts read from disk into a cache (the loaders in io and interop attach it)
     ("smoe.io",),
     ("smoe.parallel",),
     ("smoe.interop", "smoe.generation", "smoe.train", "smoe.upcycling"),
     ("smoe.eval", "smoe.bench", "smoe.serve"),
     ("smoe.cli", "smoe.__main__", "smoe"),  # the package itself re-exports (lazily) from everywhere
 ]
+ROOT_PACKAGE = "smoe"
 ROOT = Path(smoe.__file__).parent
 
 
@@ -35,7 +43,7 @@ def _modules() -> dict[str, Path]:
 
 def _layer(module: str) -> int:
     for rank, prefixes in enumerate(LAYERS):
-        if any(module == p or module.startswith(p + ".") for p in prefixes):
+        if any(module == p or p != ROOT_PACKAGE and module.startswith(p + ".") for p in prefixes):
             return rank
     raise AssertionError(f"{module}: in no layer of tests/test_layers.py; add its package to LAYERS")
 
@@ -64,6 +72,20 @@ def test_every_module_has_a_layer():
         _layer(name)
 
 
+def test_a_module_nobody_listed_has_no_layer():
+    with pytest.raises(AssertionError, match="in no layer"):
+        _layer("smoe.unlisted")
+    with pytest.raises(AssertionError, match="in no layer"):
+        _layer("smoe.unlisted.child")
+    assert _layer("smoe") == len(LAYERS) - 1 and _layer("smoe.config.model") == 0
+
+
+def test_every_layer_entry_names_a_module():
+    modules = set(_modules())
+    stale = [p for prefixes in LAYERS for p in prefixes if p not in modules]
+    assert not stale, f"LAYERS lists modules that do not exist: {stale}"
+
+
 def test_imports_run_downward():
     upward = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
               for a, targets in _graph().items() for b in sorted(targets) if _layer(b) > _layer(a)]
@@ -72,9 +94,9 @@ def test_imports_run_downward():
 
 def test_no_import_cycles():
     graph = _graph()
-    graph.pop("smoe")  # the package's lazy re-exports point up by design; nothing below imports it
+    graph.pop(ROOT_PACKAGE)  # the package's lazy re-exports point up by design; nothing below imports it
     for targets in graph.values():
-        targets.discard("smoe")
+        targets.discard(ROOT_PACKAGE)
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     cycles = []
 

@@ -16,6 +16,7 @@ from smoe.interop.families.minimax import lightning_pieces
 from smoe.interop.families.qwen3_next import gated_delta_pieces
 from smoe.nn.linear_attention import SUB_CHUNK, chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
 from smoe.nn.linear_layers import GatedDeltaNet, KimiDeltaAttention, LightningAttention
+from smoe.nn.mixer import MixerStep
 
 B, H, K, V = 2, 3, 8, 6
 
@@ -43,7 +44,7 @@ def _chunked_equals_spec(inputs, chunk: int) -> None:
     (out, state, grads), (out_c, state_c, grads_c) = results["spec"], results["chunked"]
     torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state_c, state, rtol=1e-4, atol=1e-4)
-    for grad_c, grad in zip(grads_c, grads):
+    for grad_c, grad in zip(grads_c, grads, strict=True):
         torch.testing.assert_close(grad_c, grad, rtol=1e-3, atol=1e-3)
 
 
@@ -261,6 +262,11 @@ def _x(T: int, seed: int, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, T, D, generator=torch.Generator().manual_seed(seed))
 
 
+def _call(layer, x: torch.Tensor, cache=None, **step) -> torch.Tensor:
+    """The layer over ``x`` as a block calls it, with a step of ``step``'s fields (real_BT, starts_BT)."""
+    return layer(x, MixerStep(**step), cache)
+
+
 def _copy_pieces(pieces, theirs, ours) -> None:
     """Fill ``ours`` from the transformers module ``theirs`` through the importer's pieces (smoe.interop)."""
     mine, src = ours.state_dict(), theirs.state_dict()
@@ -331,7 +337,7 @@ def test_the_layer_matches_transformers(family):
     theirs = TWINS[family](ours)
     x = _x(10, seed=1)  # 10 tokens: a partial last chunk (ours, 3) and block (MiniMax's, 4)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_call(ours, x), theirs(x), rtol=1e-4, atol=1e-5)
 
 
 @FAMILIES
@@ -342,7 +348,7 @@ def test_the_layer_matches_transformers_on_a_left_padded_batch(family):
     real[0, :4] = False
     x = _x(10, seed=2)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, real_BT=real)[real], theirs(x, real)[real], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(_call(ours, x, real_BT=real)[real], theirs(x, real)[real], rtol=1e-4, atol=1e-5)
 
 
 def _random_cache(layer, batch: int, seed: int):
@@ -364,7 +370,7 @@ def test_the_chunked_layer_equals_its_spec_forward_and_backward(family):
     results = []
     for layer in (spec, chunked):
         leaf, state = x.clone().requires_grad_(), copy.deepcopy(cache)
-        out = layer(leaf, state)
+        out = _call(layer, leaf, state)
         out.square().sum().backward()
         grads = {name: p.grad for name, p in layer.named_parameters()}
         results.append((out, state, leaf.grad, grads))
@@ -374,7 +380,7 @@ def test_the_chunked_layer_equals_its_spec_forward_and_backward(family):
     torch.testing.assert_close(x_grad_c, x_grad, rtol=1e-4, atol=1e-4)
     assert grads_c.keys() == grads.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_c[name], grad, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @FAMILIES
@@ -382,9 +388,9 @@ def test_decoding_from_the_cache_equals_one_forward(family):
     layer = _layer(family)
     x = _x(10, seed=5)
     with torch.no_grad():
-        full = layer(x)
+        full = _call(layer, x)
         cache = layer.new_cache(2)
-        steps = [layer(x[:, :7], cache)] + [layer(x[:, t : t + 1], cache) for t in range(7, 10)]
+        steps = [_call(layer, x[:, :7], cache)] + [_call(layer, x[:, t : t + 1], cache) for t in range(7, 10)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -399,9 +405,9 @@ def test_a_layers_decode_step_updates_its_cache_in_place(family):
     x = _x(6, seed=9)
     with torch.no_grad():
         cache = layer.new_cache(2)
-        layer(x[:, :5], cache)
+        _call(layer, x[:, :5], cache)
         state = cache.state_BHKV
-        largest = _largest_tensor_made(lambda: layer(x[:, 5:], cache))
+        largest = _largest_tensor_made(lambda: _call(layer, x[:, 5:], cache))
     assert cache.state_BHKV is state and largest < state.numel()
 
 
@@ -420,9 +426,9 @@ def test_a_left_padded_batch_computes_each_row_as_alone(family):
     real[0, :4] = False  # row 0: 4 padding tokens, then 5 real ones
     with torch.no_grad():
         cache, alone = layer.new_cache(2), layer.new_cache(1)
-        out = layer(x, cache, real_BT=real)
-        torch.testing.assert_close(out[:1, 4:], layer(x[:1, 4:], alone), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out[1:], layer(x[1:]), rtol=1e-5, atol=1e-5)
+        out = _call(layer, x, cache, real_BT=real)
+        torch.testing.assert_close(out[:1, 4:], _call(layer, x[:1, 4:], alone), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1:], _call(layer, x[1:]), rtol=1e-5, atol=1e-5)
     _assert_row_cache(cache, 0, alone)
 
 
@@ -434,12 +440,12 @@ def test_padding_leaves_a_continuing_rows_cache_untouched(family):
     x = _x(10, seed=7)
     with torch.no_grad():
         cache = layer.new_cache(2)
-        layer(x[:, :6], cache)
-        chunk = layer(x[:, 6:9], cache, real_BT=torch.tensor([[False, False, True], [True, True, True]]))
-        step = layer(x[:, 9:], cache, real_BT=torch.tensor([[False], [True]]))
+        _call(layer, x[:, :6], cache)
+        chunk = _call(layer, x[:, 6:9], cache, real_BT=torch.tensor([[False, False, True], [True, True, True]]))
+        step = _call(layer, x[:, 9:], cache, real_BT=torch.tensor([[False], [True]]))
         alone = layer.new_cache(1)
-        row0 = layer(torch.cat([x[:1, :6], x[:1, 8:9]], dim=1), alone)
-        row1 = layer(x[1:])
+        row0 = _call(layer, torch.cat([x[:1, :6], x[:1, 8:9]], dim=1), alone)
+        row1 = _call(layer, x[1:])
     torch.testing.assert_close(chunk[0, 2], row0[0, 6], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([chunk[1:], step[1:]], dim=1), row1[:, 6:], rtol=1e-5, atol=1e-5)
     _assert_row_cache(cache, 0, alone)
@@ -454,13 +460,13 @@ def test_packed_documents_compute_as_alone_and_leave_the_last_ones_cache(family)
     starts[0, [5, 7]] = True
     with torch.no_grad():
         cache, alone = _random_cache(layer, 1, seed=11), layer.new_cache(1)
-        packed = layer(x, cache, starts_BT=starts)
-        first = layer(x[:, :5], _random_cache(layer, 1, seed=11))  # the first document continues the cache
-        documents = torch.cat([first, layer(x[:, 5:7]), layer(x[:, 7:], alone)], dim=1)
+        packed = _call(layer, x, cache, starts_BT=starts)
+        first = _call(layer, x[:, :5], _random_cache(layer, 1, seed=11))  # the first document continues the cache
+        documents = torch.cat([first, _call(layer, x[:, 5:7]), _call(layer, x[:, 7:], alone)], dim=1)
     torch.testing.assert_close(packed, documents, rtol=1e-5, atol=1e-5)
     _assert_row_cache(cache, 0, alone)
 
 
 def test_padding_after_a_real_token_is_refused():
     with pytest.raises(ValueError, match="^real_BT: "):
-        _layer("qwen3-next")(_x(3, seed=8, batch=1), real_BT=torch.tensor([[True, True, False]]))
+        _call(_layer("qwen3-next"), _x(3, seed=8, batch=1), real_BT=torch.tensor([[True, True, False]]))

@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from smoe.config import MoEConfig
-from smoe.moe import MoELayer, load_balance_loss, router_z_loss, sequence_balance_loss, update_expert_bias
+from smoe.moe import (
+    MoELayer,
+    RouterStatsMode,
+    load_balance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+    update_expert_bias,
+)
 from smoe.moe.dispatch import permute
 from smoe.moe.router import expert_choice, expert_choice_capacity, token_choice
 
@@ -237,6 +244,24 @@ def test_layer_aux_loss_reaches_router_and_stats_are_fresh_values():
     expected = 0.01 * first.load_balance + 1e-3 * first.z_loss
     torch.testing.assert_close(first.aux_loss.detach(), expected)
     assert 0 < first.entropy.item() <= math.log(4) + 1e-6
+
+
+def test_the_stats_mode_picks_what_the_layer_reports():
+    torch.manual_seed(0)
+    layer = MoELayer(D, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8))
+    x = torch.randn(2, 6, D)
+    y_all, every = layer(x, stats=RouterStatsMode.ALL)
+    y_load, load = layer(x, stats=RouterStatsMode.LOAD)
+    y_none, none = layer(x, stats=RouterStatsMode.NONE)
+    assert every.aux_loss is not None and load.aux_loss is None and none is None
+    torch.testing.assert_close(load.load, every.load)
+    torch.testing.assert_close(y_load, y_all)
+    torch.testing.assert_close(y_none, y_all)
+    # the former spellings name the same modes
+    assert [RouterStatsMode.of(v) for v in (True, False, "load", "none", RouterStatsMode.LOAD)] == [
+        RouterStatsMode.ALL, RouterStatsMode.NONE, RouterStatsMode.LOAD, RouterStatsMode.NONE, RouterStatsMode.LOAD]
+    with pytest.raises(ValueError, match="^router_stats: .*'load'.*got 'loads'"):
+        layer(x, stats="loads")
 
 
 def test_aux_free_layer_adds_complementary_sequence_loss_only_when_enabled():

@@ -17,6 +17,7 @@ import torch
 from smoe.config import AttentionConfig, MLAConfig, MoEConfig, RopeScaling
 from smoe.moe.router import Router
 from smoe.nn.attention import Attention
+from smoe.nn.mixer import MixerStep
 from smoe.nn.mla import MLA
 from smoe.nn.rope import RotaryEmbedding, rope_frequencies
 
@@ -203,7 +204,7 @@ def test_attention_matches_transformers(case):
     x = _input()
     cos, sin = rope(torch.arange(T))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, cos, sin), hf_call(x), **TOL)
+        torch.testing.assert_close(ours(x, MixerStep(cos=cos, sin=sin)), hf_call(x), **TOL)
 
 
 def test_attention_clip_qkv_matches_dbrx():
@@ -222,7 +223,7 @@ def test_attention_clip_qkv_matches_dbrx():
     x = _input()
     cos, sin = rope(torch.arange(T))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, cos, sin), hf_call(x), **TOL)
+        torch.testing.assert_close(ours(x, MixerStep(cos=cos, sin=sin)), hf_call(x), **TOL)
 
 
 # --- 3. MLA ----------------------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def test_mla_matches_transformers(case):
     x = _input()
     cos, sin = rope(torch.arange(T))
     with torch.no_grad():
-        torch.testing.assert_close(ours(x, cos, sin), hf_call(x), **TOL)
+        torch.testing.assert_close(ours(x, MixerStep(cos=cos, sin=sin)), hf_call(x), **TOL)
 
 
 # --- 4. Routers ------------------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from smoe.parallel import (
     expert_shard_ranges,
     max_ranks_per_token,
 )
-from smoe.parallel.checkpoint import consolidate
 from smoe.presets import get as preset
 from smoe.train import train_model
 
@@ -205,7 +204,7 @@ def test_ep2_checkpoint_loads_into_one_process_and_consolidates(runs, tmp_path):
     assert sorted(p.name for p in sharded.glob("*-ep*.safetensors")) == [
         "model-ep0-of-2.safetensors", "model-ep1-of-2.safetensors",
         "optimizer-ep0-of-2.safetensors", "optimizer-ep1-of-2.safetensors"]
-    single = consolidate(sharded, tmp_path / "single")
+    single = ckpt.consolidate(sharded, tmp_path / "single")
     assert main(["convert", str(runs / "ep2"), "--out", str(tmp_path / "converted")]) == 0
     assert ckpt.read_tensors(tmp_path / "converted", "optimizer").keys() == \
         ckpt.read_tensors(single, "optimizer").keys()
@@ -214,7 +213,7 @@ def test_ep2_checkpoint_loads_into_one_process_and_consolidates(runs, tmp_path):
     a, b = build_model(preset("mixtral-tiny", **TINY)), build_model(preset("mixtral-tiny", **TINY))
     ckpt.load_model_state(sharded, a)
     ckpt.load_model_state(single, b)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     loaded = load_pretrained(runs / "ep2")  # the Python API reads the per-rank layout too
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in a.state_dict().items())

@@ -9,7 +9,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from smoe.io.safetensors import SafetensorsFile, load_tensors, save_tensors, write_safetensors
+from smoe.io.safetensors import (
+    SafetensorsFile,
+    load_tensors,
+    save_tensors,
+    write_safetensors,
+    write_safetensors_streamed,
+)
 
 TENSORS = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(4),
            "d": torch.randn(2, 2).to(torch.float8_e4m3fn), "e": torch.zeros(0, 3), "f": torch.tensor(2.5),
@@ -151,3 +157,15 @@ def test_trailing_bytes_are_refused(tmp_path):
 def test_truncated_data_is_refused(tmp_path):
     _refused(tmp_path, {"x": _entry(), "y": _entry(offsets=(8, 16))}, r"hand\.safetensors: truncated; y ends at byte",
              data=bytes(12))
+
+
+def test_a_file_streams_in_chunks_and_data_that_disagrees_with_its_header_is_refused(tmp_path):
+    x, y = torch.randn(4, 3), torch.arange(6, dtype=torch.int8)
+    entries = [("x", torch.float32, (4, 3)), ("y", torch.int8, (6,))]
+    write_safetensors_streamed(tmp_path / "a.safetensors", entries, [x[:1], torch.empty(0), x[1:], y[:2], y[2:]])
+    loaded = load_file(tmp_path / "a.safetensors")
+    assert torch.equal(loaded["x"], x) and torch.equal(loaded["y"], y)
+    for data, message in [([x, y.float()], "the data for y"), ([x], "the data for y"), ([x, y, y], "more data"),
+                          ([torch.randn(5, 3)], "the data for x")]:
+        with pytest.raises(ValueError, match=message):
+            write_safetensors_streamed(tmp_path / "b.safetensors", entries, data)

@@ -159,7 +159,7 @@ def test_concurrent_greedy_requests_get_what_generate_gives_each_alone(server):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for (prompt, max_tokens), answer in zip(cases, answers):
+        for (prompt, max_tokens), answer in zip(cases, answers, strict=True):
             alone = smoe.generate(model, [prompt], max_new_tokens=max_tokens, stop_tokens=stop, decode_rows=ROWS,
                                   prefill_chunk=ServeConfig.prefill_chunk)[0].tolist()  # 150 tokens: 3 chunks
             alone = alone[: next((i + 1 for i, t in enumerate(alone) if t in stop), len(alone))]
@@ -232,7 +232,7 @@ def test_generated_tokens_carry_the_models_logprobs_streamed_or_not(server):
         torch.set_num_threads(threads)
     lp = whole["logprobs"]
     assert lp["tokens"] == [tokenizer.decode([t]) for t in new]  # each token's text decoded alone
-    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+    for t, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
         assert t == max(top.values()) and len(top) <= 3  # greedy; texts two tokens share (U+FFFD) count once
     expected = _log_softmax_of(server, prompt + new)
     for t, token in enumerate(new):
@@ -301,7 +301,7 @@ def test_lm_evaluation_harness_scores_and_generates_what_the_model_does(server, 
     checked = 0
     for sample in samples["smoe_tiny_choice"]:
         doc = sample["doc"]
-        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"])):
+        for choice, (loglikelihood, greedy) in zip(doc["choices"], (r[0] for r in sample["resps"]), strict=True):
             loglikelihood, greedy = float(loglikelihood), greedy in (True, "True")  # logged as text
             context, whole = encode(doc["context"]), encode(doc["context"] + choice)  # lm-eval's split
             with torch.no_grad():
@@ -587,6 +587,27 @@ def test_quantize_serves_the_quantised_model(tmp_path):
     assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
 
 
+def test_max_expert_memory_serves_the_in_memory_tokens_and_reports_the_cache(tmp_path):
+    from starlette.testclient import TestClient
+
+    from smoe.offload.budget import OffloadConfig
+    from smoe.serve.app import create_app
+    from smoe.serve.server import load_state
+
+    directory = make_model(tmp_path / "model")
+    state = load_state(str(directory), ServeConfig(max_batch=2, max_seq_len=32),
+                       OffloadConfig(max_expert_memory="2MB"))
+    prompt = [5, 6, 7, 8]
+    expected = smoe.generate(smoe.load_pretrained(directory), [prompt], max_new_tokens=4, decode_rows=2)[0].tolist()
+    with TestClient(create_app(state), base_url="http://localhost") as client:
+        response = client.post("/v1/completions", json={"model": str(directory), "prompt": prompt, "max_tokens": 4,
+                                                        "temperature": 0})
+        metrics = client.get("/metrics").text
+    assert response.json()["choices"][0]["text"] == find_tokenizer(directory).decode(expected)
+    misses = next(line for line in metrics.splitlines() if line.startswith("smoe_expert_cache_misses_total "))
+    assert int(misses.split()[1]) > 0 and "smoe_expert_cache_read_bytes_total" in metrics
+
+
 def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(tmp_path):
     from starlette.testclient import TestClient
 
@@ -611,7 +632,7 @@ def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(
             answers = list(pool.map(lambda p: client.post("/v1/completions", json={
                 "model": str(directory), "prompt": p, "max_tokens": 5, "temperature": 0}).json(), prompts))
             metrics = client.get("/metrics").text
-        for prompt, answer in zip(prompts, answers):  # each as the same compiled engine gives it alone
+        for prompt, answer in zip(prompts, answers, strict=True):  # each as the same compiled engine gives it alone
             alone = Engine(engine.model, 2, 32, compile=True, count_experts=True)
             request = Request(prompt, 5)
             alone.add(request)

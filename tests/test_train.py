@@ -188,6 +188,14 @@ def test_unwritable_out_dir_is_a_clear_error(text, tmp_path):
         _train(blocker / "run", text, tmp_path, steps=2)
 
 
+@pytest.mark.parametrize("out", ["e5", "new/e5"])
+def test_an_error_before_training_leaves_no_out_directory(tmp_path, monkeypatch, capsys, out):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "mixtral-tiny", "--data", "missing.txt", "--out", out]) == 2
+    assert "--data missing.txt: no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither e5 nor a parent made for it
+
+
 def test_eval_reports_loss_perplexity_and_bpb(text, tmp_path):
     _train(tmp_path / "run", text, tmp_path, steps=5)
     result = evaluate_checkpoint(tmp_path / "run", data=str(text), seq_len=32, batch_size=4, max_batches=2,
@@ -208,11 +216,11 @@ def test_analyze_command_reports_routing_of_a_trained_run(text, tmp_path, capsys
 
 
 def test_auto_precision_resolves_to_bf16_only_where_it_is_faster(text, tmp_path, monkeypatch):
-    from smoe.train.loop import resolve_precision
+    from smoe.device import resolve_precision
 
     cpu = torch.device("cpu")
     for amx in (False, True):  # AVX512-BF16 without AMX trains slower in bf16 than in fp32
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
         monkeypatch.setattr("smoe.kernels.native_low_precision", lambda dtype: True)
         assert resolve_precision("auto", cpu) == ("bf16" if amx else "fp32")
     monkeypatch.undo()
@@ -366,7 +374,7 @@ def test_clipping_scales_only_gradients_over_the_limit():
         assert norm == pytest.approx(scale * 15**0.5)
         after = torch.cat([p.grad.flatten() for p in model.parameters()])
         if want is None:
-            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+            assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
         else:
             assert float(after.norm()) == pytest.approx(want, rel=1e-5)
 

@@ -63,7 +63,7 @@ def test_split_below_every_expert_weights_each_chosen_group_by_experts_times_its
     units = [torch.cdist(layer.experts.w_gate_up[e, :48], ffn.gate.weight).argmin(1) for e in range(4)]
     assert torch.equal(torch.cat(units).sort().values, torch.arange(192))  # the four groups partition the units
     scale = torch.zeros(10, 192)
-    for t, e, w in zip(routing.token_ids_A.tolist(), routing.expert_ids_A.tolist(), routing.weights_A):
+    for t, e, w in zip(routing.token_ids_A.tolist(), routing.expert_ids_A.tolist(), routing.weights_A, strict=True):
         scale[t, units[e]] = w
     want = ffn.down(torch.nn.functional.silu(ffn.gate(x)) * ffn.up(x) * scale)
     torch.testing.assert_close(layer(x)[0], want, rtol=1e-4, atol=1e-5)
@@ -82,7 +82,7 @@ def test_noise_separates_the_copies_and_leaves_the_rest(dense):
 def test_the_same_seed_gives_the_same_model_and_the_source_is_untouched(dense):
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     a, b = (smoe.upcycle(dense, method="split", experts=4, top_k=2, seed=7) for _ in range(2))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
 
 

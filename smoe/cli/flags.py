@@ -1,6 +1,7 @@
 """The command line's flags, generated from the config dataclasses (smoe.train.config, CompareSettings, CostSettings,
-ServeConfig, UpcycleSpec), and the one place a field name becomes a flag: in help texts, in the parser, and in the
-library's error messages."""
+ServeConfig, UpcycleSpec, OffloadConfig), and the one place a field name becomes a flag: in help texts, in the
+parser, and in the library's error messages. Also the flags several commands share: the model a command names,
+--quantize, --dtype."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import fields
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES
 from smoe.cost import CostSettings
 from smoe.eval.settings import CompareSettings
+from smoe.offload.budget import OffloadConfig
 from smoe.serve.config import ServeConfig
 from smoe.train.config import DataConfig, TrainConfig
 from smoe.upcycling.spec import UpcycleSpec
@@ -25,8 +27,8 @@ def flag(name: str) -> str:
 _BACKTICKED = re.compile(r"`([a-z][a-z0-9_]*)`")
 # Names that library errors put first and the command line spells as flags: config fields and the few
 # command-line-only options the library also names.
-_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec)
-               for f in fields(cls)} | {
+_FLAG_NAMES = {f.name for cls in (TrainConfig, DataConfig, CompareSettings, CostSettings, ServeConfig, UpcycleSpec,
+                                   OffloadConfig) for f in fields(cls)} | {
     "out", "resume", "config", "jobs", "suite", "presets", "contrasts", "reuse"}
 
 
@@ -102,6 +104,42 @@ def add_quantize_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"],
                    help=f"{what} with weight-only quantised linear layers and experts (int8: a scale per output "
                         "channel; int4: a scale and offset per group of inputs; docs/quantization.md)")
+    add_group_size_argument(p)
+
+
+def add_group_size_argument(p: argparse.ArgumentParser) -> None:
+    """--group-size, the inputs per group of --quantize int4."""
     sizes = ", ".join(map(str, INT4_GROUP_SIZES))
     p.add_argument("--group-size", type=int, help=f"with --quantize int4: inputs per group, one of {sizes} "
                                                   f"(default {DEFAULT_INT4_GROUP})")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The three ways a command names a model config: a preset NAME, --hf-config PATH or --config FILE."""
+    p.add_argument("name", nargs="?", help="preset name (see `smoe presets`)")
+    p.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json, or a directory holding one")
+    p.add_argument("--config", metavar="FILE", help="a run config (JSON with model_config; a run's run.json is one)")
+
+
+def model_config(args: argparse.Namespace):
+    """The model a command names: a preset NAME, --hf-config PATH or --config FILE (exactly one)."""
+    from smoe import presets
+
+    if sum(source is not None for source in (args.name, args.hf_config, args.config)) != 1:
+        raise ValueError(f"{args.command}: give a preset NAME, --hf-config PATH or --config FILE (exactly one)")
+    if args.hf_config is not None:
+        from smoe.interop.hf_config import load_hf_config
+
+        return load_hf_config(args.hf_config)
+    if args.config is not None:
+        from smoe.train.rundir import read_run_config
+
+        return read_run_config(args.config)[0]
+    return presets.get(args.name)
+
+
+def dtype_of(name: str | None):
+    """The torch dtype a --dtype choice names (None: not given)."""
+    from smoe.interop.hf import DTYPES
+
+    return DTYPES.get(name)

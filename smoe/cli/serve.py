@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smoe.cli.flags import add_config_arguments, given
+from smoe.offload.budget import OffloadConfig
 from smoe.serve.config import ServeConfig
 
 
@@ -20,10 +21,11 @@ def add_parser(sub) -> None:
     p.add_argument("path", help="a Hugging Face model directory, a smoe checkpoint, or a run directory (its latest "
                                 "checkpoint); also the model name clients send")
     add_config_arguments(p, ServeConfig)
+    add_config_arguments(p, OffloadConfig)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from smoe.serve.server import serve
 
-    serve(args.path, ServeConfig(**given(args, ServeConfig)))
+    serve(args.path, ServeConfig(**given(args, ServeConfig)), offload=OffloadConfig(**given(args, OffloadConfig)))

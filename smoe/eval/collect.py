@@ -153,5 +153,6 @@ def analysis_json(analyses: dict[str, list[Analysis]]) -> dict[str, dict[str, An
 def ladder_rungs(data: dict[str, dict[str, Any]], tokens: int) -> dict[str, list[tuple[float, float]]]:
     """Per dense architecture (the suite's and its ladder's, as collect() returns them): (training FLOPs, final
     validation loss) per seed."""
-    return {label: [(s["train_flops_per_token"] * tokens, f["val_loss"]) for s, f in zip(e["summaries"], e["final"])]
+    return {label: [(s["train_flops_per_token"] * tokens, f["val_loss"])
+                    for s, f in zip(e["summaries"], e["final"], strict=True)]
             for label, e in data.items()}

@@ -106,7 +106,7 @@ def measure(arch: Arch, context: int, batch_sizes: tuple[int, ...] = BATCH_SIZES
 
 def _copy_row(one: DecodeCache, cache: DecodeCache) -> None:
     """Every row of ``cache`` becomes a copy of ``one``'s single row (its buffers and length)."""
-    for src, dst in zip(one.layers, cache.layers):
+    for src, dst in zip(one.layers, cache.layers, strict=True):
         for name, tensor in vars(src).items():
             if isinstance(tensor, torch.Tensor):
                 target = getattr(dst, name)

@@ -59,7 +59,7 @@ def fig_balance(data) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     seeds = 0
     for label, entry in data.items():
-        runs = [dict(zip(steps, cv)) for steps, cv in entry["balance"]]
+        runs = [dict(zip(steps, cv, strict=True)) for steps, cv in entry["balance"]]
         steps = sorted(set.intersection(*(set(r) for r in runs))) if runs else []
         cv_SN = np.array([[r[s] for s in steps] for r in runs])
         if not steps or not cv_SN.any():  # a dense model has no load
@@ -85,7 +85,7 @@ def fig_loads(label: str, loads: dict[str, np.ndarray]) -> bytes:
     plt = _figure()
     n = len(loads)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3), squeeze=False)
-    for i, (ax, (layer, arr)) in enumerate(zip(axes[0], loads.items())):
+    for i, (ax, (layer, arr)) in enumerate(zip(axes[0], loads.items(), strict=True)):
         share = arr / np.maximum(arr.sum(1, keepdims=True), 1)
         im = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
                        extent=(0.5, len(arr) + 0.5, arr.shape[1] - 0.5, -0.5))  # train rows are steps 1..N
@@ -131,7 +131,7 @@ def fig_affinity(analyses, sources: list[str]) -> bytes:
     plt = _figure()
     n = len(analyses)
     fig, axes = plt.subplots(n, 1, figsize=(9, 1.2 + 0.9 * n * max(1, len(sources)) / 2), squeeze=False)
-    for ax, (label, a) in zip(axes[:, 0], analyses.items()):
+    for ax, (label, a) in zip(axes[:, 0], analyses.items(), strict=True):
         last = max(a["layers"], key=int)
         aff = np.asarray(a["layers"][last]["domain_affinity"])
         im = ax.imshow(np.log2(np.maximum(aff, 1e-3)), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2,

@@ -155,7 +155,7 @@ class PowerCheck:
         if self.multipliers:
             mrows = [("architecture", "effective compute multiplier", "per seed")]
             mrows += [(m.label, m.summary(), ", ".join(f"{v:.2f}x" + ("*" if o else "")
-                                                       for v, o in zip(m.per_seed, m.outside)))
+                                                       for v, o in zip(m.per_seed, m.outside, strict=True)))
                       for m in self.multipliers]
             blocks += [Heading(3, "Effective compute multipliers"),
                        Paragraph("The dense training compute the seed's fit gives at an MoE's final loss, over the "
@@ -194,7 +194,7 @@ def check(rungs: dict[str, list[Rung]], moes: dict[str, list[Rung]], contrasts: 
 
 def _multiplier(label: str, points: list[Rung], fits: list[LadderFit], level: float | None) -> Multiplier | None:
     values, outside = [], []
-    for (flops, loss), fit in zip(points, fits):
+    for (flops, loss), fit in zip(points, fits, strict=True):
         if not fit.descends:
             return None
         dense = fit.flops_at(loss)
@@ -212,7 +212,7 @@ def _steps_needed(small: list[list[tuple[int, float]]], large: list[list[tuple[i
     steps = sorted(set.intersection(*[{s for s, _ in c} for c in small + large]))
     if len(steps) < 3:
         return None, False
-    gap = [np.mean([dict(a)[s] - dict(b)[s] for a, b in zip(small, large)]) for s in steps]
+    gap = [np.mean([dict(a)[s] - dict(b)[s] for a, b in zip(small, large, strict=True)]) for s in steps]
     half = steps[len(steps) // 2 - 1:] if len(steps) >= 4 else steps
     ys = gap[len(gap) - len(half):]
     slope, intercept = np.polyfit(np.log(half), ys, 1)

@@ -76,7 +76,8 @@ def power_check(data: dict[str, dict[str, Any]], ladder: dict[str, dict[str, Any
     rungs = ladder_rungs(rungs_data, tokens)
     moes = ladder_rungs({label: e for label, e in data.items() if label not in dense}, tokens)
     ordered = sorted(rungs, key=lambda label: np.mean([f for f, _ in rungs[label]]))
-    end_curves = tuple([list(zip(*c)) for c in rungs_data[label]["curves"]] for label in (ordered[0], ordered[-1]))
+    end_curves = tuple([list(zip(*c, strict=True)) for c in rungs_data[label]["curves"]]
+                       for label in (ordered[0], ordered[-1]))
     return check(rungs, moes, [p for _, p in verdict.contrasts], end_curves, t.steps,
                  next(iter(dense), None))
 

@@ -207,7 +207,7 @@ def compare_pairs(pairs: list[tuple[str, str]], values: dict[str, list[float]], 
     else:
         levels, rejected = holm_levels(pvalues, alpha)
     out = []
-    for (a, b), d, p, level, rej in zip(pairs, diffs, pvalues, levels, rejected):
+    for (a, b), d, p, level, rej in zip(pairs, diffs, pvalues, levels, rejected, strict=True):
         n, mean = len(d), float(d.mean())
         if n < 2:
             out.append(Paired(a, b, tuple(d.tolist()), mean, math.nan, math.nan, (math.nan, math.nan), level,

@@ -112,18 +112,19 @@ SUITES: dict[str, Suite] = {
         Contrast("upcycled-split", "dense", "tokens", "LLaMA-MoE's split upcycling against dense continued"),
         Contrast("upcycled-copy", "scratch-copy", "tokens", "Komatsuzaki et al. 2023: upcycled ahead of scratch"),
     ), matching="none", trunk=Arch("trunk", "dense")),
-    # `make demo`: the power check and one pre-registered contrast in about ten minutes on 2 CPU cores: seeds-debate's
-    # dense against DeepSeekMoE and the ladder, 4 seeds of short runs (the Makefile's settings), enough for a
-    # detectable gap of 0.1 nats at the spread they show (docs/results.md, "The demo").
+    # `make demo`: the whole protocol in about ten minutes on 2 CPU cores: seeds-debate's dense against DeepSeekMoE
+    # and the ladder, 4 seeds of short runs (the Makefile's settings). 4 seeds detect 0.10 nats at the pilot's
+    # spread; at the demo's length the spread is larger and the power check says the regime is too short.
     "demo": Suite([Arch("dense", "dense"), _moe("deepseekmoe", "deepseekmoe")],
                   contrasts=(Contrast("deepseekmoe", "dense", "active", "MoE against dense at equal activated "
                                                                        "parameters"),),
                   ladder=ladder(without=512), seeds=4),
     # Issue 15: full attention against Qwen3-Next's 3:1 and MiniMax-01's 7:1 hybrids of Gated DeltaNet, on
     # mixtral-style at 8 layers and d 256 (smoe/presets/ablation.py). A Gated DeltaNet layer holds 1.6% more
-    # parameters than the attention layer it replaces and, at 128 tokens, 7% more forward FLOPs: the models match
-    # within 0.4% on activated parameters and within 1.3% on training FLOPs per token. At long context they part
-    # ways, which the report's long-context section (smoe.eval.long_context) measures.
+    # parameters than the attention layer it replaces and, at 128 tokens, 29% more forward FLOPs (its chunked
+    # recurrence): the models match within 0.4% on activated parameters, and the hybrids' training FLOPs per token
+    # are 4.8% (3:1) and 5.6% (7:1) above full attention's (docs/compare.md). At long context they part ways, which
+    # the report's long-context section (smoe.eval.long_context) measures.
     "hybrid": Suite([
         Arch("full-attention", "hybrid-full"),
         Arch("hybrid-3to1", "hybrid-3to1"),

@@ -57,10 +57,11 @@ class TwoPhase:
         tokens, start = t.batch_size * t.seq_len, self.settings.trunk_length
         units = [start * tokens * s["train_flops_per_token"] for s in self.trunk["summaries"]]
         curves = {"trunk": [([step * tokens * s["train_flops_per_token"] / u for step in steps], losses)
-                            for (steps, losses), s, u in zip(self.trunk["curves"], self.trunk["summaries"], units)]}
+                            for (steps, losses), s, u
+                            in zip(self.trunk["curves"], self.trunk["summaries"], units, strict=True)]}
         for arch in self.archs:
             entry, runs = data[arch.label], []
-            for seed, ((steps, losses), summary) in enumerate(zip(entry["curves"], entry["summaries"])):
+            for seed, ((steps, losses), summary) in enumerate(zip(entry["curves"], entry["summaries"], strict=True)):
                 base = 1.0 if arch.from_trunk else 0.0  # a branch carries the trunk's compute
                 x = [base + step * tokens * summary["train_flops_per_token"] / units[seed] for step in steps]
                 if arch.from_trunk and (arch.upcycle is None or arch.upcycle.exact):
@@ -79,7 +80,7 @@ class TwoPhase:
         for label, runs in curves.items():
             if label == "trunk":
                 continue
-            reached = [_reach(x, y, target) for (x, y), target in zip(runs, targets)]
+            reached = [_reach(x, y, target) for (x, y), target in zip(runs, targets, strict=True)]
             per_seed = ", ".join(f"{bound}{value - 1:+.2f}" for value, bound in reached)
             rows.append((label, f"{data[label]['summaries'][0]['train_flops_per_token'] / dense_fpt:.2f}",
                          _summary([v for v, _ in reached], [b for _, b in reached]),
@@ -112,8 +113,8 @@ class TwoPhase:
         at = {ref: [f["val_loss"] for f in data[ref]["final"]]}
         short = {}
         for label in (a.label for a in self.archs if a.label != ref):
-            at[label] = [float(np.interp(end, x, y)) for (x, y), end in zip(curves[label], ends)]
-            short[label] = any(x[-1] < end for (x, _), end in zip(curves[label], ends))
+            at[label] = [float(np.interp(end, x, y)) for (x, y), end in zip(curves[label], ends, strict=True)]
+            short[label] = any(x[-1] < end for (x, _), end in zip(curves[label], ends, strict=True))
         results = compare_pairs([(label, ref) for label in at if label != ref], at)
         items, upcycled = [], {a.label for a in self.archs if a.from_trunk and a.upcycle is not None}
         for p in results:
@@ -155,7 +156,7 @@ def _reach(x: list[float], y: list[float], target: float) -> tuple[float, str]:
 
 def _summary(values: list[float], bounds: list[str], sign: str = "") -> str:
     if any(bounds):
-        return "bounds only: " + ", ".join(f"{b}{v:{sign}.2f}" for v, b in zip(values, bounds))
+        return "bounds only: " + ", ".join(f"{b}{v:{sign}.2f}" for v, b in zip(values, bounds, strict=True))
     iv = interval(values)
     if iv.n < 2:
         return f"{iv.mean:{sign}.2f} (one seed)"

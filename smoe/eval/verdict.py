@@ -127,7 +127,7 @@ def judge(contrasts: tuple[Contrast, ...], losses: dict[str, list[float]], targe
                 claims.append(Claim(source, compare_pairs([(better, worse)], losses)[0], False))
             else:
                 claims.append(Claim(source, found if found.a == better else _flip(found), True))
-    return Verdict(list(zip(contrasts, registered)), exploratory, claims, target_gap)
+    return Verdict(list(zip(contrasts, registered, strict=True)), exploratory, claims, target_gap)
 
 
 def gap_text(p: Paired) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,7 +27,6 @@ import torch
 from smoe import kernels
 from smoe.config import ModelConfig
 from smoe.interop.families import FAMILIES
-from smoe.interop.families.base import KeyMap
 from smoe.interop.hf_config import (
     TRANSFORMERS_FAMILIES,
     check_exportable,
@@ -35,172 +34,35 @@ from smoe.interop.hf_config import (
     config_to_hf,
     load_hf_config,
 )
-from smoe.interop.pieces import Piece, ignored, pieces_for
-from smoe.io.checkpoint import MODEL_FILE, empty_model, load_model
+from smoe.interop.hf_files import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    Checkpoint,
+    expert_parts,
+    fill,
+    fp8_scales,
+    open_checkpoint,
+    plan_load,
+    read_fp8_block,
+)
+from smoe.interop.pieces import Piece, pieces_for
+from smoe.io.checkpoint import MODEL_FILE, load_model
 from smoe.io.checkpoint import stored_dtype as checkpoint_dtype
 from smoe.io.files import atomic_directory, check_fresh_dir, read_json
-from smoe.io.safetensors import SafetensorsFile, write_safetensors
+from smoe.io.safetensors import write_safetensors
 from smoe.io.tokenizer import EOS, read_tokenizer_json  # noqa: F401  (read_tokenizer_json: public here)
-from smoe.models import Transformer, build_model
+from smoe.models import Transformer, build_model, empty_model
+from smoe.offload import experts as offloaded
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.store import ExpertFiles
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Checkpoint:
-    """The safetensors files of a directory and which file holds each tensor (headers only)."""
-
-    root: Path
-    files: dict[str, SafetensorsFile]  # file name -> opened header
-    where: dict[str, str]  # tensor name -> file name
-    listing: Path  # the file that lists the tensors: the index, or the single file
-    stored: dict[str, str] = field(default_factory=dict)  # a renamed tensor (KeyMap.aliases) -> its name in the file
-
-    @classmethod
-    def single(cls, root: Path, file: str) -> "_Checkpoint":
-        header = SafetensorsFile(root / file)
-        return cls(root, {file: header}, {k: file for k in header.keys()}, root / file)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.files[self.where[name]].shape(self.stored.get(name, name))
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.files[self.where[name]].dtype(self.stored.get(name, name))
-
-    def aliased(self, aliases: tuple[tuple[str, str], ...]) -> "_Checkpoint":
-        """The tensors under the names the key map uses (``KeyMap.aliases``); two spellings of one are refused."""
-        where, stored = {}, {}
-        for name, file in self.where.items():
-            new = name
-            for pattern, replacement in aliases:
-                new = re.sub(pattern, replacement, new)
-            if new in where:
-                raise ValueError(f"{self.listing}: holds both {stored.get(new, new)!r} and {name!r}, two spellings "
-                                 "of one tensor")
-            where[new] = file
-            if new != name:
-                stored[new] = name
-        return replace(self, where=where, stored=stored)
-
-    def describe(self, name: str) -> str:
-        return str(self.root / self.where[name])
-
-
-def _open_checkpoint(root: Path) -> _Checkpoint:
-    index = root / INDEX_FILE
-    if index.is_file():
-        weight_map = _read_weight_map(index, root)
-        files = {}
-        for file in sorted(set(weight_map.values())):
-            if not (root / file).is_file():
-                raise ValueError(f"{root / file}: missing shard (listed in {index})")
-            files[file] = SafetensorsFile(root / file)
-            # The index alone says where each tensor is: a shard holding a key it maps elsewhere (or not at all)
-            # would otherwise shadow the listed tensor, depending on which shard happens to be read last.
-            for name in files[file].keys():
-                if name not in weight_map:
-                    raise ValueError(f"{root / file}: holds key {name!r}, which {index} does not list")
-                if weight_map[name] != file:
-                    raise ValueError(f"{root / file}: holds key {name!r}, which {index} maps to {weight_map[name]}")
-        for name, file in weight_map.items():
-            if name not in files[file].keys():
-                raise ValueError(f"{root / file}: missing key {name!r} (listed in {index})")
-        return _Checkpoint(root, files, dict(weight_map), index)
-    if (root / SINGLE_FILE).is_file():
-        return _Checkpoint.single(root, SINGLE_FILE)
-    if any(root.glob("*.bin")) or any(root.glob("*.pt")):
-        raise ValueError(f"{root}: only pickled weights (*.bin / *.pt); smoe reads safetensors only (a pickle can "
-                         "run code): convert them with transformers' save_pretrained(safe_serialization=True)")
-    raise ValueError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
-
-
-def _read_weight_map(index: Path, root: Path) -> dict[str, str]:
-    """The index's tensor -> shard map; each shard a file inside ``root`` (the index is untrusted: a name such as
-    ``../../x`` or ``/etc/x``, or a link out of the directory, must not make us open files elsewhere)."""
-    weight_map = read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ValueError(f"{index}: weight_map must be an object mapping tensor names to shard file names")
-    inside = root.resolve()
-    for name, file in weight_map.items():
-        shard = Path(file)
-        if shard.is_absolute() or ".." in shard.parts or not (root / shard).resolve().is_relative_to(inside):
-            raise ValueError(f"{index}: weight_map[{name!r}] = {file!r} is not a file inside {root}")
-    return weight_map
-
-
-def _plan(ckpt: _Checkpoint, pieces: list[Piece], state: dict[str, torch.Tensor], km: KeyMap,
-          fp8_block: tuple[int, int] | None = None) -> dict[str, list[Piece]]:
-    """Check every piece against the headers (fp8 weights against their block scales, ``fp8_block`` tiles each);
-    every other tensor must be one ``km`` ignores. Returns the pieces to load, by Hugging Face name."""
-    by_name: dict[str, list[Piece]] = defaultdict(list)
-    for p in pieces:
-        by_name[p.hf].append(p)
-    for name, group in by_name.items():
-        if name not in ckpt.where:
-            raise ValueError(f"{ckpt.listing}: missing key {name!r} (needed for {group[0].ours})")
-        shape, dtype = ckpt.shape(name), ckpt.dtype(name)
-        if not dtype.is_floating_point:
-            raise ValueError(f"{ckpt.describe(name)}: {name} has dtype {dtype}, expected floating point")
-        for p in group:
-            want = tuple(state[p.ours][p.index].shape)
-            got = tuple(p.source(torch.empty(shape, device="meta")).shape)
-            if got != want:
-                raise ValueError(f"{ckpt.describe(name)}: {name} has shape {list(shape)}, which does not fit "
-                                 f"{p.ours} {list(want)} of the model config.json describes")
-        if dtype.itemsize == 1:
-            _check_fp8_scale(ckpt, name, fp8_block)
-    consumed = set(by_name) | {n + "_scale_inv" for n in by_name if ckpt.dtype(n).itemsize == 1}
-    for name in ckpt.where:
-        if name not in consumed and not ignored(km, name):
-            raise ValueError(f"{ckpt.describe(name)}: unexpected key {name!r} (not part of the model "
-                             "config.json describes)")
-    return {name: [p for p in group if p.load] for name, group in by_name.items()}
-
-
-def _check_fp8_scale(ckpt: _Checkpoint, name: str, block: tuple[int, int] | None) -> None:
-    """An fp8 weight needs its ``_scale_inv``: one float scale per ``block`` tile, the last tiles ragged."""
-    scale = name + "_scale_inv"
-    shape = ckpt.shape(name)
-    if block is None or len(shape) != 2:
-        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 with shape {list(shape)}; only 2-d weights of a "
-                         "checkpoint with block scales can be fp8")
-    if scale not in ckpt.where:
-        raise ValueError(f"{ckpt.describe(name)}: {name} is fp8 without {scale}")
-    want = [-(-shape[0] // block[0]), -(-shape[1] // block[1])]
-    if list(ckpt.shape(scale)) != want or not ckpt.dtype(scale).is_floating_point:
-        raise ValueError(f"{ckpt.describe(scale)}: {scale} has shape {list(ckpt.shape(scale))} and dtype "
-                         f"{ckpt.dtype(scale)}; expected {want} (one scale per {block[0]}x{block[1]} block of "
-                         f"{list(shape)}) of a float dtype")
-
-
-def _dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """DeepSeek-V3's FP8 layout: one fp32 scale per ``block`` (128 x 128) tile of the weight."""
-    rows, cols = w.shape
-    scale = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return w.float() * scale
-
-
-def _fp8_block(hf: dict, source: str) -> tuple[int, int]:
-    quant = hf.get("quantization_config") or {}
-    if not isinstance(quant, dict):
-        raise ValueError(f"{source}: quantization_config must be an object, got {quant!r}")
-    if quant.get("quant_method", "fp8") != "fp8":
-        raise ValueError(f"{source}: quantization method {quant.get('quant_method')!r} is not supported (fp8 "
-                         "block scales only)")
-    block = quant.get("weight_block_size") or [128, 128]
-    if not (isinstance(block, list) and len(block) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise ValueError(f"{source}: quantization_config.weight_block_size must be two positive integers, got "
-                         f"{block!r}")
-    return block[0], block[1]
-
-
-def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
+def _hf_dtype(hf: dict, ckpt: Checkpoint) -> torch.dtype:
     """The dtype the checkpoint was published in: config.json's, else its weights'; FP8 loads as bf16."""
     named = hf.get("dtype") or hf.get("torch_dtype")
     if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
@@ -210,63 +72,55 @@ def _hf_dtype(hf: dict, ckpt: _Checkpoint) -> torch.dtype:
     return torch.bfloat16 if dtype.itemsize == 1 else dtype
 
 
-def _fill(model: Transformer, ckpt: _Checkpoint, plan: dict[str, list[Piece]], fp8_block: tuple[int, int] | None
-          ) -> None:
-    state = model.state_dict()
-    scales = {}
-    if fp8_block is not None:  # small (1/16384 of the weights), and possibly in another shard than their weight
-        for name, file in ckpt.where.items():
-            if name.endswith("_scale_inv"):
-                with ckpt.files[file] as f:
-                    scales[name] = f.view(ckpt.stored.get(name, name)).clone()
-    renamed = {stored: name for name, stored in ckpt.stored.items()}
-    for file, header in ckpt.files.items():
-        with header as f:
-            for stored in header.keys():  # file order; _open_checkpoint made sure the index maps each to this file
-                name = renamed.get(stored, stored)
-                group = plan.get(name)
-                if not group:
-                    continue
-                src = f.view(stored)
-                if src.dtype.itemsize == 1 and src.dtype.is_floating_point:  # scale checked by _plan
-                    src = _dequantize_fp8(src, scales[name + "_scale_inv"], fp8_block)
-                for p in group:
-                    ours = state[p.ours][p.index]
-                    ours.copy_(p.source(src))
-                    if p.offset:
-                        ours.add_(p.offset)
-                f.release(stored)
-
-
 # The dtypes `--dtype` names (smoe generate, serve, convert).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                    *, max_expert_memory: int | str | None = None, offload: OffloadConfig | None = None
                     ) -> Transformer:
     """A Hugging Face model directory (config.json + safetensors, single or sharded) of a supported family, or a
     smoe checkpoint or run directory, as a ``Transformer`` in eval mode. ``dtype`` defaults to the one config.json
     names, else the stored one (FP8 becomes bf16), in fp32 where that is a low precision this CPU has no native
-    GEMMs for (``kernels.load_dtype``: the compute copy is made once, here); ``device`` to the CPU."""
+    GEMMs for (``kernels.load_dtype``: the compute copy is made once, here); ``device`` to the CPU.
+
+    ``max_expert_memory`` (bytes, or a size such as ``"4GB"``): the routed experts stay in the checkpoint's files
+    and are read on demand into a cache of at most that many bytes; ``offload`` sets the cache's other settings
+    (smoe.offload, docs/offload.md). Tokens are the in-memory model's, bit for bit."""
     path = Path(path)
     device = torch.device(device or "cpu")
+    if max_expert_memory is not None:
+        offload = replace(offload or OffloadConfig(), max_expert_memory=max_expert_memory)
+    if offload is not None:
+        offload = offload.validate() if offload.enabled else None
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory")
     hf = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if hf is None or "model_type" not in hf:
-        return load_model(path, dtype, device)[0]
+        return load_model(path, dtype, device, offload)[0]
     config = config_from_hf(hf, str(path / "config.json"))  # raises on an unsupported model_type, listing them
     key_map = FAMILIES[hf["model_type"]].key_map
-    ckpt = _open_checkpoint(path).aliased(key_map.aliases)
+    ckpt = open_checkpoint(path).aliased(key_map.aliases)
     config = _with_present_mtp(config, hf["model_type"], ckpt)
     _check_layer_count(config, hf["model_type"], ckpt, str(path / "config.json"))
     fp8 = any(ckpt.dtype(n).itemsize == 1 and ckpt.dtype(n).is_floating_point for n in ckpt.where)
-    fp8_block = _fp8_block(hf, str(path / "config.json")) if fp8 else None
+    fp8_block = read_fp8_block(hf, str(path / "config.json")) if fp8 else None
     with torch.device("meta"):
         state = build_model(config).state_dict()
-    plan = _plan(ckpt, pieces_for(config, key_map, state), state, key_map, fp8_block)
-    model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device)
-    _fill(model, ckpt, plan, fp8_block)
+    plan = plan_load(ckpt, pieces_for(config, key_map, state), state, key_map, fp8_block)
+    model = empty_model(config, dtype or kernels.load_dtype(_hf_dtype(hf, ckpt), device), device,
+                        None if offload is None else offloaded.offload_experts)
+    scales = fp8_scales(ckpt, fp8_block)
+    if offload is None:
+        fill(model, ckpt, plan, fp8_block, scales)
+        return model.eval()
+    offloaded.check(model, offload, device)  # before the weights are read
+    prefixes = offloaded.prefixes(model)
+    routed = {name: [p.ours.startswith(tuple(prefixes)) for p in group] for name, group in plan.items()}
+    experts = {name: [p for p, r in zip(group, routed[name], strict=True) if r] for name, group in plan.items()}
+    rest = {name: [p for p, r in zip(group, routed[name], strict=True) if not r] for name, group in plan.items()}
+    fill(model, ckpt, rest, fp8_block, scales)
+    offloaded.attach(model, ExpertFiles(expert_parts(ckpt, experts, prefixes, fp8_block, scales)), offload)
     return model.eval()
 
 
@@ -277,10 +131,10 @@ def stored_dtype(path: str | Path) -> torch.dtype:
     hf = read_json(path / "config.json") if (path / "config.json").is_file() else None
     if hf is None or "model_type" not in hf:
         return checkpoint_dtype(path)
-    return _hf_dtype(hf, _open_checkpoint(path))
+    return _hf_dtype(hf, open_checkpoint(path))
 
 
-def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> ModelConfig:
+def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: Checkpoint) -> ModelConfig:
     """Keep the MTP layers the checkpoint holds: transformers saves none even when config.json announces them."""
     if not config.layout.n_mtp_modules:
         return config
@@ -292,7 +146,7 @@ def _with_present_mtp(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -
     return replace(config, layout=replace(config.layout, n_mtp_modules=present))
 
 
-def _check_layer_count(config: ModelConfig, model_type: str, ckpt: _Checkpoint, source: str) -> None:
+def _check_layer_count(config: ModelConfig, model_type: str, ckpt: Checkpoint, source: str) -> None:
     """config.json's layer count against the checkpoint's (its highest layer index), before a model of the claimed
     size is built: a small file may claim far more layers than the weights hold."""
     before, _, after = FAMILIES[model_type].key_map.layer.partition("{i}")

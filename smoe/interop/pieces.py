@@ -38,10 +38,10 @@ def pieces_for(config: ModelConfig, km: KeyMap, state: dict[str, torch.Tensor]) 
                 pieces += _block_pieces(km, n + int(d), f"mtp.{d}.block.", inner[len("block."):], tensor)
             elif inner == "proj.weight":  # ours concatenates [hidden, embedding], DeepSeek [embedding, hidden]
                 D, shape = config.dim, tuple(tensor.shape)
-                pieces += [Piece(prefix + "eh_proj.weight", name, (slice(None), slice(0, D)), lambda t: t[:, D:],
-                                 shape=shape),
-                           Piece(prefix + "eh_proj.weight", name, (slice(None), slice(D, None)), lambda t: t[:, :D],
-                                 shape=shape)]
+                pieces += [Piece(prefix + "eh_proj.weight", name, (slice(None), slice(0, D)),
+                                 lambda t, D=D: t[:, D:], shape=shape),
+                           Piece(prefix + "eh_proj.weight", name, (slice(None), slice(D, None)),
+                                 lambda t, D=D: t[:, :D], shape=shape)]
             else:
                 pieces.append(Piece(prefix + _rename(km.mtp, inner, name), name))
         else:

@@ -24,8 +24,8 @@ longer matches it, ``damage`` says which and how, and a resume falls back to the
 (``latest_intact``). A *model* checkpoint (``smoe convert`` writes them) has only ``model.safetensors`` and
 ``config.json`` (and ``tokenizer.json``, ``manifest.json``): enough to evaluate, analyse and generate, not to
 resume. A run keeps older checkpoints as model checkpoints (``keep_optimizer``): ``drop_optimizer`` deletes their
-optimizer files, two thirds of a checkpoint under AdamW. Nothing here unpickles: tensors come from safetensors,
-the rest from JSON.
+optimizer files, two thirds of a checkpoint under AdamW. ``consolidate`` rewrites a per-EP-rank checkpoint in the
+single-file layout. Nothing here unpickles: tensors come from safetensors, the rest from JSON.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ import torch
 
 from smoe import kernels
 from smoe.config import ModelConfig
-from smoe.io.files import atomic_write_text, fsync, read_json, sha256_file
-from smoe.io.safetensors import SafetensorsFile, load_tensors
-from smoe.models import Transformer, build_model
-from smoe.nn.linear_layers import LightningAttention, fp32_parameters
-from smoe.nn.rope import RotaryEmbedding
+from smoe.io.files import atomic_directory, atomic_write_text, fsync, read_json, sha256_file
+from smoe.io.safetensors import SafetensorsFile, load_tensors, save_tensors
+from smoe.models import Transformer, build_model, empty_model
+from smoe.offload import experts as offloaded
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.store import ExpertFiles, stacked_parts
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_FILE = "manifest.json"
@@ -289,7 +290,7 @@ def read_tensors(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
         starts = [p[0][0] for p in parts]
         stops = [p[0][1] for p in parts]
         if starts[0] != 0 or stops[-1] != parts[0][0][2] or starts[1:] != stops[:-1]:
-            raise ValueError(f"{path}: the slices of {key} cover rows {list(zip(starts, stops))}, not "
+            raise ValueError(f"{path}: the slices of {key} cover rows {list(zip(starts, stops, strict=True))}, not "
                              f"[0, {parts[0][0][2]}) once")
         whole[key] = torch.cat([t for _, t in parts])
     return whole
@@ -335,22 +336,6 @@ def load_model_state(path: str | Path, model: torch.nn.Module, shards: ShardRang
     model.load_state_dict(tensors, strict=True)
 
 
-def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
-    parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
-    tensor by tensor."""
-    with torch.device("meta"):
-        model = build_model(config)
-    fp32 = fp32_parameters(model)
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float32 if name in fp32 else dtype)
-    model.to_empty(device=device)
-    for m in model.modules():  # the buffers computed from the config, not stored
-        if isinstance(m, (RotaryEmbedding, LightningAttention)):
-            m.reset_buffers()
-    return model
-
-
 def stored_dtype(path: str | Path) -> torch.dtype:
     """The dtype a smoe checkpoint's weights are stored in (an expert-parallel run's per-rank files: fp32, its
     master weights)."""
@@ -380,11 +365,12 @@ def _check_quantization(header: SafetensorsFile, config: ModelConfig) -> None:
                          f"{wanted}")
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None,
-               device: str | torch.device | None = None) -> tuple[Transformer, Path]:
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+               offload: OffloadConfig | None = None) -> tuple[Transformer, Path]:
     """The model of a smoe checkpoint (training or model, either layout) or a run directory's latest, in eval
     mode, and the checkpoint directory it came from. ``dtype`` defaults to the stored one (fp32 for a bf16/fp16
-    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU.
+    checkpoint on a CPU without native GEMMs in it: ``kernels.load_dtype``), ``device`` to the CPU. ``offload``
+    with a ``max_expert_memory``: the routed experts stay in model.safetensors, read on demand (smoe.offload).
 
     The files are checked against the manifest first; a single-file checkpoint is then streamed from its memory
     map into the allocated model (no second copy of the weights), after every key and shape is checked on the
@@ -393,6 +379,12 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     path = check_intact(resolve_checkpoint(path), lambda name: not name.startswith("optimizer"))
     config = load_config(path)
     device = torch.device(device or "cpu")
+    offloading = offload is not None and offload.enabled
+    if offloading:
+        offload.validate()
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"{path}: max_expert_memory reads the experts from {MODEL_FILE}; consolidate this "
+                             f"expert-parallel checkpoint first (smoe convert {path} --out DIR)")
     if not (path / MODEL_FILE).is_file():  # an expert-parallel run's per-rank files, reassembled whole
         model = empty_model(config, dtype or torch.float32, device)  # training keeps fp32 master weights
         load_model_state(path, model)
@@ -411,10 +403,43 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         if not tensor.is_floating_point() and header.dtype(name) != tensor.dtype:  # copy_ would convert silently
             raise ValueError(f"{header.path}: {name} has dtype {header.dtype(name)}, the config.json beside it "
                              f"describes {tensor.dtype}")
-    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device)
+    model = empty_model(config, dtype or kernels.load_dtype(_float_dtype(header), device), device,
+                        offloaded.offload_experts if offloading else None)
+    if offloading:  # before the weights are read
+        offloaded.check(model, offload, device)
     state = model.state_dict()
     with header as f:
         for name in header.keys():
-            state[name].copy_(f.view(name))
-            f.release(name)
+            if name in state:  # offloaded experts are not
+                state[name].copy_(f.view(name))
+                f.release(name)
+    if offloading:
+        offloaded.attach(model, ExpertFiles(stacked_parts(header, offloaded.prefixes(model))), offload)
     return model.eval(), path
+
+
+# --- converting between layouts ----------------------------------------------------------------------------------
+
+
+def sharded_checkpoint(path: str | Path) -> Path | None:
+    """The per-EP-rank training checkpoint that ``path`` is, or (a run directory) holds as its latest; else None."""
+    path = Path(path)
+    if not is_complete(path):
+        latest = latest_checkpoint(path) if path.is_dir() else None
+        path = latest.path if latest is not None else path
+    return path if is_complete(path) and not (path / MODEL_FILE).is_file() else None
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write checkpoint ``path`` (either layout; a run directory means its latest) to directory ``out`` in the
+    single-file layout: ``model.safetensors``, ``optimizer.safetensors``, the JSON files and a fresh manifest.
+    ``out`` must not exist or be empty; it appears only once complete. Returns ``out``."""
+    path = check_intact(resolve_checkpoint(path))
+    with atomic_directory(out) as tmp:
+        for kind in ("model", "optimizer"):
+            save_tensors(tmp / f"{kind}.safetensors", read_tensors(path, kind))
+        for name in ("state.json", "config.json", "tokenizer.json"):
+            if (path / name).is_file():
+                shutil.copyfile(path / name, tmp / name)
+        write_manifest(tmp)
+    return Path(out)

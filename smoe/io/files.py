@@ -65,17 +65,39 @@ def check_fresh_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """``path`` if it is a directory this process can write in, or, when it does not exist, one it could create:
+    a probe file is written and removed in it or in its nearest existing ancestor. Nothing is left behind, so a
+    command that fails later has written nothing."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {path}: not writable ({existing} is not a directory)")
+    probe = existing / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what} {path}: not writable ({err.strerror or err})") from None
+    return path
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block finishes (every file in it fsynced first);
-    on an error it is removed and ``out`` is untouched. ``out`` must not exist or be empty, unless ``replace``:
+    on an error it is removed, as are the parent directories made for it, and ``out`` is untouched. ``out`` must not
+    exist or be empty, unless ``replace``:
     then an existing ``out`` is swapped for the new one only once that is complete."""
     out = Path(out)
     if not replace:
         check_fresh_dir(out)
     tmp = _temporary(out)
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in out.parents if not p.exists()]  # parents this call creates, deepest first
     tmp.mkdir(parents=True)
+    done = False
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -88,8 +110,13 @@ def atomic_directory(out: str | Path, *, replace: bool = False) -> Iterator[Path
                 out.rmdir()  # empty, checked above
         os.replace(tmp, out)
         fsync(out.parent)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not done:  # a failure leaves no directory behind, not even the parents made for it
+            for parent in made:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 def parse_json(text: str | bytes, where: str, expect: type | tuple[type, ...] = dict) -> Any:

@@ -109,6 +109,10 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return self._entries[name][0]
 
+    def span(self, name: str) -> tuple[int, int]:
+        """Where the tensor's bytes lie in the file: [begin, end) from the start of the file."""
+        return self._entries[name][2:]
+
     def __enter__(self) -> "SafetensorsFile":
         self._file = open(self.path, "rb")
         # ACCESS_COPY: a writable (never written) private map, which torch.frombuffer accepts without a warning.
@@ -143,28 +147,48 @@ def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tenso
     """Write ``(name, tensor)`` pairs, streaming one tensor at a time, and fsync the file. ``tensors`` is iterated
     twice (header, then data), so pass a list or a re-iterable of cheap views."""
     tensors = list(tensors)
+    write_safetensors_streamed(path, [(name, t.dtype, tuple(t.shape)) for name, t in tensors],
+                               (t for _, t in tensors if t.numel()), metadata)
+
+
+def write_safetensors_streamed(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                               data: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write the file whose header ``entries`` describe (name, dtype, shape, in file order) from ``data``: the
+    tensors' bytes in that order, in any pieces (a tensor may come as several consecutive chunks of its dtype, so
+    that a file larger than memory is written a piece at a time; empty chunks are skipped), and fsync it."""
     header: dict = {}
     if metadata is not None:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise ValueError(f"{path}: metadata must map strings to strings, got {str(metadata)[:100]}")
         header["__metadata__"] = metadata
     offset = 0
-    for name, t in tensors:
-        if t.dtype not in _NAMES:
-            raise ValueError(f"{path}: {name} has dtype {t.dtype}, which safetensors cannot hold")
+    for name, dtype, shape in entries:
+        if dtype not in _NAMES:
+            raise ValueError(f"{path}: {name} has dtype {dtype}, which safetensors cannot hold")
         if name in header or name == "__metadata__":
             raise ValueError(f"{path}: {name} is given twice (or is the reserved name __metadata__)")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    chunks = iter(data)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, t in tensors:
-            if t.numel():
+        for name, dtype, shape in entries:
+            left = math.prod(shape) * dtype.itemsize
+            while left:
+                t = next(chunks, None)
+                if t is not None and not t.numel():
+                    continue
+                if t is None or t.dtype != dtype or t.numel() * t.element_size() > left:
+                    raise ValueError(f"{path}: the data for {name} ({dtype}, {left} bytes to go) does not match its "
+                                     f"header entry (got {None if t is None else (t.dtype, tuple(t.shape))})")
                 f.write(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+                left -= t.numel() * t.element_size()
+        if any(t.numel() for t in chunks):
+            raise ValueError(f"{path}: more data than the header describes")
         f.flush()
         os.fsync(f.fileno())
 

@@ -145,14 +145,10 @@ LOOP_MIN_ROWS_PER_EXPERT = 4
 
 def choose(device: torch.device, dtype: torch.dtype = torch.float32, n_rows: int | None = None,
            n_experts: int | None = None, *, quantized: bool = False, row_independent: bool = False) -> Backend:
-    """What ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts (docs/design.md says why).
-
-    Float weights, on CUDA: grouped_mm for bf16 where it runs, else Triton when installed, else the reference. On
-    CPU: fp32 runs the C++ kernels (``cpp``) where they build, with a warning once where they do not; other dtypes
-    run expert_loop, or grouped_mm for decode-sized calls. Quantised weights: ``cpp`` on a CPU where it builds, else
-    numba where it runs, else the reference. ``row_independent``: that choice if its kernels keep it (the quantised
-    ``cpp``), else fixed-shape tiles (``tiled(...)``): of that choice for quantised weights, of the spec for float
-    ones."""
+    """The backend ``auto`` runs for ``n_rows`` rows over ``n_experts`` experts of ``dtype`` (or quantised) weights
+    on ``device``; with ``row_independent``, one whose rows never depend on the others (that choice if its kernels
+    keep it, else fixed-shape tiles). The policy, and the measurements behind it, are written once, in
+    docs/design.md ("``auto``"); the code below is that policy."""
     chosen = _choose_quantized(device) if quantized else _choose_floating(device, dtype, n_rows, n_experts)
     return _row_independent(chosen, quantized) if row_independent else chosen
 

@@ -7,7 +7,11 @@ from smoe.models.transformer import (
     Transformer,
     build_model,
     document_starts,
+    empty_model,
     quantize,
 )
 
-__all__ = ["IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model", "document_starts", "quantize"]
+__all__ = [
+    "IGNORE_INDEX", "DecodeCache", "ModelOutput", "Transformer", "build_model", "document_starts", "empty_model",
+    "quantize",
+]

@@ -1,9 +1,5 @@
-"""The MoE transformer: embedding, blocks chosen per layer from the config, final norm, head, optional MTP.
-
-Blocks are pre-norm: x + attn(norm(x)), then x + ffn(norm(x)) where ffn is a dense MLP, an MoE layer, or (Arctic)
-an MoE layer plus a dense MLP in parallel; MiniMax-01 adds to the normalised input instead (config.residual). The
-token mixer is GQA or MLA per the attention config, or, in the layers layout.layer_types makes linear, a
-linear-attention layer (smoe.nn.linear_layers). Model code is single-device math: parallelism and compilation are
+"""The MoE transformer: embedding, blocks chosen per layer from the config (smoe.models.block: the token mixer and
+the FFN of each), final norm, head, optional MTP. Model code is single-device math: parallelism and compilation are
 applied from outside.
 
 Decoding (smoe.generation) passes a ``DecodeCache``: per-layer key/value (GQA), latent (MLA) or recurrent (linear
@@ -16,6 +12,7 @@ Legend: B batch, T sequence (new tokens), S slots (cached + new), D model dim, V
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,17 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import DEFAULT_INT4_GROUP, MLAConfig, ModelConfig, QuantConfig
-from smoe.moe import MoELayer, RouterStats, update_expert_bias
+from smoe.models.block import Block, MTPModule
+from smoe.moe import MoELayer, RouterStats, RouterStatsMode, update_expert_bias
 from smoe.nn import (
-    MLA,
-    MLP,
-    Attention,
-    KVCache,
-    MLACache,
-    RecurrentState,
+    CacheMode,
+    LayerCache,
+    LightningAttention,
+    MixerStep,
     RotaryEmbedding,
+    fp32_parameters,
     init_weights,
-    make_linear_attention,
     make_norm,
 )
 from smoe.quant.modules import quantize_modules
@@ -58,7 +54,7 @@ class DecodeCache:
     linear-attention layer's; a forward's real tokens are appended to their row. ``rows(start, stop)`` is a cache of
     some rows that writes through (a request's prefill in its own row)."""
 
-    layers: list[KVCache | MLACache | RecurrentState]  # one per block
+    layers: list[LayerCache]  # one per block: KVCache (GQA), MLACache (MLA) or RecurrentState (linear attention)
     lengths_B: torch.Tensor  # int64 on the CPU: the tokens each row holds (``clear`` a row to reuse it)
     max_len: int  # the tokens a row can hold
 
@@ -69,90 +65,12 @@ class DecodeCache:
         """Row ``row`` starts a new sequence (attention layers' slots are overwritten as it grows again)."""
         self.lengths_B[row] = 0
         for layer in self.layers:
-            if isinstance(layer, RecurrentState):
-                layer.clear(row)
+            layer.clear(row)
 
     @property
     def nbytes(self) -> int:
         """The cache's memory: key/value or latent buffers at max_len, plus the recurrent states."""
         return sum(layer.nbytes for layer in self.layers)
-
-
-class Block(nn.Module):
-    """Layer ``layer`` of the model (None: an MTP module's block, full attention)."""
-
-    def __init__(self, config: ModelConfig, moe: bool, layer: int | None = None):
-        super().__init__()
-        dim, eps = config.dim, config.norm_eps
-        self.attn_norm = make_norm(config.norm, dim, eps)
-        attn = config.attention
-        self.is_linear = layer is not None and config.layout.is_linear(layer)
-        if self.is_linear:
-            self.attn = make_linear_attention(dim, config.linear_attention, layer, config.n_layers, eps)
-        else:
-            self.attn = MLA(dim, attn, eps) if isinstance(attn, MLAConfig) else Attention(dim, attn, eps)
-        res = config.residual
-        # (alpha, beta) of each sublayer's residual, None for the plain x + f(norm(x))
-        self.attn_scale = self.ffn_scale = None
-        if res is not None:
-            self.attn_scale = ((res.linear_attention_alpha, res.linear_attention_beta) if self.is_linear
-                               else (res.attention_alpha, res.attention_beta))
-            self.ffn_scale = (res.ffn_alpha, res.ffn_beta)
-        self.ffn_norm = make_norm(config.norm, dim, eps)
-        self.is_moe = moe
-        if moe:
-            self.ffn = MoELayer(dim, config.moe, config.activation, config.init_std)
-        else:
-            self.ffn = MLP(dim, config.ffn_dim, config.activation)
-        self.residual_norm = self.residual_ffn = None
-        if moe and config.layout.dense_residual:
-            self.residual_norm = make_norm(config.norm, dim, eps)
-            self.residual_ffn = MLP(dim, config.ffn_dim, config.activation)
-
-    def forward(self, x_BTD, cos, sin, mask_B1TS=None, cache=None, spans=None, token_ids_BT=None,
-                router_stats: bool | str = True, keep_BT=None, expert_backend: str | None = None, starts_BT=None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
-        h_BTD = self.attn_norm(x_BTD)
-        if self.is_linear:
-            mixed_BTD = self.attn(h_BTD, cache, keep_BT, starts_BT)
-        else:
-            mixed_BTD = self.attn(h_BTD, cos, sin, mask_B1TS, cache, spans)
-        x_BTD = _residual(x_BTD, h_BTD, mixed_BTD, self.attn_scale)
-        stats = None
-        h_BTD = self.ffn_norm(x_BTD)
-        if self.is_moe:
-            ffn_BTD, stats = self.ffn(h_BTD, token_ids_BT, router_stats, keep_BT, expert_backend)
-        else:
-            ffn_BTD = self.ffn(h_BTD)
-        if self.residual_ffn is not None:
-            ffn_BTD = ffn_BTD + self.residual_ffn(self.residual_norm(x_BTD))
-        return _residual(x_BTD, h_BTD, ffn_BTD, self.ffn_scale), stats
-
-
-def _residual(x_BTD, normed_BTD, out_BTD, scale: tuple[float, float] | None) -> torch.Tensor:
-    """x + f(norm(x)), or with MiniMax-01's scale (alpha, beta): alpha * norm(x) + beta * f(norm(x))."""
-    if scale is None:
-        return x_BTD + out_BTD
-    alpha, beta = scale
-    return alpha * normed_BTD + beta * out_BTD
-
-
-class MTPModule(nn.Module):
-    """DeepSeek-V3 §2.2 multi-token prediction: combine the previous depth's hidden state at position t with the
-    embedding of token t+d, run one block, and predict token t+d+1 through the shared head."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        dim, eps = config.dim, config.norm_eps
-        self.hidden_norm = make_norm(config.norm, dim, eps)
-        self.embed_norm = make_norm(config.norm, dim, eps)
-        self.proj = nn.Linear(2 * dim, dim, bias=False)
-        self.block = Block(config, moe=config.moe is not None and config.layout.is_moe(config.n_layers - 1))
-        self.norm = make_norm(config.norm, dim, eps)
-
-    def forward(self, h_BTD, emb_BTD, cos, sin, token_ids_BT=None, mask_B1TS=None):
-        x = self.proj(torch.cat([self.hidden_norm(h_BTD), self.embed_norm(emb_BTD)], dim=-1))
-        return self.block(x, cos, sin, mask_B1TS, token_ids_BT=token_ids_BT)
 
 
 class Transformer(nn.Module):
@@ -213,20 +131,15 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len: {max_len} tokens exceed the model's max_seq_len ({self.config.max_seq_len})")
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        layers = []
-        for block in self.layers:
-            if block.is_linear:  # constant in max_len
-                layers.append(block.attn.new_cache(batch_size, dtype, device))
-            else:
-                layers.append(block.attn.new_cache(batch_size, max_len, dtype, device))
-                # One row gains nothing from the batched call: the per-row path is the same call without its
-                # index tensors and mask.
-                layers[-1].batched = not independent_rows and batch_size > 1
+        # One row gains nothing from the batched call: the per-row path is the same call without its index tensors
+        # and mask.
+        batched = not independent_rows and batch_size > 1
+        layers = [block.attn.new_cache(batch_size, max_len, dtype, device, batched=batched) for block in self.layers]
         return DecodeCache(layers, torch.zeros(batch_size, dtype=torch.long), max_len)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, cache: DecodeCache | None = None,
-                logits_to_keep: int = 0, router_stats: bool | str = True,
+                logits_to_keep: int = 0, router_stats: RouterStatsMode | bool | str = True,
                 expert_backend: str | None = None, document_starts: torch.Tensor | None = None,
                 document_mask: bool = True) -> ModelOutput:
         """``labels[b, t]`` is the target of position t (already shifted: usually ``input_ids[b, t + 1]``);
@@ -242,12 +155,12 @@ class Transformer(nn.Module):
         document and positions count from its start, so a document computes what it computes alone (False: the
         softmax layers see across documents, as plain packing does). Not with ``attention_mask`` or ``cache``.
 
-        Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one;
-        the head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
-        (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a
-        bincount the dispatch makes anyway). ``expert_backend`` overrides the MoE layers' backend for this call: a
-        name or a ``kernels.BackendRequest`` (the decode engine asks for ``kernels.ROW_INDEPENDENT``: per-row results
-        that do not depend on the other rows)."""
+        Inference: ``logits_to_keep`` n > 0 computes the logits of the last n positions only (a prefill needs one; the
+        head is the largest matmul of a short model); ``router_stats=False`` skips the router statistics
+        (``router_stats`` stays empty, ``aux_loss`` zero), ``"load"`` keeps only each layer's ``load`` (a bincount the
+        dispatch makes anyway): a ``RouterStatsMode``, or True (ALL), False (NONE) or its value. ``expert_backend``
+        overrides the MoE layers' backend for this call: a name or a ``kernels.BackendRequest`` (the decode engine asks
+        for ``kernels.ROW_INDEPENDENT``: per-row results that do not depend on the other rows)."""
         B, T = input_ids.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"input_ids: sequence length {T} exceeds max_seq_len ({self.config.max_seq_len})")
@@ -264,6 +177,7 @@ class Transformer(nn.Module):
             if attention_mask is not None or cache is not None:
                 raise ValueError("document_starts: packed documents are for unpadded rows without a cache (training "
                                  "and evaluation); not with attention_mask or cache")
+        stats_mode = RouterStatsMode.of(router_stats)
         real_BT = attention_mask.bool() if attention_mask is not None else None
         starts_BT = document_starts.bool() if document_starts is not None else None
         mask_B1TS = spans = None
@@ -284,11 +198,15 @@ class Transformer(nn.Module):
             mask_B1TS = ((doc_BT[:, :, None] == doc_BT[:, None, :]) & self._causal(T, input_ids.device))[:, None]
         else:
             cos, sin = self.rope(torch.arange(T, device=input_ids.device))
+        if cache is not None:
+            step = MixerStep(CacheMode.CHUNKS, cos, sin, spans=spans, real_BT=real_BT)
+        else:
+            step = MixerStep(CacheMode.NONE, cos, sin, mask_B1TS=mask_B1TS, real_BT=real_BT, starts_BT=starts_BT)
         h = self.embed(input_ids)
         stats: dict[int, RouterStats] = {}
         for i, block in enumerate(self.layers):
-            h, s = block(h, cos, sin, mask_B1TS, cache.layers[i] if cache is not None else None, spans, input_ids,
-                         router_stats, real_BT, expert_backend, starts_BT)
+            h, s = block(h, step, cache=cache.layers[i] if cache is not None else None, token_ids_BT=input_ids,
+                         router_stats=stats_mode, expert_backend=expert_backend)
             if s is not None:
                 stats[i] = s
         if cache is not None:
@@ -301,8 +219,8 @@ class Transformer(nn.Module):
         if labels is not None:
             out.lm_loss = _cross_entropy(logits, labels)
             if len(self.mtp):
-                out.mtp_loss = self._mtp_loss(h, input_ids, labels, cos, sin, stats, mask_B1TS)
-        if stats and router_stats is True:
+                out.mtp_loss = self._mtp_loss(h, input_ids, labels, step, stats)
+        if stats and stats_mode is RouterStatsMode.ALL:
             out.aux_loss = torch.stack([s.aux_loss for s in stats.values()]).sum()
         if out.lm_loss is not None:
             out.loss = out.lm_loss + out.aux_loss
@@ -320,10 +238,12 @@ class Transformer(nn.Module):
         caller's to advance. With ``count_experts``, the second value holds each MoE layer's tokens per expert
         (padding excluded), else it is empty."""
         cos, sin = self.rope(slots_B[:, None])
+        step = MixerStep(CacheMode.STEP, cos, sin, slots_B=slots_B, real_BT=real_B1)
+        stats_mode = RouterStatsMode.LOAD if count_experts else RouterStatsMode.NONE
         h = self.embed(ids_B1)
         loads = {}
-        for i, (block, layer) in enumerate(zip(self.layers, layers)):
-            h, stats = block(h, cos, sin, None, layer, slots_B, ids_B1, "load" if count_experts else False, real_B1)
+        for i, (block, layer) in enumerate(zip(self.layers, layers, strict=True)):
+            h, stats = block(h, step, cache=layer, token_ids_BT=ids_B1, router_stats=stats_mode)
             if stats is not None:
                 loads[i] = stats.load
         return self._logits(self.norm(h[:, -1])), loads
@@ -336,13 +256,13 @@ class Transformer(nn.Module):
             raise ValueError(f"cache: holds {cache.lengths_B.shape[0]} rows, input_ids has {B}")
         cached_B = cache.lengths_B.tolist()
         new_B = real_BT.sum(1).tolist() if real_BT is not None else [T] * B
-        for b, (cached, new) in enumerate(zip(cached_B, new_B)):
+        for b, (cached, new) in enumerate(zip(cached_B, new_B, strict=True)):
             if cached + new > cache.max_len:
                 raise ValueError(f"input_ids: row {b}'s {cached} cached + {new} new tokens exceed the cache's "
                                  f"max_len ({cache.max_len})")
         counts_BT = real_BT.long().cumsum(1) if real_BT is not None else torch.arange(1, T + 1, device=device)
         positions_BT = (cache.lengths_B.to(device)[:, None] + counts_BT - 1).clamp_min(0)
-        return list(zip(cached_B, new_B)), positions_BT
+        return list(zip(cached_B, new_B, strict=True)), positions_BT
 
     def _causal(self, T: int, device) -> torch.Tensor:
         """(T, T) bool: which keys each query may attend without a cache (causal, within a sliding window)."""
@@ -350,7 +270,7 @@ class Transformer(nn.Module):
         window = getattr(self.config.attention, "sliding_window", None)
         return causal_TT if window is None else causal_TT.triu(1 - window)
 
-    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, cos, sin, stats, mask_B1TS=None) -> torch.Tensor:
+    def _mtp_loss(self, h_BTD, input_ids_BT, labels_BT, step: MixerStep, stats) -> torch.Tensor:
         # Depth d sees positions t < T - d, the ones whose token t+d is in the batch: its input is input_ids[t+d]
         # and its target labels[t+d]. The input comes from input_ids, not from the labels, so that a position
         # whose label is ignored (-100) still feeds its real token.
@@ -359,9 +279,10 @@ class Transformer(nn.Module):
         for d, module in enumerate(self.mtp, start=1):
             if T - d <= 0:
                 break
-            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), cos[..., : T - d, :],
-                              sin[..., : T - d, :], input_ids_BT[:, d:],
-                              None if mask_B1TS is None else mask_B1TS[..., : T - d, : T - d])
+            mask_B1TS = step.mask_B1TS
+            shorter = MixerStep(cos=step.cos[..., : T - d, :], sin=step.sin[..., : T - d, :],
+                                mask_B1TS=None if mask_B1TS is None else mask_B1TS[..., : T - d, : T - d])
+            h_BTD, s = module(h_BTD[:, : T - d], self.embed(input_ids_BT[:, d:]), shorter, input_ids_BT[:, d:])
             if s is not None:
                 stats[self.config.n_layers + d - 1] = s
             losses.append(_cross_entropy(self._logits(module.norm(h_BTD)), labels_BT[:, d:]))
@@ -382,6 +303,26 @@ def _cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
 def build_model(config: ModelConfig) -> Transformer:
     """Validate ``config`` and build the model on the current default device and dtype."""
     return Transformer(config)
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                on_meta: Callable[[Transformer], object] | None = None) -> Transformer:
+    """The model with uninitialised weights of ``dtype`` (buffers such as the expert bias keep theirs, and so do the
+    parameters ``smoe.nn.fp32_parameters`` names), allocated once on ``device``: the destination a loader fills
+    tensor by tensor. ``on_meta`` is called with the model before anything is allocated: what it swaps in for
+    modules (smoe.offload.experts.offload_experts: the routed experts, left on disk) is allocated in their place."""
+    with torch.device("meta"):
+        model = build_model(config)
+    fp32 = fp32_parameters(model)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name in fp32 else dtype)
+    if on_meta is not None:
+        on_meta(model)
+    model.to_empty(device=device)
+    for m in model.modules():  # the buffers computed from the config, not stored
+        if isinstance(m, (RotaryEmbedding, LightningAttention)):
+            m.reset_buffers()
+    return model
 
 
 def quantize(model: Transformer, scheme: str, group_size: int | None = None) -> Transformer:

@@ -8,13 +8,14 @@ from smoe.moe.balance import (
     sequence_balance_loss,
     update_expert_bias,
 )
-from smoe.moe.layer import MoELayer, RouterStats
+from smoe.moe.layer import MoELayer, RouterStats, RouterStatsMode
 from smoe.moe.router import Router, Routing
 
 __all__ = [
     "MoELayer",
     "Router",
     "RouterStats",
+    "RouterStatsMode",
     "Routing",
     "device_balance_loss",
     "load_balance_loss",

@@ -19,6 +19,9 @@ class Experts(nn.Module):
     (expert parallelism) implements ``forward`` and keeps this ``run``; the stock modules hand the unsorted tokens
     to their backend's ``tokens`` kernel instead where the routing allows it (``Routed.hands_over``)."""
 
+    # Whether torch.compile can capture a call as part of one graph (experts that read files between ops cannot).
+    traceable = True
+
     def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor, backend: str | kernels.BackendRequest = "auto"
                 ) -> torch.Tensor:
         raise NotImplementedError

@@ -5,6 +5,7 @@ Legend: B batch, T tokens per sequence, N = B*T tokens, D model dim, E routed ex
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,10 +22,32 @@ from smoe.nn.init import init_weights
 from smoe.nn.mlp import MLP
 
 
+class RouterStatsMode(str, enum.Enum):
+    """Which router statistics a forward computes (``MoELayer.forward``'s ``stats``, ``Transformer.forward``'s
+    ``router_stats``)."""
+
+    ALL = "all"  # every RouterStats field and the aux loss with its gradient (training)
+    LOAD = "load"  # only ``load``, a bincount the dispatch makes anyway (serving's expert counters)
+    NONE = "none"  # none (inference, where nothing reads them)
+
+    @classmethod
+    def of(cls, value: bool | str | RouterStatsMode) -> RouterStatsMode:
+        """The mode an argument names: True is ALL, False is NONE, else a mode or its value."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, bool):
+            return cls.ALL if value else cls.NONE
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"router_stats: True, False or one of {choices}, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class RouterStats:
     """What one MoE layer reports per forward: values, never globals. All but ``aux_loss`` are detached. With
-    ``stats="load"`` (serving's expert counters) only ``load`` is computed and the rest are None."""
+    ``RouterStatsMode.LOAD`` (serving's expert counters) only ``load`` is computed and the rest are None."""
 
     load: torch.Tensor  # (E,) int64 assignments routed to each expert (before capacity drops)
     dropped: torch.Tensor | None = None  # () int64 assignments dropped over capacity
@@ -72,12 +95,12 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if config.shared_expert_gate else None
         init_weights(self, init_std)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, stats: bool | str = True,
-                keep: torch.Tensor | None = None, backend: str | kernels.BackendRequest | None = None
-                ) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None,
+                stats: RouterStatsMode | bool | str = RouterStatsMode.ALL, keep: torch.Tensor | None = None,
+                backend: str | kernels.BackendRequest | None = None) -> tuple[torch.Tensor, RouterStats | None]:
         """``token_ids`` (the shape of ``x`` without D): what hash routing routes by; other routers ignore them.
-        ``stats=False`` (inference, where nothing reads them) skips the router statistics and returns None;
-        ``"load"`` returns only ``load``. ``keep`` (the shape of ``token_ids``, bool): tokens to route; the others
+        ``stats`` (a ``RouterStatsMode``, or True / False / its value): NONE skips the router statistics and returns
+        None; LOAD returns only ``load``. ``keep`` (the shape of ``token_ids``, bool): tokens to route; the others
         (padding) reach no expert. ``backend`` (a name or a ``kernels.BackendRequest``) overrides ``self.backend``
         for this call. The experts get the unsorted tokens (``Experts.run``); the sort by expert is made only where
         something needs it (statistics, capacity, the experts' kernel)."""
@@ -86,6 +109,7 @@ class MoELayer(nn.Module):
         x_ND = x_BTD.reshape(B * T, D)
         cfg = self.config
         backend = backend or self.backend
+        stats = RouterStatsMode.of(stats)
         routing = self.router(x_ND, token_ids)
         capacity = None
         if cfg.capacity_factor is not None and cfg.routing != "expert_choice":
@@ -97,16 +121,16 @@ class MoELayer(nn.Module):
             second_A = random_second_expert(routing.weights_A)
             keep_A = second_A if keep_A is None else keep_A & second_A
         routed = Routed(routing, B * T, cfg.n_routed_experts, cfg.top_k, capacity, cfg.capacity_priority, keep_A,
-                        stats=stats is True)
+                        stats=stats is RouterStatsMode.ALL)
         y_ND = self.experts.run(x_ND, routed, backend)
         if self.shared is not None:
             shared_ND = self.shared(x_ND)
             if self.shared_gate is not None:
                 shared_ND = torch.sigmoid(self.shared_gate(x_ND)) * shared_ND
             y_ND = y_ND + shared_ND
-        if not stats:
+        if stats is RouterStatsMode.NONE:
             return y_ND.view(x.shape), None
-        if stats == "load":
+        if stats is RouterStatsMode.LOAD:
             return y_ND.view(x.shape), RouterStats(load=routed.load())
         dispatch = routed.dispatch()
         return y_ND.view(x.shape), self._stats(routing, dispatch.load_E, dispatch.n_dropped, B, T)

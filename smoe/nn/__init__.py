@@ -1,4 +1,5 @@
-"""Dense building blocks: norms, rotary embeddings, attention (GQA and MLA), linear-attention recurrences, gated MLP."""
+"""Dense building blocks: norms, rotary embeddings, the token mixers (GQA and MLA attention, the linear-attention
+layers; one contract, smoe.nn.mixer), linear-attention recurrences, gated MLP."""
 
 from smoe.nn.attention import Attention, KVCache
 from smoe.nn.init import init_weights
@@ -11,12 +12,17 @@ from smoe.nn.linear_layers import (
     fp32_parameters,
     make_linear_attention,
 )
+from smoe.nn.mixer import CacheMode, LayerCache, MixerStep, TokenMixer
 from smoe.nn.mla import MLA, MLACache
 from smoe.nn.mlp import MLP
 from smoe.nn.norm import LayerNorm, RMSNorm, make_norm
 from smoe.nn.rope import RotaryEmbedding, apply_rope
 
 __all__ = [
+    "CacheMode",
+    "LayerCache",
+    "MixerStep",
+    "TokenMixer",
     "MLA",
     "MLACache",
     "MLP",

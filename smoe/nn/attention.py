@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe.config import AttentionConfig
+from smoe.nn.mixer import CacheMode, MixerStep
 from smoe.nn.norm import RMSNorm
 from smoe.nn.rope import apply_rope
 
@@ -85,15 +86,15 @@ class KVCache:
         """Each buffer with its slot axis (what a compiled step marks dynamic)."""
         return [(self.k_BGSK, 2), (self.v_BGSK, 2)]
 
-    def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]] | torch.Tensor, window: int | None
-               ) -> torch.Tensor:
+    def clear(self, row: int) -> None:
+        """Nothing to clear: a row's slots past its length are overwritten as it grows again."""
+
+    def attend(self, q_BHTK, k_BGTK, v_BGTK, spans: list[tuple[int, int]], window: int | None) -> torch.Tensor:
         """Row b's last n new tokens (``spans[b] == (cached, n)``; the columns before them are padding) are written
         at slots [cached, cached + n) and attend over that row's keys alone, so its arithmetic has the same shapes
-        whatever the other rows hold. Padding queries get zeros. ``spans`` a (B,) tensor of slots: ``step``."""
+        whatever the other rows hold. Padding queries get zeros."""
         T = q_BHTK.shape[2]
         gqa = k_BGTK.shape[1] != q_BHTK.shape[1]
-        if torch.is_tensor(spans):
-            return self.step(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         if self.batched and T == 1:
             return self._attend_at_once(q_BHTK, k_BGTK, v_BGTK, spans, window, gqa)
         out_BHTK = q_BHTK.new_zeros(q_BHTK.shape)
@@ -112,11 +113,12 @@ class KVCache:
                 self.v_BGSK[b : b + 1, :, first:end], attn_mask=mask, enable_gqa=gqa)
         return out_BHTK
 
-    def step(self, q_BH1K, k_BG1K, v_BG1K, slots_B: torch.Tensor, window: int | None, gqa: bool) -> torch.Tensor:
+    def step(self, q_BH1K, k_BG1K, v_BG1K, slots_B: torch.Tensor, window: int | None) -> torch.Tensor:
         """One token per row with static shapes and no host sync (the compiled decode step, smoe.generation): row
         b's token is written at slot ``slots_B[b]`` and attends over the slots up to it (within the window) among
         the buffers' S, every row in one call. A padding row writes too, at its row's next free slot, which that
         row's next real token overwrites; its output is the caller's to ignore."""
+        gqa = k_BG1K.shape[1] != q_BH1K.shape[1]
         rows_B = torch.arange(q_BH1K.shape[0], device=q_BH1K.device)
         self.k_BGSK[rows_B, :, slots_B] = k_BG1K[:, :, 0]
         self.v_BGSK[rows_B, :, slots_B] = v_BG1K[:, :, 0]
@@ -171,15 +173,15 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(q_dim, norm_eps), RMSNorm(kv_dim, norm_eps)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype, device) -> KVCache:
-        return KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+    def new_cache(self, batch_size: int, max_len: int, dtype, device, *, batched: bool = False) -> KVCache:
+        cache = KVCache.empty(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, device)
+        cache.batched = batched
+        return cache
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: KVCache | None = None, spans: list[tuple[int, int]] | torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Without a cache: causal attention within x (``mask_B1TS`` replaces it when given, e.g. for padding).
-        With one: row b's last ``n`` tokens continue its ``cached`` ones, ``spans[b] == (cached, n)``; or, one
-        token per row, at slot ``spans[b]`` of a (B,) tensor (``KVCache.step``)."""
+    def forward(self, x_BTD: torch.Tensor, step: MixerStep, cache: KVCache | None = None) -> torch.Tensor:
+        """By ``step.mode`` (smoe.nn.mixer): NONE, causal attention within x (``step.mask_B1TS`` replaces it when
+        given, e.g. for padding); CHUNKS, row b's last ``n`` tokens continue its ``cached`` ones in ``cache``,
+        ``step.spans[b] == (cached, n)``; STEP, one token per row at slot ``step.slots_B[b]`` (``KVCache.step``)."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
@@ -192,12 +194,14 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            out = cache.attend(q, k, v, spans, cfg.sliding_window)
+        if step.mode is CacheMode.NONE:
+            out = attend(q, k, v, cfg.sliding_window, mask_B1TS=step.mask_B1TS)
+        elif step.mode is CacheMode.STEP:
+            out = cache.step(q, k, v, step.slots_B, cfg.sliding_window)
         else:
-            out = attend(q, k, v, cfg.sliding_window, mask_B1TS=mask_B1TS)
+            out = cache.attend(q, k, v, step.spans, cfg.sliding_window)
         out_BTQ = out.transpose(1, 2).reshape(B, T, -1)
         if cfg.output_gate:
             out_BTQ = out_BTQ * torch.sigmoid(self.wg(x_BTD))

@@ -7,16 +7,16 @@ H heads, K key dim, V value dim.
 
 ``chunk`` is the chunked recurrence's chunk length; ``chunk=None`` runs the token-by-token spec instead, which is what
 the layers' parity tests hold the chunked form to. A single token never runs the chunked form: continuing a state
-without autograd (a decode step) it runs ``gated_delta_step_``, which updates the cached state in place, else the
-spec. ``real_BT`` (bool) marks the real tokens of a left-padded batch. Padding neither decays nor writes
-the recurrent state and never enters the convolution's history, so every row computes what it computes alone, also
-when it continues a state (a decode step's idle rows, the shorter rows of a chunked prefill). Outputs at padding
+without autograd (a decode step) it runs ``gated_delta_step_``, which updates the cached state in place, else the spec.
+``real_BT`` (bool; ``MixerStep.real_BT``) marks the real tokens of a left-padded batch. Padding neither decays nor
+writes the recurrent state and never enters the convolution's history, so every row computes what it computes alone,
+also when it continues a state (a decode step's idle rows, the shorter rows of a chunked prefill). Outputs at padding
 positions are meaningless (finite: padding is zeroed before the projections, as transformers does).
 
-``starts_BT`` (bool, B x T) marks the first token of each document in rows that pack several (flash-linear-
-attention's ``cu_seqlens`` idea, kept as rows of a batch rather than one flattened sequence): there the recurrent
-state is reset (log decay -inf) and the short convolution reads no input of an earlier document, so every document
-computes what it computes alone, and a cache is left as the last document alone leaves it.
+``starts_BT`` (bool, B x T; ``MixerStep.starts_BT``) marks the first token of each document in rows that pack several
+(flash-linear-attention's ``cu_seqlens`` idea, kept as rows of a batch rather than one flattened sequence): there the
+recurrent state is reset (log decay -inf) and the short convolution reads no input of an earlier document, so every
+document computes what it computes alone, and a cache is left as the last document alone leaves it.
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from torch import nn
 
 from smoe.config import LinearAttentionConfig
 from smoe.nn.linear_attention import chunked_gated_delta_rule, gated_delta_rule, gated_delta_step_
+from smoe.nn.mixer import MixerStep
 
 
 class RecurrentState:
     """What a linear-attention layer carries between calls: the last W inputs of its short convolution (None for a
     layer without one) and the recurrent state, fp32. Both are constant in the context length. A call writes them
     in place, so ``rows`` views write through (a request's prefill in its own row of a batch's state)."""
+
+    batched = False  # every call runs all rows at once, each alone, whatever this says (smoe.nn.mixer.LayerCache)
 
     def __init__(self, conv_BCW: torch.Tensor | None, state_BHKV: torch.Tensor):
         self.conv_BCW, self.state_BHKV = conv_BCW, state_BHKV
@@ -173,17 +176,19 @@ class LightningAttention(nn.Module):
         """The layer's own parameter (its projections are plain linears): a unit output norm."""
         self.norm_weight.fill_(1.0)
 
-    def new_cache(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
-        """An empty state for ``batch_size`` sequences (``dtype`` is accepted for the layers' common signature: the
-        state is fp32 and there is no convolution)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None, *,
+                  batched: bool = False) -> RecurrentState:
+        """An empty state for ``batch_size`` sequences (``max_len``, ``dtype`` and ``batched`` are accepted for the
+        mixers' common signature: the state is fp32, constant in the context length, and there is no
+        convolution)."""
         device = device or self.wq.weight.device
         D = self.head_dim
         return RecurrentState(None, torch.zeros(batch_size, self.n_heads, D, D, dtype=torch.float32, device=device))
 
-    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None,
-                real_BT: torch.Tensor | None = None, starts_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place); ``starts_BT``: True
-        at each document's first token (module docstring)."""
+    def forward(self, x_BTD: torch.Tensor, step: MixerStep, state: RecurrentState | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place). Of ``step`` it reads
+        ``real_BT`` and ``starts_BT`` (True at each document's first token; module docstring)."""
+        real_BT, starts_BT = step.real_BT, step.starts_BT
         B, T, _ = x_BTD.shape
         H, D = self.n_heads, self.head_dim
         x_BTD = _zero_padding(x_BTD, real_BT)  # SiLU(0) = 0: padding's k and v are zero, so it writes nothing
@@ -240,18 +245,21 @@ class GatedDeltaNet(nn.Module):
     def conv_channels(self) -> int:
         return 2 * self.n_k_heads * self.k_dim + self.n_v_heads * self.v_dim
 
-    def new_cache(self, batch_size: int, dtype=None, device=None) -> RecurrentState:
-        """An empty state for ``batch_size`` sequences; ``dtype``: the convolution history's (the state is fp32)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None, *,
+                  batched: bool = False) -> RecurrentState:
+        """An empty state for ``batch_size`` sequences; ``dtype``: the convolution history's (the state is fp32).
+        ``max_len`` and ``batched`` are accepted for the mixers' common signature: the state is constant in the
+        context length, and every row is computed alone in one call."""
         dtype = dtype or self.wq.weight.dtype
         device = device or self.wq.weight.device
         conv = torch.zeros(batch_size, self.conv_channels, self.conv_weight.shape[1] - 1, dtype=dtype, device=device)
         state = torch.zeros(batch_size, self.n_v_heads, self.k_dim, self.v_dim, dtype=torch.float32, device=device)
         return RecurrentState(conv, state)
 
-    def forward(self, x_BTD: torch.Tensor, state: RecurrentState | None = None,
-                real_BT: torch.Tensor | None = None, starts_BT: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place); ``starts_BT``: True
-        at each document's first token (module docstring)."""
+    def forward(self, x_BTD: torch.Tensor, step: MixerStep, state: RecurrentState | None = None) -> torch.Tensor:
+        """The layer over ``x_BTD``; with ``state``, continuing it (and updating it in place). Of ``step`` it reads
+        ``real_BT`` and ``starts_BT`` (True at each document's first token; module docstring)."""
+        real_BT, starts_BT = step.real_BT, step.starts_BT
         B, T, _ = x_BTD.shape
         Hk, Hv, K, V = self.n_k_heads, self.n_v_heads, self.k_dim, self.v_dim
         x_BTD = _zero_padding(x_BTD, real_BT)

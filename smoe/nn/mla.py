@@ -22,6 +22,7 @@ from torch import nn
 
 from smoe.config import MLAConfig
 from smoe.nn.attention import attend, chunk_mask, rows_with_a_token, visible_slots
+from smoe.nn.mixer import CacheMode, MixerStep
 from smoe.nn.norm import RMSNorm
 from smoe.nn.rope import apply_rope, yarn_mscale
 
@@ -57,6 +58,9 @@ class MLACache:
     def slot_axes(self) -> list[tuple[torch.Tensor, int]]:
         """The buffer with its slot axis, as ``KVCache.slot_axes``."""
         return [(self.latent_BSX, 1)]
+
+    def clear(self, row: int) -> None:
+        """Nothing to clear, as ``KVCache.clear``."""
 
     def append(self, b: int, ckv_TC: torch.Tensor, k_rope_TR: torch.Tensor, cached: int) -> torch.Tensor:
         """Write row b's new tokens at slots [cached, cached + T); return its latent rows up to there, (1, S, X)."""
@@ -95,16 +99,16 @@ class MLA(nn.Module):
             # DeepSeek folds YaRN's temperature into the softmax scale as well as into cos/sin.
             self.scale *= yarn_mscale(scaling.factor, scaling.mscale_all_dim) ** 2
 
-    def new_cache(self, batch_size: int, max_len: int, dtype, device) -> MLACache:
+    def new_cache(self, batch_size: int, max_len: int, dtype, device, *, batched: bool = False) -> MLACache:
         cfg = self.config
-        return MLACache.empty(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        cache = MLACache.empty(batch_size, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
+        cache.batched = batched
+        return cache
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1TS=None,
-                cache: MLACache | None = None, spans: list[tuple[int, int]] | torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """As ``Attention.forward``. With a cache, each row attends over its own latents: a row's first chunk
-        (nothing cached, its own keys only) takes the expanded path, cheaper for many queries; later chunks attend
-        in the latent space. ``spans`` a (B,) tensor of slots: a static-shape step, as ``KVCache.step``."""
+    def forward(self, x_BTD: torch.Tensor, step: MixerStep, cache: MLACache | None = None) -> torch.Tensor:
+        """As ``Attention.forward``. With a cache (CHUNKS), each row attends over its own latents: a row's first
+        chunk (nothing cached, its own keys only) takes the expanded path, cheaper for many queries; later chunks
+        attend in the latent space. STEP: a static-shape step, as ``KVCache.step``."""
         B, T, _ = x_BTD.shape
         cfg = self.config
         H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -113,15 +117,17 @@ class MLA(nn.Module):
         ckv_BTC, k_rope_BTR = self.wkv_a(x_BTD).split([cfg.kv_lora_rank, R], dim=-1)
         ckv_BTC = self.kv_norm(ckv_BTC)
         if cfg.rotary:
+            cos, sin = step.cos, step.sin
             q_rope_BTHR = apply_rope(q_rope_BTHR, cos, sin, interleaved=cfg.rope_interleave)
             k_rope_BTR = apply_rope(k_rope_BTR.view(B, T, 1, R), cos, sin, interleaved=cfg.rope_interleave)
             k_rope_BTR = k_rope_BTR.view(B, T, R)
-        if cache is None:
-            out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, mask_B1TS)
-        elif torch.is_tensor(spans):  # a static-shape step: row b's token at slot spans[b] (KVCache.step)
+        spans = step.spans
+        if step.mode is CacheMode.NONE:
+            out_BTHV = self._expanded(q_nope_BTHN, q_rope_BTHR, ckv_BTC, k_rope_BTR, step.mask_B1TS)
+        elif step.mode is CacheMode.STEP:  # row b's token at slot slots_B[b] (KVCache.step)
             rows_B = torch.arange(B, device=x_BTD.device)
-            cache.latent_BSX[rows_B, spans] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[:, 0]
-            mask_B11S = visible_slots(spans, cache.latent_BSX.shape[1], None)
+            cache.latent_BSX[rows_B, step.slots_B] = torch.cat([ckv_BTC, k_rope_BTR], dim=-1)[:, 0]
+            mask_B11S = visible_slots(step.slots_B, cache.latent_BSX.shape[1], None)
             out_BTHV = self._absorbed(q_nope_BTHN, q_rope_BTHR, cache.latent_BSX, mask_B11S, whole_rows=True)
         elif cache.batched and T == 1:  # one call for every row's new token, each masked to its own latents
             written = [b for b, (_, n) in enumerate(spans) if n]

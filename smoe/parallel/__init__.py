@@ -1,6 +1,7 @@
 """Scale-out on torch.distributed, applied from outside the model: expert parallelism over all-to-all, data
-parallelism, resharding checkpoints (smoe.parallel.checkpoint.consolidate), launch by torchrun (see
-docs/distributed.md)."""
+parallelism, launch by torchrun (see docs/distributed.md). The checkpoint layouts an expert-parallel run writes are
+smoe.io.checkpoint's (``consolidate`` turns one into the other); the training state in them is
+smoe.train.checkpoint's."""
 
 from smoe.parallel.data_parallel import clip_gradients, local_rows, sync_gradients
 from smoe.parallel.expert_parallel import (

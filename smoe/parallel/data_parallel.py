@@ -49,7 +49,7 @@ def sync_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=group)
         flat /= mesh.size()
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p)
 
 

@@ -69,8 +69,9 @@ def deepseek_v3_style() -> ModelConfig:
 
 # Qwen3-Next's Gated DeltaNet shape (config.json of Qwen/Qwen3-Next-80B-A3B-Instruct: 16 key heads, 32 value heads,
 # both of head dim 128, a 4-tap convolution) at the hybrid models' width (d 256): half as many key heads as value
-# heads, of the attention's head dim 64. Its q, k (2 x 256 x 128), v, output gate and output (3 x 256 x 256), decay and write projections and
-# convolution hold 266,312 parameters against the 262,144 of the 4-head attention it replaces (+1.6%).
+# heads, of the attention's head dim 64. Its q, k (2 x 256 x 128), v, output gate and output (3 x 256 x 256),
+# decay and write projections and convolution hold 266,312 parameters against the 262,144 of the 4-head attention
+# it replaces (+1.6%).
 GATED_DELTA = LinearAttentionConfig(kind="gated_delta", n_heads=4, n_k_heads=2, head_dim=64, conv_kernel=4)
 
 

@@ -116,6 +116,10 @@ def quantize_modules(root: nn.Module, config: QuantConfig) -> None:
     for parent_name, parent in root.named_modules():
         kept = getattr(type(parent), "keep_full_precision", ())
         for name, child in parent.named_children():
+            if isinstance(child, Experts) and not isinstance(child, (RoutedExperts, QuantizedExperts)):
+                raise ValueError(f"quantization: {parent_name}.{name} is {type(child).__name__}, whose weights are not "
+                                 "in memory to quantise; quantise the checkpoint instead (smoe convert --quantize), "
+                                 "then load that")
             if isinstance(child, RoutedExperts) or (isinstance(child, nn.Linear) and name not in kept):
                 targets.append((parent, name, child, f"{parent_name}.{name}".lstrip(".")))
     if config.scheme == "int4":

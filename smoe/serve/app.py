@@ -263,7 +263,8 @@ def _prompt_scores(request: Request) -> list[tuple[int, TokenLogprob | None]]:
     """The prompt's tokens with their log-probabilities (the first has none) when they were scored, else []."""
     if not request.prompt_logprobs:
         return []
-    return [(request.prompt[0], None), *zip(request.prompt[1:], request.prompt_token_logprobs)]
+    # not strict: a request cancelled during its prefill has scored only the prompt's first chunks
+    return [(request.prompt[0], None), *zip(request.prompt[1:], request.prompt_token_logprobs, strict=False)]
 
 
 def _check(event):
@@ -410,13 +411,14 @@ class Answer:
         text = [self.tokenizer.decode([token]) for token, _ in scores]
         if self.endpoint == "chat":
             return {"content": [{**_token(t, entry.logprob), "top_logprobs": [
-                _token(self.tokenizer.decode([i]), lp) for i, lp in entry.top]} for t, (_, entry) in zip(text, scores)]}
+                _token(self.tokenizer.decode([i]), lp) for i, lp in entry.top]}
+                for t, (_, entry) in zip(text, scores, strict=True)]}
         offsets = []
         for t in text:
             offsets.append(self.offset)
             self.offset += len(t)
         top = []
-        for t, (_, entry) in zip(text, scores):
+        for t, (_, entry) in zip(text, scores, strict=True):
             if entry is None:
                 top.append(None)
                 continue

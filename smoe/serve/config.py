@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smoe.config import DEFAULT_INT4_GROUP, INT4_GROUP_SIZES, QuantConfig, QuantScheme
-from smoe.config_rules import check_types, fail, non_negative, positive
+from smoe.config.rules import check_types, fail, non_negative, positive
 from smoe.train.config import option
 
 # The environment variable that sets `api_key` when the flag is not given (a key on the command line shows in ps).

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from smoe.config_rules import matches, type_name
+from smoe.config.rules import matches, type_name
 from smoe.io.files import parse_json
 
 # A text prompt (or the messages of a chat) longer than this many characters per token of context is refused before

@@ -19,15 +19,20 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from smoe.offload.budget import OffloadConfig
 from smoe.serve.config import ServeConfig
 
 # Seconds uvicorn waits past the drain for the aborted requests' handlers to answer, before it cancels them.
 ABORT_GRACE = 5.0
 
 
-def serve(path: str, config: ServeConfig, log: Callable[[str], None] = print) -> None:
-    """Serve the model at ``path`` (a Hugging Face directory, a smoe checkpoint or a run directory)."""
+def serve(path: str, config: ServeConfig, log: Callable[[str], None] = print, offload: OffloadConfig | None = None
+          ) -> None:
+    """Serve the model at ``path`` (a Hugging Face directory, a smoe checkpoint or a run directory); ``offload``:
+    how its routed experts are kept (smoe.offload: on disk behind a budget)."""
     config.validate()
+    if offload is not None:
+        offload.validate()
     config.resolved_api_key()  # $SMOE_API_KEY checked before the model loads
     try:
         import uvicorn
@@ -37,7 +42,7 @@ def serve(path: str, config: ServeConfig, log: Callable[[str], None] = print) ->
     from smoe.serve.app import create_app
 
     sock = _bind(config.host, config.port)  # before the model loads: a taken port fails fast
-    state = load_state(path, config)
+    state = load_state(path, config, offload)
     state.worker.engine.warm_up()
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
@@ -52,8 +57,9 @@ def serve(path: str, config: ServeConfig, log: Callable[[str], None] = print) ->
     server.run(sockets=[sock])
 
 
-def load_state(path: str, config: ServeConfig):
+def load_state(path: str, config: ServeConfig, offload: OffloadConfig | None = None):
     """Everything the app serves from: the model, its tokenizer and chat template, the engine and its thread."""
+    from smoe.device import resolve_device
     from smoe.generation import Engine, default_stop_tokens
     from smoe.interop.hf import DTYPES, load_pretrained
     from smoe.io.checkpoint import model_directory
@@ -62,14 +68,14 @@ def load_state(path: str, config: ServeConfig):
     from smoe.serve.app import ServerState, allowed_hosts
     from smoe.serve.chat import load_chat_template
     from smoe.serve.worker import Worker
-    from smoe.train.loop import resolve_device
 
     directory = model_directory(path)
     tokenizer = find_tokenizer(directory)
     if tokenizer is None:
         raise ValueError(f"{Path(directory) / TOKENIZER_FILE}: not found; smoe serve needs the model's tokenizer")
     chat = load_chat_template(directory)
-    model = load_pretrained(directory, dtype=DTYPES.get(config.dtype), device=resolve_device(config.device))
+    model = load_pretrained(directory, dtype=DTYPES.get(config.dtype), device=resolve_device(config.device),
+                            offload=offload)
     if config.quantize is not None:
         quantize(model, config.quantize, config.group_size)
     context = config.max_seq_len or model.config.max_seq_len

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from smoe.config_rules import check_types, fail, non_negative, option, positive
+from smoe.config.rules import check_types, fail, non_negative, option, positive
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,9 @@ class TrainConfig:
         300.0, "seconds before a rank waiting on a dead or hung rank stops with an error (default 300)")
 
     # Fields that may change between a run and its resumption without changing the optimisation.
-    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "final_eval_batches", "save_every", "save_every_minutes", "save_at",
-                         "keep_last", "keep_optimizer", "max_bad_steps", "device", "expert_backend", "peak_tflops",
-                         "compile", "ep", "dp", "dist_timeout")
+    RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "final_eval_batches", "save_every",
+                         "save_every_minutes", "save_at", "keep_last", "keep_optimizer", "max_bad_steps", "device",
+                         "expert_backend", "peak_tflops", "compile", "ep", "dp", "dist_timeout")
 
     @property
     def schedule_length(self) -> int:

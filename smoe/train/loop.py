@@ -11,7 +11,6 @@ alone writes run.json, metrics and progress.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import platform
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from smoe import kernels
 from smoe.accounting import account
 from smoe.config import ModelConfig
+from smoe.device import autocast_context, resolve_device, resolve_precision
 from smoe.errors import TrainingError
 from smoe.hardware import profile_of
 from smoe.io.checkpoint import latest_intact, load_model_state
@@ -293,7 +292,7 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
     dropped: dict[int, float] = {}
     entropy: dict[int, float] = {}
     has_mtp = False
-    for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum)):
+    for inp, tgt in zip(inputs.chunk(cfg.grad_accum), targets.chunk(cfg.grad_accum), strict=True):
         with autocast:
             out = model(inp, labels=tgt, **document_arguments(inp, eos_id, cfg.document_boundaries))
         (out.loss / cfg.grad_accum).backward()
@@ -314,13 +313,13 @@ def _run_micro_batches(model, batch: Batch, cfg: TrainConfig, device, autocast, 
         means = torch.tensor([sums[k] for k in names] + [entropy[i] for i in layers], dtype=torch.float64,
                              device=device)
         all_reduce_(means, "mean")
-        sums = dict(zip(names, means[: len(names)].tolist()))
-        entropy = dict(zip(layers, means[len(names) :].tolist()))
+        sums = dict(zip(names, means[: len(names)].tolist(), strict=True))
+        entropy = dict(zip(layers, means[len(names) :].tolist(), strict=True))
         if layers:
             counts = torch.stack([torch.cat([loads[i], loads[i].new_tensor([int(dropped[i])])]) for i in layers])
             all_reduce_(counts)
-            loads = {i: c[:-1] for i, c in zip(layers, counts)}
-            dropped = {i: float(c[-1]) for i, c in zip(layers, counts)}
+            loads = {i: c[:-1] for i, c in zip(layers, counts, strict=True)}
+            dropped = {i: float(c[-1]) for i, c in zip(layers, counts, strict=True)}
     router = {str(i): router_summary(loads[i], dropped[i], entropy[i]) for i in loads}
     return {**sums, "mtp_loss": sums["mtp_loss"] if has_mtp else None, "loads": loads, "router": router}
 
@@ -389,41 +388,10 @@ def reuse_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda requested but no CUDA device is available")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast where it is faster than fp32 — a CUDA GPU with bf16, a CPU with AMX tiles — else
-    fp32. Without bf16 units a bf16 GEMM is emulated: deepseek-v3-tiny trained at 63 tokens/s in bf16 against 1,539
-    in fp32 on an AVX2-only CPU. AVX512-BF16 alone is not enough either: on a 2-core AVX512-BF16 VM without AMX it
-    trained at 939 tokens/s in bf16 against 2,357 in fp32 (docs/benchmarks.md)."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if device.type == "cpu" and amx and kernels.native_low_precision(torch.bfloat16) else "fp32"
-
-
 def with_resolved_precision(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``auto`` precision resolved for its device: what run.json records, so that a resume on a
     machine that would resolve differently is refused rather than silently changing the numerics."""
     return replace(cfg, precision=resolve_precision(cfg.precision, resolve_device(cfg.device)))
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _seed_everything(seed: int) -> None:

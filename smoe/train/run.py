@@ -17,24 +17,23 @@ import torch.distributed as dist
 
 from smoe import presets
 from smoe.config import ModelConfig, override
-from smoe.config_rules import one_of
+from smoe.config.rules import one_of
+from smoe.device import autocast_context, resolve_device, resolve_precision
 from smoe.io.checkpoint import load_config, load_model, resolve_checkpoint
 from smoe.io.tokenizer import EOS, load_tokenizer
 from smoe.parallel import check_layout, collective_errors, init_distributed, is_main_process
 from smoe.parallel.launch import world_size_from_env
 from smoe.train.checkpoint import initial_tokenizer
 from smoe.train.config import DataConfig, TrainConfig
-from smoe.train.data import DEFAULT_VAL_FRACTION, BatchSampler, prepare_data, token_byte_lengths, tokenize_documents, val_batches
-from smoe.train.loop import (
-    TrainData,
-    TrainResult,
-    autocast_context,
-    checked_configs,
-    evaluate,
-    resolve_device,
-    resolve_precision,
-    run_training,
+from smoe.train.data import (
+    DEFAULT_VAL_FRACTION,
+    BatchSampler,
+    prepare_data,
+    token_byte_lengths,
+    tokenize_documents,
+    val_batches,
 )
+from smoe.train.loop import TrainData, TrainResult, checked_configs, evaluate, run_training
 from smoe.train.rundir import RunDirectory
 
 

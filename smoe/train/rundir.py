@@ -13,14 +13,13 @@ files are never touched. metrics.jsonl is cut back to the checkpoint on --resume
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Callable
 
 from smoe.config import ModelConfig
 from smoe.io.checkpoint import Checkpoint, latest_checkpoint, latest_intact, remove_incomplete
-from smoe.io.files import atomic_write_text, parse_json, read_json, write_json
+from smoe.io.files import atomic_write_text, check_writable, parse_json, read_json, write_json
 from smoe.train.config import DataConfig, TrainConfig, from_dict
 
 RUN_FILE = "run.json"
@@ -57,15 +56,11 @@ class RunDirectory:
 
     def check(self, model_config: ModelConfig, train_config: TrainConfig, resume: bool,
               fingerprint: str | None = None) -> None:
-        """Every check that needs no data, before any heavy work; writes nothing but the directory itself."""
-        out = self.path
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise ValueError(f"out {out}: not writable ({err.strerror or err})") from None
+        """Every check that needs no data, before any heavy work; writes nothing (the directory appears with the
+        run's first file, in ``start``)."""
+        out = check_writable(self.path, "out")
+        if not out.exists():
+            return
         run_file = out / RUN_FILE
         latest = latest_checkpoint(out)
         if not run_file.exists():
@@ -103,6 +98,7 @@ class RunDirectory:
         validation set's sha256), and return the checkpoint to resume from: the newest intact one, each newer
         damaged one reported through ``log`` and skipped."""
         self.check(model_config, train_config, resume, fingerprint)
+        self.path.mkdir(parents=True, exist_ok=True)
         remove_incomplete(self.path)
         write_json(self.path / RUN_FILE, {"model_config": model_config.to_dict(), "train_config": asdict(train_config),
                                           "data_config": asdict(data_config), "data_fingerprint": fingerprint,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from smoe.config import ModelConfig, MoEConfig
-from smoe.config_rules import check_types, fail, non_negative, option, positive
+from smoe.config.rules import check_types, fail, non_negative, option, positive
 
 Method = Literal["copy", "split"]
 Partition = Literal["random", "clustering"]

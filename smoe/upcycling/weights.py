@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from smoe.interop.hf import load_hf_config, load_pretrained, read_tokenizer_json, save_model_checkpoint, stored_dtype
-from smoe.io.checkpoint import empty_model, load_config, resolve_checkpoint
+from smoe.io.checkpoint import load_config, resolve_checkpoint
 from smoe.io.files import check_fresh_dir, read_json
-from smoe.models import Transformer
+from smoe.models import Transformer, empty_model
 from smoe.moe import MoELayer
 from smoe.upcycling.partition import balanced_clusters, random_groups
 from smoe.upcycling.spec import UpcycleSpec

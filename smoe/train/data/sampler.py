@@ -34,7 +34,7 @@ class BatchSampler:
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.streams = [split.tokens[s.name] for s in sources]
         self.n_seqs = [(len(t) - 1) // seq_len if len(t) else 0 for t in self.streams]
-        for s, n in zip(sources, self.n_seqs):
+        for s, n in zip(sources, self.n_seqs, strict=True):
             if n < 1:
                 raise ValueError(f"seq_len {seq_len}: training source {s.name} has only {len(split.tokens[s.name])}"
                                  f" tokens, fewer than one sequence of seq_len + 1")

@@ -1,18 +1,6 @@
-"""Model configuration: small frozen dataclasses grouped by concern, JSON round-trip, validate().
-
-No torch import here: configs are read by the CLI, accounting and interop without building a model.
-
-    ModelConfig
-      attention: AttentionConfig (GQA/MHA) | MLAConfig (DeepSeek-V2/V3 multi-head latent attention)
-      linear_attention: LinearAttentionConfig | None (the linear layers of a hybrid model: MiniMax-01, Qwen3-Next,
-                 Kimi Linear; layout.layer_types says which layers)
-      moe:       MoEConfig | None (None: a dense model)
-      layout:    LayoutConfig (which layers are MoE or linear attention, Arctic's dense residual, DeepSeek-V3 MTP)
-      residual:  ResidualConfig | None (MiniMax-01's scaled residual on the normalised input)
-      quantization: QuantConfig | None (weight-only int8/int4 for inference; None: full precision)
-
-Every ``validate()`` raises ``ValueError`` naming the field and the rule it broke. ``ModelConfig.validate()``
-checks the whole tree, so a config that validates builds a model.
+"""The model's config tree: ModelConfig and the configs it holds besides the token mixers' (MoEConfig, LayoutConfig,
+ResidualConfig, QuantConfig), JSON round-trip and dotted-path overrides. Part of smoe.config, which re-exports every
+name here; no torch import.
 """
 
 from __future__ import annotations
@@ -23,16 +11,8 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from smoe.config_attention import (  # noqa: F401 (re-exported: smoe.config is where configs are imported from)
-    AttentionConfig,
-    LinearAttentionConfig,
-    LinearKind,
-    MLAConfig,
-    QKNorm,
-    RopeScaling,
-    RopeType,
-)
-from smoe.config_rules import check_types, fail, non_negative, one_of, positive
+from smoe.config.attention import AttentionConfig, LinearAttentionConfig, MLAConfig, RopeScaling
+from smoe.config.rules import check_types, fail, non_negative, one_of, positive
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 Balance = Literal["aux", "seq_aux", "aux_free", "none"]

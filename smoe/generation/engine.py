@@ -1,110 +1,30 @@
-"""Autoregressive generation: a continuous-batching engine over a static cache, greedy or sampled tokens, stop
-tokens, and streaming (token ids per step; text deltas for a terminal).
+"""The continuous-batching engine over a static cache: ``Engine`` holds one request per cache row; requests join
+free rows, prefill alone in their row in chunks, decode together one token per step in a forward over every row,
+and leave when done. ``generate`` (smoe.generation.streaming) and ``smoe serve`` both run it. A forward's shapes
+depend only on the engine's row count and the request itself (the other rows are padding to it, each row attends
+over its own keys, experts run in fixed-shape tiles), so a request's tokens are the same bit for bit whoever shares
+the engine with it.
 
-    new_BN = smoe.generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16)            # greedy
-    for ids_B in generate_stream(model, prompts, temperature=0.8, top_p=0.9, seed=0): ...
-
-``Engine`` holds one request per cache row: requests join free rows, prefill alone in their row in chunks, decode
-together one token per step in a forward over every row, and leave when done. ``generate`` and ``smoe serve`` both
-run it. A forward's shapes depend only on the engine's row count and the request itself (the other rows are
-padding to it, each row attends over its own keys, experts run in fixed-shape tiles), so a request's tokens are the
-same bit for bit whoever shares the engine with it (offline ``generate`` gives up the tiles for speed unless asked
-for ``decode_rows``).
-
-Legend: B batch (prompts), T prompt length, N new tokens, V vocabulary.
+Legend: B batch (rows), V vocabulary.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from smoe import kernels
-from smoe.io.files import read_json
-from smoe.io.tokenizer import EOS
+from smoe.generation.sampling import GREEDY_BELOW, check_sampling, sample
 from smoe.models.transformer import ModelOutput, Transformer
+from smoe.moe import RouterStatsMode
 
 # Prompt tokens per prefill forward: bounds how long a newcomer's prefill holds up the requests already decoding.
 PREFILL_CHUNK = 256
 # A compiled step of rows that may depend on each other attends over the cache's first slots, a multiple of this
 # covering every row in it (one graph for every count: the slot axis is dynamic).
 SLOT_BLOCK = 64
-# A temperature below this is greedy (vLLM's _SAMPLING_EPS): dividing the logits by less overflows to inf, and the
-# softmax of inf is NaN, which no draw can sample from.
-GREEDY_BELOW = 1e-5
-
-
-@torch.inference_mode()
-def generate(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-             attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-             compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> torch.Tensor:
-    """The new tokens (B, N), N <= max_new_tokens; see ``generate_stream`` for the arguments."""
-    steps = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id,
-                                 attention_mask=attention_mask, decode_rows=decode_rows, compile=compile,
-                                 prefill_chunk=prefill_chunk))
-    return torch.stack(steps, dim=1)
-
-
-@torch.inference_mode()
-def generate_stream(model: Transformer, prompts, *, max_new_tokens: int = 32, temperature: float = 0.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                    stop_tokens: Iterable[int] = (), pad_id: int | None = None,
-                    attention_mask: torch.Tensor | None = None, decode_rows: int | None = None,
-                    compile: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row, (B,), once per step; a row that emitted a stop token yields ``pad_id``
-    after it, and the loop ends when every row has stopped or after ``max_new_tokens``.
-
-    ``prompts``: a list of token-id lists (any lengths), or a (B, T) tensor, left-padded if ``attention_mask``
-    (1 real, 0 pad) says so. ``temperature`` 0 (or below ``GREEDY_BELOW``) is greedy; otherwise logits / temperature
-    are sampled after keeping the ``top_k`` most likely tokens and the smallest set whose probability reaches
-    ``top_p``. ``seed`` makes sampling reproducible: row b draws from a private generator seeded ``seed + b`` (the
-    global RNG is untouched).
-    ``pad_id`` (default: the smallest stop token, else 0) follows a row's stop token. ``decode_rows`` (default: one
-    per prompt) is the engine's row count. Given, a prompt's tokens depend on it and on nothing else in the batch
-    (the experts run in fixed-shape tiles), so ``smoe serve --max-batch R`` answers a request with
-    ``generate(model, [prompt], decode_rows=R)``'s tokens. Left out, the experts run on the fastest backend, whose
-    results can differ in the last bits with what the other rows route to the same expert (about 25% faster at 16
-    rows on a CPU; docs/benchmarks.md). ``compile`` runs each decode step as one torch.compile graph
-    (``Engine``): the first call compiles it (tens of seconds on a few cores), later calls on the same model and row
-    count reuse it; with ``decode_rows`` only where the experts compute each row alone (quantised, C++ kernels).
-    ``prefill_chunk``: prompt tokens per prefill forward (the chunks' shapes move a prompt's last bits, so
-    ``smoe serve --prefill-chunk C`` answers ``generate(..., decode_rows=R, prefill_chunk=C)``'s tokens).
-    """
-    stop = sorted(set(int(t) for t in stop_tokens))
-    pad_id = pad_id if pad_id is not None else (stop[0] if stop else 0)
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
-    token_lists = _as_prompts(prompts, attention_mask, model.config.vocab_size)
-    if not 0 <= pad_id < model.config.vocab_size:
-        raise ValueError(f"pad_id: must lie in [0, {model.config.vocab_size}), got {pad_id}")
-    rows = decode_rows if decode_rows is not None else len(token_lists)
-    if rows < len(token_lists):
-        raise ValueError(f"decode_rows: {rows} rows cannot hold {len(token_lists)} prompts")
-    T = max(len(p) for p in token_lists)
-    if T + max_new_tokens - 1 > model.config.max_seq_len:
-        raise ValueError(f"max_new_tokens: a {T}-token prompt plus {max_new_tokens} new tokens exceed the model's "
-                         f"max_seq_len ({model.config.max_seq_len})")
-    engine = Engine(model, rows, T + max_new_tokens - 1, independent_rows=decode_rows is not None, compile=compile,
-                    prefill_chunk=prefill_chunk)
-    requests = [Request(p, max_new_tokens, temperature, top_k, top_p, None if seed is None else seed + b,
-                        frozenset(stop)) for b, p in enumerate(token_lists)]
-    for request in requests:
-        engine.add(request)
-    while engine.prefilling:
-        engine.prefill()
-    device = model.embed.weight.device
-    for step in range(max_new_tokens):
-        _raise_failed(requests)
-        yield torch.tensor([r.tokens[step] if step < len(r.tokens) else pad_id for r in requests], device=device)
-        if all(r.done for r in requests):
-            return
-        engine.decode()
 
 
 @dataclass(frozen=True)
@@ -177,7 +97,7 @@ class Engine:
         self.cache = model.new_cache(rows, max_len, independent_rows=independent_rows)
         self.slots: list[Request | None] = [None] * rows
         self.prefilling: deque[Request] = deque()
-        self.router_stats = "load" if count_experts else False
+        self.router_stats = RouterStatsMode.LOAD if count_experts else RouterStatsMode.NONE
         self.expert_tokens: dict[int, torch.Tensor] = {}
         # One row decodes alone, so any expert backend computes it the same way; several ask for row independence.
         self.expert_backend = kernels.ROW_INDEPENDENT if rows > 1 and independent_rows else None
@@ -308,7 +228,7 @@ class Engine:
                 layers.append(layer)
         slots_b = lengths_b.clamp(max=n - 1)  # a full row is free: it cannot be decoding
         logits_bV, argmax_b, loads = self.compiled_step(self.model, ids_B1[:b], slots_b.to(self.device), layers,
-                                                        real_B1[:b], bool(self.router_stats))
+                                                        real_B1[:b], self.router_stats is RouterStatsMode.LOAD)
         lengths_b += real_B1[:b, 0].cpu()
         self._add_loads(loads)
         return logits_bV, argmax_b
@@ -355,7 +275,7 @@ class Engine:
             else:
                 every = argmax_B.tolist()
                 choices = [every[row] for row in picked]
-            for i, token in zip(greedy, choices):
+            for i, token in zip(greedy, choices, strict=True):
                 tokens[i] = token
         for i, r in enumerate(requests):
             if r.temperature >= GREEDY_BELOW:
@@ -364,7 +284,7 @@ class Engine:
                                            r.generator))
                 except (RuntimeError, ValueError) as err:  # NaN logits, say: this row ends, the others go on
                     tokens[i], r.finish_reason, r.error = None, "error", f"sampling failed: {err}"
-        for i, (request, token) in enumerate(zip(requests, tokens)):
+        for i, (request, token) in enumerate(zip(requests, tokens, strict=True)):
             if token is None:
                 self._release(request)
                 continue
@@ -402,13 +322,8 @@ def _logprobs(logits_TV: torch.Tensor, tokens: list[int], top: int) -> list[Toke
     if not top:
         return [TokenLogprob(lp) for lp in chosen]
     values, ids = logprobs_TV.topk(min(top, logprobs_TV.shape[-1]), dim=-1)
-    return [TokenLogprob(lp, tuple(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
-
-
-def _raise_failed(requests: list[Request]) -> None:
-    failed = [(b, r) for b, r in enumerate(requests) if r.finish_reason == "error"]
-    if failed:
-        raise RuntimeError(f"row {failed[0][0]}: {failed[0][1].error}")
+    return [TokenLogprob(lp, tuple(zip(i, v, strict=True)))
+            for lp, i, v in zip(chosen, ids.tolist(), values.tolist(), strict=True)]
 
 
 def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Tensor, layers: list,
@@ -421,87 +336,7 @@ def _step_and_argmax(model: Transformer, ids_B1: torch.Tensor, slots_B: torch.Te
     return logits_BV, logits_BV.argmax(-1), loads
 
 
-def sample(logits_BV: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token per row: argmax at a temperature below ``GREEDY_BELOW``, else a draw from the (top-k, top-p)
-    filtered softmax."""
-    if temperature < GREEDY_BELOW:
-        return logits_BV.argmax(-1)
-    logits_BV = logits_BV.float() / temperature
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
-        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
-        probs_BV = sorted_BV.softmax(-1)
-        # Drop a token once the more likely ones already reach top_p; the most likely one always stays.
-        drop_BV = probs_BV.cumsum(-1) - probs_BV >= top_p
-        logits_BV = logits_BV.scatter(-1, order_BV, sorted_BV.masked_fill(drop_BV, float("-inf")))
-    probs_BV = logits_BV.softmax(-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
-
-
-def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), prompts right-aligned behind ``pad_id``."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        if len(prompt):
-            ids[b, T - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-            mask[b, T - len(prompt):] = 1
-    return ids, mask
-
-
-class TextStream:
-    """Turns a growing list of token ids into printable text deltas. A byte-level token can end inside a
-    multi-byte character; its text is held back until the character completes, so no partial U+FFFD is printed.
-    Decodes only a short window (the last printed token onward), as text-generation-inference does."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window decoded for context (a leading space depends on it)
-        self.read = 0  # ids before this have been printed
-
-    def push(self, ids: Iterable[int]) -> str:
-        self.ids.extend(ids)
-        printed = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix :])
-        if len(text) > len(printed) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(printed):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is held back at the end (bytes that never completed a character decode as U+FFFD)."""
-        printed = self.tokenizer.decode(self.ids[self.prefix : self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return text[len(printed):]
-
-
-def default_stop_tokens(directory: str | Path, tokenizer=None) -> list[int]:
-    """The model's end-of-sequence ids: ``eos_token_id`` of a Hugging Face generation_config.json or config.json,
-    else the tokenizer's ``<|endoftext|>`` (what ``smoe train`` ends documents with); [] when neither knows."""
-    for name in ("generation_config.json", "config.json"):
-        file = Path(directory) / name
-        if not file.is_file():
-            continue
-        eos = read_json(file).get("eos_token_id")
-        ids = [eos] if isinstance(eos, int) else eos
-        if ids is not None:
-            if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
-                raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
-            return ids
-    if tokenizer is not None:
-        eos_id = tokenizer.token_to_id(EOS)
-        if eos_id is not None:
-            return [eos_id]
-    return []
-
-
-# --- checks --------------------------------------------------------------------------------------------------------
+# --- checks -------------------------------------------------------------------------------------------------------
 
 
 def _check_model(model: Transformer) -> None:
@@ -513,6 +348,9 @@ def _check_model(model: Transformer) -> None:
 
 def _check_compilable(model: Transformer, independent_rows: bool, device: torch.device) -> None:
     """Raise naming what keeps ``compile`` from capturing a decode step as one graph."""
+    if not all(layer.experts.traceable for layer in model.moe_layers):
+        raise ValueError("compile: the routed experts are read from disk during the step (max_expert_memory), which "
+                         "no compiled graph can capture; decode eagerly")
     if device.type == "cpu":
         try:
             from torch._inductor.cpp_builder import get_cpp_compiler
@@ -528,41 +366,3 @@ def _check_compilable(model: Transformer, independent_rows: bool, device: torch.
         raise ValueError("compile: rows independent of their neighbours (decode_rows) need experts whose kernels "
                          "compute each row alone, as the C++ kernels of quantised experts do; these need the eager "
                          "step's fixed-shape tiles: quantise the model, decode eagerly, or leave decode_rows unset")
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise naming the first out-of-range generation argument."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
-    if top_p is not None and torch.tensor(top_p, dtype=torch.float32) == 0:  # the sampler compares in fp32
-        raise ValueError(f"top_p: {top_p} rounds to 0 in float32, which keeps no token")
-
-
-def _as_prompts(prompts, attention_mask, vocab_size: int) -> list[list[int]]:
-    """Each prompt's real tokens, checked."""
-    if torch.is_tensor(prompts):
-        ids = prompts if prompts.dim() == 2 else prompts[None]
-        mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
-        if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask: shape {tuple(mask.shape)} differs from the prompts' "
-                             f"{tuple(ids.shape)}")
-        token_lists = [row[keep.bool()].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
-    else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask: only with a prompt tensor; a list gives each prompt's tokens exactly")
-        token_lists = [[int(t) for t in p] for p in prompts]
-    if not token_lists:
-        raise ValueError("prompts: no prompt given")
-    empty = [b for b, p in enumerate(token_lists) if not p]
-    if empty:
-        raise ValueError(f"prompts: row {empty[0]} has no token; every prompt needs at least one")
-    real = [t for p in token_lists for t in p]
-    if not (0 <= min(real) and max(real) < vocab_size):
-        raise ValueError(f"prompts: token ids must lie in [0, {vocab_size}), got {min(real)}..{max(real)}")
-    return token_lists

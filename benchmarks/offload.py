@@ -1,0 +1,449 @@
+"""What an expert budget costs (smoe.offload, docs/offload.md): decode tokens/s, cache hit rate, look-ahead accuracy,
+bytes read per token and peak resident memory at budgets of 100%, 50%, 25% and 10% of the routed experts' bytes,
+with routing spread evenly (random weights: the worst case) and skewed (Zipf over experts, as trained models show);
+beside each, the physical model: the 100% run's time per token plus the bytes it reads over the measured disk
+bandwidth. Against llama.cpp on the same weights as GGUF (``smoe convert --to gguf``) where llama-cpp-python is
+installed.
+
+The model: a preset's real shape (default DeepSeek-V2-Lite: 26 MoE layers of 64 experts, top-6, two shared; 15.7B
+parameters) with random weights, written once as a smoe int4 checkpoint (``--scheme``), streamed a tensor (an
+expert) at a time so it never sits in memory. The skewed load: each MoE layer's router gets a fixed bias of
+``log p_e`` with p Zipf(``--zipf``) over a random order of its experts, so tokens prefer some experts as a trained
+router does and the next layer's look-ahead guess (its own biased router) stays meaningful; the realised skew is
+printed (the share of routed tokens the top tenth of experts get, and the effective number of experts, exp of the
+routing entropy).
+
+Each configuration runs in a fresh process, which loads the checkpoint with its budget, decodes a warm-up prompt,
+then times a second one (``--new-tokens`` greedy tokens after a ``--prompt``-token prompt; decode time from the
+first token on) and reports its own peak resident set (VmHWM) over its resident set before loading. Every expert
+read is dropped from the kernel's page cache once read (``drop_page_cache``, no read-ahead), and the file is evicted
+before each run, so each miss reads the disk, as on a machine whose RAM the model exceeds (``--warm-page-cache``:
+as on one whose RAM holds the file). Policies (lru, lfu, load) and look-ahead on or off are compared by replaying
+the decode traces the runs record through the cache itself (reads that cost nothing; twice, the second pass
+counted), for every budget: hit rates, not times. Runs alternate budgets and repeat (``--repeats``); the table gives
+each measurement's range over the repeats.
+
+    .venv/bin/python benchmarks/offload.py [--dir /work/scratch/offload-bench] [--preset deepseek-v2-lite]
+        [--budgets 100,50,25,10] [--routings uniform,zipf] [--repeats 2] [--threads 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from smoe import presets
+from smoe.config import QuantConfig
+from smoe.io.safetensors import SafetensorsFile, write_safetensors_streamed
+from smoe.models import Transformer
+from smoe.nn import RMSNorm
+from smoe.offload.budget import format_size
+from smoe.offload.cache import CacheStats, ExpertCache
+from smoe.quant.format import quantize_weight
+
+CHILD = r"""
+import json, sys, time
+from dataclasses import asdict
+import torch, smoe
+from smoe.generation import generate_stream
+from smoe.kernels import cpp_experts, cpp_quant
+from smoe.offload.budget import OffloadConfig
+from smoe.offload.experts import cache_of
+
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"])
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+cpp_experts.build(); cpp_quant.build()
+base = status("VmRSS")
+start = time.perf_counter()
+model = smoe.load_pretrained(a["path"], offload=OffloadConfig(**a["offload"]) if a["offload"] else None)
+load_s = time.perf_counter() - start
+if a["zipf"]:
+    g = torch.Generator().manual_seed(a["seed"])
+    for moe in model.moe_layers:
+        E = moe.config.n_routed_experts
+        p = 1.0 / torch.arange(1, E + 1, dtype=torch.float) ** a["zipf"]
+        moe.router.logit_bias = torch.nn.Parameter((p / p.sum()).log()[torch.randperm(E, generator=g)], False)
+cache = cache_of(model)
+trace, routed = [], {}
+if cache is not None:  # record the timed decode's calls for the policy replays
+    reserve, prefetch = cache.reserve, cache.prefetch
+    def reserve_logged(layer, experts, tokens):
+        if recording: trace.append(("reserve", layer, experts, tokens))
+        return reserve(layer, experts, tokens)
+    def prefetch_logged(layer, experts):
+        if recording: trace.append(("prefetch", layer, experts))
+        return prefetch(layer, experts)
+    cache.reserve, cache.prefetch = reserve_logged, prefetch_logged
+recording = False
+def decode(prompt, n):
+    global recording
+    times, snap = [], None
+    for i, _ in enumerate(generate_stream(model, [prompt], max_new_tokens=n)):
+        times.append(time.perf_counter())
+        if i == 0 and cache is not None:
+            snap, recording = asdict(cache.stats), True
+    recording = False
+    return times, snap
+g = torch.Generator().manual_seed(a["seed"])
+prompts = [torch.randint(3, model.config.vocab_size, (a["prompt"],), generator=g).tolist() for _ in range(2)]
+with torch.inference_mode():
+    decode(prompts[0], a["warmup"])
+    times, snap = decode(prompts[1], a["new_tokens"])
+steps = len(times) - 1
+out = {"base": base, "peak": status("VmHWM"), "load_s": load_s, "steps": steps,
+       "decode_s": times[-1] - times[0], "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+       "weights_buffers": sum(b.numel() * b.element_size() for b in model.buffers())}
+if cache is not None:
+    end = asdict(cache.stats)
+    out.update(stats={k: end[k] - snap[k] for k in end}, slots=cache.n_slots, expert_bytes=cache.expert_bytes,
+               trace=trace)
+print(json.dumps(out))
+"""
+
+LLAMA_CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+a = json.loads(sys.argv[1])
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+base = status("VmRSS")
+llm = llama_cpp.Llama(a["path"], n_ctx=a["prompt"] + a["new_tokens"] + a["warmup"] + 16, n_threads=a["threads"],
+                      n_threads_batch=a["threads"], verbose=False)
+rng = np.random.default_rng(a["seed"])
+def decode(prompt, n):
+    llm.reset()
+    llm.eval(prompt)
+    times = [time.perf_counter()]
+    for _ in range(n - 1):
+        token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                    shape=(llm.n_vocab(),))))
+        llm.eval([token])
+        times.append(time.perf_counter())
+    return times
+prompts = [rng.integers(3, llm.n_vocab(), a["prompt"]).tolist() for _ in range(2)]
+decode(prompts[0], a["warmup"])
+times = decode(prompts[1], a["new_tokens"])
+print(json.dumps({"base": base, "peak": status("VmHWM"), "steps": len(times) - 1, "decode_s": times[-1] - times[0]}))
+"""
+
+
+# --- the checkpoint ----------------------------------------------------------------------------------------------
+
+
+def make_checkpoint(path: Path, preset: str, scheme: str, layers: int | None, seed: int) -> None:
+    """A smoe checkpoint of ``preset``'s shape, random weights (normal, std 0.02; norms 1), quantised to ``scheme``,
+    streamed: one expert's (or a block of rows') weights in memory at a time."""
+    changes = {"n_layers": layers} if layers else {}
+    config = replace(presets.get(preset, **changes), quantization=QuantConfig(scheme, 64 if scheme == "int4" else None))
+    with torch.device("meta"):
+        model = Transformer(config)
+    modules = dict(model.named_modules())
+    state = model.state_dict(keep_vars=True)
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+    g = torch.Generator().manual_seed(seed)
+    stash: dict[str, list[torch.Tensor]] = {}
+
+    def data():
+        for name, t in state.items():
+            owner, _, leaf = name.rpartition(".")
+            if name in stash:
+                yield from stash.pop(name)
+            elif leaf == "qweight":
+                module = modules[owner]
+                rows, inputs = t.shape[-2], t.shape[-1] * (2 if module.group_size else 1)
+                stash[owner + ".scale"] = []
+                if module.group_size:
+                    stash[owner + ".offset"] = []
+                for _ in range(t.shape[0] if t.dim() == 3 else 1):
+                    for start in range(0, rows, 8192):  # a block of rows at a time (the head has 102400)
+                        q = quantize_weight(torch.randn(min(8192, rows - start), inputs, generator=g) * 0.02,
+                                            config.quantization)
+                        stash[owner + ".scale"].append(q.scale)
+                        if q.offset is not None:
+                            stash[owner + ".offset"].append(q.offset)
+                        yield q.qweight
+            elif isinstance(modules.get(owner), RMSNorm) or leaf == "expert_bias" or leaf == "bias":
+                yield (torch.ones if isinstance(modules.get(owner), RMSNorm) else torch.zeros)(t.shape, dtype=t.dtype)
+            else:  # the embedding, routers, MLA's full-precision wkv_b
+                for rows in torch.arange(t.shape[0]).split(8192):
+                    yield torch.randn(len(rows), *t.shape[1:], generator=g).to(t.dtype) * 0.02
+
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors_streamed(path / "model.safetensors.tmp", entries, data(), {"format": "pt"})
+    (path / "config.json").write_text(config.to_json())
+    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
+
+
+def expert_sizes(path: Path) -> tuple[int, int, int]:
+    """(routed experts, bytes of one, bytes of everything else) of a checkpoint, from its header."""
+    header = SafetensorsFile(path / "model.safetensors")
+    experts = [n for n in header.keys() if ".ffn.experts." in n]
+    one_layer = [n for n in experts if n.startswith(experts[0].split(".ffn.")[0] + ".")]
+    E = header.shape(one_layer[0])[0]
+    per_expert = sum(math.prod(header.shape(n)) * header.dtype(n).itemsize for n in one_layer) // E
+    total = (path / "model.safetensors").stat().st_size
+    n = len(experts) // len(one_layer) * E
+    return n, per_expert, total - n * per_expert
+
+
+# --- the disk ----------------------------------------------------------------------------------------------------
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (those no process maps)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def disk_bandwidth(path: Path, chunk: int, n: int, seed: int) -> tuple[float, float]:
+    """(bytes/s of ``n`` reads of ``chunk`` bytes at random offsets, one thread; of 1 GB read in order), cold: the
+    file evicted first, no read-ahead for the random ones."""
+    size = path.stat().st_size
+    rng = random.Random(seed)
+    buffer = bytearray(chunk)
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        start = time.perf_counter()
+        for _ in range(n):
+            os.preadv(fd, [buffer], rng.randrange(0, size - chunk) // 4096 * 4096)
+        random_bps = n * chunk / (time.perf_counter() - start)
+        evict(path)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        big = bytearray(64 * 2**20)
+        start, done = time.perf_counter(), 0
+        while done < min(size, 2**30):
+            done += os.preadv(fd, [big], done)
+        sequential_bps = done / (time.perf_counter() - start)
+    finally:
+        os.close(fd)
+    evict(path)
+    return random_bps, sequential_bps
+
+
+# --- runs --------------------------------------------------------------------------------------------------------
+
+
+def run_child(code: str, args: dict, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"run {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class _NoReads:
+    """An ExpertFiles whose reads cost nothing: the cache's bookkeeping alone, for replays."""
+
+    def __init__(self, expert_bytes: int):
+        self.expert_bytes = expert_bytes
+
+    def read(self, key, slot, drop_page_cache=False) -> int:
+        return self.expert_bytes
+
+    def advise_random(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def replay(trace: list, slots: int, policy: str, lookahead: bool, expert_bytes: int) -> CacheStats:
+    """A recorded decode's cache calls through a cache of ``slots`` slots, twice, the second pass counted (the
+    steady state a longer generation reaches): its hit rate and reads under a policy."""
+    cache = ExpertCache(_NoReads(expert_bytes), {"x": ((1,), torch.uint8)}, slots, policy, io_threads=1)
+    held: list[int] = []
+    for n, event in enumerate(trace + trace):
+        if n == len(trace):
+            cache.stats = CacheStats()
+        if event[0] == "reserve":
+            if held:
+                cache.wait(held)
+                cache.release(held)
+            held = cache.reserve(event[1], event[2], event[3])
+        elif lookahead:
+            cache.prefetch(event[1], event[2])
+    if held:
+        cache.wait(held)
+        cache.release(held)
+    cache.close()
+    return cache.stats
+
+
+def skew(trace: list, E: int) -> tuple[float, float]:
+    """(share of routed tokens the top tenth of each layer's E experts got, mean effective experts
+    exp(entropy))."""
+    loads: dict[int, dict[int, int]] = {}
+    for event in trace:
+        if event[0] == "reserve":
+            layer = loads.setdefault(event[1], {})
+            for e, n in zip(event[2], event[3], strict=True):
+                layer[e] = layer.get(e, 0) + n
+    top, effective = [], []
+    for layer in loads.values():
+        counts = sorted(layer.values(), reverse=True)
+        total = sum(counts)
+        top.append(sum(counts[: max(1, E // 10)]) / total)
+        effective.append(math.exp(-sum(c / total * math.log(c / total) for c in counts)))
+    return sum(top) / len(top), sum(effective) / len(effective)
+
+
+def _range(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if len(values) == 1 or format(lo, fmt) == format(hi, fmt) else \
+        f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", default="/tmp/smoe-offload-bench", help="where the checkpoint and GGUF go")
+    parser.add_argument("--preset", default="deepseek-v2-lite")
+    parser.add_argument("--layers", type=int, help="fewer layers than the preset's (a quicker, smaller model)")
+    parser.add_argument("--scheme", default="int4", choices=["int8", "int4"])
+    parser.add_argument("--budgets", default="100,50,25,10", help="percent of the routed experts' bytes")
+    parser.add_argument("--routings", default="uniform,zipf")
+    parser.add_argument("--zipf", type=float, default=1.0, help="exponent of the skewed load's Zipf distribution")
+    parser.add_argument("--policies", default="lru,lfu,load", help="compared by replaying the recorded traces")
+    parser.add_argument("--policy", default="lru", help="the policy the timed runs use")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=8, help="new tokens of the untimed warm-up generation")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--io-threads", type=int, default=2)
+    parser.add_argument("--warm-page-cache", action="store_true",
+                        help="leave read experts in the page cache (a machine whose RAM holds the file)")
+    parser.add_argument("--no-in-memory", action="store_true", help="skip the run with every expert in memory")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUF for the next run")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    root = Path(args.dir)
+    path = root / f"{args.preset}-{args.layers or 'all'}-{args.scheme}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if not (path / "model.safetensors").is_file():
+        start = time.perf_counter()
+        make_checkpoint(path, args.preset, args.scheme, args.layers, args.seed)
+        print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    n_experts, one, other = expert_sizes(path)
+    experts, per_layer = n_experts * one, presets.get(args.preset).moe.n_routed_experts
+    print(f"{args.preset} ({args.layers or 'all'} layers), random weights, {args.scheme}: {n_experts} routed experts "
+          f"of {format_size(one)} = {format_size(experts)}, everything else {format_size(other)}; torch "
+          f"{torch.__version__}, {args.threads} threads, {args.io_threads} reading threads, page cache "
+          f"{'kept' if args.warm_page_cache else 'dropped after each read'}")
+    random_bps, sequential_bps = disk_bandwidth(path / "model.safetensors", one, 64, args.seed)
+    print(f"disk, cold: {random_bps / 1e6:.0f} MB/s reading single experts at random offsets (one thread), "
+          f"{sequential_bps / 1e6:.0f} MB/s reading 1 GB in order")
+
+    budgets = [int(b) for b in args.budgets.split(",")]
+    routings = args.routings.split(",")
+    common = {"path": str(path), "threads": args.threads, "prompt": args.prompt, "warmup": args.warmup,
+              "new_tokens": args.new_tokens, "seed": args.seed}
+    results: dict[tuple, list[dict]] = {}
+    for r in range(args.repeats):
+        order = [(routing, b) for routing in routings for b in budgets]
+        for routing, b in order if r % 2 == 0 else reversed(order):
+            evict(path / "model.safetensors")
+            offload = {"max_expert_memory": max(int(experts * b / 100), 1), "expert_cache_policy": args.policy,
+                       "expert_io_threads": args.io_threads, "drop_page_cache": not args.warm_page_cache}
+            res = run_child(CHILD, {**common, "offload": offload, "zipf": args.zipf if routing == "zipf" else 0},
+                            env)
+            results.setdefault((routing, b), []).append(res)
+            print(f"  run {r + 1}: {routing} {b}%: {res['steps'] / res['decode_s']:.2f} tok/s", flush=True)
+        if not args.no_in_memory:
+            evict(path / "model.safetensors")
+            res = run_child(CHILD, {**common, "offload": None, "zipf": 0}, env)
+            results.setdefault(("uniform", "memory"), []).append(res)
+            print(f"  run {r + 1}: in memory: {res['steps'] / res['decode_s']:.2f} tok/s", flush=True)
+
+    print(f"\ndecode, batch 1, {args.prompt}-token prompt, {args.new_tokens} new tokens; policy {args.policy}, "
+          f"look-ahead on; ranges over {args.repeats} runs")
+    print(f"{'routing':>8} {'budget':>7} {'slots':>6} {'tok/s':>11} {'model tok/s':>11} {'hit rate':>9} "
+          f"{'look-ahead':>10} {'MB read/tok':>11} {'peak RSS GB':>11} {'bound GB':>9} {'waited s':>9}")
+    compute_s = {}  # the compute alone: every expert in memory, else the 100% budget after its warm-up
+    for routing in routings:
+        full = results.get(("uniform", "memory")) or results.get((routing, 100))
+        if full:
+            compute_s[routing] = min(x["decode_s"] / x["steps"] for x in full)
+    for (routing, b), runs in results.items():
+        tok_s = [x["steps"] / x["decode_s"] for x in runs]
+        peak = [(x["peak"] - x["base"]) / 1e9 for x in runs]
+        if b == "memory":
+            print(f"{routing:>8} {'memory':>7} {'-':>6} {_range(tok_s, '.2f'):>11} {'':>11} {'':>9} {'':>10} "
+                  f"{'':>11} {_range(peak, '.2f'):>11} {(other + experts) / 1e9:>9.2f}")
+            continue
+        stats = [CacheStats(**x["stats"]) for x in runs]
+        per_token = [s.bytes_read / x["steps"] / 1e6 for s, x in zip(stats, runs, strict=True)]
+        model = "-"
+        if routing in compute_s:  # the physical model: compute + reads over the disk's random-read bandwidth
+            predicted = [1 / (compute_s[routing] + mb * 1e6 / random_bps) for mb in per_token]
+            model = _range(predicted, ".2f")
+        bound = (runs[0]["weights"] + runs[0]["slots"] * runs[0]["expert_bytes"]) / 1e9
+        print(f"{routing:>8} {b:>6}% {runs[0]['slots']:>6} {_range(tok_s, '.2f'):>11} {model:>11} "
+              f"{_range([s.hit_rate for s in stats], '.1%'):>9} "
+              f"{_range([s.lookahead_recall for s in stats], '.0%'):>10} {_range(per_token, '.0f'):>11} "
+              f"{_range(peak, '.2f'):>11} {bound:>9.2f} {_range([s.wait_seconds for s in stats], '.1f'):>9}")
+    print("model tok/s: 1 / (the in-memory run's s/token + MB read per token / the disk's random-read MB/s); bound GB: "
+          "the weights that stay in memory plus the cache's slots, against which peak RSS is measured")
+
+    print(f"\nthe recorded decode traces replayed through the cache under each policy, the second of two passes "
+          f"counted (hit rate, look-ahead on / off; zipf {args.zipf})")
+    policies = args.policies.split(",")
+    print(f"{'routing':>8} {'skew':>18} {'budget':>7} " + " ".join(f"{p + ' on/off':>15}" for p in policies))
+    for routing in routings:
+        trace = results[(routing, budgets[0])][0]["trace"]  # the same tokens at every budget
+        top, effective = skew(trace, per_layer)
+        for b in budgets:
+            slots = max(1, int(experts * b / 100) // one)
+            cells = []
+            for policy in policies:
+                on, off = (replay(trace, min(slots, n_experts), policy, la, one).hit_rate for la in (True, False))
+                cells.append(f"{on:.1%}/{off:.1%}")
+            print(f"{routing:>8} {f'top10% {top:.0%}, eff {effective:.0f}':>18} {b:>6}% "
+                  + " ".join(f"{c:>15}" for c in cells))
+
+    if not args.no_llamacpp:
+        try:
+            import gguf  # noqa: F401
+            import llama_cpp
+        except ImportError as err:
+            print(f"\nllama.cpp: skipped, {err.name} is not installed (pip install llama-cpp-python gguf)")
+        else:
+            gguf_path = root / f"{path.name}-q4_0.gguf"
+            if not gguf_path.is_file():
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "smoe", "convert", str(path), "--to", "gguf", "--out",
+                                str(gguf_path), "--quantize", "q4_0"], check=True, env=env)
+                print(f"converted to {gguf_path} in {time.perf_counter() - start:.0f} s")
+            runs = [run_child(LLAMA_CHILD, {**common, "path": str(gguf_path)}, env) for _ in range(args.repeats)]
+            tok_s = [x["steps"] / x["decode_s"] for x in runs]
+            peak = [(x["peak"] - x["base"]) / 1e9 for x in runs]
+            print(f"\nllama.cpp {llama_cpp.__version__} on the same weights as Q4_0 GGUF "
+                  f"({format_size(gguf_path.stat().st_size)}, memory-mapped, pages left to the kernel: the file fits "
+                  f"this machine's RAM, so after the warm-up nothing is read from disk): {_range(tok_s, '.2f')} tok/s, "
+                  f"peak RSS {_range(peak, '.2f')} GB (mapped file pages included)")
+    if not args.keep:
+        shutil.rmtree(path)
+        for f in root.glob(f"{path.name}-*.gguf"):
+            f.unlink()
+
+
+if __name__ == "__main__":
+    main()
