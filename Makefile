@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0+cpu
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test test-fast demo install clean
 
 install: $(STAMP)
 
@@ -24,14 +24,20 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The main job: the seeds-debate head-to-head (with its dense compute ladder) on the built-in stdlib corpus, two seeds
-# so that differences come with paired intervals, two runs at a time on one thread each (its time and disk: README.md,
+# A developer's lane: everything but the tests marked slow (whole suites, kill-and-resume, the live server, the
+# lower-instruction-set rebuilds) and those that start processes on torch.distributed.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not multiprocess"
+
+# The main job, the head-to-head protocol end to end on the built-in `demo` suite (DeepSeekMoE against dense with the
+# dense ladder, 4 seeds) and the stdlib corpus, two runs at a time on one thread each (its time and disk: README.md,
 # "The two commands"). Rerunning resumes: finished runs are skipped.
 demo: $(STAMP)
-	$(BIN)/smoe compare --suite seeds-debate --data stdlib --seeds 2 --steps 60 --batch-size 8 --seq-len 128 \
-		--eval-every 15 --eval-batches 4 --checkpoints 2 --jobs 2 --out runs/demo
+	$(BIN)/smoe compare --suite demo --data stdlib --steps 60 --batch-size 8 --seq-len 128 \
+		--eval-every 15 --eval-batches 4 --val-tokens 16384 --jobs 2 --out runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -188,6 +188,7 @@ def test_layer_from_unsorted_tokens_matches_the_reference_layer(backend, case, p
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @of("cpp", lower_builds=False)  # Inductor's cache would hand a lower build graphs compiled for this CPU's
 def test_torch_compile_traces_the_cpp_layer_in_one_graph():
     """The ops' fake kernels let torch.compile trace the fused layer, forward and backward, without a graph break."""
@@ -393,6 +394,7 @@ def test_every_compiled_backend_builds_where_a_toolchain_is_present(backend):
 LOWER_BUILD_TESTS_AT_LEAST = 78
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(missing_toolchain() is not None, reason=f"no toolchain to build with: {missing_toolchain()}")
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_the_builds_for_lower_instruction_sets_match_the_reference(capability):

@@ -239,6 +239,7 @@ TEST_SETTINGS = CompareSettings(train=TrainConfig(steps=4, batch_size=2, seq_len
                                                   precision="fp32"), checkpoints=2, val_tokens=256)
 
 
+@pytest.mark.slow
 def test_suite_trains_resumes_and_renders_a_self_contained_report(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(SUITES, "test-suite", TEST_SUITE)
@@ -324,6 +325,7 @@ def test_a_complete_last_metrics_line_that_is_not_json_is_not_taken_for_torn(tmp
         read_rows(tmp_path)
 
 
+@pytest.mark.slow
 def test_tune_lr_trains_each_rate_once_on_a_seed_no_contrast_uses(tmp_path, monkeypatch):
     from smoe.eval import compare
 

@@ -47,6 +47,7 @@ def test_the_upcycling_suite_builds_what_the_issue_names():
     assert [a.from_trunk for a in suite.archs] == [True, True, True, False, False]
 
 
+@pytest.mark.slow
 def test_two_phase_suite_trains_its_branches_from_each_seeds_trunk_and_reports_compute(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     words = "a red fox ran to the big tree and saw one small bird sing".split()

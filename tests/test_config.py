@@ -246,6 +246,7 @@ def _trains_a_step(config: ModelConfig, seq_len: int) -> None:
 
 @pytest.mark.parametrize(("attention", "moe"), [("gqa", True), ("mla", True), ("mla", False)],
                          ids=["gqa-moe", "mla-moe", "mla-dense"])
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), seq_len=st.integers(1, 6))
 def test_fuzz_valid_moe_and_mla_configs_build_and_train(attention, moe, data, seq_len):

@@ -174,6 +174,7 @@ def test_what_a_compiled_decode_cannot_run_is_refused_naming_compile(kw, message
         smoe.generate(model, [[1, 2]], max_new_tokens=2, compile=True, **kw)
 
 
+@pytest.mark.slow
 def test_a_compiled_engine_of_dependent_rows_runs_the_fewest_rows_and_slots_that_hold_its_requests():
     model = _model("mixtral-tiny")
     engine = Engine(model, rows=5, max_len=150, compile=True, independent_rows=False)
@@ -202,6 +203,7 @@ def _run_engine(engine: Engine, requests: list[Request]) -> Engine:
     return engine
 
 
+@pytest.mark.slow
 def test_a_compiled_engine_keeps_rows_independent_with_quantised_experts_and_counts_them():
     # Alone or among others, a request's logits must not move by a bit: the engine's one fixed shape.
     model = smoe.quantize(_model("deepseek-v3-tiny"), "int8")

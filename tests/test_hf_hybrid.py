@@ -111,6 +111,7 @@ def test_export_loads_in_transformers_with_the_same_logits(family, saved, tmp_pa
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 @FAMILIES
 def test_greedy_generation_matches_transformers_generate(family, saved):
     hf, path = saved[family]

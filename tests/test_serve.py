@@ -608,6 +608,7 @@ def test_max_expert_memory_serves_the_in_memory_tokens_and_reports_the_cache(tmp
     assert int(misses.split()[1]) > 0 and "smoe_expert_cache_read_bytes_total" in metrics
 
 
+@pytest.mark.slow
 def test_compile_serves_quantised_experts_with_rows_independent_and_counts_them(tmp_path):
     from starlette.testclient import TestClient
 

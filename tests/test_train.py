@@ -85,6 +85,7 @@ def test_a_run_recorded_before_document_boundaries_resumes_only_as_it_ran(text, 
     assert _train(out, text, tmp_path, steps=3, resume=True, document_boundaries="none").step == 3
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(text, tmp_path):
     """A real process killed with SIGKILL mid-run and resumed ends bit-identical to an uninterrupted one."""
     env = {**os.environ, "SMOE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
