@@ -27,14 +27,7 @@ CACHE_CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Decoding tiny models is a chain of small matmuls that a second thread cannot speed up; on a shared CPU its
-    # OpenMP barriers wait for a time slice (6 s instead of 0.15 s for one 16-token generate, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(preset, **changes):

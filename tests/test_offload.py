@@ -22,12 +22,7 @@ from smoe.offload.experts import OffloadedExperts, cache_of
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(preset: str, quantize: str | None = None, **changes):

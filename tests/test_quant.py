@@ -33,12 +33,7 @@ needs_numba = pytest.mark.skipif(not kernels.HAS_NUMBA, reason="numba is not ins
 TINY = {"dim": 64, "n_layers": 2, "ffn_dim": 128, "vocab_size": 256, "moe.expert_dim": 64, "max_seq_len": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls; a second thread only waits on a shared CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(preset="mixtral-tiny", **changes):
