@@ -334,6 +334,7 @@ def _hold_build_lock(directory: Path) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.slow
 def test_a_build_killed_while_it_holds_the_lock_never_blocks_the_next(tmp_path):
     child = _hold_build_lock(tmp_path)
     child.kill()  # SIGKILL mid-build: no finally runs, torch's lock file stays
@@ -346,6 +347,7 @@ def test_a_build_killed_while_it_holds_the_lock_never_blocks_the_next(tmp_path):
     assert time.monotonic() - start < 5
 
 
+@pytest.mark.slow
 def test_a_wait_for_a_live_build_is_bounded_and_names_its_process(tmp_path):
     child = _hold_build_lock(tmp_path)
     try:

@@ -136,6 +136,7 @@ def test_the_static_shape_decode_step_computes_what_the_per_row_path_does(case):
     assert torch.equal(caches[0].lengths_B, caches[1].lengths_B)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset, changes, quantize", [("mixtral-tiny", {}, None), ("deepseek-v3-tiny", {}, "int8"),
                                                       ("qwen3-next-tiny", HYBRID, None)])
 def test_compiled_decode_steps_give_the_eager_tokens(preset, changes, quantize):

@@ -314,6 +314,7 @@ CHILD = textwrap.dedent("""
 MARGIN = 64 * 2**20  # activations, the decode cache, allocator and thread arenas, load-time views
 
 
+@pytest.mark.slow
 def test_peak_resident_memory_stays_within_budget_plus_other_weights_plus_a_margin(tmp_path):
     # 300 MB of experts, a 25 MB budget. The peak is the child's own high-water mark (VmHWM, which a fresh exec
     # starts anew; getrusage's ru_maxrss would keep this process's).
