@@ -395,13 +395,16 @@ def main() -> None:
         if routing in compute_s:  # the physical model: compute + reads over the disk's random-read bandwidth
             predicted = [1 / (compute_s[routing] + mb * 1e6 / random_bps) for mb in per_token]
             model = _range(predicted, ".2f")
-        bound = (runs[0]["weights"] + runs[0]["slots"] * runs[0]["expert_bytes"]) / 1e9
+        # Parameters and buffers: a quantised linear's int4/int8 weights, scales and offsets are buffers (0.65 GB of
+        # DeepSeek-V2-Lite's 1.73 GB at int4), which a bound of parameters alone left out.
+        bound = (runs[0]["weights"] + runs[0]["weights_buffers"] + runs[0]["slots"] * runs[0]["expert_bytes"]) / 1e9
         print(f"{routing:>8} {b:>6}% {runs[0]['slots']:>6} {_range(tok_s, '.2f'):>11} {model:>11} "
               f"{_range([s.hit_rate for s in stats], '.1%'):>9} "
               f"{_range([s.lookahead_recall for s in stats], '.0%'):>10} {_range(per_token, '.0f'):>11} "
               f"{_range(peak, '.2f'):>11} {bound:>9.2f} {_range([s.wait_seconds for s in stats], '.1f'):>9}")
     print("model tok/s: 1 / (the in-memory run's s/token + MB read per token / the disk's random-read MB/s); bound GB: "
-          "the weights that stay in memory plus the cache's slots, against which peak RSS is measured")
+          "the weights that stay in memory (parameters and buffers) plus the cache's slots, against which peak RSS is "
+          "measured")
 
     print(f"\nthe recorded decode traces replayed through the cache under each policy, the second of two passes "
           f"counted (hit rate, look-ahead on / off; zipf {args.zipf})")

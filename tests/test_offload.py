@@ -308,7 +308,7 @@ CHILD = textwrap.dedent("""
     tokens = smoe.generate(model, [list(range(1, 17))], max_new_tokens=8)
     cache = cache_of(model)
     print(json.dumps({"base": base, "peak": status("VmHWM"), "tokens": tokens.tolist(),
-                      "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+                      "weights": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
                       "cache": cache.n_slots * cache.expert_bytes}))
 """)
 MARGIN = 64 * 2**20  # activations, the decode cache, allocator and thread arenas, load-time views
