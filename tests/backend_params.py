@@ -37,9 +37,8 @@ def marks(backend: kernels.Backend, lower_builds: bool = True) -> list:
     found = [pytest.mark.compiled] if backend.build is not None and lower_builds else []
     reason = backend.unavailable(CPU)
     build_failed = backend.runs_on(CPU) is None and backend.build is not None and backend.build() is not None
-    if reason is not None and not (build_failed and missing_toolchain() is None):
-        found.append(pytest.mark.skip(reason=reason))
-    return found
+    cannot_run = reason is not None and not (build_failed and missing_toolchain() is None)
+    return [*found, pytest.mark.skipif(cannot_run, reason=reason or f"{backend.name} runs on this CPU")]
 
 
 def params(kind: str, where=lambda entry: True, spec: bool = False) -> list:
