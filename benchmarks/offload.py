@@ -19,12 +19,18 @@ first token on) and reports its own peak resident set (VmHWM) over its resident 
 read is dropped from the kernel's page cache once read (``drop_page_cache``, no read-ahead), and the file is evicted
 before each run, so each miss reads the disk, as on a machine whose RAM the model exceeds (``--warm-page-cache``:
 as on one whose RAM holds the file). Policies (lru, lfu, load) and look-ahead on or off are compared by replaying
-the decode traces the runs record through the cache itself (reads that cost nothing; twice, the second pass
-counted), for every budget: hit rates, not times. Runs alternate budgets and repeat (``--repeats``); the table gives
-each measurement's range over the repeats.
+the cache calls the runs record through the cache itself (reads that cost nothing; the warm-up generation and the
+timed prompt warm the cache and the policies' counts, the timed decode is counted), for every budget: hit rates, not
+times. Runs alternate budgets and repeat (``--repeats``); the table gives each measurement's range over the repeats.
+
+``--trained CKPT,...`` compares the policies on trained routers instead (no timed runs): each checkpoint reads
+``--trained-tokens`` tokens of ``--text`` one token a forward (the routing decode steps see) to warm the cache, then
+as many more, counted; checkpoints of one architecture (seeds) give each policy's hit rate, and its difference with
+lru on the same trace, as a mean and 95% t-interval.
 
     .venv/bin/python benchmarks/offload.py [--dir /work/scratch/offload-bench] [--preset deepseek-v2-lite]
         [--budgets 100,50,25,10] [--routings uniform,zipf] [--repeats 2] [--threads 2] [--keep]
+    .venv/bin/python benchmarks/offload.py --trained RUN/checkpoints/step_N,... --text FILE [--trained-tokens 1024]
 """
 
 from __future__ import annotations
@@ -45,10 +51,12 @@ import torch
 
 from smoe import presets
 from smoe.config import QuantConfig
+from smoe.eval.stats import interval
 from smoe.io.safetensors import SafetensorsFile, write_safetensors_streamed
+from smoe.io.tokenizer import load_tokenizer
 from smoe.models import Transformer
 from smoe.nn import RMSNorm
-from smoe.offload.budget import format_size
+from smoe.offload.budget import OffloadConfig, format_size
 from smoe.offload.cache import CacheStats, ExpertCache
 from smoe.quant.format import quantize_weight
 
@@ -77,31 +85,40 @@ if a["zipf"]:
         p = 1.0 / torch.arange(1, E + 1, dtype=torch.float) ** a["zipf"]
         moe.router.logit_bias = torch.nn.Parameter((p / p.sum()).log()[torch.randperm(E, generator=g)], False)
 cache = cache_of(model)
-trace, routed = [], {}
-if cache is not None:  # record the timed decode's calls for the policy replays
+trace = []  # every cache call, for the policy replays: those before trace_from warm the cache, the rest are counted
+if cache is not None:
     reserve, prefetch = cache.reserve, cache.prefetch
     def reserve_logged(layer, experts, tokens):
-        if recording: trace.append(("reserve", layer, experts, tokens))
+        trace.append(("reserve", layer, experts, tokens))
         return reserve(layer, experts, tokens)
     def prefetch_logged(layer, experts):
-        if recording: trace.append(("prefetch", layer, experts))
+        trace.append(("prefetch", layer, experts))
         return prefetch(layer, experts)
     cache.reserve, cache.prefetch = reserve_logged, prefetch_logged
-recording = False
+if a.get("text"):  # a trained model reads text one token a forward (teacher-forced decode): its routers' trace
+    warm, counted = a["text"]
+    with torch.inference_mode():
+        for _ in generate_stream(model, [warm], max_new_tokens=1, prefill_chunk=1):
+            pass
+        trace_from = len(trace)
+        for _ in generate_stream(model, [counted], max_new_tokens=1, prefill_chunk=1):
+            pass
+    print(json.dumps({"trace": trace, "trace_from": trace_from, "slots": cache.n_slots,
+                      "expert_bytes": cache.expert_bytes, "per_layer": model.config.moe.n_routed_experts,
+                      "name": model.config.name}))
+    sys.exit()
 def decode(prompt, n):
-    global recording
-    times, snap = [], None
+    times, snap, trace_from = [], None, None
     for i, _ in enumerate(generate_stream(model, [prompt], max_new_tokens=n)):
         times.append(time.perf_counter())
         if i == 0 and cache is not None:
-            snap, recording = asdict(cache.stats), True
-    recording = False
-    return times, snap
+            snap, trace_from = asdict(cache.stats), len(trace)
+    return times, snap, trace_from
 g = torch.Generator().manual_seed(a["seed"])
 prompts = [torch.randint(3, model.config.vocab_size, (a["prompt"],), generator=g).tolist() for _ in range(2)]
 with torch.inference_mode():
     decode(prompts[0], a["warmup"])
-    times, snap = decode(prompts[1], a["new_tokens"])
+    times, snap, trace_from = decode(prompts[1], a["new_tokens"])
 steps = len(times) - 1
 out = {"base": base, "peak": status("VmHWM"), "load_s": load_s, "steps": steps,
        "decode_s": times[-1] - times[0], "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -109,7 +126,7 @@ out = {"base": base, "peak": status("VmHWM"), "load_s": load_s, "steps": steps,
 if cache is not None:
     end = asdict(cache.stats)
     out.update(stats={k: end[k] - snap[k] for k in end}, slots=cache.n_slots, expert_bytes=cache.expert_bytes,
-               trace=trace)
+               trace=trace, trace_from=trace_from)
 print(json.dumps(out))
 """
 
@@ -265,13 +282,13 @@ class _NoReads:
         pass
 
 
-def replay(trace: list, slots: int, policy: str, lookahead: bool, expert_bytes: int) -> CacheStats:
-    """A recorded decode's cache calls through a cache of ``slots`` slots, twice, the second pass counted (the
-    steady state a longer generation reaches): its hit rate and reads under a policy."""
+def replay(trace: list, trace_from: int, slots: int, policy: str, lookahead: bool, expert_bytes: int) -> CacheStats:
+    """A recorded run's cache calls through a cache of ``slots`` slots under a policy: the calls before
+    ``trace_from`` warm it (and the policy's counts), the rest are counted. History only: no call is seen twice."""
     cache = ExpertCache(_NoReads(expert_bytes), {"x": ((1,), torch.uint8)}, slots, policy, io_threads=1)
     held: list[int] = []
-    for n, event in enumerate(trace + trace):
-        if n == len(trace):
+    for n, event in enumerate(trace):
+        if n == trace_from:
             cache.stats = CacheStats()
         if event[0] == "reserve":
             if held:
@@ -305,10 +322,65 @@ def skew(trace: list, E: int) -> tuple[float, float]:
     return sum(top) / len(top), sum(effective) / len(effective)
 
 
+def _mean_interval(values: list[float], sign: str) -> str:
+    """``mean [95% t-interval]`` as percentages; the mean alone for one value."""
+    iv = interval(values)
+    return f"{iv.mean:{sign}.1%}" + ("" if iv.n < 2 else f" [{iv.low:{sign}.1%}, {iv.high:{sign}.1%}]")
+
+
 def _range(values: list[float], fmt: str) -> str:
     lo, hi = min(values), max(values)
     return format(lo, fmt) if len(values) == 1 or format(lo, fmt) == format(hi, fmt) else \
         f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+
+def trained_replays(checkpoints: list[str], text_file: str, n_tokens: int, budgets: list[int], policies: list[str],
+                    env: dict) -> None:
+    """The policies compared on trained routers: each checkpoint reads the same ``2 * n_tokens`` of ``text_file`` one
+    token a forward (the routing a decode step sees), and its recorded cache calls are replayed under every policy and
+    budget, the first half warming the cache, the second counted. Checkpoints of one architecture (seeds) give each
+    policy's hit rate and its difference with lru as a mean and 95% t-interval over them."""
+    text = Path(text_file).read_text(encoding="utf-8")
+    print(f"trained routers reading {text_file} one token a forward: {n_tokens} tokens warm the cache, the next "
+          f"{n_tokens} are counted; hit rate with look-ahead on / off")
+    for i, checkpoint in enumerate(checkpoints):
+        print(f"  [{i}] {checkpoint}")
+    print(f"{'model':>14} {'ckpt':>4} {'skew':>18} {'budget':>7} {'slots':>6} "
+          + " ".join(f"{p + ' on/off':>15}" for p in policies))
+    hits: dict[tuple, list[float]] = {}  # (model, budget, policy) -> look-ahead on, per checkpoint
+    for i, checkpoint in enumerate(checkpoints):
+        ids = load_tokenizer(checkpoint).encode(text).ids
+        if len(ids) < 2 * n_tokens:
+            raise SystemExit(f"--text: {text_file} has {len(ids)} tokens for {checkpoint}'s tokenizer, fewer than "
+                             f"twice --trained-tokens {n_tokens}")
+        everything = {"max_expert_memory": 2**62, "expert_cache_policy": "lru", "expert_io_threads": 1,
+                      "drop_page_cache": False}
+        res = run_child(CHILD, {"path": checkpoint, "threads": 1, "offload": everything, "zipf": 0, "seed": 0,
+                                "text": [ids[:n_tokens], ids[n_tokens : 2 * n_tokens]]}, env)
+        trace, trace_from, n_experts, one = res["trace"], res["trace_from"], res["slots"], res["expert_bytes"]
+        top, effective = skew(trace[trace_from:], res["per_layer"])
+        for b in budgets:
+            slots = max(1, n_experts * b // 100)
+            cells = []
+            for policy in policies:
+                rates = [replay(trace, trace_from, slots, policy, la, one).hit_rate for la in (True, False)]
+                hits.setdefault((res["name"], b, policy), []).append(rates[0])
+                cells.append(f"{rates[0]:.1%}/{rates[1]:.1%}")
+            print(f"{res['name']:>14} {f'[{i}]':>4} {f'top10% {top:.0%}, eff {effective:.0f}':>18} "
+                  f"{b:>6}% {slots:>6} " + " ".join(f"{c:>15}" for c in cells), flush=True)
+    print("\nper model, over its checkpoints: hit rate (look-ahead on), mean [95% t-interval], and each policy minus "
+          "lru on the same trace")
+    for name in dict.fromkeys(k[0] for k in hits):
+        for b in budgets:
+            base = hits[(name, b, "lru")] if "lru" in policies else None
+            cells = []
+            for policy in policies:
+                rates = hits[(name, b, policy)]
+                cell = f"{policy} {_mean_interval(rates, '')}"
+                if base is not None and policy != "lru":
+                    cell += f" ({_mean_interval([x - y for x, y in zip(rates, base, strict=True)], '+')})"
+                cells.append(cell)
+            print(f"{name:>14} {b:>3}% n={len(rates)}: " + "; ".join(cells))
 
 
 def main() -> None:
@@ -321,7 +393,7 @@ def main() -> None:
     parser.add_argument("--routings", default="uniform,zipf")
     parser.add_argument("--zipf", type=float, default=1.0, help="exponent of the skewed load's Zipf distribution")
     parser.add_argument("--policies", default="lru,lfu,load", help="compared by replaying the recorded traces")
-    parser.add_argument("--policy", default="lru", help="the policy the timed runs use")
+    parser.add_argument("--policy", default=OffloadConfig().expert_cache_policy, help="the policy the timed runs use")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=8, help="new tokens of the untimed warm-up generation")
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -334,10 +406,20 @@ def main() -> None:
     parser.add_argument("--no-llamacpp", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and GGUF for the next run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trained", help="comma-separated trained checkpoints: compare the policies on their routers' "
+                                          "traces reading --text (replays only; no timed runs)")
+    parser.add_argument("--text", help="with --trained: a text file the models read")
+    parser.add_argument("--trained-tokens", type=int, default=1024, help="with --trained: tokens of --text read")
     args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    budgets, policies = [int(b) for b in args.budgets.split(",")], args.policies.split(",")
+    if args.trained:
+        if not args.text:
+            parser.error("--trained: needs --text, the file the models read")
+        trained_replays(args.trained.split(","), args.text, args.trained_tokens, budgets, policies, env)
+        return
     root = Path(args.dir)
     path = root / f"{args.preset}-{args.layers or 'all'}-{args.scheme}"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if not (path / "model.safetensors").is_file():
         start = time.perf_counter()
         make_checkpoint(path, args.preset, args.scheme, args.layers, args.seed)
@@ -352,7 +434,6 @@ def main() -> None:
     print(f"disk, cold: {random_bps / 1e6:.0f} MB/s reading single experts at random offsets (one thread), "
           f"{sequential_bps / 1e6:.0f} MB/s reading 1 GB in order")
 
-    budgets = [int(b) for b in args.budgets.split(",")]
     routings = args.routings.split(",")
     common = {"path": str(path), "threads": args.threads, "prompt": args.prompt, "warmup": args.warmup,
               "new_tokens": args.new_tokens, "seed": args.seed}
@@ -406,18 +487,19 @@ def main() -> None:
           "the weights that stay in memory (parameters and buffers) plus the cache's slots, against which peak RSS is "
           "measured")
 
-    print(f"\nthe recorded decode traces replayed through the cache under each policy, the second of two passes "
-          f"counted (hit rate, look-ahead on / off; zipf {args.zipf})")
-    policies = args.policies.split(",")
+    print(f"\nthe recorded cache calls replayed under each policy, the warm-up generation and the timed prompt warming "
+          f"the cache, the timed decode counted (hit rate, look-ahead on / off; zipf {args.zipf})")
     print(f"{'routing':>8} {'skew':>18} {'budget':>7} " + " ".join(f"{p + ' on/off':>15}" for p in policies))
     for routing in routings:
-        trace = results[(routing, budgets[0])][0]["trace"]  # the same tokens at every budget
-        top, effective = skew(trace, per_layer)
+        run = results[(routing, budgets[0])][0]  # the same tokens at every budget
+        trace, trace_from = run["trace"], run["trace_from"]
+        top, effective = skew(trace[trace_from:], per_layer)
         for b in budgets:
             slots = max(1, int(experts * b / 100) // one)
             cells = []
             for policy in policies:
-                on, off = (replay(trace, min(slots, n_experts), policy, la, one).hit_rate for la in (True, False))
+                on, off = (replay(trace, trace_from, min(slots, n_experts), policy, la, one).hit_rate
+                           for la in (True, False))
                 cells.append(f"{on:.1%}/{off:.1%}")
             print(f"{routing:>8} {f'top10% {top:.0%}, eff {effective:.0f}':>18} {b:>6}% "
                   + " ".join(f"{c:>15}" for c in cells))

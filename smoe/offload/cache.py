@@ -156,7 +156,7 @@ class ExpertCache:
     ``files``."""
 
     def __init__(self, files: ExpertFiles, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int,
-                 policy: CachePolicy = "lru", io_threads: int = 2, drop_page_cache: bool = False):
+                 policy: CachePolicy = "load", io_threads: int = 2, drop_page_cache: bool = False):
         self.files, self.n_slots, self.drop_page_cache = files, slots, drop_page_cache
         if drop_page_cache:
             files.advise_random()
