@@ -17,6 +17,7 @@ from smoe.kernels import Assignments, cpp_experts, cpp_quant
 from smoe.models import build_model
 from smoe.moe import MoELayer
 from smoe.quant.format import (
+    QWeight,
     dequantize,
     int4_group,
     int8_activations,
@@ -141,6 +142,24 @@ def test_cpp_int4_activations_carry_inf_and_nan_through_as_the_spec_does():
     x[0, 5], x[1, 100] = float("nan"), float("inf")
     got, want = _cpp_kernels().linear(x, w), kernels.quantized("reference", CPU).linear(x, w)
     assert torch.equal(got.isnan(), want.isnan()) and got[:2].isnan().all() and not got[2].isnan().any()
+
+
+@of("cpp")
+@pytest.mark.parametrize("group", [32, 64, 96, 128])
+def test_cpp_rounds_int8_activations_bit_for_bit_as_the_spec_does(group):
+    # One-hot weights (channel c reads input c with scale 1, offset 0) make each output one activation as the
+    # kernel rounded it, times its block's scale: exactly the spec's value, ties and zero blocks included.
+    inputs = 384 if group == 96 else 256
+    q = torch.eye(inputs, dtype=torch.uint8).unflatten(-1, (-1, group))
+    ones = torch.ones(inputs, inputs // group)
+    w = QWeight(pack_int4(q), ones, torch.zeros_like(ones), group)
+    x = torch.randn(4, inputs, generator=torch.Generator().manual_seed(2)) * 3
+    x[1] = torch.arange(inputs) % 9 - 4.5  # halves to round to even where a block's max|x| is 127 ...
+    x[1, ::64] = 127.0  # ... as every block's first input makes it
+    x[2, 64:192] = 0  # zero blocks
+    x[3, 7] = 1e-30  # a denormal step
+    got = _cpp_kernels().linear(x, w)
+    torch.testing.assert_close(got, quantize_activations(x, group), rtol=0, atol=0)
 
 
 @of("cpp")

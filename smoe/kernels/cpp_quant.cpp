@@ -235,8 +235,10 @@ void int4_tile(const float* x, int64_t ldx, const float* xsum, const QMatrix& m,
 // and shifted into 32 low and 32 high nibbles; vpmaddubsw multiplies each run by the row's 32 int8 activations
 // into 16-bit pairs (at most 2 * 15 * 127, and two runs' sum 7,620: no saturation), vpmaddwd sums them into eight
 // 32-bit lanes of four bytes each, and the lanes, converted once per block, are scaled by the block's activation
-// scale and their group's weight scale (lanes 0-3 and 4-7 lie in different groups when G is 32).
-template <int R, int C>
+// scale and their group's weight scale (lanes 0-3 and 4-7 lie in different groups when G is 32). P: the blocks
+// per group when that is a constant (1 at G = 64, 2 at 128), so the group is a shift of the block and the loop
+// keeps no group bookkeeping; 0 for any other G (32, 96, ...), whose blocks the loop tracks.
+template <int R, int C, int P>
 void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
   const int64_t H = m.group / 2, N = m.groups(), S = m.in / kActivationBlock, bytes = m.row_bytes();
   const uint8_t* q = static_cast<const uint8_t*>(m.q) + c0 * bytes;
@@ -244,31 +246,40 @@ void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, fl
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  int64_t g0 = 0, g1 = 16 / H, at0 = 0, at1 = 16 % H;  // the groups of the block's two 16-byte halves, and where
-  for (int64_t b = 0; b < S; ++b) {                      // in them the halves start (no division in the loop)
+  int64_t g0 = 0, g1 = 16 / H, at0 = 0, at1 = 16 % H;  // P = 0: the groups of the block's two 16-byte halves, and
+  for (int64_t b = 0; b < S; ++b) {                      // where in them the halves start (no division in the loop)
     if (b % 2 == 0)
       for (int c = 0; c < C; ++c) prefetch(q + (2 * C + c) * bytes + 32 * b);
+    __m256i xlo[R], xhi[R];
+    __m256 xs[R];
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xq = rows.q.data() + ((r0 + r) * S + b) * kActivationBlock;
+      xlo[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      xhi[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+      xs[r] = _mm256_set1_ps(rows.qscale[(r0 + r) * S + b]);
+    }
     for (int c = 0; c < C; ++c) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + c * bytes + 32 * b));
       const __m256i low = _mm256_and_si256(v, nibble), high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
       const float* scale = m.scale + (c0 + c) * N;
-      const __m256 sw = g0 == g1 ? _mm256_set1_ps(scale[g0])
-                                 : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scale[g0])),
-                                                        _mm_set1_ps(scale[g1]), 1);
+      __m256 sw;
+      if constexpr (P > 0)
+        sw = _mm256_set1_ps(scale[b / P]);
+      else
+        sw = g0 == g1 ? _mm256_set1_ps(scale[g0])
+                      : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scale[g0])), _mm_set1_ps(scale[g1]), 1);
       for (int r = 0; r < R; ++r) {
-        const int8_t* xq = rows.q.data() + ((r0 + r) * S + b) * kActivationBlock;
-        const __m256i pairs =
-            _mm256_add_epi16(_mm256_maddubs_epi16(low, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq))),
-                             _mm256_maddubs_epi16(high, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32))));
-        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)),
-                                         _mm256_set1_ps(rows.qscale[(r0 + r) * S + b]));
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(low, xlo[r]), _mm256_maddubs_epi16(high, xhi[r]));
+        const __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), xs[r]);
         acc[r][c] = _mm256_fmadd_ps(dot, sw, acc[r][c]);
       }
     }
-    at0 += 32;
-    at1 += 32;
-    for (; at0 >= H; at0 -= H) ++g0;
-    for (; at1 >= H; at1 -= H) ++g1;
+    if constexpr (P == 0) {
+      at0 += 32;
+      at1 += 32;
+      for (; at0 >= H; at0 -= H) ++g0;
+      for (; at1 >= H; at1 -= H) ++g1;
+    }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {  // plus the offsets times the row's group sums, eight groups at a time
@@ -285,8 +296,12 @@ void int4_a8_tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, fl
 template <int R, int C>
 void tile(const Rows& rows, int64_t r0, const QMatrix& m, int64_t c0, float* out, int64_t ldo) {
   const float* x = rows.x + r0 * rows.ldx;
-  if (m.int8_activations())
-    int4_a8_tile<R, C>(rows, r0, m, c0, out, ldo);
+  if (m.int8_activations() && m.group == 64)
+    int4_a8_tile<R, C, 1>(rows, r0, m, c0, out, ldo);
+  else if (m.int8_activations() && m.group == 128)
+    int4_a8_tile<R, C, 2>(rows, r0, m, c0, out, ldo);
+  else if (m.int8_activations())
+    int4_a8_tile<R, C, 0>(rows, r0, m, c0, out, ldo);
   else if (m.offset)
     int4_tile<R, C>(x, rows.ldx, rows.sums.data() + r0 * m.groups(), m, c0, out + r0 * ldo, ldo);
   else
@@ -327,10 +342,77 @@ void matmul_block(const Rows& rows, int64_t r0, int64_t r1, const QMatrix& m, in
     }
 }
 
+// One block of 64 inputs of a row quantised to int8 (the spec: smoe/kernels/qweight.py, quantize_activations):
+// its 32 low-nibble inputs are x[lo], then x[lo2] (16 each: the bytes' two 16-byte halves, which lie in different
+// groups when G is 32), its 32 high-nibble ones H further on. Rounds x * (127 / max|x|) to nearest (even on ties)
+// in fp32 into q, returns the scale max|x| / 127 (NaN when the block holds inf or NaN; q is then 0), and the
+// integer sums of the two halves' rounded values in sum[0], sum[1] (their group sums are these times the scale).
+float quantize_block(const float* lo, const float* lo2, int64_t H, int8_t* q, int32_t sum[2]) {
+#ifdef SMOE_AVX2
+  const float* at[8] = {lo, lo + 8, lo2, lo2 + 8, lo + H, lo + H + 8, lo2 + H, lo2 + H + 8};  // q's order
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 v[8], top = _mm256_setzero_ps(), finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm256_loadu_ps(at[i]);
+    const __m256 a = _mm256_and_ps(v[i], magnitude);
+    top = _mm256_max_ps(top, a);
+    finite = _mm256_and_ps(finite, _mm256_cmp_ps(a, largest, _CMP_LE_OQ));  // false for inf and NaN
+  }
+  if (_mm256_movemask_ps(finite) != 0xff) {
+    std::fill(q, q + kActivationBlock, int8_t(0));
+    sum[0] = sum[1] = 0;
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+  t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+  const float m = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+  const __m256 inverse = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+  __m256i n[8];
+  for (int i = 0; i < 8; ++i)
+    n[i] = _mm256_cvtps_epi32(
+        _mm256_round_ps(_mm256_mul_ps(v[i], inverse), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  // The halves: inputs of bytes 0-15 are n[0], n[1] (low) and n[4], n[5] (high); of bytes 16-31, the others.
+  const __m256i half0 = _mm256_add_epi32(_mm256_add_epi32(n[0], n[1]), _mm256_add_epi32(n[4], n[5]));
+  const __m256i half1 = _mm256_add_epi32(_mm256_add_epi32(n[2], n[3]), _mm256_add_epi32(n[6], n[7]));
+  const __m256i pair = _mm256_hadd_epi32(half0, half1);  // 128-bit lanes: h0 h0 h1 h1 | h0 h0 h1 h1
+  const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(pair), _mm256_extracti128_si256(pair, 1));
+  sum[0] = _mm_extract_epi32(s4, 0) + _mm_extract_epi32(s4, 1);
+  sum[1] = _mm_extract_epi32(s4, 2) + _mm_extract_epi32(s4, 3);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' per-128-bit-lane interleave
+  for (int i = 0; i < 8; i += 4) {
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[i], n[i + 1]), _mm256_packs_epi32(n[i + 2], n[i + 3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  return m / 127.f;
+#else
+  float block[kActivationBlock], m = 0.f;
+  bool finite = true;
+  for (int64_t k = 0; k < 16; ++k) {
+    block[k] = lo[k], block[16 + k] = lo2[k], block[32 + k] = lo[H + k], block[48 + k] = lo2[H + k];
+  }
+  for (float v : block) {
+    m = std::max(m, std::fabs(v));
+    finite = finite && std::isfinite(v);
+  }
+  sum[0] = sum[1] = 0;
+  if (!finite) {
+    std::fill(q, q + kActivationBlock, int8_t(0));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  const float inverse = m > 0.f ? 127.f / m : 0.f;
+  for (int64_t k = 0; k < kActivationBlock; ++k) {
+    q[k] = int8_t(std::nearbyint(block[k] * inverse));
+    sum[(k % 32) / 16] += q[k];
+  }
+  return m / 127.f;
+#endif
+}
+
 // The B rows of x (I apart) as the kernels of m read them: for int4, their group sums; with int8 activations,
-// each block of 64 inputs in the tile's order quantised to int8 with scale max|x| / 127, rounded to nearest (even
-// on ties) in the spec's fp32 arithmetic (smoe/quant/format.py: quantize_activations), so the integer dot products
-// match it exactly, and the group sums are those of the rounded activations.
+// each block of 64 inputs in the tile's order quantised to int8 (quantize_block), so that the integer dot
+// products match the spec exactly, and the group sums are those of the rounded activations: each group's exact
+// integer sum per block times the block's scale, added over its blocks in order.
 Rows prepare(const float* x, int64_t B, const QMatrix& m) {
   Rows rows{x, m.in, {}, {}, {}};
   if (!m.offset) return rows;
@@ -345,29 +427,26 @@ Rows prepare(const float* x, int64_t B, const QMatrix& m) {
   const int64_t S = m.in / kActivationBlock;
   rows.q.resize(B * m.in);
   rows.qscale.resize(B * S);
-  for (int64_t r = 0; r < B; ++r)
+  for (int64_t r = 0; r < B; ++r) {
+    float* sums = rows.sums.data() + r * N;
+    int64_t g = 0, at = 0;  // the group of the byte a 16-byte half starts at, and where in it (no division)
     for (int64_t b = 0; b < S; ++b) {
-      float block[kActivationBlock], top = 0.f;
-      for (int64_t k = 0; k < 32; ++k) {  // packed byte p = 32b + k holds inputs gG + j and gG + H + j
-        const int64_t p = 32 * b + k, at = r * m.in + p / H * G + p % H;
-        block[k] = x[at];
-        block[32 + k] = x[at + H];
-      }
-      bool finite = true;
-      for (float v : block) {
-        top = std::max(top, std::fabs(v));
-        finite = finite && std::isfinite(v);
-      }
-      // A block holding inf or NaN scales by NaN, so the outputs it touches are NaN, as in the spec.
-      const float inverse = finite && top > 0.f ? 127.f / top : 0.f;
-      const float scale = finite ? top / 127.f : std::numeric_limits<float>::quiet_NaN();
-      int8_t* q = rows.q.data() + (r * S + b) * kActivationBlock;
-      for (int64_t k = 0; k < kActivationBlock; ++k) {
-        q[k] = int8_t(std::nearbyint(block[k] * inverse));
-        rows.sums[r * N + (32 * b + k % 32) / H] += float(q[k]) * scale;
+      const int64_t g0 = g, at0 = at;
+      if ((at += 16) == H) ++g, at = 0;
+      const float* lo = x + r * m.in + g0 * G + at0;
+      const float* lo2 = x + r * m.in + g * G + at;
+      int32_t sum[2];
+      const float scale = quantize_block(lo, lo2, H, rows.q.data() + (r * S + b) * kActivationBlock, sum);
+      if (g == g0) {
+        sums[g0] += float(sum[0] + sum[1]) * scale;
+      } else {
+        sums[g0] += float(sum[0]) * scale;
+        sums[g] += float(sum[1]) * scale;
       }
       rows.qscale[r * S + b] = scale;
+      if ((at += 16) == H) ++g, at = 0;
     }
+  }
   return rows;
 }
 
