@@ -83,8 +83,10 @@ def test_two_phase_suite_trains_its_branches_from_each_seeds_trunk_and_reports_c
     assert "Not matched on parameters" in md and "Upcycling: loss against training compute" in md
     assert (out / "plots" / "compute.png").is_file() and (out / "plots" / "curves.png").is_file()
     assert re.search(r"\| upcycled-split \| \d\.\d\d \| .* \| .* \| .* \|", md)  # compute to reach dense's loss
+    # any of the four verdicts: the tiny runs' tokenizer (and so their losses) differs between processes
     assert re.search(r"- upcycled-split − dense: [+-]\d\.\d{3} nats.*: (neither supports nor contradicts "
-                     r"Komatsuzaki et al\.'s result|Komatsuzaki et al\.'s result (holds|does not hold))", md)
+                     r"Komatsuzaki et al\.'s result|Komatsuzaki et al\.'s result (holds|does not hold)|behind the "
+                     r"dense continuation, though with less compute)", md)
     assert "steps 7-10 of the same data order" in md
 
     # rerunning trains and upcycles nothing again; other trunk steps are another suite
