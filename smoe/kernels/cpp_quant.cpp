@@ -381,7 +381,8 @@ float quantize_block(const float* lo, const float* lo2, int64_t H, int8_t* q, in
   sum[1] = _mm_extract_epi32(s4, 2) + _mm_extract_epi32(s4, 3);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undo packs' per-128-bit-lane interleave
   for (int i = 0; i < 8; i += 4) {
-    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(n[i], n[i + 1]), _mm256_packs_epi32(n[i + 2], n[i + 3]));
+    const __m256i bytes =
+        _mm256_packs_epi16(_mm256_packs_epi32(n[i], n[i + 1]), _mm256_packs_epi32(n[i + 2], n[i + 3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 8 * i), _mm256_permutevar8x32_epi32(bytes, order));
   }
   return m / 127.f;
