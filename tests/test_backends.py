@@ -375,6 +375,18 @@ def test_a_failed_build_says_what_the_compiler_said(tmp_path, monkeypatch):
     assert reason.startswith("RuntimeError: ") and "error:" in reason and "not_declared_here" in reason
 
 
+def test_a_compiler_probe_that_fails_is_a_reason_not_a_traceback(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    def load(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["c++", "--version"], output=b"c++: cannot execute binary file")
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    reason = cpp_build.build.__wrapped__()
+    assert reason.startswith("CalledProcessError: ") and "c++" in reason and "\n" not in reason
+
+
 def test_the_ninja_package_is_found_for_a_build_without_an_activated_environment(monkeypatch, tmp_path):
     ninja = pytest.importorskip("ninja")
     monkeypatch.setenv("PATH", str(tmp_path))  # no ninja here

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,7 +63,9 @@ def build() -> str | None:
         with build_lock(directory), _ninja_on_path():
             cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                                build_directory=str(directory), is_python_module=False)
-    except (OSError, RuntimeError, ImportError) as err:  # no source, compiler or ninja, the build failed or timed out
+    # No source, compiler or ninja; the build failed (torch raises RuntimeError, a compiler probe it runs itself
+    # CalledProcessError) or timed out.
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as err:
         lines = str(err).strip().splitlines() or [repr(err)]
         # A failed build's first line is the compiler's command; the line that says what went wrong comes later.
         cause = next((line.strip() for line in lines[1:] if "error:" in line), None)
