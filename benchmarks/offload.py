@@ -24,13 +24,15 @@ timed prompt warm the cache and the policies' counts, the timed decode is counte
 times. Runs alternate budgets and repeat (``--repeats``); the table gives each measurement's range over the repeats.
 
 ``--trained CKPT,...`` compares the policies on trained routers instead (no timed runs): each checkpoint reads
-``--trained-tokens`` tokens of ``--text`` one token a forward (the routing decode steps see) to warm the cache, then
-as many more, counted; checkpoints of one architecture (seeds) give each policy's hit rate, and its difference with
-lru on the same trace, as a mean and 95% t-interval.
+text one token a forward (the routing decode steps see), ``--warm-tokens`` tokens of ``--warm-text`` (default: the
+start of ``--text``) to warm the cache, then ``--trained-tokens`` of ``--text``, counted; checkpoints of one
+architecture (seeds) give each policy's hit rate, and its difference with lru on the same trace, as a mean and 95%
+t-interval. A ``--warm-text`` of another kind is a workload that shifts.
 
     .venv/bin/python benchmarks/offload.py [--dir /work/scratch/offload-bench] [--preset deepseek-v2-lite]
         [--budgets 100,50,25,10] [--routings uniform,zipf] [--repeats 2] [--threads 2] [--keep]
     .venv/bin/python benchmarks/offload.py --trained RUN/checkpoints/step_N,... --text FILE [--trained-tokens 1024]
+        [--warm-text FILE --warm-tokens 8192]
 """
 
 from __future__ import annotations
@@ -95,14 +97,17 @@ if cache is not None:
         trace.append(("prefetch", layer, experts))
         return prefetch(layer, experts)
     cache.reserve, cache.prefetch = reserve_logged, prefetch_logged
+def read(ids):  # one token a forward, in windows the model's context holds
+    window = model.config.max_seq_len  # a prompt of T tokens and 1 new token need T positions
+    for start in range(0, len(ids), window):
+        for _ in generate_stream(model, [ids[start : start + window]], max_new_tokens=1, prefill_chunk=1):
+            pass
 if a.get("text"):  # a trained model reads text one token a forward (teacher-forced decode): its routers' trace
     warm, counted = a["text"]
     with torch.inference_mode():
-        for _ in generate_stream(model, [warm], max_new_tokens=1, prefill_chunk=1):
-            pass
+        read(warm)
         trace_from = len(trace)
-        for _ in generate_stream(model, [counted], max_new_tokens=1, prefill_chunk=1):
-            pass
+        read(counted)
     print(json.dumps({"trace": trace, "trace_from": trace_from, "slots": cache.n_slots,
                       "expert_bytes": cache.expert_bytes, "per_layer": model.config.moe.n_routed_experts,
                       "name": model.config.name}))
@@ -262,7 +267,8 @@ def disk_bandwidth(path: Path, chunk: int, n: int, seed: int) -> tuple[float, fl
 def run_child(code: str, args: dict, env: dict) -> dict:
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env)
     if out.returncode:
-        raise RuntimeError(f"run {args} failed:\n{out.stderr[-3000:]}")
+        shown = {k: v for k, v in args.items() if k != "text"}  # not the token ids
+        raise RuntimeError(f"run {shown} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -335,28 +341,37 @@ def _range(values: list[float], fmt: str) -> str:
 
 
 def trained_replays(checkpoints: list[str], text_file: str, n_tokens: int, budgets: list[int], policies: list[str],
-                    env: dict) -> None:
-    """The policies compared on trained routers: each checkpoint reads the same ``2 * n_tokens`` of ``text_file`` one
-    token a forward (the routing a decode step sees), and its recorded cache calls are replayed under every policy and
-    budget, the first half warming the cache, the second counted. Checkpoints of one architecture (seeds) give each
-    policy's hit rate and its difference with lru as a mean and 95% t-interval over them."""
+                    env: dict, warm_file: str | None = None, warm_tokens: int | None = None) -> None:
+    """The policies compared on trained routers: each checkpoint reads text one token a forward (the routing a
+    decode step sees), ``warm_tokens`` (default ``n_tokens``) of ``warm_file`` (default: the start of
+    ``text_file``) that warm the cache, then ``n_tokens`` of ``text_file`` (after the warm-up's, when it is the same
+    file) that are counted; its recorded cache calls are replayed under every policy and budget. A different warm-up
+    file is a workload that shifts. Checkpoints of one architecture (seeds) give each policy's hit rate and its
+    difference with lru as a mean and 95% t-interval over them."""
+    warm_tokens = warm_tokens or n_tokens
     text = Path(text_file).read_text(encoding="utf-8")
-    print(f"trained routers reading {text_file} one token a forward: {n_tokens} tokens warm the cache, the next "
-          f"{n_tokens} are counted; hit rate with look-ahead on / off")
+    warm = Path(warm_file).read_text(encoding="utf-8") if warm_file else None
+    print(f"trained routers reading one token a forward: {warm_tokens} tokens of {warm_file or text_file} warm the "
+          f"cache, then {n_tokens} of {text_file} are counted; hit rate with look-ahead on / off")
     for i, checkpoint in enumerate(checkpoints):
         print(f"  [{i}] {checkpoint}")
     print(f"{'model':>14} {'ckpt':>4} {'skew':>18} {'budget':>7} {'slots':>6} "
           + " ".join(f"{p + ' on/off':>15}" for p in policies))
     hits: dict[tuple, list[float]] = {}  # (model, budget, policy) -> look-ahead on, per checkpoint
     for i, checkpoint in enumerate(checkpoints):
-        ids = load_tokenizer(checkpoint).encode(text).ids
-        if len(ids) < 2 * n_tokens:
-            raise SystemExit(f"--text: {text_file} has {len(ids)} tokens for {checkpoint}'s tokenizer, fewer than "
-                             f"twice --trained-tokens {n_tokens}")
+        tokenizer = load_tokenizer(checkpoint)
+        ids = tokenizer.encode(text).ids
+        if warm is None:
+            warm_ids, counted = ids[:warm_tokens], ids[warm_tokens : warm_tokens + n_tokens]
+        else:
+            warm_ids, counted = tokenizer.encode(warm).ids[:warm_tokens], ids[:n_tokens]
+        if len(warm_ids) < warm_tokens or len(counted) < n_tokens:
+            raise SystemExit(f"--text, --warm-text: {checkpoint}'s tokenizer makes fewer tokens of them than "
+                             f"--warm-tokens {warm_tokens} and --trained-tokens {n_tokens} ask for")
         everything = {"max_expert_memory": 2**62, "expert_cache_policy": "lru", "expert_io_threads": 1,
                       "drop_page_cache": False}
         res = run_child(CHILD, {"path": checkpoint, "threads": 1, "offload": everything, "zipf": 0, "seed": 0,
-                                "text": [ids[:n_tokens], ids[n_tokens : 2 * n_tokens]]}, env)
+                                "text": [warm_ids, counted]}, env)
         trace, trace_from, n_experts, one = res["trace"], res["trace_from"], res["slots"], res["expert_bytes"]
         top, effective = skew(trace[trace_from:], res["per_layer"])
         for b in budgets:
@@ -409,14 +424,19 @@ def main() -> None:
     parser.add_argument("--trained", help="comma-separated trained checkpoints: compare the policies on their routers' "
                                           "traces reading --text (replays only; no timed runs)")
     parser.add_argument("--text", help="with --trained: a text file the models read")
-    parser.add_argument("--trained-tokens", type=int, default=1024, help="with --trained: tokens of --text read")
+    parser.add_argument("--trained-tokens", type=int, default=1024, help="with --trained: tokens of --text counted")
+    parser.add_argument("--warm-text", help="with --trained: a file whose tokens warm the cache first (a workload "
+                                            "that shifts; default: the start of --text)")
+    parser.add_argument("--warm-tokens", type=int, help="with --trained: tokens that warm the cache (default: "
+                                                        "--trained-tokens)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     budgets, policies = [int(b) for b in args.budgets.split(",")], args.policies.split(",")
     if args.trained:
         if not args.text:
             parser.error("--trained: needs --text, the file the models read")
-        trained_replays(args.trained.split(","), args.text, args.trained_tokens, budgets, policies, env)
+        trained_replays(args.trained.split(","), args.text, args.trained_tokens, budgets, policies, env,
+                        args.warm_text, args.warm_tokens)
         return
     root = Path(args.dir)
     path = root / f"{args.preset}-{args.layers or 'all'}-{args.scheme}"

@@ -242,6 +242,27 @@ def test_each_policy_evicts_its_lowest_priority():
     assert p.lowest(lambda key: key != (0, 0)) == (0, 1)  # held or pinned ones are skipped
 
 
+def test_load_counts_decay_so_that_recent_routing_outweighs_old():
+    old, new, other = (0, 0), (0, 1), (1, 0)
+    for half_life, victim in [(None, new), (10.0, old)]:
+        p = _Priorities("load", half_life)
+        for key in (old, new):
+            p.loaded(key)
+        p.route(old, 100)  # popular long ago ...
+        for _ in range(40):
+            p.route(other, 10)  # ... then 400 tokens elsewhere (40 half-lives)
+        p.route(new, 30)  # ... and a little recently
+        assert p.lowest(lambda key: True) == victim
+    p = _Priorities("load", 1.0)  # weights past 2 ** 64 are rescaled: every count alike, the order kept
+    for key in (old, new):
+        p.loaded(key)
+    p.route(new, 2)
+    p.route(other, 200)
+    p.route(old, 1)
+    assert p.weight < 2.0**64 and p.lowest(lambda key: True) == new
+    assert p.current[old][0] > 0 and p.load[old] > p.load[new] > 0
+
+
 def test_lookahead_prefetches_the_next_layers_guess_and_off_reads_only_on_demand(checkpoints):
     path, one = checkpoints["int4"]
     ref = _tokens(load_pretrained(path))

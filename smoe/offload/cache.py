@@ -10,7 +10,8 @@ bookkeeping happens on the calling thread, under one lock.
 Policies (which resident, unheld, unpinned expert a read replaces), each a priority, lowest evicted first:
 ``lru`` the last use; ``lfu`` the uses since it was read, then the last use; ``load`` the tokens routed to it since
 the cache began (kept across evictions: an activation-aware estimate of its popularity, as MoE-Infinity keeps),
-then the last use. A prefetched expert counts as used when read, so a guess is not evicted before its layer runs.
+each weighing half as much as one routed ``LOAD_HALF_LIFE_SLOTS * S`` tokens later (so a workload that changes kind
+is followed), then the last use. A prefetched expert counts as used when read, so a guess is not evicted before its layer runs.
 Pinned experts are read when the cache starts and never evicted.
 
 Legend: S slots.
@@ -28,6 +29,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from smoe.offload.budget import CachePolicy, format_size
+
+# `load`'s counts decay with a half-life of this many slots' worth of routed tokens: chosen on trained routers'
+# replays (docs/benchmarks.md), where 64 kept the stationary hit rates of counts that never decay and recovered
+# their loss when the text changed kind (16 did about as well; 1 and 4 forgot too fast).
+LOAD_HALF_LIFE_SLOTS = 64
 from smoe.offload.store import ExpertFiles, Key
 
 
@@ -90,21 +96,24 @@ class _Priorities:
     """The resident experts ordered by the policy's priority (lowest first), in a heap whose stale entries are
     skipped: each use pushes a new entry instead of moving the old one."""
 
-    def __init__(self, policy: CachePolicy):
+    def __init__(self, policy: CachePolicy, half_life: float | None = None):
         self.policy = policy
         self.clock = itertools.count(1)
         self.last: dict[Key, int] = {}
         self.uses: dict[Key, int] = {}
-        self.load: dict[Key, int] = {}  # tokens routed so far, resident or not
-        self.heap: list[tuple[tuple[int, ...], Key]] = []
-        self.current: dict[Key, tuple[int, ...]] = {}  # the live entry of each resident key
+        self.load: dict[Key, float] = {}  # tokens routed so far, resident or not, each weighted as below
+        # A token routed now weighs 2 ** (routed tokens so far / half_life) (None: 1), so that each weighs half as
+        # much as one routed half_life tokens later: the counts decay without touching them.
+        self.half_life, self.weight = half_life, 1.0
+        self.heap: list[tuple[tuple[float, ...], Key]] = []
+        self.current: dict[Key, tuple[float, ...]] = {}  # the live entry of each resident key
 
-    def _priority(self, key: Key) -> tuple[int, ...]:
+    def _priority(self, key: Key) -> tuple[float, ...]:
         if self.policy == "lru":
             return (self.last[key],)
         if self.policy == "lfu":
             return self.uses[key], self.last[key]
-        return self.load.get(key, 0), self.last[key]
+        return self.load.get(key, 0.0), self.last[key]
 
     def _push(self, key: Key) -> None:
         priority = self._priority(key)
@@ -115,9 +124,18 @@ class _Priorities:
             heapq.heapify(self.heap)
 
     def route(self, key: Key, tokens: int) -> None:
-        self.load[key] = self.load.get(key, 0) + tokens
+        self.load[key] = self.load.get(key, 0.0) + tokens * self.weight
         if self.policy == "load" and key in self.current:
             self._push(key)
+        if self.half_life:
+            self.weight *= 2.0 ** (tokens / self.half_life)
+            if self.weight > 2.0**64:  # rescale every count alike: the order, and so the heap's, is unchanged
+                scale, self.weight = 1 / self.weight, 1.0
+                self.load = {k: v * scale for k, v in self.load.items()}
+                if self.policy == "load":
+                    self.current = {k: (p[0] * scale, *p[1:]) for k, p in self.current.items()}
+                    self.heap = [(p, k) for k, p in self.current.items()]
+                    heapq.heapify(self.heap)
 
     def used(self, key: Key) -> None:
         """A resident (or just read) expert used now."""
@@ -169,7 +187,7 @@ class ExpertCache:
         self.loading: dict[int, Future] = {}  # slot -> its read
         self.unused_prefetch: set[Key] = set()
         self.free = list(reversed(range(slots)))
-        self.priorities = _Priorities(policy)
+        self.priorities = _Priorities(policy, LOAD_HALF_LIFE_SLOTS * slots)
         self.guesses: dict[int, set[int]] = {}  # layer -> experts the previous layer's look-ahead guessed
         self.stats = CacheStats()
         self.lock = threading.RLock()
