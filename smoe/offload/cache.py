@@ -11,7 +11,8 @@ Policies (which resident, unheld, unpinned expert a read replaces), each a prior
 ``lru`` the last use; ``lfu`` the uses since it was read, then the last use; ``load`` the tokens routed to it since
 the cache began (kept across evictions: an activation-aware estimate of its popularity, as MoE-Infinity keeps),
 each weighing half as much as one routed ``LOAD_HALF_LIFE_SLOTS * S`` tokens later (so a workload that changes kind
-is followed), then the last use. A prefetched expert counts as used when read, so a guess is not evicted before its layer runs.
+is followed), then the last use. A prefetched expert counts as used when read, so a guess is not evicted before its
+layer runs.
 Pinned experts are read when the cache starts and never evicted.
 
 Legend: S slots.
@@ -29,12 +30,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from smoe.offload.budget import CachePolicy, format_size
+from smoe.offload.store import ExpertFiles, Key
 
 # `load`'s counts decay with a half-life of this many slots' worth of routed tokens: chosen on trained routers'
 # replays (docs/benchmarks.md), where 64 kept the stationary hit rates of counts that never decay and recovered
 # their loss when the text changed kind (16 did about as well; 1 and 4 forgot too fast).
 LOAD_HALF_LIFE_SLOTS = 64
-from smoe.offload.store import ExpertFiles, Key
 
 
 @dataclass
