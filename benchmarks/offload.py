@@ -290,7 +290,8 @@ class _NoReads:
 
 def replay(trace: list, trace_from: int, slots: int, policy: str, lookahead: bool, expert_bytes: int) -> CacheStats:
     """A recorded run's cache calls through a cache of ``slots`` slots under a policy: the calls before
-    ``trace_from`` warm it (and the policy's counts), the rest are counted. History only: no call is seen twice."""
+    ``trace_from`` warm it (and the policy's counts), the rest are counted. History only: no call is seen twice.
+    Reads cost nothing and finish before the next call (waited for), so a replay does not depend on thread timing."""
     cache = ExpertCache(_NoReads(expert_bytes), {"x": ((1,), torch.uint8)}, slots, policy, io_threads=1)
     held: list[int] = []
     for n, event in enumerate(trace):
@@ -298,13 +299,12 @@ def replay(trace: list, trace_from: int, slots: int, policy: str, lookahead: boo
             cache.stats = CacheStats()
         if event[0] == "reserve":
             if held:
-                cache.wait(held)
                 cache.release(held)
             held = cache.reserve(event[1], event[2], event[3])
         elif lookahead:
             cache.prefetch(event[1], event[2])
+        cache.wait(list(cache.loading))
     if held:
-        cache.wait(held)
         cache.release(held)
     cache.close()
     return cache.stats
