@@ -155,7 +155,7 @@ def test_cpp_rounds_int8_activations_bit_for_bit_as_the_spec_does(group):
     w = QWeight(pack_int4(q), ones, torch.zeros_like(ones), group)
     x = torch.randn(4, inputs, generator=torch.Generator().manual_seed(2)) * 3
     x[1] = torch.arange(inputs) % 9 - 4.5  # halves to round to even where a block's max|x| is 127 ...
-    x[1, ::64] = 127.0  # ... as every block's first input makes it
+    x[1, ::64] = 127.0  # ... as this makes every block's where blocks are 64 consecutive inputs (G = 32, 64)
     x[2, 64:192] = 0  # zero blocks
     x[3, 7] = 1e-30  # a denormal step
     got = _cpp_kernels().linear(x, w)

@@ -68,9 +68,9 @@ class OffloadConfig:
               "this many bytes (e.g. 4GB, 512MiB; min: one layer's active experts, the least that runs); the other "
               "weights load as usual. Tokens are those of the in-memory model, bit for bit (docs/offload.md)")
     expert_cache_policy: CachePolicy = option(
-        "load", "with `max_expert_memory`: which resident expert a read replaces: load (fewest tokens routed to it "
-                "so far; the most hits on trained routers, docs/offload.md), lru (least recently used) or lfu "
-                "(fewest uses since it was read)")
+        "load", "with `max_expert_memory`: which resident expert a read replaces: load (fewest tokens routed to it, "
+                "recent ones weighing more; the most hits on trained routers, docs/offload.md), lru (least recently "
+                "used) or lfu (fewest uses since it was read)")
     expert_prefetch: Literal["lookahead", "off"] = option(
         "lookahead", "with `max_expert_memory`: lookahead applies the next MoE layer's router to this layer's input "
                      "and reads the experts it picks in the background while this layer computes (Eliseev and "

@@ -102,7 +102,7 @@ class _Priorities:
         self.clock = itertools.count(1)
         self.last: dict[Key, int] = {}
         self.uses: dict[Key, int] = {}
-        self.load: dict[Key, float] = {}  # tokens routed so far, resident or not, each weighted as below
+        self.load: dict[Key, float] = {}  # load policy: tokens routed so far, resident or not, weighted as below
         # A token routed now weighs 2 ** (routed tokens so far / half_life) (None: 1), so that each weighs half as
         # much as one routed half_life tokens later: the counts decay without touching them.
         self.half_life, self.weight = half_life, 1.0
@@ -125,18 +125,19 @@ class _Priorities:
             heapq.heapify(self.heap)
 
     def route(self, key: Key, tokens: int) -> None:
+        if self.policy != "load":  # the other policies order by uses, which ``used`` counts
+            return
         self.load[key] = self.load.get(key, 0.0) + tokens * self.weight
-        if self.policy == "load" and key in self.current:
+        if key in self.current:
             self._push(key)
         if self.half_life:
             self.weight *= 2.0 ** (tokens / self.half_life)
             if self.weight > 2.0**64:  # rescale every count alike: the order, and so the heap's, is unchanged
                 scale, self.weight = 1 / self.weight, 1.0
                 self.load = {k: v * scale for k, v in self.load.items()}
-                if self.policy == "load":
-                    self.current = {k: (p[0] * scale, *p[1:]) for k, p in self.current.items()}
-                    self.heap = [(p, k) for k, p in self.current.items()]
-                    heapq.heapify(self.heap)
+                self.current = {k: (p[0] * scale, *p[1:]) for k, p in self.current.items()}
+                self.heap = [(p, k) for k, p in self.current.items()]
+                heapq.heapify(self.heap)
 
     def used(self, key: Key) -> None:
         """A resident (or just read) expert used now."""
