@@ -292,7 +292,9 @@ def replay(trace: list, trace_from: int, slots: int, policy: str, lookahead: boo
     """A recorded run's cache calls through a cache of ``slots`` slots under a policy: the calls before
     ``trace_from`` warm it (and the policy's counts), the rest are counted. History only: no call is seen twice.
     Reads cost nothing and finish before the next call (waited for), so a replay does not depend on thread timing."""
-    cache = ExpertCache(_NoReads(expert_bytes), {"x": ((1,), torch.uint8)}, slots, policy, io_threads=1)
+    name, _, half_life = policy.partition(":")  # load:K, load's counts with a half-life of K slots (0: never)
+    cache = ExpertCache(_NoReads(expert_bytes), {"x": ((1,), torch.uint8)}, slots, name, io_threads=1,
+                        **({"load_half_life": float(half_life) or None} if half_life else {}))
     held: list[int] = []
     for n, event in enumerate(trace):
         if n == trace_from:
@@ -407,7 +409,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="100,50,25,10", help="percent of the routed experts' bytes")
     parser.add_argument("--routings", default="uniform,zipf")
     parser.add_argument("--zipf", type=float, default=1.0, help="exponent of the skewed load's Zipf distribution")
-    parser.add_argument("--policies", default="lru,lfu,load", help="compared by replaying the recorded traces")
+    parser.add_argument("--policies", default="lru,lfu,load", help="compared by replaying the recorded traces; "
+                        "load:K gives load's counts a half-life of K slots' worth of routed tokens (load:0: never)")
     parser.add_argument("--policy", default=OffloadConfig().expert_cache_policy, help="the policy the timed runs use")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=8, help="new tokens of the untimed warm-up generation")

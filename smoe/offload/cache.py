@@ -176,7 +176,8 @@ class ExpertCache:
     ``files``."""
 
     def __init__(self, files: ExpertFiles, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int,
-                 policy: CachePolicy = "load", io_threads: int = 2, drop_page_cache: bool = False):
+                 policy: CachePolicy = "load", io_threads: int = 2, drop_page_cache: bool = False,
+                 load_half_life: float | None = LOAD_HALF_LIFE_SLOTS):
         self.files, self.n_slots, self.drop_page_cache = files, slots, drop_page_cache
         if drop_page_cache:
             files.advise_random()
@@ -189,7 +190,8 @@ class ExpertCache:
         self.loading: dict[int, Future] = {}  # slot -> its read
         self.unused_prefetch: set[Key] = set()
         self.free = list(reversed(range(slots)))
-        self.priorities = _Priorities(policy, LOAD_HALF_LIFE_SLOTS * slots)
+        # load_half_life: in slots' worth of routed tokens; None: counts never decay.
+        self.priorities = _Priorities(policy, None if load_half_life is None else load_half_life * slots)
         self.guesses: dict[int, set[int]] = {}  # layer -> experts the previous layer's look-ahead guessed
         self.stats = CacheStats()
         self.lock = threading.RLock()
