@@ -34,7 +34,7 @@ from smoe.offload.store import ExpertFiles, Key
 
 # `load`'s counts decay with a half-life of this many slots' worth of routed tokens: chosen on trained routers'
 # replays (docs/benchmarks.md), where 64 kept the stationary hit rates of counts that never decay and recovered
-# their loss when the text changed kind (16 did about as well; 1 and 4 forgot too fast).
+# their loss when the text changed kind (16 did as well).
 LOAD_HALF_LIFE_SLOTS = 64
 
 
